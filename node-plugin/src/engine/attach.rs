@@ -1,0 +1,417 @@
+//! Attaching volumes to exports, write thresholds, and reconciling the daemon's graph with the
+//! journal after any (re)connect.
+
+use std::collections::{HashMap, HashSet};
+
+use super::journal::{AttachmentRecord, ThresholdRecord};
+use super::{EngineCore, EngineEvent};
+use crate::error::{Error, Result};
+use crate::graph::{self, ExportEndpoint, ExportKind, Names};
+use crate::pool::id::IdKind;
+use crate::pool::LayerId;
+use crate::qmp::commands::{
+    BlockSetWriteThreshold, QomList, QueryBlockExports, QueryNamedBlockNodes,
+};
+use crate::qmp::Event;
+use crate::qsd::Origin;
+
+/// An attached volume as callers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentInfo {
+    /// The volume's ID.
+    pub volume_id: String,
+    /// Where to reach the export.
+    pub endpoint: ExportEndpoint,
+}
+
+/// A volume's threshold as the daemon reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThresholdState {
+    /// What the journal says is armed.
+    pub armed_at: Option<u64>,
+    /// What the daemon says is armed on the head's file node (0 = none).
+    pub daemon_threshold: u64,
+}
+
+impl EngineCore {
+    fn endpoint_for(&self, uid: LayerId, kind: ExportKind) -> ExportEndpoint {
+        let names = Names::new(uid.to_string());
+        let exports = self.config.state_dir.join("exports");
+        let path = match kind {
+            ExportKind::Nbd => self.daemon.config().nbd_socket(),
+            ExportKind::Fuse => exports.join(format!("{uid}.img")),
+            ExportKind::VhostUserBlk => exports.join(format!("{uid}.sock")),
+        };
+        ExportEndpoint {
+            kind,
+            path,
+            name: names.export(),
+        }
+    }
+
+    /// Opens a volume in the daemon and exports it. Idempotent for the same export kind.
+    pub async fn attach(&self, volume_id: &str, kind: ExportKind) -> Result<AttachmentInfo> {
+        let (pool, parsed, _) = self.resolve_volume(volume_id)?;
+        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
+        let record = pool
+            .volume(parsed.name.as_str())
+            .ok_or_else(|| Error::NotFound {
+                what: "volume",
+                id: volume_id.to_owned(),
+            })?;
+        if let Some(existing) = self.journal.get(record.uid) {
+            if existing.endpoint.kind != kind {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {volume_id} is already attached with a {:?} export",
+                    existing.endpoint.kind
+                )));
+            }
+            return Ok(AttachmentInfo {
+                volume_id: volume_id.to_owned(),
+                endpoint: existing.endpoint,
+            });
+        }
+        let _graph = self.graph.read().await;
+        let endpoint = self.endpoint_for(record.uid, kind);
+        let attachment = AttachmentRecord {
+            volume_id: volume_id.to_owned(),
+            pool: pool.name().as_str().to_owned(),
+            name: record.name.clone(),
+            uid: record.uid,
+            endpoint: endpoint.clone(),
+            threshold: None,
+        };
+        self.journal.put(attachment)?;
+        let qmp = self.daemon.qmp();
+        let built = async {
+            if kind == ExportKind::Nbd {
+                graph::ensure_nbd_server(&qmp, &endpoint.path).await?;
+            }
+            let chain = pool.chain(record.head)?;
+            graph::attach(
+                &qmp,
+                &pool,
+                &Names::new(record.uid.to_string()),
+                &chain,
+                record.qos,
+                &endpoint,
+            )
+            .await
+        }
+        .await;
+        if let Err(e) = built {
+            self.journal.remove(record.uid)?;
+            return Err(e);
+        }
+        tracing::info!(volume = volume_id, ?kind, "attached");
+        Ok(AttachmentInfo {
+            volume_id: volume_id.to_owned(),
+            endpoint,
+        })
+    }
+
+    /// Removes a volume's export and nodes. Idempotent.
+    pub async fn detach(&self, volume_id: &str) -> Result<()> {
+        let (pool, parsed, _) = self.resolve_volume(volume_id)?;
+        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
+        let record = pool
+            .volume(parsed.name.as_str())
+            .ok_or_else(|| Error::NotFound {
+                what: "volume",
+                id: volume_id.to_owned(),
+            })?;
+        let Some(attachment) = self.journal.get(record.uid) else {
+            return Ok(());
+        };
+        let _graph = self.graph.read().await;
+        let chain = pool.chain(record.head)?;
+        graph::detach(
+            &self.daemon.qmp(),
+            &Names::new(record.uid.to_string()),
+            &chain,
+        )
+        .await?;
+        if attachment.endpoint.kind != ExportKind::Nbd {
+            let _ = std::fs::remove_file(&attachment.endpoint.path);
+        }
+        self.journal.remove(record.uid)?;
+        tracing::info!(volume = volume_id, "detached");
+        Ok(())
+    }
+
+    /// The attachment of a volume, if attached.
+    pub fn attachment(&self, volume_id: &str) -> Result<Option<AttachmentInfo>> {
+        let (_, _, record) = self.resolve_volume(volume_id)?;
+        Ok(self.journal.get(record.uid).map(|a| AttachmentInfo {
+            volume_id: a.volume_id,
+            endpoint: a.endpoint,
+        }))
+    }
+
+    /// Arms (bytes > 0) or disarms (0) the write threshold on an attached volume's head file:
+    /// when host allocation passes `bytes`, an event fires once and the threshold is re-armed
+    /// `step` bytes above the highest write.
+    pub async fn set_write_threshold(&self, volume_id: &str, bytes: u64, step: u64) -> Result<()> {
+        let (pool, parsed, _) = self.resolve_volume(volume_id)?;
+        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
+        let record = pool
+            .volume(parsed.name.as_str())
+            .ok_or_else(|| Error::NotFound {
+                what: "volume",
+                id: volume_id.to_owned(),
+            })?;
+        let mut attachment = self.journal.get(record.uid).ok_or_else(|| {
+            Error::FailedPrecondition(format!("volume {volume_id} is not attached"))
+        })?;
+        if bytes > 0 && step == 0 {
+            return Err(Error::invalid("step", "must be greater than zero"));
+        }
+        let _graph = self.graph.read().await;
+        let names = Names::new(record.uid.to_string());
+        let arm = BlockSetWriteThreshold {
+            node_name: names.file(record.head),
+            write_threshold: bytes,
+        };
+        graph::call(&self.daemon.qmp(), &arm).await?;
+        attachment.threshold = (bytes > 0).then_some(ThresholdRecord {
+            armed_at: bytes,
+            step,
+        });
+        self.journal.put(attachment)
+    }
+
+    /// The threshold of an attached volume, as journaled and as the daemon has it.
+    pub async fn write_threshold(&self, volume_id: &str) -> Result<ThresholdState> {
+        let (pool, parsed, _) = self.resolve_volume(volume_id)?;
+        let record = pool
+            .volume(parsed.name.as_str())
+            .ok_or_else(|| Error::NotFound {
+                what: "volume",
+                id: volume_id.to_owned(),
+            })?;
+        let armed_at = self
+            .journal
+            .get(record.uid)
+            .and_then(|a| a.threshold)
+            .map(|t| t.armed_at);
+        let file = Names::new(record.uid.to_string()).file(record.head);
+        let nodes = graph::call(&self.daemon.qmp(), &QueryNamedBlockNodes { flat: true }).await?;
+        let daemon_threshold = nodes
+            .into_iter()
+            .find(|n| n.node_name == file)
+            .map(|n| n.write_threshold)
+            .unwrap_or(0);
+        Ok(ThresholdState {
+            armed_at,
+            daemon_threshold,
+        })
+    }
+
+    /// Handles one daemon event (called by the supervisor task).
+    pub(super) async fn handle_event(&self, event: Event) {
+        if event.event != "BLOCK_WRITE_THRESHOLD" {
+            return;
+        }
+        let node = event
+            .data
+            .get("node-name")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        let threshold = event
+            .data
+            .get("write-threshold")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        let exceeded = event
+            .data
+            .get("amount-exceeded")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        let Some(uid) = node.get(2..14).and_then(|s| LayerId::parse(s).ok()) else {
+            return;
+        };
+        let _graph = self.graph.read().await;
+        if let Err(e) = self
+            .threshold_crossed(uid, threshold, exceeded, false)
+            .await
+        {
+            tracing::error!(error = %e, node, "re-arming a write threshold failed");
+        }
+    }
+
+    async fn threshold_crossed(
+        &self,
+        uid: LayerId,
+        threshold: u64,
+        exceeded: u64,
+        missed: bool,
+    ) -> Result<()> {
+        let Some(mut attachment) = self.journal.get(uid) else {
+            return Ok(());
+        };
+        let Some(armed) = attachment.threshold else {
+            return Ok(());
+        };
+        let pool = self.pool(&attachment.pool)?;
+        let Some(record) = pool.volume(&attachment.name) else {
+            return Ok(());
+        };
+        let rearm = threshold.max(armed.armed_at) + exceeded + armed.step;
+        let names = Names::new(uid.to_string());
+        let arm = BlockSetWriteThreshold {
+            node_name: names.file(record.head),
+            write_threshold: rearm,
+        };
+        graph::call(&self.daemon.qmp(), &arm).await?;
+        attachment.threshold = Some(ThresholdRecord {
+            armed_at: rearm,
+            ..armed
+        });
+        self.journal.put(attachment.clone())?;
+        tracing::warn!(volume = %attachment.volume_id, threshold, exceeded, missed, rearm, "write threshold crossed");
+        let _ = self.events.send(EngineEvent::WriteThresholdCrossed {
+            volume: attachment.volume_id,
+            threshold,
+            exceeded,
+            missed,
+            rearmed_at: rearm,
+        });
+        Ok(())
+    }
+
+    /// Brings the daemon's graph in line with the journal: adopts intact attachments, rebuilds
+    /// missing ones, detects thresholds that fired while we were away, and removes nodes,
+    /// exports and throttle groups of ours that nothing records.
+    pub(super) async fn reconcile(&self, origin: Origin) -> Result<()> {
+        let _graph = self.graph.write().await;
+        let qmp = self.daemon.qmp();
+        let nodes = graph::call(&qmp, &QueryNamedBlockNodes { flat: true }).await?;
+        let thresholds: HashMap<String, u64> = nodes
+            .iter()
+            .map(|n| (n.node_name.clone(), n.write_threshold))
+            .collect();
+        let exports: HashSet<String> = graph::call(&qmp, &QueryBlockExports {})
+            .await?
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        let mut attached = HashSet::new();
+        let mut rebuilt = 0;
+        for attachment in self.journal.all() {
+            let Ok(pool) = self.pool(&attachment.pool) else {
+                continue;
+            };
+            let Some(record) = pool.volume(&attachment.name) else {
+                tracing::warn!(volume = %attachment.volume_id, "journaled volume has no record; forgetting it");
+                self.journal.remove(attachment.uid)?;
+                continue;
+            };
+            attached.insert(record.uid.to_string());
+            let names = Names::new(record.uid.to_string());
+            let chain = pool.chain(record.head)?;
+            let intact = exports.contains(&names.export())
+                && thresholds.contains_key(&names.format(record.head))
+                && thresholds.contains_key(&names.throttle());
+            if intact {
+                if let Some(armed) = attachment.threshold {
+                    let now = thresholds
+                        .get(&names.file(record.head))
+                        .copied()
+                        .unwrap_or(0);
+                    if now == 0 {
+                        self.threshold_crossed(record.uid, armed.armed_at, 0, true)
+                            .await?;
+                    }
+                }
+                continue;
+            }
+            tracing::info!(volume = %attachment.volume_id, "rebuilding the graph of an attached volume");
+            graph::detach(&qmp, &names, &chain).await?;
+            if attachment.endpoint.kind == ExportKind::Nbd {
+                graph::ensure_nbd_server(&qmp, &attachment.endpoint.path).await?;
+            }
+            graph::attach(
+                &qmp,
+                &pool,
+                &names,
+                &chain,
+                record.qos,
+                &attachment.endpoint,
+            )
+            .await?;
+            if let Some(armed) = attachment.threshold {
+                let arm = BlockSetWriteThreshold {
+                    node_name: names.file(record.head),
+                    write_threshold: armed.armed_at,
+                };
+                graph::call(&qmp, &arm).await?;
+            }
+            rebuilt += 1;
+        }
+        self.sweep(&attached, &exports, &nodes).await?;
+        tracing::info!(?origin, rebuilt, "reconciled with qemu-storage-daemon");
+        let _ = self
+            .events
+            .send(EngineEvent::Reconciled { origin, rebuilt });
+        Ok(())
+    }
+
+    /// Removes exports, nodes and throttle groups named by us whose volume is not attached:
+    /// leftovers of an operation interrupted by our own restart.
+    async fn sweep(
+        &self,
+        attached: &HashSet<String>,
+        exports: &HashSet<String>,
+        nodes: &[crate::qmp::commands::BlockNodeInfo],
+    ) -> Result<()> {
+        let qmp = self.daemon.qmp();
+        let tag_of = |name: &str| name.get(2..14).map(str::to_owned);
+        let ours = |name: &str, prefixes: &[&str]| {
+            prefixes.iter().any(|p| name.starts_with(p))
+                && tag_of(name).is_some_and(|t| !attached.contains(&t))
+        };
+        for export in exports.iter().filter(|e| ours(e, &["x-"])) {
+            graph::delete_export(&qmp, export, true).await?;
+        }
+        for node in nodes
+            .iter()
+            .map(|n| n.node_name.as_str())
+            .filter(|n| ours(n, &["t-"]))
+        {
+            graph::delete_node_if_owned(&qmp, node).await?;
+        }
+        for node in nodes
+            .iter()
+            .map(|n| n.node_name.as_str())
+            .filter(|n| ours(n, &["q-", "c-"]))
+        {
+            graph::delete_node_if_owned(&qmp, node).await?;
+        }
+        // The /objects container appears with the first object; absent means there are none.
+        let objects = match graph::call(
+            &qmp,
+            &QomList {
+                path: "/objects".into(),
+            },
+        )
+        .await
+        {
+            Ok(objects) => objects,
+            Err(e) if e.qmp_desc_contains("not found") => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        for object in objects
+            .iter()
+            .filter(|o| o.kind.contains("throttle-group") && ours(&o.name, &["g-"]))
+        {
+            graph::call(
+                &qmp,
+                &crate::qmp::commands::ObjectDel {
+                    id: object.name.clone(),
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}

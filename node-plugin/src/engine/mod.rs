@@ -1,0 +1,322 @@
+//! The block-graph engine: every volume operation, online (attached) or offline.
+//!
+//! ```text
+//!   request ─► parse (IDs, sizes) ─► per-volume guard ─► pool records ◄─► QMP (graph, jobs)
+//!                                     (second caller:        (truth)        (rebuilt from
+//!                                      Busy → ABORTED)                       records + journal)
+//! ```
+//!
+//! One operation per volume at a time; different volumes proceed in parallel. Operations share a
+//! read lock on the graph, which the reconciler takes exclusively after a (re)connect to rebuild
+//! what the journal says must exist. A supervisor task watches the QMP connection: when the
+//! daemon dies it is restarted (or re-adopted) and every attached volume's graph is rebuilt; write
+//! threshold events are turned into [`EngineEvent`]s and re-armed higher.
+
+mod attach;
+mod journal;
+mod snapshot;
+mod volume;
+
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, RwLock};
+
+use crate::error::{Error, Result};
+use crate::pool::id::{IdKind, Location, ObjectId};
+use crate::pool::{NodeName, ObjectName, Pool, PoolKind, PoolName, VolumeRecord};
+use crate::qmp::Event;
+use crate::qsd::{Daemon, DaemonConfig, Origin};
+
+pub use attach::{AttachmentInfo, ThresholdState};
+pub use journal::{AttachmentRecord, ThresholdRecord};
+pub use snapshot::{CloneTask, SnapshotInfo};
+pub use volume::{CreateVolume, VolumeInfo, VolumeSource};
+
+/// Default longest chain (layers, head included) before stream / commit shorten it.
+pub const DEFAULT_MAX_CHAIN_DEPTH: u32 = 16;
+
+/// One pool the engine serves.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Its name (part of every ID).
+    pub name: PoolName,
+    /// Its directory.
+    pub path: PathBuf,
+    /// Local or shared.
+    pub kind: PoolKind,
+}
+
+/// Everything the engine needs to start.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// This node's name (part of local volumes' IDs).
+    pub node: NodeName,
+    /// Node-local state: the attachment journal and export files. Created 0700.
+    pub state_dir: PathBuf,
+    /// The daemon.
+    pub daemon: DaemonConfig,
+    /// The pools.
+    pub pools: Vec<PoolConfig>,
+    /// Default chain-depth limit for new volumes.
+    pub default_max_chain_depth: u32,
+}
+
+/// Something the engine noticed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineEvent {
+    /// A volume's head file grew past its write threshold (thin-provisioning alert).
+    WriteThresholdCrossed {
+        /// The volume's ID.
+        volume: String,
+        /// The threshold that was crossed.
+        threshold: u64,
+        /// Bytes written past it (0 when it fired while we were disconnected).
+        exceeded: u64,
+        /// It fired while we were not connected and was found on reconnect.
+        missed: bool,
+        /// Where it is armed now.
+        rearmed_at: u64,
+    },
+    /// The engine (re)connected to the daemon and brought its graph in line with the journal.
+    Reconciled {
+        /// Whether the daemon was fresh or adopted.
+        origin: Origin,
+        /// How many attached volumes had to be rebuilt.
+        rebuilt: usize,
+    },
+}
+
+/// Shared engine state; [`Engine`] derefs to it.
+#[derive(Debug)]
+pub struct EngineCore {
+    config: EngineConfig,
+    daemon: Daemon,
+    pools: BTreeMap<PoolName, Arc<Pool>>,
+    journal: journal::Journal,
+    busy: Arc<Mutex<HashSet<String>>>,
+    graph: Arc<RwLock<()>>,
+    events: broadcast::Sender<EngineEvent>,
+}
+
+/// The engine. Dropping it stops supervision but leaves the daemon, its graph and every export
+/// running: a restarted plugin adopts them.
+#[derive(Debug)]
+pub struct Engine {
+    core: Arc<EngineCore>,
+    supervisor: tokio::task::JoinHandle<()>,
+}
+
+impl Deref for Engine {
+    type Target = EngineCore;
+    fn deref(&self) -> &EngineCore {
+        &self.core
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.supervisor.abort();
+    }
+}
+
+impl Engine {
+    /// A shared handle to the engine's state, for work that outlives a borrow (clone tasks).
+    pub fn core_arc(&self) -> Arc<EngineCore> {
+        self.core.clone()
+    }
+
+    /// Opens the pools and the journal, connects to (or starts) the daemon and reconciles.
+    pub async fn open(config: EngineConfig) -> Result<Engine> {
+        use std::os::unix::fs::DirBuilderExt;
+        for dir in [config.state_dir.clone(), config.state_dir.join("exports")] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| Error::io("create state directory", &dir, e))?;
+        }
+        let mut pools = BTreeMap::new();
+        for p in &config.pools {
+            pools.insert(
+                p.name.clone(),
+                Arc::new(Pool::open(&p.path, p.name.clone(), p.kind)?),
+            );
+        }
+        let journal = journal::Journal::open(config.state_dir.join("attachments"))?;
+        let (daemon, origin) = Daemon::connect(config.daemon.clone()).await?;
+        // Subscribe before reconciling so that no threshold event is lost in between.
+        let events_rx = daemon.qmp().subscribe();
+        let (events, _) = broadcast::channel(1024);
+        let core = Arc::new(EngineCore {
+            config,
+            daemon,
+            pools,
+            journal,
+            busy: Arc::default(),
+            graph: Arc::default(),
+            events,
+        });
+        core.reconcile(origin).await?;
+        let supervisor = tokio::spawn(supervise(Arc::downgrade(&core), events_rx));
+        Ok(Engine { core, supervisor })
+    }
+}
+
+async fn supervise(core: Weak<EngineCore>, mut events: mpsc::UnboundedReceiver<Event>) {
+    loop {
+        while let Some(event) = events.recv().await {
+            let Some(core) = core.upgrade() else { return };
+            core.handle_event(event).await;
+        }
+        tracing::warn!("lost the connection to qemu-storage-daemon; recovering");
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let Some(core) = core.upgrade() else { return };
+            let recovered = async {
+                let origin = core.daemon.reconnect().await?;
+                let rx = core.daemon.qmp().subscribe();
+                core.reconcile(origin).await?;
+                Ok::<_, Error>(rx)
+            }
+            .await;
+            match recovered {
+                Ok(rx) => {
+                    events = rx;
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "recovering the daemon failed; retrying");
+                    drop(core);
+                    tokio::time::sleep(delay).await; // retry backoff
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+}
+
+/// Holds per-object keys; a second holder of any key gets [`Error::Busy`].
+#[derive(Debug)]
+pub struct Guard {
+    busy: Arc<Mutex<HashSet<String>>>,
+    keys: Vec<String>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        for key in &self.keys {
+            busy.remove(key);
+        }
+    }
+}
+
+impl EngineCore {
+    /// This engine's configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The daemon connection.
+    pub fn daemon(&self) -> &Daemon {
+        &self.daemon
+    }
+
+    /// Subscribes to engine events.
+    pub fn subscribe(&self) -> broadcast::Receiver<EngineEvent> {
+        self.events.subscribe()
+    }
+
+    /// A pool by name.
+    pub fn pool(&self, name: &str) -> Result<Arc<Pool>> {
+        let parsed = PoolName::parse(name)?;
+        self.pools
+            .get(&parsed)
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
+                what: "pool",
+                id: name.to_owned(),
+            })
+    }
+
+    /// Every pool.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.pools.values().cloned().collect()
+    }
+
+    fn lock(&self, keys: Vec<String>) -> Result<Guard> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(taken) = keys.iter().find(|k| busy.contains(*k)) {
+            return Err(Error::Busy { id: taken.clone() });
+        }
+        busy.extend(keys.iter().cloned());
+        Ok(Guard {
+            busy: self.busy.clone(),
+            keys,
+        })
+    }
+
+    /// The location of new objects in `pool`.
+    fn location(&self, pool: &Pool) -> Location {
+        Location {
+            pool: pool.name().clone(),
+            node: (pool.kind() == PoolKind::Local).then(|| self.config.node.clone()),
+        }
+    }
+
+    fn object_id(&self, kind: IdKind, pool: &Pool, name: &str) -> Result<ObjectId> {
+        ObjectId::new(kind, self.location(pool), ObjectName::parse(name)?)
+    }
+
+    /// Resolves an ID to its pool: the pool must be ours, and so must the node for local pools.
+    fn resolve(&self, kind: IdKind, id: &str) -> Result<(Arc<Pool>, ObjectId)> {
+        let parsed = ObjectId::parse(kind, id)?;
+        let what = match kind {
+            IdKind::Volume => "volume",
+            IdKind::Snapshot => "snapshot",
+        };
+        let not_found = || Error::NotFound {
+            what,
+            id: id.to_owned(),
+        };
+        let pool = self
+            .pools
+            .get(&parsed.location.pool)
+            .cloned()
+            .ok_or_else(not_found)?;
+        if parsed.location != self.location(&pool) {
+            return Err(not_found());
+        }
+        Ok((pool, parsed))
+    }
+
+    fn resolve_volume(&self, id: &str) -> Result<(Arc<Pool>, ObjectId, VolumeRecord)> {
+        let (pool, parsed) = self.resolve(IdKind::Volume, id)?;
+        let record = pool
+            .volume(parsed.name.as_str())
+            .ok_or_else(|| Error::NotFound {
+                what: "volume",
+                id: id.to_owned(),
+            })?;
+        Ok((pool, parsed, record))
+    }
+
+    /// A volume's pool and layer chain (head first), for inspection.
+    pub fn volume_chain(&self, id: &str) -> Result<(Arc<Pool>, Vec<crate::pool::LayerId>)> {
+        let (pool, _, record) = self.resolve_volume(id)?;
+        let chain = pool.chain(record.head)?;
+        Ok((pool, chain))
+    }
+
+    fn key(kind: IdKind, pool: &Pool, name: &str) -> String {
+        let prefix = match kind {
+            IdKind::Volume => "vol",
+            IdKind::Snapshot => "snap",
+        };
+        format!("{prefix}/{}/{name}", pool.name().as_str())
+    }
+}

@@ -1,0 +1,314 @@
+//! Volume lifecycle: create (empty, from a snapshot, as a clone), delete, expand, QoS.
+
+use std::sync::Arc;
+
+use super::EngineCore;
+use crate::error::{Error, Result};
+use crate::graph::{self, ExportKind, Names, NewImage};
+use crate::pool::id::{parse_size, IdKind};
+use crate::pool::{LayerId, LayerRecord, Pool, VolumeRecord};
+use crate::qmp::commands::{BlockResize, Preallocation, QomSetLimits, ThrottleLimits};
+
+/// Where a new volume's content comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeSource {
+    /// A snapshot: a linked overlay on its layer, O(1).
+    Snapshot(String),
+    /// Another volume: a full point-in-time copy (`blockdev-backup sync=full`).
+    Volume(String),
+}
+
+/// A validated-on-use request to create a volume.
+#[derive(Debug, Clone)]
+pub struct CreateVolume {
+    /// The pool.
+    pub pool: String,
+    /// The volume's name (CSI: the request name).
+    pub name: String,
+    /// Requested bytes; for sourced volumes `None` means the source's size.
+    pub size: Option<i64>,
+    /// Preallocation of the new head.
+    pub preallocation: Preallocation,
+    /// I/O limits.
+    pub qos: ThrottleLimits,
+    /// Chain-depth limit; the engine default if `None`.
+    pub max_chain_depth: Option<u32>,
+    /// Content source.
+    pub source: Option<VolumeSource>,
+}
+
+impl CreateVolume {
+    /// An empty thin volume with defaults.
+    pub fn new(pool: &str, name: &str, size: i64) -> Self {
+        CreateVolume {
+            pool: pool.into(),
+            name: name.into(),
+            size: Some(size),
+            preallocation: Preallocation::Off,
+            qos: ThrottleLimits::default(),
+            max_chain_depth: None,
+            source: None,
+        }
+    }
+}
+
+/// What callers see of a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// The volume's ID.
+    pub id: String,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Layers in its chain, head included.
+    pub chain_depth: usize,
+    /// Where its content came from.
+    pub source: Option<String>,
+    /// Its export, if attached.
+    pub export: Option<ExportKind>,
+}
+
+pub(super) fn source_label(
+    source: &Option<VolumeSource>,
+    engine: &EngineCore,
+) -> Result<Option<String>> {
+    Ok(match source {
+        None => None,
+        Some(VolumeSource::Snapshot(id)) => {
+            let (_, parsed) = engine.resolve(IdKind::Snapshot, id)?;
+            Some(format!("snapshot:{}", parsed.name.as_str()))
+        }
+        Some(VolumeSource::Volume(id)) => {
+            let (_, parsed) = engine.resolve(IdKind::Volume, id)?;
+            Some(format!("volume:{}", parsed.name.as_str()))
+        }
+    })
+}
+
+impl EngineCore {
+    pub(super) fn volume_info(&self, pool: &Pool, record: &VolumeRecord) -> Result<VolumeInfo> {
+        Ok(VolumeInfo {
+            id: self
+                .object_id(IdKind::Volume, pool, &record.name)?
+                .to_string(),
+            size: record.size,
+            chain_depth: pool.chain(record.head)?.len(),
+            source: record.source.clone(),
+            export: self.journal.get(record.uid).map(|a| a.endpoint.kind),
+        })
+    }
+
+    /// Validates the depth limit of a request.
+    pub(super) fn max_depth(&self, requested: Option<u32>) -> Result<u32> {
+        match requested.unwrap_or(self.config.default_max_chain_depth.max(1)) {
+            0 => Err(Error::invalid("maxChainDepth", "must be at least 1")),
+            d if d > 64 => Err(Error::invalid("maxChainDepth", "must be at most 64")),
+            d => Ok(d),
+        }
+    }
+
+    /// An existing volume satisfies a re-create only if size and source match.
+    pub(super) fn check_recreate(
+        &self,
+        pool: &Pool,
+        existing: &VolumeRecord,
+        size: Option<u64>,
+        source: &Option<String>,
+    ) -> Result<VolumeInfo> {
+        let mut differences = Vec::new();
+        if let Some(size) = size {
+            if size != existing.size {
+                differences.push(format!("size {} (requested {size})", existing.size));
+            }
+        }
+        if *source != existing.source {
+            differences.push(format!(
+                "source {:?} (requested {source:?})",
+                existing.source
+            ));
+        }
+        if differences.is_empty() {
+            return self.volume_info(pool, existing);
+        }
+        Err(Error::AlreadyExists {
+            what: "volume",
+            name: existing.name.clone(),
+            difference: differences.join(", "),
+        })
+    }
+
+    /// Creates a volume: empty and thin, a linked overlay on a snapshot, or a full clone.
+    /// Idempotent by name.
+    pub async fn create_volume(self: &Arc<Self>, request: &CreateVolume) -> Result<VolumeInfo> {
+        match &request.source {
+            Some(VolumeSource::Snapshot(_)) => self.restore_snapshot(request).await,
+            Some(VolumeSource::Volume(_)) => self.start_clone(request).await?.finish().await,
+            None => self.create_empty(request).await,
+        }
+    }
+
+    async fn create_empty(&self, request: &CreateVolume) -> Result<VolumeInfo> {
+        let size = parse_size(
+            request
+                .size
+                .ok_or_else(|| Error::invalid("size", "is required"))?,
+        )?;
+        let max_chain_depth = self.max_depth(request.max_chain_depth)?;
+        let pool = self.pool(&request.pool)?;
+        self.object_id(IdKind::Volume, &pool, &request.name)?;
+        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, &request.name)])?;
+        if let Some(existing) = pool.volume(&request.name) {
+            return self.check_recreate(&pool, &existing, Some(size), &None);
+        }
+        let _graph = self.graph.read().await;
+        let head = LayerId::random();
+        let image = NewImage {
+            path: &pool.layer_path(head),
+            size,
+            backing: None,
+            preallocation: request.preallocation,
+        };
+        graph::create_image(&self.daemon.qmp(), image).await?;
+        let record = VolumeRecord {
+            name: request.name.clone(),
+            uid: LayerId::random(),
+            size,
+            head,
+            preallocation: request.preallocation,
+            qos: request.qos,
+            max_chain_depth,
+            source: None,
+        };
+        self.commit_new_volume(
+            &pool,
+            LayerRecord {
+                id: head,
+                backing: None,
+            },
+            record,
+        )
+    }
+
+    /// Records a new volume whose head image exists; on failure removes the image again.
+    pub(super) fn commit_new_volume(
+        &self,
+        pool: &Pool,
+        head: LayerRecord,
+        record: VolumeRecord,
+    ) -> Result<VolumeInfo> {
+        let id = head.id;
+        let written = pool
+            .put_layer(head)
+            .and_then(|_| pool.put_volume(record.clone()));
+        if let Err(e) = written {
+            let _ = pool.release(id);
+            let _ = std::fs::remove_file(pool.layer_path(id));
+            return Err(e);
+        }
+        self.volume_info(pool, &record)
+    }
+
+    /// Deletes a volume. Layers that snapshots or other volumes still need stay.
+    pub async fn delete_volume(&self, id: &str) -> Result<()> {
+        let (pool, parsed, record) = self.resolve_volume(id)?;
+        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
+        if let Some(attachment) = self.journal.get(record.uid) {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is attached ({:?} export); detach it first",
+                attachment.endpoint.kind
+            )));
+        }
+        let deleted = pool.remove_volume(&record.name)?;
+        tracing::info!(
+            volume = id,
+            layers_deleted = deleted.len(),
+            "deleted volume"
+        );
+        Ok(())
+    }
+
+    /// A volume by ID.
+    pub fn get_volume(&self, id: &str) -> Result<VolumeInfo> {
+        let (pool, _, record) = self.resolve_volume(id)?;
+        self.volume_info(&pool, &record)
+    }
+
+    /// Every volume in every pool.
+    pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+        let mut all = Vec::new();
+        for pool in self.pools.values() {
+            for record in pool.volumes() {
+                all.push(self.volume_info(pool, &record)?);
+            }
+        }
+        Ok(all)
+    }
+
+    /// Grows a volume (online through the export, or offline). Returns the new size.
+    pub async fn expand_volume(&self, id: &str, requested: i64) -> Result<u64> {
+        let size = parse_size(requested)?;
+        let (pool, parsed, record) = self.resolve_volume(id)?;
+        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
+        let record = pool.volume(&record.name).unwrap_or(record);
+        if size < record.size {
+            return Err(Error::OutOfRange {
+                requested,
+                reason: format!("volumes cannot shrink (now {} bytes)", record.size),
+            });
+        }
+        if size == record.size {
+            return Ok(size);
+        }
+        let _graph = self.graph.read().await;
+        let qmp = self.daemon.qmp();
+        let chain = pool.chain(record.head)?;
+        if let Some(attachment) = self.journal.get(record.uid) {
+            let names = Names::new(record.uid.to_string());
+            // Resize at the root: a filter above a resized node keeps its old cached length.
+            let resize = BlockResize {
+                node_name: names.throttle(),
+                size,
+            };
+            if attachment.endpoint.kind == ExportKind::Nbd {
+                // The NBD export refuses resize: drop it (clients reconnect), resize, re-add.
+                graph::delete_export(&qmp, &names.export(), true).await?;
+                let resized = graph::call(&qmp, &resize).await;
+                graph::add_export(&qmp, &names, &attachment.endpoint).await?;
+                resized?;
+            } else {
+                graph::call(&qmp, &resize).await?;
+            }
+        } else {
+            let names = Names::new(graph::fresh_tag());
+            let top = graph::open_chain(&qmp, &pool, &names, &chain, false).await?;
+            let resized = graph::call(
+                &qmp,
+                &BlockResize {
+                    node_name: top,
+                    size,
+                },
+            )
+            .await;
+            graph::close_chain(&qmp, &names, &chain).await?;
+            resized?;
+        }
+        pool.put_volume(VolumeRecord { size, ..record })?;
+        Ok(size)
+    }
+
+    /// Changes a volume's I/O limits; applied live when attached.
+    pub async fn set_qos(&self, id: &str, qos: ThrottleLimits) -> Result<()> {
+        let (pool, parsed, record) = self.resolve_volume(id)?;
+        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
+        let _graph = self.graph.read().await;
+        if self.journal.get(record.uid).is_some() {
+            let names = Names::new(record.uid.to_string());
+            let set = QomSetLimits {
+                path: names.group(),
+                property: "limits",
+                value: qos,
+            };
+            graph::call(&self.daemon.qmp(), &set).await?;
+        }
+        pool.put_volume(VolumeRecord { qos, ..record })
+    }
+}

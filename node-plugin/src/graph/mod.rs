@@ -1,0 +1,491 @@
+//! The QEMU nodes of a volume, and how they are built and torn down.
+//!
+//! ```text
+//!   export  x-<uid>      nbd (on the daemon's NBD server) | fuse (a file) | vhost-user-blk
+//!     │
+//!   throttle t-<uid>     in throttle group g-<uid>; limits change live with qom-set
+//!     │
+//!   qcow2   q-<tag>-<L>  head layer (writable)         ─┐ one nested blockdev-add; each qcow2
+//!     │ backing                                         │ node has its file node f-<tag>-<L>
+//!   qcow2   q-<tag>-<L'> older layers (read-only)      ─┘ (write thresholds watch the head's)
+//! ```
+//!
+//! `<uid>` is the volume's short id and `<tag>` names one opening of a chain: the volume's uid
+//! while attached, a random tag for the short-lived nodes of offline operations. A layer shared
+//! by two volumes is opened once per chain, under different tags, always read-only.
+//! Teardown runs in the order that never leaves a user without its node: export (waiting for
+//! `BLOCK_EXPORT_DELETED`), throttle node, qcow2 nodes top-down, throttle group.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::pool::{LayerId, Pool};
+use crate::qmp::commands::{
+    BlockExportAdd, BlockExportDel, BlockdevAdd, BlockdevCreate, BlockdevCreateOptions,
+    BlockdevDel, BlockdevOptions, BlockdevRef, Command, LegacyUnixAddress, LegacyUnixData,
+    NbdServerStart, ObjectAddThrottleGroup, ObjectDel, Preallocation, ThrottleLimits,
+    UnixSocketAddress,
+};
+use crate::qmp::{Job, JobOptions, QmpClient};
+
+/// Calls a typed command, naming it in the error.
+pub async fn call<C: Command>(qmp: &QmpClient, command: &C) -> Result<C::Reply> {
+    qmp.call(command).await.map_err(|source| Error::Qmp {
+        command: C::NAME,
+        source,
+    })
+}
+
+/// A 12-hex-digit tag for short-lived nodes and jobs.
+pub fn fresh_tag() -> String {
+    LayerId::random().to_string()
+}
+
+/// Node and object names for one volume or one temporary opening.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    tag: String,
+}
+
+impl Names {
+    /// Names under `tag` (a volume uid or a fresh tag).
+    pub fn new(tag: impl Into<String>) -> Self {
+        Names { tag: tag.into() }
+    }
+
+    /// The qcow2 node of `layer` in this opening.
+    pub fn format(&self, layer: LayerId) -> String {
+        format!("q-{}-{layer}", self.tag)
+    }
+
+    /// The file node of `layer` in this opening.
+    pub fn file(&self, layer: LayerId) -> String {
+        format!("f-{}-{layer}", self.tag)
+    }
+
+    /// The throttle filter node.
+    pub fn throttle(&self) -> String {
+        format!("t-{}", self.tag)
+    }
+
+    /// The throttle group object.
+    pub fn group(&self) -> String {
+        format!("g-{}", self.tag)
+    }
+
+    /// The export id (and NBD export name).
+    pub fn export(&self) -> String {
+        format!("x-{}", self.tag)
+    }
+
+    /// A job id for `what` on this volume, unique per call.
+    pub fn job(&self, what: &str) -> String {
+        format!("{what}-{}-{}", self.tag, fresh_tag())
+    }
+}
+
+/// The nested `blockdev-add` definition of a chain (top first). The bottom layer gets an
+/// explicit `backing: null`, so the records, not the image headers, define the graph.
+pub fn chain_options(
+    pool: &Pool,
+    names: &Names,
+    chain: &[LayerId],
+    read_only: bool,
+) -> BlockdevOptions {
+    let mut below: Option<BlockdevOptions> = None;
+    for (depth, layer) in chain.iter().enumerate().rev() {
+        let top = depth == 0;
+        below = Some(BlockdevOptions::Qcow2 {
+            node_name: names.format(*layer),
+            file: Box::new(BlockdevRef::Definition(BlockdevOptions::File {
+                node_name: names.file(*layer),
+                filename: pool.layer_path(*layer).display().to_string(),
+                read_only: (top && read_only).then_some(true),
+            })),
+            backing: Some(below.take().map(|b| Box::new(BlockdevRef::Definition(b)))),
+            read_only: (top && read_only).then_some(true),
+        });
+    }
+    // `chain` is never empty: a volume always has a head.
+    below.unwrap_or(BlockdevOptions::File {
+        node_name: names.file(chain.first().copied().unwrap_or_else(LayerId::random)),
+        filename: String::new(),
+        read_only: None,
+    })
+}
+
+/// Opens a chain as nodes named by `names`; returns the top qcow2 node's name.
+pub async fn open_chain(
+    qmp: &QmpClient,
+    pool: &Pool,
+    names: &Names,
+    chain: &[LayerId],
+    read_only: bool,
+) -> Result<String> {
+    let options = chain_options(pool, names, chain, read_only);
+    let top = options.node_name().to_owned();
+    call(qmp, &BlockdevAdd(options)).await?;
+    Ok(top)
+}
+
+/// Deletes the monitor-owned qcow2 nodes of a chain, top first. Nodes that are only children
+/// (freed with their parent) or already gone are skipped.
+pub async fn close_chain(qmp: &QmpClient, names: &Names, chain: &[LayerId]) -> Result<()> {
+    for layer in chain {
+        delete_node_if_owned(qmp, &names.format(*layer)).await?;
+    }
+    Ok(())
+}
+
+/// `blockdev-del` that treats "not found" and "not owned by the monitor" as done.
+pub async fn delete_node_if_owned(qmp: &QmpClient, node: &str) -> Result<()> {
+    match call(
+        qmp,
+        &BlockdevDel {
+            node_name: node.to_owned(),
+        },
+    )
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.qmp_desc_contains("Failed to find node")
+                || e.qmp_desc_contains("not owned by the monitor")
+                || e.qmp_desc_contains("Cannot find") =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A new qcow2 image to create.
+#[derive(Debug, Clone)]
+pub struct NewImage<'a> {
+    /// Where.
+    pub path: &'a Path,
+    /// Virtual size.
+    pub size: u64,
+    /// Relative backing file name, for overlays.
+    pub backing: Option<String>,
+    /// Preallocation mode.
+    pub preallocation: Preallocation,
+}
+
+/// Creates a qcow2 image with two `blockdev-create` jobs. On failure nothing is left behind.
+pub async fn create_image(qmp: &QmpClient, image: NewImage<'_>) -> Result<()> {
+    if image.path.exists() {
+        return Err(Error::Inconsistent(format!(
+            "{} already exists",
+            image.path.display()
+        )));
+    }
+    let names = Names::new(fresh_tag());
+    let node = format!("c-{}", fresh_tag());
+    let result = async {
+        let file_job = names.job("create");
+        let create_file = BlockdevCreate {
+            job_id: file_job.clone(),
+            options: BlockdevCreateOptions::File {
+                filename: image.path.display().to_string(),
+                size: 0,
+            },
+        };
+        Job::run(
+            qmp,
+            file_job,
+            "create",
+            &create_file,
+            JobOptions {
+                manual_finalize: false,
+            },
+        )
+        .await?;
+        call(
+            qmp,
+            &BlockdevAdd(BlockdevOptions::File {
+                node_name: node.clone(),
+                filename: image.path.display().to_string(),
+                read_only: None,
+            }),
+        )
+        .await?;
+        let format_job = names.job("create");
+        let create_format = BlockdevCreate {
+            job_id: format_job.clone(),
+            options: BlockdevCreateOptions::Qcow2 {
+                file: node.clone(),
+                size: image.size,
+                backing_fmt: image.backing.as_ref().map(|_| "qcow2".to_owned()),
+                backing_file: image.backing.clone(),
+                preallocation: (image.preallocation != Preallocation::Off)
+                    .then_some(image.preallocation),
+            },
+        };
+        Job::run(
+            qmp,
+            format_job,
+            "create",
+            &create_format,
+            JobOptions {
+                manual_finalize: false,
+            },
+        )
+        .await
+    }
+    .await;
+    let closed = delete_node_if_owned(qmp, &node).await;
+    if result.is_err() || closed.is_err() {
+        let _ = std::fs::remove_file(image.path);
+    }
+    result.and(closed)
+}
+
+/// How a volume is exported from the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExportKind {
+    /// On the daemon's NBD server (unix socket); for the nbd and ublk kernel devices.
+    Nbd,
+    /// A FUSE file; for a loop device.
+    Fuse,
+    /// A vhost-user-blk socket; for VMs.
+    VhostUserBlk,
+}
+
+/// Where a client reaches an export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportEndpoint {
+    /// The export type.
+    pub kind: ExportKind,
+    /// NBD: the server socket; FUSE: the file; vhost-user-blk: the socket.
+    pub path: PathBuf,
+    /// NBD export name (also the export id).
+    pub name: String,
+}
+
+/// Starts the daemon's NBD server on `socket` unless it already runs.
+pub async fn ensure_nbd_server(qmp: &QmpClient, socket: &Path) -> Result<()> {
+    let start = NbdServerStart {
+        addr: LegacyUnixAddress {
+            kind: "unix",
+            data: LegacyUnixData {
+                path: socket.display().to_string(),
+            },
+        },
+    };
+    match call(qmp, &start).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.qmp_desc_contains("already running") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The `block-export-add` for a volume.
+pub fn export_command(names: &Names, endpoint: &ExportEndpoint) -> BlockExportAdd {
+    let id = names.export();
+    let node_name = names.throttle();
+    let path = endpoint.path.display().to_string();
+    match endpoint.kind {
+        ExportKind::Nbd => BlockExportAdd::Nbd {
+            id: id.clone(),
+            node_name,
+            name: id,
+            writable: true,
+        },
+        ExportKind::Fuse => BlockExportAdd::Fuse {
+            id,
+            node_name,
+            mountpoint: path,
+            writable: true,
+        },
+        ExportKind::VhostUserBlk => BlockExportAdd::VhostUserBlk {
+            id,
+            node_name,
+            addr: UnixSocketAddress { kind: "unix", path },
+            writable: true,
+        },
+    }
+}
+
+/// Adds the export, preparing its mountpoint or socket path first.
+pub async fn add_export(qmp: &QmpClient, names: &Names, endpoint: &ExportEndpoint) -> Result<()> {
+    if endpoint.kind == ExportKind::Fuse {
+        prepare_fuse_mountpoint(&endpoint.path).await?;
+    }
+    call(qmp, &export_command(names, endpoint)).await?;
+    Ok(())
+}
+
+/// The FUSE export mounts over an existing regular file. A daemon killed while exporting leaves
+/// a dead FUSE mount there; detach it before mounting again.
+async fn prepare_fuse_mountpoint(path: &Path) -> Result<()> {
+    if is_mountpoint(path) {
+        crate::graph::run("umount", &["-l".as_ref(), path.as_os_str()]).await?;
+    }
+    if !path.exists() {
+        std::fs::File::create(path).map_err(|e| Error::io("create FUSE mountpoint", path, e))?;
+    }
+    Ok(())
+}
+
+fn is_mountpoint(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let target = path.display().to_string();
+    // Field 5 is the mount point, with spaces escaped as \040.
+    mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| m.replace("\\040", " ") == target)
+}
+
+/// Runs a short external command with `LC_ALL=C`, a timeout and stderr captured into the error.
+pub async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
+    let mut command = tokio::process::Command::new(program);
+    command.args(args).env("LC_ALL", "C").kill_on_drop(true);
+    let output = tokio::time::timeout(std::time::Duration::from_secs(60), command.output())
+        .await
+        .map_err(|_| Error::Command {
+            program: program.into(),
+            stderr: "timed out after 60 s".into(),
+        })?
+        .map_err(|e| Error::Command {
+            program: program.into(),
+            stderr: e.to_string(),
+        })?;
+    if !output.status.success() {
+        return Err(Error::Command {
+            program: program.into(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Deletes an export and waits until the daemon reports it gone. `hard` disconnects clients.
+pub async fn delete_export(qmp: &QmpClient, id: &str, hard: bool) -> Result<()> {
+    let mut events = qmp.subscribe();
+    let del = BlockExportDel {
+        id: id.to_owned(),
+        mode: hard.then_some("hard"),
+    };
+    match call(qmp, &del).await {
+        Ok(_) => {}
+        Err(e) if e.qmp_desc_contains("not found") => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    while let Some(event) = events.recv().await {
+        if event.event == "BLOCK_EXPORT_DELETED"
+            && event.data.get("id").and_then(|v| v.as_str()) == Some(id)
+        {
+            return Ok(());
+        }
+    }
+    Err(Error::Qmp {
+        command: "block-export-del",
+        source: crate::qmp::QmpError::Disconnected,
+    })
+}
+
+/// Builds a volume's graph: throttle group, chain, throttle node, export. Undoes what it built
+/// if a step fails.
+pub async fn attach(
+    qmp: &QmpClient,
+    pool: &Pool,
+    names: &Names,
+    chain: &[LayerId],
+    qos: ThrottleLimits,
+    endpoint: &ExportEndpoint,
+) -> Result<()> {
+    let result = async {
+        call(
+            qmp,
+            &ObjectAddThrottleGroup {
+                qom_type: "throttle-group",
+                id: names.group(),
+                limits: qos,
+            },
+        )
+        .await?;
+        let top = open_chain(qmp, pool, names, chain, false).await?;
+        call(
+            qmp,
+            &BlockdevAdd(BlockdevOptions::Throttle {
+                node_name: names.throttle(),
+                throttle_group: names.group(),
+                file: Box::new(BlockdevRef::Node(top)),
+            }),
+        )
+        .await?;
+        add_export(qmp, names, endpoint).await
+    }
+    .await;
+    if result.is_err() {
+        if let Err(e) = detach(qmp, names, chain).await {
+            tracing::warn!(error = %e, "cleaning up after a failed attach");
+        }
+    }
+    result
+}
+
+/// Tears a volume's graph down in the safe order; every step tolerates a missing piece, so it
+/// also cleans up after a half-built or half-removed graph.
+pub async fn detach(qmp: &QmpClient, names: &Names, chain: &[LayerId]) -> Result<()> {
+    delete_export(qmp, &names.export(), false).await?;
+    delete_node_if_owned(qmp, &names.throttle()).await?;
+    close_chain(qmp, names, chain).await?;
+    match call(qmp, &ObjectDel { id: names.group() }).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.qmp_desc_contains("not found") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_fit_qemus_31_byte_limit() {
+        let names = Names::new(fresh_tag());
+        let layer = LayerId::random();
+        for name in [
+            names.format(layer),
+            names.file(layer),
+            names.throttle(),
+            names.group(),
+            names.export(),
+        ] {
+            assert!(name.len() <= 31, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_chain_nests_top_first_and_ends_in_an_explicit_null_backing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = Pool::open(
+            dir.path(),
+            crate::pool::PoolName::parse("p").expect("name"),
+            crate::pool::PoolKind::Local,
+        )
+        .expect("pool");
+        let (top, bottom) = (LayerId::random(), LayerId::random());
+        let names = Names::new("aaaaaaaaaaaa");
+        let json = serde_json::to_value(chain_options(&pool, &names, &[top, bottom], false))
+            .expect("json");
+        assert_eq!(json["node-name"], names.format(top));
+        assert_eq!(json["backing"]["node-name"], names.format(bottom));
+        assert!(json["backing"]["backing"].is_null());
+        assert!(json["backing"]
+            .as_object()
+            .is_some_and(|o| o.contains_key("backing")));
+        assert_eq!(
+            json["file"]["filename"],
+            pool.layer_path(top).display().to_string()
+        );
+    }
+}

@@ -1,0 +1,23 @@
+//! qsd-csi node plugin: the block-graph engine on qemu-storage-daemon.
+//!
+//! ```text
+//!   engine ──► pool   (qcow2 layers + JSON records on disk: the source of truth)
+//!     │
+//!     └──────► graph  (QEMU nodes of each attached volume: file → qcow2 chain → throttle → export)
+//!                 │
+//!                 └──► qmp (one persistent connection) ──► qsd (the supervised daemon)
+//! ```
+//!
+//! [`engine::Engine`] is the entry point: it owns the daemon connection, the pools and the
+//! journal of attached volumes, and performs every volume operation in its online (attached)
+//! or offline form.
+
+pub mod engine;
+pub mod error;
+pub mod graph;
+pub mod pool;
+pub mod qmp;
+pub mod qsd;
+mod sys;
+
+pub use error::{Error, ErrorKind, Result};

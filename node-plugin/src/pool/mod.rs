@@ -1,0 +1,493 @@
+//! Pools, layers and their metadata.
+//!
+//! ```text
+//!   <pool>/pool.json                 name and kind
+//!   <pool>/layers/<layer>.qcow2      one qcow2 image per layer; backing names are relative
+//!   <pool>/layers/<layer>.json       the layer record: its backing layer and size
+//!   <pool>/volumes/<name>.json       a volume: its active (head) layer, size, QoS, limits
+//!   <pool>/snapshots/<name>.json     a snapshot: the immutable layer it pins
+//! ```
+//!
+//! The records on disk are the source of truth; the in-memory index is rebuilt from them when the
+//! pool opens. A layer's reference count is *derived*: volumes whose head it is, snapshots that
+//! pin it, and layers backed by it. A layer file is deleted only when that count reaches zero,
+//! then its backing layer is considered in turn. Records are written after the file they describe
+//! exists and removed before it, so a crash leaves at worst an unreferenced layer, which
+//! [`Pool::open`] collects.
+
+pub mod id;
+pub(crate) mod store;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::qmp::commands::{Preallocation, ThrottleLimits};
+pub use id::{LayerId, NodeName, ObjectName, PoolName};
+
+/// Whether a pool lives on one node or on storage every node mounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolKind {
+    /// On this node's disk; volumes are pinned to the node.
+    Local,
+    /// On a filesystem every node mounts; one writer at a time via QEMU's image locks.
+    Shared,
+}
+
+/// `pool.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolInfo {
+    /// The pool's name.
+    pub name: String,
+    /// Local or shared.
+    pub kind: PoolKind,
+}
+
+/// One layer: a qcow2 file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    /// The layer's id (and file stem).
+    pub id: LayerId,
+    /// The layer below it, if any.
+    pub backing: Option<LayerId>,
+}
+
+/// A volume: a writable head layer over a chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// The volume's name.
+    pub name: String,
+    /// Short random id used to name the volume's QEMU nodes, export and throttle group.
+    pub uid: LayerId,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// The active layer.
+    pub head: LayerId,
+    /// How the head was allocated.
+    #[serde(default)]
+    pub preallocation: Preallocation,
+    /// I/O limits.
+    #[serde(default)]
+    pub qos: ThrottleLimits,
+    /// Longest chain allowed; longer chains are shortened by stream / commit.
+    pub max_chain_depth: u32,
+    /// Where the content came from ("snapshot:<name>", "volume:<name>"), if anywhere.
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+/// A snapshot: an immutable layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// The snapshot's name.
+    pub name: String,
+    /// The volume it was taken from.
+    pub source_volume: String,
+    /// The layer it pins.
+    pub layer: LayerId,
+    /// The volume's size when the snapshot was taken.
+    pub size: u64,
+    /// Seconds since the epoch.
+    pub created_unix: u64,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    layers: BTreeMap<LayerId, LayerRecord>,
+    volumes: BTreeMap<String, VolumeRecord>,
+    snapshots: BTreeMap<String, SnapshotRecord>,
+}
+
+impl Index {
+    fn refcount(&self, layer: LayerId) -> usize {
+        self.volumes.values().filter(|v| v.head == layer).count()
+            + self.snapshots.values().filter(|s| s.layer == layer).count()
+            + self
+                .layers
+                .values()
+                .filter(|l| l.backing == Some(layer))
+                .count()
+    }
+}
+
+/// Who refers to a layer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Referrers {
+    /// Volumes whose head it is.
+    pub volumes: usize,
+    /// Snapshots that pin it.
+    pub snapshots: usize,
+    /// Layers backed by it.
+    pub children: Vec<LayerId>,
+}
+
+/// An open pool.
+#[derive(Debug)]
+pub struct Pool {
+    name: PoolName,
+    kind: PoolKind,
+    root: PathBuf,
+    index: Mutex<Index>,
+}
+
+impl Pool {
+    /// Opens (creating if needed) the pool at `root`, loads its records and collects garbage
+    /// left by an interrupted operation.
+    pub fn open(root: &Path, name: PoolName, kind: PoolKind) -> Result<Pool> {
+        for dir in ["layers", "volumes", "snapshots"] {
+            let path = root.join(dir);
+            std::fs::create_dir_all(&path)
+                .map_err(|e| Error::io("create pool directory", &path, e))?;
+        }
+        let info_path = root.join("pool.json");
+        if info_path.exists() {
+            let bytes = std::fs::read(&info_path).map_err(|e| Error::io("read", &info_path, e))?;
+            let info: PoolInfo =
+                serde_json::from_slice(&bytes).map_err(|source| Error::Metadata {
+                    path: info_path.clone(),
+                    source,
+                })?;
+            if info.name != name.as_str() || info.kind != kind {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} holds pool {:?} ({:?}), not {:?} ({kind:?})",
+                    root.display(),
+                    info.name,
+                    info.kind,
+                    name.as_str()
+                )));
+            }
+        } else {
+            store::write_json(
+                root,
+                "pool.json",
+                &PoolInfo {
+                    name: name.as_str().to_owned(),
+                    kind,
+                },
+            )?;
+        }
+        let mut index = Index::default();
+        for layer in store::read_all::<LayerRecord>(&root.join("layers"))? {
+            index.layers.insert(layer.id, layer);
+        }
+        for volume in store::read_all::<VolumeRecord>(&root.join("volumes"))? {
+            index.volumes.insert(volume.name.clone(), volume);
+        }
+        for snapshot in store::read_all::<SnapshotRecord>(&root.join("snapshots"))? {
+            index.snapshots.insert(snapshot.name.clone(), snapshot);
+        }
+        let pool = Pool {
+            name,
+            kind,
+            root: root.to_owned(),
+            index: Mutex::new(index),
+        };
+        pool.collect_garbage_at_open()?;
+        Ok(pool)
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &PoolName {
+        &self.name
+    }
+
+    /// Local or shared.
+    pub fn kind(&self) -> PoolKind {
+        self.kind
+    }
+
+    /// The pool's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn layers_dir(&self) -> PathBuf {
+        self.root.join("layers")
+    }
+
+    /// The file name of a layer, as written into its children's backing reference.
+    pub fn layer_file_name(layer: LayerId) -> String {
+        format!("{layer}.qcow2")
+    }
+
+    /// The path of a layer's image.
+    pub fn layer_path(&self, layer: LayerId) -> PathBuf {
+        self.layers_dir().join(Self::layer_file_name(layer))
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A volume's record.
+    pub fn volume(&self, name: &str) -> Option<VolumeRecord> {
+        self.index().volumes.get(name).cloned()
+    }
+
+    /// A snapshot's record.
+    pub fn snapshot(&self, name: &str) -> Option<SnapshotRecord> {
+        self.index().snapshots.get(name).cloned()
+    }
+
+    /// A layer's record.
+    pub fn layer(&self, id: LayerId) -> Option<LayerRecord> {
+        self.index().layers.get(&id).cloned()
+    }
+
+    /// All volumes, by name.
+    pub fn volumes(&self) -> Vec<VolumeRecord> {
+        self.index().volumes.values().cloned().collect()
+    }
+
+    /// All snapshots, by name.
+    pub fn snapshots(&self) -> Vec<SnapshotRecord> {
+        self.index().snapshots.values().cloned().collect()
+    }
+
+    /// Every layer id with a record.
+    pub fn layer_ids(&self) -> Vec<LayerId> {
+        self.index().layers.keys().copied().collect()
+    }
+
+    /// The chain below and including `head`, top first.
+    pub fn chain(&self, head: LayerId) -> Result<Vec<LayerId>> {
+        let index = self.index();
+        let mut chain = Vec::new();
+        let mut next = Some(head);
+        while let Some(id) = next {
+            if chain.contains(&id) {
+                return Err(Error::Inconsistent(format!(
+                    "layer {id} appears twice in its own chain"
+                )));
+            }
+            let record = index
+                .layers
+                .get(&id)
+                .ok_or_else(|| Error::Inconsistent(format!("layer {id} has no record")))?;
+            chain.push(id);
+            next = record.backing;
+        }
+        Ok(chain)
+    }
+
+    /// Who refers to `layer`.
+    pub fn referrers(&self, layer: LayerId) -> Referrers {
+        let index = self.index();
+        Referrers {
+            volumes: index.volumes.values().filter(|v| v.head == layer).count(),
+            snapshots: index
+                .snapshots
+                .values()
+                .filter(|s| s.layer == layer)
+                .count(),
+            children: index
+                .layers
+                .values()
+                .filter(|l| l.backing == Some(layer))
+                .map(|l| l.id)
+                .collect(),
+        }
+    }
+
+    /// Records a layer whose image now exists.
+    pub fn put_layer(&self, record: LayerRecord) -> Result<()> {
+        store::write_json(&self.layers_dir(), &format!("{}.json", record.id), &record)?;
+        self.index().layers.insert(record.id, record);
+        Ok(())
+    }
+
+    /// Records (or replaces) a volume.
+    pub fn put_volume(&self, record: VolumeRecord) -> Result<()> {
+        store::write_json(
+            &self.root.join("volumes"),
+            &format!("{}.json", record.name),
+            &record,
+        )?;
+        self.index().volumes.insert(record.name.clone(), record);
+        Ok(())
+    }
+
+    /// Records (or replaces) a snapshot.
+    pub fn put_snapshot(&self, record: SnapshotRecord) -> Result<()> {
+        store::write_json(
+            &self.root.join("snapshots"),
+            &format!("{}.json", record.name),
+            &record,
+        )?;
+        self.index().snapshots.insert(record.name.clone(), record);
+        Ok(())
+    }
+
+    /// Removes a volume's record, then every layer nobody refers to any more.
+    pub fn remove_volume(&self, name: &str) -> Result<Vec<LayerId>> {
+        store::remove(&self.root.join("volumes"), &format!("{name}.json"))?;
+        let head = self.index().volumes.remove(name).map(|v| v.head);
+        head.map_or(Ok(Vec::new()), |h| self.release(h))
+    }
+
+    /// Removes a snapshot's record, then every layer nobody refers to any more.
+    pub fn remove_snapshot(&self, name: &str) -> Result<Vec<LayerId>> {
+        store::remove(&self.root.join("snapshots"), &format!("{name}.json"))?;
+        let layer = self.index().snapshots.remove(name).map(|s| s.layer);
+        layer.map_or(Ok(Vec::new()), |l| self.release(l))
+    }
+
+    /// Deletes `layer` and then its backing layers for as long as nothing refers to them.
+    /// Returns the layers deleted.
+    pub fn release(&self, layer: LayerId) -> Result<Vec<LayerId>> {
+        let mut deleted = Vec::new();
+        let mut next = Some(layer);
+        while let Some(id) = next {
+            let backing = {
+                let index = self.index();
+                if index.refcount(id) > 0 {
+                    break;
+                }
+                match index.layers.get(&id) {
+                    Some(record) => record.backing,
+                    None => break,
+                }
+            };
+            self.delete_layer(id)?;
+            deleted.push(id);
+            next = backing;
+        }
+        Ok(deleted)
+    }
+
+    /// Removes a layer's record, then its image. Callers check the refcount first.
+    fn delete_layer(&self, id: LayerId) -> Result<()> {
+        let dir = self.layers_dir();
+        store::remove(&dir, &format!("{id}.json"))?;
+        self.index().layers.remove(&id);
+        store::remove(&dir, &Self::layer_file_name(id))
+    }
+
+    /// Replaces a layer's backing pointer (after a stream or commit rewrote its header).
+    pub fn set_backing(&self, id: LayerId, backing: Option<LayerId>) -> Result<()> {
+        self.put_layer(LayerRecord { id, backing })
+    }
+
+    /// Deletes image files without records and records nobody refers to.
+    fn collect_garbage_at_open(&self) -> Result<()> {
+        let dir = self.layers_dir();
+        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(stem) = name.strip_suffix(".qcow2") else {
+                continue;
+            };
+            let known = LayerId::parse(stem).is_ok_and(|id| self.index().layers.contains_key(&id));
+            if !known {
+                tracing::warn!(pool = self.name.as_str(), file = %name, "removing an image with no record");
+                store::remove(&dir, &name)?;
+            }
+        }
+        loop {
+            let orphans: Vec<LayerId> = {
+                let index = self.index();
+                index
+                    .layers
+                    .keys()
+                    .copied()
+                    .filter(|id| index.refcount(*id) == 0)
+                    .collect()
+            };
+            if orphans.is_empty() {
+                return Ok(());
+            }
+            for id in orphans {
+                tracing::warn!(pool = self.name.as_str(), layer = %id, "removing an unreferenced layer");
+                self.delete_layer(id)?;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(dir: &Path) -> Pool {
+        Pool::open(dir, PoolName::parse("p").expect("name"), PoolKind::Local).expect("open")
+    }
+
+    fn layer(pool: &Pool, backing: Option<LayerId>) -> LayerId {
+        let id = LayerId::random();
+        std::fs::write(pool.layer_path(id), b"image").expect("image");
+        pool.put_layer(LayerRecord { id, backing }).expect("record");
+        id
+    }
+
+    fn volume(name: &str, head: LayerId) -> VolumeRecord {
+        VolumeRecord {
+            name: name.into(),
+            uid: LayerId::random(),
+            size: 1 << 20,
+            head,
+            preallocation: Preallocation::Off,
+            qos: ThrottleLimits::default(),
+            max_chain_depth: 8,
+            source: None,
+        }
+    }
+
+    #[test]
+    fn a_layer_is_deleted_only_when_no_volume_snapshot_or_child_refers_to_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pool(dir.path());
+        let base = layer(&p, None);
+        let head = layer(&p, Some(base));
+        p.put_volume(volume("v", head)).expect("volume");
+        p.put_snapshot(SnapshotRecord {
+            name: "s".into(),
+            source_volume: "v".into(),
+            layer: base,
+            size: 1 << 20,
+            created_unix: 0,
+        })
+        .expect("snapshot");
+        assert_eq!(
+            p.remove_snapshot("s").expect("remove"),
+            vec![],
+            "base still backs the head"
+        );
+        assert!(p.layer_path(base).exists());
+        assert_eq!(p.remove_volume("v").expect("remove"), vec![head, base]);
+        assert!(!p.layer_path(base).exists() && !p.layer_path(head).exists());
+        assert!(p.layer_ids().is_empty());
+    }
+
+    #[test]
+    fn reopening_collects_unrecorded_images_and_unreferenced_layers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pool(dir.path());
+        let kept = layer(&p, None);
+        p.put_volume(volume("v", kept)).expect("volume");
+        let unreferenced = layer(&p, None);
+        let stray = dir.path().join("layers").join("0123456789ab.qcow2");
+        std::fs::write(&stray, b"half-created").expect("stray");
+        drop(p);
+        let p = pool(dir.path());
+        assert_eq!(p.layer_ids(), vec![kept]);
+        assert!(!stray.exists() && !p.layer_path(unreferenced).exists());
+        assert_eq!(p.volume("v").map(|v| v.head), Some(kept));
+    }
+
+    #[test]
+    fn a_pool_directory_cannot_be_opened_as_another_pool() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(pool(dir.path()));
+        let other = Pool::open(
+            dir.path(),
+            PoolName::parse("q").expect("name"),
+            PoolKind::Local,
+        );
+        assert!(other.is_err());
+    }
+}

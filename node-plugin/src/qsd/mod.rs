@@ -1,0 +1,314 @@
+//! Starting, adopting and reconnecting to qemu-storage-daemon.
+//!
+//! ```text
+//!   run dir (0700)
+//!   ├── qmp.sock           our persistent control monitor
+//!   ├── qmp-operator.sock  a second monitor for people and tools
+//!   ├── nbd.sock           the daemon's NBD server (started on first NBD export)
+//!   ├── qsd.pid            written by the daemon once it is ready
+//!   └── qsd.log            the daemon's start-up errors
+//! ```
+//!
+//! In [`Mode::Managed`] the daemon is started detached (`--daemonize`: the parent exits once the
+//! monitors listen), so it outlives the node plugin; after a restart of the plugin it is adopted
+//! from its pidfile and socket. In [`Mode::External`] something else (the Kubernetes sidecar
+//! container) runs it and we only connect.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::qmp::commands::{QueryVersion, VersionInfo};
+use crate::qmp::{QmpClient, QmpError};
+
+/// Who runs the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// We start it (and restart it if it dies).
+    Managed,
+    /// It is managed elsewhere; we connect to its socket and wait for it to come back.
+    External,
+}
+
+/// Where and how the daemon runs.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// The `qemu-storage-daemon` executable.
+    pub binary: PathBuf,
+    /// Directory for sockets, pidfile and log; created 0700.
+    pub run_dir: PathBuf,
+    /// Who runs the daemon.
+    pub mode: Mode,
+}
+
+impl DaemonConfig {
+    /// A managed daemon from `PATH` with its files under `run_dir`.
+    pub fn managed(run_dir: impl Into<PathBuf>) -> Self {
+        DaemonConfig {
+            binary: PathBuf::from("qemu-storage-daemon"),
+            run_dir: run_dir.into(),
+            mode: Mode::Managed,
+        }
+    }
+
+    /// Our control monitor socket.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.run_dir.join("qmp.sock")
+    }
+
+    /// The operators' monitor socket.
+    pub fn operator_socket(&self) -> PathBuf {
+        self.run_dir.join("qmp-operator.sock")
+    }
+
+    /// The NBD server's socket.
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.run_dir.join("nbd.sock")
+    }
+
+    /// The daemon's pidfile.
+    pub fn pidfile(&self) -> PathBuf {
+        self.run_dir.join("qsd.pid")
+    }
+}
+
+/// How we came to be connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// We started a fresh daemon: its graph is empty.
+    Started,
+    /// We reconnected to a daemon that was already running: its graph may hold our nodes.
+    Adopted,
+}
+
+/// What differs between the QEMU versions we support (7.2 and later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// A loop device may use direct I/O over a FUSE export (the FUSE export corrupts parallel
+    /// O_DIRECT writes before QEMU 10.1).
+    pub loop_direct_io_over_fuse: bool,
+}
+
+impl Features {
+    /// Derives the feature set from the daemon's version.
+    pub fn for_version(version: &VersionInfo) -> Self {
+        Features {
+            loop_direct_io_over_fuse: version.at_least(10, 1),
+        }
+    }
+}
+
+/// A connection to a running daemon, replaced when the daemon restarts.
+#[derive(Debug)]
+pub struct Daemon {
+    config: DaemonConfig,
+    client: Mutex<QmpClient>,
+    version: Mutex<VersionInfo>,
+}
+
+/// How long we wait for the greeting; a monitor busy with another client never sends one.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Daemon {
+    /// Adopts a running daemon or starts one (managed), or connects (external).
+    pub async fn connect(config: DaemonConfig) -> Result<(Daemon, Origin)> {
+        prepare_run_dir(&config.run_dir)?;
+        let (client, origin) = establish(&config).await?;
+        let version = query_version(&client).await?;
+        tracing::info!(
+            version = %format!("{}.{}.{}", version.qemu.major, version.qemu.minor, version.qemu.micro),
+            ?origin,
+            "connected to qemu-storage-daemon"
+        );
+        let daemon = Daemon {
+            config,
+            client: Mutex::new(client),
+            version: Mutex::new(version),
+        };
+        Ok((daemon, origin))
+    }
+
+    /// After the connection dropped: adopt the daemon if it still runs, otherwise start a new
+    /// one (managed) or wait for it to come back (external).
+    pub async fn reconnect(&self) -> Result<Origin> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match establish(&self.config).await {
+                Ok((client, origin)) => {
+                    let version = query_version(&client).await?;
+                    *lock(&self.version) = version;
+                    *lock(&self.client) = client;
+                    return Ok(origin);
+                }
+                Err(e) if self.config.mode == Mode::External => {
+                    tracing::warn!(error = %e, "daemon not reachable yet; retrying");
+                    tokio::time::sleep(delay).await; // retry backoff
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The current QMP client.
+    pub fn qmp(&self) -> QmpClient {
+        lock(&self.client).clone()
+    }
+
+    /// The daemon's version.
+    pub fn version(&self) -> VersionInfo {
+        lock(&self.version).clone()
+    }
+
+    /// Version-dependent behaviour.
+    pub fn features(&self) -> Features {
+        Features::for_version(&self.version())
+    }
+
+    /// The configuration this daemon runs with.
+    pub fn config(&self) -> &DaemonConfig {
+        &self.config
+    }
+
+    /// The daemon's pid, from its pidfile, if it is alive.
+    pub fn pid(&self) -> Option<u32> {
+        running_pid(&self.config.pidfile())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn query_version(client: &QmpClient) -> Result<VersionInfo> {
+    client
+        .call(&QueryVersion {})
+        .await
+        .map_err(|source| Error::Qmp {
+            command: "query-version",
+            source,
+        })
+}
+
+async fn establish(config: &DaemonConfig) -> Result<(QmpClient, Origin)> {
+    let socket = config.qmp_socket();
+    if config.mode == Mode::External {
+        return Ok((connect_qmp(&socket).await?, Origin::Adopted));
+    }
+    if running_pid(&config.pidfile()).is_some() {
+        match connect_qmp(&socket).await {
+            Ok(client) => return Ok((client, Origin::Adopted)),
+            Err(e) => {
+                return Err(Error::DaemonStart {
+                    reason: format!(
+                        "a daemon is running (pidfile {}) but its monitor does not answer: {e}",
+                        config.pidfile().display()
+                    ),
+                    source: None,
+                })
+            }
+        }
+    }
+    start(config).await?;
+    Ok((connect_qmp(&socket).await?, Origin::Started))
+}
+
+async fn connect_qmp(socket: &Path) -> Result<QmpClient> {
+    match tokio::time::timeout(GREETING_TIMEOUT, QmpClient::connect(socket)).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(source)) => Err(Error::Qmp {
+            command: "connect",
+            source,
+        }),
+        Err(_) => Err(Error::Qmp {
+            command: "connect",
+            source: QmpError::Protocol("no greeting: is another client on this monitor?".into()),
+        }),
+    }
+}
+
+fn prepare_run_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.to_string_lossy().contains(',') {
+        return Err(Error::invalid(
+            "run dir",
+            "must not contain ',' (QEMU option separator)",
+        ));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io("create run dir", dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io("restrict run dir", dir, e))
+}
+
+/// The pid in `pidfile` if that process is a live qemu-storage-daemon (not a recycled pid,
+/// not a zombie).
+fn running_pid(pidfile: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let argv0 = cmdline.split(|b| *b == 0).next()?;
+    String::from_utf8_lossy(argv0)
+        .contains("qemu-storage-daemon")
+        .then_some(pid)
+}
+
+async fn start(config: &DaemonConfig) -> Result<()> {
+    let log_path = config.run_dir.join("qsd.log");
+    let log = std::fs::File::create(&log_path).map_err(|e| Error::io("create", &log_path, e))?;
+    let _ = std::fs::remove_file(config.pidfile());
+    let chardev = |id: &str, path: PathBuf| {
+        format!("socket,id={id},path={},server=on,wait=off", path.display())
+    };
+    let mut command = tokio::process::Command::new(&config.binary);
+    command
+        .arg("--chardev")
+        .arg(chardev("ctl", config.qmp_socket()))
+        .args(["--monitor", "chardev=ctl"])
+        .arg("--chardev")
+        .arg(chardev("op", config.operator_socket()))
+        .args(["--monitor", "chardev=op"])
+        .arg("--pidfile")
+        .arg(config.pidfile())
+        .arg("--daemonize")
+        .env("LC_ALL", "C")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
+    if crate::sys::has_cap_sys_resource() {
+        crate::sys::mark_as_io_server(&mut command);
+    } else {
+        tracing::warn!(
+            "no CAP_SYS_RESOURCE: qemu-storage-daemon runs without PR_SET_IO_FLUSHER and \
+             oom_score_adj -1000; a kernel device on this host could deadlock in memory reclaim"
+        );
+    }
+    let mut child = command.spawn().map_err(|source| Error::DaemonStart {
+        reason: format!("cannot run {}", config.binary.display()),
+        source: Some(source),
+    })?;
+    // With --daemonize the parent exits once the monitors listen (or start-up failed).
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .map_err(|_| Error::DaemonStart {
+            reason: "start-up timed out".into(),
+            source: None,
+        })?
+        .map_err(|source| Error::DaemonStart {
+            reason: "wait".into(),
+            source: Some(source),
+        })?;
+    if !status.success() {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        return Err(Error::DaemonStart {
+            reason: format!("exited with {status}: {}", log.trim()),
+            source: None,
+        });
+    }
+    tracing::info!(pidfile = %config.pidfile().display(), "started qemu-storage-daemon");
+    Ok(())
+}

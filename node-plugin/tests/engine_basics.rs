@@ -1,0 +1,273 @@
+//! The block-graph engine against a real qemu-storage-daemon: snapshots, restore, clone, expand.
+
+mod common;
+
+use common::*;
+use qsd_node::engine::{CreateVolume, VolumeSource};
+use qsd_node::graph::ExportKind;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_keeps_data_written_before_it_and_hides_later_writes() {
+    let env = Env::new().await;
+    let core = env.core();
+    let vol = core
+        .create_volume(&CreateVolume::new("local", "v1", 64 * MIB as i64))
+        .await
+        .expect("create");
+    let export = core
+        .attach(&vol.id, ExportKind::Fuse)
+        .await
+        .expect("attach")
+        .endpoint
+        .path;
+    let before = pattern(1, MIB as usize);
+    write_at(&export, 0, &before);
+    write_at(&export, 40 * MIB, &before);
+
+    let snap = core
+        .create_snapshot(&vol.id, "s1")
+        .await
+        .expect("snapshot while attached");
+    let after = pattern(2, MIB as usize);
+    write_at(&export, 0, &after);
+
+    let mut restore = CreateVolume::new("local", "r1", 0);
+    restore.size = None;
+    restore.source = Some(VolumeSource::Snapshot(snap.id.clone()));
+    let restored = core.create_volume(&restore).await.expect("restore");
+    assert_eq!(restored.size, 64 * MIB);
+    let rexport = core
+        .attach(&restored.id, ExportKind::Fuse)
+        .await
+        .expect("attach restored")
+        .endpoint
+        .path;
+    assert_eq!(
+        read_at(&rexport, 0, MIB as usize),
+        before,
+        "restored volume shows pre-snapshot data"
+    );
+    assert_eq!(read_at(&rexport, 40 * MIB, MIB as usize), before);
+    assert_eq!(
+        read_at(&export, 0, MIB as usize),
+        after,
+        "source keeps its later writes"
+    );
+
+    // The same holds for a snapshot taken while the volume is detached.
+    core.detach(&vol.id).await.expect("detach");
+    let snap2 = core
+        .create_snapshot(&vol.id, "s2")
+        .await
+        .expect("offline snapshot");
+    let export = core
+        .attach(&vol.id, ExportKind::Fuse)
+        .await
+        .expect("reattach")
+        .endpoint
+        .path;
+    write_at(&export, 0, &before);
+    restore.name = "r2".into();
+    restore.source = Some(VolumeSource::Snapshot(snap2.id));
+    let r2 = core.create_volume(&restore).await.expect("restore 2");
+    let r2export = core
+        .attach(&r2.id, ExportKind::Fuse)
+        .await
+        .expect("attach r2")
+        .endpoint
+        .path;
+    assert_eq!(read_at(&r2export, 0, MIB as usize), after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_and_create_are_idempotent_by_name_and_refuse_a_different_size() {
+    let env = Env::new().await;
+    let core = env.core();
+    let a = core
+        .create_volume(&CreateVolume::new("local", "v", 10 * MIB as i64))
+        .await
+        .expect("create");
+    let b = core
+        .create_volume(&CreateVolume::new("local", "v", 10 * MIB as i64))
+        .await
+        .expect("again");
+    assert_eq!(a, b);
+    let files = env.layer_files();
+    let err = core
+        .create_volume(&CreateVolume::new("local", "v", 20 * MIB as i64))
+        .await
+        .expect_err("size differs");
+    assert_eq!(err.kind(), qsd_node::ErrorKind::AlreadyExists);
+    assert_eq!(env.layer_files(), files, "nothing changed on disk");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_matches_its_source_at_the_start_while_the_source_keeps_being_written() {
+    let env = Env::new().await;
+    let core = env.core();
+    let size = 32 * MIB;
+    let vol = core
+        .create_volume(&CreateVolume::new("local", "src", size as i64))
+        .await
+        .expect("create");
+    let export = core
+        .attach(&vol.id, ExportKind::Fuse)
+        .await
+        .expect("attach")
+        .endpoint
+        .path;
+    for i in 0..8 {
+        write_at(&export, i * 4 * MIB, &pattern(i as u8, MIB as usize));
+    }
+    let expected = env.dir.path().join("expected.raw");
+    std::fs::write(&expected, read_at(&export, 0, size as usize)).expect("expected image");
+
+    let mut request = CreateVolume::new("local", "copy", 0);
+    request.size = None;
+    request.source = Some(VolumeSource::Volume(vol.id.clone()));
+    // Start the copy at one byte per second so that it is certainly still running while we write.
+    let mut task = core
+        .start_clone_with_speed(&request, Some(1))
+        .await
+        .expect("start clone");
+    let job = task.job().expect("copy job");
+    job.running().await.expect("job runs");
+    for i in 0..8 {
+        write_at(&export, i * 4 * MIB, &pattern(100 + i as u8, MIB as usize));
+    }
+    let progress = job.progress().await.expect("progress").expect("job known");
+    assert!(
+        progress.0 < progress.1,
+        "the copy was still running during the writes: {progress:?}"
+    );
+    job.set_speed(0).await.expect("unthrottle");
+    let clone = task.finish().await.expect("clone");
+
+    let (pool, chain) = core.volume_chain(&clone.id).expect("clone chain");
+    assert_eq!(chain.len(), 1, "a clone is a standalone image");
+    let out = qemu_img(&[
+        "compare",
+        "-U",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        expected.to_str().unwrap_or_default(),
+        pool.layer_path(chain[0]).to_str().unwrap_or_default(),
+    ]);
+    assert!(
+        out.status.success(),
+        "clone equals the source at the clone's start: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        read_at(&export, 0, MIB as usize),
+        pattern(100, MIB as usize),
+        "source took the writes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expand_grows_the_virtual_size_online_and_offline_and_keeps_every_byte() {
+    let env = Env::new().await;
+    let core = env.core();
+    let data = pattern(7, MIB as usize);
+    // Online through a FUSE export and through an NBD export (which must be re-created).
+    for (name, kind) in [("fuse", ExportKind::Fuse), ("nbd", ExportKind::Nbd)] {
+        let vol = core
+            .create_volume(&CreateVolume::new("local", name, 16 * MIB as i64))
+            .await
+            .expect("create");
+        let attached = core.attach(&vol.id, kind).await.expect("attach").endpoint;
+        match kind {
+            ExportKind::Fuse => write_at(&attached.path, 15 * MIB, &data),
+            _ => nbd_io(&attached, &format!("write -P 0x5a {} 1M", 15 * MIB)),
+        }
+        assert_eq!(
+            core.expand_volume(&vol.id, 48 * MIB as i64)
+                .await
+                .expect("expand"),
+            48 * MIB
+        );
+        match kind {
+            ExportKind::Fuse => {
+                assert_eq!(
+                    std::fs::metadata(&attached.path).expect("stat").len(),
+                    48 * MIB
+                );
+                assert_eq!(read_at(&attached.path, 15 * MIB, MIB as usize), data);
+                write_at(&attached.path, 47 * MIB, &data);
+                assert_eq!(read_at(&attached.path, 47 * MIB, MIB as usize), data);
+            }
+            _ => {
+                assert_eq!(nbd_size(&attached), 48 * MIB);
+                nbd_io(&attached, &format!("read -P 0x5a {} 1M", 15 * MIB));
+            }
+        }
+        assert_eq!(core.get_volume(&vol.id).expect("get").size, 48 * MIB);
+    }
+    // Offline, on a volume with a snapshot in its chain.
+    let vol = core
+        .create_volume(&CreateVolume::new("local", "off", 16 * MIB as i64))
+        .await
+        .expect("create");
+    let export = core
+        .attach(&vol.id, ExportKind::Fuse)
+        .await
+        .expect("attach")
+        .endpoint
+        .path;
+    write_at(&export, 15 * MIB, &data);
+    core.detach(&vol.id).await.expect("detach");
+    core.create_snapshot(&vol.id, "before-expand")
+        .await
+        .expect("snapshot");
+    core.expand_volume(&vol.id, 32 * MIB as i64)
+        .await
+        .expect("offline expand");
+    let export = core
+        .attach(&vol.id, ExportKind::Fuse)
+        .await
+        .expect("attach")
+        .endpoint
+        .path;
+    assert_eq!(std::fs::metadata(&export).expect("stat").len(), 32 * MIB);
+    assert_eq!(read_at(&export, 15 * MIB, MIB as usize), data);
+    assert_eq!(
+        read_at(&export, 20 * MIB, MIB as usize),
+        vec![0u8; MIB as usize],
+        "new space reads zero"
+    );
+    let err = core
+        .expand_volume(&vol.id, 8 * MIB as i64)
+        .await
+        .expect_err("shrink");
+    assert_eq!(err.kind(), qsd_node::ErrorKind::OutOfRange);
+}
+
+fn nbd_uri(e: &qsd_node::graph::ExportEndpoint) -> String {
+    format!("nbd+unix:///{}?socket={}", e.name, e.path.display())
+}
+
+/// Runs one qemu-io command against an NBD export and fails on any error or pattern mismatch.
+pub fn nbd_io(e: &qsd_node::graph::ExportEndpoint, cmd: &str) {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", cmd, &nbd_uri(e)])
+        .output()
+        .expect("qemu-io runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("fail") && !text.contains("error"),
+        "{cmd}: {text}"
+    );
+}
+
+fn nbd_size(e: &qsd_node::graph::ExportEndpoint) -> u64 {
+    let out = qemu_img(&["info", "--output=json", "-f", "raw", &nbd_uri(e)]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("qemu-img info json");
+    v["virtual-size"].as_u64().expect("size")
+}
