@@ -100,6 +100,9 @@ pub struct EngineCore {
     busy: Arc<Mutex<HashSet<String>>>,
     graph: Arc<RwLock<()>>,
     events: broadcast::Sender<EngineEvent>,
+    /// Subscribed before the first reconcile; handed to the first subscriber so that events
+    /// found while opening (thresholds that fired while we were away) are not lost.
+    first_events: Mutex<Option<broadcast::Receiver<EngineEvent>>>,
 }
 
 /// The engine. Dropping it stops supervision but leaves the daemon, its graph and every export
@@ -150,7 +153,7 @@ impl Engine {
         let (daemon, origin) = Daemon::connect(config.daemon.clone()).await?;
         // Subscribe before reconciling so that no threshold event is lost in between.
         let events_rx = daemon.qmp().subscribe();
-        let (events, _) = broadcast::channel(1024);
+        let (events, first_events) = broadcast::channel(1024);
         let core = Arc::new(EngineCore {
             config,
             daemon,
@@ -159,6 +162,7 @@ impl Engine {
             busy: Arc::default(),
             graph: Arc::default(),
             events,
+            first_events: Mutex::new(Some(first_events)),
         });
         core.reconcile(origin).await?;
         let supervisor = tokio::spawn(supervise(Arc::downgrade(&core), events_rx));
@@ -226,9 +230,15 @@ impl EngineCore {
         &self.daemon
     }
 
-    /// Subscribes to engine events.
+    /// Subscribes to engine events. The first subscriber also receives every event since the
+    /// engine opened, including those of its initial reconcile.
     pub fn subscribe(&self) -> broadcast::Receiver<EngineEvent> {
-        self.events.subscribe()
+        let first = self
+            .first_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        first.unwrap_or_else(|| self.events.subscribe())
     }
 
     /// A pool by name.
