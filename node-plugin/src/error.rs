@@ -172,19 +172,12 @@ impl Error {
 
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            field,
-            reason: reason.into(),
-        }
+        Error::InvalidArgument { field, reason: reason.into() }
     }
 
     /// Shorthand for [`Error::Io`].
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            op,
-            path: path.into(),
-            source,
-        }
+        Error::Io { op, path: path.into(), source }
     }
 
     /// True when the error is a QMP command error whose description contains `needle`.
@@ -202,77 +195,30 @@ mod tests {
         let io = || std::io::Error::from(std::io::ErrorKind::Other);
         let table: Vec<(Error, ErrorKind)> = vec![
             (Error::invalid("name", "x"), ErrorKind::InvalidArgument),
+            (Error::NotFound { what: "volume", id: "x".into() }, ErrorKind::NotFound),
             (
-                Error::NotFound {
-                    what: "volume",
-                    id: "x".into(),
-                },
-                ErrorKind::NotFound,
-            ),
-            (
-                Error::AlreadyExists {
-                    what: "volume",
-                    name: "x".into(),
-                    difference: "y".into(),
-                },
+                Error::AlreadyExists { what: "volume", name: "x".into(), difference: "y".into() },
                 ErrorKind::AlreadyExists,
             ),
-            (
-                Error::OutOfRange {
-                    requested: 0,
-                    reason: "x".into(),
-                },
-                ErrorKind::OutOfRange,
-            ),
+            (Error::OutOfRange { requested: 0, reason: "x".into() }, ErrorKind::OutOfRange),
             (Error::Busy { id: "x".into() }, ErrorKind::Aborted),
-            (
-                Error::FailedPrecondition("x".into()),
-                ErrorKind::FailedPrecondition,
-            ),
-            (
-                Error::ResourceExhausted("x".into()),
-                ErrorKind::ResourceExhausted,
-            ),
+            (Error::FailedPrecondition("x".into()), ErrorKind::FailedPrecondition),
+            (Error::ResourceExhausted("x".into()), ErrorKind::ResourceExhausted),
+            (Error::Qmp { command: "x", source: QmpError::Disconnected }, ErrorKind::Unavailable),
             (
                 Error::Qmp {
                     command: "x",
-                    source: QmpError::Disconnected,
-                },
-                ErrorKind::Unavailable,
-            ),
-            (
-                Error::Qmp {
-                    command: "x",
-                    source: QmpError::Command {
-                        class: "GenericError".into(),
-                        desc: "d".into(),
-                    },
+                    source: QmpError::Command { class: "GenericError".into(), desc: "d".into() },
                 },
                 ErrorKind::Internal,
             ),
             (
-                Error::Job {
-                    job: "j".into(),
-                    kind: "backup".into(),
-                    message: "m".into(),
-                },
+                Error::Job { job: "j".into(), kind: "backup".into(), message: "m".into() },
                 ErrorKind::Internal,
             ),
-            (
-                Error::DaemonStart {
-                    reason: "x".into(),
-                    source: None,
-                },
-                ErrorKind::Unavailable,
-            ),
+            (Error::DaemonStart { reason: "x".into(), source: None }, ErrorKind::Unavailable),
             (Error::io("read", "/x", io()), ErrorKind::Internal),
-            (
-                Error::Command {
-                    program: "p".into(),
-                    stderr: "e".into(),
-                },
-                ErrorKind::Internal,
-            ),
+            (Error::Command { program: "p".into(), stderr: "e".into() }, ErrorKind::Internal),
             (Error::Inconsistent("x".into()), ErrorKind::Internal),
         ];
         for (error, kind) in table {
@@ -282,15 +228,9 @@ mod tests {
 
     #[test]
     fn display_names_the_failure_without_repeating_the_cause() {
-        let e = Error::io(
-            "write metadata",
-            "/p/v.json",
-            std::io::Error::from_raw_os_error(28),
-        );
+        let e = Error::io("write metadata", "/p/v.json", std::io::Error::from_raw_os_error(28));
         assert_eq!(e.to_string(), "write metadata /p/v.json");
-        let src = std::error::Error::source(&e)
-            .map(|s| s.to_string())
-            .unwrap_or_default();
+        let src = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
         assert!(src.contains("No space left"), "{src}");
     }
 }

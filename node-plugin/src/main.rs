@@ -53,7 +53,11 @@ fn host_node_name() -> String {
         .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' })
         .collect();
     let name = name.trim_matches(|c| c == '-' || c == '.').to_owned();
-    if name.is_empty() { "localhost".to_owned() } else { name }
+    if name.is_empty() {
+        "localhost".to_owned()
+    } else {
+        name
+    }
 }
 
 #[tokio::main]

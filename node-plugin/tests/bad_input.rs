@@ -20,11 +20,7 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             if path.is_dir() {
                 stack.push(path);
             } else {
-                let rel = path
-                    .strip_prefix(dir)
-                    .expect("prefix")
-                    .display()
-                    .to_string();
+                let rel = path.strip_prefix(dir).expect("prefix").display().to_string();
                 out.insert(rel, std::fs::read(&path).unwrap_or_default());
             }
         }
@@ -36,18 +32,14 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 async fn bad_input_returns_a_typed_error_and_changes_nothing_on_disk() {
     let env = Env::new().await;
     let core = env.core();
-    let vol = core
-        .create_volume(&CreateVolume::new("local", "v", 8 * MIB as i64))
-        .await
-        .expect("create");
+    let vol =
+        core.create_volume(&CreateVolume::new("local", "v", 8 * MIB as i64)).await.expect("create");
     let snap = core.create_snapshot(&vol.id, "s").await.expect("snapshot");
     let attached = core
         .create_volume(&CreateVolume::new("local", "busy", 8 * MIB as i64))
         .await
         .expect("create");
-    core.attach(&attached.id, ExportKind::Nbd)
-        .await
-        .expect("attach");
+    core.attach(&attached.id, ExportKind::Nbd).await.expect("attach");
     let before = tree(&env.pool_dir());
 
     let create = |name: &str, size: i64| CreateVolume::new("local", name, size);
@@ -65,51 +57,19 @@ async fn bad_input_returns_a_typed_error_and_changes_nothing_on_disk() {
     zero_depth.max_chain_depth = Some(0);
 
     let creates: Vec<(&str, CreateVolume, ErrorKind)> = vec![
-        (
-            "dot-dot name",
-            create("..", MIB as i64),
-            ErrorKind::InvalidArgument,
-        ),
-        (
-            "slash in name",
-            create("a/b", MIB as i64),
-            ErrorKind::InvalidArgument,
-        ),
-        (
-            "traversal name",
-            create("../../etc/passwd", MIB as i64),
-            ErrorKind::InvalidArgument,
-        ),
-        (
-            "empty name",
-            create("", MIB as i64),
-            ErrorKind::InvalidArgument,
-        ),
+        ("dot-dot name", create("..", MIB as i64), ErrorKind::InvalidArgument),
+        ("slash in name", create("a/b", MIB as i64), ErrorKind::InvalidArgument),
+        ("traversal name", create("../../etc/passwd", MIB as i64), ErrorKind::InvalidArgument),
+        ("empty name", create("", MIB as i64), ErrorKind::InvalidArgument),
         ("zero size", create("z", 0), ErrorKind::InvalidArgument),
         ("negative size", create("n", -1), ErrorKind::InvalidArgument),
         ("absurd size", create("a", i64::MAX), ErrorKind::OutOfRange),
-        (
-            "re-create, other size",
-            create("v", 16 * MIB as i64),
-            ErrorKind::AlreadyExists,
-        ),
+        ("re-create, other size", create("v", 16 * MIB as i64), ErrorKind::AlreadyExists),
         ("unknown pool", in_other_pool, ErrorKind::NotFound),
         ("malformed pool", bad_pool_name, ErrorKind::InvalidArgument),
-        (
-            "restore smaller than snapshot",
-            restore_smaller,
-            ErrorKind::OutOfRange,
-        ),
-        (
-            "restore unknown snapshot",
-            restore_unknown,
-            ErrorKind::NotFound,
-        ),
-        (
-            "clone malformed source",
-            clone_malformed,
-            ErrorKind::InvalidArgument,
-        ),
+        ("restore smaller than snapshot", restore_smaller, ErrorKind::OutOfRange),
+        ("restore unknown snapshot", restore_unknown, ErrorKind::NotFound),
+        ("clone malformed source", clone_malformed, ErrorKind::InvalidArgument),
         ("zero depth", zero_depth, ErrorKind::InvalidArgument),
     ];
     for (case, request, kind) in creates {
@@ -118,73 +78,40 @@ async fn bad_input_returns_a_typed_error_and_changes_nothing_on_disk() {
     }
 
     let ids: Vec<(&str, &str, ErrorKind)> = vec![
-        (
-            "unknown volume",
-            "vol:local@node-1:missing",
-            ErrorKind::NotFound,
-        ),
+        ("unknown volume", "vol:local@node-1:missing", ErrorKind::NotFound),
         ("other node", "vol:local@node-2:v", ErrorKind::NotFound),
-        (
-            "shared form of a local pool",
-            "vol:local:v",
-            ErrorKind::NotFound,
-        ),
+        ("shared form of a local pool", "vol:local:v", ErrorKind::NotFound),
         ("malformed", "garbage", ErrorKind::InvalidArgument),
-        (
-            "traversal",
-            "vol:local@node-1:../v",
-            ErrorKind::InvalidArgument,
-        ),
-        (
-            "snapshot id for a volume",
-            "snap:local@node-1:s",
-            ErrorKind::InvalidArgument,
-        ),
+        ("traversal", "vol:local@node-1:../v", ErrorKind::InvalidArgument),
+        ("snapshot id for a volume", "snap:local@node-1:s", ErrorKind::InvalidArgument),
     ];
     for (case, id, kind) in &ids {
         let err = core.delete_volume(id).await.expect_err(case);
         assert_eq!(err.kind(), *kind, "delete {case}: {err}");
-        let err = core
-            .expand_volume(id, 64 * MIB as i64)
-            .await
-            .expect_err(case);
+        let err = core.expand_volume(id, 64 * MIB as i64).await.expect_err(case);
         assert_eq!(err.kind(), *kind, "expand {case}: {err}");
         let err = core.create_snapshot(id, "s2").await.expect_err(case);
         assert_eq!(err.kind(), *kind, "snapshot {case}: {err}");
         let err = core.attach(id, ExportKind::Fuse).await.expect_err(case);
         assert_eq!(err.kind(), *kind, "attach {case}: {err}");
     }
-    let err = core
-        .delete_snapshot("snap:local@node-1:missing")
-        .await
-        .expect_err("unknown snapshot");
+    let err =
+        core.delete_snapshot("snap:local@node-1:missing").await.expect_err("unknown snapshot");
     assert_eq!(err.kind(), ErrorKind::NotFound);
-    let err = core
-        .delete_snapshot("snap:local@node-1:a/b")
-        .await
-        .expect_err("malformed snapshot");
+    let err = core.delete_snapshot("snap:local@node-1:a/b").await.expect_err("malformed snapshot");
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
-    let err = core
-        .create_snapshot(&vol.id, "../s")
-        .await
-        .expect_err("bad snapshot name");
+    let err = core.create_snapshot(&vol.id, "../s").await.expect_err("bad snapshot name");
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     let err = core
         .create_snapshot(&attached.id, "s")
         .await
         .expect_err("snapshot name taken by another volume");
     assert_eq!(err.kind(), ErrorKind::AlreadyExists);
-    let err = core
-        .expand_volume(&vol.id, 4 * MIB as i64)
-        .await
-        .expect_err("shrink");
+    let err = core.expand_volume(&vol.id, 4 * MIB as i64).await.expect_err("shrink");
     assert_eq!(err.kind(), ErrorKind::OutOfRange);
     let err = core.expand_volume(&vol.id, 0).await.expect_err("zero");
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
-    let err = core
-        .delete_volume(&attached.id)
-        .await
-        .expect_err("delete while attached");
+    let err = core.delete_volume(&attached.id).await.expect_err("delete while attached");
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
     let err = core
         .attach(&attached.id, ExportKind::Fuse)
@@ -197,9 +124,5 @@ async fn bad_input_returns_a_typed_error_and_changes_nothing_on_disk() {
         .expect_err("threshold on a detached volume");
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
 
-    assert_eq!(
-        tree(&env.pool_dir()),
-        before,
-        "the pool is byte-for-byte unchanged"
-    );
+    assert_eq!(tree(&env.pool_dir()), before, "the pool is byte-for-byte unchanged");
 }

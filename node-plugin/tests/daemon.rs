@@ -9,60 +9,42 @@ use qsd_node::qmp::{QmpClient, QmpError};
 use qsd_node::qsd::{Daemon, DaemonConfig, Origin};
 
 fn kill(pid: u32) {
-    let ok = std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status();
+    let ok = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
     assert!(ok.is_ok_and(|s| s.success()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_managed_daemon_starts_detached_and_is_adopted_after_our_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (daemon, origin) = Daemon::connect(DaemonConfig::managed(dir.path().join("run")))
-        .await
-        .expect("start");
+    let (daemon, origin) =
+        Daemon::connect(DaemonConfig::managed(dir.path().join("run"))).await.expect("start");
     assert_eq!(origin, Origin::Started);
     let pid = daemon.pid().expect("pid");
     let version = daemon.version();
     assert!(version.at_least(7, 2), "{version:?}");
-    assert_eq!(
-        daemon.features().loop_direct_io_over_fuse,
-        version.at_least(10, 1)
-    );
+    assert_eq!(daemon.features().loop_direct_io_over_fuse, version.at_least(10, 1));
     drop(daemon); // our process "restarts": the daemon must live on
-    let (adopted, origin) = Daemon::connect(DaemonConfig::managed(dir.path().join("run")))
-        .await
-        .expect("adopt");
+    let (adopted, origin) =
+        Daemon::connect(DaemonConfig::managed(dir.path().join("run"))).await.expect("adopt");
     assert_eq!((origin, adopted.pid()), (Origin::Adopted, Some(pid)));
     // The operators' monitor answers independently of ours.
-    let operator = QmpClient::connect(&adopted.config().operator_socket())
-        .await
-        .expect("operator monitor");
-    assert_eq!(
-        operator.call(&QueryVersion {}).await.expect("version").qemu,
-        version.qemu
-    );
+    let operator =
+        QmpClient::connect(&adopted.config().operator_socket()).await.expect("operator monitor");
+    assert_eq!(operator.call(&QueryVersion {}).await.expect("version").qemu, version.qemu);
     let mode = std::fs::metadata(dir.path().join("run"))
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
-    assert_eq!(
-        mode.ok().map(|m| m & 0o777),
-        Some(0o700),
-        "sockets live in a root-only directory"
-    );
+    assert_eq!(mode.ok().map(|m| m & 0o777), Some(0o700), "sockets live in a root-only directory");
     kill(pid);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qmp_errors_carry_class_and_description_and_a_dead_daemon_fails_pending_calls() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (daemon, _) = Daemon::connect(DaemonConfig::managed(dir.path().join("run")))
-        .await
-        .expect("start");
+    let (daemon, _) =
+        Daemon::connect(DaemonConfig::managed(dir.path().join("run"))).await.expect("start");
     let qmp = daemon.qmp();
     let err = qmp
-        .call(&BlockdevDel {
-            node_name: "no-such-node".into(),
-        })
+        .call(&BlockdevDel { node_name: "no-such-node".into() })
         .await
         .expect_err("unknown node");
     match err {
@@ -74,29 +56,13 @@ async fn qmp_errors_carry_class_and_description_and_a_dead_daemon_fails_pending_
     }
     let mut events = qmp.subscribe();
     kill(daemon.pid().expect("pid"));
-    tokio::time::timeout(Duration::from_secs(30), qmp.closed())
-        .await
-        .expect("closed is noticed");
-    assert!(
-        events.recv().await.is_none(),
-        "subscriptions end with the connection"
-    );
-    let err = qmp
-        .call(&QueryBlockExports {})
-        .await
-        .expect_err("no daemon");
+    tokio::time::timeout(Duration::from_secs(30), qmp.closed()).await.expect("closed is noticed");
+    assert!(events.recv().await.is_none(), "subscriptions end with the connection");
+    let err = qmp.call(&QueryBlockExports {}).await.expect_err("no daemon");
     assert!(matches!(err, QmpError::Disconnected), "{err:?}");
     // Reconnecting starts a fresh daemon.
-    assert_eq!(
-        daemon.reconnect().await.expect("reconnect"),
-        Origin::Started
-    );
-    assert!(daemon
-        .qmp()
-        .call(&QueryBlockExports {})
-        .await
-        .expect("new daemon answers")
-        .is_empty());
+    assert_eq!(daemon.reconnect().await.expect("reconnect"), Origin::Started);
+    assert!(daemon.qmp().call(&QueryBlockExports {}).await.expect("new daemon answers").is_empty());
     kill(daemon.pid().expect("pid"));
 }
 
@@ -107,9 +73,8 @@ async fn a_daemon_that_cannot_start_reports_why() {
     config.binary = "/nonexistent/qemu-storage-daemon".into();
     let err = Daemon::connect(config).await.expect_err("no binary");
     assert_eq!(err.kind(), qsd_node::ErrorKind::Unavailable);
-    let err = Daemon::connect(DaemonConfig::managed(dir.path().join("a,b")))
-        .await
-        .expect_err("comma");
+    let err =
+        Daemon::connect(DaemonConfig::managed(dir.path().join("a,b"))).await.expect_err("comma");
     assert_eq!(err.kind(), qsd_node::ErrorKind::InvalidArgument);
 }
 
@@ -117,20 +82,16 @@ async fn a_daemon_that_cannot_start_reports_why() {
 #[ignore = "needs CAP_SYS_RESOURCE, which this CI sandbox withholds (privileged node pods have it)"]
 async fn the_daemon_runs_as_an_io_flusher_the_oom_killer_leaves_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (daemon, _) = Daemon::connect(DaemonConfig::managed(dir.path().join("run")))
-        .await
-        .expect("start");
+    let (daemon, _) =
+        Daemon::connect(DaemonConfig::managed(dir.path().join("run"))).await.expect("start");
     let pid = daemon.pid().expect("pid");
     let adj = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).expect("oom_score_adj");
     assert_eq!(adj.trim(), "-1000");
     // Field 9 of /proc/<pid>/stat holds the task flags; PF_MEMALLOC_NOIO is 0x80000.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
     let after_comm = stat.rsplit(')').next().expect("stat fields");
-    let flags: u64 = after_comm
-        .split_whitespace()
-        .nth(6)
-        .and_then(|f| f.parse().ok())
-        .expect("flags");
+    let flags: u64 =
+        after_comm.split_whitespace().nth(6).and_then(|f| f.parse().ok()).expect("flags");
     assert_ne!(flags & 0x80000, 0, "PR_SET_IO_FLUSHER set");
     kill(pid);
 }

@@ -14,20 +14,12 @@ async fn snapshot_keeps_data_written_before_it_and_hides_later_writes() {
         .create_volume(&CreateVolume::new("local", "v1", 64 * MIB as i64))
         .await
         .expect("create");
-    let export = core
-        .attach(&vol.id, ExportKind::Fuse)
-        .await
-        .expect("attach")
-        .endpoint
-        .path;
+    let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
     let before = pattern(1, MIB as usize);
     write_at(&export, 0, &before);
     write_at(&export, 40 * MIB, &before);
 
-    let snap = core
-        .create_snapshot(&vol.id, "s1")
-        .await
-        .expect("snapshot while attached");
+    let snap = core.create_snapshot(&vol.id, "s1").await.expect("snapshot while attached");
     let after = pattern(2, MIB as usize);
     write_at(&export, 0, &after);
 
@@ -36,46 +28,25 @@ async fn snapshot_keeps_data_written_before_it_and_hides_later_writes() {
     restore.source = Some(VolumeSource::Snapshot(snap.id.clone()));
     let restored = core.create_volume(&restore).await.expect("restore");
     assert_eq!(restored.size, 64 * MIB);
-    let rexport = core
-        .attach(&restored.id, ExportKind::Fuse)
-        .await
-        .expect("attach restored")
-        .endpoint
-        .path;
+    let rexport =
+        core.attach(&restored.id, ExportKind::Fuse).await.expect("attach restored").endpoint.path;
     assert_eq!(
         read_at(&rexport, 0, MIB as usize),
         before,
         "restored volume shows pre-snapshot data"
     );
     assert_eq!(read_at(&rexport, 40 * MIB, MIB as usize), before);
-    assert_eq!(
-        read_at(&export, 0, MIB as usize),
-        after,
-        "source keeps its later writes"
-    );
+    assert_eq!(read_at(&export, 0, MIB as usize), after, "source keeps its later writes");
 
     // The same holds for a snapshot taken while the volume is detached.
     core.detach(&vol.id).await.expect("detach");
-    let snap2 = core
-        .create_snapshot(&vol.id, "s2")
-        .await
-        .expect("offline snapshot");
-    let export = core
-        .attach(&vol.id, ExportKind::Fuse)
-        .await
-        .expect("reattach")
-        .endpoint
-        .path;
+    let snap2 = core.create_snapshot(&vol.id, "s2").await.expect("offline snapshot");
+    let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("reattach").endpoint.path;
     write_at(&export, 0, &before);
     restore.name = "r2".into();
     restore.source = Some(VolumeSource::Snapshot(snap2.id));
     let r2 = core.create_volume(&restore).await.expect("restore 2");
-    let r2export = core
-        .attach(&r2.id, ExportKind::Fuse)
-        .await
-        .expect("attach r2")
-        .endpoint
-        .path;
+    let r2export = core.attach(&r2.id, ExportKind::Fuse).await.expect("attach r2").endpoint.path;
     assert_eq!(read_at(&r2export, 0, MIB as usize), after);
 }
 
@@ -87,10 +58,8 @@ async fn restore_and_create_are_idempotent_by_name_and_refuse_a_different_size()
         .create_volume(&CreateVolume::new("local", "v", 10 * MIB as i64))
         .await
         .expect("create");
-    let b = core
-        .create_volume(&CreateVolume::new("local", "v", 10 * MIB as i64))
-        .await
-        .expect("again");
+    let b =
+        core.create_volume(&CreateVolume::new("local", "v", 10 * MIB as i64)).await.expect("again");
     assert_eq!(a, b);
     let files = env.layer_files();
     let err = core
@@ -106,16 +75,9 @@ async fn clone_matches_its_source_at_the_start_while_the_source_keeps_being_writ
     let env = Env::new().await;
     let core = env.core();
     let size = 32 * MIB;
-    let vol = core
-        .create_volume(&CreateVolume::new("local", "src", size as i64))
-        .await
-        .expect("create");
-    let export = core
-        .attach(&vol.id, ExportKind::Fuse)
-        .await
-        .expect("attach")
-        .endpoint
-        .path;
+    let vol =
+        core.create_volume(&CreateVolume::new("local", "src", size as i64)).await.expect("create");
+    let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
     for i in 0..8 {
         write_at(&export, i * 4 * MIB, &pattern(i as u8, MIB as usize));
     }
@@ -126,20 +88,14 @@ async fn clone_matches_its_source_at_the_start_while_the_source_keeps_being_writ
     request.size = None;
     request.source = Some(VolumeSource::Volume(vol.id.clone()));
     // Start the copy at one byte per second so that it is certainly still running while we write.
-    let mut task = core
-        .start_clone_with_speed(&request, Some(1))
-        .await
-        .expect("start clone");
+    let mut task = core.start_clone_with_speed(&request, Some(1)).await.expect("start clone");
     let job = task.job().expect("copy job");
     job.running().await.expect("job runs");
     for i in 0..8 {
         write_at(&export, i * 4 * MIB, &pattern(100 + i as u8, MIB as usize));
     }
     let progress = job.progress().await.expect("progress").expect("job known");
-    assert!(
-        progress.0 < progress.1,
-        "the copy was still running during the writes: {progress:?}"
-    );
+    assert!(progress.0 < progress.1, "the copy was still running during the writes: {progress:?}");
     job.set_speed(0).await.expect("unthrottle");
     let clone = task.finish().await.expect("clone");
 
@@ -183,18 +139,10 @@ async fn expand_grows_the_virtual_size_online_and_offline_and_keeps_every_byte()
             ExportKind::Fuse => write_at(&attached.path, 15 * MIB, &data),
             _ => nbd_io(&attached, &format!("write -P 0x5a {} 1M", 15 * MIB)),
         }
-        assert_eq!(
-            core.expand_volume(&vol.id, 48 * MIB as i64)
-                .await
-                .expect("expand"),
-            48 * MIB
-        );
+        assert_eq!(core.expand_volume(&vol.id, 48 * MIB as i64).await.expect("expand"), 48 * MIB);
         match kind {
             ExportKind::Fuse => {
-                assert_eq!(
-                    std::fs::metadata(&attached.path).expect("stat").len(),
-                    48 * MIB
-                );
+                assert_eq!(std::fs::metadata(&attached.path).expect("stat").len(), 48 * MIB);
                 assert_eq!(read_at(&attached.path, 15 * MIB, MIB as usize), data);
                 write_at(&attached.path, 47 * MIB, &data);
                 assert_eq!(read_at(&attached.path, 47 * MIB, MIB as usize), data);
@@ -211,26 +159,12 @@ async fn expand_grows_the_virtual_size_online_and_offline_and_keeps_every_byte()
         .create_volume(&CreateVolume::new("local", "off", 16 * MIB as i64))
         .await
         .expect("create");
-    let export = core
-        .attach(&vol.id, ExportKind::Fuse)
-        .await
-        .expect("attach")
-        .endpoint
-        .path;
+    let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
     write_at(&export, 15 * MIB, &data);
     core.detach(&vol.id).await.expect("detach");
-    core.create_snapshot(&vol.id, "before-expand")
-        .await
-        .expect("snapshot");
-    core.expand_volume(&vol.id, 32 * MIB as i64)
-        .await
-        .expect("offline expand");
-    let export = core
-        .attach(&vol.id, ExportKind::Fuse)
-        .await
-        .expect("attach")
-        .endpoint
-        .path;
+    core.create_snapshot(&vol.id, "before-expand").await.expect("snapshot");
+    core.expand_volume(&vol.id, 32 * MIB as i64).await.expect("offline expand");
+    let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
     assert_eq!(std::fs::metadata(&export).expect("stat").len(), 32 * MIB);
     assert_eq!(read_at(&export, 15 * MIB, MIB as usize), data);
     assert_eq!(
@@ -238,10 +172,7 @@ async fn expand_grows_the_virtual_size_online_and_offline_and_keeps_every_byte()
         vec![0u8; MIB as usize],
         "new space reads zero"
     );
-    let err = core
-        .expand_volume(&vol.id, 8 * MIB as i64)
-        .await
-        .expect_err("shrink");
+    let err = core.expand_volume(&vol.id, 8 * MIB as i64).await.expect_err("shrink");
     assert_eq!(err.kind(), qsd_node::ErrorKind::OutOfRange);
 }
 
@@ -255,11 +186,8 @@ pub fn nbd_io(e: &qsd_node::graph::ExportEndpoint, cmd: &str) {
         .args(["-f", "raw", "-c", cmd, &nbd_uri(e)])
         .output()
         .expect("qemu-io runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(
         out.status.success() && !text.contains("fail") && !text.contains("error"),
         "{cmd}: {text}"

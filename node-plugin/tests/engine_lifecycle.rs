@@ -18,11 +18,8 @@ fn nbd_io(e: &ExportEndpoint, cmd: &str) {
         .args(["-f", "raw", "-c", cmd, &uri])
         .output()
         .expect("qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(
         out.status.success() && !text.contains("fail") && !text.contains("error"),
         "{cmd}: {text}"
@@ -44,48 +41,26 @@ async fn deleting_a_snapshot_that_backs_a_live_volume_keeps_its_data_and_its_lay
         .create_volume(&CreateVolume::new("local", "v", 16 * MIB as i64))
         .await
         .expect("create");
-    let export = core
-        .attach(&vol.id, ExportKind::Fuse)
-        .await
-        .expect("attach")
-        .endpoint
-        .path;
+    let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
     let data = pattern(9, MIB as usize);
     write_at(&export, 3 * MIB, &data);
     let snap = core.create_snapshot(&vol.id, "s").await.expect("snapshot");
-    let restored = core
-        .create_volume(&restore_request("r", &snap.id))
-        .await
-        .expect("restore");
+    let restored = core.create_volume(&restore_request("r", &snap.id)).await.expect("restore");
     let (pool, chain) = core.volume_chain(&vol.id).expect("chain");
     let snapshot_layer = pool.layer_path(chain[1]);
 
-    core.delete_snapshot(&snap.id)
-        .await
-        .expect("delete snapshot");
+    core.delete_snapshot(&snap.id).await.expect("delete snapshot");
     assert!(snapshot_layer.exists(), "the layer still backs two volumes");
     assert_eq!(read_at(&export, 3 * MIB, MIB as usize), data);
     core.detach(&vol.id).await.expect("detach");
     core.delete_volume(&vol.id).await.expect("delete source");
-    assert!(
-        snapshot_layer.exists(),
-        "the restored volume still needs the layer"
-    );
-    let rexport = core
-        .attach(&restored.id, ExportKind::Fuse)
-        .await
-        .expect("attach restored")
-        .endpoint
-        .path;
+    assert!(snapshot_layer.exists(), "the restored volume still needs the layer");
+    let rexport =
+        core.attach(&restored.id, ExportKind::Fuse).await.expect("attach restored").endpoint.path;
     assert_eq!(read_at(&rexport, 3 * MIB, MIB as usize), data);
     core.detach(&restored.id).await.expect("detach restored");
-    core.delete_volume(&restored.id)
-        .await
-        .expect("delete restored");
-    assert!(
-        !snapshot_layer.exists(),
-        "nothing refers to the layer any more"
-    );
+    core.delete_volume(&restored.id).await.expect("delete restored");
+    assert!(!snapshot_layer.exists(), "nothing refers to the layer any more");
     assert!(env.layer_files().is_empty(), "{:?}", env.layer_files());
 }
 
@@ -94,15 +69,11 @@ async fn deleting_a_snapshot_that_backs_a_live_volume_keeps_its_data_and_its_lay
 async fn cycle_snapshots(kind: Option<ExportKind>, keep_first_snapshot: bool) {
     let env = Env::with_depth(3).await;
     let core = env.core();
-    let vol = core
-        .create_volume(&CreateVolume::new("local", "v", 8 * MIB as i64))
-        .await
-        .expect("create");
+    let vol =
+        core.create_volume(&CreateVolume::new("local", "v", 8 * MIB as i64)).await.expect("create");
     let mut latest = [0u8; 8];
     if keep_first_snapshot {
-        core.create_snapshot(&vol.id, "keep")
-            .await
-            .expect("kept snapshot");
+        core.create_snapshot(&vol.id, "keep").await.expect("kept snapshot");
     }
     let mut endpoint = match kind {
         Some(k) => Some(core.attach(&vol.id, k).await.expect("attach").endpoint),
@@ -118,33 +89,19 @@ async fn cycle_snapshots(kind: Option<ExportKind>, keep_first_snapshot: bool) {
         match &endpoint {
             Some(e) => write(e),
             None => {
-                let e = core
-                    .attach(&vol.id, ExportKind::Fuse)
-                    .await
-                    .expect("attach")
-                    .endpoint;
+                let e = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint;
                 write(&e);
                 core.detach(&vol.id).await.expect("detach");
             }
         }
         latest[slot as usize] = value;
-        let snap = core
-            .create_snapshot(&vol.id, &format!("s{i}"))
-            .await
-            .expect("snapshot");
-        core.delete_snapshot(&snap.id)
-            .await
-            .expect("delete snapshot");
+        let snap = core.create_snapshot(&vol.id, &format!("s{i}")).await.expect("snapshot");
+        core.delete_snapshot(&snap.id).await.expect("delete snapshot");
         let depth = core.get_volume(&vol.id).expect("volume").chain_depth;
         assert!(depth <= 3, "cycle {i}: depth {depth}");
     }
     if endpoint.is_none() {
-        endpoint = Some(
-            core.attach(&vol.id, ExportKind::Fuse)
-                .await
-                .expect("attach")
-                .endpoint,
-        );
+        endpoint = Some(core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint);
     }
     let e = endpoint.expect("endpoint");
     for (slot, value) in latest.iter().enumerate() {
@@ -163,15 +120,8 @@ async fn cycle_snapshots(kind: Option<ExportKind>, keep_first_snapshot: bool) {
             .into_iter()
             .find(|s| s.id.ends_with(":keep"))
             .expect("kept");
-        let r = core
-            .create_volume(&restore_request("r", &kept.id))
-            .await
-            .expect("restore kept");
-        let re = core
-            .attach(&r.id, ExportKind::Fuse)
-            .await
-            .expect("attach")
-            .endpoint;
+        let r = core.create_volume(&restore_request("r", &kept.id)).await.expect("restore kept");
+        let re = core.attach(&r.id, ExportKind::Fuse).await.expect("attach").endpoint;
         assert_eq!(
             read_at(&re.path, 0, MIB as usize),
             vec![0u8; MIB as usize],
@@ -180,11 +130,7 @@ async fn cycle_snapshots(kind: Option<ExportKind>, keep_first_snapshot: bool) {
     }
     let expected_layers = 3; // at most: head, one mergeable, and the kept or bottom layer
     assert!(
-        env.layer_files()
-            .iter()
-            .filter(|f| f.ends_with(".qcow2"))
-            .count()
-            <= expected_layers + 1
+        env.layer_files().iter().filter(|f| f.ends_with(".qcow2")).count() <= expected_layers + 1
     );
 }
 
@@ -207,23 +153,14 @@ async fn chains_stay_within_their_depth_through_50_snapshot_cycles_offline() {
 async fn a_snapshot_beyond_the_depth_limit_that_cannot_be_merged_is_refused_cleanly() {
     let env = Env::with_depth(3).await;
     let core = env.core();
-    let vol = core
-        .create_volume(&CreateVolume::new("local", "v", 8 * MIB as i64))
-        .await
-        .expect("create");
+    let vol =
+        core.create_volume(&CreateVolume::new("local", "v", 8 * MIB as i64)).await.expect("create");
     core.create_snapshot(&vol.id, "a").await.expect("a");
     core.create_snapshot(&vol.id, "b").await.expect("b");
     let files = env.layer_files();
-    let err = core
-        .create_snapshot(&vol.id, "c")
-        .await
-        .expect_err("every layer is pinned");
+    let err = core.create_snapshot(&vol.id, "c").await.expect_err("every layer is pinned");
     assert_eq!(err.kind(), ErrorKind::ResourceExhausted);
-    assert_eq!(
-        env.layer_files(),
-        files,
-        "no half-created overlay left behind"
-    );
+    assert_eq!(env.layer_files(), files, "no half-created overlay left behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,70 +172,33 @@ async fn a_write_threshold_fires_once_per_arming_and_a_missed_one_is_found_after
         .create_volume(&CreateVolume::new("local", "v", 64 * MIB as i64))
         .await
         .expect("create");
-    let export = core
-        .attach(&vol.id, ExportKind::Fuse)
-        .await
-        .expect("attach")
-        .endpoint
-        .path;
-    core.set_write_threshold(&vol.id, 4 * MIB, 8 * MIB)
-        .await
-        .expect("arm");
+    let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
+    core.set_write_threshold(&vol.id, 4 * MIB, 8 * MIB).await.expect("arm");
     write_at(&export, 0, &pattern(1, 6 * MIB as usize));
-    let first = wait_event(&mut events, |e| {
-        matches!(e, EngineEvent::WriteThresholdCrossed { .. })
-    })
-    .await;
-    let EngineEvent::WriteThresholdCrossed {
-        threshold,
-        missed,
-        rearmed_at,
-        ..
-    } = first
-    else {
+    let first =
+        wait_event(&mut events, |e| matches!(e, EngineEvent::WriteThresholdCrossed { .. })).await;
+    let EngineEvent::WriteThresholdCrossed { threshold, missed, rearmed_at, .. } = first else {
         unreachable!()
     };
     assert_eq!((threshold, missed), (4 * MIB, false));
-    assert!(
-        rearmed_at >= 12 * MIB,
-        "re-armed a step above the highest write: {rearmed_at}"
-    );
+    assert!(rearmed_at >= 12 * MIB, "re-armed a step above the highest write: {rearmed_at}");
     let state = core.write_threshold(&vol.id).await.expect("state");
-    assert_eq!(
-        state.daemon_threshold, rearmed_at,
-        "the daemon holds the new arming"
-    );
+    assert_eq!(state.daemon_threshold, rearmed_at, "the daemon holds the new arming");
     // Writes below the new threshold raise nothing more.
     write_at(&export, 0, &pattern(2, 6 * MIB as usize));
-    core.write_threshold(&vol.id)
-        .await
-        .expect("barrier: a QMP round trip after the write");
+    core.write_threshold(&vol.id).await.expect("barrier: a QMP round trip after the write");
     let extra = events.try_recv();
-    assert!(
-        matches!(
-            extra,
-            Err(tokio::sync::broadcast::error::TryRecvError::Empty)
-        ),
-        "{extra:?}"
-    );
+    assert!(matches!(extra, Err(tokio::sync::broadcast::error::TryRecvError::Empty)), "{extra:?}");
     // Crossing the new arming (by less than one step) raises exactly one more.
     write_at(&export, 8 * MIB, &pattern(3, 7 * MIB as usize));
-    let second = wait_event(&mut events, |e| {
-        matches!(e, EngineEvent::WriteThresholdCrossed { .. })
-    })
-    .await;
+    let second =
+        wait_event(&mut events, |e| matches!(e, EngineEvent::WriteThresholdCrossed { .. })).await;
     assert!(
         matches!(second, EngineEvent::WriteThresholdCrossed { threshold, .. } if threshold == rearmed_at)
     );
     let state = core.write_threshold(&vol.id).await.expect("state");
     let extra = events.try_recv();
-    assert!(
-        matches!(
-            extra,
-            Err(tokio::sync::broadcast::error::TryRecvError::Empty)
-        ),
-        "{extra:?}"
-    );
+    assert!(matches!(extra, Err(tokio::sync::broadcast::error::TryRecvError::Empty)), "{extra:?}");
 
     // Now cross it while nobody listens: the plugin is down, the daemon keeps serving.
     drop(core);
@@ -308,19 +208,14 @@ async fn a_write_threshold_fires_once_per_arming_and_a_missed_one_is_found_after
     write_at(&export, 30 * MIB, &pattern(4, 24 * MIB as usize));
     env.engine = Some(env.restart_engine().await);
     let mut events = env.engine().subscribe();
-    let missed = wait_event(&mut events, |e| {
-        matches!(e, EngineEvent::WriteThresholdCrossed { .. })
-    })
-    .await;
+    let missed =
+        wait_event(&mut events, |e| matches!(e, EngineEvent::WriteThresholdCrossed { .. })).await;
     assert!(
         matches!(missed, EngineEvent::WriteThresholdCrossed { threshold, missed: true, .. } if threshold == armed),
         "{missed:?}"
     );
     let state = env.engine().write_threshold(&vol.id).await.expect("state");
-    assert!(
-        state.daemon_threshold > armed,
-        "re-armed after the missed event"
-    );
+    assert!(state.daemon_threshold > armed, "re-armed after the missed event");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,37 +228,20 @@ async fn a_daemon_killed_with_sigkill_is_restarted_and_every_attached_graph_rebu
         .create_volume(&CreateVolume::new("local", "f", 16 * MIB as i64))
         .await
         .expect("create");
-    let fuse_path = core
-        .attach(&fuse.id, ExportKind::Fuse)
-        .await
-        .expect("attach")
-        .endpoint
-        .path;
+    let fuse_path = core.attach(&fuse.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
     write_at(&fuse_path, MIB, &data);
-    core.create_snapshot(&fuse.id, "chain")
-        .await
-        .expect("snapshot: a two-layer chain");
+    core.create_snapshot(&fuse.id, "chain").await.expect("snapshot: a two-layer chain");
     write_at(&fuse_path, 8 * MIB, &data);
     let nbd = core
         .create_volume(&CreateVolume::new("local", "n", 16 * MIB as i64))
         .await
         .expect("create");
-    let nbd_ep = core
-        .attach(&nbd.id, ExportKind::Nbd)
-        .await
-        .expect("attach")
-        .endpoint;
+    let nbd_ep = core.attach(&nbd.id, ExportKind::Nbd).await.expect("attach").endpoint;
     nbd_io(&nbd_ep, "write -P 0x3c 0 2M");
     nbd_io(&nbd_ep, "flush");
-    core.set_qos(
-        &fuse.id,
-        ThrottleLimits {
-            iops_total: 5000,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("qos");
+    core.set_qos(&fuse.id, ThrottleLimits { iops_total: 5000, ..Default::default() })
+        .await
+        .expect("qos");
     let old_pid = env.daemon_pid();
     let _ = wait_event(&mut events, is_reconciled).await; // the initial one
 
@@ -405,13 +283,7 @@ async fn a_restarted_plugin_adopts_the_running_daemon_and_its_exports() {
         .create_volume(&CreateVolume::new("local", "v", 16 * MIB as i64))
         .await
         .expect("create");
-    let path = env
-        .core()
-        .attach(&vol.id, ExportKind::Fuse)
-        .await
-        .expect("attach")
-        .endpoint
-        .path;
+    let path = env.core().attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
     write_at(&path, 0, &pattern(8, MIB as usize));
     let pid = env.daemon_pid();
     env.engine = Some(env.restart_engine().await);
@@ -420,10 +292,7 @@ async fn a_restarted_plugin_adopts_the_running_daemon_and_its_exports() {
     assert_eq!(reconciled_origin(&event), Some((Origin::Adopted, 0)));
     assert_eq!(env.daemon_pid(), pid, "same daemon");
     assert_eq!(read_at(&path, 0, MIB as usize), pattern(8, MIB as usize));
-    env.core()
-        .detach(&vol.id)
-        .await
-        .expect("detach after restart");
+    env.core().detach(&vol.id).await.expect("detach after restart");
     env.core().delete_volume(&vol.id).await.expect("delete");
 }
 
@@ -433,23 +302,12 @@ async fn five_hundred_create_snapshot_delete_cycles_leave_nothing_behind() {
     let core = env.core();
     for i in 0..500 {
         let vol = core
-            .create_volume(&CreateVolume::new(
-                "local",
-                &format!("v{i}"),
-                4 * MIB as i64,
-            ))
+            .create_volume(&CreateVolume::new("local", &format!("v{i}"), 4 * MIB as i64))
             .await
             .expect("create");
-        let kind = if i % 2 == 0 {
-            ExportKind::Nbd
-        } else {
-            ExportKind::Fuse
-        };
+        let kind = if i % 2 == 0 { ExportKind::Nbd } else { ExportKind::Fuse };
         core.attach(&vol.id, kind).await.expect("attach");
-        let snap = core
-            .create_snapshot(&vol.id, &format!("s{i}"))
-            .await
-            .expect("snapshot");
+        let snap = core.create_snapshot(&vol.id, &format!("s{i}")).await.expect("snapshot");
         if i % 10 == 0 {
             let r = core
                 .create_volume(&restore_request(&format!("r{i}"), &snap.id))
@@ -458,54 +316,25 @@ async fn five_hundred_create_snapshot_delete_cycles_leave_nothing_behind() {
             core.delete_volume(&r.id).await.expect("delete restore");
         }
         core.detach(&vol.id).await.expect("detach");
-        core.delete_snapshot(&snap.id)
-            .await
-            .expect("delete snapshot");
+        core.delete_snapshot(&snap.id).await.expect("delete snapshot");
         core.delete_volume(&vol.id).await.expect("delete");
     }
-    assert!(
-        env.layer_files().is_empty(),
-        "files left: {:?}",
-        env.layer_files()
-    );
+    assert!(env.layer_files().is_empty(), "files left: {:?}", env.layer_files());
     for dir in ["volumes", "snapshots"] {
-        assert_eq!(
-            std::fs::read_dir(env.pool_dir().join(dir))
-                .expect("dir")
-                .count(),
-            0,
-            "{dir}"
-        );
+        assert_eq!(std::fs::read_dir(env.pool_dir().join(dir)).expect("dir").count(), 0, "{dir}");
     }
     let qmp = core.daemon().qmp();
-    let nodes = qmp
-        .call(&QueryNamedBlockNodes { flat: true })
-        .await
-        .expect("nodes");
+    let nodes = qmp.call(&QueryNamedBlockNodes { flat: true }).await.expect("nodes");
     assert!(
         nodes.is_empty(),
         "nodes left: {:?}",
         nodes.iter().map(|n| &n.node_name).collect::<Vec<_>>()
     );
-    assert!(qmp
-        .call(&QueryBlockExports {})
-        .await
-        .expect("exports")
-        .is_empty());
-    let objects = qmp
-        .call(&QomList {
-            path: "/objects".into(),
-        })
-        .await
-        .expect("objects");
-    assert!(
-        !objects.iter().any(|o| o.kind.contains("throttle-group")),
-        "{objects:?}"
-    );
+    assert!(qmp.call(&QueryBlockExports {}).await.expect("exports").is_empty());
+    let objects = qmp.call(&QomList { path: "/objects".into() }).await.expect("objects");
+    assert!(!objects.iter().any(|o| o.kind.contains("throttle-group")), "{objects:?}");
     assert_eq!(
-        std::fs::read_dir(env.dir.path().join("state/exports"))
-            .expect("exports")
-            .count(),
+        std::fs::read_dir(env.dir.path().join("state/exports")).expect("exports").count(),
         0
     );
 }
@@ -515,28 +344,16 @@ async fn qos_limits_change_live_on_an_attached_volume() {
     let env = Env::new().await;
     let core = env.core();
     let mut request = CreateVolume::new("local", "v", 8 * MIB as i64);
-    request.qos = ThrottleLimits {
-        bps_total: 10 << 20,
-        ..Default::default()
-    };
+    request.qos = ThrottleLimits { bps_total: 10 << 20, ..Default::default() };
     let vol = core.create_volume(&request).await.expect("create");
     core.attach(&vol.id, ExportKind::Nbd).await.expect("attach");
     let group = format!("g-{}", group_tag(&env, &vol.id));
     let qmp = core.daemon().qmp();
-    let query = QomGetLimits {
-        path: group.clone(),
-        property: "limits",
-    };
+    let query = QomGetLimits { path: group.clone(), property: "limits" };
     assert_eq!(qmp.call(&query).await.expect("limits").bps_total, 10 << 20);
-    core.set_qos(
-        &vol.id,
-        ThrottleLimits {
-            iops_read: 300,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("modify");
+    core.set_qos(&vol.id, ThrottleLimits { iops_read: 300, ..Default::default() })
+        .await
+        .expect("modify");
     let limits = qmp.call(&query).await.expect("limits");
     assert_eq!((limits.bps_total, limits.iops_read), (0, 300));
 }
@@ -552,39 +369,21 @@ async fn a_group_snapshot_captures_every_volume_at_one_instant() {
             .create_volume(&CreateVolume::new("local", name, 8 * MIB as i64))
             .await
             .expect("create");
-        let p = core
-            .attach(&v.id, ExportKind::Fuse)
-            .await
-            .expect("attach")
-            .endpoint
-            .path;
+        let p = core.attach(&v.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
         write_at(&p, 0, &pattern(1, MIB as usize));
         paths.push(p);
         ids.push(v.id);
     }
-    let items: Vec<(&str, &str)> = ids
-        .iter()
-        .zip(["sa", "sb", "sc"])
-        .map(|(v, s)| (v.as_str(), s))
-        .collect();
-    let snaps = core
-        .create_snapshot_group(&items)
-        .await
-        .expect("group snapshot");
+    let items: Vec<(&str, &str)> =
+        ids.iter().zip(["sa", "sb", "sc"]).map(|(v, s)| (v.as_str(), s)).collect();
+    let snaps = core.create_snapshot_group(&items).await.expect("group snapshot");
     for p in &paths {
         write_at(p, 0, &pattern(2, MIB as usize));
     }
     for (i, s) in snaps.iter().enumerate() {
-        let r = core
-            .create_volume(&restore_request(&format!("r{i}"), &s.id))
-            .await
-            .expect("restore");
-        let rp = core
-            .attach(&r.id, ExportKind::Fuse)
-            .await
-            .expect("attach")
-            .endpoint
-            .path;
+        let r =
+            core.create_volume(&restore_request(&format!("r{i}"), &s.id)).await.expect("restore");
+        let rp = core.attach(&r.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
         assert_eq!(read_at(&rp, 0, MIB as usize), pattern(1, MIB as usize));
     }
 }
@@ -597,41 +396,21 @@ async fn a_second_operation_on_a_busy_volume_is_aborted_while_others_proceed() {
         .create_volume(&CreateVolume::new("local", "src", 16 * MIB as i64))
         .await
         .expect("create");
-    let export = core
-        .attach(&src.id, ExportKind::Fuse)
-        .await
-        .expect("attach")
-        .endpoint
-        .path;
+    let export = core.attach(&src.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
     write_at(&export, 0, &pattern(1, 4 * MIB as usize));
     let mut request = CreateVolume::new("local", "copy", 0);
     request.size = None;
     request.source = Some(VolumeSource::Volume(src.id.clone()));
-    let mut task = core
-        .start_clone_with_speed(&request, Some(1))
-        .await
-        .expect("clone");
+    let mut task = core.start_clone_with_speed(&request, Some(1)).await.expect("clone");
     task.job().expect("job").running().await.expect("running");
-    let busy = core
-        .create_snapshot(&src.id, "s")
-        .await
-        .expect_err("source is busy");
+    let busy = core.create_snapshot(&src.id, "s").await.expect_err("source is busy");
     assert_eq!(busy.kind(), ErrorKind::Aborted);
-    let busy = core
-        .expand_volume(&src.id, 32 * MIB as i64)
-        .await
-        .expect_err("source is busy");
+    let busy = core.expand_volume(&src.id, 32 * MIB as i64).await.expect_err("source is busy");
     assert_eq!(busy.kind(), ErrorKind::Aborted);
     core.create_volume(&CreateVolume::new("local", "other", 4 * MIB as i64))
         .await
         .expect("other volumes proceed");
-    task.job()
-        .expect("job")
-        .set_speed(0)
-        .await
-        .expect("unthrottle");
+    task.job().expect("job").set_speed(0).await.expect("unthrottle");
     task.finish().await.expect("clone finishes");
-    core.create_snapshot(&src.id, "s")
-        .await
-        .expect("free again");
+    core.create_snapshot(&src.id, "s").await.expect("free again");
 }

@@ -42,11 +42,7 @@ impl EngineCore {
             ExportKind::Fuse => exports.join(format!("{uid}.img")),
             ExportKind::VhostUserBlk => exports.join(format!("{uid}.sock")),
         };
-        ExportEndpoint {
-            kind,
-            path,
-            name: names.export(),
-        }
+        ExportEndpoint { kind, path, name: names.export() }
     }
 
     /// Opens a volume in the daemon and exports it. Idempotent for the same export kind.
@@ -55,10 +51,7 @@ impl EngineCore {
         let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
         let record = pool
             .volume(parsed.name.as_str())
-            .ok_or_else(|| Error::NotFound {
-                what: "volume",
-                id: volume_id.to_owned(),
-            })?;
+            .ok_or_else(|| Error::NotFound { what: "volume", id: volume_id.to_owned() })?;
         if let Some(existing) = self.journal.get(record.uid) {
             if existing.endpoint.kind != kind {
                 return Err(Error::FailedPrecondition(format!(
@@ -104,10 +97,7 @@ impl EngineCore {
             return Err(e);
         }
         tracing::info!(volume = volume_id, ?kind, "attached");
-        Ok(AttachmentInfo {
-            volume_id: volume_id.to_owned(),
-            endpoint,
-        })
+        Ok(AttachmentInfo { volume_id: volume_id.to_owned(), endpoint })
     }
 
     /// Removes a volume's export and nodes. Idempotent.
@@ -116,21 +106,13 @@ impl EngineCore {
         let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
         let record = pool
             .volume(parsed.name.as_str())
-            .ok_or_else(|| Error::NotFound {
-                what: "volume",
-                id: volume_id.to_owned(),
-            })?;
+            .ok_or_else(|| Error::NotFound { what: "volume", id: volume_id.to_owned() })?;
         let Some(attachment) = self.journal.get(record.uid) else {
             return Ok(());
         };
         let _graph = self.graph.read().await;
         let chain = pool.chain(record.head)?;
-        graph::detach(
-            &self.daemon.qmp(),
-            &Names::new(record.uid.to_string()),
-            &chain,
-        )
-        .await?;
+        graph::detach(&self.daemon.qmp(), &Names::new(record.uid.to_string()), &chain).await?;
         if attachment.endpoint.kind != ExportKind::Nbd {
             let _ = std::fs::remove_file(&attachment.endpoint.path);
         }
@@ -142,10 +124,10 @@ impl EngineCore {
     /// The attachment of a volume, if attached.
     pub fn attachment(&self, volume_id: &str) -> Result<Option<AttachmentInfo>> {
         let (_, _, record) = self.resolve_volume(volume_id)?;
-        Ok(self.journal.get(record.uid).map(|a| AttachmentInfo {
-            volume_id: a.volume_id,
-            endpoint: a.endpoint,
-        }))
+        Ok(self
+            .journal
+            .get(record.uid)
+            .map(|a| AttachmentInfo { volume_id: a.volume_id, endpoint: a.endpoint }))
     }
 
     /// Arms (bytes > 0) or disarms (0) the write threshold on an attached volume's head file:
@@ -156,10 +138,7 @@ impl EngineCore {
         let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
         let record = pool
             .volume(parsed.name.as_str())
-            .ok_or_else(|| Error::NotFound {
-                what: "volume",
-                id: volume_id.to_owned(),
-            })?;
+            .ok_or_else(|| Error::NotFound { what: "volume", id: volume_id.to_owned() })?;
         let mut attachment = self.journal.get(record.uid).ok_or_else(|| {
             Error::FailedPrecondition(format!("volume {volume_id} is not attached"))
         })?;
@@ -168,15 +147,10 @@ impl EngineCore {
         }
         let _graph = self.graph.read().await;
         let names = Names::new(record.uid.to_string());
-        let arm = BlockSetWriteThreshold {
-            node_name: names.file(record.head),
-            write_threshold: bytes,
-        };
+        let arm =
+            BlockSetWriteThreshold { node_name: names.file(record.head), write_threshold: bytes };
         graph::call(&self.daemon.qmp(), &arm).await?;
-        attachment.threshold = (bytes > 0).then_some(ThresholdRecord {
-            armed_at: bytes,
-            step,
-        });
+        attachment.threshold = (bytes > 0).then_some(ThresholdRecord { armed_at: bytes, step });
         self.journal.put(attachment)
     }
 
@@ -185,26 +159,13 @@ impl EngineCore {
         let (pool, parsed, _) = self.resolve_volume(volume_id)?;
         let record = pool
             .volume(parsed.name.as_str())
-            .ok_or_else(|| Error::NotFound {
-                what: "volume",
-                id: volume_id.to_owned(),
-            })?;
-        let armed_at = self
-            .journal
-            .get(record.uid)
-            .and_then(|a| a.threshold)
-            .map(|t| t.armed_at);
+            .ok_or_else(|| Error::NotFound { what: "volume", id: volume_id.to_owned() })?;
+        let armed_at = self.journal.get(record.uid).and_then(|a| a.threshold).map(|t| t.armed_at);
         let file = Names::new(record.uid.to_string()).file(record.head);
         let nodes = graph::call(&self.daemon.qmp(), &QueryNamedBlockNodes { flat: true }).await?;
-        let daemon_threshold = nodes
-            .into_iter()
-            .find(|n| n.node_name == file)
-            .map(|n| n.write_threshold)
-            .unwrap_or(0);
-        Ok(ThresholdState {
-            armed_at,
-            daemon_threshold,
-        })
+        let daemon_threshold =
+            nodes.into_iter().find(|n| n.node_name == file).map(|n| n.write_threshold).unwrap_or(0);
+        Ok(ThresholdState { armed_at, daemon_threshold })
     }
 
     /// Handles one daemon event (called by the supervisor task).
@@ -212,29 +173,14 @@ impl EngineCore {
         if event.event != "BLOCK_WRITE_THRESHOLD" {
             return;
         }
-        let node = event
-            .data
-            .get("node-name")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default();
-        let threshold = event
-            .data
-            .get("write-threshold")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0);
-        let exceeded = event
-            .data
-            .get("amount-exceeded")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0);
+        let node = event.data.get("node-name").and_then(|v| v.as_str()).unwrap_or_default();
+        let threshold = event.data.get("write-threshold").and_then(|v| v.as_u64()).unwrap_or(0);
+        let exceeded = event.data.get("amount-exceeded").and_then(|v| v.as_u64()).unwrap_or(0);
         let Some(uid) = node.get(2..14).and_then(|s| LayerId::parse(s).ok()) else {
             return;
         };
         let _graph = self.graph.read().await;
-        if let Err(e) = self
-            .threshold_crossed(uid, threshold, exceeded, false)
-            .await
-        {
+        if let Err(e) = self.threshold_crossed(uid, threshold, exceeded, false).await {
             tracing::error!(error = %e, node, "re-arming a write threshold failed");
         }
     }
@@ -258,15 +204,10 @@ impl EngineCore {
         };
         let rearm = threshold.max(armed.armed_at) + exceeded + armed.step;
         let names = Names::new(uid.to_string());
-        let arm = BlockSetWriteThreshold {
-            node_name: names.file(record.head),
-            write_threshold: rearm,
-        };
+        let arm =
+            BlockSetWriteThreshold { node_name: names.file(record.head), write_threshold: rearm };
         graph::call(&self.daemon.qmp(), &arm).await?;
-        attachment.threshold = Some(ThresholdRecord {
-            armed_at: rearm,
-            ..armed
-        });
+        attachment.threshold = Some(ThresholdRecord { armed_at: rearm, ..armed });
         self.journal.put(attachment.clone())?;
         tracing::warn!(volume = %attachment.volume_id, threshold, exceeded, missed, rearm, "write threshold crossed");
         let _ = self.events.send(EngineEvent::WriteThresholdCrossed {
@@ -286,15 +227,10 @@ impl EngineCore {
         let _graph = self.graph.write().await;
         let qmp = self.daemon.qmp();
         let nodes = graph::call(&qmp, &QueryNamedBlockNodes { flat: true }).await?;
-        let thresholds: HashMap<String, u64> = nodes
-            .iter()
-            .map(|n| (n.node_name.clone(), n.write_threshold))
-            .collect();
-        let exports: HashSet<String> = graph::call(&qmp, &QueryBlockExports {})
-            .await?
-            .into_iter()
-            .map(|e| e.id)
-            .collect();
+        let thresholds: HashMap<String, u64> =
+            nodes.iter().map(|n| (n.node_name.clone(), n.write_threshold)).collect();
+        let exports: HashSet<String> =
+            graph::call(&qmp, &QueryBlockExports {}).await?.into_iter().map(|e| e.id).collect();
         let mut attached = HashSet::new();
         let mut rebuilt = 0;
         for attachment in self.journal.all() {
@@ -314,13 +250,9 @@ impl EngineCore {
                 && thresholds.contains_key(&names.throttle());
             if intact {
                 if let Some(armed) = attachment.threshold {
-                    let now = thresholds
-                        .get(&names.file(record.head))
-                        .copied()
-                        .unwrap_or(0);
+                    let now = thresholds.get(&names.file(record.head)).copied().unwrap_or(0);
                     if now == 0 {
-                        self.threshold_crossed(record.uid, armed.armed_at, 0, true)
-                            .await?;
+                        self.threshold_crossed(record.uid, armed.armed_at, 0, true).await?;
                     }
                 }
                 continue;
@@ -330,15 +262,7 @@ impl EngineCore {
             if attachment.endpoint.kind == ExportKind::Nbd {
                 graph::ensure_nbd_server(&qmp, &attachment.endpoint.path).await?;
             }
-            graph::attach(
-                &qmp,
-                &pool,
-                &names,
-                &chain,
-                record.qos,
-                &attachment.endpoint,
-            )
-            .await?;
+            graph::attach(&qmp, &pool, &names, &chain, record.qos, &attachment.endpoint).await?;
             if let Some(armed) = attachment.threshold {
                 let arm = BlockSetWriteThreshold {
                     node_name: names.file(record.head),
@@ -350,9 +274,7 @@ impl EngineCore {
         }
         self.sweep(&attached, &exports, &nodes).await?;
         tracing::info!(?origin, rebuilt, "reconciled with qemu-storage-daemon");
-        let _ = self
-            .events
-            .send(EngineEvent::Reconciled { origin, rebuilt });
+        let _ = self.events.send(EngineEvent::Reconciled { origin, rebuilt });
         Ok(())
     }
 
@@ -373,44 +295,22 @@ impl EngineCore {
         for export in exports.iter().filter(|e| ours(e, &["x-"])) {
             graph::delete_export(&qmp, export, true).await?;
         }
-        for node in nodes
-            .iter()
-            .map(|n| n.node_name.as_str())
-            .filter(|n| ours(n, &["t-"]))
-        {
+        for node in nodes.iter().map(|n| n.node_name.as_str()).filter(|n| ours(n, &["t-"])) {
             graph::delete_node_if_owned(&qmp, node).await?;
         }
-        for node in nodes
-            .iter()
-            .map(|n| n.node_name.as_str())
-            .filter(|n| ours(n, &["q-", "c-"]))
-        {
+        for node in nodes.iter().map(|n| n.node_name.as_str()).filter(|n| ours(n, &["q-", "c-"])) {
             graph::delete_node_if_owned(&qmp, node).await?;
         }
         // The /objects container appears with the first object; absent means there are none.
-        let objects = match graph::call(
-            &qmp,
-            &QomList {
-                path: "/objects".into(),
-            },
-        )
-        .await
-        {
+        let objects = match graph::call(&qmp, &QomList { path: "/objects".into() }).await {
             Ok(objects) => objects,
             Err(e) if e.qmp_desc_contains("not found") => Vec::new(),
             Err(e) => return Err(e),
         };
-        for object in objects
-            .iter()
-            .filter(|o| o.kind.contains("throttle-group") && ours(&o.name, &["g-"]))
+        for object in
+            objects.iter().filter(|o| o.kind.contains("throttle-group") && ours(&o.name, &["g-"]))
         {
-            graph::call(
-                &qmp,
-                &crate::qmp::commands::ObjectDel {
-                    id: object.name.clone(),
-                },
-            )
-            .await?;
+            graph::call(&qmp, &crate::qmp::commands::ObjectDel { id: object.name.clone() }).await?;
         }
         Ok(())
     }

@@ -144,10 +144,7 @@ impl Engine {
         }
         let mut pools = BTreeMap::new();
         for p in &config.pools {
-            pools.insert(
-                p.name.clone(),
-                Arc::new(Pool::open(&p.path, p.name.clone(), p.kind)?),
-            );
+            pools.insert(p.name.clone(), Arc::new(Pool::open(&p.path, p.name.clone(), p.kind)?));
         }
         let journal = journal::Journal::open(config.state_dir.join("attachments"))?;
         let (daemon, origin) = Daemon::connect(config.daemon.clone()).await?;
@@ -233,11 +230,7 @@ impl EngineCore {
     /// Subscribes to engine events. The first subscriber also receives every event since the
     /// engine opened, including those of its initial reconcile.
     pub fn subscribe(&self) -> broadcast::Receiver<EngineEvent> {
-        let first = self
-            .first_events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let first = self.first_events.lock().unwrap_or_else(|p| p.into_inner()).take();
         first.unwrap_or_else(|| self.events.subscribe())
     }
 
@@ -247,10 +240,7 @@ impl EngineCore {
         self.pools
             .get(&parsed)
             .cloned()
-            .ok_or_else(|| Error::NotFound {
-                what: "pool",
-                id: name.to_owned(),
-            })
+            .ok_or_else(|| Error::NotFound { what: "pool", id: name.to_owned() })
     }
 
     /// Every pool.
@@ -264,10 +254,7 @@ impl EngineCore {
             return Err(Error::Busy { id: taken.clone() });
         }
         busy.extend(keys.iter().cloned());
-        Ok(Guard {
-            busy: self.busy.clone(),
-            keys,
-        })
+        Ok(Guard { busy: self.busy.clone(), keys })
     }
 
     /// The location of new objects in `pool`.
@@ -289,15 +276,8 @@ impl EngineCore {
             IdKind::Volume => "volume",
             IdKind::Snapshot => "snapshot",
         };
-        let not_found = || Error::NotFound {
-            what,
-            id: id.to_owned(),
-        };
-        let pool = self
-            .pools
-            .get(&parsed.location.pool)
-            .cloned()
-            .ok_or_else(not_found)?;
+        let not_found = || Error::NotFound { what, id: id.to_owned() };
+        let pool = self.pools.get(&parsed.location.pool).cloned().ok_or_else(not_found)?;
         if parsed.location != self.location(&pool) {
             return Err(not_found());
         }
@@ -308,10 +288,7 @@ impl EngineCore {
         let (pool, parsed) = self.resolve(IdKind::Volume, id)?;
         let record = pool
             .volume(parsed.name.as_str())
-            .ok_or_else(|| Error::NotFound {
-                what: "volume",
-                id: id.to_owned(),
-            })?;
+            .ok_or_else(|| Error::NotFound { what: "volume", id: id.to_owned() })?;
         Ok((pool, parsed, record))
     }
 

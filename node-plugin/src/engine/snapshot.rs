@@ -52,9 +52,7 @@ struct Planned {
 impl EngineCore {
     fn snapshot_info(&self, pool: &Pool, record: &SnapshotRecord) -> Result<SnapshotInfo> {
         Ok(SnapshotInfo {
-            id: self
-                .object_id(IdKind::Snapshot, pool, &record.name)?
-                .to_string(),
+            id: self.object_id(IdKind::Snapshot, pool, &record.name)?.to_string(),
             source_volume_id: self
                 .object_id(IdKind::Volume, pool, &record.source_volume)?
                 .to_string(),
@@ -77,9 +75,7 @@ impl EngineCore {
     /// Takes a snapshot of a volume. Idempotent by name.
     pub async fn create_snapshot(&self, volume_id: &str, name: &str) -> Result<SnapshotInfo> {
         let mut taken = self.create_snapshot_group(&[(volume_id, name)]).await?;
-        taken
-            .pop()
-            .ok_or_else(|| Error::Inconsistent("snapshot group returned nothing".into()))
+        taken.pop().ok_or_else(|| Error::Inconsistent("snapshot group returned nothing".into()))
     }
 
     /// Takes snapshots of several volumes at one instant: the attached ones switch to their new
@@ -96,10 +92,7 @@ impl EngineCore {
         }
         let unique: std::collections::HashSet<_> = keys.iter().collect();
         if unique.len() != keys.len() {
-            return Err(Error::invalid(
-                "snapshots",
-                "a volume or snapshot name appears twice",
-            ));
+            return Err(Error::invalid("snapshots", "a volume or snapshot name appears twice"));
         }
         let _guard = self.lock(keys)?;
         let _graph = self.graph.read().await;
@@ -108,10 +101,7 @@ impl EngineCore {
         for (pool, parsed, name) in resolved {
             let record = pool
                 .volume(parsed.name.as_str())
-                .ok_or_else(|| Error::NotFound {
-                    what: "volume",
-                    id: parsed.to_string(),
-                })?;
+                .ok_or_else(|| Error::NotFound { what: "volume", id: parsed.to_string() })?;
             if let Some(existing) = pool.snapshot(name) {
                 if existing.source_volume != record.name {
                     return Err(Error::AlreadyExists {
@@ -178,17 +168,11 @@ impl EngineCore {
                 preallocation: crate::qmp::commands::Preallocation::Off,
             };
             graph::create_image(&qmp, image).await?;
-            p.pool.put_layer(LayerRecord {
-                id: p.overlay,
-                backing: Some(p.record.head),
-            })?;
+            p.pool.put_layer(LayerRecord { id: p.overlay, backing: Some(p.record.head) })?;
         }
         let mut actions = Vec::new();
         let mut added: Vec<String> = Vec::new();
-        for p in planned
-            .iter()
-            .filter(|p| self.journal.get(p.record.uid).is_some())
-        {
+        for p in planned.iter().filter(|p| self.journal.get(p.record.uid).is_some()) {
             let names = Names::new(p.record.uid.to_string());
             let overlay = BlockdevOptions::Qcow2 {
                 node_name: names.format(p.overlay),
@@ -216,10 +200,7 @@ impl EngineCore {
         // Record the new heads first: if we crash after the switch, the journal rebuilds the
         // graph on the overlay that is receiving writes (an empty overlay reads the same).
         for p in planned {
-            p.pool.put_volume(VolumeRecord {
-                head: p.overlay,
-                ..p.record.clone()
-            })?;
+            p.pool.put_volume(VolumeRecord { head: p.overlay, ..p.record.clone() })?;
         }
         if !actions.is_empty() {
             if let Err(e) = graph::call(&qmp, &Transaction { actions }).await {
@@ -250,17 +231,10 @@ impl EngineCore {
     /// depth limit are shortened.
     pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
         let (pool, parsed) = self.resolve(IdKind::Snapshot, id)?;
-        let _guard = self.lock(vec![Self::key(
-            IdKind::Snapshot,
-            &pool,
-            parsed.name.as_str(),
-        )])?;
+        let _guard = self.lock(vec![Self::key(IdKind::Snapshot, &pool, parsed.name.as_str())])?;
         let record = pool
             .snapshot(parsed.name.as_str())
-            .ok_or_else(|| Error::NotFound {
-                what: "snapshot",
-                id: id.to_owned(),
-            })?;
+            .ok_or_else(|| Error::NotFound { what: "snapshot", id: id.to_owned() })?;
         pool.remove_snapshot(&record.name)?;
         if pool.layer(record.layer).is_none() {
             return Ok(());
@@ -276,9 +250,7 @@ impl EngineCore {
             };
             let _graph = self.graph.read().await;
             while pool.volume(&volume.name).is_some_and(|v| {
-                pool.chain(v.head)
-                    .map(|c| c.len() > v.max_chain_depth as usize)
-                    .unwrap_or(false)
+                pool.chain(v.head).map(|c| c.len() > v.max_chain_depth as usize).unwrap_or(false)
             }) {
                 if !self.shorten_once(&pool, &volume.name).await? {
                     break;
@@ -321,10 +293,8 @@ impl EngineCore {
                 let b = &refs[i + 1];
                 b.snapshots == 0 && b.volumes == 0 && b.children == [chain[i]]
             });
-            let fuse_head = i == 1
-                && attachment
-                    .as_ref()
-                    .is_some_and(|a| a.endpoint.kind == ExportKind::Fuse);
+            let fuse_head =
+                i == 1 && attachment.as_ref().is_some_and(|a| a.endpoint.kind == ExportKind::Fuse);
             if base_free {
                 plan = Some((i, true));
                 break;
@@ -364,16 +334,7 @@ impl EngineCore {
                     backing_file: Some(Pool::layer_file_name(base)),
                     manual: ManualJob::MANUAL,
                 };
-                Job::run(
-                    &qmp,
-                    id,
-                    "commit",
-                    &command,
-                    JobOptions {
-                        manual_finalize: true,
-                    },
-                )
-                .await
+                Job::run(&qmp, id, "commit", &command, JobOptions { manual_finalize: true }).await
             } else {
                 let id = names.job("stream");
                 let command = BlockStream {
@@ -383,16 +344,7 @@ impl EngineCore {
                     backing_file: base.map(Pool::layer_file_name),
                     manual: ManualJob::MANUAL,
                 };
-                Job::run(
-                    &qmp,
-                    id,
-                    "stream",
-                    &command,
-                    JobOptions {
-                        manual_finalize: true,
-                    },
-                )
-                .await
+                Job::run(&qmp, id, "stream", &command, JobOptions { manual_finalize: true }).await
             }
         }
         .await;
@@ -401,11 +353,8 @@ impl EngineCore {
             graph::delete_node_if_owned(&qmp, &names.format(layer)).await?;
         }
         if temporary {
-            let remaining: Vec<_> = chain
-                .iter()
-                .copied()
-                .filter(|l| merged.is_err() || *l != layer)
-                .collect();
+            let remaining: Vec<_> =
+                chain.iter().copied().filter(|l| merged.is_err() || *l != layer).collect();
             graph::close_chain(&qmp, &names, &remaining).await?;
         }
         merged?;
@@ -437,10 +386,7 @@ impl EngineCore {
         ])?;
         let snapshot = pool
             .snapshot(snap.name.as_str())
-            .ok_or_else(|| Error::NotFound {
-                what: "snapshot",
-                id: snapshot_id.clone(),
-            })?;
+            .ok_or_else(|| Error::NotFound { what: "snapshot", id: snapshot_id.clone() })?;
         let size = requested.unwrap_or(snapshot.size);
         if let Some(existing) = pool.volume(&request.name) {
             return self.check_recreate(&pool, &existing, Some(size), &source);
@@ -478,10 +424,7 @@ impl EngineCore {
         };
         self.commit_new_volume(
             &pool,
-            LayerRecord {
-                id: head,
-                backing: Some(snapshot.layer),
-            },
+            LayerRecord { id: head, backing: Some(snapshot.layer) },
             record,
         )
     }
@@ -515,17 +458,11 @@ impl EngineCore {
         ])?;
         let source_record = pool
             .volume(src.name.as_str())
-            .ok_or_else(|| Error::NotFound {
-                what: "volume",
-                id: source_id.clone(),
-            })?;
+            .ok_or_else(|| Error::NotFound { what: "volume", id: source_id.clone() })?;
         let size = requested.unwrap_or(source_record.size);
         if let Some(existing) = pool.volume(&request.name) {
             let info = self.check_recreate(&pool, &existing, Some(size), &source)?;
-            return Ok(CloneTask {
-                engine: self.clone(),
-                state: CloneState::Done(info),
-            });
+            return Ok(CloneTask { engine: self.clone(), state: CloneState::Done(info) });
         }
         if size < source_record.size {
             return Err(Error::OutOfRange {
@@ -549,10 +486,7 @@ impl EngineCore {
             None => Some(Names::new(graph::fresh_tag())),
         };
         let target_names = Names::new(graph::fresh_tag());
-        let mut open = OpenNodes {
-            source: None,
-            target: None,
-        };
+        let mut open = OpenNodes { source: None, target: None };
         let started = async {
             let source_node = match &source_names {
                 Some(names) => {
@@ -574,16 +508,7 @@ impl EngineCore {
                 speed,
                 manual: ManualJob::MANUAL,
             };
-            Job::start(
-                &qmp,
-                id,
-                "backup",
-                &backup,
-                JobOptions {
-                    manual_finalize: true,
-                },
-            )
-            .await
+            Job::start(&qmp, id, "backup", &backup, JobOptions { manual_finalize: true }).await
         }
         .await;
         let job = match started {
@@ -680,22 +605,13 @@ impl CloneTask {
             CloneState::Done(info) => return Ok(info),
             CloneState::Running(running) => *running,
         };
-        let Running {
-            job,
-            pool,
-            record,
-            open,
-            _guard,
-            _graph,
-        } = running;
+        let Running { job, pool, record, open, _guard, _graph } = running;
         let qmp = self.engine.daemon.qmp();
         let copied = job.wait().await;
         let resized = match (&copied, &open.target) {
             (Ok(()), Some(names)) => {
-                let resize = BlockResize {
-                    node_name: names.format(record.head),
-                    size: record.size,
-                };
+                let resize =
+                    BlockResize { node_name: names.format(record.head), size: record.size };
                 graph::call(&qmp, &resize).await.map(|_| ())
             }
             _ => Ok(()),
@@ -705,13 +621,6 @@ impl CloneTask {
             let _ = std::fs::remove_file(pool.layer_path(record.head));
             return Err(e);
         }
-        self.engine.commit_new_volume(
-            &pool,
-            LayerRecord {
-                id: record.head,
-                backing: None,
-            },
-            record,
-        )
+        self.engine.commit_new_volume(&pool, LayerRecord { id: record.head, backing: None }, record)
     }
 }

@@ -87,9 +87,7 @@ pub(super) fn source_label(
 impl EngineCore {
     pub(super) fn volume_info(&self, pool: &Pool, record: &VolumeRecord) -> Result<VolumeInfo> {
         Ok(VolumeInfo {
-            id: self
-                .object_id(IdKind::Volume, pool, &record.name)?
-                .to_string(),
+            id: self.object_id(IdKind::Volume, pool, &record.name)?.to_string(),
             size: record.size,
             chain_depth: pool.chain(record.head)?.len(),
             source: record.source.clone(),
@@ -121,10 +119,7 @@ impl EngineCore {
             }
         }
         if *source != existing.source {
-            differences.push(format!(
-                "source {:?} (requested {source:?})",
-                existing.source
-            ));
+            differences.push(format!("source {:?} (requested {source:?})", existing.source));
         }
         if differences.is_empty() {
             return self.volume_info(pool, existing);
@@ -147,11 +142,7 @@ impl EngineCore {
     }
 
     async fn create_empty(&self, request: &CreateVolume) -> Result<VolumeInfo> {
-        let size = parse_size(
-            request
-                .size
-                .ok_or_else(|| Error::invalid("size", "is required"))?,
-        )?;
+        let size = parse_size(request.size.ok_or_else(|| Error::invalid("size", "is required"))?)?;
         let max_chain_depth = self.max_depth(request.max_chain_depth)?;
         let pool = self.pool(&request.pool)?;
         self.object_id(IdKind::Volume, &pool, &request.name)?;
@@ -178,14 +169,7 @@ impl EngineCore {
             max_chain_depth,
             source: None,
         };
-        self.commit_new_volume(
-            &pool,
-            LayerRecord {
-                id: head,
-                backing: None,
-            },
-            record,
-        )
+        self.commit_new_volume(&pool, LayerRecord { id: head, backing: None }, record)
     }
 
     /// Records a new volume whose head image exists; on failure removes the image again.
@@ -196,9 +180,7 @@ impl EngineCore {
         record: VolumeRecord,
     ) -> Result<VolumeInfo> {
         let id = head.id;
-        let written = pool
-            .put_layer(head)
-            .and_then(|_| pool.put_volume(record.clone()));
+        let written = pool.put_layer(head).and_then(|_| pool.put_volume(record.clone()));
         if let Err(e) = written {
             let _ = pool.release(id);
             let _ = std::fs::remove_file(pool.layer_path(id));
@@ -218,11 +200,7 @@ impl EngineCore {
             )));
         }
         let deleted = pool.remove_volume(&record.name)?;
-        tracing::info!(
-            volume = id,
-            layers_deleted = deleted.len(),
-            "deleted volume"
-        );
+        tracing::info!(volume = id, layers_deleted = deleted.len(), "deleted volume");
         Ok(())
     }
 
@@ -264,10 +242,7 @@ impl EngineCore {
         if let Some(attachment) = self.journal.get(record.uid) {
             let names = Names::new(record.uid.to_string());
             // Resize at the root: a filter above a resized node keeps its old cached length.
-            let resize = BlockResize {
-                node_name: names.throttle(),
-                size,
-            };
+            let resize = BlockResize { node_name: names.throttle(), size };
             if attachment.endpoint.kind == ExportKind::Nbd {
                 // The NBD export refuses resize: drop it (clients reconnect), resize, re-add.
                 graph::delete_export(&qmp, &names.export(), true).await?;
@@ -280,14 +255,7 @@ impl EngineCore {
         } else {
             let names = Names::new(graph::fresh_tag());
             let top = graph::open_chain(&qmp, &pool, &names, &chain, false).await?;
-            let resized = graph::call(
-                &qmp,
-                &BlockResize {
-                    node_name: top,
-                    size,
-                },
-            )
-            .await;
+            let resized = graph::call(&qmp, &BlockResize { node_name: top, size }).await;
             graph::close_chain(&qmp, &names, &chain).await?;
             resized?;
         }
@@ -302,11 +270,7 @@ impl EngineCore {
         let _graph = self.graph.read().await;
         if self.journal.get(record.uid).is_some() {
             let names = Names::new(record.uid.to_string());
-            let set = QomSetLimits {
-                path: names.group(),
-                property: "limits",
-                value: qos,
-            };
+            let set = QomSetLimits { path: names.group(), property: "limits", value: qos };
             graph::call(&self.daemon.qmp(), &set).await?;
         }
         pool.put_volume(VolumeRecord { qos, ..record })

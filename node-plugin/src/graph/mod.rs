@@ -32,10 +32,7 @@ use crate::qmp::{Job, JobOptions, QmpClient};
 
 /// Calls a typed command, naming it in the error.
 pub async fn call<C: Command>(qmp: &QmpClient, command: &C) -> Result<C::Reply> {
-    qmp.call(command).await.map_err(|source| Error::Qmp {
-        command: C::NAME,
-        source,
-    })
+    qmp.call(command).await.map_err(|source| Error::Qmp { command: C::NAME, source })
 }
 
 /// A 12-hex-digit tag for short-lived nodes and jobs.
@@ -141,14 +138,7 @@ pub async fn close_chain(qmp: &QmpClient, names: &Names, chain: &[LayerId]) -> R
 
 /// `blockdev-del` that treats "not found" and "not owned by the monitor" as done.
 pub async fn delete_node_if_owned(qmp: &QmpClient, node: &str) -> Result<()> {
-    match call(
-        qmp,
-        &BlockdevDel {
-            node_name: node.to_owned(),
-        },
-    )
-    .await
-    {
+    match call(qmp, &BlockdevDel { node_name: node.to_owned() }).await {
         Ok(_) => Ok(()),
         Err(e)
             if e.qmp_desc_contains("Failed to find node")
@@ -177,10 +167,7 @@ pub struct NewImage<'a> {
 /// Creates a qcow2 image with two `blockdev-create` jobs. On failure nothing is left behind.
 pub async fn create_image(qmp: &QmpClient, image: NewImage<'_>) -> Result<()> {
     if image.path.exists() {
-        return Err(Error::Inconsistent(format!(
-            "{} already exists",
-            image.path.display()
-        )));
+        return Err(Error::Inconsistent(format!("{} already exists", image.path.display())));
     }
     let names = Names::new(fresh_tag());
     let node = format!("c-{}", fresh_tag());
@@ -193,16 +180,8 @@ pub async fn create_image(qmp: &QmpClient, image: NewImage<'_>) -> Result<()> {
                 size: 0,
             },
         };
-        Job::run(
-            qmp,
-            file_job,
-            "create",
-            &create_file,
-            JobOptions {
-                manual_finalize: false,
-            },
-        )
-        .await?;
+        Job::run(qmp, file_job, "create", &create_file, JobOptions { manual_finalize: false })
+            .await?;
         call(
             qmp,
             &BlockdevAdd(BlockdevOptions::File {
@@ -224,16 +203,8 @@ pub async fn create_image(qmp: &QmpClient, image: NewImage<'_>) -> Result<()> {
                     .then_some(image.preallocation),
             },
         };
-        Job::run(
-            qmp,
-            format_job,
-            "create",
-            &create_format,
-            JobOptions {
-                manual_finalize: false,
-            },
-        )
-        .await
+        Job::run(qmp, format_job, "create", &create_format, JobOptions { manual_finalize: false })
+            .await
     }
     .await;
     let closed = delete_node_if_owned(qmp, &node).await;
@@ -271,9 +242,7 @@ pub async fn ensure_nbd_server(qmp: &QmpClient, socket: &Path) -> Result<()> {
     let start = NbdServerStart {
         addr: LegacyUnixAddress {
             kind: "unix",
-            data: LegacyUnixData {
-                path: socket.display().to_string(),
-            },
+            data: LegacyUnixData { path: socket.display().to_string() },
         },
     };
     match call(qmp, &start).await {
@@ -289,18 +258,12 @@ pub fn export_command(names: &Names, endpoint: &ExportEndpoint) -> BlockExportAd
     let node_name = names.throttle();
     let path = endpoint.path.display().to_string();
     match endpoint.kind {
-        ExportKind::Nbd => BlockExportAdd::Nbd {
-            id: id.clone(),
-            node_name,
-            name: id,
-            writable: true,
-        },
-        ExportKind::Fuse => BlockExportAdd::Fuse {
-            id,
-            node_name,
-            mountpoint: path,
-            writable: true,
-        },
+        ExportKind::Nbd => {
+            BlockExportAdd::Nbd { id: id.clone(), node_name, name: id, writable: true }
+        }
+        ExportKind::Fuse => {
+            BlockExportAdd::Fuse { id, node_name, mountpoint: path, writable: true }
+        }
         ExportKind::VhostUserBlk => BlockExportAdd::VhostUserBlk {
             id,
             node_name,
@@ -337,10 +300,7 @@ fn is_mountpoint(path: &Path) -> bool {
     };
     let target = path.display().to_string();
     // Field 5 is the mount point, with spaces escaped as \040.
-    mounts
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| m.replace("\\040", " ") == target)
+    mounts.lines().filter_map(|l| l.split(' ').nth(4)).any(|m| m.replace("\\040", " ") == target)
 }
 
 /// Runs a short external command with `LC_ALL=C`, a timeout and stderr captured into the error.
@@ -353,10 +313,7 @@ pub async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
             program: program.into(),
             stderr: "timed out after 60 s".into(),
         })?
-        .map_err(|e| Error::Command {
-            program: program.into(),
-            stderr: e.to_string(),
-        })?;
+        .map_err(|e| Error::Command { program: program.into(), stderr: e.to_string() })?;
     if !output.status.success() {
         return Err(Error::Command {
             program: program.into(),
@@ -369,10 +326,7 @@ pub async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
 /// Deletes an export and waits until the daemon reports it gone. `hard` disconnects clients.
 pub async fn delete_export(qmp: &QmpClient, id: &str, hard: bool) -> Result<()> {
     let mut events = qmp.subscribe();
-    let del = BlockExportDel {
-        id: id.to_owned(),
-        mode: hard.then_some("hard"),
-    };
+    let del = BlockExportDel { id: id.to_owned(), mode: hard.then_some("hard") };
     match call(qmp, &del).await {
         Ok(_) => {}
         Err(e) if e.qmp_desc_contains("not found") => return Ok(()),
@@ -385,10 +339,7 @@ pub async fn delete_export(qmp: &QmpClient, id: &str, hard: bool) -> Result<()> 
             return Ok(());
         }
     }
-    Err(Error::Qmp {
-        command: "block-export-del",
-        source: crate::qmp::QmpError::Disconnected,
-    })
+    Err(Error::Qmp { command: "block-export-del", source: crate::qmp::QmpError::Disconnected })
 }
 
 /// Builds a volume's graph: throttle group, chain, throttle node, export. Undoes what it built
@@ -404,11 +355,7 @@ pub async fn attach(
     let result = async {
         call(
             qmp,
-            &ObjectAddThrottleGroup {
-                qom_type: "throttle-group",
-                id: names.group(),
-                limits: qos,
-            },
+            &ObjectAddThrottleGroup { qom_type: "throttle-group", id: names.group(), limits: qos },
         )
         .await?;
         let top = open_chain(qmp, pool, names, chain, false).await?;
@@ -480,12 +427,7 @@ mod tests {
         assert_eq!(json["node-name"], names.format(top));
         assert_eq!(json["backing"]["node-name"], names.format(bottom));
         assert!(json["backing"]["backing"].is_null());
-        assert!(json["backing"]
-            .as_object()
-            .is_some_and(|o| o.contains_key("backing")));
-        assert_eq!(
-            json["file"]["filename"],
-            pool.layer_path(top).display().to_string()
-        );
+        assert!(json["backing"].as_object().is_some_and(|o| o.contains_key("backing")));
+        assert_eq!(json["file"]["filename"], pool.layer_path(top).display().to_string());
     }
 }

@@ -31,17 +31,11 @@ fn check(
         return Err(Error::invalid(field, "must not be empty"));
     }
     if s.len() > max {
-        return Err(Error::invalid(
-            field,
-            format!("{s:?} is longer than {max} bytes"),
-        ));
+        return Err(Error::invalid(field, format!("{s:?} is longer than {max} bytes")));
     }
     let mut chars = s.chars();
     if !chars.next().is_some_and(&first) || !chars.all(&rest) {
-        return Err(Error::invalid(
-            field,
-            format!("{s:?} has characters outside the allowed set"),
-        ));
+        return Err(Error::invalid(field, format!("{s:?} has characters outside the allowed set")));
     }
     Ok(())
 }
@@ -75,14 +69,9 @@ impl NodeName {
     /// Validates a node name.
     pub fn parse(s: &str) -> Result<Self> {
         let lower = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
-        check("node name", s, 63, lower, |c| {
-            lower(c) || c == '-' || c == '.'
-        })?;
+        check("node name", s, 63, lower, |c| lower(c) || c == '-' || c == '.')?;
         if s.contains("..") || s.ends_with(['-', '.']) {
-            return Err(Error::invalid(
-                "node name",
-                format!("{s:?} is not a DNS subdomain"),
-            ));
+            return Err(Error::invalid("node name", format!("{s:?} is not a DNS subdomain")));
         }
         Ok(NodeName(s.to_owned()))
     }
@@ -101,9 +90,7 @@ impl ObjectName {
     /// Validates a volume or snapshot name.
     pub fn parse(s: &str) -> Result<Self> {
         let alnum = |c: char| c.is_ascii_alphanumeric();
-        check("name", s, 64, alnum, |c| {
-            alnum(c) || matches!(c, '_' | '-' | '.')
-        })?;
+        check("name", s, 64, alnum, |c| alnum(c) || matches!(c, '_' | '-' | '.'))?;
         if s.contains("..") {
             return Err(Error::invalid("name", format!("{s:?} contains '..'")));
         }
@@ -157,11 +144,7 @@ pub struct ObjectId {
 impl ObjectId {
     /// Builds an ID, checking the length limit.
     pub fn new(kind: IdKind, location: Location, name: ObjectName) -> Result<Self> {
-        let id = ObjectId {
-            kind,
-            location,
-            name,
-        };
+        let id = ObjectId { kind, location, name };
         let len = id.to_string().len();
         if len > MAX_ID_LEN {
             return Err(Error::invalid(
@@ -179,18 +162,12 @@ impl ObjectId {
             IdKind::Snapshot => "snapshot ID",
         };
         if s.len() > MAX_ID_LEN {
-            return Err(Error::invalid(
-                field,
-                format!("longer than {MAX_ID_LEN} bytes"),
-            ));
+            return Err(Error::invalid(field, format!("longer than {MAX_ID_LEN} bytes")));
         }
         let bad = || {
             Error::invalid(
                 field,
-                format!(
-                    "{s:?} is not of the form {}:<pool>[@<node>]:<name>",
-                    kind.prefix()
-                ),
+                format!("{s:?} is not of the form {}:<pool>[@<node>]:<name>", kind.prefix()),
             )
         };
         let mut parts = s.splitn(3, ':');
@@ -205,15 +182,8 @@ impl ObjectId {
             Some((pool, node)) => (pool, Some(NodeName::parse(node)?)),
             None => (place, None),
         };
-        let location = Location {
-            pool: PoolName::parse(pool)?,
-            node,
-        };
-        Ok(ObjectId {
-            kind,
-            location,
-            name: ObjectName::parse(name)?,
-        })
+        let location = Location { pool: PoolName::parse(pool)?, node };
+        Ok(ObjectId { kind, location, name: ObjectName::parse(name)? })
     }
 }
 
@@ -249,14 +219,10 @@ impl LayerId {
 
     /// Parses 12 lowercase hex digits.
     pub fn parse(s: &str) -> Result<Self> {
-        let ok = s.len() == 12
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let ok =
+            s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !ok {
-            return Err(Error::invalid(
-                "layer id",
-                format!("{s:?} is not 12 hex digits"),
-            ));
+            return Err(Error::invalid("layer id", format!("{s:?} is not 12 hex digits")));
         }
         let mut bytes = [0u8; 12];
         bytes.copy_from_slice(s.as_bytes());
@@ -314,11 +280,7 @@ mod tests {
 
     #[test]
     fn well_formed_ids_round_trip() {
-        for s in [
-            "vol:local@node-1:pvc-1234",
-            "vol:shared:a",
-            "vol:p@n.example.com:a_b.c-d",
-        ] {
+        for s in ["vol:local@node-1:pvc-1234", "vol:shared:a", "vol:p@n.example.com:a_b.c-d"] {
             let id = ObjectId::parse(IdKind::Volume, s).map(|id| id.to_string());
             assert_eq!(id.ok().as_deref(), Some(s));
         }
@@ -352,11 +314,7 @@ mod tests {
         ];
         for s in cases {
             let result = ObjectId::parse(IdKind::Volume, s);
-            assert_eq!(
-                result.err().map(|e| e.kind()),
-                Some(ErrorKind::InvalidArgument),
-                "{s:?}"
-            );
+            assert_eq!(result.err().map(|e| e.kind()), Some(ErrorKind::InvalidArgument), "{s:?}");
         }
     }
 
@@ -385,18 +343,9 @@ mod tests {
         assert_eq!(parse_size(1).ok(), Some(1 << 20));
         assert_eq!(parse_size(1 << 20).ok(), Some(1 << 20));
         assert_eq!(parse_size((1 << 20) + 1).ok(), Some(2 << 20));
-        assert_eq!(
-            parse_size(0).err().map(|e| e.kind()),
-            Some(ErrorKind::InvalidArgument)
-        );
-        assert_eq!(
-            parse_size(-5).err().map(|e| e.kind()),
-            Some(ErrorKind::InvalidArgument)
-        );
-        assert_eq!(
-            parse_size(i64::MAX).err().map(|e| e.kind()),
-            Some(ErrorKind::OutOfRange)
-        );
+        assert_eq!(parse_size(0).err().map(|e| e.kind()), Some(ErrorKind::InvalidArgument));
+        assert_eq!(parse_size(-5).err().map(|e| e.kind()), Some(ErrorKind::InvalidArgument));
+        assert_eq!(parse_size(i64::MAX).err().map(|e| e.kind()), Some(ErrorKind::OutOfRange));
         assert_eq!(parse_size(MAX_SIZE as i64).ok(), Some(MAX_SIZE));
     }
 

@@ -106,11 +106,7 @@ impl Index {
     fn refcount(&self, layer: LayerId) -> usize {
         self.volumes.values().filter(|v| v.head == layer).count()
             + self.snapshots.values().filter(|s| s.layer == layer).count()
-            + self
-                .layers
-                .values()
-                .filter(|l| l.backing == Some(layer))
-                .count()
+            + self.layers.values().filter(|l| l.backing == Some(layer)).count()
     }
 }
 
@@ -146,11 +142,8 @@ impl Pool {
         let info_path = root.join("pool.json");
         if info_path.exists() {
             let bytes = std::fs::read(&info_path).map_err(|e| Error::io("read", &info_path, e))?;
-            let info: PoolInfo =
-                serde_json::from_slice(&bytes).map_err(|source| Error::Metadata {
-                    path: info_path.clone(),
-                    source,
-                })?;
+            let info: PoolInfo = serde_json::from_slice(&bytes)
+                .map_err(|source| Error::Metadata { path: info_path.clone(), source })?;
             if info.name != name.as_str() || info.kind != kind {
                 return Err(Error::FailedPrecondition(format!(
                     "{} holds pool {:?} ({:?}), not {:?} ({kind:?})",
@@ -164,10 +157,7 @@ impl Pool {
             store::write_json(
                 root,
                 "pool.json",
-                &PoolInfo {
-                    name: name.as_str().to_owned(),
-                    kind,
-                },
+                &PoolInfo { name: name.as_str().to_owned(), kind },
             )?;
         }
         let mut index = Index::default();
@@ -180,12 +170,7 @@ impl Pool {
         for snapshot in store::read_all::<SnapshotRecord>(&root.join("snapshots"))? {
             index.snapshots.insert(snapshot.name.clone(), snapshot);
         }
-        let pool = Pool {
-            name,
-            kind,
-            root: root.to_owned(),
-            index: Mutex::new(index),
-        };
+        let pool = Pool { name, kind, root: root.to_owned(), index: Mutex::new(index) };
         pool.collect_garbage_at_open()?;
         Ok(pool)
     }
@@ -279,11 +264,7 @@ impl Pool {
         let index = self.index();
         Referrers {
             volumes: index.volumes.values().filter(|v| v.head == layer).count(),
-            snapshots: index
-                .snapshots
-                .values()
-                .filter(|s| s.layer == layer)
-                .count(),
+            snapshots: index.snapshots.values().filter(|s| s.layer == layer).count(),
             children: index
                 .layers
                 .values()
@@ -302,22 +283,14 @@ impl Pool {
 
     /// Records (or replaces) a volume.
     pub fn put_volume(&self, record: VolumeRecord) -> Result<()> {
-        store::write_json(
-            &self.root.join("volumes"),
-            &format!("{}.json", record.name),
-            &record,
-        )?;
+        store::write_json(&self.root.join("volumes"), &format!("{}.json", record.name), &record)?;
         self.index().volumes.insert(record.name.clone(), record);
         Ok(())
     }
 
     /// Records (or replaces) a snapshot.
     pub fn put_snapshot(&self, record: SnapshotRecord) -> Result<()> {
-        store::write_json(
-            &self.root.join("snapshots"),
-            &format!("{}.json", record.name),
-            &record,
-        )?;
+        store::write_json(&self.root.join("snapshots"), &format!("{}.json", record.name), &record)?;
         self.index().snapshots.insert(record.name.clone(), record);
         Ok(())
     }
@@ -391,12 +364,7 @@ impl Pool {
         loop {
             let orphans: Vec<LayerId> = {
                 let index = self.index();
-                index
-                    .layers
-                    .keys()
-                    .copied()
-                    .filter(|id| index.refcount(*id) == 0)
-                    .collect()
+                index.layers.keys().copied().filter(|id| index.refcount(*id) == 0).collect()
             };
             if orphans.is_empty() {
                 return Ok(());
@@ -452,11 +420,7 @@ mod tests {
             created_unix: 0,
         })
         .expect("snapshot");
-        assert_eq!(
-            p.remove_snapshot("s").expect("remove"),
-            vec![],
-            "base still backs the head"
-        );
+        assert_eq!(p.remove_snapshot("s").expect("remove"), vec![], "base still backs the head");
         assert!(p.layer_path(base).exists());
         assert_eq!(p.remove_volume("v").expect("remove"), vec![head, base]);
         assert!(!p.layer_path(base).exists() && !p.layer_path(head).exists());
@@ -483,11 +447,7 @@ mod tests {
     fn a_pool_directory_cannot_be_opened_as_another_pool() {
         let dir = tempfile::tempdir().expect("tempdir");
         drop(pool(dir.path()));
-        let other = Pool::open(
-            dir.path(),
-            PoolName::parse("q").expect("name"),
-            PoolKind::Local,
-        );
+        let other = Pool::open(dir.path(), PoolName::parse("q").expect("name"), PoolKind::Local);
         assert!(other.is_err());
     }
 }

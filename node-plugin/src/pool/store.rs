@@ -14,13 +14,10 @@ use crate::error::{Error, Result};
 pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<()> {
     let target = dir.join(name);
     let temp = dir.join(format!(".{name}.tmp"));
-    let bytes = serde_json::to_vec_pretty(value).map_err(|source| Error::Metadata {
-        path: target.clone(),
-        source,
-    })?;
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|source| Error::Metadata { path: target.clone(), source })?;
     let mut file = File::create(&temp).map_err(|e| Error::io("create", &temp, e))?;
-    file.write_all(&bytes)
-        .map_err(|e| Error::io("write", &temp, e))?;
+    file.write_all(&bytes).map_err(|e| Error::io("write", &temp, e))?;
     file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
     drop(file);
     std::fs::rename(&temp, &target).map_err(|e| Error::io("rename into place", &target, e))?;
@@ -63,9 +60,7 @@ pub fn read_all<T: DeserializeOwned>(dir: &Path) -> Result<Vec<T>> {
 
 /// fsyncs a directory so that renames and unlinks in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("fsync directory", dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("fsync directory", dir, e))
 }
 
 #[cfg(test)]

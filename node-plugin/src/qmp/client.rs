@@ -66,10 +66,7 @@ impl QmpClient {
     pub async fn connect(path: &Path) -> Result<Self, QmpError> {
         let stream = UnixStream::connect(path)
             .await
-            .map_err(|source| QmpError::Connect {
-                path: path.display().to_string(),
-                source,
-            })?;
+            .map_err(|source| QmpError::Connect { path: path.display().to_string(), source })?;
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
         let greeting = lines
@@ -200,9 +197,7 @@ fn dispatch(inner: &Inner, line: &str) {
             Ok(event) => {
                 tracing::debug!(event = %event.event, data = %event.data, "qmp event");
                 let mut shared = lock(&inner.shared);
-                shared
-                    .subscribers
-                    .retain(|tx| tx.send(event.clone()).is_ok());
+                shared.subscribers.retain(|tx| tx.send(event.clone()).is_ok());
             }
             Err(e) => tracing::warn!(error = %e, "ignoring a malformed QMP event"),
         }
@@ -216,21 +211,11 @@ fn dispatch(inner: &Inner, line: &str) {
         Ok(ret.clone())
     } else if let Some(err) = message.get("error") {
         Err(QmpError::Command {
-            class: err
-                .get("class")
-                .and_then(Value::as_str)
-                .unwrap_or("GenericError")
-                .to_owned(),
-            desc: err
-                .get("desc")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned(),
+            class: err.get("class").and_then(Value::as_str).unwrap_or("GenericError").to_owned(),
+            desc: err.get("desc").and_then(Value::as_str).unwrap_or_default().to_owned(),
         })
     } else {
-        Err(QmpError::Protocol(format!(
-            "reply without return or error: {message}"
-        )))
+        Err(QmpError::Protocol(format!("reply without return or error: {message}")))
     };
     if let Some(tx) = lock(&inner.shared).pending.remove(&id) {
         let _ = tx.send(reply);

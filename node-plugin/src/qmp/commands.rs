@@ -206,10 +206,7 @@ pub struct ManualJob {
 
 impl ManualJob {
     /// Manual finalize and dismiss.
-    pub const MANUAL: ManualJob = ManualJob {
-        auto_finalize: false,
-        auto_dismiss: false,
-    };
+    pub const MANUAL: ManualJob = ManualJob { auto_finalize: false, auto_dismiss: false };
 }
 
 /// `blockdev-backup` (a job).
@@ -525,11 +522,7 @@ command!(BlockExportDel, "block-export-del", IgnoredAny);
 /// `query-block-exports`.
 #[derive(Debug, Serialize)]
 pub struct QueryBlockExports {}
-command!(
-    QueryBlockExports,
-    "query-block-exports",
-    Vec<BlockExportInfo>
-);
+command!(QueryBlockExports, "query-block-exports", Vec<BlockExportInfo>);
 
 /// One export.
 #[derive(Debug, Clone, Deserialize)]
@@ -553,11 +546,7 @@ pub struct QueryNamedBlockNodes {
     /// Always true: do not nest backing images.
     pub flat: bool,
 }
-command!(
-    QueryNamedBlockNodes,
-    "query-named-block-nodes",
-    Vec<BlockNodeInfo>
-);
+command!(QueryNamedBlockNodes, "query-named-block-nodes", Vec<BlockNodeInfo>);
 
 /// One block node.
 #[derive(Debug, Clone, Deserialize)]
@@ -597,11 +586,7 @@ pub struct BlockSetWriteThreshold {
     #[serde(rename = "write-threshold")]
     pub write_threshold: u64,
 }
-command!(
-    BlockSetWriteThreshold,
-    "block-set-write-threshold",
-    IgnoredAny
-);
+command!(BlockSetWriteThreshold, "block-set-write-threshold", IgnoredAny);
 
 /// `nbd-server-start` on a unix socket (this command keeps the legacy address form).
 #[derive(Debug, Serialize)]
@@ -652,10 +637,8 @@ mod tests {
         };
         assert_eq!(
             serde_json::to_value(BlockdevAdd(opts)).ok(),
-            Some(
-                json!({"driver": "qcow2", "node-name": "q1", "read-only": true, "backing": null,
-                "file": {"driver": "file", "node-name": "f1", "filename": "/p/a.qcow2"}})
-            )
+            Some(json!({"driver": "qcow2", "node-name": "q1", "read-only": true, "backing": null,
+                "file": {"driver": "file", "node-name": "f1", "filename": "/p/a.qcow2"}}))
         );
     }
 
@@ -671,10 +654,8 @@ mod tests {
         };
         assert_eq!(
             serde_json::to_value(b).ok(),
-            Some(
-                json!({"job-id": "j", "device": "a", "target": "b", "sync": "full",
-                "auto-finalize": false, "auto-dismiss": false})
-            )
+            Some(json!({"job-id": "j", "device": "a", "target": "b", "sync": "full",
+                "auto-finalize": false, "auto-dismiss": false}))
         );
         let t = Transaction {
             actions: vec![TransactionAction::BlockdevSnapshot(BlockdevSnapshot {
@@ -689,10 +670,7 @@ mod tests {
             )
         );
         let nbd = NbdServerStart {
-            addr: LegacyUnixAddress {
-                kind: "unix",
-                data: LegacyUnixData { path: "/s".into() },
-            },
+            addr: LegacyUnixAddress { kind: "unix", data: LegacyUnixData { path: "/s".into() } },
         };
         assert_eq!(
             serde_json::to_value(nbd).ok(),
@@ -703,11 +681,7 @@ mod tests {
     #[test]
     fn version_comparison_orders_major_then_minor() {
         let v = |major, minor| VersionInfo {
-            qemu: VersionTriple {
-                major,
-                minor,
-                micro: 0,
-            },
+            qemu: VersionTriple { major, minor, micro: 0 },
             package: String::new(),
         };
         assert!(v(7, 2).at_least(7, 2));

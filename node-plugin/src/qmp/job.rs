@@ -39,18 +39,8 @@ impl Job {
         options: JobOptions,
     ) -> Result<Job> {
         let events = client.subscribe();
-        client.call(command).await.map_err(|source| Error::Qmp {
-            command: C::NAME,
-            source,
-        })?;
-        Ok(Job {
-            client: client.clone(),
-            id,
-            kind,
-            events,
-            options,
-            status: "created".into(),
-        })
+        client.call(command).await.map_err(|source| Error::Qmp { command: C::NAME, source })?;
+        Ok(Job { client: client.clone(), id, kind, events, options, status: "created".into() })
     }
 
     /// Runs a job to its end.
@@ -61,10 +51,7 @@ impl Job {
         command: &C,
         options: JobOptions,
     ) -> Result<()> {
-        Job::start(client, id, kind, command, options)
-            .await?
-            .wait()
-            .await
+        Job::start(client, id, kind, command, options).await?.wait().await
     }
 
     /// The job id.
@@ -75,15 +62,9 @@ impl Job {
     /// Changes the job's rate limit (bytes per second, 0 = unlimited).
     pub async fn set_speed(&self, speed: u64) -> Result<()> {
         self.client
-            .call(&BlockJobSetSpeed {
-                device: self.id.clone(),
-                speed,
-            })
+            .call(&BlockJobSetSpeed { device: self.id.clone(), speed })
             .await
-            .map_err(|source| Error::Qmp {
-                command: BlockJobSetSpeed::NAME,
-                source,
-            })?;
+            .map_err(|source| Error::Qmp { command: BlockJobSetSpeed::NAME, source })?;
         Ok(())
     }
 
@@ -93,10 +74,7 @@ impl Job {
             .client
             .call(&QueryJobs {})
             .await
-            .map_err(|source| Error::Qmp {
-                command: QueryJobs::NAME,
-                source,
-            })?;
+            .map_err(|source| Error::Qmp { command: QueryJobs::NAME, source })?;
         Ok(jobs
             .into_iter()
             .find(|j| j.id == self.id)
@@ -117,14 +95,9 @@ impl Job {
             match self.status.as_str() {
                 "pending" if self.options.manual_finalize => {
                     self.client
-                        .call(&JobFinalize {
-                            id: self.id.clone(),
-                        })
+                        .call(&JobFinalize { id: self.id.clone() })
                         .await
-                        .map_err(|source| Error::Qmp {
-                            command: JobFinalize::NAME,
-                            source,
-                        })?;
+                        .map_err(|source| Error::Qmp { command: JobFinalize::NAME, source })?;
                 }
                 "concluded" => return self.conclude().await,
                 _ => {}
@@ -159,30 +132,15 @@ impl Job {
             .client
             .call(&QueryJobs {})
             .await
-            .map_err(|source| Error::Qmp {
-                command: QueryJobs::NAME,
-                source,
-            })?;
-        let error = jobs
-            .into_iter()
-            .find(|j| j.id == self.id)
-            .and_then(|j| j.error);
+            .map_err(|source| Error::Qmp { command: QueryJobs::NAME, source })?;
+        let error = jobs.into_iter().find(|j| j.id == self.id).and_then(|j| j.error);
         self.client
-            .call(&JobDismiss {
-                id: self.id.clone(),
-            })
+            .call(&JobDismiss { id: self.id.clone() })
             .await
-            .map_err(|source| Error::Qmp {
-                command: JobDismiss::NAME,
-                source,
-            })?;
+            .map_err(|source| Error::Qmp { command: JobDismiss::NAME, source })?;
         match error {
             None => Ok(()),
-            Some(message) => Err(Error::Job {
-                job: self.id,
-                kind: self.kind.to_owned(),
-                message,
-            }),
+            Some(message) => Err(Error::Job { job: self.id, kind: self.kind.to_owned(), message }),
         }
     }
 }

@@ -93,9 +93,7 @@ pub struct Features {
 impl Features {
     /// Derives the feature set from the daemon's version.
     pub fn for_version(version: &VersionInfo) -> Self {
-        Features {
-            loop_direct_io_over_fuse: version.at_least(10, 1),
-        }
+        Features { loop_direct_io_over_fuse: version.at_least(10, 1) }
     }
 }
 
@@ -121,11 +119,7 @@ impl Daemon {
             ?origin,
             "connected to qemu-storage-daemon"
         );
-        let daemon = Daemon {
-            config,
-            client: Mutex::new(client),
-            version: Mutex::new(version),
-        };
+        let daemon = Daemon { config, client: Mutex::new(client), version: Mutex::new(version) };
         Ok((daemon, origin))
     }
 
@@ -185,10 +179,7 @@ async fn query_version(client: &QmpClient) -> Result<VersionInfo> {
     client
         .call(&QueryVersion {})
         .await
-        .map_err(|source| Error::Qmp {
-            command: "query-version",
-            source,
-        })
+        .map_err(|source| Error::Qmp { command: "query-version", source })
 }
 
 async fn establish(config: &DaemonConfig) -> Result<(QmpClient, Origin)> {
@@ -217,10 +208,7 @@ async fn establish(config: &DaemonConfig) -> Result<(QmpClient, Origin)> {
 async fn connect_qmp(socket: &Path) -> Result<QmpClient> {
     match tokio::time::timeout(GREETING_TIMEOUT, QmpClient::connect(socket)).await {
         Ok(Ok(client)) => Ok(client),
-        Ok(Err(source)) => Err(Error::Qmp {
-            command: "connect",
-            source,
-        }),
+        Ok(Err(source)) => Err(Error::Qmp { command: "connect", source }),
         Err(_) => Err(Error::Qmp {
             command: "connect",
             source: QmpError::Protocol("no greeting: is another client on this monitor?".into()),
@@ -231,10 +219,7 @@ async fn connect_qmp(socket: &Path) -> Result<QmpClient> {
 fn prepare_run_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if dir.to_string_lossy().contains(',') {
-        return Err(Error::invalid(
-            "run dir",
-            "must not contain ',' (QEMU option separator)",
-        ));
+        return Err(Error::invalid("run dir", "must not contain ',' (QEMU option separator)"));
     }
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -251,9 +236,7 @@ fn running_pid(pidfile: &Path) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let argv0 = cmdline.split(|b| *b == 0).next()?;
-    String::from_utf8_lossy(argv0)
-        .contains("qemu-storage-daemon")
-        .then_some(pid)
+    String::from_utf8_lossy(argv0).contains("qemu-storage-daemon").then_some(pid)
 }
 
 async fn start(config: &DaemonConfig) -> Result<()> {
@@ -294,14 +277,8 @@ async fn start(config: &DaemonConfig) -> Result<()> {
     // With --daemonize the parent exits once the monitors listen (or start-up failed).
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
         .await
-        .map_err(|_| Error::DaemonStart {
-            reason: "start-up timed out".into(),
-            source: None,
-        })?
-        .map_err(|source| Error::DaemonStart {
-            reason: "wait".into(),
-            source: Some(source),
-        })?;
+        .map_err(|_| Error::DaemonStart { reason: "start-up timed out".into(), source: None })?
+        .map_err(|source| Error::DaemonStart { reason: "wait".into(), source: Some(source) })?;
     if !status.success() {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         return Err(Error::DaemonStart {

@@ -24,10 +24,7 @@ impl Env {
     }
 
     pub async fn with_depth(depth: u32) -> Env {
-        let dir = tempfile::Builder::new()
-            .prefix("qsd-test-")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("qsd-test-").tempdir_in("/tmp").expect("tempdir");
         let config = EngineConfig {
             node: NodeName::parse("node-1").expect("node"),
             state_dir: dir.path().join("state"),
@@ -40,11 +37,7 @@ impl Env {
             default_max_chain_depth: depth,
         };
         let engine = Engine::open(config.clone()).await.expect("engine opens");
-        Env {
-            dir,
-            engine: Some(engine),
-            config,
-        }
+        Env { dir, engine: Some(engine), config }
     }
 
     pub fn engine(&self) -> &Engine {
@@ -72,9 +65,7 @@ impl Env {
     /// Simulates a node-plugin restart: the engine goes away, the daemon keeps running.
     pub async fn restart_engine(&mut self) -> Engine {
         drop(self.engine.take());
-        Engine::open(self.config.clone())
-            .await
-            .expect("engine reopens")
+        Engine::open(self.config.clone()).await.expect("engine reopens")
     }
 
     pub fn daemon_pid(&self) -> u32 {
@@ -83,9 +74,7 @@ impl Env {
 
     pub fn kill_daemon(&self) {
         let pid = self.daemon_pid();
-        let status = std::process::Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
+        let status = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
         assert!(status.is_ok_and(|s| s.success()), "kill -KILL {pid}");
     }
 }
@@ -93,21 +82,14 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         if let Some(pid) = self.engine.as_ref().and_then(|e| e.daemon().pid()) {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
         } else if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("run/qsd.pid")) {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", pid.trim()])
-                .status();
+            let _ = std::process::Command::new("kill").args(["-KILL", pid.trim()]).status();
         }
         // Dead FUSE exports stay mounted until detached.
         if let Ok(entries) = std::fs::read_dir(self.dir.path().join("state/exports")) {
             for entry in entries.flatten() {
-                let _ = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(entry.path())
-                    .status();
+                let _ = std::process::Command::new("umount").arg("-l").arg(entry.path()).status();
             }
         }
     }
@@ -145,16 +127,11 @@ pub fn reconciled_origin(e: &EngineEvent) -> Option<(Origin, usize)> {
 
 /// A deterministic pattern for block `index` with `seed`.
 pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| seed.wrapping_mul(31).wrapping_add((i % 251) as u8))
-        .collect()
+    (0..len).map(|i| seed.wrapping_mul(31).wrapping_add((i % 251) as u8)).collect()
 }
 
 pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .expect("open export");
+    let f = std::fs::OpenOptions::new().write(true).open(path).expect("open export");
     f.write_all_at(data, offset).expect("write export");
     f.sync_all().expect("fsync export");
 }
@@ -167,10 +144,7 @@ pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
 }
 
 pub fn qemu_img(args: &[&str]) -> std::process::Output {
-    std::process::Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img runs")
+    std::process::Command::new("qemu-img").args(args).output().expect("qemu-img runs")
 }
 
 /// Reads a whole volume's visible content offline through qemu-img (follows the chain).
@@ -186,9 +160,5 @@ pub fn read_volume_offline(env: &Env, volume_id: &str, out: &Path) {
         src.to_str().unwrap_or_default(),
         out.to_str().unwrap_or_default(),
     ]);
-    assert!(
-        o.status.success(),
-        "qemu-img convert: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "qemu-img convert: {}", String::from_utf8_lossy(&o.stderr));
 }
