@@ -199,3 +199,26 @@ fn nbd_size(e: &qsd_node::graph::ExportEndpoint) -> u64 {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("qemu-img info json");
     v["virtual-size"].as_u64().expect("size")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vhost_user_blk_export_listens_on_a_private_socket_until_detached() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let env = Env::new().await;
+    let core = env.core();
+    let vol = core
+        .create_volume(&CreateVolume::new("local", "vm", 16 * MIB as i64))
+        .await
+        .expect("create");
+    let endpoint = core.attach(&vol.id, ExportKind::VhostUserBlk).await.expect("attach").endpoint;
+    let meta = std::fs::metadata(&endpoint.path).expect("socket exists");
+    assert!(meta.file_type().is_socket());
+    let dir = endpoint.path.parent().expect("dir");
+    assert_eq!(
+        std::fs::metadata(dir).expect("dir").permissions().mode() & 0o077,
+        0,
+        "root-only dir"
+    );
+    core.expand_volume(&vol.id, 32 * MIB as i64).await.expect("online expand under vhost-user-blk");
+    core.detach(&vol.id).await.expect("detach");
+    assert!(!endpoint.path.exists(), "socket removed");
+}

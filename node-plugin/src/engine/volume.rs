@@ -253,10 +253,13 @@ impl EngineCore {
                 graph::call(&qmp, &resize).await?;
             }
         } else {
+            // Only the head grows, and a head is never smaller than its backing layers, so the
+            // backing chain need not be opened (nothing below could need zeroing): O(1) in depth.
             let names = Names::new(graph::fresh_tag());
-            let top = graph::open_chain(&qmp, &pool, &names, &chain, false).await?;
+            let head = &chain[..1];
+            let top = graph::open_chain(&qmp, &pool, &names, head, false).await?;
             let resized = graph::call(&qmp, &BlockResize { node_name: top, size }).await;
-            graph::close_chain(&qmp, &names, &chain).await?;
+            graph::close_chain(&qmp, &names, head).await?;
             resized?;
         }
         pool.put_volume(VolumeRecord { size, ..record })?;

@@ -356,10 +356,21 @@ impl Pool {
                 continue;
             };
             let known = LayerId::parse(stem).is_ok_and(|id| self.index().layers.contains_key(&id));
-            if !known {
+            // In a shared pool another node may be creating this image right now; only images
+            // that have sat without a record for an hour are leftovers.
+            let settled = self.kind == PoolKind::Local
+                || entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| {
+                    t.elapsed().is_ok_and(|age| age > std::time::Duration::from_secs(3600))
+                });
+            if !known && settled {
                 tracing::warn!(pool = self.name.as_str(), file = %name, "removing an image with no record");
                 store::remove(&dir, &name)?;
             }
+        }
+        if self.kind == PoolKind::Shared {
+            // Another node may be between writing a layer record and the record that refers to
+            // it; unreferenced records in shared pools wait for an owner-coordinated sweep.
+            return Ok(());
         }
         loop {
             let orphans: Vec<LayerId> = {
@@ -441,6 +452,18 @@ mod tests {
         assert_eq!(p.layer_ids(), vec![kept]);
         assert!(!stray.exists() && !p.layer_path(unreferenced).exists());
         assert_eq!(p.volume("v").map(|v| v.head), Some(kept));
+    }
+
+    #[test]
+    fn a_shared_pool_keeps_a_fresh_image_another_node_may_still_be_creating() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = PoolName::parse("s").expect("name");
+        let p = Pool::open(dir.path(), name.clone(), PoolKind::Shared).expect("open");
+        let in_progress = p.layer_path(LayerId::random());
+        std::fs::write(&in_progress, b"being created elsewhere").expect("image");
+        drop(p);
+        Pool::open(dir.path(), name, PoolKind::Shared).expect("reopen");
+        assert!(in_progress.exists());
     }
 
     #[test]
