@@ -23,9 +23,7 @@ async fn snapshot_keeps_data_written_before_it_and_hides_later_writes() {
     let after = pattern(2, MIB as usize);
     write_at(&export, 0, &after);
 
-    let mut restore = CreateVolume::new("local", "r1", 0);
-    restore.size = None;
-    restore.source = Some(VolumeSource::Snapshot(snap.id.clone()));
+    let mut restore = restore_request("r1", &snap.id);
     let restored = core.create_volume(&restore).await.expect("restore");
     assert_eq!(restored.size, 64 * MIB);
     let rexport =
@@ -84,9 +82,7 @@ async fn clone_matches_its_source_at_the_start_while_the_source_keeps_being_writ
     let expected = env.dir.path().join("expected.raw");
     std::fs::write(&expected, read_at(&export, 0, size as usize)).expect("expected image");
 
-    let mut request = CreateVolume::new("local", "copy", 0);
-    request.size = None;
-    request.source = Some(VolumeSource::Volume(vol.id.clone()));
+    let request = clone_request("copy", &vol.id);
     // Start the copy at one byte per second so that it is certainly still running while we write.
     let mut task = core.start_clone_with_speed(&request, Some(1)).await.expect("start clone");
     let job = task.job().expect("copy job");
@@ -174,24 +170,6 @@ async fn expand_grows_the_virtual_size_online_and_offline_and_keeps_every_byte()
     );
     let err = core.expand_volume(&vol.id, 8 * MIB as i64).await.expect_err("shrink");
     assert_eq!(err.kind(), qsd_node::ErrorKind::OutOfRange);
-}
-
-fn nbd_uri(e: &qsd_node::graph::ExportEndpoint) -> String {
-    format!("nbd+unix:///{}?socket={}", e.name, e.path.display())
-}
-
-/// Runs one qemu-io command against an NBD export and fails on any error or pattern mismatch.
-pub fn nbd_io(e: &qsd_node::graph::ExportEndpoint, cmd: &str) {
-    let out = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-c", cmd, &nbd_uri(e)])
-        .output()
-        .expect("qemu-io runs");
-    let text =
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success() && !text.contains("fail") && !text.contains("error"),
-        "{cmd}: {text}"
-    );
 }
 
 fn nbd_size(e: &qsd_node::graph::ExportEndpoint) -> u64 {

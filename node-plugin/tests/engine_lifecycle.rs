@@ -4,34 +4,13 @@
 mod common;
 
 use common::*;
-use qsd_node::engine::{CreateVolume, EngineEvent, VolumeSource};
+use qsd_node::engine::{CreateVolume, EngineEvent};
 use qsd_node::graph::{ExportEndpoint, ExportKind};
 use qsd_node::qmp::commands::{
     QomGetLimits, QomList, QueryBlockExports, QueryNamedBlockNodes, ThrottleLimits,
 };
 use qsd_node::qsd::Origin;
 use qsd_node::ErrorKind;
-
-fn nbd_io(e: &ExportEndpoint, cmd: &str) {
-    let uri = format!("nbd+unix:///{}?socket={}", e.name, e.path.display());
-    let out = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-c", cmd, &uri])
-        .output()
-        .expect("qemu-io");
-    let text =
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success() && !text.contains("fail") && !text.contains("error"),
-        "{cmd}: {text}"
-    );
-}
-
-fn restore_request(name: &str, snapshot_id: &str) -> CreateVolume {
-    let mut r = CreateVolume::new("local", name, 0);
-    r.size = None;
-    r.source = Some(VolumeSource::Snapshot(snapshot_id.to_owned()));
-    r
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_snapshot_that_backs_a_live_volume_keeps_its_data_and_its_layer() {
@@ -398,9 +377,7 @@ async fn a_second_operation_on_a_busy_volume_is_aborted_while_others_proceed() {
         .expect("create");
     let export = core.attach(&src.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
     write_at(&export, 0, &pattern(1, 4 * MIB as usize));
-    let mut request = CreateVolume::new("local", "copy", 0);
-    request.size = None;
-    request.source = Some(VolumeSource::Volume(src.id.clone()));
+    let request = clone_request("copy", &src.id);
     let mut task = core.start_clone_with_speed(&request, Some(1)).await.expect("clone");
     task.job().expect("job").running().await.expect("running");
     let busy = core.create_snapshot(&src.id, "s").await.expect_err("source is busy");

@@ -54,17 +54,8 @@ async fn an_externally_managed_daemon_is_reconnected_and_rebuilt_after_its_resta
     let vol =
         core.create_volume(&CreateVolume::new("local", "v", 8 * MIB as i64)).await.expect("create");
     let ep = core.attach(&vol.id, ExportKind::Nbd).await.expect("attach").endpoint;
-    let uri = format!("nbd+unix:///{}?socket={}", ep.name, ep.path.display());
-    let io = |cmd: &str| {
-        let out = std::process::Command::new("qemu-io")
-            .args(["-f", "raw", "-c", cmd, &uri])
-            .output()
-            .expect("qemu-io");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success() && !text.contains("fail"), "{cmd}: {text}");
-    };
-    io("write -P 0x77 0 1M");
-    io("flush");
+    nbd_io(&ep, "write -P 0x77 0 1M");
+    nbd_io(&ep, "flush");
 
     sidecar.kill().expect("SIGKILL the sidecar");
     sidecar.wait().expect("reaped");
@@ -72,7 +63,7 @@ async fn an_externally_managed_daemon_is_reconnected_and_rebuilt_after_its_resta
     let mut sidecar = start_sidecar(&run); // its manager restarts it
     let event = wait_event(&mut events, is_reconciled).await;
     assert_eq!(reconciled_origin(&event), Some((Origin::Adopted, 1)), "reconnected and rebuilt");
-    io("read -P 0x77 0 1M");
+    nbd_io(&ep, "read -P 0x77 0 1M");
     core.detach(&vol.id).await.expect("detach");
     drop(engine);
     sidecar.kill().expect("stop sidecar");

@@ -162,3 +162,38 @@ pub fn read_volume_offline(env: &Env, volume_id: &str, out: &Path) {
     ]);
     assert!(o.status.success(), "qemu-img convert: {}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// The URI of an NBD export for qemu-io / qemu-img.
+pub fn nbd_uri(e: &qsd_node::graph::ExportEndpoint) -> String {
+    format!("nbd+unix:///{}?socket={}", e.name, e.path.display())
+}
+
+/// Runs one qemu-io command against an NBD export; fails on any error or pattern mismatch.
+pub fn nbd_io(e: &qsd_node::graph::ExportEndpoint, cmd: &str) {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", cmd, &nbd_uri(e)])
+        .output()
+        .expect("qemu-io runs");
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && !text.contains("fail") && !text.contains("error"),
+        "{cmd}: {text}"
+    );
+}
+
+/// A request for a volume restored from a snapshot at the snapshot's size.
+pub fn restore_request(name: &str, snapshot_id: &str) -> qsd_node::engine::CreateVolume {
+    let mut r = qsd_node::engine::CreateVolume::new("local", name, 0);
+    r.size = None;
+    r.source = Some(qsd_node::engine::VolumeSource::Snapshot(snapshot_id.to_owned()));
+    r
+}
+
+/// A request for a full clone of a volume at its size.
+pub fn clone_request(name: &str, volume_id: &str) -> qsd_node::engine::CreateVolume {
+    let mut r = qsd_node::engine::CreateVolume::new("local", name, 0);
+    r.size = None;
+    r.source = Some(qsd_node::engine::VolumeSource::Volume(volume_id.to_owned()));
+    r
+}
