@@ -200,3 +200,33 @@ async fn a_vhost_user_blk_export_listens_on_a_private_socket_until_detached() {
     core.detach(&vol.id).await.expect("detach");
     assert!(!endpoint.path.exists(), "socket removed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preallocation_modes_allocate_what_they_promise_and_thin_allocates_almost_nothing() {
+    use qsd_node::qmp::commands::Preallocation;
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new().await;
+    let core = env.core();
+    let size = 64 * MIB;
+    let mut allocated = Vec::new();
+    for (name, mode) in [
+        ("off", Preallocation::Off),
+        ("metadata", Preallocation::Metadata),
+        ("falloc", Preallocation::Falloc),
+        ("full", Preallocation::Full),
+    ] {
+        let mut request = CreateVolume::new("local", name, size as i64);
+        request.preallocation = mode;
+        let vol = core.create_volume(&request).await.expect("create");
+        let (pool, chain) = core.volume_chain(&vol.id).expect("chain");
+        let meta = std::fs::metadata(pool.layer_path(chain[0])).expect("image");
+        allocated.push((name, meta.blocks() * 512, meta.len()));
+    }
+    let (_, thin, _) = allocated[0];
+    assert!(thin < 2 * MIB, "thin volume allocates only metadata: {allocated:?}");
+    let (_, _, metadata_len) = allocated[1];
+    assert!(metadata_len >= size, "metadata preallocation sizes the file: {allocated:?}");
+    for (name, blocks, _) in &allocated[2..] {
+        assert!(*blocks >= size, "{name} allocates the whole volume: {allocated:?}");
+    }
+}
