@@ -180,6 +180,11 @@ impl Error {
         Error::Io { op, path: path.into(), source }
     }
 
+    /// True when a volume or snapshot ID failed to parse: such an ID names nothing we hold.
+    pub fn is_malformed_id(&self) -> bool {
+        matches!(self, Error::InvalidArgument { field, .. } if field.ends_with(" ID"))
+    }
+
     /// True when the error is a QMP command error whose description contains `needle`.
     pub fn qmp_desc_contains(&self, needle: &str) -> bool {
         matches!(self, Error::Qmp { source: QmpError::Command { desc, .. }, .. } if desc.contains(needle))

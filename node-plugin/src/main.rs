@@ -35,31 +35,6 @@ struct Args {
     max_chain_depth: u32,
 }
 
-fn parse_pool(spec: &str) -> anyhow::Result<PoolConfig> {
-    let (name, rest) = spec.split_once('=').context("a pool is NAME=PATH[,shared]")?;
-    let (path, kind) = match rest.strip_suffix(",shared") {
-        Some(path) => (path, PoolKind::Shared),
-        None => (rest, PoolKind::Local),
-    };
-    Ok(PoolConfig { name: PoolName::parse(name)?, path: PathBuf::from(path), kind })
-}
-
-fn host_node_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let name: String = host
-        .trim()
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' })
-        .collect();
-    let name = name.trim_matches(|c| c == '-' || c == '.').to_owned();
-    if name.is_empty() {
-        "localhost".to_owned()
-    } else {
-        name
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -68,7 +43,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let mut pools = args.pools.iter().map(|p| parse_pool(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut pools =
+        args.pools.iter().map(|p| PoolConfig::parse_spec(p)).collect::<Result<Vec<_>, _>>()?;
     if pools.is_empty() {
         pools.push(PoolConfig {
             name: PoolName::parse("default")?,
@@ -76,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
             kind: PoolKind::Local,
         });
     }
-    let node = NodeName::parse(&args.node.unwrap_or_else(host_node_name))?;
+    let node = NodeName::parse(&args.node.unwrap_or_else(NodeName::host_default))?;
     let daemon = DaemonConfig {
         binary: args.qsd_binary,
         run_dir: args.state_dir.join("run"),
@@ -106,24 +82,4 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!("stopping; qemu-storage-daemon and its exports keep running");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pools_parse_as_name_equals_path_with_an_optional_shared_flag() {
-        let p = parse_pool("fast=/srv/fast").expect("local");
-        assert_eq!((p.name.as_str(), p.kind), ("fast", PoolKind::Local));
-        let p = parse_pool("nfs=/mnt/nfs/qsd,shared").expect("shared");
-        assert_eq!((p.path, p.kind), (PathBuf::from("/mnt/nfs/qsd"), PoolKind::Shared));
-        assert!(parse_pool("no-equals").is_err());
-        assert!(parse_pool("Bad=/x").is_err());
-    }
-
-    #[test]
-    fn the_host_name_becomes_a_valid_node_name() {
-        assert!(NodeName::parse(&host_node_name()).is_ok());
-    }
 }

@@ -50,6 +50,23 @@ pub struct PoolConfig {
     pub kind: PoolKind,
 }
 
+impl PoolConfig {
+    /// Parses `NAME=PATH` (a local pool) or `NAME=PATH,shared`.
+    pub fn parse_spec(spec: &str) -> Result<PoolConfig> {
+        let (name, rest) = spec
+            .split_once('=')
+            .ok_or_else(|| Error::invalid("pool", format!("{spec:?} is not NAME=PATH[,shared]")))?;
+        let (path, kind) = match rest.strip_suffix(",shared") {
+            Some(path) => (path, PoolKind::Shared),
+            None => (rest, PoolKind::Local),
+        };
+        if path.is_empty() {
+            return Err(Error::invalid("pool", format!("{spec:?} has no path")));
+        }
+        Ok(PoolConfig { name: PoolName::parse(name)?, path: PathBuf::from(path), kind })
+    }
+}
+
 /// Everything the engine needs to start.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -305,5 +322,21 @@ impl EngineCore {
             IdKind::Snapshot => "snap",
         };
         format!("{prefix}/{}/{name}", pool.name().as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_parse_as_name_equals_path_with_an_optional_shared_flag() {
+        let p = PoolConfig::parse_spec("fast=/srv/fast").expect("local");
+        assert_eq!((p.name.as_str(), p.kind), ("fast", PoolKind::Local));
+        let p = PoolConfig::parse_spec("nfs=/mnt/nfs/qsd,shared").expect("shared");
+        assert_eq!((p.path, p.kind), (PathBuf::from("/mnt/nfs/qsd"), PoolKind::Shared));
+        for bad in ["no-equals", "Bad=/x", "p=", "p=,shared"] {
+            assert!(PoolConfig::parse_spec(bad).is_err(), "{bad}");
+        }
     }
 }

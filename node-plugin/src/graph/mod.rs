@@ -285,42 +285,13 @@ pub async fn add_export(qmp: &QmpClient, names: &Names, endpoint: &ExportEndpoin
 /// The FUSE export mounts over an existing regular file. A daemon killed while exporting leaves
 /// a dead FUSE mount there; detach it before mounting again.
 async fn prepare_fuse_mountpoint(path: &Path) -> Result<()> {
-    if is_mountpoint(path) {
-        crate::graph::run("umount", &["-l".as_ref(), path.as_os_str()]).await?;
+    if crate::mount::is_mountpoint(path) {
+        crate::command::run("umount", &["-l".as_ref(), path.as_os_str()]).await?;
     }
     if !path.exists() {
         std::fs::File::create(path).map_err(|e| Error::io("create FUSE mountpoint", path, e))?;
     }
     Ok(())
-}
-
-fn is_mountpoint(path: &Path) -> bool {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let target = path.display().to_string();
-    // Field 5 is the mount point, with spaces escaped as \040.
-    mounts.lines().filter_map(|l| l.split(' ').nth(4)).any(|m| m.replace("\\040", " ") == target)
-}
-
-/// Runs a short external command with `LC_ALL=C`, a timeout and stderr captured into the error.
-pub async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
-    let mut command = tokio::process::Command::new(program);
-    command.args(args).env("LC_ALL", "C").kill_on_drop(true);
-    let output = tokio::time::timeout(std::time::Duration::from_secs(60), command.output())
-        .await
-        .map_err(|_| Error::Command {
-            program: program.into(),
-            stderr: "timed out after 60 s".into(),
-        })?
-        .map_err(|e| Error::Command { program: program.into(), stderr: e.to_string() })?;
-    if !output.status.success() {
-        return Err(Error::Command {
-            program: program.into(),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Deletes an export and waits until the daemon reports it gone. `hard` disconnects clients.

@@ -80,6 +80,25 @@ impl NodeName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// This host's name made into a node name (lowercased, other characters replaced by '-'),
+    /// or `localhost`.
+    pub fn host_default() -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let name: String = host
+            .trim()
+            .to_ascii_lowercase()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' })
+            .take(63)
+            .collect();
+        let name = name.trim_matches(|c| c == '-' || c == '.').replace("..", ".");
+        if NodeName::parse(&name).is_ok() {
+            name
+        } else {
+            "localhost".to_owned()
+        }
+    }
 }
 
 /// A volume or snapshot name: letters, digits, `_`, `-`, `.`; no `..`; at most 64 bytes.

@@ -1,0 +1,32 @@
+//! One way to run an external command: `LC_ALL=C`, a timeout, killed on drop, stderr kept for
+//! the error.
+
+use std::ffi::OsStr;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// How long any helper command may take.
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs `program` with `args`; returns its stdout, or an error carrying its stderr.
+pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Result<String> {
+    let mut command = tokio::process::Command::new(program);
+    command.args(args).env("LC_ALL", "C").kill_on_drop(true).stdin(std::process::Stdio::null());
+    let output = tokio::time::timeout(TIMEOUT, command.output())
+        .await
+        .map_err(|_| Error::Command {
+            program: program.into(),
+            stderr: format!("timed out after {} s", TIMEOUT.as_secs()),
+        })?
+        .map_err(|e| Error::Command { program: program.into(), stderr: e.to_string() })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        return Err(Error::Command {
+            program: program.into(),
+            stderr: if stderr.is_empty() { format!("{}: {stdout}", output.status) } else { stderr },
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}

@@ -1,0 +1,88 @@
+//! The CSI Node service, and the one mapping from our errors to gRPC status codes.
+
+mod node;
+
+pub use node::{NodeConfig, NodeService, TOPOLOGY_KEY};
+pub use qsd_csi_proto::csi;
+
+use crate::error::{Error, ErrorKind};
+
+/// The gRPC code for each kind of error. Exhaustive: a new kind must choose its code.
+pub fn code(kind: ErrorKind) -> tonic::Code {
+    match kind {
+        ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
+        ErrorKind::NotFound => tonic::Code::NotFound,
+        ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
+        ErrorKind::OutOfRange => tonic::Code::OutOfRange,
+        ErrorKind::Aborted => tonic::Code::Aborted,
+        ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
+        ErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
+        ErrorKind::Unavailable => tonic::Code::Unavailable,
+        ErrorKind::Internal => tonic::Code::Internal,
+    }
+}
+
+/// Turns an error into a status whose message is the whole cause chain. An ID that cannot be
+/// ours names no volume or snapshot, which CSI reports as NOT_FOUND.
+pub fn status(error: Error) -> tonic::Status {
+    let code = if error.is_malformed_id() { tonic::Code::NotFound } else { code(error.kind()) };
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    tonic::Status::new(code, message)
+}
+
+/// A required request field.
+pub fn required<'a>(field: &'static str, value: &'a str) -> Result<&'a str, tonic::Status> {
+    if value.is_empty() {
+        return Err(tonic::Status::invalid_argument(format!("{field} is required")));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_kind_has_the_grpc_code_the_spec_expects() {
+        let table = [
+            (ErrorKind::InvalidArgument, tonic::Code::InvalidArgument),
+            (ErrorKind::NotFound, tonic::Code::NotFound),
+            (ErrorKind::AlreadyExists, tonic::Code::AlreadyExists),
+            (ErrorKind::OutOfRange, tonic::Code::OutOfRange),
+            (ErrorKind::Aborted, tonic::Code::Aborted),
+            (ErrorKind::FailedPrecondition, tonic::Code::FailedPrecondition),
+            (ErrorKind::ResourceExhausted, tonic::Code::ResourceExhausted),
+            (ErrorKind::Unavailable, tonic::Code::Unavailable),
+            (ErrorKind::Internal, tonic::Code::Internal),
+        ];
+        for (kind, expected) in table {
+            assert_eq!(code(kind), expected, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn an_id_that_cannot_be_ours_is_not_found_at_the_csi_boundary() {
+        let e =
+            crate::pool::id::ObjectId::parse(crate::pool::id::IdKind::Volume, "not-an-id").err();
+        assert_eq!(e.map(|e| status(e).code()), Some(tonic::Code::NotFound));
+        assert_eq!(status(Error::invalid("size", "x")).code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_status_message_carries_the_cause_chain() {
+        let e = Error::io("write metadata", "/p/v.json", std::io::Error::from_raw_os_error(28));
+        let s = status(e);
+        assert_eq!(s.code(), tonic::Code::Internal);
+        assert!(
+            s.message().starts_with("write metadata /p/v.json: No space left"),
+            "{}",
+            s.message()
+        );
+    }
+}

@@ -1,0 +1,168 @@
+//! Filesystems on volumes: probe, format (only a device with no filesystem), mount, bind, grow,
+//! and usage statistics. Every tool runs through [`crate::command::run`].
+
+use std::path::Path;
+
+use crate::command::run;
+use crate::error::{Error, Result};
+
+/// Filesystems we format and grow.
+pub const SUPPORTED_FS: &[&str] = &["ext4", "xfs"];
+
+/// Whether `path` is a mount point (from `/proc/self/mountinfo`).
+pub fn is_mountpoint(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let target = path.display().to_string();
+    // Field 5 is the mount point; spaces are escaped as \040.
+    mounts.lines().filter_map(|l| l.split(' ').nth(4)).any(|m| m.replace("\\040", " ") == target)
+}
+
+/// Every mount point whose source is `device` (matched by its major:minor in mountinfo).
+pub fn mounts_of(device: &Path) -> Result<Vec<std::path::PathBuf>> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(device) else { return Ok(Vec::new()) };
+    let rdev = meta.rdev();
+    let id = format!("{}:{}", nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("read", "/proc/self/mountinfo", e))?;
+    Ok(mounts
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .filter(|f| f.len() > 4 && f[2] == id)
+        .map(|f| std::path::PathBuf::from(f[4].replace("\\040", " ")))
+        .collect())
+}
+
+/// The filesystem type on a device, or `None` if it holds none that blkid recognizes.
+pub async fn probe_fs(device: &Path) -> Result<Option<String>> {
+    // blkid exits 2 when it finds nothing; that is an answer, not an error.
+    match run(
+        "blkid",
+        &[
+            "-p".as_ref(),
+            "-s".as_ref(),
+            "TYPE".as_ref(),
+            "-o".as_ref(),
+            "value".as_ref(),
+            device.as_os_str(),
+        ],
+    )
+    .await
+    {
+        Ok(out) => Ok(Some(out.trim().to_owned()).filter(|t| !t.is_empty())),
+        Err(Error::Command { stderr, .. }) if stderr.starts_with("exit status: 2") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Formats `device` with `fs_type` unless it already holds a filesystem. Never reformats: a
+/// device holding a different filesystem is an error.
+pub async fn format_if_empty(device: &Path, fs_type: &str) -> Result<()> {
+    match probe_fs(device).await? {
+        Some(existing) if existing == fs_type => Ok(()),
+        Some(existing) => Err(Error::FailedPrecondition(format!(
+            "{} already holds {existing}, not {fs_type}; refusing to reformat",
+            device.display()
+        ))),
+        None => {
+            let mkfs = format!("mkfs.{fs_type}");
+            let force = if fs_type == "xfs" { "-f" } else { "-F" };
+            // Quiet, and no discard pass over a thin image (it would only waste time).
+            let nodiscard = if fs_type == "xfs" { "-K" } else { "-E" };
+            let mut args: Vec<&std::ffi::OsStr> = vec![force.as_ref(), nodiscard.as_ref()];
+            if fs_type != "xfs" {
+                args.push("nodiscard".as_ref());
+                args.push("-q".as_ref());
+            }
+            args.push(device.as_os_str());
+            run(&mkfs, &args).await.map(|_| ())
+        }
+    }
+}
+
+/// Mounts `source` on `target` (created if missing) with `fs_type` and `options`.
+pub async fn mount(
+    source: &Path,
+    target: &Path,
+    fs_type: Option<&str>,
+    options: &[String],
+) -> Result<()> {
+    std::fs::create_dir_all(target).map_err(|e| Error::io("create mount point", target, e))?;
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(t) = fs_type {
+        args.extend(["-t".into(), t.into()]);
+    }
+    if !options.is_empty() {
+        args.extend(["-o".into(), options.join(",").into()]);
+    }
+    args.extend([source.as_os_str().to_owned(), target.as_os_str().to_owned()]);
+    run("mount", &args).await.map(|_| ())
+}
+
+/// Bind-mounts `source` onto `target`; read-only if asked (a second remount is needed for it).
+pub async fn bind(source: &Path, target: &Path, read_only: bool) -> Result<()> {
+    run("mount", &["--bind".as_ref(), source.as_os_str(), target.as_os_str()]).await?;
+    if read_only {
+        run("mount", &["-o".as_ref(), "remount,bind,ro".as_ref(), target.as_os_str()]).await?;
+    }
+    Ok(())
+}
+
+/// Unmounts `target` if it is mounted.
+pub async fn unmount(target: &Path) -> Result<()> {
+    if is_mountpoint(target) {
+        run("umount", &[target.as_os_str()]).await?;
+    }
+    Ok(())
+}
+
+/// Grows the filesystem mounted at `mountpoint` (on `device`) to fill the device.
+pub async fn grow_fs(device: &Path, mountpoint: &Path) -> Result<()> {
+    match probe_fs(device).await?.as_deref() {
+        Some("xfs") => run("xfs_growfs", &[mountpoint.as_os_str()]).await.map(|_| ()),
+        Some(t) if t.starts_with("ext") => {
+            run("resize2fs", &[device.as_os_str()]).await.map(|_| ())
+        }
+        Some(other) => Err(Error::FailedPrecondition(format!("cannot grow a {other} filesystem"))),
+        None => Ok(()),
+    }
+}
+
+/// Bytes and inodes of the filesystem at `path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsUsage {
+    /// Total bytes.
+    pub bytes_total: u64,
+    /// Bytes available to unprivileged users.
+    pub bytes_available: u64,
+    /// Bytes used.
+    pub bytes_used: u64,
+    /// Total inodes.
+    pub inodes_total: u64,
+    /// Free inodes.
+    pub inodes_free: u64,
+}
+
+/// Usage of the filesystem at `path`.
+pub fn usage(path: &Path) -> Result<FsUsage> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(|e| Error::io("statvfs", path, e.into()))?;
+    let frag = st.fragment_size() as u64;
+    let total = st.blocks() as u64 * frag;
+    let free = st.blocks_free() as u64 * frag;
+    Ok(FsUsage {
+        bytes_total: total,
+        bytes_available: st.blocks_available() as u64 * frag,
+        bytes_used: total.saturating_sub(free),
+        inodes_total: st.files() as u64,
+        inodes_free: st.files_free() as u64,
+    })
+}
+
+/// Size in bytes of a block device.
+pub async fn device_size(device: &Path) -> Result<u64> {
+    let out = run("blockdev", &["--getsize64".as_ref(), device.as_os_str()]).await?;
+    out.trim().parse().map_err(|_| Error::Command {
+        program: "blockdev".into(),
+        stderr: format!("unexpected output {out:?}"),
+    })
+}
