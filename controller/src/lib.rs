@@ -1,4 +1,15 @@
-//! The qsd-csi controller.
+//! The qsd-csi controller: CSI Identity and Controller services.
 //!
-//! It maps CSI Controller calls onto node agents and never opens a qcow2 file itself. Its services
-//! arrive with the CSI work; today the block-graph engine in `qsd-csi-node` is driven directly.
+//! ```text
+//!   CSI request ─► params (validate, map names, sizes) ─► engine (in-process agent) ─► QMP
+//! ```
+//! Requests are parsed into typed engine commands before any side effect (`params`); engine
+//! errors become gRPC statuses through the node plugin's single mapping. The controller never
+//! opens an image itself: in standalone mode it calls the node's engine in-process.
+
+pub mod controller;
+pub mod identity;
+pub mod params;
+
+pub use controller::ControllerService;
+pub use identity::{IdentityService, PLUGIN_NAME};

@@ -1,0 +1,335 @@
+//! CSI requests turned into validated, typed engine commands before any side effect.
+
+use std::collections::HashMap;
+
+use qsd_csi_proto::csi;
+use qsd_node::engine::{CreateVolume, VolumeSource};
+use qsd_node::pool::id::SIZE_ALIGN;
+use qsd_node::pool::ObjectName;
+use qsd_node::qmp::commands::{Preallocation, ThrottleLimits};
+use sha2::Digest;
+use tonic::Status;
+
+/// Size of a volume created without a capacity range.
+pub const DEFAULT_SIZE: i64 = 1 << 30;
+
+/// Prefix of the parameters external-provisioner adds (PVC name, namespace, ...).
+const PROVISIONER_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// Maps any CSI name to a pool object name: kept if it already is one, otherwise a stable
+/// digest, so every name the spec allows works and the same name always maps the same way.
+pub fn object_name(csi_name: &str) -> String {
+    if ObjectName::parse(csi_name).is_ok() {
+        return csi_name.to_owned();
+    }
+    let digest = sha2::Sha256::digest(csi_name.as_bytes());
+    let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
+    format!("h-{hex}")
+}
+
+/// The byte size a capacity range asks for (`None`: the source's size, for sourced volumes).
+pub fn size(range: Option<&csi::CapacityRange>, sourced: bool) -> Result<Option<i64>, Status> {
+    let Some(range) = range else {
+        return Ok((!sourced).then_some(DEFAULT_SIZE));
+    };
+    let (required, limit) = (range.required_bytes, range.limit_bytes);
+    if required < 0 || limit < 0 {
+        return Err(Status::invalid_argument("capacity_range bytes must not be negative"));
+    }
+    let align = SIZE_ALIGN as i64;
+    let size = match (required, limit) {
+        (0, 0) if sourced => return Ok(None),
+        (0, 0) => DEFAULT_SIZE,
+        (0, limit) => DEFAULT_SIZE.min(limit / align * align),
+        (required, _) => {
+            required.checked_add(align - 1).map(|r| r / align * align).unwrap_or(i64::MAX)
+        }
+    };
+    if size == 0 || (limit > 0 && size > limit) {
+        return Err(Status::out_of_range(format!(
+            "cannot fit a volume in {required}..{limit} bytes (sizes are whole MiB)"
+        )));
+    }
+    Ok(Some(size))
+}
+
+/// QoS keys, shared by `parameters` and `mutable_parameters`.
+fn qos_key(limits: &mut ThrottleLimits, key: &str, value: &str) -> Result<bool, Status> {
+    let field = match key {
+        "iopsTotal" => &mut limits.iops_total,
+        "iopsRead" => &mut limits.iops_read,
+        "iopsWrite" => &mut limits.iops_write,
+        "bpsTotal" => &mut limits.bps_total,
+        "bpsRead" => &mut limits.bps_read,
+        "bpsWrite" => &mut limits.bps_write,
+        _ => return Ok(false),
+    };
+    *field = value
+        .parse()
+        .map_err(|_| Status::invalid_argument(format!("{key}={value:?} is not a whole number")))?;
+    Ok(true)
+}
+
+/// QoS limits from `mutable_parameters` (ControllerModifyVolume). Unknown keys are refused.
+pub fn qos(params: &HashMap<String, String>) -> Result<ThrottleLimits, Status> {
+    let mut limits = ThrottleLimits::default();
+    for (key, value) in params {
+        if !qos_key(&mut limits, key, value)? {
+            return Err(Status::invalid_argument(format!(
+                "{key} cannot be modified (only QoS limits can)"
+            )));
+        }
+    }
+    Ok(limits)
+}
+
+/// `CreateVolume` → the engine's request.
+pub fn create_volume(
+    req: &csi::CreateVolumeRequest,
+    default_pool: &str,
+) -> Result<CreateVolume, Status> {
+    if req.name.is_empty() {
+        return Err(Status::invalid_argument("name is required"));
+    }
+    if req.volume_capabilities.is_empty() {
+        return Err(Status::invalid_argument("volume_capabilities is required"));
+    }
+    for cap in &req.volume_capabilities {
+        if let Some(reason) = unsupported(cap) {
+            return Err(Status::invalid_argument(reason));
+        }
+    }
+    let mut out = CreateVolume::new(default_pool, &object_name(&req.name), 0);
+    let mut clone_mode = None;
+    for (key, value) in &req.parameters {
+        if key.starts_with(PROVISIONER_PREFIX) || qos_key(&mut out.qos, key, value)? {
+            continue;
+        }
+        match key.as_str() {
+            "pool" => out.pool = value.clone(),
+            "fsType" => {
+                if !qsd_node::mount::SUPPORTED_FS.contains(&value.as_str()) {
+                    return Err(Status::invalid_argument(format!(
+                        "fsType {value:?} is not ext4 or xfs"
+                    )));
+                }
+            }
+            "preallocation" => {
+                out.preallocation = match value.as_str() {
+                    "off" => Preallocation::Off,
+                    "metadata" => Preallocation::Metadata,
+                    "falloc" => Preallocation::Falloc,
+                    "full" => Preallocation::Full,
+                    _ => {
+                        return Err(Status::invalid_argument(format!(
+                            "preallocation {value:?} is not off, metadata, falloc or full"
+                        )))
+                    }
+                }
+            }
+            "maxChainDepth" => {
+                out.max_chain_depth = Some(value.parse().map_err(|_| {
+                    Status::invalid_argument(format!("maxChainDepth {value:?} is not a number"))
+                })?)
+            }
+            "cloneMode" => clone_mode = Some(value.as_str()),
+            _ => return Err(Status::invalid_argument(format!("unknown parameter {key:?}"))),
+        }
+    }
+    // A VolumeAttributesClass arrives as mutable parameters: QoS limits that win over parameters.
+    for (key, value) in &req.mutable_parameters {
+        if !qos_key(&mut out.qos, key, value)? {
+            return Err(Status::invalid_argument(format!(
+                "{key} is not a mutable parameter (only QoS limits are)"
+            )));
+        }
+    }
+    use csi::volume_content_source::Type;
+    out.source = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
+        None => None,
+        Some(Type::Snapshot(s)) => {
+            if clone_mode.is_some_and(|m| m != "linked") {
+                return Err(Status::invalid_argument(
+                    "volumes from snapshots are linked overlays (cloneMode=linked)",
+                ));
+            }
+            Some(VolumeSource::Snapshot(s.snapshot_id.clone()))
+        }
+        Some(Type::Volume(v)) => {
+            if clone_mode.is_some_and(|m| m != "copy") {
+                return Err(Status::invalid_argument(
+                    "clones of volumes are full copies (cloneMode=copy)",
+                ));
+            }
+            Some(VolumeSource::Volume(v.volume_id.clone()))
+        }
+    };
+    out.size = size(req.capacity_range.as_ref(), out.source.is_some())?;
+    Ok(out)
+}
+
+/// Why a capability is not supported, if it is not.
+pub fn unsupported(cap: &csi::VolumeCapability) -> Option<String> {
+    use csi::volume_capability::access_mode::Mode;
+    use csi::volume_capability::AccessType;
+    let Some(access) = &cap.access_type else {
+        return Some("a volume capability needs an access type (block or mount)".into());
+    };
+    let Some(mode) = &cap.access_mode else {
+        return Some("a volume capability needs an access mode".into());
+    };
+    match Mode::try_from(mode.mode) {
+        Ok(
+            Mode::SingleNodeWriter
+            | Mode::SingleNodeReaderOnly
+            | Mode::SingleNodeSingleWriter
+            | Mode::SingleNodeMultiWriter,
+        ) => {}
+        Ok(other) => {
+            return Some(format!(
+                "access mode {other:?} is not supported: a qcow2 volume has one writer node"
+            ))
+        }
+        Err(_) => return Some(format!("unknown access mode {}", mode.mode)),
+    }
+    if let AccessType::Mount(m) = access {
+        if !m.fs_type.is_empty() && !qsd_node::mount::SUPPORTED_FS.contains(&m.fs_type.as_str()) {
+            return Some(format!("fs_type {:?} is not ext4 or xfs", m.fs_type));
+        }
+    }
+    None
+}
+
+/// Paging: a token is the index of the next entry.
+pub fn page<T>(items: Vec<T>, max_entries: i32, token: &str) -> Result<(Vec<T>, String), Status> {
+    if max_entries < 0 {
+        return Err(Status::invalid_argument("max_entries must not be negative"));
+    }
+    let start: usize = if token.is_empty() {
+        0
+    } else {
+        token
+            .parse()
+            .ok()
+            .filter(|i| *i <= items.len())
+            .ok_or_else(|| Status::aborted(format!("starting_token {token:?} is not valid")))?
+    };
+    let take = if max_entries == 0 { usize::MAX } else { max_entries as usize };
+    let end = start.saturating_add(take).min(items.len());
+    let next = if end < items.len() { end.to_string() } else { String::new() };
+    Ok((items.into_iter().skip(start).take(end - start).collect(), next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
+
+    fn cap(mode: Mode, fs: &str) -> csi::VolumeCapability {
+        csi::VolumeCapability {
+            access_type: Some(AccessType::Mount(MountVolume {
+                fs_type: fs.into(),
+                ..Default::default()
+            })),
+            access_mode: Some(AccessMode { mode: mode as i32 }),
+        }
+    }
+
+    fn request(params: &[(&str, &str)]) -> csi::CreateVolumeRequest {
+        csi::CreateVolumeRequest {
+            name: "pvc-1".into(),
+            volume_capabilities: vec![cap(Mode::SingleNodeWriter, "ext4")],
+            parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn capacity_ranges_round_up_to_whole_mebibytes_within_the_limit() {
+        let range = |required, limit| {
+            Some(csi::CapacityRange { required_bytes: required, limit_bytes: limit })
+        };
+        assert_eq!(size(None, false).ok(), Some(Some(DEFAULT_SIZE)));
+        assert_eq!(size(None, true).ok(), Some(None));
+        assert_eq!(size(range(1, 0).as_ref(), false).ok(), Some(Some(1 << 20)));
+        assert_eq!(size(range(0, 10 << 20).as_ref(), false).ok(), Some(Some(10 << 20)));
+        assert_eq!(size(range(5 << 20, 5 << 20).as_ref(), false).ok(), Some(Some(5 << 20)));
+        assert_eq!(
+            size(range(1, 1000).as_ref(), false).err().map(|s| s.code()),
+            Some(tonic::Code::OutOfRange)
+        );
+        assert_eq!(
+            size(range(-1, 0).as_ref(), false).err().map(|s| s.code()),
+            Some(tonic::Code::InvalidArgument)
+        );
+    }
+
+    #[test]
+    fn parameters_become_a_typed_request_and_unknown_ones_are_refused() {
+        let r = create_volume(
+            &request(&[
+                ("pool", "fast"),
+                ("preallocation", "full"),
+                ("iopsTotal", "500"),
+                ("maxChainDepth", "4"),
+                ("csi.storage.k8s.io/pvc/name", "x"),
+            ]),
+            "default",
+        )
+        .expect("valid");
+        assert_eq!(
+            (r.pool.as_str(), r.preallocation, r.qos.iops_total, r.max_chain_depth),
+            ("fast", Preallocation::Full, 500, Some(4))
+        );
+        let mut with_vac = request(&[("iopsTotal", "500")]);
+        with_vac.mutable_parameters = [("iopsTotal".to_owned(), "900".to_owned())].into();
+        assert_eq!(create_volume(&with_vac, "default").map(|r| r.qos.iops_total).ok(), Some(900));
+        with_vac.mutable_parameters = [("colour".to_owned(), "red".to_owned())].into();
+        assert!(create_volume(&with_vac, "default").is_err());
+        for bad in [
+            &[("colour", "red")][..],
+            &[("preallocation", "lots")],
+            &[("iopsTotal", "-3")],
+            &[("fsType", "btrfs")],
+            &[("maxChainDepth", "x")],
+        ] {
+            let err = create_volume(&request(bad), "default").err().map(|s| s.code());
+            assert_eq!(err, Some(tonic::Code::InvalidArgument), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_single_node_access_modes_and_known_filesystems_are_supported() {
+        assert!(unsupported(&cap(Mode::SingleNodeWriter, "")).is_none());
+        assert!(unsupported(&cap(Mode::SingleNodeMultiWriter, "xfs")).is_none());
+        assert!(unsupported(&cap(Mode::MultiNodeMultiWriter, "ext4")).is_some());
+        assert!(unsupported(&cap(Mode::SingleNodeWriter, "ntfs")).is_some());
+        assert!(unsupported(&csi::VolumeCapability::default()).is_some());
+    }
+
+    #[test]
+    fn any_csi_name_maps_to_a_stable_pool_name() {
+        assert_eq!(object_name("pvc-123"), "pvc-123");
+        let odd = object_name("weird name/with ../slashes");
+        assert!(ObjectName::parse(&odd).is_ok());
+        assert_eq!(odd, object_name("weird name/with ../slashes"));
+        assert_ne!(odd, object_name("weird name/with ../slashes!"));
+        assert!(ObjectName::parse(&object_name(&"x".repeat(500))).is_ok());
+    }
+
+    #[test]
+    fn pages_follow_tokens_and_a_bad_token_is_aborted() {
+        let (first, next) = page((0..5).collect(), 2, "").expect("page");
+        assert_eq!((first, next.as_str()), (vec![0, 1], "2"));
+        let (rest, next) = page((0..5).collect(), 0, "2").expect("page");
+        assert_eq!((rest, next.as_str()), (vec![2, 3, 4], ""));
+        assert_eq!(
+            page((0..5).collect::<Vec<_>>(), 1, "zz").err().map(|s| s.code()),
+            Some(tonic::Code::Aborted)
+        );
+        assert_eq!(
+            page((0..5).collect::<Vec<_>>(), -1, "").err().map(|s| s.code()),
+            Some(tonic::Code::InvalidArgument)
+        );
+    }
+}
