@@ -171,10 +171,15 @@ impl NodeService {
             store::write_json(&self.dir, &file_name(id), &record)?;
             if let Some(fs) = &fs_type {
                 mount::format_if_empty(&device, fs).await?;
-                let flags = match &capability.access_type {
+                let mut flags = match &capability.access_type {
                     Some(AccessType::Mount(m)) => m.mount_flags.clone(),
                     _ => Vec::new(),
                 };
+                // A restored snapshot or a clone carries its source's XFS UUID; without
+                // nouuid it could not be mounted beside its source.
+                if fs == "xfs" && !flags.iter().any(|f| f == "nouuid") {
+                    flags.push("nouuid".into());
+                }
                 mount::mount(&device, staging, Some(fs), &flags).await?;
             }
             Ok(())
