@@ -53,6 +53,10 @@ async fn bad_input_returns_a_typed_error_and_changes_nothing_on_disk() {
     restore_unknown.source = Some(VolumeSource::Snapshot("snap:local@node-1:missing".into()));
     let mut clone_malformed = create("r", MIB as i64);
     clone_malformed.source = Some(VolumeSource::Volume("vol:local@node-1:../v".into()));
+    let free = qsd_node::mount::usage(&env.pool_dir()).expect("statvfs").bytes_available;
+    let beyond_free = (free + (1 << 30)).min(qsd_node::pool::id::MAX_SIZE);
+    let mut too_big_to_preallocate = create("p", beyond_free as i64);
+    too_big_to_preallocate.preallocation = qsd_node::qmp::commands::Preallocation::Full;
     let mut zero_depth = create("d", MIB as i64);
     zero_depth.max_chain_depth = Some(0);
 
@@ -71,6 +75,7 @@ async fn bad_input_returns_a_typed_error_and_changes_nothing_on_disk() {
         ("restore unknown snapshot", restore_unknown, ErrorKind::NotFound),
         ("clone malformed source", clone_malformed, ErrorKind::InvalidArgument),
         ("zero depth", zero_depth, ErrorKind::InvalidArgument),
+        ("preallocated beyond free space", too_big_to_preallocate, ErrorKind::ResourceExhausted),
     ];
     for (case, request, kind) in creates {
         let err = core.create_volume(&request).await.expect_err(case);

@@ -150,6 +150,16 @@ impl EngineCore {
         if let Some(existing) = pool.volume(&request.name) {
             return self.check_recreate(&pool, &existing, Some(size), &None);
         }
+        if matches!(request.preallocation, Preallocation::Falloc | Preallocation::Full) {
+            // Thin volumes may overcommit; a preallocated one must fit now.
+            let free = crate::mount::usage(pool.root())?.bytes_available;
+            if size > free {
+                return Err(Error::ResourceExhausted(format!(
+                    "pool {} has {free} bytes free; a preallocated volume of {size} bytes does not fit",
+                    pool.name().as_str()
+                )));
+            }
+        }
         let _graph = self.graph.read().await;
         let head = LayerId::random();
         let image = NewImage {
