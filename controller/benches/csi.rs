@@ -64,19 +64,7 @@ async fn main() {
         assert!(Instant::now() < deadline, "driver did not start");
         std::thread::sleep(Duration::from_millis(20)); // poll_interval for the socket
     }
-    let path = socket.clone();
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connect");
+    let channel = qsd_csi_controller::client::connect(&socket).await.expect("connect");
     let mut controller = ControllerClient::new(channel.clone());
     let mut node = NodeClient::new(channel);
     use csi::volume_capability::{

@@ -7,6 +7,8 @@
 //! errors become gRPC statuses through the node plugin's single mapping. The controller never
 //! opens an image itself: in standalone mode it calls the node's engine in-process.
 
+pub mod cli;
+pub mod client;
 pub mod controller;
 pub mod identity;
 pub mod params;

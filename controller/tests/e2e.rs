@@ -65,18 +65,7 @@ impl Driver {
     }
 
     async fn connect(socket: &Path) -> Channel {
-        let socket = socket.to_owned();
-        tonic::transport::Endpoint::try_from("http://localhost")
-            .expect("endpoint")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let socket = socket.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(socket).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            }))
-            .await
-            .expect("connect to the CSI socket")
+        qsd_csi_controller::client::connect(socket).await.expect("connect to the CSI socket")
     }
 
     /// SIGKILLs the driver process (the daemon, devices and mounts stay) and starts it again.
@@ -548,4 +537,79 @@ async fn a_verifying_writer_survives_the_plugin_being_killed_and_restarted() {
     assert!(log.contains("err= 0"), "{log}");
     d.unpublish_and_unstage(&vol.volume_id).await;
     d.delete(&vol.volume_id).await;
+}
+
+/// Runs `qsd-csi --endpoint <driver> ARGS...`; returns (success, stdout, stderr).
+fn cli(d: &Driver, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_qsd-csi"))
+        .arg(format!("--endpoint=unix://{}", d.path("csi.sock").display()))
+        .args(args)
+        .output()
+        .expect("qsd-csi runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_drives_a_running_endpoint() {
+    let d = Driver::start().await;
+    let staging = d.path("cli-staging").display().to_string();
+    let (ok, out, err) = cli(&d, &["volume", "create", "notes", "--size", "64M"]);
+    assert!(ok, "{err}");
+    let id = out.split('\t').next().expect("id").to_owned();
+    assert!(out.trim_end().ends_with("64M"), "{out}");
+    let mnt = d.path("notes");
+    let (ok, _, err) =
+        cli(&d, &["publish", &id, mnt.to_str().expect("path"), "--staging-dir", &staging]);
+    assert!(ok, "{err}");
+    std::fs::write(mnt.join("a.txt"), b"from the shell").expect("write");
+    sync_fs(&mnt);
+    let (ok, out, err) = cli(&d, &["snapshot", "create", &id, "notes-snap"]);
+    assert!(ok, "{err}");
+    let snap = out.split('\t').next().expect("snapshot id").to_owned();
+    let (ok, out, _) = cli(&d, &["snapshot", "list", "--volume", &id]);
+    assert!(ok && out.contains(&snap), "{out}");
+    let (ok, out, err) = cli(&d, &["clone", &id, "notes-copy"]);
+    assert!(ok, "{err}");
+    let copy = out.split('\t').next().expect("clone id").to_owned();
+    let (ok, out, err) = cli(&d, &["expand", &id, "128M"]);
+    assert!(ok && out.contains("128M"), "{out}{err}");
+    let (ok, out, _) = cli(&d, &["volume", "list"]);
+    assert!(ok && out.contains(&id) && out.contains(&copy) && out.contains("e2e-node"), "{out}");
+    // An actionable error: the name is taken with another size.
+    let (ok, _, err) = cli(&d, &["volume", "create", "notes", "--size", "1G"]);
+    assert!(!ok && err.contains("AlreadyExists") && err.contains("hint:"), "{err}");
+    let (ok, _, err) = cli(&d, &["volume", "delete", &id]);
+    assert!(!ok && err.contains("FailedPrecondition"), "published volumes are not deleted: {err}");
+    let (ok, _, err) =
+        cli(&d, &["unpublish", &id, mnt.to_str().expect("path"), "--staging-dir", &staging]);
+    assert!(ok, "{err}");
+    // The clone holds the file written before it.
+    let cmnt = d.path("copy");
+    let (ok, _, err) = cli(
+        &d,
+        &["publish", &copy, cmnt.to_str().expect("path"), "--staging-dir", &staging, "--read-only"],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(cmnt.join("a.txt")).expect("cloned file"), b"from the shell");
+    let (ok, _, err) =
+        cli(&d, &["unpublish", &copy, cmnt.to_str().expect("path"), "--staging-dir", &staging]);
+    assert!(ok, "{err}");
+    for args in [
+        vec!["snapshot", "delete", &snap],
+        vec!["volume", "delete", &id],
+        vec!["volume", "delete", &copy],
+    ] {
+        let (ok, _, err) = cli(&d, &args);
+        assert!(ok, "{args:?}: {err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_qsd-csi"))
+        .args(["--endpoint", "unix:///nonexistent/csi.sock", "volume", "list"])
+        .output()
+        .expect("qsd-csi runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("qsd-csi standalone"), "{err}");
 }

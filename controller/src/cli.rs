@@ -1,0 +1,226 @@
+//! The client side of the `qsd-csi` command: drive a running endpoint from a shell.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use qsd_csi_proto::csi;
+use tonic::Code;
+
+use crate::client::Clients;
+
+/// Parses `512M`, `10G`, `1T`, `4096` (bytes); binary units.
+pub fn parse_size(text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&text[..i], 10),
+        Some((i, 'M' | 'm')) => (&text[..i], 20),
+        Some((i, 'G' | 'g')) => (&text[..i], 30),
+        Some((i, 'T' | 't')) => (&text[..i], 40),
+        _ => (text, 0),
+    };
+    let n: i64 =
+        digits.parse().map_err(|_| format!("{text:?} is not a size like 512M, 10G or 1T"))?;
+    n.checked_mul(1 << shift)
+        .filter(|b| *b > 0)
+        .ok_or_else(|| format!("{text:?} is not a positive size"))
+}
+
+/// Formats bytes with a binary unit.
+pub fn human(bytes: i64) -> String {
+    let units = [("T", 40), ("G", 30), ("M", 20), ("K", 10)];
+    for (unit, shift) in units {
+        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes}")
+}
+
+/// A failed call, with a hint for the person at the terminal.
+pub fn explain(what: &str, status: &tonic::Status, endpoint: &str) -> String {
+    let hint = match status.code() {
+        Code::NotFound => "check the ID with `qsd-csi volume list` or `qsd-csi snapshot list`",
+        Code::AlreadyExists => {
+            "that name is taken with other properties: pick another name or match them"
+        }
+        Code::InvalidArgument => "fix the argument named above",
+        Code::OutOfRange => "choose a size within the stated range (volumes only grow)",
+        Code::FailedPrecondition => "the object is in use or in the wrong state: see the message",
+        Code::Aborted => "another operation on this volume is running: retry when it ends",
+        Code::ResourceExhausted => {
+            "free space in the pool, or delete snapshots to shorten the chain"
+        }
+        Code::Unavailable => "is `qsd-csi standalone` running and serving this endpoint?",
+        _ => "see the driver's log",
+    };
+    format!(
+        "{what} failed ({:?}): {}\n  hint: {hint} [endpoint {endpoint}]",
+        status.code(),
+        status.message()
+    )
+}
+
+fn capability(block: bool, fs_type: &str) -> csi::VolumeCapability {
+    use csi::volume_capability::{
+        access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume,
+    };
+    csi::VolumeCapability {
+        access_type: Some(if block {
+            AccessType::Block(BlockVolume {})
+        } else {
+            AccessType::Mount(MountVolume { fs_type: fs_type.into(), ..Default::default() })
+        }),
+        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+    }
+}
+
+/// Options for creating a volume.
+#[derive(Debug, Clone, Default)]
+pub struct NewVolume {
+    /// Name.
+    pub name: String,
+    /// Size in bytes (`None`: the source's, or the default).
+    pub size: Option<i64>,
+    /// CreateVolume parameters (pool, preallocation, QoS ...).
+    pub parameters: HashMap<String, String>,
+    /// Content source.
+    pub source: Option<csi::volume_content_source::Type>,
+}
+
+/// Creates a volume; while a clone copies, prints a progress line every second on stderr.
+pub async fn create_volume(
+    clients: &mut Clients,
+    new: NewVolume,
+) -> Result<csi::Volume, tonic::Status> {
+    let req = csi::CreateVolumeRequest {
+        name: new.name.clone(),
+        capacity_range: new.size.map(|s| csi::CapacityRange { required_bytes: s, limit_bytes: 0 }),
+        volume_capabilities: vec![capability(false, "")],
+        parameters: new.parameters,
+        volume_content_source: new
+            .source
+            .clone()
+            .map(|t| csi::VolumeContentSource { r#type: Some(t) }),
+        ..Default::default()
+    };
+    let is_clone = matches!(new.source, Some(csi::volume_content_source::Type::Volume(_)));
+    let mut controller = clients.controller.clone();
+    let call = controller.create_volume(req);
+    tokio::pin!(call);
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    let response = loop {
+        tokio::select! {
+            r = &mut call => break r,
+            _ = ticker.tick(), if is_clone => {
+                eprint!("\rcloning into {}: copying, {} s elapsed", new.name, started.elapsed().as_secs());
+            }
+        }
+    };
+    if is_clone && started.elapsed() >= Duration::from_secs(1) {
+        eprintln!(
+            "\rcloning into {}: done in {:.1} s          ",
+            new.name,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    response?.into_inner().volume.ok_or_else(|| tonic::Status::internal("no volume in the reply"))
+}
+
+/// Where the CLI stages a volume before publishing it to a path.
+pub fn staging_path(staging_dir: &Path, volume_id: &str) -> PathBuf {
+    staging_dir.join(volume_id.replace([':', '@', '/'], "_"))
+}
+
+/// Stages a volume and publishes it at `path` (a directory, or a device file with `block`).
+pub async fn publish(
+    clients: &mut Clients,
+    staging_dir: &Path,
+    volume_id: &str,
+    path: &Path,
+    block: bool,
+    fs_type: &str,
+    read_only: bool,
+) -> Result<(), tonic::Status> {
+    let cap = capability(block, fs_type);
+    let staging = staging_path(staging_dir, volume_id);
+    clients
+        .node
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await?;
+    clients
+        .node
+        .node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: staging.display().to_string(),
+            target_path: path.display().to_string(),
+            volume_capability: Some(cap),
+            readonly: read_only,
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
+/// Unpublishes `path` and unstages the volume.
+pub async fn unpublish(
+    clients: &mut Clients,
+    staging_dir: &Path,
+    volume_id: &str,
+    path: &Path,
+) -> Result<(), tonic::Status> {
+    clients
+        .node
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: volume_id.into(),
+            target_path: path.display().to_string(),
+        })
+        .await?;
+    let staging = staging_path(staging_dir, volume_id);
+    clients
+        .node
+        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .await?;
+    let _ = std::fs::remove_dir(&staging);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("10g"), Ok(10 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        for bad in ["", "G", "-1G", "ten", "0", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(human(10 << 30), "10G");
+        assert_eq!(human(1536 << 20), "1536M");
+        assert_eq!(human(1000), "1000");
+    }
+
+    #[test]
+    fn every_error_comes_with_a_hint() {
+        let text = explain("volume create", &tonic::Status::already_exists("taken"), "unix:///s");
+        assert!(
+            text.contains("AlreadyExists") && text.contains("hint: that name is taken"),
+            "{text}"
+        );
+        let text = explain("volume list", &tonic::Status::unavailable("down"), "unix:///s");
+        assert!(text.contains("qsd-csi standalone"), "{text}");
+    }
+}
