@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use qsd_csi_proto::csi;
-use qsd_node::engine::{CreateVolume, VolumeSource};
+use qsd_node::engine::{CloneMode, CreateVolume, VolumeSource};
 use qsd_node::pool::id::SIZE_ALIGN;
 use qsd_node::pool::ObjectName;
 use qsd_node::qmp::commands::{Preallocation, ThrottleLimits};
@@ -156,11 +156,15 @@ pub fn create_volume(
             Some(VolumeSource::Snapshot(s.snapshot_id.clone()))
         }
         Some(Type::Volume(v)) => {
-            if clone_mode.is_some_and(|m| m != "copy") {
-                return Err(Status::invalid_argument(
-                    "clones of volumes are full copies (cloneMode=copy)",
-                ));
-            }
+            out.clone_mode = match clone_mode {
+                None | Some("copy") => CloneMode::Copy,
+                Some("linked") => CloneMode::Linked,
+                Some(other) => {
+                    return Err(Status::invalid_argument(format!(
+                        "cloneMode {other:?} is not copy or linked"
+                    )))
+                }
+            };
             Some(VolumeSource::Volume(v.volume_id.clone()))
         }
     };
@@ -296,6 +300,21 @@ mod tests {
             let err = create_volume(&request(bad), "default").err().map(|s| s.code());
             assert_eq!(err, Some(tonic::Code::InvalidArgument), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_volume_source_is_copied_unless_cloning_is_linked() {
+        let mut req = request(&[]);
+        req.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Volume(
+                csi::volume_content_source::VolumeSource { volume_id: "vol:p:a".into() },
+            )),
+        });
+        assert_eq!(create_volume(&req, "p").map(|r| r.clone_mode).ok(), Some(CloneMode::Copy));
+        req.parameters.insert("cloneMode".into(), "linked".into());
+        assert_eq!(create_volume(&req, "p").map(|r| r.clone_mode).ok(), Some(CloneMode::Linked));
+        req.parameters.insert("cloneMode".into(), "deep".into());
+        assert!(create_volume(&req, "p").is_err());
     }
 
     #[test]

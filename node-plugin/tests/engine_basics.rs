@@ -230,3 +230,43 @@ async fn preallocation_modes_allocate_what_they_promise_and_thin_allocates_almos
         assert!(*blocks >= size, "{name} allocates the whole volume: {allocated:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_clone_shares_the_sources_data_as_of_now_and_diverges_afterwards() {
+    use qsd_node::engine::CloneMode;
+    let env = Env::new().await;
+    let core = env.core();
+    let src = core
+        .create_volume(&CreateVolume::new("local", "src", 16 * MIB as i64))
+        .await
+        .expect("create");
+    let export = core.attach(&src.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
+    write_at(&export, 0, &pattern(1, MIB as usize));
+    let mut request = clone_request("linked", &src.id);
+    request.clone_mode = CloneMode::Linked;
+    request.size = Some(32 * MIB as i64);
+    let clone = core.create_volume(&request).await.expect("linked clone while attached");
+    assert_eq!((clone.size, clone.chain_depth), (32 * MIB, 2), "an overlay on the shared layer");
+    write_at(&export, 0, &pattern(2, MIB as usize));
+    let cexport =
+        core.attach(&clone.id, ExportKind::Fuse).await.expect("attach clone").endpoint.path;
+    assert_eq!(
+        read_at(&cexport, 0, MIB as usize),
+        pattern(1, MIB as usize),
+        "data as of the clone"
+    );
+    write_at(&cexport, MIB, &pattern(3, MIB as usize));
+    assert_eq!(read_at(&export, 0, MIB as usize), pattern(2, MIB as usize), "source diverged");
+    assert_eq!(
+        read_at(&export, MIB, MIB as usize),
+        vec![0u8; MIB as usize],
+        "clone writes stay in the clone"
+    );
+    // Deleting the source keeps the shared layer for the clone.
+    core.detach(&src.id).await.expect("detach");
+    core.delete_volume(&src.id).await.expect("delete source");
+    assert_eq!(read_at(&cexport, 0, MIB as usize), pattern(1, MIB as usize));
+    core.detach(&clone.id).await.expect("detach clone");
+    core.delete_volume(&clone.id).await.expect("delete clone");
+    assert!(env.layer_files().is_empty(), "{:?}", env.layer_files());
+}

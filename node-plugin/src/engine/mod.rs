@@ -34,7 +34,7 @@ use crate::qsd::{Daemon, DaemonConfig, Origin};
 pub use attach::{AttachmentInfo, ThresholdState};
 pub use journal::{AttachmentRecord, ThresholdRecord};
 pub use snapshot::{CloneTask, SnapshotInfo};
-pub use volume::{CreateVolume, VolumeInfo, VolumeSource};
+pub use volume::{CloneMode, CreateVolume, VolumeInfo, VolumeSource};
 
 /// Default longest chain (layers, head included) before stream / commit shorten it.
 pub const DEFAULT_MAX_CHAIN_DEPTH: u32 = 16;

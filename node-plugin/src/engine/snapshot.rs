@@ -429,6 +429,86 @@ impl EngineCore {
         )
     }
 
+    /// Creates a linked clone: the source moves onto a fresh overlay (as for a snapshot, online
+    /// or offline), and the clone is an overlay on the source's previous head, which both now
+    /// share read-only. O(1) whatever the size; the shared layer lives while either needs it.
+    pub(super) async fn linked_clone(&self, request: &CreateVolume) -> Result<VolumeInfo> {
+        let Some(VolumeSource::Volume(source_id)) = &request.source else {
+            return Err(Error::invalid("source", "not a volume"));
+        };
+        let (pool, src) = self.resolve(IdKind::Volume, source_id)?;
+        if pool.name().as_str() != request.pool {
+            return Err(Error::invalid("pool", "a clone lives in its source's pool"));
+        }
+        let max_chain_depth = self.max_depth(request.max_chain_depth)?;
+        self.object_id(IdKind::Volume, &pool, &request.name)?;
+        let requested = request.size.map(parse_size).transpose()?;
+        let source = source_label(&request.source, self)?;
+        let _guard = self.lock(vec![
+            Self::key(IdKind::Volume, &pool, &request.name),
+            Self::key(IdKind::Volume, &pool, src.name.as_str()),
+        ])?;
+        let source_record = pool
+            .volume(src.name.as_str())
+            .ok_or_else(|| Error::NotFound { what: "volume", id: source_id.clone() })?;
+        let size = requested.unwrap_or(source_record.size);
+        if let Some(existing) = pool.volume(&request.name) {
+            return self.check_recreate(&pool, &existing, Some(size), &source);
+        }
+        if size < source_record.size {
+            return Err(Error::OutOfRange {
+                requested: request.size.unwrap_or_default(),
+                reason: format!("the source volume holds {} bytes", source_record.size),
+            });
+        }
+        let _graph = self.graph.read().await;
+        while pool.chain(source_record.head)?.len() + 1 > source_record.max_chain_depth as usize {
+            if !self.shorten_once(&pool, &source_record.name).await? {
+                return Err(Error::ResourceExhausted(format!(
+                    "volume {source_id} is at its chain-depth limit; delete snapshots of it or clone with cloneMode=copy"
+                )));
+            }
+        }
+        let source_record = pool.volume(&source_record.name).unwrap_or(source_record);
+        let depth = pool.chain(source_record.head)?.len() + 1;
+        if depth > max_chain_depth as usize {
+            return Err(Error::ResourceExhausted(format!(
+                "a linked clone would have {depth} layers, over its limit of {max_chain_depth}; use cloneMode=copy"
+            )));
+        }
+        let shared = source_record.head;
+        let planned = Planned {
+            pool: pool.clone(),
+            record: source_record,
+            snapshot_name: String::new(),
+            overlay: LayerId::random(),
+        };
+        if let Err(e) = self.switch_to_overlays(std::slice::from_ref(&planned)).await {
+            let _ = std::fs::remove_file(pool.layer_path(planned.overlay));
+            let _ = pool.release(planned.overlay);
+            return Err(e);
+        }
+        let head = LayerId::random();
+        let image = NewImage {
+            path: &pool.layer_path(head),
+            size,
+            backing: Some(Pool::layer_file_name(shared)),
+            preallocation: crate::qmp::commands::Preallocation::Off,
+        };
+        graph::create_image(&self.daemon.qmp(), image).await?;
+        let record = VolumeRecord {
+            name: request.name.clone(),
+            uid: LayerId::random(),
+            size,
+            head,
+            preallocation: crate::qmp::commands::Preallocation::Off,
+            qos: request.qos,
+            max_chain_depth,
+            source,
+        };
+        self.commit_new_volume(&pool, LayerRecord { id: head, backing: Some(shared) }, record)
+    }
+
     /// Starts a clone: a new image receiving a point-in-time copy of the source while the source
     /// stays writable. `speed` (bytes/s) limits the copy; [`CloneTask::finish`] completes it.
     pub async fn start_clone(self: &Arc<Self>, request: &CreateVolume) -> Result<CloneTask> {

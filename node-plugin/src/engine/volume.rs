@@ -18,6 +18,16 @@ pub enum VolumeSource {
     Volume(String),
 }
 
+/// How a volume-sourced volume gets its data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CloneMode {
+    /// A full, independent copy (`blockdev-backup`).
+    #[default]
+    Copy,
+    /// An overlay sharing the source's data as of now: O(1), like a snapshot plus a restore.
+    Linked,
+}
+
 /// A validated-on-use request to create a volume.
 #[derive(Debug, Clone)]
 pub struct CreateVolume {
@@ -35,6 +45,8 @@ pub struct CreateVolume {
     pub max_chain_depth: Option<u32>,
     /// Content source.
     pub source: Option<VolumeSource>,
+    /// For a volume source: copy or link.
+    pub clone_mode: CloneMode,
 }
 
 impl CreateVolume {
@@ -48,6 +60,7 @@ impl CreateVolume {
             qos: ThrottleLimits::default(),
             max_chain_depth: None,
             source: None,
+            clone_mode: CloneMode::Copy,
         }
     }
 }
@@ -136,6 +149,9 @@ impl EngineCore {
     pub async fn create_volume(self: &Arc<Self>, request: &CreateVolume) -> Result<VolumeInfo> {
         match &request.source {
             Some(VolumeSource::Snapshot(_)) => self.restore_snapshot(request).await,
+            Some(VolumeSource::Volume(_)) if request.clone_mode == CloneMode::Linked => {
+                self.linked_clone(request).await
+            }
             Some(VolumeSource::Volume(_)) => self.start_clone(request).await?.finish().await,
             None => self.create_empty(request).await,
         }
