@@ -11,6 +11,7 @@
 //! explicitly is refused with a clear error.
 
 mod fuse_loop;
+pub mod nbd_client;
 
 use std::path::{Path, PathBuf};
 

@@ -24,8 +24,8 @@ use crate::graph::{self, ExportKind, Names, NewImage};
 use crate::pool::id::{parse_size, IdKind};
 use crate::pool::{LayerId, LayerRecord, Pool, SnapshotRecord, VolumeRecord};
 use crate::qmp::commands::{
-    BlockCommit, BlockResize, BlockSetWriteThreshold, BlockStream, BlockdevBackup, BlockdevOptions,
-    BlockdevRef, BlockdevSnapshot, ManualJob, Transaction, TransactionAction,
+    BlockCommit, BlockResize, BlockSetWriteThreshold, BlockStream, BlockdevBackup,
+    BlockdevSnapshot, ManualJob, Transaction, TransactionAction,
 };
 use crate::qmp::{Job, JobOptions};
 
@@ -174,16 +174,7 @@ impl EngineCore {
         let mut added: Vec<String> = Vec::new();
         for p in planned.iter().filter(|p| self.journal.get(p.record.uid).is_some()) {
             let names = Names::new(p.record.uid.to_string());
-            let overlay = BlockdevOptions::Qcow2 {
-                node_name: names.format(p.overlay),
-                file: Box::new(BlockdevRef::Definition(BlockdevOptions::File {
-                    node_name: names.file(p.overlay),
-                    filename: p.pool.layer_path(p.overlay).display().to_string(),
-                    read_only: None,
-                })),
-                backing: Some(None),
-                read_only: None,
-            };
+            let overlay = graph::layer_options(&p.pool, &names, p.overlay, false, None);
             let add = graph::call(&qmp, &crate::qmp::commands::BlockdevAdd(overlay)).await;
             if let Err(e) = add {
                 for node in &added {

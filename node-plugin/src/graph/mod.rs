@@ -83,34 +83,47 @@ impl Names {
     }
 }
 
+/// One layer: its qcow2 node over its file node, with `backing` below it (`None`: explicitly
+/// none). Discards are passed down (`unmap`) so a guest's TRIM gives space back to the pool.
+pub fn layer_options(
+    pool: &Pool,
+    names: &Names,
+    layer: LayerId,
+    read_only: bool,
+    backing: Option<BlockdevOptions>,
+) -> BlockdevOptions {
+    let read_only = read_only.then_some(true);
+    BlockdevOptions::Qcow2 {
+        node_name: names.format(layer),
+        file: Box::new(BlockdevRef::Definition(BlockdevOptions::File {
+            node_name: names.file(layer),
+            filename: pool.layer_path(layer).display().to_string(),
+            read_only,
+            discard: Some("unmap"),
+        })),
+        backing: Some(backing.map(|b| Box::new(BlockdevRef::Definition(b)))),
+        read_only,
+        discard: Some("unmap"),
+    }
+}
+
 /// The nested `blockdev-add` definition of a chain (top first). The bottom layer gets an
-/// explicit `backing: null`, so the records, not the image headers, define the graph.
+/// explicit `backing: null`, so the records, not the image headers, define the graph. Only the
+/// top can be opened read-only on request; lower layers are read-only as backing children.
+///
+/// `chain` must not be empty.
 pub fn chain_options(
     pool: &Pool,
     names: &Names,
     chain: &[LayerId],
     read_only: bool,
 ) -> BlockdevOptions {
-    let mut below: Option<BlockdevOptions> = None;
-    for (depth, layer) in chain.iter().enumerate().rev() {
-        let top = depth == 0;
-        below = Some(BlockdevOptions::Qcow2 {
-            node_name: names.format(*layer),
-            file: Box::new(BlockdevRef::Definition(BlockdevOptions::File {
-                node_name: names.file(*layer),
-                filename: pool.layer_path(*layer).display().to_string(),
-                read_only: (top && read_only).then_some(true),
-            })),
-            backing: Some(below.take().map(|b| Box::new(BlockdevRef::Definition(b)))),
-            read_only: (top && read_only).then_some(true),
-        });
-    }
-    // `chain` is never empty: a volume always has a head.
-    below.unwrap_or(BlockdevOptions::File {
-        node_name: names.file(chain.first().copied().unwrap_or_else(LayerId::random)),
-        filename: String::new(),
-        read_only: None,
-    })
+    let (top, below) = chain.split_first().expect("a chain has a head");
+    let backing = below
+        .iter()
+        .rev()
+        .fold(None, |under, layer| Some(layer_options(pool, names, *layer, false, under)));
+    layer_options(pool, names, *top, read_only, backing)
 }
 
 /// Opens a chain as nodes named by `names`; returns the top qcow2 node's name.
@@ -188,6 +201,7 @@ pub async fn create_image(qmp: &QmpClient, image: NewImage<'_>) -> Result<()> {
                 node_name: node.clone(),
                 filename: image.path.display().to_string(),
                 read_only: None,
+                discard: None,
             }),
         )
         .await?;
@@ -336,6 +350,7 @@ pub async fn attach(
                 node_name: names.throttle(),
                 throttle_group: names.group(),
                 file: Box::new(BlockdevRef::Node(top)),
+                discard: Some("unmap"),
             }),
         )
         .await?;

@@ -75,6 +75,9 @@ pub enum BlockdevOptions {
         /// Open read-only.
         #[serde(rename = "read-only", skip_serializing_if = "Option::is_none")]
         read_only: Option<bool>,
+        /// `unmap` passes discards down (thin provisioning gives space back); default ignore.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        discard: Option<&'static str>,
     },
     /// The `qcow2` format driver.
     Qcow2 {
@@ -89,6 +92,9 @@ pub enum BlockdevOptions {
         /// Open read-only.
         #[serde(rename = "read-only", skip_serializing_if = "Option::is_none")]
         read_only: Option<bool>,
+        /// `unmap` frees clusters on discard; default ignore.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        discard: Option<&'static str>,
     },
     /// The `throttle` filter driver.
     Throttle {
@@ -100,6 +106,9 @@ pub enum BlockdevOptions {
         throttle_group: String,
         /// The filtered child.
         file: Box<BlockdevRef>,
+        /// `unmap` lets discards through the filter; default ignore drops them here.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        discard: Option<&'static str>,
     },
 }
 
@@ -631,9 +640,11 @@ mod tests {
                 node_name: "f1".into(),
                 filename: "/p/a.qcow2".into(),
                 read_only: None,
+                discard: None,
             })),
             backing: Some(None),
             read_only: Some(true),
+            discard: None,
         };
         assert_eq!(
             serde_json::to_value(BlockdevAdd(opts)).ok(),
