@@ -51,3 +51,108 @@ pub fn mark_as_io_server(command: &mut tokio::process::Command) {
         });
     }
 }
+
+/// A generic netlink socket (`NETLINK_GENERIC`), for the kernel NBD client's `nbd` family.
+#[derive(Debug)]
+pub struct GenericNetlink {
+    fd: std::os::fd::OwnedFd,
+    seq: u32,
+}
+
+/// `nlmsghdr` + `genlmsghdr`.
+const HEADER: usize = 16 + 4;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+
+impl GenericNetlink {
+    /// Opens a generic netlink socket bound to an address the kernel chooses.
+    pub fn open() -> io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_GENERIC,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        Ok(GenericNetlink { fd, seq: 0 })
+    }
+
+    /// Sends one request (`attrs` already encoded) and returns the attributes of every data
+    /// reply, after the kernel's acknowledgement. A negative acknowledgement is an error.
+    pub fn request(
+        &mut self,
+        family: u16,
+        cmd: u8,
+        version: u8,
+        attrs: &[u8],
+    ) -> io::Result<Vec<Vec<u8>>> {
+        use std::os::fd::AsRawFd;
+        self.seq = self.seq.wrapping_add(1);
+        let len = HEADER + attrs.len();
+        let mut msg = Vec::with_capacity(len);
+        msg.extend_from_slice(&(len as u32).to_ne_bytes());
+        msg.extend_from_slice(&family.to_ne_bytes());
+        msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+        msg.extend_from_slice(&self.seq.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(&[cmd, version, 0, 0]);
+        msg.extend_from_slice(attrs);
+        // SAFETY: sends `msg.len()` initialized bytes from a live buffer on our own socket; the
+        // zeroed sockaddr_nl addresses the kernel (pid 0).
+        let sent = unsafe {
+            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+            addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut replies = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            // SAFETY: receives into a live buffer of `buf.len()` bytes owned by this frame.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut rest = &buf[..n as usize];
+            while rest.len() >= 16 {
+                let mlen = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+                if mlen < 16 || mlen > rest.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "truncated netlink message",
+                    ));
+                }
+                if kind == NLMSG_ERROR {
+                    let code = i32::from_ne_bytes([rest[16], rest[17], rest[18], rest[19]]);
+                    if code != 0 {
+                        return Err(io::Error::from_raw_os_error(-code));
+                    }
+                    return Ok(replies);
+                }
+                if mlen > HEADER {
+                    replies.push(rest[HEADER..mlen].to_vec());
+                }
+                rest = &rest[(mlen + 3) & !3..];
+            }
+        }
+    }
+}

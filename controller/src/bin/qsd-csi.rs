@@ -53,12 +53,15 @@ enum Command {
         #[arg(long)]
         size: Option<String>,
     },
-    /// Grow a volume (online if it is published).
+    /// Grow a volume; if `qsd-csi publish` staged it here, its device and filesystem too.
     Expand {
         /// The volume's ID.
         volume: String,
         /// The new size, e.g. 20G.
         size: String,
+        /// Where the CLI stages volumes.
+        #[arg(long, default_value = "/var/lib/qsd-csi/cli-staging")]
+        staging_dir: PathBuf,
     },
     /// Attach a volume on this host and mount it at a path (or bind its device with --block).
     Publish {
@@ -401,7 +404,7 @@ async fn client(endpoint: &str, command: Command) -> Result<(), String> {
             .map_err(fail("clone", endpoint))?;
             println!("{}\t{}", v.volume_id, cli::human(v.capacity_bytes));
         }
-        Command::Expand { volume, size: sz } => {
+        Command::Expand { volume, size: sz, staging_dir } => {
             let r = c
                 .controller
                 .controller_expand_volume(csi::ControllerExpandVolumeRequest {
@@ -415,8 +418,18 @@ async fn client(endpoint: &str, command: Command) -> Result<(), String> {
                 .await
                 .map_err(fail("expand", endpoint))?
                 .into_inner();
+            let staging = cli::staging_path(&staging_dir, &volume);
+            if r.node_expansion_required && qsd_node::mount::is_mountpoint(&staging) {
+                c.node
+                    .node_expand_volume(csi::NodeExpandVolumeRequest {
+                        volume_id: volume.clone(),
+                        volume_path: staging.display().to_string(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(fail("expand on this node", endpoint))?;
+            }
             println!("{volume}\t{}", cli::human(r.capacity_bytes));
-            println!("  (a published filesystem grows with `qsd-csi publish` again or a NodeExpandVolume call)");
         }
         Command::Publish { volume, path, block, fs_type, read_only, staging_dir } => {
             cli::publish(&mut c, &staging_dir, &volume, &path, block, &fs_type, read_only)

@@ -157,7 +157,7 @@ impl NodeService {
         let backend = self.config.device.resolve(Probes::host())?;
         let endpoint = self.engine.attach(id, Choice::export_kind(backend)).await?.endpoint;
         let direct_io = self.engine.daemon().features().loop_direct_io_over_fuse;
-        let device = device::attach(backend, &endpoint, direct_io).await?;
+        let device = device::attach(backend, &endpoint, direct_io, id).await?;
         let record = Staged {
             volume_id: id.to_owned(),
             staging_path: staging.to_owned(),
@@ -289,7 +289,12 @@ impl NodeService {
         let record = self
             .staged(id)?
             .ok_or_else(|| Error::NotFound { what: "staged volume", id: id.to_owned() })?;
-        device::refresh_size(record.backend, &record.device).await?;
+        let endpoint = self
+            .engine
+            .attachment(id)?
+            .ok_or_else(|| Error::FailedPrecondition(format!("volume {id} is not attached")))?
+            .endpoint;
+        device::refresh_size(record.backend, &record.device, &endpoint, id).await?;
         if record.fs_type.is_some() {
             mount::grow_fs(&record.device, path).await?;
         }

@@ -7,10 +7,10 @@
 //!     nbd socket ◄─ ublk server ──► /dev/ublkbN (io_uring)   needs ublk_drv.ko
 //! ```
 //! The set is closed, so it is an enum. `Auto` picks ublk > nbd > fuse by cheap probes; the
-//! nbd and ublk backends are not built yet, so `auto` resolves to fuse and asking for them
-//! explicitly is refused with a clear error.
+//! ublk backend is not built yet, so `auto` resolves to nbd when the kernel has it, else fuse.
 
 mod fuse_loop;
+pub mod nbd;
 pub mod nbd_client;
 
 use std::path::{Path, PathBuf};
@@ -61,17 +61,14 @@ impl std::str::FromStr for Choice {
 pub struct Probes {
     /// `/dev/ublk-control` exists.
     pub ublk: bool,
-    /// The nbd module is loaded (`/sys/module/nbd`).
+    /// The generic netlink family `nbd` resolves (the module is loaded).
     pub nbd: bool,
 }
 
 impl Probes {
     /// Reads the probes from this host.
     pub fn host() -> Self {
-        Probes {
-            ublk: Path::new("/dev/ublk-control").exists(),
-            nbd: Path::new("/sys/module/nbd").exists(),
-        }
+        Probes { ublk: Path::new("/dev/ublk-control").exists(), nbd: nbd::family().is_some() }
     }
 }
 
@@ -79,16 +76,18 @@ impl Choice {
     /// Resolves to a backend this build can drive on a host with `probes`.
     pub fn resolve(self, probes: Probes) -> Result<Backend> {
         match self {
-            // ublk and nbd are preferred once implemented; today fuse is the one we drive.
+            // ublk will come first once it is built.
+            Choice::Auto if probes.nbd => Ok(Backend::Nbd),
             Choice::Auto => Ok(Backend::Fuse),
             Choice::Fixed(Backend::Fuse) => Ok(Backend::Fuse),
-            Choice::Fixed(b @ (Backend::Nbd | Backend::Ublk)) => {
-                let present = if b == Backend::Nbd { probes.nbd } else { probes.ublk };
-                Err(Error::FailedPrecondition(format!(
-                    "the {b:?} device backend is not available in this build (kernel module {})",
-                    if present { "present" } else { "absent" }
-                )))
-            }
+            Choice::Fixed(Backend::Nbd) if probes.nbd => Ok(Backend::Nbd),
+            Choice::Fixed(Backend::Nbd) => Err(Error::FailedPrecondition(
+                "the nbd device backend needs the nbd kernel module".into(),
+            )),
+            Choice::Fixed(Backend::Ublk) => Err(Error::FailedPrecondition(format!(
+                "the ublk device backend is not built yet (kernel module {})",
+                if probes.ublk { "present" } else { "absent" }
+            ))),
         }
     }
 
@@ -101,17 +100,18 @@ impl Choice {
     }
 }
 
-/// Attaches a kernel device to an export; returns the device node.
+/// Attaches a kernel device to an export; returns the device node. `id` names the volume to
+/// the kernel (the NBD backend identifier).
 pub async fn attach(
     backend: Backend,
     endpoint: &ExportEndpoint,
     direct_io_safe: bool,
+    id: &str,
 ) -> Result<PathBuf> {
     match backend {
         Backend::Fuse => fuse_loop::attach(&endpoint.path, direct_io_safe).await,
-        Backend::Nbd | Backend::Ublk => {
-            Err(Error::FailedPrecondition(format!("{backend:?} devices are not built yet")))
-        }
+        Backend::Nbd => nbd::attach(endpoint, id).await,
+        Backend::Ublk => Err(Error::FailedPrecondition("ublk devices are not built yet".into())),
     }
 }
 
@@ -119,15 +119,23 @@ pub async fn attach(
 pub async fn detach(backend: Backend, device: &Path) -> Result<()> {
     match backend {
         Backend::Fuse => fuse_loop::detach(device).await,
-        Backend::Nbd | Backend::Ublk => Ok(()),
+        Backend::Nbd => nbd::detach(device).await,
+        Backend::Ublk => Ok(()),
     }
 }
 
-/// Makes the kernel re-read the export's size after a resize.
-pub async fn refresh_size(backend: Backend, device: &Path) -> Result<()> {
+/// Makes the kernel see the export's current size after a resize (NBD: reconnect to the
+/// re-created export with RECONFIGURE).
+pub async fn refresh_size(
+    backend: Backend,
+    device: &Path,
+    endpoint: &ExportEndpoint,
+    id: &str,
+) -> Result<()> {
     match backend {
         Backend::Fuse => fuse_loop::refresh(device).await,
-        Backend::Nbd | Backend::Ublk => Ok(()),
+        Backend::Nbd => nbd::reconnect(endpoint, device, id).await,
+        Backend::Ublk => Ok(()),
     }
 }
 
@@ -140,8 +148,10 @@ mod tests {
         let none = Probes { ublk: false, nbd: false };
         let all = Probes { ublk: true, nbd: true };
         assert_eq!(Choice::Auto.resolve(none).ok(), Some(Backend::Fuse));
-        assert_eq!(Choice::Auto.resolve(all).ok(), Some(Backend::Fuse));
-        assert!(Choice::Fixed(Backend::Nbd).resolve(all).is_err());
+        assert_eq!(Choice::Auto.resolve(all).ok(), Some(Backend::Nbd));
+        assert_eq!(Choice::Fixed(Backend::Nbd).resolve(all).ok(), Some(Backend::Nbd));
+        assert!(Choice::Fixed(Backend::Nbd).resolve(none).is_err());
+        assert!(Choice::Fixed(Backend::Ublk).resolve(all).is_err());
         assert_eq!("fuse".parse::<Choice>().ok(), Some(Choice::Fixed(Backend::Fuse)));
         assert!("iscsi".parse::<Choice>().is_err());
     }

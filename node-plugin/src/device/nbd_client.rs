@@ -152,9 +152,11 @@ impl Connection {
         self.export
     }
 
-    /// Hands the negotiated socket over (to the kernel NBD client).
-    pub fn into_stream(self) -> UnixStream {
-        self.stream
+    /// The negotiated socket's descriptor, for handing to the kernel NBD client (which takes
+    /// its own reference).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.stream.as_raw_fd()
     }
 
     async fn request(&mut self, kind: u16, offset: u64, length: u32, data: &[u8]) -> Result<u64> {

@@ -1,0 +1,78 @@
+#!/bin/bash
+# Runs inside the guest (chrooted into the host's root, read-only; /run is a tmpfs).
+# Each test prints "QSD-VM-RESULT ok|fail NAME".
+top=$1
+work=/run/qsd-vm
+mkdir -p "$work"
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+result() { if [[ $2 -eq 0 ]]; then echo "QSD-VM-RESULT ok $1"; else echo "QSD-VM-RESULT fail $1"; fi; }
+
+# The kernel offers the devices the project targets.
+test_kernel_devices() {
+  [[ -b /dev/nbd0 ]] && grep -qw nbd /proc/modules
+}
+
+# qemu-storage-daemon's NBD export on a unix socket, the kernel NBD client, ext4, data back.
+test_daemon_nbd_export_through_the_kernel() {
+  local img=$work/a.qcow2 sock=$work/nbd.sock qmp=$work/qmp.sock
+  qemu-img create -q -f qcow2 "$img" 256M || return 1
+  qemu-storage-daemon --blockdev "driver=file,filename=$img,node-name=f" \
+    --blockdev driver=qcow2,file=f,node-name=q \
+    --nbd-server "addr.type=unix,addr.path=$sock" \
+    --export type=nbd,id=x,node-name=q,name=vol,writable=on \
+    --chardev "socket,id=c,path=$qmp,server=on,wait=off" --monitor chardev=c \
+    --pidfile "$work/qsd.pid" --daemonize || return 1
+  nbd-client -unix "$sock" /dev/nbd0 -N vol -b 4096 >/dev/null || return 1
+  mkfs.ext4 -q /dev/nbd0 || return 1
+  mkdir -p "$work/mnt" && mount /dev/nbd0 "$work/mnt" || return 1
+  head -c 16M /dev/urandom >"$work/data"
+  cp "$work/data" "$work/mnt/data" && sync
+  umount "$work/mnt" && mount /dev/nbd0 "$work/mnt" || return 1
+  cmp -s "$work/data" "$work/mnt/data"
+  local ok=$?
+  umount "$work/mnt"; nbd-client -d /dev/nbd0 >/dev/null
+  kill "$(cat "$work/qsd.pid")"
+  return $ok
+}
+
+# qsd-csi's own nbd backend, end to end through the CLI: NodeStage negotiates with the daemon's
+# NBD export and hands the socket to the kernel over netlink; expand re-creates the export and
+# NodeExpandVolume reconnects the device with RECONFIGURE before growing ext4.
+test_qsd_csi_nbd_backend() {
+  local bin=$top/target/debug/qsd-csi dir=$work/csi
+  local ep=unix://$dir/csi.sock st=$dir/staging m=$dir/vol
+  mkdir -p "$dir"
+  "$bin" standalone --endpoint "$ep" --state-dir "$dir/state" --node vm --device nbd >"$dir/driver.log" 2>&1 &
+  local driver=$!
+  # Wait for the socket the driver creates once it serves.
+  for _ in $(seq 600); do [[ -S $dir/csi.sock ]] && break; sleep 0.1; done
+  local id
+  id=$("$bin" --endpoint "$ep" volume create data --size 256M | cut -f1) || return 1
+  "$bin" --endpoint "$ep" publish "$id" "$m" --staging-dir "$st" || return 1
+  findmnt -rn -o SOURCE --target "$m" | grep -q '^/dev/nbd' || { echo "not on an nbd device"; return 1; }
+  head -c 16M /dev/urandom >"$work/data2" && cp "$work/data2" "$m/data2" && sync || return 1
+  fio --name=verify --filename="$m/fio" --size=8M --verify_state_save=0 --rw=randwrite --bs=4k --iodepth=8 \
+    --ioengine=libaio --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 >"$dir/fio.log" || return 1
+  "$bin" --endpoint "$ep" expand "$id" 512M --staging-dir "$st" || return 1
+  local size; size=$(df -B1 --output=size "$m" | tail -1)
+  [[ $size -gt 400000000 ]] || { echo "df still shows $size bytes"; return 1; }
+  cmp "$work/data2" "$m/data2" || return 1
+  "$bin" --endpoint "$ep" unpublish "$id" "$m" --staging-dir "$st" || return 1
+  for p in /sys/block/nbd*/pid; do [[ -e $p ]] && { echo "$p still connected"; return 1; }; done
+  "$bin" --endpoint "$ep" volume delete "$id" || return 1
+  kill "$driver"; wait "$driver" 2>/dev/null
+  kill "$(cat "$dir/state/run/qsd.pid")"
+  tail -5 "$dir/driver.log"
+  return 0
+}
+
+for t in test_kernel_devices test_daemon_nbd_export_through_the_kernel test_qsd_csi_nbd_backend; do
+  ( set -o pipefail; $t ) >"$work/$t.log" 2>&1
+  rc=$?
+  if [[ $rc -ne 0 ]]; then
+    sed 's/^/QSD-VM-LOG /' "$work/$t.log" | tail -20
+    dmesg | tail -15 | sed 's/^/QSD-VM-LOG kernel: /'
+  fi
+  result "${t#test_}" $rc
+done

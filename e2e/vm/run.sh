@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Boots Debian's 6.1 kernel under QEMU TCG with the host root shared read-only over 9p and runs
+# guest-tests.sh inside it (chrooted into the host tree, so the guest uses this checkout's
+# binaries and the host's qemu-storage-daemon). Prints each guest result and ends with the plain
+# line "vm: N passed, N failed".
+#
+# Assets (kernel, modules, initramfs) are cached in target/vm/ and rebuilt only when missing.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$here/../.." && pwd)
+cache=${QSD_CSI_VM_CACHE:-$top/target/vm}
+mkdir -p "$cache"
+
+need=()
+if ! command -v qemu-system-x86_64 >/dev/null; then
+  # Installing Debian's qemu-system-x86 would replace a newer qemu-utils already on the host.
+  have=$(dpkg-query -W -f '${Version}' qemu-utils 2>/dev/null || true)
+  want=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+  if [[ -n $have && $have != "$want" ]]; then
+    echo "vm: qemu-utils $have is not Debian's $want; install a matching qemu-system-x86_64 first" >&2
+    echo "vm: 0 passed, 1 failed"
+    exit 1
+  fi
+  need+=(qemu-system-x86)
+fi
+[[ -x /bin/busybox ]] && /bin/busybox --list | grep -qx insmod || need+=(busybox-static)
+command -v nbd-client >/dev/null || need+=(nbd-client)
+command -v cpio >/dev/null || need+=(cpio)
+if ((${#need[@]})); then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# The newest Debian 6.1 kernel image package.
+if [[ ! -f $cache/vmlinuz ]]; then
+  pkg=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | awk '{print $1}' | sort -V | tail -1)
+  [[ -n $pkg ]] || { echo "vm: no linux-image-6.1.0-*-amd64 package found" >&2; exit 1; }
+  (cd "$cache" && rm -rf deb root && mkdir deb && cd deb && apt-get download -q "$pkg" 2>/dev/null)
+  dpkg -x "$cache"/deb/*.deb "$cache/root"
+  cp "$cache"/root/boot/vmlinuz-* "$cache/vmlinuz"
+fi
+
+# Modules in load order: virtio and 9p for the shared root, then block and filesystems.
+modules=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache
+  9pnet 9pnet_virtio 9p nbd loop crc16 mbcache jbd2 crc32c_generic ext4 libcrc32c xfs)
+if [[ ! -f $cache/initramfs.gz || $here/init -nt $cache/initramfs.gz ]]; then
+  rm -rf "$cache/initramfs" && mkdir -p "$cache"/initramfs/{bin,modules,proc,sys,dev,host}
+  cp /bin/busybox "$cache/initramfs/bin/busybox"
+  for m in "${modules[@]}"; do
+    f=$(find "$cache"/root/lib/modules/*/kernel -name "$m.ko" | head -1)
+    [[ -n $f ]] || { echo "vm: module $m not in the kernel package" >&2; exit 1; }
+    cp "$f" "$cache/initramfs/modules/"
+  done
+  printf '%s\n' "${modules[@]}" >"$cache/initramfs/modules/order"
+  cp "$here/init" "$cache/initramfs/init"
+  chmod +x "$cache/initramfs/init"
+  (cd "$cache/initramfs" && find . | cpio -o -H newc --quiet | gzip -1 >"$cache/initramfs.gz")
+fi
+
+# The guest runs this checkout's binaries from the shared host root.
+(cd "$top" && cargo build --quiet -p qsd-csi-controller --bin qsd-csi)
+
+log=$cache/console.log
+# TCG: the host's /dev/kvm cannot boot stock kernels. The guest powers off when done.
+timeout "${QSD_CSI_VM_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 2048 \
+  -nographic -no-reboot -kernel "$cache/vmlinuz" -initrd "$cache/initramfs.gz" \
+  -append "console=ttyS0 panic=-1 quiet qsd.top=$top" \
+  -virtfs "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap" \
+  </dev/null >"$log" 2>&1 || true
+
+passed=$(grep -ac 'QSD-VM-RESULT ok ' "$log" || true)
+failed=$(grep -ac 'QSD-VM-RESULT fail ' "$log" || true)
+grep -aoE 'QSD-VM-(RESULT|DONE|LOG).*' "$log" || true
+if ! grep -aq 'QSD-VM-DONE' "$log"; then
+  echo "vm: the guest did not finish; console:" >&2
+  tail -40 "$log" >&2
+  failed=$((failed + 1))
+fi
+echo "vm: $passed passed, $failed failed"
+[[ $failed -eq 0 && $passed -gt 0 ]]
