@@ -67,7 +67,44 @@ test_qsd_csi_nbd_backend() {
   return 0
 }
 
-for t in test_kernel_devices test_daemon_nbd_export_through_the_kernel test_qsd_csi_nbd_backend; do
+# qemu-storage-daemon SIGKILLed under a verifying writer: the engine restarts it and rebuilds the
+# export, the node RECONFIGUREs the kernel device onto a new socket, the writer sees no error.
+test_daemon_killed_under_a_verifying_writer() {
+  local bin=$top/target/debug/qsd-csi dir=$work/restart
+  local ep=unix://$dir/csi.sock st=$dir/staging m=$dir/vol
+  mkdir -p "$dir"
+  "$bin" standalone --endpoint "$ep" --state-dir "$dir/state" --node vm --device nbd >"$dir/driver.log" 2>&1 &
+  local driver=$!
+  for _ in $(seq 600); do [[ -S $dir/csi.sock ]] && break; sleep 0.1; done
+  local id
+  id=$("$bin" --endpoint "$ep" volume create survive --size 128M | cut -f1) || return 1
+  "$bin" --endpoint "$ep" publish "$id" "$m" --staging-dir "$st" || return 1
+  local old; old=$(cat "$dir/state/run/qsd.pid")
+  # 12 MiB at 1 MiB/s, O_DIRECT|O_SYNC like a database (each write durable before it completes:
+  # unflushed writes may be lost when a storage daemon dies, as with a disk cache on power
+  # loss), then a full verification pass.
+  fio --name=survive --filename="$m/data" --size=12M --rw=write --bs=64k --rate=1m --direct=1 --sync=1 \
+    --ioengine=psync --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 \
+    >"$dir/fio.log" 2>&1 &
+  local writer=$!
+  # Kill once the writer is well under way.
+  for _ in $(seq 600); do [[ $(stat -c %s "$m/data" 2>/dev/null || echo 0) -gt 3000000 ]] && break; sleep 0.1; done
+  kill -9 "$old" || return 1
+  wait "$writer"; local rc=$?
+  cat "$dir/fio.log" | grep -E "err=|verify" | head -5
+  [[ $rc -eq 0 ]] && grep -q "err= 0" "$dir/fio.log" || { echo "fio failed ($rc)"; tail -20 "$dir/driver.log"; return 1; }
+  local new; new=$(cat "$dir/state/run/qsd.pid")
+  [[ $new != "$old" ]] || { echo "the daemon was not restarted"; return 1; }
+  grep -q "re-attached the NBD device" "$dir/driver.log" || { echo "no re-attach logged"; return 1; }
+  "$bin" --endpoint "$ep" unpublish "$id" "$m" --staging-dir "$st" || return 1
+  "$bin" --endpoint "$ep" volume delete "$id" || return 1
+  kill "$driver"; wait "$driver" 2>/dev/null
+  kill "$new"
+  return 0
+}
+
+for t in test_kernel_devices test_daemon_nbd_export_through_the_kernel test_qsd_csi_nbd_backend \
+  test_daemon_killed_under_a_verifying_writer; do
   ( set -o pipefail; $t ) >"$work/$t.log" 2>&1
   rc=$?
   if [[ $rc -ne 0 ]]; then

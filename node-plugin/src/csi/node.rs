@@ -78,10 +78,12 @@ fn file_name(volume_id: &str) -> String {
 }
 
 impl NodeService {
-    /// A node service over an open engine.
+    /// A node service over an open engine. Must be called inside a tokio runtime: it starts
+    /// the task that re-attaches kernel devices after the daemon's graph was rebuilt.
     pub fn new(engine: Arc<EngineCore>, config: NodeConfig) -> Result<Self> {
         let dir = engine.config().state_dir.join("staging");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create staging journal", &dir, e))?;
+        tokio::spawn(reattach_after_rebuilds(Arc::downgrade(&engine), dir.clone()));
         Ok(NodeService { engine, config, dir, busy: Mutex::default() })
     }
 
@@ -346,6 +348,42 @@ impl NodeService {
             vec![csi::VolumeUsage { available: 0, total, used: 0, unit: Unit::Bytes as i32 }]
         };
         Ok(csi::NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) })
+    }
+}
+
+/// After the engine rebuilt exports (the daemon restarted), gives every staged NBD device a new
+/// socket: the kernel has kept its I/O queued meanwhile (dead-connection timeout), so the writer
+/// sees a pause, not an error. FUSE-backed devices cannot survive a daemon restart.
+async fn reattach_after_rebuilds(engine: std::sync::Weak<EngineCore>, dir: PathBuf) {
+    use crate::engine::EngineEvent;
+    use tokio::sync::broadcast::error::RecvError;
+    let Some(mut events) = engine.upgrade().map(|e| e.subscribe()) else { return };
+    loop {
+        match events.recv().await {
+            Ok(EngineEvent::Reconciled { rebuilt, .. }) if rebuilt > 0 => {}
+            Ok(_) | Err(RecvError::Lagged(_)) => continue,
+            Err(RecvError::Closed) => return,
+        }
+        let Some(engine) = engine.upgrade() else { return };
+        let staged = store::read_all::<Staged>(&dir).unwrap_or_default();
+        for record in staged.into_iter().filter(|r| r.backend == Backend::Nbd) {
+            let id = &record.volume_id;
+            let result = match engine.attachment(id) {
+                Ok(Some(a)) => {
+                    device::refresh_size(record.backend, &record.device, &a.endpoint, id).await
+                }
+                Ok(None) => Err(Error::FailedPrecondition(format!("{id} is no longer exported"))),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(volume = %id, device = %record.device.display(), "re-attached the NBD device")
+                }
+                Err(e) => {
+                    tracing::error!(volume = %id, error = %e, "re-attaching the NBD device failed")
+                }
+            }
+        }
     }
 }
 
