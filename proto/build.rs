@@ -10,7 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure().compile_protos(
-        &[PathBuf::from("proto/csi.proto")],
+        &[PathBuf::from("proto/csi.proto"), PathBuf::from("proto/agent.proto")],
         &[PathBuf::from("proto"), well_known],
     )?;
     Ok(())

@@ -12,12 +12,14 @@
 //! journal of attached volumes, and performs every volume operation in its online (attached)
 //! or offline form.
 
+pub mod agent;
 pub mod command;
 pub mod csi;
 pub mod device;
 pub mod engine;
 pub mod error;
 pub mod graph;
+pub mod grpc;
 pub mod mount;
 pub mod pool;
 pub mod qmp;

@@ -1,0 +1,202 @@
+//! The node agent: `agent.proto` served over the engine.
+//!
+//! ```text
+//!   controller ── Agent gRPC ──► AgentService ──► Engine (the same calls the CSI layer makes)
+//! ```
+//! Each request is turned into the engine's typed request; errors leave through the same
+//! status mapping as the CSI services. Transport security (mutual TLS) is the caller's
+//! `Server` configuration, not this module's.
+
+use std::sync::Arc;
+
+use qsd_csi_proto::agent::{self, agent_server::Agent};
+use tonic::{Request, Response, Status};
+
+use crate::csi::status;
+use crate::engine::{CloneMode, CreateVolume, EngineCore, SnapshotInfo, VolumeInfo, VolumeSource};
+use crate::graph::ExportKind;
+use crate::qmp::commands::{Preallocation, ThrottleLimits};
+
+/// The agent service.
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    engine: Arc<EngineCore>,
+}
+
+impl AgentService {
+    /// An agent over `engine`.
+    pub fn new(engine: Arc<EngineCore>) -> Self {
+        AgentService { engine }
+    }
+}
+
+fn qos(q: Option<agent::Qos>) -> ThrottleLimits {
+    let q = q.unwrap_or_default();
+    ThrottleLimits {
+        iops_total: q.iops_total,
+        iops_read: q.iops_read,
+        iops_write: q.iops_write,
+        bps_total: q.bps_total,
+        bps_read: q.bps_read,
+        bps_write: q.bps_write,
+    }
+}
+
+fn volume(v: VolumeInfo) -> agent::Volume {
+    let export = match v.export {
+        None => agent::ExportKind::ExportNone,
+        Some(ExportKind::Nbd) => agent::ExportKind::ExportNbd,
+        Some(ExportKind::Fuse) => agent::ExportKind::ExportFuse,
+        Some(ExportKind::VhostUserBlk) => agent::ExportKind::ExportVhostUserBlk,
+    };
+    agent::Volume {
+        volume_id: v.id,
+        size_bytes: v.size,
+        chain_depth: v.chain_depth as u32,
+        source: v.source.unwrap_or_default(),
+        export: export as i32,
+    }
+}
+
+fn snapshot(s: SnapshotInfo) -> agent::Snapshot {
+    agent::Snapshot {
+        snapshot_id: s.id,
+        source_volume_id: s.source_volume_id,
+        size_bytes: s.size,
+        created_unix: s.created_unix,
+    }
+}
+
+/// `CreateVolumeRequest` → the engine's request.
+fn create_request(r: agent::CreateVolumeRequest) -> Result<CreateVolume, Status> {
+    use agent::create_volume_request::Source;
+    let preallocation = match agent::Preallocation::try_from(r.preallocation) {
+        Ok(agent::Preallocation::Off) => Preallocation::Off,
+        Ok(agent::Preallocation::Metadata) => Preallocation::Metadata,
+        Ok(agent::Preallocation::Falloc) => Preallocation::Falloc,
+        Ok(agent::Preallocation::Full) => Preallocation::Full,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown preallocation {}",
+                r.preallocation
+            )))
+        }
+    };
+    let clone_mode = match agent::CloneMode::try_from(r.clone_mode) {
+        Ok(agent::CloneMode::Copy) => CloneMode::Copy,
+        Ok(agent::CloneMode::Linked) => CloneMode::Linked,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!("unknown clone mode {}", r.clone_mode)))
+        }
+    };
+    Ok(CreateVolume {
+        pool: r.pool,
+        name: r.name,
+        size: r.size_bytes,
+        preallocation,
+        qos: qos(r.qos),
+        max_chain_depth: r.max_chain_depth,
+        source: r.source.map(|s| match s {
+            Source::SnapshotId(id) => VolumeSource::Snapshot(id),
+            Source::VolumeId(id) => VolumeSource::Volume(id),
+        }),
+        clone_mode,
+    })
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn create_volume(
+        &self,
+        request: Request<agent::CreateVolumeRequest>,
+    ) -> Result<Response<agent::Volume>, Status> {
+        let command = create_request(request.into_inner())?;
+        let info = self.engine.create_volume(&command).await.map_err(status)?;
+        Ok(Response::new(volume(info)))
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<agent::VolumeRef>,
+    ) -> Result<Response<agent::Empty>, Status> {
+        self.engine.delete_volume(&request.into_inner().volume_id).await.map_err(status)?;
+        Ok(Response::new(agent::Empty {}))
+    }
+
+    async fn get_volume(
+        &self,
+        request: Request<agent::VolumeRef>,
+    ) -> Result<Response<agent::Volume>, Status> {
+        let info = self.engine.get_volume(&request.into_inner().volume_id).map_err(status)?;
+        Ok(Response::new(volume(info)))
+    }
+
+    async fn list_volumes(
+        &self,
+        _: Request<agent::Empty>,
+    ) -> Result<Response<agent::VolumeList>, Status> {
+        let volumes = self.engine.list_volumes().map_err(status)?.into_iter().map(volume).collect();
+        Ok(Response::new(agent::VolumeList { volumes }))
+    }
+
+    async fn expand_volume(
+        &self,
+        request: Request<agent::ExpandVolumeRequest>,
+    ) -> Result<Response<agent::Volume>, Status> {
+        let r = request.into_inner();
+        self.engine.expand_volume(&r.volume_id, r.size_bytes).await.map_err(status)?;
+        let info = self.engine.get_volume(&r.volume_id).map_err(status)?;
+        Ok(Response::new(volume(info)))
+    }
+
+    async fn modify_volume(
+        &self,
+        request: Request<agent::ModifyVolumeRequest>,
+    ) -> Result<Response<agent::Empty>, Status> {
+        let r = request.into_inner();
+        self.engine.set_qos(&r.volume_id, qos(r.qos)).await.map_err(status)?;
+        Ok(Response::new(agent::Empty {}))
+    }
+
+    async fn create_snapshots(
+        &self,
+        request: Request<agent::CreateSnapshotsRequest>,
+    ) -> Result<Response<agent::SnapshotList>, Status> {
+        let r = request.into_inner();
+        if r.snapshots.is_empty() {
+            return Err(Status::invalid_argument("no snapshots requested"));
+        }
+        let items: Vec<(&str, &str)> =
+            r.snapshots.iter().map(|s| (s.volume_id.as_str(), s.name.as_str())).collect();
+        let taken = self.engine.create_snapshot_group(&items).await.map_err(status)?;
+        Ok(Response::new(agent::SnapshotList {
+            snapshots: taken.into_iter().map(snapshot).collect(),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<agent::SnapshotRef>,
+    ) -> Result<Response<agent::Empty>, Status> {
+        self.engine.delete_snapshot(&request.into_inner().snapshot_id).await.map_err(status)?;
+        Ok(Response::new(agent::Empty {}))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<agent::Empty>,
+    ) -> Result<Response<agent::SnapshotList>, Status> {
+        let snapshots =
+            self.engine.list_snapshots().map_err(status)?.into_iter().map(snapshot).collect();
+        Ok(Response::new(agent::SnapshotList { snapshots }))
+    }
+
+    async fn get_capacity(
+        &self,
+        request: Request<agent::PoolRef>,
+    ) -> Result<Response<agent::Capacity>, Status> {
+        let pool = self.engine.pool(&request.into_inner().pool).map_err(status)?;
+        let usage = crate::mount::usage(pool.root()).map_err(status)?;
+        Ok(Response::new(agent::Capacity { available_bytes: usage.bytes_available }))
+    }
+}

@@ -1,0 +1,119 @@
+//! The node agent served over gRPC on a unix socket, driven by its generated client.
+
+mod common;
+
+use common::*;
+use qsd_csi_proto::agent::{self, agent_client::AgentClient, agent_server::AgentServer};
+use qsd_node::agent::AgentService;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_serves_the_volume_lifecycle_with_the_csi_error_codes() {
+    let env = Env::new().await;
+    let socket = env.dir.path().join("agent.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServer::new(AgentService::new(env.core())))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
+    let mut c = AgentClient::new(qsd_node::grpc::connect_unix(&socket).await.expect("connect"));
+    let create = |name: &str, size: i64| agent::CreateVolumeRequest {
+        pool: "local".into(),
+        name: name.into(),
+        size_bytes: Some(size),
+        ..Default::default()
+    };
+    let a = c.create_volume(create("a", 16 * MIB as i64)).await.expect("create a").into_inner();
+    let b = c.create_volume(create("b", 16 * MIB as i64)).await.expect("create b").into_inner();
+    assert_eq!((a.size_bytes, a.chain_depth), (16 * MIB, 1));
+
+    let snaps = c
+        .create_snapshots(agent::CreateSnapshotsRequest {
+            snapshots: vec![
+                agent::SnapshotRequest { volume_id: a.volume_id.clone(), name: "sa".into() },
+                agent::SnapshotRequest { volume_id: b.volume_id.clone(), name: "sb".into() },
+            ],
+        })
+        .await
+        .expect("group snapshot")
+        .into_inner()
+        .snapshots;
+    assert_eq!(snaps.len(), 2);
+    let restored = c
+        .create_volume(agent::CreateVolumeRequest {
+            source: Some(agent::create_volume_request::Source::SnapshotId(
+                snaps[0].snapshot_id.clone(),
+            )),
+            size_bytes: None,
+            ..create("r", 0)
+        })
+        .await
+        .expect("restore")
+        .into_inner();
+    assert_eq!(restored.source, "snapshot:sa");
+    let linked = c
+        .create_volume(agent::CreateVolumeRequest {
+            source: Some(agent::create_volume_request::Source::VolumeId(b.volume_id.clone())),
+            clone_mode: agent::CloneMode::Linked as i32,
+            size_bytes: None,
+            ..create("l", 0)
+        })
+        .await
+        .expect("linked clone")
+        .into_inner();
+    assert_eq!(linked.chain_depth, 3, "overlay on b's frozen head, which sits on sb's layer");
+    let grown = c
+        .expand_volume(agent::ExpandVolumeRequest {
+            volume_id: a.volume_id.clone(),
+            size_bytes: 32 * MIB as i64,
+        })
+        .await
+        .expect("expand")
+        .into_inner();
+    assert_eq!(grown.size_bytes, 32 * MIB);
+    c.modify_volume(agent::ModifyVolumeRequest {
+        volume_id: a.volume_id.clone(),
+        qos: Some(agent::Qos { iops_total: 100, ..Default::default() }),
+    })
+    .await
+    .expect("modify");
+    let free = c
+        .get_capacity(agent::PoolRef { pool: "local".into() })
+        .await
+        .expect("capacity")
+        .into_inner();
+    assert!(free.available_bytes > 0);
+    assert_eq!(c.list_volumes(agent::Empty {}).await.expect("list").into_inner().volumes.len(), 4);
+
+    let code = |r: Result<tonic::Response<agent::Volume>, tonic::Status>| r.err().map(|s| s.code());
+    assert_eq!(
+        code(c.create_volume(create("a", 64 * MIB as i64)).await),
+        Some(tonic::Code::AlreadyExists)
+    );
+    assert_eq!(
+        code(c.create_volume(create("../x", MIB as i64)).await),
+        Some(tonic::Code::InvalidArgument)
+    );
+    assert_eq!(code(c.create_volume(create("z", -1)).await), Some(tonic::Code::InvalidArgument));
+    let missing =
+        c.delete_volume(agent::VolumeRef { volume_id: "vol:local@node-1:none".into() }).await;
+    assert_eq!(missing.err().map(|s| s.code()), Some(tonic::Code::NotFound));
+    let shrink = c
+        .expand_volume(agent::ExpandVolumeRequest {
+            volume_id: a.volume_id.clone(),
+            size_bytes: MIB as i64,
+        })
+        .await;
+    assert_eq!(shrink.err().map(|s| s.code()), Some(tonic::Code::OutOfRange));
+
+    for s in &snaps {
+        c.delete_snapshot(agent::SnapshotRef { snapshot_id: s.snapshot_id.clone() })
+            .await
+            .expect("delete snapshot");
+    }
+    for v in [&linked, &restored, &a, &b] {
+        c.delete_volume(agent::VolumeRef { volume_id: v.volume_id.clone() }).await.expect("delete");
+    }
+    assert!(env.layer_files().is_empty(), "{:?}", env.layer_files());
+    server.abort();
+}
