@@ -420,10 +420,9 @@ impl EngineCore {
         )
     }
 
-    /// Creates a linked clone: the source moves onto a fresh overlay (as for a snapshot, online
-    /// or offline), and the clone is an overlay on the source's previous head, which both now
-    /// share read-only. O(1) whatever the size; the shared layer lives while either needs it.
-    pub(super) async fn linked_clone(&self, request: &CreateVolume) -> Result<VolumeInfo> {
+    /// Validates a clone request and takes the guards of the source and the new volume; an
+    /// existing volume of that name satisfies it only if size and source match.
+    fn prepare_clone(&self, request: &CreateVolume) -> Result<ClonePlan> {
         let Some(VolumeSource::Volume(source_id)) = &request.source else {
             return Err(Error::invalid("source", "not a volume"));
         };
@@ -435,7 +434,7 @@ impl EngineCore {
         self.object_id(IdKind::Volume, &pool, &request.name)?;
         let requested = request.size.map(parse_size).transpose()?;
         let source = source_label(&request.source, self)?;
-        let _guard = self.lock(vec![
+        let guard = self.lock(vec![
             Self::key(IdKind::Volume, &pool, &request.name),
             Self::key(IdKind::Volume, &pool, src.name.as_str()),
         ])?;
@@ -444,7 +443,9 @@ impl EngineCore {
             .ok_or_else(|| Error::NotFound { what: "volume", id: source_id.clone() })?;
         let size = requested.unwrap_or(source_record.size);
         if let Some(existing) = pool.volume(&request.name) {
-            return self.check_recreate(&pool, &existing, Some(size), &source);
+            return self
+                .check_recreate(&pool, &existing, Some(size), &source)
+                .map(ClonePlan::Exists);
         }
         if size < source_record.size {
             return Err(Error::OutOfRange {
@@ -452,6 +453,27 @@ impl EngineCore {
                 reason: format!("the source volume holds {} bytes", source_record.size),
             });
         }
+        Ok(ClonePlan::New(PreparedClone {
+            pool,
+            source_record,
+            size,
+            source,
+            max_chain_depth,
+            guard,
+        }))
+    }
+
+    /// Creates a linked clone: the source moves onto a fresh overlay (as for a snapshot, online
+    /// or offline), and the clone is an overlay on the source's previous head, which both now
+    /// share read-only. O(1) whatever the size; the shared layer lives while either needs it.
+    pub(super) async fn linked_clone(&self, request: &CreateVolume) -> Result<VolumeInfo> {
+        let prepared = match self.prepare_clone(request)? {
+            ClonePlan::Exists(info) => return Ok(info),
+            ClonePlan::New(p) => p,
+        };
+        let PreparedClone { pool, source_record, size, source, max_chain_depth, guard: _guard } =
+            prepared;
+        let source_id = request.source_id();
         let _graph = self.graph.read().await;
         while pool.chain(source_record.head)?.len() + 1 > source_record.max_chain_depth as usize {
             if !self.shorten_once(&pool, &source_record.name).await? {
@@ -512,35 +534,13 @@ impl EngineCore {
         request: &CreateVolume,
         speed: Option<u64>,
     ) -> Result<CloneTask> {
-        let Some(VolumeSource::Volume(source_id)) = &request.source else {
-            return Err(Error::invalid("source", "not a volume"));
+        let prepared = match self.prepare_clone(request)? {
+            ClonePlan::Exists(info) => {
+                return Ok(CloneTask { engine: self.clone(), state: CloneState::Done(info) })
+            }
+            ClonePlan::New(p) => p,
         };
-        let (pool, src) = self.resolve(IdKind::Volume, source_id)?;
-        if pool.name().as_str() != request.pool {
-            return Err(Error::invalid("pool", "a clone lives in its source's pool"));
-        }
-        let max_chain_depth = self.max_depth(request.max_chain_depth)?;
-        self.object_id(IdKind::Volume, &pool, &request.name)?;
-        let requested = request.size.map(parse_size).transpose()?;
-        let source = source_label(&request.source, self)?;
-        let guard = self.lock(vec![
-            Self::key(IdKind::Volume, &pool, &request.name),
-            Self::key(IdKind::Volume, &pool, src.name.as_str()),
-        ])?;
-        let source_record = pool
-            .volume(src.name.as_str())
-            .ok_or_else(|| Error::NotFound { what: "volume", id: source_id.clone() })?;
-        let size = requested.unwrap_or(source_record.size);
-        if let Some(existing) = pool.volume(&request.name) {
-            let info = self.check_recreate(&pool, &existing, Some(size), &source)?;
-            return Ok(CloneTask { engine: self.clone(), state: CloneState::Done(info) });
-        }
-        if size < source_record.size {
-            return Err(Error::OutOfRange {
-                requested: request.size.unwrap_or_default(),
-                reason: format!("the source volume holds {} bytes", source_record.size),
-            });
-        }
+        let PreparedClone { pool, source_record, size, source, max_chain_depth, guard } = prepared;
         let graph_guard = self.graph.clone().read_owned().await;
         let qmp = self.daemon.qmp();
         let target = LayerId::random();
@@ -612,6 +612,20 @@ impl EngineCore {
             })),
         })
     }
+}
+
+enum ClonePlan {
+    Exists(VolumeInfo),
+    New(PreparedClone),
+}
+
+struct PreparedClone {
+    pool: Arc<Pool>,
+    source_record: VolumeRecord,
+    size: u64,
+    source: Option<String>,
+    max_chain_depth: u32,
+    guard: Guard,
 }
 
 struct OpenNodes {

@@ -50,6 +50,14 @@ pub struct CreateVolume {
 }
 
 impl CreateVolume {
+    /// The source's ID, or "" for an empty volume.
+    pub fn source_id(&self) -> &str {
+        match &self.source {
+            Some(VolumeSource::Snapshot(id) | VolumeSource::Volume(id)) => id,
+            None => "",
+        }
+    }
+
     /// An empty thin volume with defaults.
     pub fn new(pool: &str, name: &str, size: i64) -> Self {
         CreateVolume {

@@ -81,9 +81,10 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        if let Some(pid) = self.engine.as_ref().and_then(|e| e.daemon().pid()) {
-            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-        } else if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("run/qsd.pid")) {
+        // Stop supervision before killing the daemon: a live engine would (rightly) start a
+        // new daemon the moment this one dies.
+        drop(self.engine.take());
+        if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("run/qsd.pid")) {
             let _ = std::process::Command::new("kill").args(["-KILL", pid.trim()]).status();
         }
         // Dead FUSE exports stay mounted until detached.
