@@ -6,6 +6,19 @@ work=/run/qsd-vm
 mkdir -p "$work"
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
+# Starts `qsd-csi standalone --device nbd` with its state under $1 and waits for its socket.
+# Sets $driver (its pid) and $ep (its endpoint).
+start_driver() {
+  local dir=$1
+  mkdir -p "$dir"
+  ep=unix://$dir/csi.sock
+  "$top/target/debug/qsd-csi" standalone --endpoint "$ep" --state-dir "$dir/state" --node vm \
+    --device nbd >"$dir/driver.log" 2>&1 &
+  driver=$!
+  for _ in $(seq 600); do [[ -S $dir/csi.sock ]] && return 0; sleep 0.1; done
+  return 1
+}
+
 result() { if [[ $2 -eq 0 ]]; then echo "QSD-VM-RESULT ok $1"; else echo "QSD-VM-RESULT fail $1"; fi; }
 
 # The kernel offers the devices the project targets.
@@ -40,13 +53,8 @@ test_daemon_nbd_export_through_the_kernel() {
 # NBD export and hands the socket to the kernel over netlink; expand re-creates the export and
 # NodeExpandVolume reconnects the device with RECONFIGURE before growing ext4.
 test_qsd_csi_nbd_backend() {
-  local bin=$top/target/debug/qsd-csi dir=$work/csi
-  local ep=unix://$dir/csi.sock st=$dir/staging m=$dir/vol
-  mkdir -p "$dir"
-  "$bin" standalone --endpoint "$ep" --state-dir "$dir/state" --node vm --device nbd >"$dir/driver.log" 2>&1 &
-  local driver=$!
-  # Wait for the socket the driver creates once it serves.
-  for _ in $(seq 600); do [[ -S $dir/csi.sock ]] && break; sleep 0.1; done
+  local bin=$top/target/debug/qsd-csi dir=$work/csi st=$work/csi/staging m=$work/csi/vol
+  start_driver "$dir" || return 1
   local id
   id=$("$bin" --endpoint "$ep" volume create data --size 256M | cut -f1) || return 1
   "$bin" --endpoint "$ep" publish "$id" "$m" --staging-dir "$st" || return 1
@@ -70,12 +78,8 @@ test_qsd_csi_nbd_backend() {
 # qemu-storage-daemon SIGKILLed under a verifying writer: the engine restarts it and rebuilds the
 # export, the node RECONFIGUREs the kernel device onto a new socket, the writer sees no error.
 test_daemon_killed_under_a_verifying_writer() {
-  local bin=$top/target/debug/qsd-csi dir=$work/restart
-  local ep=unix://$dir/csi.sock st=$dir/staging m=$dir/vol
-  mkdir -p "$dir"
-  "$bin" standalone --endpoint "$ep" --state-dir "$dir/state" --node vm --device nbd >"$dir/driver.log" 2>&1 &
-  local driver=$!
-  for _ in $(seq 600); do [[ -S $dir/csi.sock ]] && break; sleep 0.1; done
+  local bin=$top/target/debug/qsd-csi dir=$work/restart st=$work/restart/staging m=$work/restart/vol
+  start_driver "$dir" || return 1
   local id
   id=$("$bin" --endpoint "$ep" volume create survive --size 128M | cut -f1) || return 1
   "$bin" --endpoint "$ep" publish "$id" "$m" --staging-dir "$st" || return 1

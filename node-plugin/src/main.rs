@@ -4,35 +4,15 @@
 //! volume from the journal, and supervises the daemon until SIGINT / SIGTERM. Stopping leaves the
 //! daemon and its exports running, so volumes in use survive a restart of this process.
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 use clap::Parser;
-use qsd_node::engine::{Engine, EngineConfig, PoolConfig, DEFAULT_MAX_CHAIN_DEPTH};
-use qsd_node::pool::{NodeName, PoolKind, PoolName};
-use qsd_node::qsd::{DaemonConfig, Mode};
+use qsd_node::engine::{Engine, EngineArgs};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "qsd-csi node plugin: qcow2 volumes on qemu-storage-daemon")]
 struct Args {
-    /// Node-local state: the daemon's sockets, the attachment journal, the default pool.
-    #[arg(long, env = "QSD_CSI_STATE_DIR", default_value = "/var/lib/qsd-csi")]
-    state_dir: PathBuf,
-    /// A pool as NAME=PATH (local) or NAME=PATH,shared. Default: `default` under the state dir.
-    #[arg(long = "pool", value_name = "NAME=PATH[,shared]")]
-    pools: Vec<String>,
-    /// This node's name (a DNS subdomain). Default: the host name.
-    #[arg(long, env = "KUBE_NODE_NAME")]
-    node: Option<String>,
-    /// Connect to a daemon managed elsewhere (the Kubernetes sidecar) instead of starting one.
-    #[arg(long)]
-    external_daemon: bool,
-    /// The qemu-storage-daemon executable.
-    #[arg(long, default_value = "qemu-storage-daemon")]
-    qsd_binary: PathBuf,
-    /// Default chain-depth limit for new volumes.
-    #[arg(long, default_value_t = DEFAULT_MAX_CHAIN_DEPTH)]
-    max_chain_depth: u32,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 #[tokio::main]
@@ -42,29 +22,7 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let args = Args::parse();
-    let mut pools =
-        args.pools.iter().map(|p| PoolConfig::parse_spec(p)).collect::<Result<Vec<_>, _>>()?;
-    if pools.is_empty() {
-        pools.push(PoolConfig {
-            name: PoolName::parse("default")?,
-            path: args.state_dir.join("pools/default"),
-            kind: PoolKind::Local,
-        });
-    }
-    let node = NodeName::parse(&args.node.unwrap_or_else(NodeName::host_default))?;
-    let daemon = DaemonConfig {
-        binary: args.qsd_binary,
-        run_dir: args.state_dir.join("run"),
-        mode: if args.external_daemon { Mode::External } else { Mode::Managed },
-    };
-    let config = EngineConfig {
-        node,
-        state_dir: args.state_dir.clone(),
-        daemon,
-        pools,
-        default_max_chain_depth: args.max_chain_depth,
-    };
+    let config = Args::parse().engine.config()?;
     let engine = Engine::open(config).await.context("starting the engine")?;
     let version = engine.daemon().version().qemu;
     tracing::info!(

@@ -14,9 +14,7 @@ use qsd_csi_proto::csi::controller_server::ControllerServer;
 use qsd_csi_proto::csi::identity_server::IdentityServer;
 use qsd_csi_proto::csi::node_server::NodeServer;
 use qsd_node::csi::{NodeConfig, NodeService};
-use qsd_node::engine::{Engine, EngineConfig, PoolConfig, DEFAULT_MAX_CHAIN_DEPTH};
-use qsd_node::pool::{NodeName, PoolKind, PoolName};
-use qsd_node::qsd::{DaemonConfig, Mode};
+use qsd_node::engine::{Engine, EngineArgs};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "qsd-csi: Kubernetes CSI volumes on QEMU's block layer")]
@@ -146,27 +144,11 @@ enum SnapshotCmd {
 
 #[derive(Debug, clap::Args)]
 struct Standalone {
-    /// Node-local state: daemon sockets, journals, and the default pool.
-    #[arg(long, env = "QSD_CSI_STATE_DIR", default_value = "/var/lib/qsd-csi")]
-    state_dir: PathBuf,
-    /// A pool as NAME=PATH or NAME=PATH,shared (repeatable). Default: `default` in the state dir.
-    #[arg(long = "pool", value_name = "NAME=PATH[,shared]")]
-    pools: Vec<String>,
-    /// This node's name. Default: the host name.
-    #[arg(long, env = "KUBE_NODE_NAME")]
-    node: Option<String>,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Kernel device backend: auto, ublk, nbd or fuse.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Connect to a daemon managed elsewhere instead of starting one.
-    #[arg(long)]
-    external_daemon: bool,
-    /// The qemu-storage-daemon executable.
-    #[arg(long, default_value = "qemu-storage-daemon")]
-    qsd_binary: PathBuf,
-    /// Default chain-depth limit for new volumes.
-    #[arg(long, default_value_t = DEFAULT_MAX_CHAIN_DEPTH)]
-    max_chain_depth: u32,
     /// Volumes this node advertises it can hold.
     #[arg(long, default_value_t = 256)]
     max_volumes: i64,
@@ -190,27 +172,8 @@ fn listen(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 
 async fn standalone(endpoint: &str, args: Standalone) -> anyhow::Result<()> {
     let socket = qsd_csi_controller::client::socket_path(endpoint).map_err(anyhow::Error::msg)?;
-    let mut pools =
-        args.pools.iter().map(|p| PoolConfig::parse_spec(p)).collect::<Result<Vec<_>, _>>()?;
-    if pools.is_empty() {
-        pools.push(PoolConfig {
-            name: PoolName::parse("default")?,
-            path: args.state_dir.join("pools/default"),
-            kind: PoolKind::Local,
-        });
-    }
-    let default_pool = pools[0].name.as_str().to_owned();
-    let config = EngineConfig {
-        node: NodeName::parse(&args.node.unwrap_or_else(NodeName::host_default))?,
-        state_dir: args.state_dir.clone(),
-        daemon: DaemonConfig {
-            binary: args.qsd_binary,
-            run_dir: args.state_dir.join("run"),
-            mode: if args.external_daemon { Mode::External } else { Mode::Managed },
-        },
-        pools,
-        default_max_chain_depth: args.max_chain_depth,
-    };
+    let config = args.engine.config()?;
+    let default_pool = config.pools[0].name.as_str().to_owned();
     let engine = Engine::open(config).await.context("starting the block-graph engine")?;
     let core = engine.core_arc();
     let node = NodeService::new(

@@ -12,6 +12,7 @@
 //! daemon dies it is restarted (or re-adopted) and every attached volume's graph is rebuilt; write
 //! threshold events are turned into [`EngineEvent`]s and re-armed higher.
 
+mod args;
 mod attach;
 mod journal;
 mod snapshot;
@@ -31,6 +32,7 @@ use crate::pool::{NodeName, ObjectName, Pool, PoolKind, PoolName, VolumeRecord};
 use crate::qmp::Event;
 use crate::qsd::{Daemon, DaemonConfig, Origin};
 
+pub use args::EngineArgs;
 pub use attach::{AttachmentInfo, ThresholdState};
 pub use journal::{AttachmentRecord, ThresholdRecord};
 pub use snapshot::{CloneTask, SnapshotInfo};
