@@ -2,7 +2,7 @@
 # Boots Debian's 6.1 kernel under QEMU TCG with the host root shared read-only over 9p and runs
 # guest-tests.sh inside it (chrooted into the host tree, so the guest uses this checkout's
 # binaries and the host's qemu-storage-daemon). Prints each guest result and ends with the plain
-# line "vm: N passed, N failed".
+# line "vm: N passed, N failed, N skipped".
 #
 # Assets (kernel, modules, initramfs) are cached in target/vm/ and rebuilt only when missing.
 set -euo pipefail
@@ -18,7 +18,7 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
   want=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
   if [[ -n $have && $have != "$want" ]]; then
     echo "vm: qemu-utils $have is not Debian's $want; install a matching qemu-system-x86_64 first" >&2
-    echo "vm: 0 passed, 1 failed"
+    echo "vm: 0 passed, 1 failed, 0 skipped"
     exit 1
   fi
   need+=(qemu-system-x86)
@@ -69,11 +69,12 @@ timeout "${QSD_CSI_VM_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg -cpu max -smp
 
 passed=$(grep -ac 'QSD-VM-RESULT ok ' "$log" || true)
 failed=$(grep -ac 'QSD-VM-RESULT fail ' "$log" || true)
+skipped=$(grep -ac 'QSD-VM-RESULT skip ' "$log" || true)
 grep -aoE 'QSD-VM-(RESULT|DONE|LOG).*' "$log" || true
 if ! grep -aq 'QSD-VM-DONE' "$log"; then
   echo "vm: the guest did not finish; console:" >&2
   tail -40 "$log" >&2
   failed=$((failed + 1))
 fi
-echo "vm: $passed passed, $failed failed"
+echo "vm: $passed passed, $failed failed, $skipped skipped"
 [[ $failed -eq 0 && $passed -gt 0 ]]
