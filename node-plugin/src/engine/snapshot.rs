@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use super::volume::{source_label, CreateVolume, VolumeInfo, VolumeSource};
+use super::volume::{source_label, CreateVolume, NewHead, VolumeInfo, VolumeSource};
 use super::{EngineCore, Guard};
 use crate::error::{Error, Result};
 use crate::graph::{self, ExportKind, Names, NewImage};
@@ -25,7 +25,7 @@ use crate::pool::id::{parse_size, IdKind};
 use crate::pool::{LayerId, LayerRecord, Pool, SnapshotRecord, VolumeRecord};
 use crate::qmp::commands::{
     BlockCommit, BlockResize, BlockSetWriteThreshold, BlockStream, BlockdevBackup,
-    BlockdevSnapshot, ManualJob, Transaction, TransactionAction,
+    BlockdevSnapshot, ManualJob, Preallocation, Transaction, TransactionAction,
 };
 use crate::qmp::{Job, JobOptions};
 
@@ -165,7 +165,7 @@ impl EngineCore {
                 path: &p.pool.layer_path(p.overlay),
                 size: p.record.size,
                 backing: Some(Pool::layer_file_name(p.record.head)),
-                preallocation: crate::qmp::commands::Preallocation::Off,
+                preallocation: Preallocation::Off,
             };
             graph::create_image(&qmp, image).await?;
             p.pool.put_layer(LayerRecord { id: p.overlay, backing: Some(p.record.head) })?;
@@ -395,29 +395,9 @@ impl EngineCore {
             )));
         }
         let _graph = self.graph.read().await;
-        let head = LayerId::random();
-        let image = NewImage {
-            path: &pool.layer_path(head),
-            size,
-            backing: Some(Pool::layer_file_name(snapshot.layer)),
-            preallocation: crate::qmp::commands::Preallocation::Off,
-        };
-        graph::create_image(&self.daemon.qmp(), image).await?;
-        let record = VolumeRecord {
-            name: request.name.clone(),
-            uid: LayerId::random(),
-            size,
-            head,
-            preallocation: crate::qmp::commands::Preallocation::Off,
-            qos: request.qos,
-            max_chain_depth,
-            source,
-        };
-        self.commit_new_volume(
-            &pool,
-            LayerRecord { id: head, backing: Some(snapshot.layer) },
-            record,
-        )
+        let head =
+            NewHead { size, backing: Some(snapshot.layer), preallocation: Preallocation::Off };
+        self.create_with_head(&pool, request, head, max_chain_depth, source).await
     }
 
     /// Validates a clone request and takes the guards of the source and the new volume; an
@@ -501,25 +481,8 @@ impl EngineCore {
             let _ = pool.release(planned.overlay);
             return Err(e);
         }
-        let head = LayerId::random();
-        let image = NewImage {
-            path: &pool.layer_path(head),
-            size,
-            backing: Some(Pool::layer_file_name(shared)),
-            preallocation: crate::qmp::commands::Preallocation::Off,
-        };
-        graph::create_image(&self.daemon.qmp(), image).await?;
-        let record = VolumeRecord {
-            name: request.name.clone(),
-            uid: LayerId::random(),
-            size,
-            head,
-            preallocation: crate::qmp::commands::Preallocation::Off,
-            qos: request.qos,
-            max_chain_depth,
-            source,
-        };
-        self.commit_new_volume(&pool, LayerRecord { id: head, backing: Some(shared) }, record)
+        let head = NewHead { size, backing: Some(shared), preallocation: Preallocation::Off };
+        self.create_with_head(&pool, request, head, max_chain_depth, source).await
     }
 
     /// Starts a clone: a new image receiving a point-in-time copy of the source while the source

@@ -18,6 +18,17 @@ pub enum VolumeSource {
     Volume(String),
 }
 
+/// The head image of a new volume.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct NewHead {
+    /// Virtual size.
+    pub size: u64,
+    /// The layer it overlays, if any.
+    pub backing: Option<LayerId>,
+    /// Its allocation.
+    pub preallocation: Preallocation,
+}
+
 /// How a volume-sourced volume gets its data.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum CloneMode {
@@ -185,25 +196,39 @@ impl EngineCore {
             }
         }
         let _graph = self.graph.read().await;
-        let head = LayerId::random();
+        let head = NewHead { size, backing: None, preallocation: request.preallocation };
+        self.create_with_head(&pool, request, head, max_chain_depth, None).await
+    }
+
+    /// Creates a new volume's head image (over `backing`, if any) and records the volume.
+    /// Callers hold the new volume's guard and the graph read lock.
+    pub(super) async fn create_with_head(
+        &self,
+        pool: &Pool,
+        request: &CreateVolume,
+        head: NewHead,
+        max_chain_depth: u32,
+        source: Option<String>,
+    ) -> Result<VolumeInfo> {
+        let id = LayerId::random();
         let image = NewImage {
-            path: &pool.layer_path(head),
-            size,
-            backing: None,
-            preallocation: request.preallocation,
+            path: &pool.layer_path(id),
+            size: head.size,
+            backing: head.backing.map(Pool::layer_file_name),
+            preallocation: head.preallocation,
         };
         graph::create_image(&self.daemon.qmp(), image).await?;
         let record = VolumeRecord {
             name: request.name.clone(),
             uid: LayerId::random(),
-            size,
-            head,
-            preallocation: request.preallocation,
+            size: head.size,
+            head: id,
+            preallocation: head.preallocation,
             qos: request.qos,
             max_chain_depth,
-            source: None,
+            source,
         };
-        self.commit_new_volume(&pool, LayerRecord { id: head, backing: None }, record)
+        self.commit_new_volume(pool, LayerRecord { id, backing: head.backing }, record)
     }
 
     /// Records a new volume whose head image exists; on failure removes the image again.

@@ -103,10 +103,23 @@ struct Index {
 }
 
 impl Index {
+    /// Who refers to `layer`: the one derivation of a layer's reference count.
+    fn referrers(&self, layer: LayerId) -> Referrers {
+        Referrers {
+            volumes: self.volumes.values().filter(|v| v.head == layer).count(),
+            snapshots: self.snapshots.values().filter(|s| s.layer == layer).count(),
+            children: self
+                .layers
+                .values()
+                .filter(|l| l.backing == Some(layer))
+                .map(|l| l.id)
+                .collect(),
+        }
+    }
+
     fn refcount(&self, layer: LayerId) -> usize {
-        self.volumes.values().filter(|v| v.head == layer).count()
-            + self.snapshots.values().filter(|s| s.layer == layer).count()
-            + self.layers.values().filter(|l| l.backing == Some(layer)).count()
+        let r = self.referrers(layer);
+        r.volumes + r.snapshots + r.children.len()
     }
 }
 
@@ -261,17 +274,7 @@ impl Pool {
 
     /// Who refers to `layer`.
     pub fn referrers(&self, layer: LayerId) -> Referrers {
-        let index = self.index();
-        Referrers {
-            volumes: index.volumes.values().filter(|v| v.head == layer).count(),
-            snapshots: index.snapshots.values().filter(|s| s.layer == layer).count(),
-            children: index
-                .layers
-                .values()
-                .filter(|l| l.backing == Some(layer))
-                .map(|l| l.id)
-                .collect(),
-        }
+        self.index().referrers(layer)
     }
 
     /// Records a layer whose image now exists.
