@@ -96,7 +96,7 @@ fn ok_if_gone<T: Default>(result: qsd_node::Result<()>) -> Result<Response<T>, S
     match result {
         Ok(()) => Ok(Response::new(T::default())),
         // Deleting what does not exist (or cannot exist) succeeds: the CO may retry.
-        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::InvalidArgument) => {
+        Err(e) if e.kind() == ErrorKind::NotFound || e.is_malformed_id() => {
             Ok(Response::new(T::default()))
         }
         Err(e) => Err(status(e)),

@@ -427,12 +427,7 @@ impl Node for NodeService {
         match self.unstage(id, Path::new(staging)).await {
             Ok(()) => Ok(Response::new(csi::NodeUnstageVolumeResponse {})),
             // Unknown or malformed volume: nothing is staged, so nothing to undo.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    crate::ErrorKind::NotFound | crate::ErrorKind::InvalidArgument
-                ) =>
-            {
+            Err(e) if e.kind() == crate::ErrorKind::NotFound || e.is_malformed_id() => {
                 Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
             }
             Err(e) => Err(status(e)),
