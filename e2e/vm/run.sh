@@ -2,9 +2,12 @@
 # Boots Debian's 6.1 kernel under QEMU TCG with the host root shared read-only over 9p and runs
 # guest-tests.sh inside it (chrooted into the host tree, so the guest uses this checkout's
 # binaries and the host's qemu-storage-daemon). Prints each guest result and ends with the plain
-# line "vm: N passed, N failed, N skipped".
+# line "vm: N passed, N failed, N skipped". QSD_CSI_VM_TESTS=test_a,test_b runs only those
+# (known-broken ones included).
 #
-# Assets (kernel, modules, initramfs) are cached in target/vm/ and rebuilt only when missing.
+# Assets (kernel, modules, ublk_drv.ko, initramfs) are cached in target/vm/ and rebuilt only when
+# missing. Debian's 6.1 config leaves ublk out, so ublk_drv.ko is built out of tree from the
+# matching linux-source-6.1 against the matching linux-headers.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
@@ -39,14 +42,40 @@ if [[ ! -f $cache/vmlinuz ]]; then
   cp "$cache"/root/boot/vmlinuz-* "$cache/vmlinuz"
 fi
 
+# ublk_drv.ko for exactly that kernel: its source from linux-source-6.1 of the same version, built
+# against linux-headers of the same ABI.
+if [[ ! -f $cache/ublk_drv.ko ]]; then
+  image=$(dpkg-deb -f "$cache"/deb/linux-image-*.deb Package)
+  version=$(dpkg-deb -f "$cache"/deb/linux-image-*.deb Version)
+  abi=${image#linux-image-}
+  kb=$cache/ublk-build
+  rm -rf "$kb" && mkdir -p "$kb/deb" "$kb/src"
+  (cd "$kb/deb" && apt-get download -q "linux-source-6.1=$version" "linux-headers-$abi=$version" \
+    "linux-headers-${abi%-amd64}-common=$version" "linux-kbuild-6.1=$version" 2>/dev/null)
+  for d in "$kb"/deb/*.deb; do dpkg -x "$d" "$kb/root"; done
+  tar -xf "$kb"/root/usr/src/linux-source-6.1.tar.xz -C "$kb" \
+    linux-source-6.1/drivers/block/ublk_drv.c linux-source-6.1/include/uapi/linux/ublk_cmd.h
+  cp "$kb/linux-source-6.1/drivers/block/ublk_drv.c" "$kb/src/"
+  mkdir -p "$kb/src/include/uapi/linux"
+  cp "$kb/linux-source-6.1/include/uapi/linux/ublk_cmd.h" "$kb/src/include/uapi/linux/"
+  printf 'obj-m := ublk_drv.o\nccflags-y := -I$(src)/include\n' >"$kb/src/Kbuild"
+  # The headers' Makefile includes the common headers by their installed path: point it at ours.
+  headers=$kb/root/usr/src/linux-headers-$abi
+  sed -i "s|^include /usr/src/|include $kb/root/usr/src/|" "$headers/Makefile"
+  make -s -C "$headers" M="$kb/src" modules >"$kb/build.log" 2>&1 \
+    || { echo "vm: building ublk_drv.ko failed:" >&2; tail -20 "$kb/build.log" >&2; exit 1; }
+  cp "$kb/src/ublk_drv.ko" "$cache/ublk_drv.ko"
+  rm -rf "$kb"
+fi
+
 # Modules in load order: virtio and 9p for the shared root, then block and filesystems.
 modules=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache
-  9pnet 9pnet_virtio 9p nbd loop crc16 mbcache jbd2 crc32c_generic ext4 libcrc32c xfs)
-if [[ ! -f $cache/initramfs.gz || $here/init -nt $cache/initramfs.gz ]]; then
+  9pnet 9pnet_virtio 9p nbd loop crc16 mbcache jbd2 crc32c_generic ext4 libcrc32c xfs ublk_drv)
+if [[ ! -f $cache/initramfs.gz || $here/init -nt $cache/initramfs.gz || $cache/ublk_drv.ko -nt $cache/initramfs.gz ]]; then
   rm -rf "$cache/initramfs" && mkdir -p "$cache"/initramfs/{bin,modules,proc,sys,dev,host}
   cp /bin/busybox "$cache/initramfs/bin/busybox"
   for m in "${modules[@]}"; do
-    f=$(find "$cache"/root/lib/modules/*/kernel -name "$m.ko" | head -1)
+    f=$(find "$cache"/root/lib/modules/*/kernel "$cache/ublk_drv.ko" -name "$m.ko" | head -1)
     [[ -n $f ]] || { echo "vm: module $m not in the kernel package" >&2; exit 1; }
     cp "$f" "$cache/initramfs/modules/"
   done
@@ -63,7 +92,7 @@ log=$cache/console.log
 # TCG: the host's /dev/kvm cannot boot stock kernels. The guest powers off when done.
 timeout "${QSD_CSI_VM_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 2048 \
   -nographic -no-reboot -kernel "$cache/vmlinuz" -initrd "$cache/initramfs.gz" \
-  -append "console=ttyS0 panic=-1 quiet qsd.top=$top" \
+  -append "console=ttyS0 panic=-1 quiet qsd.top=$top qsd.tests=${QSD_CSI_VM_TESTS:-all}" \
   -virtfs "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap" \
   </dev/null >"$log" 2>&1 || true
 

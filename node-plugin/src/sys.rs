@@ -1,4 +1,5 @@
-//! The only module allowed to use `unsafe`: process attributes set between fork and exec.
+//! The only module allowed to use `unsafe`: process and thread attributes, a generic netlink
+//! socket, and descriptor duplication.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -155,4 +156,31 @@ impl GenericNetlink {
             }
         }
     }
+}
+
+/// Marks the calling thread as part of the I/O path (a ublk queue thread serving a device that
+/// this host may write back to). Needs CAP_SYS_RESOURCE; without it this is a no-op.
+pub fn mark_thread_as_io_flusher() -> io::Result<()> {
+    if !has_cap_sys_resource() {
+        return Ok(());
+    }
+    // SAFETY: prctl with integer arguments only; affects the calling thread's flags.
+    let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Duplicates a descriptor we do not own (for example an io_uring's, to poll it for readiness)
+/// into one we do, close-on-exec.
+pub fn duplicate_fd(fd: std::os::fd::RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) reads no memory; the result is checked before use.
+    let raw = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
 }

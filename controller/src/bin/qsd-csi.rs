@@ -214,7 +214,8 @@ async fn standalone(endpoint: &str, args: Standalone) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,libublk=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

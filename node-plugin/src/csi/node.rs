@@ -84,6 +84,7 @@ impl NodeService {
         let dir = engine.config().state_dir.join("staging");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create staging journal", &dir, e))?;
         tokio::spawn(reattach_after_rebuilds(Arc::downgrade(&engine), dir.clone()));
+        tokio::spawn(recover_ublk_devices(engine.clone(), dir.clone()));
         Ok(NodeService { engine, config, dir, busy: Mutex::default() })
     }
 
@@ -311,6 +312,14 @@ impl NodeService {
         }
         let record = self.staged(id)?;
         let condition = match (&record, self.engine.attachment(id)?) {
+            (Some(r), Some(_))
+                if r.backend == Backend::Ublk && !device::ublk::serves(&r.device) =>
+            {
+                csi::VolumeCondition {
+                    abnormal: true,
+                    message: "the ublk device has no server in this plugin".into(),
+                }
+            }
             (Some(r), Some(_)) if r.device.exists() => {
                 csi::VolumeCondition { abnormal: false, message: "healthy".into() }
             }
@@ -348,6 +357,28 @@ impl NodeService {
             vec![csi::VolumeUsage { available: 0, total, used: 0, unit: Unit::Bytes as i32 }]
         };
         Ok(csi::NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) })
+    }
+}
+
+/// At start, takes over the ublk devices a previous run of this plugin served: the kernel has
+/// kept their I/O queued since that process died (user recovery), so their writers see a pause.
+async fn recover_ublk_devices(engine: Arc<EngineCore>, dir: PathBuf) {
+    let staged = store::read_all::<Staged>(&dir).unwrap_or_default();
+    for record in staged.into_iter().filter(|r| r.backend == Backend::Ublk) {
+        let id = &record.volume_id;
+        let result = match engine.attachment(id) {
+            Ok(Some(a)) => device::ublk::recover(&a.endpoint, &record.device).await,
+            Ok(None) => Err(Error::FailedPrecondition(format!("{id} is not exported"))),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(volume = %id, device = %record.device.display(), "recovered the ublk device")
+            }
+            Err(e) => {
+                tracing::error!(volume = %id, error = %e, "recovering the ublk device failed")
+            }
+        }
     }
 }
 

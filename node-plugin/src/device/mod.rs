@@ -6,12 +6,14 @@
 //!     nbd socket ─────────────────► /dev/nbdN (netlink)      needs nbd.ko
 //!     nbd socket ◄─ ublk server ──► /dev/ublkbN (io_uring)   needs ublk_drv.ko
 //! ```
-//! The set is closed, so it is an enum. `Auto` picks ublk > nbd > fuse by cheap probes; the
-//! ublk backend is not built yet, so `auto` resolves to nbd when the kernel has it, else fuse.
+//! The set is closed, so it is an enum. `Auto` picks ublk > nbd > fuse by cheap probes, except
+//! that it prefers nbd over a ublk driver that cannot resize a started device (before Linux
+//! 6.16): online expansion is something users of a CSI driver count on.
 
 mod fuse_loop;
 pub mod nbd;
 pub mod nbd_client;
+pub mod ublk;
 
 use std::path::{Path, PathBuf};
 
@@ -61,6 +63,8 @@ impl std::str::FromStr for Choice {
 pub struct Probes {
     /// `/dev/ublk-control` exists.
     pub ublk: bool,
+    /// The ublk driver can resize a started device (`UBLK_F_UPDATE_SIZE`).
+    pub ublk_resize: bool,
     /// The generic netlink family `nbd` resolves (the module is loaded).
     pub nbd: bool,
 }
@@ -68,7 +72,8 @@ pub struct Probes {
 impl Probes {
     /// Reads the probes from this host.
     pub fn host() -> Self {
-        Probes { ublk: Path::new("/dev/ublk-control").exists(), nbd: nbd::family().is_some() }
+        let ublk = Path::new("/dev/ublk-control").exists();
+        Probes { ublk, ublk_resize: ublk && ublk::can_resize(), nbd: nbd::family().is_some() }
     }
 }
 
@@ -76,7 +81,7 @@ impl Choice {
     /// Resolves to a backend this build can drive on a host with `probes`.
     pub fn resolve(self, probes: Probes) -> Result<Backend> {
         match self {
-            // ublk will come first once it is built.
+            Choice::Auto if probes.ublk && (probes.ublk_resize || !probes.nbd) => Ok(Backend::Ublk),
             Choice::Auto if probes.nbd => Ok(Backend::Nbd),
             Choice::Auto => Ok(Backend::Fuse),
             Choice::Fixed(Backend::Fuse) => Ok(Backend::Fuse),
@@ -84,10 +89,11 @@ impl Choice {
             Choice::Fixed(Backend::Nbd) => Err(Error::FailedPrecondition(
                 "the nbd device backend needs the nbd kernel module".into(),
             )),
-            Choice::Fixed(Backend::Ublk) => Err(Error::FailedPrecondition(format!(
-                "the ublk device backend is not built yet (kernel module {})",
-                if probes.ublk { "present" } else { "absent" }
-            ))),
+            Choice::Fixed(Backend::Ublk) if probes.ublk => Ok(Backend::Ublk),
+            Choice::Fixed(Backend::Ublk) => Err(Error::FailedPrecondition(
+                "the ublk device backend needs the ublk_drv kernel module (/dev/ublk-control)"
+                    .into(),
+            )),
         }
     }
 
@@ -111,7 +117,7 @@ pub async fn attach(
     match backend {
         Backend::Fuse => fuse_loop::attach(&endpoint.path, direct_io_safe).await,
         Backend::Nbd => nbd::attach(endpoint, id).await,
-        Backend::Ublk => Err(Error::FailedPrecondition("ublk devices are not built yet".into())),
+        Backend::Ublk => ublk::attach(endpoint).await,
     }
 }
 
@@ -120,12 +126,12 @@ pub async fn detach(backend: Backend, device: &Path) -> Result<()> {
     match backend {
         Backend::Fuse => fuse_loop::detach(device).await,
         Backend::Nbd => nbd::detach(device).await,
-        Backend::Ublk => Ok(()),
+        Backend::Ublk => ublk::detach(device).await,
     }
 }
 
 /// Makes the kernel see the export's current size after a resize (NBD: reconnect to the
-/// re-created export with RECONFIGURE).
+/// re-created export with RECONFIGURE; ublk: UPDATE_SIZE where the driver has it).
 pub async fn refresh_size(
     backend: Backend,
     device: &Path,
@@ -135,7 +141,7 @@ pub async fn refresh_size(
     match backend {
         Backend::Fuse => fuse_loop::refresh(device).await,
         Backend::Nbd => nbd::reconnect(endpoint, device, id).await,
-        Backend::Ublk => Ok(()),
+        Backend::Ublk => ublk::refresh_size(device, endpoint).await,
     }
 }
 
@@ -145,13 +151,20 @@ mod tests {
 
     #[test]
     fn auto_resolves_to_a_backend_this_build_drives_and_missing_ones_are_refused() {
-        let none = Probes { ublk: false, nbd: false };
-        let all = Probes { ublk: true, nbd: true };
+        let none = Probes { ublk: false, ublk_resize: false, nbd: false };
+        let all = Probes { ublk: true, ublk_resize: true, nbd: true };
+        let old_ublk = Probes { ublk_resize: false, ..all };
         assert_eq!(Choice::Auto.resolve(none).ok(), Some(Backend::Fuse));
-        assert_eq!(Choice::Auto.resolve(all).ok(), Some(Backend::Nbd));
+        assert_eq!(Choice::Auto.resolve(all).ok(), Some(Backend::Ublk));
+        assert_eq!(Choice::Auto.resolve(old_ublk).ok(), Some(Backend::Nbd));
+        assert_eq!(
+            Choice::Auto.resolve(Probes { nbd: false, ..old_ublk }).ok(),
+            Some(Backend::Ublk)
+        );
         assert_eq!(Choice::Fixed(Backend::Nbd).resolve(all).ok(), Some(Backend::Nbd));
         assert!(Choice::Fixed(Backend::Nbd).resolve(none).is_err());
-        assert!(Choice::Fixed(Backend::Ublk).resolve(all).is_err());
+        assert_eq!(Choice::Fixed(Backend::Ublk).resolve(old_ublk).ok(), Some(Backend::Ublk));
+        assert!(Choice::Fixed(Backend::Ublk).resolve(none).is_err());
         assert_eq!("fuse".parse::<Choice>().ok(), Some(Choice::Fixed(Backend::Fuse)));
         assert!("iscsi".parse::<Choice>().is_err());
     }
