@@ -96,6 +96,19 @@ start_writer() {
   return 1
 }
 
+# Stops process $1 (SIGSTOP) once the writer's requests pile up on the device under mount $2:
+# afterwards a request is certainly in flight, held by the stopped process or waiting on it.
+stop_with_io_in_flight() {
+  local pid=$1 dev; dev=$(basename "$(findmnt -rn -o SOURCE --target "$2")")
+  kill -STOP "$pid" || return 1
+  for _ in $(seq 200); do
+    read -r r w <"/sys/block/$dev/inflight"
+    (( r + w > 0 )) && return 0
+    sleep 0.05
+  done
+  echo "no request in flight on $dev"; return 1
+}
+
 # Waits for the writer; fails unless it verified every block without an I/O error.
 writer_verified() {
   local log=$1 rc
@@ -108,7 +121,7 @@ writer_verified() {
 # export; the device gets back to it (nbd: RECONFIGURE onto a new socket; ublk: the server
 # reconnects) and the writer sees no error.
 daemon_killed_under_a_verifying_writer() {
-  local backend=$1 bin=$top/target/debug/qsd-csi dir=$work/restart-$1
+  local backend=$1 bin=$top/target/debug/qsd-csi dir; dir=$(mktemp -d "$work/restart-$1.XXXX")
   local st=$dir/staging m=$dir/vol
   start_driver "$dir" "$backend" || return 1
   local id
@@ -116,6 +129,7 @@ daemon_killed_under_a_verifying_writer() {
   "$bin" --endpoint "$ep" publish "$id" "$m" --staging-dir "$st" || return 1
   local old; old=$(cat "$dir/state/run/qsd.pid")
   start_writer "$m/data" "$dir/fio.log" || return 1
+  stop_with_io_in_flight "$old" "$m" || return 1
   kill -9 "$old" || return 1
   writer_verified "$dir/fio.log" || { tail -20 "$dir/driver.log"; return 1; }
   local new; new=$(cat "$dir/state/run/qsd.pid")
@@ -178,8 +192,11 @@ test_ublk_server_killed_under_a_verifying_writer() {
   "$bin" --endpoint "$ep" publish "$id" "$m" --staging-dir "$st" || return 1
   local qsd; qsd=$(cat "$dir/state/run/qsd.pid")
   start_writer "$m/data" "$dir/fio.log" || return 1
+  # The daemon held still, so the plugin dies with the writer's request in its hands.
+  stop_with_io_in_flight "$qsd" "$m" || return 1
   kill -9 "$driver" || return 1
   wait "$driver" 2>/dev/null
+  kill -CONT "$qsd"
   start_driver "$dir" ublk || return 1
   writer_verified "$dir/fio.log" || { tail -20 "$dir/driver.log"; return 1; }
   grep -q "recovered the ublk device" "$dir/driver.log" || { echo "no recovery logged"; tail "$dir/driver.log"; return 1; }
