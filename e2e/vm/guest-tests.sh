@@ -209,14 +209,34 @@ test_ublk_server_killed_under_a_verifying_writer() {
   return 0
 }
 
-# Tests that run but do not count yet, each with its reason (reported as skipped).
-declare -A known_broken=(
-  [test_daemon_killed_under_a_verifying_writer]="passed 14 of 15 runs; once fio's verify read zeros at file offset 0 after a request was retried 30 s past the reconnect: a durability or ordering bug in the restart path, under investigation"
-)
+# The Rust device tests (node-plugin/tests/kernel_devices.rs), one result each.
+run_rust_tests() {
+  local log=$work/rust-tests.log
+  QSD_TEST_TMPDIR=$work RUST_BACKTRACE=0 "$QSD_VM_RUST_TESTS" --ignored --test-threads=1 \
+    ${QSD_VM_RUST_FILTER:-} >"$log" 2>&1
+  local rc=$?
+  local n=0
+  grep -E '^test .* \.\.\. (ok|FAILED)$' "$log" >"$work/rust-verdicts"
+  while read -r _ name _ verdict; do
+    n=$((n + 1))
+    if [[ $verdict == ok ]]; then echo "QSD-VM-RESULT ok rust::$name"; else echo "QSD-VM-RESULT fail rust::$name"; fi
+  done <"$work/rust-verdicts" # (no process substitution: the guest's /dev lacks /dev/fd)
+  if [[ $rc -ne 0 || $n -eq 0 ]]; then
+    sed -n '/^failures:$/,/^failures:$/p' "$log" | head -40 | sed 's/^/QSD-VM-LOG /'
+    [[ $n -eq 0 ]] && echo "QSD-VM-RESULT fail rust_kernel_devices (no results, exit $rc)"
+  fi
+}
 
-for t in ${QSD_VM_TESTS:-test_kernel_devices test_daemon_nbd_export_through_the_kernel \
+# Tests that run but do not count yet, each with its reason (reported as skipped).
+declare -A known_broken=()
+
+for t in ${QSD_VM_TESTS:-test_kernel_devices rust_kernel_devices test_daemon_nbd_export_through_the_kernel \
   test_qsd_csi_nbd_backend test_daemon_killed_under_a_verifying_writer test_qsd_csi_ublk_backend \
   test_daemon_killed_under_a_verifying_writer_ublk test_ublk_server_killed_under_a_verifying_writer}; do
+  if [[ $t == rust_kernel_devices ]]; then
+    run_rust_tests
+    continue
+  fi
   if [[ -n ${known_broken[$t]:-} && -z ${QSD_VM_TESTS:-} ]]; then
     echo "QSD-VM-RESULT skip ${t#test_}: ${known_broken[$t]}"
     continue

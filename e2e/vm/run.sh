@@ -3,7 +3,7 @@
 # guest-tests.sh inside it (chrooted into the host tree, so the guest uses this checkout's
 # binaries and the host's qemu-storage-daemon). Prints each guest result and ends with the plain
 # line "vm: N passed, N failed, N skipped". QSD_CSI_VM_TESTS=test_a,test_b runs only those
-# (known-broken ones included).
+# (known-broken ones included); QSD_CSI_VM_RUST_FILTER narrows the Rust device tests.
 #
 # Assets (kernel, modules, ublk_drv.ko, initramfs) are cached in target/vm/ and rebuilt only when
 # missing. Debian's 6.1 config leaves ublk out, so ublk_drv.ko is built out of tree from the
@@ -85,14 +85,18 @@ if [[ ! -f $cache/initramfs.gz || $here/init -nt $cache/initramfs.gz || $cache/u
   (cd "$cache/initramfs" && find . | cpio -o -H newc --quiet | gzip -1 >"$cache/initramfs.gz")
 fi
 
-# The guest runs this checkout's binaries from the shared host root.
+# The guest runs this checkout's binaries from the shared host root: the driver, and the Rust
+# device tests (node-plugin/tests/kernel_devices.rs, ignored on the host).
 (cd "$top" && cargo build --quiet -p qsd-csi-controller --bin qsd-csi)
+rust_tests=$(cd "$top" && cargo test --quiet -p qsd-csi-node --test kernel_devices --no-run \
+  --message-format=json | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+[[ -x $rust_tests ]] || { echo "vm: could not build the Rust device tests" >&2; exit 1; }
 
 log=$cache/console.log
 # TCG: the host's /dev/kvm cannot boot stock kernels. The guest powers off when done.
 timeout "${QSD_CSI_VM_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 2048 \
   -nographic -no-reboot -kernel "$cache/vmlinuz" -initrd "$cache/initramfs.gz" \
-  -append "console=ttyS0 panic=-1 quiet qsd.top=$top qsd.tests=${QSD_CSI_VM_TESTS:-all}" \
+  -append "console=ttyS0 panic=-1 quiet qsd.top=$top qsd.tests=${QSD_CSI_VM_TESTS:-all} qsd.rust=$rust_tests qsd.rustfilter=${QSD_CSI_VM_RUST_FILTER:-}" \
   -virtfs "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap" \
   </dev/null >"$log" 2>&1 || true
 

@@ -79,3 +79,39 @@ async fn after_an_online_resize_a_reconnecting_client_sees_the_new_size_and_the_
     assert!(new.read(0, 4096).await.expect("read") == pattern(9, 4096), "old data after resize");
     new.write(47 * MIB, &pattern(1, 4096)).await.expect("write in the new space");
 }
+
+/// Why the kernel NBD backend's exports are writethrough: a write the daemon acknowledged but
+/// never flushed dies with the daemon (its qcow2 metadata lived in the daemon's cache), while
+/// the kernel would re-send an interrupted flush to the restarted daemon and report success.
+/// A writethrough export acknowledges only writes that are already flushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_writethrough_export_keeps_unflushed_writes_when_the_daemon_dies() {
+    let env = Env::new().await;
+    let core = env.core();
+    let mut events = core.subscribe();
+    let data = pattern(6, 65536);
+    let mut volumes = Vec::new();
+    for (name, writethrough) in [("cached", false), ("writethrough", true)] {
+        let vol = core
+            .create_volume(&CreateVolume::new("local", name, 16 * MIB as i64))
+            .await
+            .expect("create");
+        let ep = core.attach_with(&vol.id, ExportKind::Nbd, writethrough).await.expect("attach");
+        let mut nbd = Connection::open(&ep.endpoint.path, &ep.endpoint.name).await.expect("open");
+        nbd.write(MIB, &data).await.expect("write, no flush");
+        volumes.push((vol.id, writethrough));
+    }
+    env.kill_daemon();
+    wait_event(&mut events, is_rebuilt).await;
+    for (id, writethrough) in volumes {
+        let ep = core.attachment(&id).expect("lookup").expect("re-exported").endpoint;
+        assert_eq!(ep.writethrough, writethrough, "the rebuilt export keeps its mode");
+        let mut nbd = Connection::open(&ep.path, &ep.name).await.expect("reopen");
+        let back = nbd.read(MIB, data.len() as u32).await.expect("read");
+        if writethrough {
+            assert!(back == data, "an acknowledged write survives a writethrough export's daemon");
+        } else {
+            assert!(back.iter().all(|b| *b == 0), "an unflushed write died with the daemon");
+        }
+    }
+}

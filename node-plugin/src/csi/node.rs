@@ -158,7 +158,8 @@ impl NodeService {
             }
         }
         let backend = self.config.device.resolve(Probes::host())?;
-        let endpoint = self.engine.attach(id, Choice::export_kind(backend)).await?.endpoint;
+        let (kind, writethrough) = (Choice::export_kind(backend), Choice::writethrough(backend));
+        let endpoint = self.engine.attach_with(id, kind, writethrough).await?.endpoint;
         let direct_io = self.engine.daemon().features().loop_direct_io_over_fuse;
         let device = device::attach(backend, &endpoint, direct_io, id).await?;
         let record = Staged {

@@ -97,6 +97,13 @@ impl Choice {
         }
     }
 
+    /// Whether a backend's export must acknowledge only flushed writes. The kernel NBD client
+    /// re-sends a flush interrupted by the daemon's death to its successor, which never saw the
+    /// writes the dead one acknowledged without flushing; the ublk server replays those itself.
+    pub fn writethrough(backend: Backend) -> bool {
+        backend == Backend::Nbd
+    }
+
     /// The export a backend needs from the daemon.
     pub fn export_kind(backend: Backend) -> ExportKind {
         match backend {

@@ -9,6 +9,10 @@
 //! - The daemon dies, or the export is re-created (expand): the NBD link breaks. Requests in
 //!   flight wait while the thread reconnects (for up to [`RECONNECT_TIMEOUT`]), then go out
 //!   again. NBD requests are idempotent, and one is re-sent only while the kernel still holds it.
+//! - A dead daemon also takes the writes it acknowledged but had not flushed (their qcow2
+//!   metadata lived in its cache), yet a flush re-sent to its successor would succeed. So the
+//!   queue keeps every acknowledged write until a flush covers it (at most [`UNFLUSHED_CAP`]
+//!   bytes, then it flushes on its own) and replays them on a new link before anything else.
 //! - This process dies: devices are created with `UBLK_F_USER_RECOVERY` and
 //!   `UBLK_F_USER_RECOVERY_REISSUE`, so the kernel quiesces the device and keeps its I/O queued.
 //!   The restarted plugin calls [`recover`], and the kernel re-issues the requests to it.
@@ -43,6 +47,10 @@ const DEPTH: u16 = 32;
 const IO_BUF_BYTES: u32 = 256 << 10;
 /// Largest discard or write-zeroes request, sectors (1 GiB; NBD lengths are 32-bit).
 const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Bytes of acknowledged, unflushed writes a queue keeps for replay before it flushes itself.
+pub const UNFLUSHED_CAP: usize = 32 << 20;
+/// The cookie of replayed requests (tags are below the queue depth).
+const REPLAY_COOKIE: u64 = u64::MAX;
 /// NBD's "server shutting down": the request was not done; send it again after reconnecting.
 const NBD_ESHUTDOWN: u32 = 108;
 
@@ -407,9 +415,30 @@ impl Link {
     }
 }
 
+/// A request the daemon acknowledged that no flush has covered yet.
+struct Unflushed {
+    seq: u64,
+    kind: u16,
+    flags: u16,
+    offset: u64,
+    length: u32,
+    data: Vec<u8>,
+}
+
+/// Acknowledged, unflushed requests in acknowledgement order.
+#[derive(Default)]
+struct Pending {
+    requests: std::collections::VecDeque<Unflushed>,
+    /// The next sequence number.
+    seq: u64,
+    /// Bytes of data held.
+    bytes: usize,
+}
+
 /// A queue's connection to the export, re-made when it breaks.
 struct Links {
     target: Arc<Target>,
+    unflushed: RefCell<Pending>,
     current: RefCell<Option<Rc<Link>>>,
     connecting: smol::lock::Mutex<()>,
     /// New links go to the queue's reader task.
@@ -429,8 +458,61 @@ impl Links {
                 continue;
             }
             let link = self.connect().await?;
-            *self.current.borrow_mut() = Some(link);
+            if self.replay(&link).await {
+                *self.current.borrow_mut() = Some(link);
+            }
         }
+    }
+
+    /// Sends the unflushed writes again on a new link, in order; false if the link broke.
+    async fn replay(&self, link: &Link) -> bool {
+        let pending: Vec<_> = self
+            .unflushed
+            .borrow()
+            .requests
+            .iter()
+            .map(|u| (u.kind, u.flags, u.offset, u.length, u.data.clone()))
+            .collect();
+        if !pending.is_empty() {
+            tracing::info!(export = %self.target.export, requests = pending.len(), "replaying unflushed writes");
+        }
+        for (kind, flags, offset, length, data) in pending {
+            match link.exchange(REPLAY_COOKIE, kind, flags, offset, length, &data).await {
+                Outcome::Done(_) => {}
+                Outcome::Lost => return false,
+                Outcome::Failed(errno) => {
+                    tracing::error!(export = %self.target.export, offset, length, errno, "the daemon refused a replayed write")
+                }
+            }
+        }
+        true
+    }
+
+    /// The sequence number the next acknowledged request will get: a flush sent now covers
+    /// everything below it.
+    fn next_seq(&self) -> u64 {
+        self.unflushed.borrow().seq
+    }
+
+    fn acknowledged(&self, kind: u16, flags: u16, offset: u64, length: u32, data: &[u8]) {
+        let mut u = self.unflushed.borrow_mut();
+        let seq = u.seq;
+        u.seq += 1;
+        u.bytes += data.len();
+        u.requests.push_back(Unflushed { seq, kind, flags, offset, length, data: data.to_vec() });
+    }
+
+    fn flushed(&self, covers: u64) {
+        let mut u = self.unflushed.borrow_mut();
+        while u.requests.front().is_some_and(|e| e.seq < covers) {
+            if let Some(done) = u.requests.pop_front() {
+                u.bytes -= done.data.len();
+            }
+        }
+    }
+
+    fn unflushed_bytes(&self) -> usize {
+        self.unflushed.borrow().bytes
     }
 
     async fn connect(&self) -> Option<Rc<Link>> {
@@ -510,10 +592,22 @@ async fn forward(links: &Links, tag: u16, iod: sys::ublksrv_io_desc, buf: &mut [
             flags &= !nbd::CMD_FLAG_FUA;
         }
         let payload = if kind == nbd::CMD_WRITE { &buf[..length as usize] } else { &[][..] };
+        let covers = links.next_seq();
         match link.exchange(u64::from(tag), kind, flags, offset, length, payload).await {
             Outcome::Done(data) => {
-                if kind == nbd::CMD_READ {
-                    buf[..data.len()].copy_from_slice(&data);
+                match kind {
+                    nbd::CMD_READ => buf[..data.len()].copy_from_slice(&data),
+                    nbd::CMD_FLUSH => links.flushed(covers),
+                    // Durable before it was acknowledged.
+                    nbd::CMD_WRITE if flags & nbd::CMD_FLAG_FUA != 0 => {}
+                    _ => links.acknowledged(kind, flags, offset, length, payload),
+                }
+                if links.unflushed_bytes() > UNFLUSHED_CAP {
+                    let covers = links.next_seq();
+                    let flush = link.exchange(u64::from(tag), nbd::CMD_FLUSH, 0, 0, 0, &[]).await;
+                    if let Outcome::Done(_) = flush {
+                        links.flushed(covers);
+                    }
                 }
                 return length as i32;
             }
@@ -564,6 +658,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, target: &Arc<Target>) {
     let (readers_tx, readers_rx) = smol::channel::unbounded::<Rc<Link>>();
     let links = Rc::new(Links {
         target: target.clone(),
+        unflushed: RefCell::default(),
         current: RefCell::default(),
         connecting: smol::lock::Mutex::new(()),
         readers: readers_tx,

@@ -42,21 +42,33 @@ impl EngineCore {
             ExportKind::Fuse => exports.join(format!("{uid}.img")),
             ExportKind::VhostUserBlk => exports.join(format!("{uid}.sock")),
         };
-        ExportEndpoint { kind, path, name: names.export() }
+        ExportEndpoint { kind, path, name: names.export(), writethrough: false }
     }
 
     /// Opens a volume in the daemon and exports it. Idempotent for the same export kind.
     pub async fn attach(&self, volume_id: &str, kind: ExportKind) -> Result<AttachmentInfo> {
+        self.attach_with(volume_id, kind, false).await
+    }
+
+    /// [`attach`](Self::attach), choosing whether the export flushes every write before
+    /// acknowledging it (see [`ExportEndpoint::writethrough`]).
+    pub async fn attach_with(
+        &self,
+        volume_id: &str,
+        kind: ExportKind,
+        writethrough: bool,
+    ) -> Result<AttachmentInfo> {
         let (pool, parsed, _) = self.resolve_volume(volume_id)?;
         let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
         let record = pool
             .volume(parsed.name.as_str())
             .ok_or_else(|| Error::NotFound { what: "volume", id: volume_id.to_owned() })?;
         if let Some(existing) = self.journal.get(record.uid) {
-            if existing.endpoint.kind != kind {
+            if existing.endpoint.kind != kind || existing.endpoint.writethrough != writethrough {
                 return Err(Error::FailedPrecondition(format!(
-                    "volume {volume_id} is already attached with a {:?} export",
-                    existing.endpoint.kind
+                    "volume {volume_id} is already attached with a {:?} export{}",
+                    existing.endpoint.kind,
+                    if existing.endpoint.writethrough { " (writethrough)" } else { "" }
                 )));
             }
             return Ok(AttachmentInfo {
@@ -65,7 +77,7 @@ impl EngineCore {
             });
         }
         let _graph = self.graph.read().await;
-        let endpoint = self.endpoint_for(record.uid, kind);
+        let endpoint = ExportEndpoint { writethrough, ..self.endpoint_for(record.uid, kind) };
         let attachment = AttachmentRecord {
             volume_id: volume_id.to_owned(),
             pool: pool.name().as_str().to_owned(),

@@ -249,6 +249,11 @@ pub struct ExportEndpoint {
     pub path: PathBuf,
     /// NBD export name (also the export id).
     pub name: String,
+    /// Every write is flushed before it is acknowledged. The kernel NBD client re-sends a flush
+    /// that was in flight when the daemon died to the restarted daemon, which has lost the dead
+    /// one's unflushed qcow2 metadata: without this, that flush would vouch for lost writes.
+    #[serde(default)]
+    pub writethrough: bool,
 }
 
 /// Starts the daemon's NBD server on `socket` unless it already runs.
@@ -272,9 +277,13 @@ pub fn export_command(names: &Names, endpoint: &ExportEndpoint) -> BlockExportAd
     let node_name = names.throttle();
     let path = endpoint.path.display().to_string();
     match endpoint.kind {
-        ExportKind::Nbd => {
-            BlockExportAdd::Nbd { id: id.clone(), node_name, name: id, writable: true }
-        }
+        ExportKind::Nbd => BlockExportAdd::Nbd {
+            id: id.clone(),
+            node_name,
+            name: id,
+            writable: true,
+            writethrough: endpoint.writethrough,
+        },
         ExportKind::Fuse => {
             BlockExportAdd::Fuse { id, node_name, mountpoint: path, writable: true }
         }

@@ -489,6 +489,8 @@ pub enum BlockExportAdd {
         name: String,
         /// Allow writes.
         writable: bool,
+        /// Flush every write before acknowledging it.
+        writethrough: bool,
     },
     /// A FUSE export onto a regular file.
     Fuse {

@@ -24,7 +24,9 @@ impl Env {
     }
 
     pub async fn with_depth(depth: u32) -> Env {
-        let dir = tempfile::Builder::new().prefix("qsd-test-").tempdir_in("/tmp").expect("tempdir");
+        // The guest suite points this at a writable place (its /tmp is the host's, read-only).
+        let base = std::env::var_os("QSD_TEST_TMPDIR").unwrap_or_else(|| "/tmp".into());
+        let dir = tempfile::Builder::new().prefix("qsd-test-").tempdir_in(base).expect("tempdir");
         let config = EngineConfig {
             node: NodeName::parse("node-1").expect("node"),
             state_dir: dir.path().join("state"),
@@ -117,6 +119,11 @@ pub async fn wait_event(
 
 pub fn is_reconciled(e: &EngineEvent) -> bool {
     matches!(e, EngineEvent::Reconciled { .. })
+}
+
+/// A reconciliation that rebuilt exports (after the daemon died).
+pub fn is_rebuilt(e: &EngineEvent) -> bool {
+    matches!(e, EngineEvent::Reconciled { rebuilt, .. } if *rebuilt > 0)
 }
 
 pub fn reconciled_origin(e: &EngineEvent) -> Option<(Origin, usize)> {
