@@ -142,6 +142,9 @@ pub enum Error {
     /// The daemon's state contradicts ours in a way we cannot repair.
     #[error("inconsistent state: {0}")]
     Inconsistent(String),
+    /// A gRPC transport (TLS, connection) failed.
+    #[error("{0}")]
+    Transport(String),
 }
 
 impl Error {
@@ -161,7 +164,7 @@ impl Error {
                     ErrorKind::Internal
                 }
             },
-            Error::DaemonStart { .. } => ErrorKind::Unavailable,
+            Error::DaemonStart { .. } | Error::Transport(_) => ErrorKind::Unavailable,
             Error::Job { .. }
             | Error::Io { .. }
             | Error::Metadata { .. }

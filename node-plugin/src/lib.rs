@@ -25,5 +25,6 @@ pub mod pool;
 pub mod qmp;
 pub mod qsd;
 mod sys;
+pub mod tls;
 
 pub use error::{Error, ErrorKind, Result};
