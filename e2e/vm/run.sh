@@ -2,8 +2,9 @@
 # Boots Debian's 6.1 kernel under QEMU TCG with the host root shared read-only over 9p and runs
 # guest-tests.sh inside it (chrooted into the host tree, so the guest uses this checkout's
 # binaries and the host's qemu-storage-daemon). Prints each guest result and ends with the plain
-# line "vm: N passed, N failed, N skipped". QSD_CSI_VM_TESTS=test_a,test_b runs only those
-# (known-broken ones included); QSD_CSI_VM_RUST_FILTER narrows the Rust device tests.
+# line "N passed, N failed" (a "vm: N skipped" line before it counts skips). Set
+# QSD_CSI_VM_TESTS=test_a,test_b to run only those (known-broken ones included);
+# QSD_CSI_VM_RUST_FILTER narrows the Rust device tests.
 #
 # Assets (kernel, modules, ublk_drv.ko, initramfs) are cached in target/vm/ and rebuilt only when
 # missing. Debian's 6.1 config leaves ublk out, so ublk_drv.ko is built out of tree from the
@@ -21,7 +22,7 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
   want=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
   if [[ -n $have && $have != "$want" ]]; then
     echo "vm: qemu-utils $have is not Debian's $want; install a matching qemu-system-x86_64 first" >&2
-    echo "vm: 0 passed, 1 failed, 0 skipped"
+    echo "0 passed, 1 failed"
     exit 1
   fi
   need+=(qemu-system-x86)
@@ -109,5 +110,6 @@ if ! grep -aq 'QSD-VM-DONE' "$log"; then
   tail -40 "$log" >&2
   failed=$((failed + 1))
 fi
-echo "vm: $passed passed, $failed failed, $skipped skipped"
+echo "vm: $skipped skipped"
+echo "$passed passed, $failed failed"
 [[ $failed -eq 0 && $passed -gt 0 ]]
