@@ -1,74 +1,79 @@
 //! CSI Controller: create / delete / list volumes and snapshots, expand, modify, capacity.
+//!
+//! Every request becomes agent calls ([`crate::agents`]): to the node an ID names, to the node
+//! the topology asks for on create, or to every node for lists.
 
-use std::sync::Arc;
-
+use qsd_csi_proto::agent;
 use qsd_csi_proto::csi::{self, controller_server::Controller};
 use qsd_node::csi::{required, status, TOPOLOGY_KEY};
-use qsd_node::engine::{EngineCore, SnapshotInfo, VolumeInfo};
-use qsd_node::pool::PoolKind;
-use qsd_node::ErrorKind;
-use tonic::{Request, Response, Status};
+use qsd_node::pool::id::{IdKind, ObjectId};
+use tonic::{Code, Request, Response, Status};
 
+use crate::agents::{Agents, NodeAgent};
 use crate::params;
 
 /// The Controller service.
 #[derive(Debug, Clone)]
 pub struct ControllerService {
-    engine: Arc<EngineCore>,
+    agents: Agents,
     default_pool: String,
 }
 
+/// The pool and (local pools) node an ID names; `None` for an ID that cannot be ours.
+fn location(kind: IdKind, id: &str) -> Option<(String, Option<String>)> {
+    let parsed = ObjectId::parse(kind, id).ok()?;
+    Some((
+        parsed.location.pool.as_str().to_owned(),
+        parsed.location.node.map(|n| n.as_str().to_owned()),
+    ))
+}
+
+fn node_topology(node: &str) -> csi::Topology {
+    csi::Topology { segments: [(TOPOLOGY_KEY.to_owned(), node.to_owned())].into() }
+}
+
 impl ControllerService {
-    /// A controller over `engine`, placing volumes in `default_pool` unless a request names one.
-    pub fn new(engine: Arc<EngineCore>, default_pool: String) -> Self {
-        ControllerService { engine, default_pool }
+    /// A controller over the node `agents`, placing volumes in `default_pool` unless a request
+    /// names one.
+    pub fn new(agents: Agents, default_pool: String) -> Self {
+        ControllerService { agents, default_pool }
     }
 
-    fn volume(&self, info: &VolumeInfo, fs_type: Option<&str>) -> csi::Volume {
+    fn volume(info: &agent::Volume, fs_type: Option<&str>) -> csi::Volume {
         use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
-        let pool = info.id.split(':').nth(1).and_then(|p| p.split('@').next()).unwrap_or_default();
-        let local = self.engine.pool(pool).map(|p| p.kind() == PoolKind::Local).unwrap_or(true);
+        let (pool, node) = location(IdKind::Volume, &info.volume_id).unwrap_or_default();
         let source_id = |prefix: &str, name: &str| {
-            info.id
+            info.volume_id
                 .replacen("vol:", prefix, 1)
                 .rsplit_once(':')
                 .map(|(loc, _)| format!("{loc}:{name}"))
         };
-        let content_source = info.source.as_deref().and_then(|s| match s.split_once(':') {
+        let content_source = match info.source.split_once(':') {
             Some(("snapshot", name)) => source_id("snap:", name)
                 .map(|id| Type::Snapshot(SnapshotSource { snapshot_id: id })),
             Some(("volume", name)) => {
                 source_id("vol:", name).map(|id| Type::Volume(VolumeSource { volume_id: id }))
             }
             _ => None,
-        });
-        let mut context = std::collections::HashMap::from([("pool".to_owned(), pool.to_owned())]);
+        };
+        let mut context = std::collections::HashMap::from([("pool".to_owned(), pool)]);
         if let Some(fs) = fs_type {
             context.insert("fsType".to_owned(), fs.to_owned());
         }
         csi::Volume {
-            capacity_bytes: info.size as i64,
-            volume_id: info.id.clone(),
+            capacity_bytes: info.size_bytes as i64,
+            volume_id: info.volume_id.clone(),
             volume_context: context,
             content_source: content_source.map(|t| csi::VolumeContentSource { r#type: Some(t) }),
-            accessible_topology: if local {
-                vec![csi::Topology {
-                    segments: [(
-                        TOPOLOGY_KEY.to_owned(),
-                        self.engine.config().node.as_str().to_owned(),
-                    )]
-                    .into(),
-                }]
-            } else {
-                Vec::new()
-            },
+            // A local pool's volume is reachable from its node only; a shared pool's from any.
+            accessible_topology: node.iter().map(|n| node_topology(n)).collect(),
         }
     }
 
-    fn snapshot(info: &SnapshotInfo) -> csi::Snapshot {
+    fn snapshot(info: &agent::Snapshot) -> csi::Snapshot {
         csi::Snapshot {
-            size_bytes: info.size as i64,
-            snapshot_id: info.id.clone(),
+            size_bytes: info.size_bytes as i64,
+            snapshot_id: info.snapshot_id.clone(),
             source_volume_id: info.source_volume_id.clone(),
             creation_time: Some(prost_types::Timestamp {
                 seconds: info.created_unix as i64,
@@ -79,27 +84,73 @@ impl ControllerService {
         }
     }
 
-    fn check_topology(&self, requirement: Option<&csi::TopologyRequirement>) -> Result<(), Status> {
-        let Some(req) = requirement else { return Ok(()) };
-        let node = self.engine.config().node.as_str();
-        let fits = |t: &csi::Topology| t.segments.get(TOPOLOGY_KEY).is_none_or(|n| n == node);
-        if !req.requisite.is_empty() && !req.requisite.iter().any(fits) {
-            return Err(Status::resource_exhausted(format!(
-                "no requisite topology includes node {node}"
-            )));
+    /// The node a new volume goes to: its source's node, else the first preferred, else the
+    /// first requisite topology naming a node with an agent, else the default node. A node
+    /// outside the requisite topologies is RESOURCE_EXHAUSTED.
+    fn placement(
+        &self,
+        requirement: Option<&csi::TopologyRequirement>,
+        source: Option<&(IdKind, String)>,
+    ) -> Result<String, Status> {
+        let known = |t: &csi::Topology| {
+            t.segments.get(TOPOLOGY_KEY).filter(|n| self.agents.node(n).is_ok()).cloned()
+        };
+        let node = match (source, requirement) {
+            (Some((kind, id)), _) => self.agents.node_of(*kind, id).map_err(status)?,
+            (None, Some(req)) => req
+                .preferred
+                .iter()
+                .chain(&req.requisite)
+                .find_map(known)
+                .unwrap_or_else(|| self.agents.default_node().to_owned()),
+            (None, None) => self.agents.default_node().to_owned(),
+        };
+        if let Some(req) = requirement {
+            let fits = |t: &csi::Topology| t.segments.get(TOPOLOGY_KEY).is_none_or(|n| *n == node);
+            if !req.requisite.is_empty() && !req.requisite.iter().any(fits) {
+                return Err(Status::resource_exhausted(format!(
+                    "no requisite topology includes node {node}"
+                )));
+            }
         }
-        Ok(())
+        Ok(node)
+    }
+
+    /// Every volume on every node, in ID order.
+    async fn all_volumes(&self) -> Result<Vec<agent::Volume>, Status> {
+        let mut all = Vec::new();
+        for (_, a) in self.agents.nodes() {
+            all.extend(a.list_volumes(agent::Empty {}).await?.volumes);
+        }
+        all.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
+        Ok(all)
+    }
+
+    /// Every snapshot on every node (or on the node `snapshot_id` names), in ID order.
+    async fn all_snapshots(&self, snapshot_id: &str) -> Result<Vec<agent::Snapshot>, Status> {
+        let agents: Vec<&NodeAgent> = match snapshot_id {
+            "" => self.agents.nodes().map(|(_, a)| a).collect(),
+            id => match self.agents.for_id(IdKind::Snapshot, id) {
+                Ok(a) => vec![a],
+                Err(e) if e.code() == Code::NotFound => Vec::new(), // cannot be ours
+                Err(e) => return Err(e),
+            },
+        };
+        let mut all = Vec::new();
+        for a in agents {
+            all.extend(a.list_snapshots(agent::Empty {}).await?.snapshots);
+        }
+        all.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
+        Ok(all)
     }
 }
 
-fn ok_if_gone<T: Default>(result: qsd_node::Result<()>) -> Result<Response<T>, Status> {
+/// Deleting what does not exist (or cannot exist) succeeds: the CO may retry.
+fn ok_if_gone<T: Default>(result: Result<agent::Empty, Status>) -> Result<Response<T>, Status> {
     match result {
-        Ok(()) => Ok(Response::new(T::default())),
-        // Deleting what does not exist (or cannot exist) succeeds: the CO may retry.
-        Err(e) if e.kind() == ErrorKind::NotFound || e.is_malformed_id() => {
-            Ok(Response::new(T::default()))
-        }
-        Err(e) => Err(status(e)),
+        Ok(_) => Ok(Response::new(T::default())),
+        Err(e) if e.code() == Code::NotFound => Ok(Response::new(T::default())),
+        Err(e) => Err(e),
     }
 }
 
@@ -111,21 +162,26 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
         let req = request.into_inner();
         let command = params::create_volume(&req, &self.default_pool)?;
-        self.check_topology(req.accessibility_requirements.as_ref())?;
-        let info = self.engine.create_volume(&command).await.map_err(|e| match e.kind() {
-            // A missing source is NOT_FOUND per spec; a missing pool is a bad parameter.
-            ErrorKind::NotFound if command.source.is_none() => {
-                Status::invalid_argument(e.to_string())
+        let source = command.source.as_ref().map(|s| match s {
+            qsd_node::engine::VolumeSource::Snapshot(id) => (IdKind::Snapshot, id.clone()),
+            qsd_node::engine::VolumeSource::Volume(id) => (IdKind::Volume, id.clone()),
+        });
+        let node = self.placement(req.accessibility_requirements.as_ref(), source.as_ref())?;
+        let message = qsd_node::agent::create_volume_message(&command);
+        let info = self.agents.node(&node)?.create_volume(message).await.map_err(|e| {
+            match e.code() {
+                // A missing source is NOT_FOUND per spec; a missing pool is a bad parameter.
+                Code::NotFound if source.is_none() => Status::invalid_argument(e.message()),
+                _ => e,
             }
-            _ => status(e),
         })?;
-        if let (Some(range), true) = (req.capacity_range.as_ref(), command.source.is_some()) {
-            if range.limit_bytes > 0 && info.size as i64 > range.limit_bytes {
+        if let (Some(range), true) = (req.capacity_range.as_ref(), source.is_some()) {
+            if range.limit_bytes > 0 && info.size_bytes as i64 > range.limit_bytes {
                 return Err(Status::out_of_range("the source is larger than limit_bytes"));
             }
         }
         let fs = req.parameters.get("fsType").map(String::as_str);
-        Ok(Response::new(csi::CreateVolumeResponse { volume: Some(self.volume(&info, fs)) }))
+        Ok(Response::new(csi::CreateVolumeResponse { volume: Some(Self::volume(&info, fs)) }))
     }
 
     async fn delete_volume(
@@ -134,7 +190,11 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
         let req = request.into_inner();
         required("volume_id", &req.volume_id)?;
-        ok_if_gone(self.engine.delete_volume(&req.volume_id).await)
+        let deleted = match self.agents.for_id(IdKind::Volume, &req.volume_id) {
+            Ok(a) => a.delete_volume(agent::VolumeRef { volume_id: req.volume_id }).await,
+            Err(e) => Err(e),
+        };
+        ok_if_gone(deleted)
     }
 
     async fn controller_publish_volume(
@@ -160,7 +220,10 @@ impl Controller for ControllerService {
         if req.volume_capabilities.is_empty() {
             return Err(Status::invalid_argument("volume_capabilities is required"));
         }
-        self.engine.get_volume(&req.volume_id).map_err(status)?;
+        self.agents
+            .for_id(IdKind::Volume, &req.volume_id)?
+            .get_volume(agent::VolumeRef { volume_id: req.volume_id.clone() })
+            .await?;
         if let Some(reason) = req.volume_capabilities.iter().find_map(params::unsupported) {
             return Ok(Response::new(csi::ValidateVolumeCapabilitiesResponse {
                 confirmed: None,
@@ -183,18 +246,21 @@ impl Controller for ControllerService {
         request: Request<csi::ListVolumesRequest>,
     ) -> Result<Response<csi::ListVolumesResponse>, Status> {
         let req = request.into_inner();
-        let mut all = self.engine.list_volumes().map_err(status)?;
-        all.sort_by(|a, b| a.id.cmp(&b.id));
+        let all = self.all_volumes().await?;
         let (page, next_token) = params::page(all, req.max_entries, &req.starting_token)?;
-        let node = self.engine.config().node.as_str().to_owned();
         let entries = page
             .iter()
-            .map(|v| csi::list_volumes_response::Entry {
-                volume: Some(self.volume(v, None)),
-                status: Some(csi::list_volumes_response::VolumeStatus {
-                    published_node_ids: v.export.map(|_| vec![node.clone()]).unwrap_or_default(),
-                    volume_condition: None,
-                }),
+            .map(|v| {
+                let exported = v.export != agent::ExportKind::ExportNone as i32;
+                let node = location(IdKind::Volume, &v.volume_id)
+                    .map(|(_, node)| node.unwrap_or_else(|| self.agents.default_node().into()));
+                csi::list_volumes_response::Entry {
+                    volume: Some(Self::volume(v, None)),
+                    status: Some(csi::list_volumes_response::VolumeStatus {
+                        published_node_ids: node.filter(|_| exported).into_iter().collect(),
+                        volume_condition: None,
+                    }),
+                }
             })
             .collect();
         Ok(Response::new(csi::ListVolumesResponse { entries, next_token }))
@@ -205,13 +271,21 @@ impl Controller for ControllerService {
         request: Request<csi::GetCapacityRequest>,
     ) -> Result<Response<csi::GetCapacityResponse>, Status> {
         let req = request.into_inner();
-        let pool_name =
-            req.parameters.get("pool").cloned().unwrap_or_else(|| self.default_pool.clone());
-        let pool =
-            self.engine.pool(&pool_name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let usage = qsd_node::mount::usage(pool.root()).map_err(status)?;
+        let pool = req.parameters.get("pool").cloned().unwrap_or_else(|| self.default_pool.clone());
+        let node = req
+            .accessible_topology
+            .as_ref()
+            .and_then(|t| t.segments.get(TOPOLOGY_KEY))
+            .map_or(self.agents.default_node(), String::as_str);
+        let capacity =
+            self.agents.node(node)?.get_capacity(agent::PoolRef { pool }).await.map_err(
+                |e| match e.code() {
+                    Code::NotFound => Status::invalid_argument(e.message()),
+                    _ => e,
+                },
+            )?;
         Ok(Response::new(csi::GetCapacityResponse {
-            available_capacity: usage.bytes_available as i64,
+            available_capacity: capacity.available_bytes as i64,
             maximum_volume_size: Some(qsd_node::pool::id::MAX_SIZE as i64),
             minimum_volume_size: Some(qsd_node::pool::id::SIZE_ALIGN as i64),
         }))
@@ -251,12 +325,21 @@ impl Controller for ControllerService {
         if let Some(key) = req.parameters.keys().find(|k| !k.starts_with("csi.storage.k8s.io/")) {
             return Err(Status::invalid_argument(format!("unknown snapshot parameter {key:?}")));
         }
-        let info = self
-            .engine
-            .create_snapshot(&req.source_volume_id, &params::object_name(&req.name))
-            .await
-            .map_err(status)?;
-        Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(Self::snapshot(&info)) }))
+        let taken = self
+            .agents
+            .for_id(IdKind::Volume, &req.source_volume_id)?
+            .create_snapshots(agent::CreateSnapshotsRequest {
+                snapshots: vec![agent::SnapshotRequest {
+                    volume_id: req.source_volume_id.clone(),
+                    name: params::object_name(&req.name),
+                }],
+            })
+            .await?;
+        let info = taken
+            .snapshots
+            .first()
+            .ok_or_else(|| Status::internal("the agent took no snapshot"))?;
+        Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(Self::snapshot(info)) }))
     }
 
     async fn delete_snapshot(
@@ -265,7 +348,11 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
         let req = request.into_inner();
         required("snapshot_id", &req.snapshot_id)?;
-        ok_if_gone(self.engine.delete_snapshot(&req.snapshot_id).await)
+        let deleted = match self.agents.for_id(IdKind::Snapshot, &req.snapshot_id) {
+            Ok(a) => a.delete_snapshot(agent::SnapshotRef { snapshot_id: req.snapshot_id }).await,
+            Err(e) => Err(e),
+        };
+        ok_if_gone(deleted)
     }
 
     async fn list_snapshots(
@@ -273,17 +360,15 @@ impl Controller for ControllerService {
         request: Request<csi::ListSnapshotsRequest>,
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
         let req = request.into_inner();
-        let mut all: Vec<_> = self
-            .engine
-            .list_snapshots()
-            .map_err(status)?
+        let all: Vec<_> = self
+            .all_snapshots(&req.snapshot_id)
+            .await?
             .into_iter()
-            .filter(|s| req.snapshot_id.is_empty() || s.id == req.snapshot_id)
+            .filter(|s| req.snapshot_id.is_empty() || s.snapshot_id == req.snapshot_id)
             .filter(|s| {
                 req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id
             })
             .collect();
-        all.sort_by(|a, b| a.id.cmp(&b.id));
         let (page, next_token) = params::page(all, req.max_entries, &req.starting_token)?;
         let entries = page
             .iter()
@@ -310,13 +395,20 @@ impl Controller for ControllerService {
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
         let size = params::size(Some(range), false)?.unwrap_or(params::DEFAULT_SIZE);
-        let capacity = self.engine.expand_volume(&req.volume_id, size).await.map_err(status)?;
+        let grown = self
+            .agents
+            .for_id(IdKind::Volume, &req.volume_id)?
+            .expand_volume(agent::ExpandVolumeRequest {
+                volume_id: req.volume_id.clone(),
+                size_bytes: size,
+            })
+            .await?;
         let block = matches!(
             req.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()),
             Some(csi::volume_capability::AccessType::Block(_))
         );
         Ok(Response::new(csi::ControllerExpandVolumeResponse {
-            capacity_bytes: capacity as i64,
+            capacity_bytes: grown.size_bytes as i64,
             node_expansion_required: !block,
         }))
     }
@@ -335,7 +427,13 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         required("volume_id", &req.volume_id)?;
         let qos = params::qos(&req.mutable_parameters)?;
-        self.engine.set_qos(&req.volume_id, qos).await.map_err(status)?;
+        self.agents
+            .for_id(IdKind::Volume, &req.volume_id)?
+            .modify_volume(agent::ModifyVolumeRequest {
+                volume_id: req.volume_id.clone(),
+                qos: Some(qsd_node::agent::qos_message(&qos)),
+            })
+            .await?;
         Ok(Response::new(csi::ControllerModifyVolumeResponse {}))
     }
 }

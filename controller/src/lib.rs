@@ -1,12 +1,13 @@
 //! The qsd-csi controller: CSI Identity and Controller services.
 //!
 //! ```text
-//!   CSI request ─► params (validate, map names, sizes) ─► engine (in-process agent) ─► QMP
+//!   CSI request ─► params (validate, map names, sizes) ─► agents (in-process or mTLS) ─► QMP
 //! ```
 //! Requests are parsed into typed engine commands before any side effect (`params`); engine
 //! errors become gRPC statuses through the node plugin's single mapping. The controller never
-//! opens an image itself: in standalone mode it calls the node's engine in-process.
+//! opens an image itself: it asks node agents ([`agents`]), in-process in standalone mode.
 
+pub mod agents;
 pub mod cli;
 pub mod client;
 pub mod controller;

@@ -67,6 +67,45 @@ fn snapshot(s: SnapshotInfo) -> agent::Snapshot {
     }
 }
 
+/// The engine's QoS limits as the agent's message (what a controller sends).
+pub fn qos_message(q: &ThrottleLimits) -> agent::Qos {
+    agent::Qos {
+        iops_total: q.iops_total,
+        iops_read: q.iops_read,
+        iops_write: q.iops_write,
+        bps_total: q.bps_total,
+        bps_read: q.bps_read,
+        bps_write: q.bps_write,
+    }
+}
+
+/// The engine's request as the agent's `CreateVolumeRequest` (what a controller sends; the
+/// inverse of what the agent decodes).
+pub fn create_volume_message(c: &CreateVolume) -> agent::CreateVolumeRequest {
+    use agent::create_volume_request::Source;
+    agent::CreateVolumeRequest {
+        pool: c.pool.clone(),
+        name: c.name.clone(),
+        size_bytes: c.size,
+        preallocation: match c.preallocation {
+            Preallocation::Off => agent::Preallocation::Off,
+            Preallocation::Metadata => agent::Preallocation::Metadata,
+            Preallocation::Falloc => agent::Preallocation::Falloc,
+            Preallocation::Full => agent::Preallocation::Full,
+        } as i32,
+        qos: Some(qos_message(&c.qos)),
+        max_chain_depth: c.max_chain_depth,
+        source: c.source.as_ref().map(|s| match s {
+            VolumeSource::Snapshot(id) => Source::SnapshotId(id.clone()),
+            VolumeSource::Volume(id) => Source::VolumeId(id.clone()),
+        }),
+        clone_mode: match c.clone_mode {
+            CloneMode::Copy => agent::CloneMode::Copy,
+            CloneMode::Linked => agent::CloneMode::Linked,
+        } as i32,
+    }
+}
+
 /// `CreateVolumeRequest` → the engine's request.
 fn create_request(r: agent::CreateVolumeRequest) -> Result<CreateVolume, Status> {
     use agent::create_volume_request::Source;

@@ -3,49 +3,11 @@
 
 mod common;
 
-use std::path::Path;
-
+use common::certs::Ca;
 use common::*;
 use qsd_csi_proto::agent::{self, agent_client::AgentClient};
-use qsd_node::tls::{self, TlsFiles};
-use rcgen::{CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use qsd_node::tls;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-
-/// A CA that signs leaf certificates into PEM files under `dir`.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-    pem: std::path::PathBuf,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let issuer =
-            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("ca");
-        let pem = dir.join(format!("{name}.pem"));
-        std::fs::write(&pem, issuer.pem()).expect("write ca");
-        Ca { issuer, pem }
-    }
-
-    /// A leaf certificate for `name` (also its DNS name), and the CA to trust for the peer.
-    fn leaf(&self, dir: &Path, name: &str, trust: &Ca) -> TlsFiles {
-        let key = KeyPair::generate().expect("key");
-        let cert = CertificateParams::new(vec![name.to_owned()])
-            .expect("params")
-            .signed_by(&key, &self.issuer)
-            .expect("sign");
-        let files = TlsFiles {
-            cert: dir.join(format!("{name}.crt")),
-            key: dir.join(format!("{name}.key")),
-            ca: trust.pem.clone(),
-        };
-        std::fs::write(&files.cert, cert.pem()).expect("write cert");
-        std::fs::write(&files.key, key.serialize_pem()).expect("write key");
-        files
-    }
-}
 
 async fn capacity(c: &mut AgentClient<tonic::transport::Channel>) -> Result<(), tonic::Status> {
     c.get_capacity(agent::PoolRef { pool: "local".into() }).await.map(drop)

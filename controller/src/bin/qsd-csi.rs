@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use qsd_csi_controller::agents::Agents;
 use qsd_csi_controller::{ControllerService, IdentityService};
 use qsd_csi_proto::csi::controller_server::ControllerServer;
 use qsd_csi_proto::csi::identity_server::IdentityServer;
@@ -198,7 +199,13 @@ async fn standalone(endpoint: &str, args: Standalone) -> anyhow::Result<()> {
     };
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(core.clone())))
-        .add_service(ControllerServer::new(ControllerService::new(core.clone(), default_pool)))
+        .add_service(ControllerServer::new(ControllerService::new(
+            Agents::local(
+                core.config().node.as_str(),
+                qsd_node::agent::AgentService::new(core.clone()),
+            ),
+            default_pool,
+        )))
         .add_service(NodeServer::new(node))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),

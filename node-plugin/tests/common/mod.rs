@@ -1,6 +1,8 @@
 //! Test environment: a real qemu-storage-daemon per test, under a temporary directory.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
