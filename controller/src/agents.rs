@@ -26,6 +26,15 @@ pub enum NodeAgent {
     Remote(AgentClient<Channel>),
 }
 
+/// The agent answers with explicit codes only; an UNKNOWN comes from the transport (refused
+/// TLS handshake, reset connection): the node is unavailable to us.
+fn unreachable_is_unavailable(status: Status) -> Status {
+    match status.code() {
+        tonic::Code::Unknown => Status::unavailable(format!("node agent unreachable: {status}")),
+        _ => status,
+    }
+}
+
 /// Forwards one agent call to either kind of agent.
 macro_rules! forward {
     ($($method:ident($req:ty) -> $resp:ty;)*) => {
@@ -37,9 +46,12 @@ macro_rules! forward {
                         NodeAgent::Local(service) => {
                             service.$method(Request::new(request)).await.map(Response::into_inner)
                         }
-                        NodeAgent::Remote(client) => {
-                            client.clone().$method(request).await.map(Response::into_inner)
-                        }
+                        NodeAgent::Remote(client) => client
+                            .clone()
+                            .$method(request)
+                            .await
+                            .map(Response::into_inner)
+                            .map_err(unreachable_is_unavailable),
                     }
                 }
             )*

@@ -1,4 +1,5 @@
-//! CSI Identity: name, version, capabilities, and a probe that asks the daemon.
+//! CSI Identity: name, version, capabilities, and a probe that asks the daemon (where this
+//! process runs one: standalone and node plugins; a cluster controller is ready when it runs).
 
 use std::sync::Arc;
 
@@ -13,13 +14,15 @@ pub const PLUGIN_NAME: &str = "qsd.csi.dev";
 /// The Identity service.
 #[derive(Debug, Clone)]
 pub struct IdentityService {
-    engine: Arc<EngineCore>,
+    engine: Option<Arc<EngineCore>>,
+    controller: bool,
 }
 
 impl IdentityService {
-    /// An identity service for `engine`.
-    pub fn new(engine: Arc<EngineCore>) -> Self {
-        IdentityService { engine }
+    /// An identity service for a process with `engine` (if it runs one) that serves the
+    /// Controller service or not.
+    pub fn new(engine: Option<Arc<EngineCore>>, controller: bool) -> Self {
+        IdentityService { engine, controller }
     }
 }
 
@@ -29,15 +32,18 @@ impl Identity for IdentityService {
         &self,
         _: Request<csi::GetPluginInfoRequest>,
     ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
-        let qemu = self.engine.daemon().version().qemu;
+        let manifest = self
+            .engine
+            .iter()
+            .map(|e| {
+                let qemu = e.daemon().version().qemu;
+                ("qemu".to_owned(), format!("{}.{}.{}", qemu.major, qemu.minor, qemu.micro))
+            })
+            .collect();
         Ok(Response::new(csi::GetPluginInfoResponse {
             name: PLUGIN_NAME.into(),
             vendor_version: env!("CARGO_PKG_VERSION").into(),
-            manifest: [(
-                "qemu".to_owned(),
-                format!("{}.{}.{}", qemu.major, qemu.minor, qemu.micro),
-            )]
-            .into(),
+            manifest,
         }))
     }
 
@@ -49,8 +55,7 @@ impl Identity for IdentityService {
         let service = |t: service::Type| csi::PluginCapability {
             r#type: Some(Type::Service(Service { r#type: t as i32 })),
         };
-        let capabilities = vec![
-            service(service::Type::ControllerService),
+        let mut capabilities = vec![
             service(service::Type::VolumeAccessibilityConstraints),
             csi::PluginCapability {
                 r#type: Some(Type::VolumeExpansion(VolumeExpansion {
@@ -58,6 +63,9 @@ impl Identity for IdentityService {
                 })),
             },
         ];
+        if self.controller {
+            capabilities.insert(0, service(service::Type::ControllerService));
+        }
         Ok(Response::new(csi::GetPluginCapabilitiesResponse { capabilities }))
     }
 
@@ -66,7 +74,10 @@ impl Identity for IdentityService {
         _: Request<csi::ProbeRequest>,
     ) -> Result<Response<csi::ProbeResponse>, Status> {
         // Ready when the daemon answers on our monitor; not ready while it is being recovered.
-        let ready = self.engine.daemon().qmp().call(&QueryVersion {}).await.is_ok();
+        let ready = match &self.engine {
+            Some(e) => e.daemon().qmp().call(&QueryVersion {}).await.is_ok(),
+            None => true,
+        };
         Ok(Response::new(csi::ProbeResponse { ready: Some(ready) }))
     }
 }

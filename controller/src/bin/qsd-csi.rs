@@ -4,6 +4,10 @@
 //! block-graph engine in-process: the shape for plain hosts, Nomad and the conformance suite.
 //! The bare command works with defaults: state and the `default` pool under /var/lib/qsd-csi,
 //! qemu-storage-daemon started (or adopted) for you.
+//!
+//! Across a cluster the same binary splits in two:
+//! - `qsd-csi node`: Identity + Node for the kubelet, and the node agent over mutual TLS;
+//! - `qsd-csi controller`: Identity + Controller, calling each node's agent over mutual TLS.
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +40,10 @@ struct Cli {
 enum Command {
     /// Serve Identity, Controller and Node on one unix socket, engine in-process.
     Standalone(Standalone),
+    /// Cluster node plugin: Identity + Node on the endpoint, the node agent over mutual TLS.
+    Node(NodeMode),
+    /// Cluster controller: Identity + Controller on the endpoint, node agents over mutual TLS.
+    Controller(ControllerMode),
     /// Create, list or delete volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
@@ -155,6 +163,32 @@ struct Standalone {
     max_volumes: i64,
 }
 
+#[derive(Debug, clap::Args)]
+struct NodeMode {
+    #[command(flatten)]
+    node: Standalone,
+    /// Where the node agent listens for the controller (mutual TLS).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9443")]
+    agent_listen: std::net::SocketAddr,
+    #[command(flatten)]
+    tls: qsd_node::tls::TlsFiles,
+}
+
+#[derive(Debug, clap::Args)]
+struct ControllerMode {
+    /// A node agent: NAME=HOST:PORT (its certificate must name NAME). Repeat for each node.
+    #[arg(long = "agent", value_name = "NAME=ADDR", required = true)]
+    agents: Vec<String>,
+    /// Where volumes go when a request names no pool.
+    #[arg(long, default_value = "default")]
+    default_pool: String,
+    /// Where volumes go when a request names no node (default: the first agent).
+    #[arg(long)]
+    default_node: Option<String>,
+    #[command(flatten)]
+    tls: qsd_node::tls::TlsFiles,
+}
+
 fn listen(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
@@ -171,50 +205,101 @@ fn listen(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-async fn standalone(endpoint: &str, args: Standalone) -> anyhow::Result<()> {
+/// Stops on SIGINT or SIGTERM.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
+    }
+}
+
+/// Serves `router` on the endpoint's unix socket until a stop signal.
+async fn serve_csi(endpoint: &str, router: tonic::transport::server::Router) -> anyhow::Result<()> {
     let socket = qsd_csi_controller::client::socket_path(endpoint).map_err(anyhow::Error::msg)?;
-    let config = args.engine.config()?;
-    let default_pool = config.pools[0].name.as_str().to_owned();
-    let engine = Engine::open(config).await.context("starting the block-graph engine")?;
-    let core = engine.core_arc();
-    let node = NodeService::new(
-        core.clone(),
-        NodeConfig { device: args.device.parse()?, max_volumes: args.max_volumes },
-    )?;
     let listener = listen(&socket)?;
-    tracing::info!(
-        endpoint = %socket.display(),
-        node = core.config().node.as_str(),
-        default_pool,
-        "qsd-csi standalone serving Identity, Controller and Node"
-    );
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
-        }
-        tracing::info!("stopping; qemu-storage-daemon and staged volumes keep running");
-    };
-    tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService::new(core.clone())))
-        .add_service(ControllerServer::new(ControllerService::new(
-            Agents::local(
-                core.config().node.as_str(),
-                qsd_node::agent::AgentService::new(core.clone()),
-            ),
-            default_pool,
-        )))
-        .add_service(NodeServer::new(node))
+    tracing::info!(endpoint = %socket.display(), "serving CSI");
+    router
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
-            shutdown,
+            stop_signal(),
         )
         .await?;
     let _ = std::fs::remove_file(&socket);
-    drop(engine);
+    tracing::info!("stopped; qemu-storage-daemon and staged volumes keep running");
     Ok(())
+}
+
+/// Opens the engine and the Node service of a standalone or node plugin.
+async fn open_node(args: &Standalone) -> anyhow::Result<(Engine, NodeService, String)> {
+    let config = args.engine.config()?;
+    let default_pool = config.pools[0].name.as_str().to_owned();
+    let engine = Engine::open(config).await.context("starting the block-graph engine")?;
+    let node = NodeService::new(
+        engine.core_arc(),
+        NodeConfig { device: args.device.parse()?, max_volumes: args.max_volumes },
+    )?;
+    tracing::info!(node = engine.config().node.as_str(), default_pool, "engine ready");
+    Ok((engine, node, default_pool))
+}
+
+async fn standalone(endpoint: &str, args: Standalone) -> anyhow::Result<()> {
+    let (engine, node, default_pool) = open_node(&args).await?;
+    let core = engine.core_arc();
+    let agents = Agents::local(
+        core.config().node.as_str(),
+        qsd_node::agent::AgentService::new(core.clone()),
+    );
+    let router = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService::new(Some(core.clone()), true)))
+        .add_service(ControllerServer::new(ControllerService::new(agents, default_pool)))
+        .add_service(NodeServer::new(node));
+    serve_csi(endpoint, router).await
+}
+
+async fn node_mode(endpoint: &str, args: NodeMode) -> anyhow::Result<()> {
+    let (engine, node, _) = open_node(&args.node).await?;
+    let core = engine.core_arc();
+    let listener = tokio::net::TcpListener::bind(args.agent_listen)
+        .await
+        .with_context(|| format!("listening for the agent on {}", args.agent_listen))?;
+    tracing::info!(addr = %args.agent_listen, "serving the node agent over mutual TLS");
+    let agent = qsd_node::tls::serve_agent(core.clone(), listener, &args.tls, stop_signal());
+    let router = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService::new(Some(core), false)))
+        .add_service(NodeServer::new(node));
+    let (csi, agent) = tokio::join!(serve_csi(endpoint, router), agent);
+    csi?;
+    agent?;
+    Ok(())
+}
+
+async fn controller_mode(endpoint: &str, args: ControllerMode) -> anyhow::Result<()> {
+    use qsd_csi_controller::agents::NodeAgent;
+    let mut nodes = std::collections::BTreeMap::new();
+    for spec in &args.agents {
+        let (name, addr) = spec
+            .split_once('=')
+            .with_context(|| format!("--agent {spec:?} is not NAME=HOST:PORT"))?;
+        let addr: std::net::SocketAddr =
+            addr.parse().with_context(|| format!("--agent {spec:?}: bad address"))?;
+        // Connect lazily: a node that is down now must not keep the controller from starting.
+        let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(args.tls.client(name)?)?
+            .connect_lazy();
+        let client = qsd_csi_proto::agent::agent_client::AgentClient::new(channel);
+        nodes.insert(name.to_owned(), NodeAgent::Remote(client));
+    }
+    let default_node = match args.default_node {
+        Some(n) => n,
+        None => nodes.keys().next().cloned().context("no --agent given")?,
+    };
+    tracing::info!(nodes = ?nodes.keys().collect::<Vec<_>>(), default_node, "controller ready");
+    let agents = Agents::new(nodes, default_node).map_err(anyhow::Error::msg)?;
+    let router = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService::new(None, true)))
+        .add_service(ControllerServer::new(ControllerService::new(agents, args.default_pool)));
+    serve_csi(endpoint, router).await
 }
 
 #[tokio::main]
@@ -229,6 +314,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Standalone(args) => standalone(&cli.endpoint, args).await,
+        Command::Node(args) => node_mode(&cli.endpoint, args).await,
+        Command::Controller(args) => controller_mode(&cli.endpoint, args).await,
         command => {
             if let Err(message) = client(&cli.endpoint, command).await {
                 eprintln!("qsd-csi: {message}");
@@ -252,7 +339,9 @@ async fn client(endpoint: &str, command: Command) -> Result<(), String> {
     }
     let size = |s: &str| cli::parse_size(s);
     match command {
-        Command::Standalone(_) => unreachable!("handled by main"),
+        Command::Standalone(_) | Command::Node(_) | Command::Controller(_) => {
+            unreachable!("handled by main")
+        }
         Command::Volume(VolumeCmd::Create {
             name,
             size: sz,
