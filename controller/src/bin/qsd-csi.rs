@@ -185,6 +185,10 @@ struct ControllerMode {
     /// Where volumes go when a request names no node (default: the first agent).
     #[arg(long)]
     default_node: Option<String>,
+    /// The name every agent's certificate carries (for one certificate shared by all nodes);
+    /// by default each agent's certificate must name its node.
+    #[arg(long)]
+    agent_server_name: Option<String>,
     #[command(flatten)]
     tls: qsd_node::tls::TlsFiles,
 }
@@ -285,7 +289,7 @@ async fn controller_mode(endpoint: &str, args: ControllerMode) -> anyhow::Result
             addr.parse().with_context(|| format!("--agent {spec:?}: bad address"))?;
         // Connect lazily: a node that is down now must not keep the controller from starting.
         let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
-            .tls_config(args.tls.client(name)?)?
+            .tls_config(args.tls.client(args.agent_server_name.as_deref().unwrap_or(name))?)?
             .connect_lazy();
         let client = qsd_csi_proto::agent::agent_client::AgentClient::new(channel);
         nodes.insert(name.to_owned(), NodeAgent::Remote(client));

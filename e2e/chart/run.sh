@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The Helm chart: `helm lint --strict`, `helm template` for each TLS source and option set, and
+# the rendered chart run for real: the DaemonSet's qemu-storage-daemon command, its node plugin
+# arguments and the Deployment's controller arguments, with the certificates the chart
+# generated, as local processes (paths and addresses moved into a temporary directory). A volume
+# is created through the controller, staged and published through the node plugin, written,
+# and deleted. Ends with the plain line "chart: N passed, N failed, 0 skipped".
+#
+# helm comes from the Go module proxy (helm.sh/helm/v3) into target/tools, once.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$here/../.." && pwd)
+version=v3.22.0
+helm=$top/target/tools/helm-$version/helm
+if [[ ! -x $helm ]]; then
+  GOBIN=$(dirname "$helm") GOFLAGS=-mod=mod go install "helm.sh/helm/v3/cmd/helm@$version" || {
+    echo "chart: could not build helm $version" >&2; echo "chart: 0 passed, 1 failed, 0 skipped"; exit 1; }
+fi
+(cd "$top" && cargo build --quiet -p qsd-csi-controller --bin qsd-csi) || exit 1
+
+passed=0 failed=0
+check() { # NAME COMMAND...
+  local name=$1; shift
+  if out=$("$@" 2>&1); then passed=$((passed + 1)); echo "chart: ok $name"
+  else failed=$((failed + 1)); echo "chart: FAIL $name"; echo "$out" | tail -25 | sed 's/^/  /'; fi
+}
+chart=$top/charts/qsd-csi
+k8s=--kube-version=1.34.0
+check lint "$helm" lint --strict "$chart"
+check template-cert-manager "$helm" template t "$chart" $k8s --set tls.source=cert-manager \
+  --set volumeAttributesClass.enabled=true --set storageClasses.shared.enabled=true
+check refuses-unknown-tls-source bash -c "! '$helm' template t '$chart' $k8s --set tls.source=x"
+work=$(mktemp -d /tmp/qsd-chart-XXXX)
+trap 'rm -rf "$work"' EXIT
+"$helm" template t "$chart" $k8s --set 'controller.agents[0].name=worker-1' \
+  --set 'controller.agents[0].address=10.0.0.1:9443' >"$work/rendered.yaml"
+check runs-as-rendered /usr/bin/python3 "$here/run_rendered.py" "$work/rendered.yaml" "$work" "$top/target/debug/qsd-csi"
+echo "chart: $passed passed, $failed failed, 0 skipped"
+[[ $failed -eq 0 ]]
