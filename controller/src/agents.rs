@@ -10,6 +10,7 @@
 //! without a node (shared pools) go to the default node.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 
 use qsd_csi_proto::agent::{self, agent_client::AgentClient, agent_server::Agent};
 use qsd_node::agent::AgentService;
@@ -72,63 +73,91 @@ forward! {
     get_capacity(agent::PoolRef) -> agent::Capacity;
 }
 
-/// The node agents the controller knows, by node name.
+/// A node's agent at `addr` over mutual TLS, connected on first use (a node that is down must
+/// not keep the controller from starting). Its certificate must name `server_name`.
+pub fn remote(
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    tls: &qsd_node::tls::TlsFiles,
+) -> Result<NodeAgent, qsd_node::Error> {
+    let config = tls.client(server_name)?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .and_then(|e| e.tls_config(config))
+        .map_err(|e| qsd_node::Error::Transport(format!("agent at {addr}: {e}")))?
+        .connect_lazy();
+    Ok(NodeAgent::Remote(AgentClient::new(channel)))
+}
+
+/// The node agents the controller knows, by node name. Cheap to clone (shared); the set can
+/// change while the controller runs (agents discovered or gone).
 #[derive(Debug, Clone)]
 pub struct Agents {
-    nodes: BTreeMap<String, NodeAgent>,
-    default_node: String,
+    nodes: Arc<RwLock<BTreeMap<String, NodeAgent>>>,
+    default_node: Option<String>,
 }
 
 impl Agents {
-    /// Agents by node name; requests that name no node go to `default_node`, which must be one
-    /// of them.
-    pub fn new(nodes: BTreeMap<String, NodeAgent>, default_node: String) -> Result<Self, String> {
-        if !nodes.contains_key(&default_node) {
-            return Err(format!("the default node {default_node:?} has no agent"));
-        }
-        Ok(Agents { nodes, default_node })
+    /// Agents by node name; requests that name no node go to `default_node` (or, without one,
+    /// to the first node by name).
+    pub fn new(nodes: BTreeMap<String, NodeAgent>, default_node: Option<String>) -> Self {
+        Agents { nodes: Arc::new(RwLock::new(nodes)), default_node }
     }
 
     /// Standalone: the engine of this process, on `node`.
     pub fn local(node: &str, service: AgentService) -> Self {
-        Agents {
-            nodes: [(node.to_owned(), NodeAgent::Local(service))].into(),
-            default_node: node.to_owned(),
+        Agents::new([(node.to_owned(), NodeAgent::Local(service))].into(), Some(node.to_owned()))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, NodeAgent>> {
+        self.nodes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the set of agents (discovery); returns the node names added and removed.
+    pub fn replace(&self, nodes: BTreeMap<String, NodeAgent>) -> (Vec<String>, Vec<String>) {
+        let mut current = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+        let added = nodes.keys().filter(|n| !current.contains_key(*n)).cloned().collect();
+        let removed = current.keys().filter(|n| !nodes.contains_key(*n)).cloned().collect();
+        *current = nodes;
+        (added, removed)
+    }
+
+    /// Every node and its agent, by name.
+    pub fn nodes(&self) -> Vec<(String, NodeAgent)> {
+        self.read().iter().map(|(n, a)| (n.clone(), a.clone())).collect()
+    }
+
+    /// The node requests without a node go to; UNAVAILABLE while no agent is known.
+    pub fn default_node(&self) -> Result<String, Status> {
+        match &self.default_node {
+            Some(n) => Ok(n.clone()),
+            None => self
+                .read()
+                .keys()
+                .next()
+                .cloned()
+                .ok_or_else(|| Status::unavailable("no node agent is known yet")),
         }
-    }
-
-    /// The node names, in order.
-    pub fn nodes(&self) -> impl Iterator<Item = (&str, &NodeAgent)> {
-        self.nodes.iter().map(|(n, a)| (n.as_str(), a))
-    }
-
-    /// The default node.
-    pub fn default_node(&self) -> &str {
-        &self.default_node
     }
 
     /// The agent of `node`. A node the controller has no agent for holds nothing it can
     /// reach: NOT_FOUND.
-    pub fn node(&self, node: &str) -> Result<&NodeAgent, Status> {
-        self.nodes.get(node).ok_or_else(|| {
+    pub fn node(&self, node: &str) -> Result<NodeAgent, Status> {
+        self.read().get(node).cloned().ok_or_else(|| {
             Status::not_found(format!("node {node:?} is not one this controller serves"))
         })
     }
 
-    /// The node an object ID lives on. `Err` carries the parse error for IDs that cannot be
-    /// ours (the caller decides whether that is NOT_FOUND, "already gone" or a bad argument).
-    pub fn node_of(&self, kind: IdKind, id: &str) -> Result<String, qsd_node::Error> {
-        let parsed = ObjectId::parse(kind, id)?;
-        Ok(parsed
-            .location
-            .node
-            .map(|n| n.as_str().to_owned())
-            .unwrap_or_else(|| self.default_node.clone()))
+    /// The node an object ID lives on (IDs without a node: the default node).
+    pub fn node_of(&self, kind: IdKind, id: &str) -> Result<String, Status> {
+        let parsed = ObjectId::parse(kind, id).map_err(qsd_node::csi::status)?;
+        match parsed.location.node {
+            Some(n) => Ok(n.as_str().to_owned()),
+            None => self.default_node(),
+        }
     }
 
     /// The agent that holds an object.
-    pub fn for_id(&self, kind: IdKind, id: &str) -> Result<&NodeAgent, Status> {
-        let node = self.node_of(kind, id).map_err(qsd_node::csi::status)?;
-        self.node(&node)
+    pub fn for_id(&self, kind: IdKind, id: &str) -> Result<NodeAgent, Status> {
+        self.node(&self.node_of(kind, id)?)
     }
 }

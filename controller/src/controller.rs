@@ -5,7 +5,7 @@
 
 use qsd_csi_proto::agent;
 use qsd_csi_proto::csi::{self, controller_server::Controller};
-use qsd_node::csi::{required, status, TOPOLOGY_KEY};
+use qsd_node::csi::{required, TOPOLOGY_KEY};
 use qsd_node::pool::id::{IdKind, ObjectId};
 use tonic::{Code, Request, Response, Status};
 
@@ -96,14 +96,12 @@ impl ControllerService {
             t.segments.get(TOPOLOGY_KEY).filter(|n| self.agents.node(n).is_ok()).cloned()
         };
         let node = match (source, requirement) {
-            (Some((kind, id)), _) => self.agents.node_of(*kind, id).map_err(status)?,
-            (None, Some(req)) => req
-                .preferred
-                .iter()
-                .chain(&req.requisite)
-                .find_map(known)
-                .unwrap_or_else(|| self.agents.default_node().to_owned()),
-            (None, None) => self.agents.default_node().to_owned(),
+            (Some((kind, id)), _) => self.agents.node_of(*kind, id)?,
+            (None, Some(req)) => match req.preferred.iter().chain(&req.requisite).find_map(known) {
+                Some(node) => node,
+                None => self.agents.default_node()?,
+            },
+            (None, None) => self.agents.default_node()?,
         };
         if let Some(req) = requirement {
             let fits = |t: &csi::Topology| t.segments.get(TOPOLOGY_KEY).is_none_or(|n| *n == node);
@@ -128,8 +126,8 @@ impl ControllerService {
 
     /// Every snapshot on every node (or on the node `snapshot_id` names), in ID order.
     async fn all_snapshots(&self, snapshot_id: &str) -> Result<Vec<agent::Snapshot>, Status> {
-        let agents: Vec<&NodeAgent> = match snapshot_id {
-            "" => self.agents.nodes().map(|(_, a)| a).collect(),
+        let agents: Vec<NodeAgent> = match snapshot_id {
+            "" => self.agents.nodes().into_iter().map(|(_, a)| a).collect(),
             id => match self.agents.for_id(IdKind::Snapshot, id) {
                 Ok(a) => vec![a],
                 Err(e) if e.code() == Code::NotFound => Vec::new(), // cannot be ours
@@ -253,7 +251,7 @@ impl Controller for ControllerService {
             .map(|v| {
                 let exported = v.export != agent::ExportKind::ExportNone as i32;
                 let node = location(IdKind::Volume, &v.volume_id)
-                    .map(|(_, node)| node.unwrap_or_else(|| self.agents.default_node().into()));
+                    .and_then(|(_, node)| node.or_else(|| self.agents.default_node().ok()));
                 csi::list_volumes_response::Entry {
                     volume: Some(Self::volume(v, None)),
                     status: Some(csi::list_volumes_response::VolumeStatus {
@@ -272,18 +270,18 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::GetCapacityResponse>, Status> {
         let req = request.into_inner();
         let pool = req.parameters.get("pool").cloned().unwrap_or_else(|| self.default_pool.clone());
-        let node = req
-            .accessible_topology
-            .as_ref()
-            .and_then(|t| t.segments.get(TOPOLOGY_KEY))
-            .map_or(self.agents.default_node(), String::as_str);
+        let node = match req.accessible_topology.as_ref().and_then(|t| t.segments.get(TOPOLOGY_KEY))
+        {
+            Some(node) => node.clone(),
+            None => self.agents.default_node()?,
+        };
         let capacity =
-            self.agents.node(node)?.get_capacity(agent::PoolRef { pool }).await.map_err(
-                |e| match e.code() {
+            self.agents.node(&node)?.get_capacity(agent::PoolRef { pool }).await.map_err(|e| {
+                match e.code() {
                     Code::NotFound => Status::invalid_argument(e.message()),
                     _ => e,
-                },
-            )?;
+                }
+            })?;
         Ok(Response::new(csi::GetCapacityResponse {
             available_capacity: capacity.available_bytes as i64,
             maximum_volume_size: Some(qsd_node::pool::id::MAX_SIZE as i64),

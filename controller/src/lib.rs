@@ -11,6 +11,7 @@ pub mod agents;
 pub mod cli;
 pub mod client;
 pub mod controller;
+pub mod discovery;
 pub mod identity;
 pub mod params;
 

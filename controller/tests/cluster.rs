@@ -103,7 +103,7 @@ async fn the_controller_places_and_routes_volumes_across_node_agents_over_mutual
         agents.insert(name.to_owned(), NodeAgent::Remote(client));
     }
     let c = Arc::new(ControllerService::new(
-        Agents::new(agents, "node-1".into()).expect("agents"),
+        Agents::new(agents, Some("node-1".into())),
         "local".into(),
     ));
 

@@ -177,8 +177,18 @@ struct NodeMode {
 #[derive(Debug, clap::Args)]
 struct ControllerMode {
     /// A node agent: NAME=HOST:PORT (its certificate must name NAME). Repeat for each node.
-    #[arg(long = "agent", value_name = "NAME=ADDR", required = true)]
+    #[arg(long = "agent", value_name = "NAME=ADDR", required_unless_present = "discover_agents")]
     agents: Vec<String>,
+    /// Find the node agents from the Kubernetes API instead: node plugin pods matching this
+    /// label selector (in --namespace), listed at start and every 30 s.
+    #[arg(long, value_name = "SELECTOR", conflicts_with = "agents")]
+    discover_agents: Option<String>,
+    /// The node plugin pods' namespace (discovery).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// The agents' port (discovery).
+    #[arg(long, default_value_t = 9443)]
+    agent_port: u16,
     /// Where volumes go when a request names no pool.
     #[arg(long, default_value = "default")]
     default_pool: String,
@@ -279,27 +289,49 @@ async fn node_mode(endpoint: &str, args: NodeMode) -> anyhow::Result<()> {
 }
 
 async fn controller_mode(endpoint: &str, args: ControllerMode) -> anyhow::Result<()> {
-    use qsd_csi_controller::agents::NodeAgent;
-    let mut nodes = std::collections::BTreeMap::new();
-    for spec in &args.agents {
-        let (name, addr) = spec
-            .split_once('=')
-            .with_context(|| format!("--agent {spec:?} is not NAME=HOST:PORT"))?;
-        let addr: std::net::SocketAddr =
-            addr.parse().with_context(|| format!("--agent {spec:?}: bad address"))?;
-        // Connect lazily: a node that is down now must not keep the controller from starting.
-        let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
-            .tls_config(args.tls.client(args.agent_server_name.as_deref().unwrap_or(name))?)?
-            .connect_lazy();
-        let client = qsd_csi_proto::agent::agent_client::AgentClient::new(channel);
-        nodes.insert(name.to_owned(), NodeAgent::Remote(client));
-    }
-    let default_node = match args.default_node {
-        Some(n) => n,
-        None => nodes.keys().next().cloned().context("no --agent given")?,
+    use qsd_csi_controller::agents;
+    let server_name = args.agent_server_name.clone();
+    let tls = args.tls.clone();
+    let connect = move |node: &str, addr: std::net::SocketAddr| {
+        Ok(agents::remote(addr, server_name.as_deref().unwrap_or(node), &tls)?)
     };
-    tracing::info!(nodes = ?nodes.keys().collect::<Vec<_>>(), default_node, "controller ready");
-    let agents = Agents::new(nodes, default_node).map_err(anyhow::Error::msg)?;
+    let agents = Agents::new(Default::default(), args.default_node.clone());
+    match &args.discover_agents {
+        Some(selector) => {
+            let discovery = qsd_csi_controller::discovery::Discovery {
+                namespace: args.namespace.clone(),
+                selector: selector.clone(),
+                port: args.agent_port,
+            };
+            let client = kube::Client::try_default().await.context("connecting to Kubernetes")?;
+            let mut known = Default::default();
+            discovery.refresh(client.clone(), &agents, &mut known, &connect).await?;
+            let agents = agents.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(qsd_csi_controller::discovery::REFRESH).await;
+                    if let Err(e) =
+                        discovery.refresh(client.clone(), &agents, &mut known, &connect).await
+                    {
+                        tracing::warn!(error = %e, "listing the node agents failed; keeping the last list");
+                    }
+                }
+            });
+        }
+        None => {
+            let mut nodes = std::collections::BTreeMap::new();
+            for spec in &args.agents {
+                let (name, addr) = spec
+                    .split_once('=')
+                    .with_context(|| format!("--agent {spec:?} is not NAME=HOST:PORT"))?;
+                let addr =
+                    addr.parse().with_context(|| format!("--agent {spec:?}: bad address"))?;
+                nodes.insert(name.to_owned(), connect(name, addr)?);
+            }
+            agents.replace(nodes);
+        }
+    }
+    tracing::info!(nodes = ?agents.nodes().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(), "controller ready");
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(None, true)))
         .add_service(ControllerServer::new(ControllerService::new(agents, args.default_pool)));

@@ -1,0 +1,100 @@
+//! Node agent discovery against a mock API server (kube-rs' mock-client pattern, tower-test):
+//! the requests the controller sends are checked, and the pod list it gets is canned.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use http::{Request, Response};
+use kube::client::Body;
+use qsd_csi_controller::agents::{Agents, NodeAgent};
+use qsd_csi_controller::discovery::Discovery;
+
+fn pod(name: &str, node: &str, ip: Option<&str>, deleting: bool) -> serde_json::Value {
+    let mut p = serde_json::json!({
+        "metadata": { "name": name, "namespace": "qsd" },
+        "spec": { "nodeName": node, "containers": [] },
+        "status": {},
+    });
+    if let Some(ip) = ip {
+        p["status"]["podIP"] = ip.into();
+    }
+    if deleting {
+        p["metadata"]["deletionTimestamp"] = "2026-11-25T00:00:00Z".into();
+    }
+    p
+}
+
+/// Answers `n` pod list requests with `pods`, checking each request's path and selector.
+fn api_server(
+    n: usize,
+    pods: Vec<serde_json::Value>,
+) -> (kube::Client, tokio::task::JoinHandle<()>) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let server = tokio::spawn(async move {
+        let mut handle = std::pin::pin!(handle);
+        for _ in 0..n {
+            let (request, respond) = handle.next_request().await.expect("a request");
+            assert_eq!(request.method(), http::Method::GET);
+            assert_eq!(request.uri().path(), "/api/v1/namespaces/qsd/pods");
+            let query = request.uri().query().unwrap_or_default().to_owned();
+            assert!(
+                query.contains("labelSelector=app.kubernetes.io%2Fcomponent%3Dnode"),
+                "{query}"
+            );
+            let list = serde_json::json!({
+                "apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods,
+            });
+            let body = Body::from(serde_json::to_vec(&list).expect("json"));
+            respond.send_response(Response::builder().body(body).expect("response"));
+        }
+    });
+    (kube::Client::new(service, "qsd"), server)
+}
+
+fn discovery() -> Discovery {
+    Discovery {
+        namespace: "qsd".into(),
+        selector: "app.kubernetes.io/component=node".into(),
+        port: 9443,
+    }
+}
+
+#[tokio::test]
+async fn agents_are_the_scheduled_node_pods_with_an_address_and_follow_the_listing() {
+    let pods = vec![
+        pod("a", "w1", Some("10.0.0.1"), false),
+        pod("b", "w2", None, false), // not started yet: no address
+        pod("c", "w3", Some("10.0.0.3"), true), // being deleted
+        pod("d", "w4", Some("10.0.0.4"), false),
+    ];
+    let (client, server) = api_server(3, pods.clone());
+    let found = discovery().addresses(client.clone()).await.expect("list");
+    let want: BTreeMap<String, SocketAddr> = [
+        ("w1".to_owned(), "10.0.0.1:9443".parse().expect("addr")),
+        ("w4".to_owned(), "10.0.0.4:9443".parse().expect("addr")),
+    ]
+    .into();
+    assert_eq!(found, want);
+
+    // Refresh: a stale node goes, listed ones come; unchanged ones are not reconnected.
+    let stale = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+    let stale = NodeAgent::Remote(qsd_csi_proto::agent::agent_client::AgentClient::new(stale));
+    let agents = Agents::new([("w9".to_owned(), stale)].into(), None);
+    let connects = Cell::new(0);
+    let connect = |_: &str, addr: SocketAddr| {
+        connects.set(connects.get() + 1);
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy();
+        Ok(NodeAgent::Remote(qsd_csi_proto::agent::agent_client::AgentClient::new(channel)))
+    };
+    let mut known = BTreeMap::new();
+    discovery().refresh(client.clone(), &agents, &mut known, &connect).await.expect("refresh");
+    let names: Vec<String> = agents.nodes().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["w1", "w4"]);
+    assert_eq!(connects.get(), 2);
+    discovery().refresh(client, &agents, &mut known, &connect).await.expect("refresh again");
+    assert_eq!(connects.get(), 2, "unchanged agents keep their connections");
+    assert_eq!(agents.default_node().expect("a default"), "w1");
+    server.await.expect("the mock server saw every request");
+}
