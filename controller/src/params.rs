@@ -144,27 +144,23 @@ pub fn create_volume(
             )));
         }
     }
+    // cloneMode is a class-wide choice for clones of volumes; a restore from a snapshot is
+    // always a linked overlay (O(1)), whatever the class says.
+    let clone_mode = match clone_mode {
+        None | Some("copy") => CloneMode::Copy,
+        Some("linked") => CloneMode::Linked,
+        Some(other) => {
+            return Err(Status::invalid_argument(format!(
+                "cloneMode {other:?} is not copy or linked"
+            )))
+        }
+    };
     use csi::volume_content_source::Type;
     out.source = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
         None => None,
-        Some(Type::Snapshot(s)) => {
-            if clone_mode.is_some_and(|m| m != "linked") {
-                return Err(Status::invalid_argument(
-                    "volumes from snapshots are linked overlays (cloneMode=linked)",
-                ));
-            }
-            Some(VolumeSource::Snapshot(s.snapshot_id.clone()))
-        }
+        Some(Type::Snapshot(s)) => Some(VolumeSource::Snapshot(s.snapshot_id.clone())),
         Some(Type::Volume(v)) => {
-            out.clone_mode = match clone_mode {
-                None | Some("copy") => CloneMode::Copy,
-                Some("linked") => CloneMode::Linked,
-                Some(other) => {
-                    return Err(Status::invalid_argument(format!(
-                        "cloneMode {other:?} is not copy or linked"
-                    )))
-                }
-            };
+            out.clone_mode = clone_mode;
             Some(VolumeSource::Volume(v.volume_id.clone()))
         }
     };
@@ -315,6 +311,18 @@ mod tests {
         assert_eq!(create_volume(&req, "p").map(|r| r.clone_mode).ok(), Some(CloneMode::Linked));
         req.parameters.insert("cloneMode".into(), "deep".into());
         assert!(create_volume(&req, "p").is_err());
+    }
+
+    #[test]
+    fn a_restore_is_a_linked_overlay_whatever_the_class_clone_mode() {
+        let mut req = request(&[("cloneMode", "copy")]);
+        req.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource { snapshot_id: "snap:p:s".into() },
+            )),
+        });
+        let restore = create_volume(&req, "p").expect("a copy class restores too");
+        assert!(matches!(restore.source, Some(VolumeSource::Snapshot(_))));
     }
 
     #[test]

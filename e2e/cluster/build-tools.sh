@@ -2,15 +2,17 @@
 # Builds the local control plane from the Go module proxy into target/tools/cluster-$K8S:
 # kube-apiserver, kube-controller-manager and kubectl from k8s.io/kubernetes (its staging
 # modules pinned to the matching v0.x versions: the module's own go.mod points them at
-# ./staging, which only works inside its repository), and etcd. Quick when already built.
+# ./staging, which only works inside its repository), and etcd. Quick when already built
+# (about 7 minutes cold on 2 cores).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 k8s=${QSD_CSI_K8S_VERSION:-v1.35.4}
-etcd=${QSD_CSI_ETCD_VERSION:-v3.6.5}
+etcd=${QSD_CSI_ETCD_VERSION:-v3.6.16}
 out=$top/target/tools/cluster-$k8s
 mkdir -p "$out"
-want=(kube-apiserver kube-controller-manager kubectl etcd)
+want=(kube-apiserver kube-controller-manager kubectl etcd csi-provisioner csi-snapshotter
+  snapshot-controller csi-resizer)
 missing=0
 for b in "${want[@]}"; do [[ -x $out/$b ]] || missing=1; done
 ((missing)) || exit 0
@@ -46,6 +48,50 @@ GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
 for cmd in kube-apiserver kube-controller-manager kubectl; do
   [[ -x $out/$cmd ]] || GOFLAGS=-mod=mod go build -o "$out/$cmd" "k8s.io/kubernetes/cmd/$cmd"
 done
-[[ -x $out/etcd ]] || GOBIN=$out go install "go.etcd.io/etcd/server/v3@$etcd"
-[[ -x $out/server ]] && mv "$out/server" "$out/etcd"
+# etcd's server module also carries replace directives (`go install` refuses it): build it
+# from a module of our own that requires it.
+if [[ ! -x $out/etcd ]]; then
+  mkdir -p "$out/etcd-src"
+  cd "$out/etcd-src"
+  printf 'module qsd-csi.dev/etcd-tool\n\ngo 1.24\n\nrequire go.etcd.io/etcd/server/v3 %s\n' "$etcd" >go.mod
+  printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' >tools.go
+  GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
+  GOFLAGS=-mod=mod go build -o "$out/etcd" go.etcd.io/etcd/server/v3
+fi
+# The CSI sidecars, the same way: a module of our own requiring the sidecar's, with the
+# sidecar's own replace directives (those pointing into its repository left out).
+sidecar() { # MODULE VERSION NAME CMD...
+  local module=$1 version=$2 dir=$out/$3-src
+  shift 3
+  local need=0
+  for cmd in "$@"; do [[ -x $out/$cmd ]] || need=1; done
+  ((need)) || return 0
+  mkdir -p "$dir"
+  local theirs
+  theirs=$(go mod download -json "$module@$version" | sed -n 's/.*"GoMod": "\(.*\)",/\1/p')
+  {
+    printf 'module qsd-csi.dev/%s-tool\n\n' "${dir##*/}"
+    sed -n 's/^go \(.*\)/go \1/p' "$theirs"
+    printf '\nrequire %s %s\n\n' "$module" "$version"
+    grep -E '^replace [^ ]+ => [^ .]' "$theirs" || true
+    sed -n '/^replace (/,/^)/p' "$theirs" | grep -vE '=> \.' || true
+  } >"$dir/go.mod"
+  {
+    printf '//go:build tools\n\npackage tools\n\nimport (\n'
+    for cmd in "$@"; do printf '\t_ "%s/cmd/%s"\n' "$module" "$cmd"; done
+    printf ')\n'
+  } >"$dir/tools.go"
+  (cd "$dir" && GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
+   for cmd in "$@"; do GOFLAGS=-mod=mod go build -o "$out/$cmd" "$module/cmd/$cmd"; done)
+}
+sidecar github.com/kubernetes-csi/external-provisioner/v6 v6.4.0 provisioner csi-provisioner
+sidecar github.com/kubernetes-csi/external-snapshotter/v8 v8.7.0 snapshotter csi-snapshotter \
+  snapshot-controller
+sidecar github.com/kubernetes-csi/external-resizer/v2 v2.3.0 resizer csi-resizer
+# The snapshot CRDs, from the snapshotter's client module.
+if [[ ! -d $out/snapshot-crds ]]; then
+  crds=$(go mod download -json github.com/kubernetes-csi/external-snapshotter/client/v8@v8.4.0 \
+    | sed -n 's/.*"Dir": "\(.*\)",/\1/p')/config/crd
+  mkdir -p "$out/snapshot-crds" && cp "$crds"/snapshot.storage.k8s.io_*.yaml "$out/snapshot-crds/"
+fi
 ls "$out"

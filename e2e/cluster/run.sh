@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# qsd-csi in a real control plane, run as local processes: etcd, kube-apiserver,
+# kube-controller-manager (the persistent-volume controllers), snapshot-controller with its
+# CRDs, and the CSI sidecars (csi-provisioner with topology, csi-snapshotter, csi-resizer),
+# all built from the Go module proxy (build-tools.sh); our `qsd-csi node` and
+# `qsd-csi controller`, the controller finding the node's agent from its pod object.
+# The chart's cluster objects (CSIDriver, StorageClass, VolumeSnapshotClass, RBAC, the agent
+# certificates) come from `helm template` and are applied with kubectl.
+#
+# There is no kubelet and no container runtime here: what they would do is done by hand —
+# the Node and CSINode objects the kubelet and node-driver-registrar publish, the node pod's
+# object with its address, the scheduler's selected-node annotation, and stage / publish
+# through the node plugin's CSI socket with the data checked on the mounts.
+# Ends with the plain line "N passed, N failed".
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$here/../.." && pwd)
+k8s=${QSD_CSI_K8S_VERSION:-v1.35.4}
+tools=$top/target/tools/cluster-$k8s
+helm=$top/target/tools/helm-v3.22.0/helm
+
+"$here/build-tools.sh" >/dev/null || { echo "cluster: building the control plane failed" >&2; echo "0 passed, 1 failed"; exit 1; }
+[[ -x $helm ]] || "$top/e2e/chart/run.sh" >/dev/null 2>&1 || true # builds helm
+(cd "$top" && cargo build --quiet -p qsd-csi-controller --bin qsd-csi) || exit 1
+qsd_csi=$top/target/debug/qsd-csi
+
+work=$(mktemp -d /tmp/qsd-cluster-XXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  [[ -f $work/state/run/qsd.pid ]] && kill -9 "$(cat "$work/state/run/qsd.pid")" 2>/dev/null
+  for m in $(findmnt -rn -o TARGET | grep "^$work/" | sort -r); do umount -l "$m" 2>/dev/null; done
+  [[ -n ${QSD_CSI_KEEP_CLUSTER:-} ]] || rm -rf "$work"
+}
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+start() { # NAME COMMAND... (log in $work/NAME.log)
+  local name=$1; shift
+  "$@" >"$work/$name.log" 2>&1 &
+  pids+=($!)
+}
+fail_start() { echo "cluster: $1 did not start; its log:" >&2; tail -20 "$work/$2.log" >&2; echo "0 passed, 1 failed"; exit 1; }
+wait_until() { # SECONDS COMMAND...: polls (0.2 s) until COMMAND succeeds
+  local deadline=$((SECONDS + $1)); shift
+  until "$@" >/dev/null 2>&1; do ((SECONDS < deadline)) || return 1; sleep 0.2; done
+}
+
+# --- control plane ---------------------------------------------------------------------------
+etcd_port=$(port) peer_port=$(port) api_port=$(port) agent_port=$(port)
+start etcd "$tools/etcd" --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$etcd_port" \
+  --advertise-client-urls "http://127.0.0.1:$etcd_port" --listen-peer-urls "http://127.0.0.1:$peer_port" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" --initial-cluster "default=http://127.0.0.1:$peer_port"
+openssl genrsa -out "$work/sa.key" 2048 2>/dev/null
+token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+echo "$token,admin,admin,system:masters" >"$work/tokens.csv"
+start kube-apiserver "$tools/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
+  --bind-address 127.0.0.1 --secure-port "$api_port" --cert-dir "$work/apiserver" \
+  --token-auth-file "$work/tokens.csv" --authorization-mode RBAC \
+  --service-account-key-file "$work/sa.key" --service-account-signing-key-file "$work/sa.key" \
+  --service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.96.0.0/24 \
+  --allow-privileged
+cat >"$work/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters: [{name: local, cluster: {server: "https://127.0.0.1:$api_port", insecure-skip-tls-verify: true}}]
+users: [{name: admin, user: {token: "$token"}}]
+contexts: [{name: local, context: {cluster: local, user: admin}}]
+current-context: local
+EOF
+export KUBECONFIG=$work/kubeconfig
+kubectl() { "$tools/kubectl" "$@"; }
+wait_until 120 kubectl get --raw /readyz || fail_start kube-apiserver kube-apiserver
+start kube-controller-manager "$tools/kube-controller-manager" --kubeconfig "$KUBECONFIG" \
+  --leader-elect=false --secure-port=0 \
+  --controllers=persistentvolume-binder-controller,persistentvolume-expander-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller
+kubectl apply -f "$tools/snapshot-crds" >/dev/null
+wait_until 60 kubectl get volumesnapshotclasses || fail_start "the snapshot CRDs" kube-apiserver
+start snapshot-controller "$tools/snapshot-controller" --kubeconfig "$KUBECONFIG" --leader-election=false
+
+# --- the chart's cluster objects -------------------------------------------------------------
+kubectl create namespace qsd >/dev/null
+"$helm" template qsd "$top/charts/qsd-csi" --namespace qsd --kube-version "${k8s#v}" >"$work/chart.yaml"
+/usr/bin/python3 - "$work" <<'PY'
+import base64, os, sys, yaml
+work = sys.argv[1]
+docs = [d for d in yaml.safe_load_all(open(f"{work}/chart.yaml")) if d]
+keep = [d for d in docs if d["kind"] not in ("Deployment", "DaemonSet")]
+yaml.safe_dump_all(keep, open(f"{work}/cluster-objects.yaml", "w"))
+os.makedirs(f"{work}/tls")
+for k, v in next(d for d in docs if d["kind"] == "Secret")["data"].items():
+    open(f"{work}/tls/{k}", "wb").write(base64.b64decode(v))
+PY
+kubectl apply -f "$work/cluster-objects.yaml" >/dev/null || { echo "0 passed, 1 failed"; exit 1; }
+
+# --- the node "w1", as the kubelet and node-driver-registrar would publish it ----------------
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Node
+metadata: {name: w1, labels: {kubernetes.io/hostname: w1, topology.qsd.csi.dev/node: w1}}
+---
+apiVersion: storage.k8s.io/v1
+kind: CSINode
+metadata: {name: w1}
+spec:
+  drivers: [{name: qsd.csi.dev, nodeID: w1, topologyKeys: [topology.qsd.csi.dev/node]}]
+---
+# (No serviceaccount controller runs: the pod's service account is made here.)
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: default, namespace: qsd}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: qsd-qsd-csi-node-w1
+  namespace: qsd
+  labels: {app.kubernetes.io/instance: qsd, app.kubernetes.io/component: node}
+spec:
+  nodeName: w1
+  hostNetwork: true
+  containers: [{name: qsd-csi, image: qsd-csi}]
+EOF
+kubectl -n qsd patch pod qsd-qsd-csi-node-w1 --subresource=status --type=merge \
+  -p '{"status":{"podIP":"127.0.0.1","podIPs":[{"ip":"127.0.0.1"}]}}' >/dev/null \
+  || { echo "0 passed, 1 failed"; exit 1; }
+
+# --- qsd-csi: the node plugin and the controller, with the chart's certificates ---------------
+tls=(--tls-ca "$work/tls/ca.crt")
+start node "$qsd_csi" --endpoint "unix://$work/node.sock" node --state-dir "$work/state" \
+  --node w1 --device fuse --agent-listen "127.0.0.1:$agent_port" \
+  --tls-cert "$work/tls/node.crt" --tls-key "$work/tls/node.key" "${tls[@]}"
+wait_until 60 test -S "$work/node.sock" || fail_start "the node plugin" node
+POD_NAMESPACE=qsd start controller "$qsd_csi" --endpoint "unix://$work/ctl.sock" controller \
+  --discover-agents app.kubernetes.io/instance=qsd,app.kubernetes.io/component=node \
+  --agent-port "$agent_port" --agent-server-name qsd-csi-node-agent \
+  --tls-cert "$work/tls/controller.crt" --tls-key "$work/tls/controller.key" "${tls[@]}"
+wait_until 60 test -S "$work/ctl.sock" || fail_start "the controller" controller
+for s in provisioner:"--feature-gates=Topology=true --extra-create-metadata" snapshotter:"--extra-create-metadata" resizer:""; do
+  name=${s%%:*} extra=${s#*:}
+  # shellcheck disable=SC2086
+  start "csi-$name" "$tools/csi-$name" --kubeconfig "$KUBECONFIG" --csi-address "$work/ctl.sock" \
+    --leader-election=false $extra
+done
+
+# --- the tests -------------------------------------------------------------------------------
+passed=0 failed=0
+check() { # NAME COMMAND...
+  local name=$1; shift
+  if out=$("$@" 2>&1); then passed=$((passed + 1)); echo "cluster: ok $name"
+  else failed=$((failed + 1)); echo "cluster: FAIL $name"; echo "$out" | tail -15 | sed 's/^/  /'; fi
+}
+pvc() { # NAME [SIZE] [DATA SOURCE YAML]
+  kubectl apply -f - <<EOF
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: $1
+  namespace: default
+  # What the scheduler sets for a WaitForFirstConsumer class once the pod has a node.
+  annotations: {volume.kubernetes.io/selected-node: w1}
+spec:
+  storageClassName: qsd-local
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: ${2:-64Mi}}}
+  ${3:-}
+EOF
+}
+bound() { kubectl wait --for=jsonpath='{.status.phase}'=Bound "pvc/$1" --timeout=90s; }
+handle() { kubectl get pv "$(kubectl get pvc "$1" -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}'; }
+# Stage + publish through the node plugin's socket, as the kubelet would.
+publish() { "$qsd_csi" --endpoint "unix://$work/node.sock" publish "$(handle "$1")" "$work/mnt-$1" --staging-dir "$work/staging"; }
+unpublish() { "$qsd_csi" --endpoint "unix://$work/node.sock" unpublish "$(handle "$1")" "$work/mnt-$1" --staging-dir "$work/staging"; }
+
+first_pvc() {
+  pvc data && bound data || return 1
+  [[ $(handle data) == vol:default@w1:* ]] || { echo "volume handle $(handle data)"; return 1; }
+  publish data && echo before >"$work/mnt-data/before" && sync
+}
+check "pvc bound: created by our controller on node w1, published, written" first_pvc
+
+snapshot() {
+  kubectl apply -f - <<EOF || return 1
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: snap, namespace: default}
+spec: {volumeSnapshotClassName: qsd-snapshots, source: {persistentVolumeClaimName: data}}
+EOF
+  kubectl wait --for=jsonpath='{.status.readyToUse}'=true volumesnapshot/snap --timeout=90s || return 1
+  echo after >"$work/mnt-data/after" && sync
+}
+check "volumesnapshot ready to use" snapshot
+
+restore() {
+  pvc restored 64Mi "dataSource: {name: snap, kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io}" \
+    && bound restored && publish restored || return 1
+  [[ -f $work/mnt-restored/before && ! -e $work/mnt-restored/after ]] || { ls "$work/mnt-restored"; return 1; }
+}
+check "pvc restored from the snapshot: earlier files present, later ones absent" restore
+
+clone() {
+  pvc cloned 64Mi "dataSource: {name: data, kind: PersistentVolumeClaim}" && bound cloned \
+    && publish cloned || return 1
+  [[ -f $work/mnt-cloned/before && -f $work/mnt-cloned/after ]] || { ls "$work/mnt-cloned"; return 1; }
+}
+check "pvc cloned from the first: its files present" clone
+
+expand() {
+  kubectl patch pvc data --type=merge -p '{"spec":{"resources":{"requests":{"storage":"128Mi"}}}}' || return 1
+  local pv; pv=$(kubectl get pvc data -o jsonpath='{.spec.volumeName}')
+  kubectl wait --for=jsonpath='{.spec.capacity.storage}'=128Mi "pv/$pv" --timeout=90s || return 1
+  # Node expansion is the kubelet's: the claim waits for it.
+  kubectl wait --for=condition=FileSystemResizePending pvc/data --timeout=60s
+}
+check "kubectl patch grows the volume through csi-resizer" expand
+
+delete_all() {
+  for c in data restored cloned; do unpublish "$c" || return 1; done
+  kubectl delete volumesnapshot snap --wait --timeout=90s && \
+    kubectl delete pvc data restored cloned --wait --timeout=90s || return 1
+  wait_until 90 bash -c "[[ -z \$('$tools/kubectl' get pv -o name) ]]" || { kubectl get pv; return 1; }
+  local left; left=$("$qsd_csi" --endpoint "unix://$work/ctl.sock" volume list | grep '^vol:')
+  [[ -z $left ]] || { echo "volumes left: $left"; return 1; }
+  wait_until 30 bash -c "[[ -z \$(ls '$work/state/pools/default/layers') ]]" \
+    || { ls "$work/state/pools/default/layers"; return 1; }
+}
+check "deleting claims and snapshot removes the volumes and their layers" delete_all
+
+if ((failed)); then
+  for l in controller node csi-provisioner csi-snapshotter csi-resizer snapshot-controller; do
+    echo "--- $l (last lines)"; tail -6 "$work/$l.log"
+  done
+fi
+echo "$passed passed, $failed failed"
+((failed == 0))
