@@ -361,26 +361,44 @@ impl NodeService {
     }
 }
 
-/// At start, takes over the ublk devices a previous run of this plugin served: the kernel has
-/// kept their I/O queued since that process died (user recovery), so their writers see a pause.
-async fn recover_ublk_devices(engine: Arc<EngineCore>, dir: PathBuf) {
-    let staged = store::read_all::<Staged>(&dir).unwrap_or_default();
-    for record in staged.into_iter().filter(|r| r.backend == Backend::Ublk) {
-        let id = &record.volume_id;
-        let result = match engine.attachment(id) {
-            Ok(Some(a)) => device::ublk::recover(&a.endpoint, &record.device).await,
+/// Runs `action` on every staged volume of `backend` with its current export, logging each
+/// outcome (`done`, or `failed` with the error).
+async fn for_each_staged<F, Fut>(
+    engine: &EngineCore,
+    dir: &Path,
+    backend: Backend,
+    (done, failed): (&str, &str),
+    action: F,
+) where
+    F: Fn(Staged, crate::graph::ExportEndpoint) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let staged = store::read_all::<Staged>(dir).unwrap_or_default();
+    for record in staged.into_iter().filter(|r| r.backend == backend) {
+        let (id, device) = (record.volume_id.clone(), record.device.clone());
+        let result = match engine.attachment(&id) {
+            Ok(Some(a)) => action(record, a.endpoint).await,
             Ok(None) => Err(Error::FailedPrecondition(format!("{id} is not exported"))),
             Err(e) => Err(e),
         };
         match result {
-            Ok(()) => {
-                tracing::info!(volume = %id, device = %record.device.display(), "recovered the ublk device")
-            }
-            Err(e) => {
-                tracing::error!(volume = %id, error = %e, "recovering the ublk device failed")
-            }
+            Ok(()) => tracing::info!(volume = %id, device = %device.display(), "{done}"),
+            Err(e) => tracing::error!(volume = %id, error = %e, "{failed}"),
         }
     }
+}
+
+const RECOVERED: (&str, &str) = ("recovered the ublk device", "recovering the ublk device failed");
+const REATTACHED: (&str, &str) =
+    ("re-attached the NBD device", "re-attaching the NBD device failed");
+
+/// At start, takes over the ublk devices a previous run of this plugin served: the kernel has
+/// kept their I/O queued since that process died (user recovery), so their writers see a pause.
+async fn recover_ublk_devices(engine: Arc<EngineCore>, dir: PathBuf) {
+    for_each_staged(&engine, &dir, Backend::Ublk, RECOVERED, |r, endpoint| async move {
+        device::ublk::recover(&endpoint, &r.device).await
+    })
+    .await;
 }
 
 /// After the engine rebuilt exports (the daemon restarted), gives every staged NBD device a new
@@ -397,25 +415,10 @@ async fn reattach_after_rebuilds(engine: std::sync::Weak<EngineCore>, dir: PathB
             Err(RecvError::Closed) => return,
         }
         let Some(engine) = engine.upgrade() else { return };
-        let staged = store::read_all::<Staged>(&dir).unwrap_or_default();
-        for record in staged.into_iter().filter(|r| r.backend == Backend::Nbd) {
-            let id = &record.volume_id;
-            let result = match engine.attachment(id) {
-                Ok(Some(a)) => {
-                    device::refresh_size(record.backend, &record.device, &a.endpoint, id).await
-                }
-                Ok(None) => Err(Error::FailedPrecondition(format!("{id} is no longer exported"))),
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(()) => {
-                    tracing::info!(volume = %id, device = %record.device.display(), "re-attached the NBD device")
-                }
-                Err(e) => {
-                    tracing::error!(volume = %id, error = %e, "re-attaching the NBD device failed")
-                }
-            }
-        }
+        for_each_staged(&engine, &dir, Backend::Nbd, REATTACHED, |r, endpoint| async move {
+            device::refresh_size(r.backend, &r.device, &endpoint, &r.volume_id).await
+        })
+        .await;
     }
 }
 

@@ -113,6 +113,19 @@ impl Choice {
     }
 }
 
+/// The number in a device node's name after `prefix` (`/dev/nbd3` → 3 for "nbd"); `kind` names
+/// the device in the error.
+fn device_number(device: &Path, prefix: &str, kind: &str) -> Result<u32> {
+    device
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix(prefix))
+        .and_then(|i| i.parse().ok())
+        .ok_or_else(|| {
+            Error::invalid("device", format!("{} is not {kind} device", device.display()))
+        })
+}
+
 /// Attaches a kernel device to an export; returns the device node. `id` names the volume to
 /// the kernel (the NBD backend identifier).
 pub async fn attach(

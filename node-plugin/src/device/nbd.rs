@@ -105,14 +105,7 @@ fn backend_attr(request: &mut Vec<u8>, backend_id: &str) {
 }
 
 fn index_of(device: &Path) -> Result<u32> {
-    device
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("nbd"))
-        .and_then(|i| i.parse().ok())
-        .ok_or_else(|| {
-            Error::invalid("device", format!("{} is not an NBD device", device.display()))
-        })
+    super::device_number(device, "nbd", "an NBD")
 }
 
 /// Negotiates the export and hands the socket to a free kernel NBD device; returns `/dev/nbdN`.

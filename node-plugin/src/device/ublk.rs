@@ -90,14 +90,7 @@ fn ublk_error(op: &'static str, device: impl Into<PathBuf>) -> impl Fn(UblkError
 
 /// The device id of `/dev/ublkbN`.
 fn dev_id(device: &Path) -> Result<u32> {
-    device
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("ublkb"))
-        .and_then(|i| i.parse().ok())
-        .ok_or_else(|| {
-            Error::invalid("device", format!("{} is not a ublk device", device.display()))
-        })
+    super::device_number(device, "ublkb", "a ublk")
 }
 
 fn bdev(id: u32) -> PathBuf {
