@@ -27,11 +27,14 @@ pub enum NodeAgent {
     Remote(AgentClient<Channel>),
 }
 
-/// The agent answers with explicit codes only; an UNKNOWN comes from the transport (refused
-/// TLS handshake, reset connection): the node is unavailable to us.
+/// The agent answers with explicit codes only; UNKNOWN or CANCELLED come from the transport
+/// (a refused TLS handshake, a connection closed under the request): to the CO the node is
+/// unavailable.
 fn unreachable_is_unavailable(status: Status) -> Status {
     match status.code() {
-        tonic::Code::Unknown => Status::unavailable(format!("node agent unreachable: {status}")),
+        tonic::Code::Unknown | tonic::Code::Cancelled => {
+            Status::unavailable(format!("node agent unreachable: {status}"))
+        }
         _ => status,
     }
 }
