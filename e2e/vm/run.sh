@@ -87,10 +87,12 @@ if [[ ! -f $cache/initramfs.gz || $here/init -nt $cache/initramfs.gz || $cache/u
 fi
 
 # The guest runs this checkout's binaries from the shared host root: the driver, and the Rust
-# device tests (node-plugin/tests/kernel_devices.rs, ignored on the host).
+# device tests (node-plugin/tests/kernel_devices.rs, ignored on the host). Cargo also reports
+# the package's binaries it built for the tests; only the test's own executable will do.
 (cd "$top" && cargo build --quiet -p qsd-csi-controller --bin qsd-csi)
 rust_tests=$(cd "$top" && cargo test --quiet -p qsd-csi-node --test kernel_devices --no-run \
-  --message-format=json | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+  --message-format=json | grep -o '"executable":"[^"]*/deps/kernel_devices-[^"]*"' | tail -1 \
+  | cut -d'"' -f4)
 [[ -x $rust_tests ]] || { echo "vm: could not build the Rust device tests" >&2; exit 1; }
 
 log=$cache/console.log
