@@ -25,12 +25,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,libublk=warn".into()),
-        )
-        .init();
+    qsd_node::init_logging();
     let args = Args::parse();
     let config = args.engine.config()?;
     let engine = Engine::open(config).await.context("starting the engine")?;

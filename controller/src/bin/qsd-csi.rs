@@ -340,13 +340,7 @@ async fn controller_mode(endpoint: &str, args: ControllerMode) -> anyhow::Result
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,libublk=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    qsd_node::init_logging();
     let cli = Cli::parse();
     match cli.command {
         Command::Standalone(args) => standalone(&cli.endpoint, args).await,
