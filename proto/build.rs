@@ -9,7 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // prost-build reads the compiler's path from the environment.
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure().compile_protos(
+    // The agent's label maps are kept sorted, as the engine stores them.
+    tonic_prost_build::configure().btree_map(".qsd.agent.v1").compile_protos(
         &[PathBuf::from("proto/csi.proto"), PathBuf::from("proto/agent.proto")],
         &[PathBuf::from("proto"), well_known],
     )?;

@@ -76,6 +76,30 @@ forward! {
     get_capacity(agent::PoolRef) -> agent::Capacity;
 }
 
+/// A node's volume events, as [`NodeAgent::watch_events`] returns them.
+pub type EventStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<agent::VolumeEvent, Status>> + Send>>;
+
+impl NodeAgent {
+    /// The agent's `WatchEvents`: the node's volume events from now on.
+    pub async fn watch_events(&self) -> Result<EventStream, Status> {
+        match self {
+            NodeAgent::Local(service) => {
+                service.watch_events(Request::new(agent::Empty {})).await.map(Response::into_inner)
+            }
+            NodeAgent::Remote(client) => {
+                let stream = client
+                    .clone()
+                    .watch_events(agent::Empty {})
+                    .await
+                    .map_err(unreachable_is_unavailable)?
+                    .into_inner();
+                Ok(Box::pin(stream))
+            }
+        }
+    }
+}
+
 /// A node's agent at `addr` over mutual TLS, connected on first use (a node that is down must
 /// not keep the controller from starting). Its certificate must name `server_name`.
 pub fn remote(

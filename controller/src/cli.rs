@@ -134,17 +134,28 @@ pub fn staging_path(staging_dir: &Path, volume_id: &str) -> PathBuf {
     staging_dir.join(volume_id.replace([':', '@', '/'], "_"))
 }
 
+/// How [`publish`] presents a volume.
+#[derive(Debug, Clone, Default)]
+pub struct PublishOptions {
+    /// The raw block device instead of a filesystem.
+    pub block: bool,
+    /// The filesystem to create on first use.
+    pub fs_type: String,
+    /// Mount read-only.
+    pub read_only: bool,
+    /// The volume context a CO passes (a PersistentVolume's `volumeAttributes`).
+    pub context: HashMap<String, String>,
+}
+
 /// Stages a volume and publishes it at `path` (a directory, or a device file with `block`).
 pub async fn publish(
     clients: &mut Clients,
     staging_dir: &Path,
     volume_id: &str,
     path: &Path,
-    block: bool,
-    fs_type: &str,
-    read_only: bool,
+    options: &PublishOptions,
 ) -> Result<(), tonic::Status> {
-    let cap = capability(block, fs_type);
+    let cap = capability(options.block, &options.fs_type);
     let staging = staging_path(staging_dir, volume_id);
     clients
         .node
@@ -152,6 +163,7 @@ pub async fn publish(
             volume_id: volume_id.into(),
             staging_target_path: staging.display().to_string(),
             volume_capability: Some(cap.clone()),
+            volume_context: options.context.clone(),
             ..Default::default()
         })
         .await?;
@@ -162,7 +174,8 @@ pub async fn publish(
             staging_target_path: staging.display().to_string(),
             target_path: path.display().to_string(),
             volume_capability: Some(cap),
-            readonly: read_only,
+            readonly: options.read_only,
+            volume_context: options.context.clone(),
             ..Default::default()
         })
         .await?;

@@ -3,6 +3,8 @@
 //! Every request becomes agent calls ([`crate::agents`]): to the node an ID names, to the node
 //! the topology asks for on create, or to every node for lists.
 
+use std::collections::HashMap;
+
 use qsd_csi_proto::agent;
 use qsd_csi_proto::csi::{self, controller_server::Controller};
 use qsd_node::csi::{required, TOPOLOGY_KEY};
@@ -10,6 +12,7 @@ use qsd_node::pool::id::{IdKind, ObjectId};
 use tonic::{Code, Request, Response, Status};
 
 use crate::agents::{Agents, NodeAgent};
+use crate::events::{Events, Notice};
 use crate::params;
 
 /// The Controller service.
@@ -17,6 +20,7 @@ use crate::params;
 pub struct ControllerService {
     agents: Agents,
     default_pool: String,
+    events: Events,
 }
 
 /// The pool and (local pools) node an ID names; `None` for an ID that cannot be ours.
@@ -36,10 +40,31 @@ impl ControllerService {
     /// A controller over the node `agents`, placing volumes in `default_pool` unless a request
     /// names one.
     pub fn new(agents: Agents, default_pool: String) -> Self {
-        ControllerService { agents, default_pool }
+        ControllerService { agents, default_pool, events: Events::log_only() }
     }
 
-    fn volume(info: &agent::Volume, fs_type: Option<&str>) -> csi::Volume {
+    /// Tells claims about their volumes through `events` (by default only the log hears).
+    pub fn with_events(mut self, events: Events) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// Posts `notice` on the claim of `volume_id` (its labels asked of `agent`), in the
+    /// background: the CSI reply does not wait for it.
+    fn tell_claim(&self, agent: NodeAgent, volume_id: String, notice: Notice) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let labels = match agent.get_volume(agent::VolumeRef { volume_id }).await {
+                Ok(volume) => volume.labels,
+                Err(_) => Default::default(),
+            };
+            if let Err(e) = events.publish(&labels, &notice).await {
+                tracing::warn!(error = %e, reason = notice.reason, "posting an event failed");
+            }
+        });
+    }
+
+    fn volume(info: &agent::Volume, parameters: &HashMap<String, String>) -> csi::Volume {
         use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
         let (pool, node) = location(IdKind::Volume, &info.volume_id).unwrap_or_default();
         let source_id = |prefix: &str, name: &str| {
@@ -56,9 +81,11 @@ impl ControllerService {
             }
             _ => None,
         };
-        let mut context = std::collections::HashMap::from([("pool".to_owned(), pool)]);
-        if let Some(fs) = fs_type {
-            context.insert("fsType".to_owned(), fs.to_owned());
+        let mut context = HashMap::from([("pool".to_owned(), pool)]);
+        for key in params::CONTEXT_KEYS {
+            if let Some(value) = parameters.get(key) {
+                context.insert(key.to_owned(), value.clone());
+            }
         }
         csi::Volume {
             capacity_bytes: info.size_bytes as i64,
@@ -178,8 +205,9 @@ impl Controller for ControllerService {
                 return Err(Status::out_of_range("the source is larger than limit_bytes"));
             }
         }
-        let fs = req.parameters.get("fsType").map(String::as_str);
-        Ok(Response::new(csi::CreateVolumeResponse { volume: Some(Self::volume(&info, fs)) }))
+        Ok(Response::new(csi::CreateVolumeResponse {
+            volume: Some(Self::volume(&info, &req.parameters)),
+        }))
     }
 
     async fn delete_volume(
@@ -253,7 +281,7 @@ impl Controller for ControllerService {
                 let node = location(IdKind::Volume, &v.volume_id)
                     .and_then(|(_, node)| node.or_else(|| self.agents.default_node().ok()));
                 csi::list_volumes_response::Entry {
-                    volume: Some(Self::volume(v, None)),
+                    volume: Some(Self::volume(v, &HashMap::new())),
                     status: Some(csi::list_volumes_response::VolumeStatus {
                         published_node_ids: node.filter(|_| exported).into_iter().collect(),
                         volume_condition: None,
@@ -323,16 +351,44 @@ impl Controller for ControllerService {
         if let Some(key) = req.parameters.keys().find(|k| !k.starts_with("csi.storage.k8s.io/")) {
             return Err(Status::invalid_argument(format!("unknown snapshot parameter {key:?}")));
         }
-        let taken = self
-            .agents
-            .for_id(IdKind::Volume, &req.source_volume_id)?
+        let agent = self.agents.for_id(IdKind::Volume, &req.source_volume_id)?;
+        let taken = agent
             .create_snapshots(agent::CreateSnapshotsRequest {
                 snapshots: vec![agent::SnapshotRequest {
                     volume_id: req.source_volume_id.clone(),
                     name: params::object_name(&req.name),
                 }],
             })
-            .await?;
+            .await;
+        let snapshot_name = match (
+            req.parameters.get("csi.storage.k8s.io/volumesnapshot/namespace"),
+            req.parameters.get("csi.storage.k8s.io/volumesnapshot/name"),
+        ) {
+            (Some(ns), Some(name)) => format!("VolumeSnapshot {ns}/{name}"),
+            _ => format!("snapshot {:?}", req.name),
+        };
+        let notice = match &taken {
+            Ok(list) => list.snapshots.first().map(|s| Notice {
+                warning: false,
+                reason: "SnapshotTaken",
+                action: "CreateSnapshot",
+                note: format!(
+                    "{snapshot_name} taken as {}: an O(1) qcow2 overlay, the volume kept running",
+                    s.snapshot_id
+                ),
+            }),
+            Err(e) if e.code() == Code::Aborted => None,
+            Err(e) => Some(Notice {
+                warning: true,
+                reason: "SnapshotFailed",
+                action: "CreateSnapshot",
+                note: format!("{snapshot_name} failed ({:?}): {}", e.code(), e.message()),
+            }),
+        };
+        if let Some(notice) = notice {
+            self.tell_claim(agent, req.source_volume_id.clone(), notice);
+        }
+        let taken = taken?;
         let info = taken
             .snapshots
             .first()

@@ -12,8 +12,11 @@ pub mod cli;
 pub mod client;
 pub mod controller;
 pub mod discovery;
+pub mod events;
 pub mod identity;
+pub mod lease;
 pub mod params;
+pub mod relay;
 
 pub use controller::ControllerService;
 pub use identity::{IdentityService, PLUGIN_NAME};

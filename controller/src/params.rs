@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 
 use qsd_csi_proto::csi;
+use qsd_node::csi::WRITE_THRESHOLD_PERCENT;
 use qsd_node::engine::{CloneMode, CreateVolume, VolumeSource};
 use qsd_node::pool::id::SIZE_ALIGN;
 use qsd_node::pool::ObjectName;
@@ -15,6 +16,27 @@ pub const DEFAULT_SIZE: i64 = 1 << 30;
 
 /// Prefix of the parameters external-provisioner adds (PVC name, namespace, ...).
 const PROVISIONER_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// The provisioner's parameters (with `--extra-create-metadata`) kept as the volume's labels,
+/// so events about the volume can name its claim.
+pub const CLAIM_LABELS: [&str; 3] = [
+    "csi.storage.k8s.io/pvc/name",
+    "csi.storage.k8s.io/pvc/namespace",
+    "csi.storage.k8s.io/pv/name",
+];
+
+/// Class parameters the node needs at stage time, passed on in the volume context.
+pub const CONTEXT_KEYS: [&str; 2] = ["fsType", WRITE_THRESHOLD_PERCENT];
+
+/// `writeThresholdPercent`: a whole percentage of the volume's size, 1 to 99.
+pub fn threshold_percent(value: &str) -> Result<u64, Status> {
+    match value.parse::<u64>() {
+        Ok(p @ 1..=99) => Ok(p),
+        _ => Err(Status::invalid_argument(format!(
+            "writeThresholdPercent {value:?} is not a whole percentage from 1 to 99"
+        ))),
+    }
+}
 
 /// Maps any CSI name to a pool object name: kept if it already is one, otherwise a stable
 /// digest, so every name the spec allows works and the same name always maps the same way.
@@ -102,6 +124,10 @@ pub fn create_volume(
     let mut out = CreateVolume::new(default_pool, &object_name(&req.name), 0);
     let mut clone_mode = None;
     for (key, value) in &req.parameters {
+        if CLAIM_LABELS.contains(&key.as_str()) {
+            out.labels.insert(key.clone(), value.clone());
+            continue;
+        }
         if key.starts_with(PROVISIONER_PREFIX) || qos_key(&mut out.qos, key, value)? {
             continue;
         }
@@ -133,6 +159,9 @@ pub fn create_volume(
                 })?)
             }
             "cloneMode" => clone_mode = Some(value.as_str()),
+            WRITE_THRESHOLD_PERCENT => {
+                threshold_percent(value)?;
+            }
             _ => return Err(Status::invalid_argument(format!("unknown parameter {key:?}"))),
         }
     }

@@ -131,15 +131,33 @@ start node "$qsd_csi" --endpoint "unix://$work/node.sock" node --state-dir "$wor
   --node w1 --device fuse --agent-listen "127.0.0.1:$agent_port" \
   --tls-cert "$work/tls/node.crt" --tls-key "$work/tls/node.key" "${tls[@]}"
 wait_until 60 test -S "$work/node.sock" || fail_start "the node plugin" node
-POD_NAMESPACE=qsd start controller "$qsd_csi" --endpoint "unix://$work/ctl.sock" controller \
-  --discover-agents app.kubernetes.io/instance=qsd,app.kubernetes.io/component=node \
-  --agent-port "$agent_port" --agent-server-name qsd-csi-node-agent \
-  --tls-cert "$work/tls/controller.crt" --tls-key "$work/tls/controller.key" "${tls[@]}"
-wait_until 60 test -S "$work/ctl.sock" || fail_start "the controller" controller
+# The controller and the sidecars use the chart's service account (a token from the
+# TokenRequest API), so the chart's RBAC is what they are allowed: nothing more.
+sa_token=$(kubectl -n qsd create token qsd-qsd-csi-controller --duration=2h) \
+  || { echo "0 passed, 1 failed"; exit 1; }
+sed "s/$token/$sa_token/" "$KUBECONFIG" >"$work/sa.kubeconfig"
+# Two controller replicas with leader election: ctl-1 starts first and holds the Lease (it
+# relays the node's events); the sidecars talk to ctl-2, which serves CSI as a follower.
+controller() { # IDENTITY SOCKET
+  KUBECONFIG=$work/sa.kubeconfig POD_NAMESPACE=qsd POD_NAME=$1 start "$1" "$qsd_csi" \
+    --endpoint "unix://$2" controller --leader-elect \
+    --discover-agents app.kubernetes.io/instance=qsd,app.kubernetes.io/component=node \
+    --agent-port "$agent_port" --agent-server-name qsd-csi-node-agent \
+    --tls-cert "$work/tls/controller.crt" --tls-key "$work/tls/controller.key" "${tls[@]}"
+}
+holder() { kubectl -n qsd get lease qsd-csi-controller -o jsonpath='{.spec.holderIdentity}'; }
+controller ctl-1 "$work/ctl1.sock"
+wait_until 60 test -S "$work/ctl1.sock" || fail_start "the first controller" ctl-1
+wait_until 30 bash -c "[[ \$('$tools/kubectl' -n qsd get lease qsd-csi-controller -o jsonpath='{.spec.holderIdentity}') == ctl-1 ]]" \
+  || fail_start "the first controller's leadership" ctl-1
+ctl1_pid=${pids[-1]}
+controller ctl-2 "$work/ctl.sock"
+wait_until 60 test -S "$work/ctl.sock" || fail_start "the second controller" ctl-2
+ctl2_pid=${pids[-1]}
 for s in provisioner:"--feature-gates=Topology=true --extra-create-metadata" snapshotter:"--extra-create-metadata" resizer:""; do
   name=${s%%:*} extra=${s#*:}
   # shellcheck disable=SC2086
-  start "csi-$name" "$tools/csi-$name" --kubeconfig "$KUBECONFIG" --csi-address "$work/ctl.sock" \
+  start "csi-$name" "$tools/csi-$name" --kubeconfig "$work/sa.kubeconfig" --csi-address "$work/ctl.sock" \
     --leader-election=false $extra
 done
 
@@ -150,7 +168,7 @@ check() { # NAME COMMAND...
   if out=$("$@" 2>&1); then passed=$((passed + 1)); echo "cluster: ok $name"
   else failed=$((failed + 1)); echo "cluster: FAIL $name"; echo "$out" | tail -15 | sed 's/^/  /'; fi
 }
-pvc() { # NAME [SIZE] [DATA SOURCE YAML]
+pvc() { # NAME [SIZE] [DATA SOURCE YAML] [CLASS]
   kubectl apply -f - <<EOF
 apiVersion: v1
 kind: PersistentVolumeClaim
@@ -160,7 +178,7 @@ metadata:
   # What the scheduler sets for a WaitForFirstConsumer class once the pod has a node.
   annotations: {volume.kubernetes.io/selected-node: w1}
 spec:
-  storageClassName: qsd-local
+  storageClassName: ${4:-qsd-local}
   accessModes: [ReadWriteOnce]
   resources: {requests: {storage: ${2:-64Mi}}}
   ${3:-}
@@ -169,7 +187,26 @@ EOF
 bound() { kubectl wait --for=jsonpath='{.status.phase}'=Bound "pvc/$1" --timeout=90s; }
 handle() { kubectl get pv "$(kubectl get pvc "$1" -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}'; }
 # Stage + publish through the node plugin's socket, as the kubelet would.
-publish() { "$qsd_csi" --endpoint "unix://$work/node.sock" publish "$(handle "$1")" "$work/mnt-$1" --staging-dir "$work/staging"; }
+publish() {
+  local pv context=(); pv=$(kubectl get pvc "$1" -o jsonpath='{.spec.volumeName}')
+  # The PV's volumeAttributes are the volume context the kubelet passes.
+  mapfile -t context < <(kubectl get pv "$pv" -o go-template='{{range $k, $v := .spec.csi.volumeAttributes}}--context={{$k}}={{$v}}{{"\n"}}{{end}}')
+  "$qsd_csi" --endpoint "unix://$work/node.sock" publish "$(handle "$1")" "$work/mnt-$1" --staging-dir "$work/staging" "${context[@]}"
+}
+# The Events on a claim with a reason, one line each: "<reporting instance> <note>".
+events() { # CLAIM REASON
+  kubectl get events -n default --field-selector "involvedObject.name=$1,reason=$2" \
+    -o jsonpath='{range .items[*]}{.reportingInstance} {.message}{"\n"}{end}'
+}
+has_event() { [[ -n $(events "$@") ]]; }
+# Waits until an Event with REASON on CLAIM was reported by INSTANCE.
+event_from() { # CLAIM REASON INSTANCE
+  local deadline=$((SECONDS + 30))
+  until events "$1" "$2" | grep -q "^$3 "; do
+    ((SECONDS < deadline)) || { echo "no $2 event from $3 on $1:"; events "$1" "$2"; return 1; }
+    sleep 0.2
+  done
+}
 unpublish() { "$qsd_csi" --endpoint "unix://$work/node.sock" unpublish "$(handle "$1")" "$work/mnt-$1" --staging-dir "$work/staging"; }
 
 first_pvc() {
@@ -188,8 +225,11 @@ spec: {volumeSnapshotClassName: qsd-snapshots, source: {persistentVolumeClaimNam
 EOF
   kubectl wait --for=jsonpath='{.status.readyToUse}'=true volumesnapshot/snap --timeout=90s || return 1
   echo after >"$work/mnt-data/after" && sync
+  # Posted by ctl-2, the replica that served the call.
+  event_from data SnapshotTaken ctl-2 || return 1
+  events data SnapshotTaken | grep -q "^ctl-2 VolumeSnapshot default/snap taken as snap:default@w1:"
 }
-check "volumesnapshot ready to use" snapshot
+check "volumesnapshot ready to use; a SnapshotTaken event on the claim" snapshot
 
 restore() {
   pvc restored 64Mi "dataSource: {name: snap, kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io}" \
@@ -202,8 +242,11 @@ clone() {
   pvc cloned 64Mi "dataSource: {name: data, kind: PersistentVolumeClaim}" && bound cloned \
     && publish cloned || return 1
   [[ -f $work/mnt-cloned/before && -f $work/mnt-cloned/after ]] || { ls "$work/mnt-cloned"; return 1; }
+  # Reported by the node's engine, relayed by the leader ctl-1.
+  event_from cloned CloneCompleted ctl-1 || return 1
+  events cloned CloneCompleted | grep -q "^ctl-1 volume vol:default@w1:.* is a complete point-in-time copy of vol:default@w1:"
 }
-check "pvc cloned from the first: its files present" clone
+check "pvc cloned from the first: its files present; a CloneCompleted event on the claim" clone
 
 expand() {
   kubectl patch pvc data --type=merge -p '{"spec":{"resources":{"requests":{"storage":"128Mi"}}}}' || return 1
@@ -214,10 +257,41 @@ expand() {
 }
 check "kubectl patch grows the volume through csi-resizer" expand
 
+alert() {
+  kubectl apply -f - <<EOF || return 1
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: qsd-alerts}
+provisioner: qsd.csi.dev
+volumeBindingMode: WaitForFirstConsumer
+parameters: {pool: default, fsType: ext4, writeThresholdPercent: "20"}
+EOF
+  pvc alert 128Mi "" qsd-alerts && bound alert && publish alert || return 1
+  # 40 MiB of data: allocation passes 20 % of 128 MiB.
+  dd if=/dev/urandom of="$work/mnt-alert/a" bs=1M count=40 conv=fsync status=none || return 1
+  event_from alert WriteThresholdCrossed ctl-1 || return 1
+  events alert WriteThresholdCrossed | grep -q "^ctl-1 volume vol:default@w1:.* has allocated .* of 128.0 MiB" || return 1
+  # Only the leader relays: the follower posted nothing.
+  ! events alert WriteThresholdCrossed | grep '^ctl-2 '
+}
+check "a thin volume's allocation past writeThresholdPercent: a WriteThresholdCrossed event on the claim" alert
+
+failover() {
+  [[ $(holder) == ctl-1 ]] || { echo "holder $(holder)"; return 1; }
+  kill -9 "$ctl1_pid"
+  # The Lease runs out (15 s without renewal); ctl-2 takes it and starts relaying.
+  wait_until 40 bash -c "[[ \$('$tools/kubectl' -n qsd get lease qsd-csi-controller -o jsonpath='{.spec.holderIdentity}') == ctl-2 ]]" \
+    || { echo "holder $(holder)"; return 1; }
+  wait_until 30 grep -q "watching the node's volume events" "$work/ctl-2.log" || return 1
+  dd if=/dev/urandom of="$work/mnt-alert/b" bs=1M count=16 conv=fsync status=none || return 1
+  event_from alert WriteThresholdCrossed ctl-2
+}
+check "the leader SIGKILLed: the other replica takes the Lease and relays the next alert" failover
+
 delete_all() {
-  for c in data restored cloned; do unpublish "$c" || return 1; done
+  for c in data restored cloned alert; do unpublish "$c" || return 1; done
   kubectl delete volumesnapshot snap --wait --timeout=90s && \
-    kubectl delete pvc data restored cloned --wait --timeout=90s || return 1
+    kubectl delete pvc data restored cloned alert --wait --timeout=90s || return 1
   wait_until 90 bash -c "[[ -z \$('$tools/kubectl' get pv -o name) ]]" || { kubectl get pv; return 1; }
   local left; left=$("$qsd_csi" --endpoint "unix://$work/ctl.sock" volume list | grep '^vol:')
   [[ -z $left ]] || { echo "volumes left: $left"; return 1; }
@@ -226,8 +300,15 @@ delete_all() {
 }
 check "deleting claims and snapshot removes the volumes and their layers" delete_all
 
+release() {
+  kill -TERM "$ctl2_pid"
+  wait_until 30 bash -c "[[ -z \$('$tools/kubectl' -n qsd get lease qsd-csi-controller -o jsonpath='{.spec.holderIdentity}') ]]" \
+    || { echo "holder $(holder)"; return 1; }
+}
+check "a controller stopped with SIGTERM releases the Lease at once" release
+
 if ((failed)); then
-  for l in controller node csi-provisioner csi-snapshotter csi-resizer snapshot-controller; do
+  for l in ctl-1 ctl-2 node csi-provisioner csi-snapshotter csi-resizer snapshot-controller; do
     echo "--- $l (last lines)"; tail -6 "$work/$l.log"
   done
 fi

@@ -13,7 +13,9 @@ use qsd_csi_proto::agent::{self, agent_server::Agent};
 use tonic::{Request, Response, Status};
 
 use crate::csi::status;
-use crate::engine::{CloneMode, CreateVolume, EngineCore, SnapshotInfo, VolumeInfo, VolumeSource};
+use crate::engine::{
+    CloneMode, CreateVolume, EngineCore, EngineEvent, SnapshotInfo, VolumeInfo, VolumeSource,
+};
 use crate::graph::ExportKind;
 use crate::qmp::commands::{Preallocation, ThrottleLimits};
 
@@ -55,6 +57,7 @@ fn volume(v: VolumeInfo) -> agent::Volume {
         chain_depth: v.chain_depth as u32,
         source: v.source.unwrap_or_default(),
         export: export as i32,
+        labels: v.labels,
     }
 }
 
@@ -103,6 +106,7 @@ pub fn create_volume_message(c: &CreateVolume) -> agent::CreateVolumeRequest {
             CloneMode::Copy => agent::CloneMode::Copy,
             CloneMode::Linked => agent::CloneMode::Linked,
         } as i32,
+        labels: c.labels.clone(),
     }
 }
 
@@ -140,11 +144,94 @@ fn create_request(r: agent::CreateVolumeRequest) -> Result<CreateVolume, Status>
             Source::VolumeId(id) => VolumeSource::Volume(id),
         }),
         clone_mode,
+        labels: r.labels,
     })
 }
 
+/// The engine's event as the agent streams it; `None` for events that concern no volume.
+pub fn volume_event(event: EngineEvent) -> Option<agent::VolumeEvent> {
+    use agent::volume_event::Kind;
+    let (volume_id, labels, kind) = match event {
+        EngineEvent::WriteThresholdCrossed {
+            volume,
+            threshold,
+            exceeded,
+            missed,
+            rearmed_at,
+            size,
+            labels,
+        } => (
+            volume,
+            labels,
+            Kind::WriteThresholdCrossed(agent::WriteThresholdCrossed {
+                threshold_bytes: threshold,
+                exceeded_bytes: exceeded,
+                missed,
+                rearmed_at_bytes: rearmed_at,
+                size_bytes: size,
+            }),
+        ),
+        EngineEvent::CloneProgress { volume, source, done, total, labels } => (
+            volume,
+            labels,
+            Kind::CloneProgress(agent::CloneProgress {
+                source_volume_id: source,
+                done_bytes: done,
+                total_bytes: total,
+            }),
+        ),
+        EngineEvent::CloneFinished { volume, source, error, elapsed, labels } => (
+            volume,
+            labels,
+            Kind::CloneFinished(agent::CloneFinished {
+                source_volume_id: source,
+                error: error.unwrap_or_default(),
+                elapsed_millis: elapsed.as_millis().try_into().unwrap_or(u64::MAX),
+            }),
+        ),
+        EngineEvent::Reconciled { .. } => return None,
+    };
+    Some(agent::VolumeEvent { volume_id, labels, kind: Some(kind) })
+}
+
+/// A stream of volume events, ending when the watcher hangs up.
+pub type EventStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<agent::VolumeEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Agent for AgentService {
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        _: Request<agent::Empty>,
+    ) -> Result<Response<EventStream>, Status> {
+        use tokio::sync::broadcast::error::RecvError;
+        let mut events = self.engine.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    event = events.recv() => event,
+                    () = tx.closed() => return,
+                };
+                match event {
+                    Ok(event) => {
+                        let Some(message) = volume_event(event) else { continue };
+                        if tx.send(Ok(message)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "an event watcher fell behind; events were dropped");
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
     async fn create_volume(
         &self,
         request: Request<agent::CreateVolumeRequest>,

@@ -148,6 +148,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// The message followed by each cause in turn, `: `-separated (for statuses and events,
+    /// where the chain has to travel as one string).
+    pub fn with_causes(&self) -> String {
+        let mut message = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        message
+    }
+
     /// Classifies the error for callers. Exhaustive on purpose: a new variant must pick a kind.
     pub fn kind(&self) -> ErrorKind {
         match self {

@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use qsd_csi_proto::agent::{self, agent_client::AgentClient, agent_server::AgentServer};
 use qsd_node::agent::AgentService;
+use qsd_node::graph::ExportKind;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_serves_the_volume_lifecycle_with_the_csi_error_codes() {
@@ -116,4 +117,77 @@ async fn the_agent_serves_the_volume_lifecycle_with_the_csi_error_codes() {
     }
     assert!(env.layer_files().is_empty(), "{:?}", env.layer_files());
     server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_events_streams_clone_outcomes_and_crossed_thresholds_with_the_volumes_labels() {
+    let env = Env::new().await;
+    let socket = env.dir.path().join("agent.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+    let _server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServer::new(AgentService::new(env.core())))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
+    let mut c = AgentClient::new(qsd_node::grpc::connect_unix(&socket).await.expect("connect"));
+    let claim = |name: &str| {
+        [("csi.storage.k8s.io/pvc/name".to_owned(), name.to_owned())].into_iter().collect()
+    };
+    let src = c
+        .create_volume(agent::CreateVolumeRequest {
+            pool: "local".into(),
+            name: "src".into(),
+            size_bytes: Some(16 * MIB as i64),
+            labels: claim("data"),
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    assert_eq!(src.labels, claim("data"), "labels come back with the volume");
+    let mut stream = c.watch_events(agent::Empty {}).await.expect("watch").into_inner();
+
+    let copy = c
+        .create_volume(agent::CreateVolumeRequest {
+            pool: "local".into(),
+            name: "copy".into(),
+            source: Some(agent::create_volume_request::Source::VolumeId(src.volume_id.clone())),
+            labels: claim("cloned"),
+            ..Default::default()
+        })
+        .await
+        .expect("clone")
+        .into_inner();
+    let finished = next_event(&mut stream).await;
+    assert_eq!(
+        (finished.volume_id.as_str(), &finished.labels),
+        (copy.volume_id.as_str(), &claim("cloned"))
+    );
+    let Some(agent::volume_event::Kind::CloneFinished(f)) = finished.kind else {
+        panic!("{finished:?}")
+    };
+    assert_eq!((f.source_volume_id.as_str(), f.error.as_str()), (src.volume_id.as_str(), ""));
+
+    let core = env.core();
+    let export = core.attach(&src.volume_id, ExportKind::Fuse).await.expect("attach").endpoint.path;
+    core.set_write_threshold(&src.volume_id, 2 * MIB, MIB).await.expect("arm");
+    write_at(&export, 0, &pattern(9, 3 * MIB as usize));
+    let crossed = next_event(&mut stream).await;
+    assert_eq!(
+        (crossed.volume_id.as_str(), &crossed.labels),
+        (src.volume_id.as_str(), &claim("data"))
+    );
+    let Some(agent::volume_event::Kind::WriteThresholdCrossed(t)) = crossed.kind else {
+        panic!("{crossed:?}")
+    };
+    assert_eq!((t.threshold_bytes, t.size_bytes), (2 * MIB, 16 * MIB));
+}
+
+async fn next_event(stream: &mut tonic::Streaming<agent::VolumeEvent>) -> agent::VolumeEvent {
+    use tokio_stream::StreamExt;
+    tokio::time::timeout(std::time::Duration::from_secs(60), stream.next())
+        .await
+        .expect("an event within a minute")
+        .expect("stream open")
+        .expect("event")
 }

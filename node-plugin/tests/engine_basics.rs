@@ -270,3 +270,45 @@ async fn a_linked_clone_shares_the_sources_data_as_of_now_and_diverges_afterward
     core.delete_volume(&clone.id).await.expect("delete clone");
     assert!(env.layer_files().is_empty(), "{:?}", env.layer_files());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_reports_its_progress_then_its_outcome_with_the_new_volumes_labels() {
+    use qsd_node::engine::EngineEvent;
+    let env = Env::new().await;
+    let core = env.core();
+    let vol = core
+        .create_volume(&CreateVolume::new("local", "src", 8 * MIB as i64))
+        .await
+        .expect("create");
+    let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
+    write_at(&export, 0, &pattern(5, 8 * MIB as usize));
+    let mut events = core.subscribe();
+    let mut request = clone_request("copy", &vol.id);
+    request.labels = [("claim".to_owned(), "ns/c".to_owned())].into();
+    // 8 MiB at 4 MiB/s: about two seconds, reported every 100 ms.
+    let task = core
+        .start_clone_with_speed(&request, Some(4 * MIB))
+        .await
+        .expect("start clone")
+        .report_every(std::time::Duration::from_millis(100));
+    let clone = tokio::spawn(task.finish());
+    let progress =
+        wait_event(&mut events, |e| matches!(e, EngineEvent::CloneProgress { .. })).await;
+    let EngineEvent::CloneProgress { volume, source, done, total, labels } = progress else {
+        unreachable!()
+    };
+    assert_eq!(
+        (source.as_str(), labels.get("claim").map(String::as_str)),
+        (vol.id.as_str(), Some("ns/c"))
+    );
+    assert!(done < total && total >= 8 * MIB, "reported while copying: {done} of {total}");
+    let finished =
+        wait_event(&mut events, |e| matches!(e, EngineEvent::CloneFinished { .. })).await;
+    let info = clone.await.expect("task").expect("clone");
+    assert_eq!(info.id, volume);
+    assert_eq!(info.labels.get("claim").map(String::as_str), Some("ns/c"), "labels are kept");
+    assert!(
+        matches!(&finished, EngineEvent::CloneFinished { volume: v, error: None, .. } if *v == info.id),
+        "{finished:?}"
+    );
+}

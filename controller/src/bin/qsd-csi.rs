@@ -85,6 +85,10 @@ enum Command {
         /// Mount read-only.
         #[arg(long)]
         read_only: bool,
+        /// The volume context the CO would pass (a PersistentVolume's volumeAttributes), e.g.
+        /// writeThresholdPercent=80. Repeatable.
+        #[arg(long = "context", value_name = "KEY=VALUE")]
+        context: Vec<String>,
         /// Where the CLI stages volumes.
         #[arg(long, default_value = "/var/lib/qsd-csi/cli-staging")]
         staging_dir: PathBuf,
@@ -199,6 +203,16 @@ struct ControllerMode {
     /// by default each agent's certificate must name its node.
     #[arg(long)]
     agent_server_name: Option<String>,
+    /// Run with replicas: only the holder of the Lease (in --namespace) relays node events to
+    /// the claims. Every replica serves CSI.
+    #[arg(long)]
+    leader_elect: bool,
+    /// The Lease's name.
+    #[arg(long, default_value = "qsd-csi-controller")]
+    lease_name: String,
+    /// This replica's name in the Lease and in the Events it posts.
+    #[arg(long, env = "POD_NAME", default_value_t = qsd_node::pool::NodeName::host_default())]
+    identity: String,
     #[command(flatten)]
     tls: qsd_node::tls::TlsFiles,
 }
@@ -296,17 +310,21 @@ async fn controller_mode(endpoint: &str, args: ControllerMode) -> anyhow::Result
         Ok(agents::remote(addr, server_name.as_deref().unwrap_or(node), &tls)?)
     };
     let agents = Agents::new(Default::default(), args.default_node.clone());
-    match &args.discover_agents {
-        Some(selector) => {
+    // The API server is needed for discovery and the Lease; with it, notices become Events.
+    let client = match args.discover_agents.is_some() || args.leader_elect {
+        true => Some(kube::Client::try_default().await.context("connecting to Kubernetes")?),
+        false => None,
+    };
+    match (&args.discover_agents, &client) {
+        (Some(selector), Some(client)) => {
             let discovery = qsd_csi_controller::discovery::Discovery {
                 namespace: args.namespace.clone(),
                 selector: selector.clone(),
                 port: args.agent_port,
             };
-            let client = kube::Client::try_default().await.context("connecting to Kubernetes")?;
             let mut known = Default::default();
             discovery.refresh(client.clone(), &agents, &mut known, &connect).await?;
-            let agents = agents.clone();
+            let (agents, client) = (agents.clone(), client.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(qsd_csi_controller::discovery::REFRESH).await;
@@ -318,7 +336,7 @@ async fn controller_mode(endpoint: &str, args: ControllerMode) -> anyhow::Result
                 }
             });
         }
-        None => {
+        _ => {
             let mut nodes = std::collections::BTreeMap::new();
             for spec in &args.agents {
                 let (name, addr) = spec
@@ -331,11 +349,46 @@ async fn controller_mode(endpoint: &str, args: ControllerMode) -> anyhow::Result
             agents.replace(nodes);
         }
     }
+    let events = match &client {
+        Some(client) => qsd_csi_controller::events::Events::kubernetes(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: qsd_csi_controller::PLUGIN_NAME.to_owned(),
+                instance: Some(args.identity.clone()),
+            },
+        ),
+        None => qsd_csi_controller::events::Events::log_only(),
+    };
+    let (leading_tx, leading) = tokio::sync::watch::channel(!args.leader_elect);
+    let (stopped_tx, stopped) = tokio::sync::oneshot::channel::<()>();
+    let election = match (args.leader_elect, &client) {
+        (true, Some(client)) => {
+            let config = qsd_csi_controller::lease::LeaseConfig {
+                namespace: args.namespace.clone(),
+                name: args.lease_name.clone(),
+                identity: args.identity.clone(),
+            };
+            let election = qsd_csi_controller::lease::Election::new(client.clone(), config);
+            Some(tokio::spawn(election.run(leading_tx, async {
+                let _ = stopped.await;
+            })))
+        }
+        _ => None,
+    };
+    tokio::spawn(qsd_csi_controller::relay::run(agents.clone(), events.clone(), leading));
     tracing::info!(nodes = ?agents.nodes().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(), "controller ready");
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(None, true)))
-        .add_service(ControllerServer::new(ControllerService::new(agents, args.default_pool)));
-    serve_csi(endpoint, router).await
+        .add_service(ControllerServer::new(
+            ControllerService::new(agents, args.default_pool).with_events(events),
+        ));
+    let served = serve_csi(endpoint, router).await;
+    // Hand the Lease over at once rather than letting it expire.
+    let _ = stopped_tx.send(());
+    if let Some(election) = election {
+        let _ = election.await;
+    }
+    served
 }
 
 #[tokio::main]
@@ -521,8 +574,17 @@ async fn client(endpoint: &str, command: Command) -> Result<(), String> {
             }
             println!("{volume}\t{}", cli::human(r.capacity_bytes));
         }
-        Command::Publish { volume, path, block, fs_type, read_only, staging_dir } => {
-            cli::publish(&mut c, &staging_dir, &volume, &path, block, &fs_type, read_only)
+        Command::Publish { volume, path, block, fs_type, read_only, context, staging_dir } => {
+            let context = context
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .ok_or_else(|| format!("--context {kv:?} is not KEY=VALUE"))
+                })
+                .collect::<Result<_, String>>()?;
+            let options = cli::PublishOptions { block, fs_type, read_only, context };
+            cli::publish(&mut c, &staging_dir, &volume, &path, &options)
                 .await
                 .map_err(fail("publish", endpoint))?;
             println!("published {volume} at {}", path.display());

@@ -2,7 +2,7 @@
 
 mod node;
 
-pub use node::{NodeConfig, NodeService, TOPOLOGY_KEY};
+pub use node::{NodeConfig, NodeService, TOPOLOGY_KEY, WRITE_THRESHOLD_PERCENT};
 pub use qsd_csi_proto::csi;
 
 use crate::error::{Error, ErrorKind};
@@ -26,14 +26,7 @@ pub fn code(kind: ErrorKind) -> tonic::Code {
 /// ours names no volume or snapshot, which CSI reports as NOT_FOUND.
 pub fn status(error: Error) -> tonic::Status {
     let code = if error.is_malformed_id() { tonic::Code::NotFound } else { code(error.kind()) };
-    let mut message = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    tonic::Status::new(code, message)
+    tonic::Status::new(code, error.with_causes())
 }
 
 /// A required request field.

@@ -27,6 +27,13 @@ use crate::pool::store;
 /// The topology key of local pools: a volume lives on one node.
 pub const TOPOLOGY_KEY: &str = "topology.qsd.csi.dev/node";
 
+/// Volume context key (from the class's parameters): arm a write threshold at this percentage
+/// of the volume's size when it is staged.
+pub const WRITE_THRESHOLD_PERCENT: &str = "writeThresholdPercent";
+/// After an alert, the threshold is re-armed this percentage of the size above the highest
+/// write (at least 1 MiB).
+pub const WRITE_THRESHOLD_STEP_PERCENT: u64 = 5;
+
 /// Node service settings.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -114,6 +121,25 @@ impl NodeService {
         }
     }
 
+    /// Arms the thin-provisioning alert of a freshly attached volume at `percent` of its size,
+    /// re-arming in steps of [`WRITE_THRESHOLD_STEP_PERCENT`]. A threshold already armed (the
+    /// journal keeps it across restarts, re-armed higher each time it fired) is left alone.
+    async fn arm_write_threshold(&self, id: &str, percent: &str) -> Result<()> {
+        let percent: u64 =
+            percent.parse().ok().filter(|p| (1..=99).contains(p)).ok_or_else(|| {
+                Error::invalid(
+                    WRITE_THRESHOLD_PERCENT,
+                    format!("{percent:?} is not a percentage from 1 to 99"),
+                )
+            })?;
+        if self.engine.write_threshold(id).await?.armed_at.is_some() {
+            return Ok(());
+        }
+        let size = self.engine.get_volume(id)?.size;
+        let step = (size / 100 * WRITE_THRESHOLD_STEP_PERCENT).max(1 << 20);
+        self.engine.set_write_threshold(id, size / 100 * percent, step).await
+    }
+
     async fn stage(
         &self,
         id: &str,
@@ -160,6 +186,9 @@ impl NodeService {
         let backend = self.config.device.resolve(Probes::host())?;
         let (kind, writethrough) = (Choice::export_kind(backend), Choice::writethrough(backend));
         let endpoint = self.engine.attach_with(id, kind, writethrough).await?.endpoint;
+        if let Some(percent) = context.get(WRITE_THRESHOLD_PERCENT) {
+            self.arm_write_threshold(id, percent).await?;
+        }
         let direct_io = self.engine.daemon().features().loop_direct_io_over_fuse;
         let device = device::attach(backend, &endpoint, direct_io, id).await?;
         let record = Staged {

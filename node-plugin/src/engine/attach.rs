@@ -228,6 +228,8 @@ impl EngineCore {
             exceeded,
             missed,
             rearmed_at: rearm,
+            size: record.size,
+            labels: record.labels.clone(),
         });
         Ok(())
     }

@@ -35,7 +35,7 @@ use crate::qsd::{Daemon, DaemonConfig, Origin};
 pub use args::EngineArgs;
 pub use attach::{AttachmentInfo, ThresholdState};
 pub use journal::{AttachmentRecord, ThresholdRecord};
-pub use snapshot::{CloneTask, SnapshotInfo};
+pub use snapshot::{CloneTask, SnapshotInfo, CLONE_PROGRESS_PERIOD};
 pub use volume::{CloneMode, CreateVolume, VolumeInfo, VolumeSource};
 
 /// Default longest chain (layers, head included) before stream / commit shorten it.
@@ -99,6 +99,36 @@ pub enum EngineEvent {
         missed: bool,
         /// Where it is armed now.
         rearmed_at: u64,
+        /// The volume's virtual size.
+        size: u64,
+        /// The volume's labels.
+        labels: BTreeMap<String, String>,
+    },
+    /// A full clone is copying (reported every [`CloneTask::report_every`] period).
+    CloneProgress {
+        /// The new volume's ID.
+        volume: String,
+        /// The volume being copied.
+        source: String,
+        /// Bytes copied so far.
+        done: u64,
+        /// Bytes to copy in all.
+        total: u64,
+        /// The new volume's labels.
+        labels: BTreeMap<String, String>,
+    },
+    /// A full clone ended: the volume exists (`error: None`) or its image was removed.
+    CloneFinished {
+        /// The new volume's ID.
+        volume: String,
+        /// The volume that was copied.
+        source: String,
+        /// Why it failed, if it did.
+        error: Option<String>,
+        /// How long the copy took.
+        elapsed: Duration,
+        /// The new volume's labels.
+        labels: BTreeMap<String, String>,
     },
     /// The engine (re)connected to the daemon and brought its graph in line with the journal.
     Reconciled {

@@ -16,9 +16,10 @@
 //! layer is refused while a FUSE export holds the RESIZE permission, so that case waits.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::volume::{source_label, CreateVolume, NewHead, VolumeInfo, VolumeSource};
-use super::{EngineCore, Guard};
+use super::{EngineCore, EngineEvent, Guard};
 use crate::error::{Error, Result};
 use crate::graph::{self, ExportKind, Names, NewImage};
 use crate::pool::id::{parse_size, IdKind};
@@ -499,7 +500,11 @@ impl EngineCore {
     ) -> Result<CloneTask> {
         let prepared = match self.prepare_clone(request)? {
             ClonePlan::Exists(info) => {
-                return Ok(CloneTask { engine: self.clone(), state: CloneState::Done(info) })
+                return Ok(CloneTask {
+                    engine: self.clone(),
+                    state: CloneState::Done(info),
+                    report_every: CLONE_PROGRESS_PERIOD,
+                })
             }
             ClonePlan::New(p) => p,
         };
@@ -562,17 +567,21 @@ impl EngineCore {
             qos: request.qos,
             max_chain_depth,
             source,
+            labels: request.labels.clone(),
         };
         Ok(CloneTask {
             engine: self.clone(),
             state: CloneState::Running(Box::new(Running {
                 job,
+                volume_id: self.object_id(IdKind::Volume, &pool, &request.name)?.to_string(),
+                source_id: request.source_id().to_owned(),
                 pool,
                 record,
                 open,
                 _guard: guard,
                 _graph: graph_guard,
             })),
+            report_every: CLONE_PROGRESS_PERIOD,
         })
     }
 }
@@ -609,6 +618,8 @@ impl OpenNodes {
 
 struct Running {
     job: Job,
+    volume_id: String,
+    source_id: String,
     pool: Arc<Pool>,
     record: VolumeRecord,
     open: OpenNodes,
@@ -621,10 +632,14 @@ enum CloneState {
     Running(Box<Running>),
 }
 
+/// How often a running clone reports its progress ([`EngineEvent::CloneProgress`]).
+pub const CLONE_PROGRESS_PERIOD: Duration = Duration::from_secs(10);
+
 /// A clone in progress. Holds the guards of the source and the new volume until finished.
 pub struct CloneTask {
     engine: Arc<EngineCore>,
     state: CloneState,
+    report_every: Duration,
 }
 
 impl std::fmt::Debug for CloneTask {
@@ -646,16 +661,44 @@ impl CloneTask {
         }
     }
 
-    /// Waits for the copy, grows the new volume if a larger size was asked for, records it.
-    /// On failure the new image is removed.
+    /// Reports progress every `period` instead of [`CLONE_PROGRESS_PERIOD`].
+    pub fn report_every(mut self, period: Duration) -> Self {
+        self.report_every = period;
+        self
+    }
+
+    /// Waits for the copy (reporting its progress as events), grows the new volume if a larger
+    /// size was asked for, records it, and reports the outcome. On failure the new image is
+    /// removed.
     pub async fn finish(self) -> Result<VolumeInfo> {
         let running = match self.state {
             CloneState::Done(info) => return Ok(info),
             CloneState::Running(running) => *running,
         };
-        let Running { job, pool, record, open, _guard, _graph } = running;
-        let qmp = self.engine.daemon.qmp();
-        let copied = job.wait().await;
+        let Running { job, volume_id, source_id, pool, record, open, _guard, _graph } = running;
+        let engine = self.engine;
+        let qmp = engine.daemon.qmp();
+        let started = tokio::time::Instant::now();
+        let job_id = job.id().to_owned();
+        let copy = job.wait();
+        tokio::pin!(copy);
+        let mut ticker = tokio::time::interval_at(started + self.report_every, self.report_every);
+        let copied = loop {
+            tokio::select! {
+                outcome = &mut copy => break outcome,
+                _ = ticker.tick() => {
+                    if let Ok(Some((done, total))) = crate::qmp::job_progress(&qmp, &job_id).await {
+                        let _ = engine.events.send(EngineEvent::CloneProgress {
+                            volume: volume_id.clone(),
+                            source: source_id.clone(),
+                            done,
+                            total,
+                            labels: record.labels.clone(),
+                        });
+                    }
+                }
+            }
+        };
         let resized = match (&copied, &open.target) {
             (Ok(()), Some(names)) => {
                 let resize =
@@ -665,10 +708,25 @@ impl CloneTask {
             _ => Ok(()),
         };
         open.close(&qmp, record.head).await;
-        if let Err(e) = copied.and(resized) {
-            let _ = std::fs::remove_file(pool.layer_path(record.head));
-            return Err(e);
-        }
-        self.engine.commit_new_volume(&pool, LayerRecord { id: record.head, backing: None }, record)
+        let labels = record.labels.clone();
+        let outcome = match copied.and(resized) {
+            Ok(()) => engine.commit_new_volume(
+                &pool,
+                LayerRecord { id: record.head, backing: None },
+                record,
+            ),
+            Err(e) => {
+                let _ = std::fs::remove_file(pool.layer_path(record.head));
+                Err(e)
+            }
+        };
+        let _ = engine.events.send(EngineEvent::CloneFinished {
+            volume: volume_id,
+            source: source_id,
+            error: outcome.as_ref().err().map(Error::with_causes),
+            elapsed: started.elapsed(),
+            labels,
+        });
+        outcome
     }
 }

@@ -1,5 +1,6 @@
 //! Volume lifecycle: create (empty, from a snapshot, as a clone), delete, expand, QoS.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::EngineCore;
@@ -58,6 +59,8 @@ pub struct CreateVolume {
     pub source: Option<VolumeSource>,
     /// For a volume source: copy or link.
     pub clone_mode: CloneMode,
+    /// Kept with the volume and echoed in its events (see [`VolumeRecord::labels`]).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl CreateVolume {
@@ -80,6 +83,7 @@ impl CreateVolume {
             max_chain_depth: None,
             source: None,
             clone_mode: CloneMode::Copy,
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -97,6 +101,8 @@ pub struct VolumeInfo {
     pub source: Option<String>,
     /// Its export, if attached.
     pub export: Option<ExportKind>,
+    /// The labels it was created with.
+    pub labels: BTreeMap<String, String>,
 }
 
 pub(super) fn source_label(
@@ -124,6 +130,7 @@ impl EngineCore {
             chain_depth: pool.chain(record.head)?.len(),
             source: record.source.clone(),
             export: self.journal.get(record.uid).map(|a| a.endpoint.kind),
+            labels: record.labels.clone(),
         })
     }
 
@@ -227,6 +234,7 @@ impl EngineCore {
             qos: request.qos,
             max_chain_depth,
             source,
+            labels: request.labels.clone(),
         };
         self.commit_new_volume(pool, LayerRecord { id, backing: head.backing }, record)
     }

@@ -78,6 +78,10 @@ pub struct VolumeRecord {
     /// Where the content came from ("snapshot:<name>", "volume:<name>"), if anywhere.
     #[serde(default)]
     pub source: Option<String>,
+    /// The orchestrator's labels, kept for it and echoed in events (in a cluster: the claim's
+    /// namespace and name, so events about the volume reach the PVC).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A snapshot: an immutable layer.
@@ -416,6 +420,7 @@ mod tests {
             qos: ThrottleLimits::default(),
             max_chain_depth: 8,
             source: None,
+            labels: BTreeMap::new(),
         }
     }
 

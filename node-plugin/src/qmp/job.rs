@@ -70,15 +70,7 @@ impl Job {
 
     /// Progress as (done, total), if the daemon still knows the job.
     pub async fn progress(&self) -> Result<Option<(u64, u64)>> {
-        let jobs = self
-            .client
-            .call(&QueryJobs {})
-            .await
-            .map_err(|source| Error::Qmp { command: QueryJobs::NAME, source })?;
-        Ok(jobs
-            .into_iter()
-            .find(|j| j.id == self.id)
-            .map(|j| (j.current_progress, j.total_progress)))
+        progress(&self.client, &self.id).await
     }
 
     /// Waits until the job has left `created` (it is running, or already further along).
@@ -143,4 +135,13 @@ impl Job {
             Some(message) => Err(Error::Job { job: self.id, kind: self.kind.to_owned(), message }),
         }
     }
+}
+
+/// The progress of job `id` as (done, total), if the daemon knows the job.
+pub async fn progress(client: &QmpClient, id: &str) -> Result<Option<(u64, u64)>> {
+    let jobs = client
+        .call(&QueryJobs {})
+        .await
+        .map_err(|source| Error::Qmp { command: QueryJobs::NAME, source })?;
+    Ok(jobs.into_iter().find(|j| j.id == id).map(|j| (j.current_progress, j.total_progress)))
 }

@@ -19,7 +19,7 @@ pub mod commands;
 mod job;
 
 pub use client::{Event, QmpClient};
-pub use job::{Job, JobOptions};
+pub use job::{progress as job_progress, Job, JobOptions};
 
 /// Errors of the QMP connection.
 #[derive(Debug, thiserror::Error)]

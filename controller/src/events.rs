@@ -1,0 +1,229 @@
+//! Kubernetes Events about volumes, posted on their PersistentVolumeClaims.
+//!
+//! ```text
+//!   CSI calls served here (snapshot taken or failed) ─────────────┐
+//!   node agents' WatchEvents, relayed by the leader (relay.rs):   ├─► Notice ─► Events ─► PVC
+//!     write threshold crossed, clone progress, clone outcome ─────┘      (and the log)
+//! ```
+//! A volume knows its claim from the labels it was created with: external-provisioner's
+//! `--extra-create-metadata` parameters (`csi.storage.k8s.io/pvc/{name,namespace}`), which the
+//! engine keeps in the volume's record. A volume without them (standalone mode, or a volume
+//! created by hand) only gets log lines. Posting is best effort: a failure is logged, never
+//! returned to a CSI caller.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::api::Api;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::Resource;
+use qsd_csi_proto::agent::{self, volume_event::Kind};
+
+/// Label (from the provisioner's parameters) naming the volume's claim.
+pub const PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
+/// Label naming the claim's namespace.
+pub const PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
+
+/// One thing to tell the claim's owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// A Warning rather than a Normal event.
+    pub warning: bool,
+    /// Short PascalCase reason (`kubectl describe` shows it).
+    pub reason: &'static str,
+    /// What was being done, PascalCase.
+    pub action: &'static str,
+    /// The sentence for people.
+    pub note: String,
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
+fn percent(part: u64, whole: u64) -> u64 {
+    (u128::from(part) * 100 / u128::from(whole.max(1))) as u64
+}
+
+impl Notice {
+    /// What a node's volume event means for the claim.
+    pub fn from_volume_event(event: &agent::VolumeEvent) -> Option<Notice> {
+        let volume = &event.volume_id;
+        Some(match event.kind.as_ref()? {
+            Kind::WriteThresholdCrossed(t) => {
+                let allocated = t.threshold_bytes + t.exceeded_bytes;
+                let missed = if t.missed {
+                    " (it fired while the node plugin was reconnecting)"
+                } else {
+                    ""
+                };
+                Notice {
+                    warning: true,
+                    reason: "WriteThresholdCrossed",
+                    action: "WriteThreshold",
+                    note: format!(
+                        "volume {volume} has allocated {} of {} ({}%), past its threshold at {}{missed}; next alert at {}",
+                        mib(allocated),
+                        mib(t.size_bytes),
+                        percent(allocated, t.size_bytes),
+                        mib(t.threshold_bytes),
+                        mib(t.rearmed_at_bytes),
+                    ),
+                }
+            }
+            Kind::CloneProgress(p) => Notice {
+                warning: false,
+                reason: "CloneProgress",
+                action: "CloneVolume",
+                note: format!(
+                    "copying volume {} into {volume}: {} of {} ({}%)",
+                    p.source_volume_id,
+                    mib(p.done_bytes),
+                    mib(p.total_bytes),
+                    percent(p.done_bytes, p.total_bytes),
+                ),
+            },
+            Kind::CloneFinished(f) if f.error.is_empty() => Notice {
+                warning: false,
+                reason: "CloneCompleted",
+                action: "CloneVolume",
+                note: format!(
+                    "volume {volume} is a complete point-in-time copy of {} ({:.1} s)",
+                    f.source_volume_id,
+                    f.elapsed_millis as f64 / 1000.0
+                ),
+            },
+            Kind::CloneFinished(f) => Notice {
+                warning: true,
+                reason: "CloneFailed",
+                action: "CloneVolume",
+                note: format!(
+                    "copying volume {} into {volume} failed: {}",
+                    f.source_volume_id, f.error
+                ),
+            },
+        })
+    }
+}
+
+/// Where notices go: Kubernetes Events (cluster mode) or only the log.
+#[derive(Clone)]
+pub struct Events {
+    kubernetes: Option<Arc<(kube::Client, Recorder)>>,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events").field("kubernetes", &self.kubernetes.is_some()).finish()
+    }
+}
+
+impl Events {
+    /// Notices are logged only (standalone mode).
+    pub fn log_only() -> Self {
+        Events { kubernetes: None }
+    }
+
+    /// Notices are also posted as Events on the claims, reported as `reporter`.
+    pub fn kubernetes(client: kube::Client, reporter: Reporter) -> Self {
+        let recorder = Recorder::new(client.clone(), reporter);
+        Events { kubernetes: Some(Arc::new((client, recorder))) }
+    }
+
+    /// Logs the notice and posts it on the claim named by `labels`. Returns whether an Event
+    /// was posted (false: no claim is known, or it no longer exists).
+    pub async fn publish(
+        &self,
+        labels: &BTreeMap<String, String>,
+        notice: &Notice,
+    ) -> Result<bool, kube::Error> {
+        let claim = labels.get(PVC_NAMESPACE).zip(labels.get(PVC_NAME));
+        if notice.warning {
+            tracing::warn!(?claim, reason = notice.reason, "{}", notice.note);
+        } else {
+            tracing::info!(?claim, reason = notice.reason, "{}", notice.note);
+        }
+        let (Some(kubernetes), Some((namespace, name))) = (&self.kubernetes, claim) else {
+            return Ok(false);
+        };
+        let (client, recorder) = &**kubernetes;
+        // The claim's uid goes into the reference, so `kubectl describe pvc` finds the Event.
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+        let Some(claim) = claims.get_opt(name).await? else {
+            return Ok(false);
+        };
+        let event = Event {
+            type_: if notice.warning { EventType::Warning } else { EventType::Normal },
+            reason: notice.reason.to_owned(),
+            note: Some(notice.note.clone()),
+            action: notice.action.to_owned(),
+            secondary: None,
+        };
+        recorder.publish(&event, &claim.object_ref(&())).await?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: Kind) -> agent::VolumeEvent {
+        agent::VolumeEvent {
+            volume_id: "vol:default@w1:pvc-1".into(),
+            labels: BTreeMap::new(),
+            kind: Some(kind),
+        }
+    }
+
+    #[test]
+    fn a_crossed_threshold_is_a_warning_with_allocation_and_the_next_alert() {
+        let n = Notice::from_volume_event(&event(Kind::WriteThresholdCrossed(
+            agent::WriteThresholdCrossed {
+                threshold_bytes: 80 << 20,
+                exceeded_bytes: 4 << 20,
+                missed: false,
+                rearmed_at_bytes: 89 << 20,
+                size_bytes: 100 << 20,
+            },
+        )))
+        .expect("notice");
+        assert!(n.warning);
+        assert_eq!(n.reason, "WriteThresholdCrossed");
+        assert!(n.note.contains("84.0 MiB of 100.0 MiB (84%)"), "{}", n.note);
+        assert!(n.note.contains("next alert at 89.0 MiB"), "{}", n.note);
+    }
+
+    #[test]
+    fn clone_progress_and_outcomes_read_as_sentences() {
+        let progress =
+            Notice::from_volume_event(&event(Kind::CloneProgress(agent::CloneProgress {
+                source_volume_id: "vol:default@w1:src".into(),
+                done_bytes: 1 << 20,
+                total_bytes: 4 << 20,
+            })))
+            .expect("progress");
+        assert_eq!((progress.warning, progress.reason), (false, "CloneProgress"));
+        assert!(progress.note.contains("(25%)"), "{}", progress.note);
+        let done = |error: &str| {
+            Notice::from_volume_event(&event(Kind::CloneFinished(agent::CloneFinished {
+                source_volume_id: "vol:default@w1:src".into(),
+                error: error.into(),
+                elapsed_millis: 1500,
+            })))
+            .expect("finished")
+        };
+        assert_eq!((done("").warning, done("").reason), (false, "CloneCompleted"));
+        let failed = done("no space left");
+        assert_eq!((failed.warning, failed.reason), (true, "CloneFailed"));
+        assert!(failed.note.ends_with("failed: no space left"), "{}", failed.note);
+    }
+
+    #[test]
+    fn an_event_without_a_kind_tells_nobody_anything() {
+        let mut e = event(Kind::CloneProgress(Default::default()));
+        e.kind = None;
+        assert_eq!(Notice::from_volume_event(&e), None);
+    }
+}
