@@ -6,8 +6,9 @@
 //! ```
 //! One code path either way: the controller speaks the agent's messages and status codes, and
 //! standalone mode calls the same service in-process. A volume or snapshot of a local pool
-//! names its node in its ID (`vol:<pool>@<node>:<name>`), so requests about it go there; IDs
-//! without a node (shared pools) go to the default node.
+//! names its node in its ID (`vol:<pool>@<node>:<name>`), so requests about it go there. A
+//! shared pool's volume goes to the node it is attached on (its owner record), else to the
+//! default node.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -67,6 +68,7 @@ forward! {
     create_volume(agent::CreateVolumeRequest) -> agent::Volume;
     delete_volume(agent::VolumeRef) -> agent::Empty;
     get_volume(agent::VolumeRef) -> agent::Volume;
+    locate_volume(agent::VolumeRef) -> agent::VolumeLocation;
     list_volumes(agent::Empty) -> agent::VolumeList;
     expand_volume(agent::ExpandVolumeRequest) -> agent::Volume;
     modify_volume(agent::ModifyVolumeRequest) -> agent::Empty;
@@ -174,17 +176,42 @@ impl Agents {
         })
     }
 
-    /// The node an object ID lives on (IDs without a node: the default node).
-    pub fn node_of(&self, kind: IdKind, id: &str) -> Result<String, Status> {
+    /// The node an object ID lives on. A local pool's ID names it. A shared pool's volume
+    /// goes to the node its owner record names (where it is attached, so the daemon holding it
+    /// open does the work), asked of the default node's agent; anything else in a shared pool
+    /// goes to the default node.
+    pub async fn node_of(&self, kind: IdKind, id: &str) -> Result<String, Status> {
         let parsed = ObjectId::parse(kind, id).map_err(qsd_node::csi::status)?;
-        match parsed.location.node {
-            Some(n) => Ok(n.as_str().to_owned()),
-            None => self.default_node(),
+        if let Some(n) = parsed.location.node {
+            return Ok(n.as_str().to_owned());
+        }
+        let default = self.default_node()?;
+        if kind == IdKind::Snapshot {
+            return Ok(default);
+        }
+        let located =
+            self.node(&default)?.locate_volume(agent::VolumeRef { volume_id: id.to_owned() }).await;
+        match located {
+            Ok(l) if !l.attached_node.is_empty() => {
+                if self.read().contains_key(&l.attached_node) {
+                    Ok(l.attached_node)
+                } else {
+                    Err(Status::unavailable(format!(
+                        "volume {id} is attached on node {:?}, which has no known agent",
+                        l.attached_node
+                    )))
+                }
+            }
+            Ok(_) => Ok(default),
+            // The default node answers for a volume it does not hold (NOT_FOUND) as it would
+            // for the request itself.
+            Err(e) if e.code() == tonic::Code::NotFound => Ok(default),
+            Err(e) => Err(e),
         }
     }
 
     /// The agent that holds an object.
-    pub fn for_id(&self, kind: IdKind, id: &str) -> Result<NodeAgent, Status> {
-        self.node(&self.node_of(kind, id)?)
+    pub async fn for_id(&self, kind: IdKind, id: &str) -> Result<NodeAgent, Status> {
+        self.node(&self.node_of(kind, id).await?)
     }
 }

@@ -114,7 +114,7 @@ impl ControllerService {
     /// The node a new volume goes to: its source's node, else the first preferred, else the
     /// first requisite topology naming a node with an agent, else the default node. A node
     /// outside the requisite topologies is RESOURCE_EXHAUSTED.
-    fn placement(
+    async fn placement(
         &self,
         requirement: Option<&csi::TopologyRequirement>,
         source: Option<&(IdKind, String)>,
@@ -123,7 +123,7 @@ impl ControllerService {
             t.segments.get(TOPOLOGY_KEY).filter(|n| self.agents.node(n).is_ok()).cloned()
         };
         let node = match (source, requirement) {
-            (Some((kind, id)), _) => self.agents.node_of(*kind, id)?,
+            (Some((kind, id)), _) => self.agents.node_of(*kind, id).await?,
             (None, Some(req)) => match req.preferred.iter().chain(&req.requisite).find_map(known) {
                 Some(node) => node,
                 None => self.agents.default_node()?,
@@ -148,6 +148,8 @@ impl ControllerService {
             all.extend(a.list_volumes(agent::Empty {}).await?.volumes);
         }
         all.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
+        // A shared pool's volumes are listed by every node that mounts it.
+        all.dedup_by(|a, b| a.volume_id == b.volume_id);
         Ok(all)
     }
 
@@ -155,7 +157,7 @@ impl ControllerService {
     async fn all_snapshots(&self, snapshot_id: &str) -> Result<Vec<agent::Snapshot>, Status> {
         let agents: Vec<NodeAgent> = match snapshot_id {
             "" => self.agents.nodes().into_iter().map(|(_, a)| a).collect(),
-            id => match self.agents.for_id(IdKind::Snapshot, id) {
+            id => match self.agents.for_id(IdKind::Snapshot, id).await {
                 Ok(a) => vec![a],
                 Err(e) if e.code() == Code::NotFound => Vec::new(), // cannot be ours
                 Err(e) => return Err(e),
@@ -166,6 +168,7 @@ impl ControllerService {
             all.extend(a.list_snapshots(agent::Empty {}).await?.snapshots);
         }
         all.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
+        all.dedup_by(|a, b| a.snapshot_id == b.snapshot_id);
         Ok(all)
     }
 }
@@ -191,7 +194,7 @@ impl Controller for ControllerService {
             qsd_node::engine::VolumeSource::Snapshot(id) => (IdKind::Snapshot, id.clone()),
             qsd_node::engine::VolumeSource::Volume(id) => (IdKind::Volume, id.clone()),
         });
-        let node = self.placement(req.accessibility_requirements.as_ref(), source.as_ref())?;
+        let node = self.placement(req.accessibility_requirements.as_ref(), source.as_ref()).await?;
         let message = qsd_node::agent::create_volume_message(&command);
         let info = self.agents.node(&node)?.create_volume(message).await.map_err(|e| {
             match e.code() {
@@ -216,7 +219,7 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
         let req = request.into_inner();
         required("volume_id", &req.volume_id)?;
-        let deleted = match self.agents.for_id(IdKind::Volume, &req.volume_id) {
+        let deleted = match self.agents.for_id(IdKind::Volume, &req.volume_id).await {
             Ok(a) => a.delete_volume(agent::VolumeRef { volume_id: req.volume_id }).await,
             Err(e) => Err(e),
         };
@@ -247,7 +250,8 @@ impl Controller for ControllerService {
             return Err(Status::invalid_argument("volume_capabilities is required"));
         }
         self.agents
-            .for_id(IdKind::Volume, &req.volume_id)?
+            .for_id(IdKind::Volume, &req.volume_id)
+            .await?
             .get_volume(agent::VolumeRef { volume_id: req.volume_id.clone() })
             .await?;
         if let Some(reason) = req.volume_capabilities.iter().find_map(params::unsupported) {
@@ -351,7 +355,7 @@ impl Controller for ControllerService {
         if let Some(key) = req.parameters.keys().find(|k| !k.starts_with("csi.storage.k8s.io/")) {
             return Err(Status::invalid_argument(format!("unknown snapshot parameter {key:?}")));
         }
-        let agent = self.agents.for_id(IdKind::Volume, &req.source_volume_id)?;
+        let agent = self.agents.for_id(IdKind::Volume, &req.source_volume_id).await?;
         let taken = agent
             .create_snapshots(agent::CreateSnapshotsRequest {
                 snapshots: vec![agent::SnapshotRequest {
@@ -402,7 +406,7 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
         let req = request.into_inner();
         required("snapshot_id", &req.snapshot_id)?;
-        let deleted = match self.agents.for_id(IdKind::Snapshot, &req.snapshot_id) {
+        let deleted = match self.agents.for_id(IdKind::Snapshot, &req.snapshot_id).await {
             Ok(a) => a.delete_snapshot(agent::SnapshotRef { snapshot_id: req.snapshot_id }).await,
             Err(e) => Err(e),
         };
@@ -451,7 +455,8 @@ impl Controller for ControllerService {
         let size = params::size(Some(range), false)?.unwrap_or(params::DEFAULT_SIZE);
         let grown = self
             .agents
-            .for_id(IdKind::Volume, &req.volume_id)?
+            .for_id(IdKind::Volume, &req.volume_id)
+            .await?
             .expand_volume(agent::ExpandVolumeRequest {
                 volume_id: req.volume_id.clone(),
                 size_bytes: size,
@@ -482,7 +487,8 @@ impl Controller for ControllerService {
         required("volume_id", &req.volume_id)?;
         let qos = params::qos(&req.mutable_parameters)?;
         self.agents
-            .for_id(IdKind::Volume, &req.volume_id)?
+            .for_id(IdKind::Volume, &req.volume_id)
+            .await?
             .modify_volume(agent::ModifyVolumeRequest {
                 volume_id: req.volume_id.clone(),
                 qos: Some(qsd_node::agent::qos_message(&qos)),

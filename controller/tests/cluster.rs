@@ -37,18 +37,26 @@ impl Drop for Node {
     }
 }
 
-/// Starts a node: its engine, and its agent on a loopback port with mutual TLS.
+/// Starts a node: its engine (a local pool, and the pool `shared` in `dir/shared` that every
+/// node of the test mounts), and its agent on a loopback port with mutual TLS.
 async fn node(dir: &std::path::Path, name: &str, ca: &certs::Ca) -> (Node, std::net::SocketAddr) {
     let root = dir.join(name);
     let config = EngineConfig {
         node: NodeName::parse(name).expect("node"),
         state_dir: root.join("state"),
         daemon: DaemonConfig::managed(root.join("run")),
-        pools: vec![PoolConfig {
-            name: PoolName::parse("local").expect("pool"),
-            path: root.join("pool"),
-            kind: PoolKind::Local,
-        }],
+        pools: vec![
+            PoolConfig {
+                name: PoolName::parse("local").expect("pool"),
+                path: root.join("pool"),
+                kind: PoolKind::Local,
+            },
+            PoolConfig {
+                name: PoolName::parse("shared").expect("pool"),
+                path: dir.join("shared"),
+                kind: PoolKind::Shared,
+            },
+        ],
         default_max_chain_depth: 8,
     };
     let engine = Engine::open(config).await.expect("engine opens");
@@ -200,4 +208,127 @@ async fn the_controller_places_and_routes_volumes_across_node_agents_over_mutual
         std::fs::read_dir(dir.path().join(n).join("pool/layers")).map_or(0, |d| d.count())
     };
     assert_eq!((layers("node-1"), layers("node-2")), (0, 0), "no layer left on either node");
+}
+
+/// Two nodes over mutual TLS, and a controller whose default node is node-1.
+async fn two_nodes(
+    dir: &std::path::Path,
+    default_pool: &str,
+) -> (Node, Node, Arc<ControllerService>) {
+    let ca = certs::Ca::new(dir, "cluster-ca");
+    let (n1, a1) = node(dir, "node-1", &ca).await;
+    let (n2, a2) = node(dir, "node-2", &ca).await;
+    let controller_tls = ca.leaf(dir, "controller", &ca);
+    let mut agents = BTreeMap::new();
+    for (name, addr) in [("node-1", a1), ("node-2", a2)] {
+        let client = tls::connect_agent(addr, name, &controller_tls).await.expect("connect");
+        agents.insert(name.to_owned(), NodeAgent::Remote(client));
+    }
+    let agents = Agents::new(agents, Some("node-1".into()));
+    (n1, n2, Arc::new(ControllerService::new(agents, default_pool.into())))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_pools_volume_is_served_by_the_node_that_has_it_attached() {
+    use qsd_node::graph::ExportKind;
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::Builder::new().prefix("qsd-shared-").tempdir_in("/tmp").expect("dir");
+    let (n1, n2, c) = two_nodes(dir.path(), "shared").await;
+    let (e1, e2) = (
+        n1.engine.as_ref().expect("engine").core_arc(),
+        n2.engine.as_ref().expect("engine").core_arc(),
+    );
+    let mut request = create("s", &[], &[]);
+    request.accessibility_requirements = None;
+    let v = c.create_volume(Request::new(request)).await.expect("create").into_inner();
+    let v = v.volume.expect("volume");
+    assert_eq!(v.volume_id, "vol:shared:s");
+    assert!(v.accessible_topology.is_empty(), "reachable from every node");
+
+    // node-2 attaches it, as its NodeStage would: it sees what node-1 created.
+    let export = e2.attach(&v.volume_id, ExportKind::Fuse).await.expect("attach on node-2");
+    let export = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&export.endpoint.path)
+        .expect("open export");
+    export.write_all_at(&[7u8; 4096], 0).expect("write");
+    export.sync_all().expect("flush");
+    let owner = std::fs::read_to_string(dir.path().join("shared/owners/s.json")).expect("owner");
+    assert!(owner.contains("node-2"), "{owner}");
+
+    // node-1, the default node, refuses to change a volume node-2's daemon holds ...
+    let refused = e1.expand_volume(&v.volume_id, 32 * MIB).await.expect_err("held elsewhere");
+    assert_eq!(refused.kind(), qsd_node::ErrorKind::FailedPrecondition, "{refused}");
+    let refused = e1.delete_volume(&v.volume_id).await.expect_err("held elsewhere");
+    assert_eq!(refused.kind(), qsd_node::ErrorKind::FailedPrecondition, "{refused}");
+    // ... so the controller sends its requests to node-2: a snapshot and an online expand.
+    let snap = c
+        .create_snapshot(Request::new(csi::CreateSnapshotRequest {
+            source_volume_id: v.volume_id.clone(),
+            name: "snap".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("snapshot on node-2")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    assert_eq!(snap.snapshot_id, "snap:shared:snap");
+    export.write_all_at(&[9u8; 4096], 0).expect("write after the snapshot");
+    let grown = c
+        .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: 32 * MIB, limit_bytes: 0 }),
+            ..Default::default()
+        }))
+        .await
+        .expect("expand on node-2");
+    assert_eq!(grown.into_inner().capacity_bytes, 32 * MIB);
+    assert_eq!(export.metadata().expect("stat").len(), 32 << 20, "grown online");
+
+    // A restore goes to the default node, which sees the snapshot node-2 took.
+    let mut restore = create("r", &[], &[]);
+    restore.accessibility_requirements = None;
+    restore.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource { snapshot_id: snap.snapshot_id.clone() },
+        )),
+    });
+    let r = c.create_volume(Request::new(restore)).await.expect("restore").into_inner();
+    let r = r.volume.expect("volume").volume_id;
+    let restored = e1.attach(&r, ExportKind::Fuse).await.expect("attach on node-1");
+    let mut block = [0u8; 4096];
+    std::fs::File::open(&restored.endpoint.path)
+        .expect("open")
+        .read_exact_at(&mut block, 0)
+        .expect("read");
+    assert_eq!(block, [7u8; 4096], "the restore holds the data from before the snapshot");
+    e1.detach(&r).await.expect("detach on node-1");
+
+    // Listed once although both nodes mount the pool.
+    let all = c
+        .list_volumes(Request::new(csi::ListVolumesRequest::default()))
+        .await
+        .expect("list")
+        .into_inner();
+    let ids: Vec<_> =
+        all.entries.iter().filter_map(|e| e.volume.as_ref()).map(|v| &v.volume_id).collect();
+    assert_eq!(ids, ["vol:shared:r", "vol:shared:s"]);
+
+    // Detached, the volume goes back to the default node, which deletes it.
+    drop(export);
+    e2.detach(&v.volume_id).await.expect("detach on node-2");
+    assert!(!dir.path().join("shared/owners/s.json").exists(), "owner record removed");
+    let delete = |id: &str| csi::DeleteVolumeRequest { volume_id: id.into(), ..Default::default() };
+    c.delete_volume(Request::new(delete(&v.volume_id))).await.expect("delete on node-1");
+    c.delete_volume(Request::new(delete(&r))).await.expect("delete restore");
+    c.delete_snapshot(Request::new(csi::DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id,
+        ..Default::default()
+    }))
+    .await
+    .expect("delete snapshot");
+    let layers = std::fs::read_dir(dir.path().join("shared/layers")).expect("layers").count();
+    assert_eq!(layers, 0, "every layer is gone");
 }

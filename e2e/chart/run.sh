@@ -34,6 +34,7 @@ work=$(mktemp -d /tmp/qsd-chart-XXXX)
 trap 'rm -rf "$work"' EXIT
 # No API server runs for this test (e2e/cluster has one): no leader election.
 "$helm" template t "$chart" $k8s --set 'controller.agents[0].name=worker-1' --set controller.leaderElection=false \
+  --set storageClasses.shared.enabled=true --set storageClasses.shared.hostPath=/mnt/qsd-shared \
   --set 'controller.agents[0].address=10.0.0.1:9443' >"$work/rendered.yaml"
 check runs-as-rendered /usr/bin/python3 "$here/run_rendered.py" "$work/rendered.yaml" "$work" "$top/target/debug/qsd-csi"
 echo "chart: $passed passed, $failed failed, 0 skipped"

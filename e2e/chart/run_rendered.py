@@ -62,10 +62,12 @@ def main():
         if m["name"] == "state-dir"
     )
     state = os.path.join(work, "state")
+    shared = os.path.join(work, "shared")
+    os.makedirs(shared)
     port = free_port()
 
     def local(arg, who):
-        arg = arg.replace(state_mount, state)
+        arg = arg.replace(state_mount, state).replace("/mnt/qsd-shared", shared)
         arg = arg.replace("/etc/qsd-csi/tls/tls.crt", os.path.join(tls, f"{who}.crt"))
         arg = arg.replace("/etc/qsd-csi/tls/tls.key", os.path.join(tls, f"{who}.key"))
         arg = arg.replace("/etc/qsd-csi/tls/ca.crt", os.path.join(tls, "ca.crt"))
@@ -110,6 +112,17 @@ def main():
         cli("controller", "volume", "delete", volume)
         assert volume not in cli("controller", "volume", "list")
         print(f"volume {volume}: created by the controller, written through the node, deleted")
+        # The shared pool the rendered arguments give the node plugin.
+        volume = cli("controller", "volume", "create", "pvc-2", "--size", "16M",
+                     "--pool", "shared").split("\t")[0]
+        assert volume == "vol:shared:pvc-2", volume
+        assert os.path.exists(os.path.join(shared, "volumes", "pvc-2.json"))
+        cli("node", "publish", volume, mnt, "--staging-dir", staging)
+        assert os.path.exists(os.path.join(shared, "owners", "pvc-2.json")), "owner record"
+        cli("node", "unpublish", volume, mnt, "--staging-dir", staging)
+        cli("controller", "volume", "delete", volume)
+        assert not os.path.exists(os.path.join(shared, "volumes", "pvc-2.json"))
+        print(f"volume {volume}: in the shared pool, published, deleted")
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGKILL)

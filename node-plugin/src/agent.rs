@@ -257,6 +257,14 @@ impl Agent for AgentService {
         Ok(Response::new(volume(info)))
     }
 
+    async fn locate_volume(
+        &self,
+        request: Request<agent::VolumeRef>,
+    ) -> Result<Response<agent::VolumeLocation>, Status> {
+        let node = self.engine.attached_node(&request.into_inner().volume_id).map_err(status)?;
+        Ok(Response::new(agent::VolumeLocation { attached_node: node.unwrap_or_default() }))
+    }
+
     async fn list_volumes(
         &self,
         _: Request<agent::Empty>,

@@ -24,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
     let version = engine.daemon().version().qemu;
     tracing::info!(
         node = engine.config().node.as_str(),
-        pools = ?engine.pools().iter().map(|p| p.root().display().to_string()).collect::<Vec<_>>(),
+        pools = ?engine.config().pools.iter().map(|p| p.path.display().to_string()).collect::<Vec<_>>(),
         qemu = %format!("{}.{}.{}", version.major, version.minor, version.micro),
         operator_monitor = %engine.daemon().config().operator_socket().display(),
         volumes = engine.list_volumes()?.len(),

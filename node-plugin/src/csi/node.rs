@@ -402,7 +402,7 @@ async fn for_each_staged<F, Fut>(
     F: Fn(Staged, crate::graph::ExportEndpoint) -> Fut,
     Fut: std::future::Future<Output = Result<()>>,
 {
-    let staged = store::read_all::<Staged>(dir).unwrap_or_default();
+    let staged = store::read_all::<Staged>(dir, true).unwrap_or_default();
     for record in staged.into_iter().filter(|r| r.backend == backend) {
         let (id, device) = (record.volume_id.clone(), record.device.clone());
         let result = match engine.attachment(&id) {

@@ -87,6 +87,20 @@ impl EngineCore {
             threshold: None,
         };
         self.journal.put(attachment)?;
+        let node = self.config.node.as_str();
+        if let Some(previous) = pool.owner(&record.name)?.filter(|owner| owner != node) {
+            // QEMU's image lock refuses a second writer; a record left by a node that died
+            // with the volume attached is taken over.
+            tracing::warn!(
+                volume = volume_id,
+                previous,
+                "the owner record names another node; taking it over"
+            );
+        }
+        if let Err(e) = pool.set_owner(&record.name, node) {
+            self.journal.remove(record.uid)?;
+            return Err(e);
+        }
         let qmp = self.daemon.qmp();
         let built = async {
             if kind == ExportKind::Nbd {
@@ -105,6 +119,7 @@ impl EngineCore {
         }
         .await;
         if let Err(e) = built {
+            pool.clear_owner(&record.name, node)?;
             self.journal.remove(record.uid)?;
             return Err(e);
         }
@@ -129,8 +144,19 @@ impl EngineCore {
             let _ = std::fs::remove_file(&attachment.endpoint.path);
         }
         self.journal.remove(record.uid)?;
+        pool.clear_owner(&record.name, self.config.node.as_str())?;
         tracing::info!(volume = volume_id, "detached");
         Ok(())
+    }
+
+    /// The node a volume is attached on: this one if attached here; in a shared pool, the node
+    /// its owner record names (read from disk now); `None` if attached nowhere.
+    pub fn attached_node(&self, volume_id: &str) -> Result<Option<String>> {
+        let (pool, _, record) = self.resolve_volume(volume_id)?;
+        if self.journal.get(record.uid).is_some() {
+            return Ok(Some(self.config.node.as_str().to_owned()));
+        }
+        pool.owner(&record.name)
     }
 
     /// The attachment of a volume, if attached.

@@ -51,8 +51,10 @@ impl Journal {
     /// Loads the journal from `dir`.
     pub fn open(dir: PathBuf) -> Result<Self> {
         std::fs::create_dir_all(&dir).map_err(|e| crate::Error::io("create journal", &dir, e))?;
-        let entries =
-            store::read_all::<AttachmentRecord>(&dir)?.into_iter().map(|r| (r.uid, r)).collect();
+        let entries = store::read_all::<AttachmentRecord>(&dir, true)?
+            .into_iter()
+            .map(|r| (r.uid, r))
+            .collect();
         Ok(Journal { dir, entries: Mutex::new(entries) })
     }
 

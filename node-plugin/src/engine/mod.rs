@@ -283,18 +283,25 @@ impl EngineCore {
         first.unwrap_or_else(|| self.events.subscribe())
     }
 
-    /// A pool by name.
+    /// A pool by name (a shared pool with what other nodes wrote taken in).
     pub fn pool(&self, name: &str) -> Result<Arc<Pool>> {
         let parsed = PoolName::parse(name)?;
-        self.pools
+        let pool = self
+            .pools
             .get(&parsed)
             .cloned()
-            .ok_or_else(|| Error::NotFound { what: "pool", id: name.to_owned() })
+            .ok_or_else(|| Error::NotFound { what: "pool", id: name.to_owned() })?;
+        pool.refresh()?;
+        Ok(pool)
     }
 
-    /// Every pool.
-    pub fn pools(&self) -> Vec<Arc<Pool>> {
-        self.pools.values().cloned().collect()
+    /// Every pool (shared ones refreshed).
+    pub fn pools(&self) -> Result<Vec<Arc<Pool>>> {
+        let pools: Vec<Arc<Pool>> = self.pools.values().cloned().collect();
+        for pool in &pools {
+            pool.refresh()?;
+        }
+        Ok(pools)
     }
 
     fn lock(&self, keys: Vec<String>) -> Result<Guard> {
@@ -330,6 +337,7 @@ impl EngineCore {
         if parsed.location != self.location(&pool) {
             return Err(not_found());
         }
+        pool.refresh()?;
         Ok((pool, parsed))
     }
 
@@ -339,6 +347,20 @@ impl EngineCore {
             .volume(parsed.name.as_str())
             .ok_or_else(|| Error::NotFound { what: "volume", id: id.to_owned() })?;
         Ok((pool, parsed, record))
+    }
+
+    /// Refuses to change a shared pool's volume that another node has attached: that node's
+    /// daemon holds it open, so the work is that node's (the controller routes it there).
+    fn held_here(&self, pool: &Pool, record: &VolumeRecord, id: &str) -> Result<()> {
+        if self.journal.get(record.uid).is_some() {
+            return Ok(());
+        }
+        match pool.owner(&record.name)? {
+            Some(owner) if owner != self.config.node.as_str() => Err(Error::FailedPrecondition(
+                format!("volume {id} is attached on node {owner}; that node serves it"),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// A volume's pool and layer chain (head first), for inspection.

@@ -65,9 +65,9 @@ impl EngineCore {
     /// Every snapshot in every pool.
     pub fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         let mut all = Vec::new();
-        for pool in self.pools.values() {
+        for pool in self.pools()? {
             for record in pool.snapshots() {
-                all.push(self.snapshot_info(pool, &record)?);
+                all.push(self.snapshot_info(&pool, &record)?);
             }
         }
         Ok(all)
@@ -114,6 +114,7 @@ impl EngineCore {
                 done.push(self.snapshot_info(&pool, &existing)?);
                 continue;
             }
+            self.held_here(&pool, &record, &parsed.to_string())?;
             // Make room for one more layer.
             while pool.chain(record.head)?.len() + 1 > record.max_chain_depth as usize {
                 if !self.shorten_once(&pool, &record.name).await? {
@@ -233,7 +234,11 @@ impl EngineCore {
         }
         // The layer lives on inside one or more chains; shorten those that are too deep.
         for volume in pool.volumes() {
-            if !pool.chain(volume.head)?.contains(&record.layer) {
+            if !pool.chain(volume.head)?.contains(&record.layer)
+                || pool.owner(&volume.name)?.is_some_and(|o| o != self.config.node.as_str())
+            {
+                // Not affected, or attached on another node of a shared pool: that node's
+                // daemon holds the chain, and its next snapshot of the volume shortens it.
                 continue;
             }
             let Ok(_volume_guard) = self.lock(vec![Self::key(IdKind::Volume, &pool, &volume.name)])
@@ -422,6 +427,7 @@ impl EngineCore {
         let source_record = pool
             .volume(src.name.as_str())
             .ok_or_else(|| Error::NotFound { what: "volume", id: source_id.clone() })?;
+        self.held_here(&pool, &source_record, source_id)?;
         let size = requested.unwrap_or(source_record.size);
         if let Some(existing) = pool.volume(&request.name) {
             return self

@@ -266,6 +266,7 @@ impl EngineCore {
                 attachment.endpoint.kind
             )));
         }
+        self.held_here(&pool, &record, id)?;
         let deleted = pool.remove_volume(&record.name)?;
         tracing::info!(volume = id, layers_deleted = deleted.len(), "deleted volume");
         Ok(())
@@ -280,9 +281,9 @@ impl EngineCore {
     /// Every volume in every pool.
     pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
         let mut all = Vec::new();
-        for pool in self.pools.values() {
+        for pool in self.pools()? {
             for record in pool.volumes() {
-                all.push(self.volume_info(pool, &record)?);
+                all.push(self.volume_info(&pool, &record)?);
             }
         }
         Ok(all)
@@ -303,6 +304,7 @@ impl EngineCore {
         if size == record.size {
             return Ok(size);
         }
+        self.held_here(&pool, &record, id)?;
         let _graph = self.graph.read().await;
         let qmp = self.daemon.qmp();
         let chain = pool.chain(record.head)?;
@@ -337,6 +339,7 @@ impl EngineCore {
     pub async fn set_qos(&self, id: &str, qos: ThrottleLimits) -> Result<()> {
         let (pool, parsed, record) = self.resolve_volume(id)?;
         let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
+        self.held_here(&pool, &record, id)?;
         let _graph = self.graph.read().await;
         if self.journal.get(record.uid).is_some() {
             let names = Names::new(record.uid.to_string());

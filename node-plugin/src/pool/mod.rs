@@ -6,7 +6,13 @@
 //!   <pool>/layers/<layer>.json       the layer record: its backing layer and size
 //!   <pool>/volumes/<name>.json       a volume: its active (head) layer, size, QoS, limits
 //!   <pool>/snapshots/<name>.json     a snapshot: the immutable layer it pins
+//!   <pool>/owners/<name>.json        shared pools: the node a volume is attached on
 //! ```
+//!
+//! A shared pool is written by every node that mounts it, so its index is re-read from the
+//! records whenever the engine resolves an object in it ([`Pool::refresh`]), and an owner record
+//! names the node whose daemon holds an attached volume open: the controller routes that
+//! volume's requests there, and other nodes refuse to delete it.
 //!
 //! The records on disk are the source of truth; the in-memory index is rebuilt from them when the
 //! pool opens. A layer's reference count is *derived*: volumes whose head it is, snapshots that
@@ -99,6 +105,13 @@ pub struct SnapshotRecord {
     pub created_unix: u64,
 }
 
+/// `owners/<volume>.json` in a shared pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    /// The node whose daemon has the volume attached.
+    pub node: String,
+}
+
 #[derive(Debug, Default)]
 struct Index {
     layers: BTreeMap<LayerId, LayerRecord>,
@@ -177,19 +190,74 @@ impl Pool {
                 &PoolInfo { name: name.as_str().to_owned(), kind },
             )?;
         }
-        let mut index = Index::default();
-        for layer in store::read_all::<LayerRecord>(&root.join("layers"))? {
-            index.layers.insert(layer.id, layer);
+        if kind == PoolKind::Shared {
+            let owners = root.join("owners");
+            std::fs::create_dir_all(&owners)
+                .map_err(|e| Error::io("create pool directory", &owners, e))?;
         }
-        for volume in store::read_all::<VolumeRecord>(&root.join("volumes"))? {
-            index.volumes.insert(volume.name.clone(), volume);
-        }
-        for snapshot in store::read_all::<SnapshotRecord>(&root.join("snapshots"))? {
-            index.snapshots.insert(snapshot.name.clone(), snapshot);
-        }
+        let index = Self::load(root, kind)?;
         let pool = Pool { name, kind, root: root.to_owned(), index: Mutex::new(index) };
         pool.collect_garbage_at_open()?;
         Ok(pool)
+    }
+
+    fn load(root: &Path, kind: PoolKind) -> Result<Index> {
+        let sweep = kind == PoolKind::Local;
+        let mut index = Index::default();
+        for layer in store::read_all::<LayerRecord>(&root.join("layers"), sweep)? {
+            index.layers.insert(layer.id, layer);
+        }
+        for volume in store::read_all::<VolumeRecord>(&root.join("volumes"), sweep)? {
+            index.volumes.insert(volume.name.clone(), volume);
+        }
+        for snapshot in store::read_all::<SnapshotRecord>(&root.join("snapshots"), sweep)? {
+            index.snapshots.insert(snapshot.name.clone(), snapshot);
+        }
+        Ok(index)
+    }
+
+    /// Shared pools: re-reads the records, taking in what other nodes wrote. Local pools have
+    /// one writer, this engine, and keep their index.
+    pub fn refresh(&self) -> Result<()> {
+        if self.kind == PoolKind::Shared {
+            let index = Self::load(&self.root, self.kind)?;
+            *self.index() = index;
+        }
+        Ok(())
+    }
+
+    /// Shared pools: records that `node` holds volume `name` attached.
+    pub fn set_owner(&self, name: &str, node: &str) -> Result<()> {
+        if self.kind == PoolKind::Local {
+            return Ok(());
+        }
+        let record = OwnerRecord { node: node.to_owned() };
+        store::write_json(&self.root.join("owners"), &format!("{name}.json"), &record)
+    }
+
+    /// Shared pools: removes the owner record of volume `name` if it names `node`.
+    pub fn clear_owner(&self, name: &str, node: &str) -> Result<()> {
+        if self.owner(name)?.is_some_and(|owner| owner == node) {
+            store::remove(&self.root.join("owners"), &format!("{name}.json"))?;
+        }
+        Ok(())
+    }
+
+    /// Shared pools: the node volume `name` is attached on, read from disk now.
+    pub fn owner(&self, name: &str) -> Result<Option<String>> {
+        if self.kind == PoolKind::Local {
+            return Ok(None);
+        }
+        let path = self.root.join("owners").join(format!("{name}.json"));
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let record: OwnerRecord = serde_json::from_slice(&bytes)
+                    .map_err(|source| Error::Metadata { path, source })?;
+                Ok(Some(record.node))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("read", &path, e)),
+        }
     }
 
     /// The pool's name.
@@ -472,6 +540,40 @@ mod tests {
         drop(p);
         Pool::open(dir.path(), name, PoolKind::Shared).expect("reopen");
         assert!(in_progress.exists());
+    }
+
+    #[test]
+    fn a_shared_pool_takes_in_what_another_node_wrote_and_leaves_its_writes_in_progress_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = PoolName::parse("s").expect("name");
+        let here = Pool::open(dir.path(), name.clone(), PoolKind::Shared).expect("open here");
+        let there = Pool::open(dir.path(), name, PoolKind::Shared).expect("open there");
+        let head = layer(&there, None);
+        there.put_volume(volume("v", head)).expect("volume written there");
+        let in_progress = dir.path().join("volumes/.w.json.tmp");
+        std::fs::write(&in_progress, b"{").expect("another node's write in progress");
+        assert!(here.volume("v").is_none(), "not seen before a refresh");
+        here.refresh().expect("refresh");
+        assert_eq!(here.volume("v").map(|v| v.head), Some(head));
+        assert!(in_progress.exists(), "another node's temp file is not swept");
+
+        // The owner record: set by the attaching node, cleared only by the node it names.
+        assert_eq!(here.owner("v").expect("owner"), None);
+        there.set_owner("v", "node-2").expect("set");
+        assert_eq!(here.owner("v").expect("owner").as_deref(), Some("node-2"));
+        here.clear_owner("v", "node-1").expect("not ours to clear");
+        assert_eq!(here.owner("v").expect("owner").as_deref(), Some("node-2"));
+        there.clear_owner("v", "node-2").expect("clear");
+        assert_eq!(here.owner("v").expect("owner"), None);
+    }
+
+    #[test]
+    fn a_local_pool_has_no_owner_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pool(dir.path());
+        p.set_owner("v", "node-1").expect("set is a no-op");
+        assert_eq!(p.owner("v").expect("owner"), None);
+        assert!(!dir.path().join("owners").exists());
     }
 
     #[test]

@@ -34,8 +34,10 @@ pub fn remove(dir: &Path, name: &str) -> Result<()> {
     }
 }
 
-/// Reads every `*.json` record in `dir` (temp files are skipped and removed).
-pub fn read_all<T: DeserializeOwned>(dir: &Path) -> Result<Vec<T>> {
+/// Reads every `*.json` record in `dir`. Temp files are skipped, and removed when
+/// `sweep_temp` (only the directory's single writer may: on shared storage a temp file can be
+/// another node's write in progress).
+pub fn read_all<T: DeserializeOwned>(dir: &Path, sweep_temp: bool) -> Result<Vec<T>> {
     let mut records = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
     for entry in entries {
@@ -43,7 +45,9 @@ pub fn read_all<T: DeserializeOwned>(dir: &Path) -> Result<Vec<T>> {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') && name.ends_with(".tmp") {
             // An interrupted write: the record it was replacing is still in place.
-            let _ = std::fs::remove_file(entry.path());
+            if sweep_temp {
+                let _ = std::fs::remove_file(entry.path());
+            }
             continue;
         }
         if !name.ends_with(".json") {
@@ -72,7 +76,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         write_json(dir.path(), "a.json", &1u32).expect("write");
         write_json(dir.path(), "a.json", &2u32).expect("rewrite");
-        let all: Vec<u32> = read_all(dir.path()).expect("read");
+        let all: Vec<u32> = read_all(dir.path(), true).expect("read");
         assert_eq!(all, vec![2]);
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .expect("list")
@@ -86,7 +90,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         write_json(dir.path(), "a.json", &1u32).expect("write");
         std::fs::write(dir.path().join(".a.json.tmp"), b"{truncated").expect("temp");
-        let all: Vec<u32> = read_all(dir.path()).expect("read");
+        let all: Vec<u32> = read_all(dir.path(), true).expect("read");
         assert_eq!(all, vec![1]);
         assert!(!dir.path().join(".a.json.tmp").exists());
     }
