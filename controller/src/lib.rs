@@ -6,6 +6,8 @@
 //! Requests are parsed into typed engine commands before any side effect (`params`); engine
 //! errors become gRPC statuses through the node plugin's single mapping. The controller never
 //! opens an image itself: it asks node agents ([`agents`]), in-process in standalone mode.
+//! In a cluster it also talks to Kubernetes: [`discovery`] finds the agents, [`events`] tells
+//! claims about their volumes, [`lease`] elects the replica that [`relay`]s node events.
 
 pub mod agents;
 pub mod cli;
