@@ -232,3 +232,73 @@ async fn nbd_a_flush_after_the_daemons_death_covers_writes_it_acknowledged() {
 async fn ublk_a_flush_after_the_daemons_death_covers_writes_it_acknowledged() {
     flush_after_the_daemons_death(Backend::Ublk).await;
 }
+
+/// Requests in flight on a block device (reads + writes), from sysfs.
+fn inflight(device: &Path) -> u64 {
+    std::fs::read_to_string(sysfs_dir(device).join("inflight"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|n| n.parse::<u64>().ok())
+        .sum()
+}
+
+/// The kernel's per-request timeout is 30 s. A daemon that answers later than that (SIGSTOPped
+/// here; in life, storage that stalls) must not cost the device its link: the request waits and
+/// completes once the daemon answers. (With an NBD I/O timeout, the kernel declares the link
+/// dead at 30 s, nothing reconnects a live daemon, and the request fails at the dead-connection
+/// timeout.)
+async fn a_daemon_slower_than_the_request_timeout(backend: Backend) {
+    let env = Env::new().await;
+    let core = env.core();
+    let vol = core
+        .create_volume(&CreateVolume::new("local", "dev", 16 * MIB as i64))
+        .await
+        .expect("create");
+    let writethrough = device::Choice::writethrough(backend);
+    let endpoint =
+        core.attach_with(&vol.id, ExportKind::Nbd, writethrough).await.expect("attach").endpoint;
+    let dev = device::attach(backend, &endpoint, false, &vol.id).await.expect("device attaches");
+    let data = pattern(6, BLOCK);
+    let f = open_direct(&dev);
+    f.write_all_at(Aligned::from(&data).as_ref(), 0).expect("write");
+    f.sync_all().expect("flush");
+
+    let pid = env.daemon_pid().to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill").args([sig, &pid]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut back = Aligned::zeroed(BLOCK);
+        f.read_exact_at(back.as_mut(), 0).map(|_| back.as_ref().to_vec())
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while inflight(&dev) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the read never reached the device");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The stall itself is what is tested: longer than the kernel's 30 s request timeout.
+    tokio::time::sleep(std::time::Duration::from_secs(40)).await;
+    assert!(!reader.is_finished(), "the read waited for the stalled daemon");
+    signal("-CONT");
+    let back = tokio::time::timeout(std::time::Duration::from_secs(20), reader)
+        .await
+        .expect("the read completes once the daemon answers")
+        .expect("reader joins")
+        .expect("the read succeeds");
+    assert!(back == data, "the read returns the data");
+    device::detach(backend, &dev).await.expect("detach");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nbd.ko: runs inside the guest (e2e/vm/run.sh)"]
+async fn nbd_a_daemon_slower_than_the_request_timeout_delays_io_without_failing_it() {
+    a_daemon_slower_than_the_request_timeout(Backend::Nbd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs ublk_drv.ko: runs inside the guest (e2e/vm/run.sh)"]
+async fn ublk_a_daemon_slower_than_the_request_timeout_delays_io_without_failing_it() {
+    a_daemon_slower_than_the_request_timeout(Backend::Ublk).await;
+}

@@ -6,7 +6,8 @@
 //!   daemon restarted / export re-created ──► negotiate again ──► NBD_CMD_RECONFIGURE {index, size, sockets}
 //!   NBD_CMD_DISCONNECT {index}
 //! ```
-//! The dead-connection timeout keeps I/O queued (not failed) while the socket is being replaced.
+//! The dead-connection timeout keeps I/O queued (not failed) while the socket is being replaced;
+//! there is no I/O timeout, so a slow daemon delays requests rather than breaking the link.
 //! The family resolves only when `nbd.ko` is loaded: that is the cheap probe.
 
 use std::path::{Path, PathBuf};
@@ -37,8 +38,13 @@ const NBD_SOCK_ITEM: u16 = 1;
 const NBD_SOCK_FD: u16 = 1;
 const NLA_F_NESTED: u16 = 1 << 15;
 
-/// Seconds an I/O may take before the kernel retries it.
-const IO_TIMEOUT_S: u64 = 30;
+/// The I/O timeout we give the kernel: none. With one, a request the daemon takes longer than
+/// that to answer (slow or stalled storage) makes the kernel declare the link dead and wait
+/// for a RECONFIGURE that nothing sends while the daemon lives: the request then fails at the
+/// dead-connection timeout. Without one, the kernel logs a possibly stuck request and keeps
+/// waiting, like a slow disk (and like the ublk backend). A daemon that dies closes the socket,
+/// which the kernel notices without a timeout; the node re-attaches after the restart.
+const IO_TIMEOUT_S: u64 = 0;
 /// Seconds the kernel keeps queued I/O while the connection is being replaced.
 const DEAD_CONN_TIMEOUT_S: u64 = 120;
 
