@@ -10,15 +10,28 @@
 //! engine keeps in the volume's record. A volume without them (standalone mode, or a volume
 //! created by hand) only gets log lines. Posting is best effort: a failure is logged, never
 //! returned to a CSI caller.
+//!
+//! The same notice again (same claim, reason and note) within [`FOLD_WINDOW`] is folded into
+//! the first Event's series, as `kubectl` shows repeats. Notices that differ in their note stay
+//! separate Events: two snapshots, or two crossings at different allocations, are two facts.
+//! (kube-runtime's `Recorder` folds by reason alone, which would show the first note with a
+//! count.)
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use kube::api::Api;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use k8s_openapi::api::events::v1::{Event, EventSeries};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Resource;
 use qsd_csi_proto::agent::{self, volume_event::Kind};
+use tokio::time::Instant;
+
+/// Repeats of one notice within this window count in one Event's series.
+pub const FOLD_WINDOW: Duration = Duration::from_secs(6 * 60);
 
 /// Label (from the provisioner's parameters) naming the volume's claim.
 pub const PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
@@ -107,16 +120,48 @@ impl Notice {
     }
 }
 
+/// Who posts: the `reportingController` and `reportingInstance` of our Events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reporter {
+    /// The driver's name.
+    pub controller: String,
+    /// This replica (its pod name).
+    pub instance: String,
+}
+
+/// An Event already posted, for folding repeats into it.
+#[derive(Debug, Clone)]
+struct Posted {
+    name: String,
+    count: i32,
+    at: Instant,
+}
+
+/// (claim uid, reason, note): what makes a notice the same notice.
+type FoldKey = (String, &'static str, String);
+
+struct Kubernetes {
+    client: kube::Client,
+    reporter: Reporter,
+    posted: Mutex<HashMap<FoldKey, Posted>>,
+}
+
 /// Where notices go: Kubernetes Events (cluster mode) or only the log.
 #[derive(Clone)]
 pub struct Events {
-    kubernetes: Option<Arc<(kube::Client, Recorder)>>,
+    kubernetes: Option<Arc<Kubernetes>>,
 }
 
 impl std::fmt::Debug for Events {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Events").field("kubernetes", &self.kubernetes.is_some()).finish()
     }
+}
+
+/// Whether a notice is a repeat to fold into `previous` (`Some(count)` for the series) or a
+/// new Event.
+fn fold(previous: Option<&Posted>, now: Instant) -> Option<i32> {
+    previous.filter(|p| now.duration_since(p.at) < FOLD_WINDOW).map(|p| p.count + 1)
 }
 
 impl Events {
@@ -127,8 +172,8 @@ impl Events {
 
     /// Notices are also posted as Events on the claims, reported as `reporter`.
     pub fn kubernetes(client: kube::Client, reporter: Reporter) -> Self {
-        let recorder = Recorder::new(client.clone(), reporter);
-        Events { kubernetes: Some(Arc::new((client, recorder))) }
+        let posted = Mutex::new(HashMap::new());
+        Events { kubernetes: Some(Arc::new(Kubernetes { client, reporter, posted })) }
     }
 
     /// Logs the notice and posts it on the claim named by `labels`. Returns whether an Event
@@ -144,23 +189,55 @@ impl Events {
         } else {
             tracing::info!(?claim, reason = notice.reason, "{}", notice.note);
         }
-        let (Some(kubernetes), Some((namespace, name))) = (&self.kubernetes, claim) else {
+        let (Some(k), Some((namespace, name))) = (&self.kubernetes, claim) else {
             return Ok(false);
         };
-        let (client, recorder) = &**kubernetes;
         // The claim's uid goes into the reference, so `kubectl describe pvc` finds the Event.
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(k.client.clone(), namespace);
         let Some(claim) = claims.get_opt(name).await? else {
             return Ok(false);
         };
-        let event = Event {
-            type_: if notice.warning { EventType::Warning } else { EventType::Normal },
-            reason: notice.reason.to_owned(),
-            note: Some(notice.note.clone()),
-            action: notice.action.to_owned(),
-            secondary: None,
+        let regarding = claim.object_ref(&());
+        let key: FoldKey =
+            (regarding.uid.clone().unwrap_or_default(), notice.reason, notice.note.clone());
+        let now = Instant::now();
+        let previous = k.posted.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+        let events: Api<Event> = Api::namespaced(k.client.clone(), namespace);
+        let posted = match (fold(previous.as_ref(), now), previous) {
+            (Some(count), Some(previous)) => {
+                let series = EventSeries { count, last_observed_time: MicroTime(Timestamp::now()) };
+                let patch = serde_json::json!({ "series": series });
+                events
+                    .patch(&previous.name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+                Posted { count, at: now, ..previous }
+            }
+            _ => {
+                let at = Timestamp::now();
+                let event = Event {
+                    metadata: ObjectMeta {
+                        name: Some(format!("{name}.{:x}", at.as_nanosecond())),
+                        namespace: Some(namespace.clone()),
+                        ..Default::default()
+                    },
+                    event_time: Some(MicroTime(at)),
+                    type_: Some(if notice.warning { "Warning" } else { "Normal" }.to_owned()),
+                    reason: Some(notice.reason.to_owned()),
+                    action: Some(notice.action.to_owned()),
+                    note: Some(notice.note.clone()),
+                    regarding: Some(regarding),
+                    reporting_controller: Some(k.reporter.controller.clone()),
+                    reporting_instance: Some(k.reporter.instance.clone()),
+                    ..Default::default()
+                };
+                let created = events.create(&PostParams::default(), &event).await?;
+                let name = created.metadata.name.unwrap_or_default();
+                Posted { name, count: 1, at: now }
+            }
         };
-        recorder.publish(&event, &claim.object_ref(&())).await?;
+        let mut cache = k.posted.lock().unwrap_or_else(|p| p.into_inner());
+        cache.retain(|_, p| now.duration_since(p.at) < FOLD_WINDOW);
+        cache.insert(key, posted);
         Ok(true)
     }
 }
@@ -218,6 +295,17 @@ mod tests {
         let failed = done("no space left");
         assert_eq!((failed.warning, failed.reason), (true, "CloneFailed"));
         assert!(failed.note.ends_with("failed: no space left"), "{}", failed.note);
+    }
+
+    #[test]
+    fn a_repeat_within_the_window_counts_in_the_first_events_series() {
+        let start = Instant::now();
+        let first = Posted { name: "e".into(), count: 1, at: start };
+        assert_eq!(fold(None, start), None, "nothing posted yet: a new Event");
+        assert_eq!(fold(Some(&first), start + Duration::from_secs(60)), Some(2));
+        let third = Posted { count: 2, ..first.clone() };
+        assert_eq!(fold(Some(&third), start + Duration::from_secs(1)), Some(3));
+        assert_eq!(fold(Some(&first), start + FOLD_WINDOW), None, "too old: a new Event");
     }
 
     #[test]

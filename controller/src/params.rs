@@ -301,7 +301,10 @@ mod tests {
                 ("preallocation", "full"),
                 ("iopsTotal", "500"),
                 ("maxChainDepth", "4"),
+                ("writeThresholdPercent", "80"),
                 ("csi.storage.k8s.io/pvc/name", "x"),
+                ("csi.storage.k8s.io/pvc/namespace", "ns"),
+                ("csi.storage.k8s.io/pvcannotation/a", "ignored"),
             ]),
             "default",
         )
@@ -309,6 +312,13 @@ mod tests {
         assert_eq!(
             (r.pool.as_str(), r.preallocation, r.qos.iops_total, r.max_chain_depth),
             ("fast", Preallocation::Full, 500, Some(4))
+        );
+        let claim: Vec<(&str, &str)> =
+            r.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            claim,
+            [("csi.storage.k8s.io/pvc/name", "x"), ("csi.storage.k8s.io/pvc/namespace", "ns")],
+            "the claim is kept as labels; other provisioner keys are not"
         );
         let mut with_vac = request(&[("iopsTotal", "500")]);
         with_vac.mutable_parameters = [("iopsTotal".to_owned(), "900".to_owned())].into();
@@ -321,6 +331,9 @@ mod tests {
             &[("iopsTotal", "-3")],
             &[("fsType", "btrfs")],
             &[("maxChainDepth", "x")],
+            &[("writeThresholdPercent", "0")],
+            &[("writeThresholdPercent", "100")],
+            &[("writeThresholdPercent", "half")],
         ] {
             let err = create_volume(&request(bad), "default").err().map(|s| s.code());
             assert_eq!(err, Some(tonic::Code::InvalidArgument), "{bad:?}");

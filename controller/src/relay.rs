@@ -7,11 +7,13 @@
 //!   not leading ─► no watchers
 //! ```
 //! Events a node reports while nobody watches are not replayed; the log of the node plugin
-//! keeps them.
+//! keeps them. A clone reports its progress every 10 s; the claim hears of the first report and
+//! then of each further tenth copied, not of every report.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use qsd_csi_proto::agent::{self, volume_event::Kind};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
@@ -24,7 +26,25 @@ pub const SYNC: Duration = Duration::from_secs(5);
 /// Pause before re-opening a node's stream that failed or ended.
 pub const RECONNECT: Duration = Duration::from_secs(2);
 
+/// Whether an event is worth an Event on the claim; `tenths` remembers how far each running
+/// clone was last reported.
+fn worth_posting(tenths: &mut HashMap<String, u64>, event: &agent::VolumeEvent) -> bool {
+    match &event.kind {
+        Some(Kind::CloneProgress(p)) => {
+            let tenth = p.done_bytes.saturating_mul(10) / p.total_bytes.max(1);
+            let last = tenths.insert(event.volume_id.clone(), tenth);
+            last.is_none_or(|last| tenth > last)
+        }
+        Some(Kind::CloneFinished(_)) => {
+            tenths.remove(&event.volume_id);
+            true
+        }
+        _ => true,
+    }
+}
+
 async fn watch_node(node: String, agents: Agents, events: Events) {
+    let mut tenths = HashMap::new();
     loop {
         let Ok(agent) = agents.node(&node) else {
             return;
@@ -35,6 +55,9 @@ async fn watch_node(node: String, agents: Agents, events: Events) {
                 while let Some(item) = stream.next().await {
                     match item {
                         Ok(event) => {
+                            if !worth_posting(&mut tenths, &event) {
+                                continue;
+                            }
                             if let Some(notice) = Notice::from_volume_event(&event) {
                                 if let Err(e) = events.publish(&event.labels, &notice).await {
                                     tracing::warn!(error = %e, node, reason = notice.reason, "posting an event failed");
@@ -86,5 +109,39 @@ pub async fn run(agents: Agents, events: Events, mut leading: watch::Receiver<bo
     }
     for (_, task) in watchers {
         task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(volume: &str, done: u64) -> agent::VolumeEvent {
+        agent::VolumeEvent {
+            volume_id: volume.into(),
+            labels: Default::default(),
+            kind: Some(Kind::CloneProgress(agent::CloneProgress {
+                source_volume_id: "src".into(),
+                done_bytes: done,
+                total_bytes: 100,
+            })),
+        }
+    }
+
+    #[test]
+    fn a_clone_is_reported_first_then_at_each_further_tenth_then_when_it_ends() {
+        let mut tenths = HashMap::new();
+        let posted: Vec<bool> = [3, 8, 12, 19, 20, 55, 56]
+            .into_iter()
+            .map(|done| worth_posting(&mut tenths, &progress("a", done)))
+            .collect();
+        assert_eq!(posted, [true, false, true, false, true, true, false]);
+        assert!(worth_posting(&mut tenths, &progress("b", 1)), "another clone is reported apart");
+        let finished = agent::VolumeEvent {
+            kind: Some(Kind::CloneFinished(Default::default())),
+            ..progress("a", 0)
+        };
+        assert!(worth_posting(&mut tenths, &finished));
+        assert!(worth_posting(&mut tenths, &progress("a", 3)), "a new clone of the same name");
     }
 }

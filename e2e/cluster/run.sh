@@ -248,6 +248,20 @@ clone() {
 }
 check "pvc cloned from the first: its files present; a CloneCompleted event on the claim" clone
 
+folded() {
+  # The same failure twice (a snapshot name already taken by another volume's snapshot): one
+  # SnapshotFailed Event on the claim, counted twice.
+  local taken; taken=$(kubectl get volumesnapshotcontent -o jsonpath='{.items[0].status.snapshotHandle}')
+  for _ in 1 2; do
+    "$qsd_csi" --endpoint "unix://$work/ctl.sock" snapshot create "$(handle cloned)" "${taken##*:}" \
+      && { echo "the snapshot name was not refused"; return 1; }
+  done
+  wait_until 30 bash -c "[[ \$('$tools/kubectl' get events -n default --field-selector involvedObject.name=cloned,reason=SnapshotFailed -o jsonpath='{.items[*].series.count}') == 2 ]]" \
+    || { kubectl get events -n default --field-selector involvedObject.name=cloned -o yaml; return 1; }
+  events cloned SnapshotFailed | grep -q "^ctl-2 snapshot \"${taken##*:}\" failed (AlreadyExists)"
+}
+check "the same failure twice is one SnapshotFailed event on the claim, counted twice" folded
+
 expand() {
   kubectl patch pvc data --type=merge -p '{"spec":{"resources":{"requests":{"storage":"128Mi"}}}}' || return 1
   local pv; pv=$(kubectl get pvc data -o jsonpath='{.spec.volumeName}')

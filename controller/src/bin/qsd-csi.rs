@@ -352,9 +352,9 @@ async fn controller_mode(endpoint: &str, args: ControllerMode) -> anyhow::Result
     let events = match &client {
         Some(client) => qsd_csi_controller::events::Events::kubernetes(
             client.clone(),
-            kube::runtime::events::Reporter {
+            qsd_csi_controller::events::Reporter {
                 controller: qsd_csi_controller::PLUGIN_NAME.to_owned(),
-                instance: Some(args.identity.clone()),
+                instance: args.identity.clone(),
             },
         ),
         None => qsd_csi_controller::events::Events::log_only(),
