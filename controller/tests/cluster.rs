@@ -101,19 +101,7 @@ fn create(name: &str, preferred: &[&str], requisite: &[&str]) -> csi::CreateVolu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_places_and_routes_volumes_across_node_agents_over_mutual_tls() {
     let dir = tempfile::Builder::new().prefix("qsd-cluster-").tempdir_in("/tmp").expect("dir");
-    let ca = certs::Ca::new(dir.path(), "cluster-ca");
-    let (_n1, a1) = node(dir.path(), "node-1", &ca).await;
-    let (_n2, a2) = node(dir.path(), "node-2", &ca).await;
-    let controller_tls = ca.leaf(dir.path(), "controller", &ca);
-    let mut agents = BTreeMap::new();
-    for (name, addr) in [("node-1", a1), ("node-2", a2)] {
-        let client = tls::connect_agent(addr, name, &controller_tls).await.expect("connect");
-        agents.insert(name.to_owned(), NodeAgent::Remote(client));
-    }
-    let c = Arc::new(ControllerService::new(
-        Agents::new(agents, Some("node-1".into())),
-        "local".into(),
-    ));
+    let (_n1, _n2, c) = two_nodes(dir.path(), "local").await;
 
     // Placement: preferred topology, then requisite; the volume's topology names its node.
     let v2 = c.create_volume(Request::new(create("a", &["node-2"], &[]))).await.expect("create a");
@@ -127,17 +115,7 @@ async fn the_controller_places_and_routes_volumes_across_node_agents_over_mutual
     assert_eq!(nowhere.expect_err("no node").code(), Code::ResourceExhausted);
 
     // A snapshot is taken on its volume's node, and a restore lands there without topology.
-    let snap = c
-        .create_snapshot(Request::new(csi::CreateSnapshotRequest {
-            source_volume_id: v2.volume_id.clone(),
-            name: "s".into(),
-            ..Default::default()
-        }))
-        .await
-        .expect("snapshot")
-        .into_inner()
-        .snapshot
-        .expect("snapshot");
+    let snap = snapshot(&c, &v2.volume_id, "s").await.expect("snapshot");
     assert!(snap.snapshot_id.contains("@node-2:"), "{}", snap.snapshot_id);
     let mut restore = create("r", &[], &[]);
     restore.accessibility_requirements = None;
@@ -210,6 +188,21 @@ async fn the_controller_places_and_routes_volumes_across_node_agents_over_mutual
     assert_eq!((layers("node-1"), layers("node-2")), (0, 0), "no layer left on either node");
 }
 
+/// A snapshot of `volume` through the controller.
+async fn snapshot(
+    c: &ControllerService,
+    volume: &str,
+    name: &str,
+) -> Result<csi::Snapshot, tonic::Status> {
+    let request = csi::CreateSnapshotRequest {
+        source_volume_id: volume.into(),
+        name: name.into(),
+        ..Default::default()
+    };
+    let reply = c.create_snapshot(Request::new(request)).await?.into_inner();
+    reply.snapshot.ok_or_else(|| tonic::Status::internal("no snapshot in the reply"))
+}
+
 /// Two nodes over mutual TLS, and a controller whose default node is node-1.
 async fn two_nodes(
     dir: &std::path::Path,
@@ -263,17 +256,7 @@ async fn a_shared_pools_volume_is_served_by_the_node_that_has_it_attached() {
     let refused = e1.delete_volume(&v.volume_id).await.expect_err("held elsewhere");
     assert_eq!(refused.kind(), qsd_node::ErrorKind::FailedPrecondition, "{refused}");
     // ... so the controller sends its requests to node-2: a snapshot and an online expand.
-    let snap = c
-        .create_snapshot(Request::new(csi::CreateSnapshotRequest {
-            source_volume_id: v.volume_id.clone(),
-            name: "snap".into(),
-            ..Default::default()
-        }))
-        .await
-        .expect("snapshot on node-2")
-        .into_inner()
-        .snapshot
-        .expect("snapshot");
+    let snap = snapshot(&c, &v.volume_id, "snap").await.expect("snapshot on node-2");
     assert_eq!(snap.snapshot_id, "snap:shared:snap");
     export.write_all_at(&[9u8; 4096], 0).expect("write after the snapshot");
     let grown = c

@@ -7,9 +7,13 @@ use qsd_csi_proto::agent::{self, agent_client::AgentClient, agent_server::AgentS
 use qsd_node::agent::AgentService;
 use qsd_node::graph::ExportKind;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_serves_the_volume_lifecycle_with_the_csi_error_codes() {
-    let env = Env::new().await;
+/// The agent over `env`'s engine on a unix socket, and a client of it.
+async fn serve(
+    env: &Env,
+) -> (
+    AgentClient<tonic::transport::Channel>,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
     let socket = env.dir.path().join("agent.sock");
     let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
     let server = tokio::spawn(
@@ -17,7 +21,14 @@ async fn the_agent_serves_the_volume_lifecycle_with_the_csi_error_codes() {
             .add_service(AgentServer::new(AgentService::new(env.core())))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
     );
-    let mut c = AgentClient::new(qsd_node::grpc::connect_unix(&socket).await.expect("connect"));
+    let client = AgentClient::new(qsd_node::grpc::connect_unix(&socket).await.expect("connect"));
+    (client, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_serves_the_volume_lifecycle_with_the_csi_error_codes() {
+    let env = Env::new().await;
+    let (mut c, server) = serve(&env).await;
     let create = |name: &str, size: i64| agent::CreateVolumeRequest {
         pool: "local".into(),
         name: name.into(),
@@ -122,14 +133,7 @@ async fn the_agent_serves_the_volume_lifecycle_with_the_csi_error_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_events_streams_clone_outcomes_and_crossed_thresholds_with_the_volumes_labels() {
     let env = Env::new().await;
-    let socket = env.dir.path().join("agent.sock");
-    let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
-    let _server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AgentServer::new(AgentService::new(env.core())))
-            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
-    );
-    let mut c = AgentClient::new(qsd_node::grpc::connect_unix(&socket).await.expect("connect"));
+    let (mut c, _server) = serve(&env).await;
     let claim = |name: &str| {
         [("csi.storage.k8s.io/pvc/name".to_owned(), name.to_owned())].into_iter().collect()
     };

@@ -184,13 +184,11 @@ async fn ublk_requests_wait_for_a_restarted_daemon_instead_of_failing() {
     assert!(!sysfs_dir(&dev).exists());
 }
 
-/// A write acknowledged, then the daemon killed and restarted by the engine, then a flush that
-/// succeeds: the write must read back. (The dead daemon kept the write's qcow2 metadata in its
-/// cache; the new daemon's flush cannot cover it unless the device made it durable first.)
-async fn flush_after_the_daemons_death(backend: Backend) {
-    let env = Env::new().await;
-    let core = env.core();
-    let mut events = core.subscribe();
+/// A 16 MiB volume on a `backend` device, its export set up as the node service would.
+async fn staged_device(
+    core: &std::sync::Arc<qsd_node::engine::EngineCore>,
+    backend: Backend,
+) -> (qsd_node::engine::VolumeInfo, PathBuf) {
     let vol = core
         .create_volume(&CreateVolume::new("local", "dev", 16 * MIB as i64))
         .await
@@ -199,6 +197,17 @@ async fn flush_after_the_daemons_death(backend: Backend) {
     let endpoint =
         core.attach_with(&vol.id, ExportKind::Nbd, writethrough).await.expect("attach").endpoint;
     let dev = device::attach(backend, &endpoint, false, &vol.id).await.expect("device attaches");
+    (vol, dev)
+}
+
+/// A write acknowledged, then the daemon killed and restarted by the engine, then a flush that
+/// succeeds: the write must read back. (The dead daemon kept the write's qcow2 metadata in its
+/// cache; the new daemon's flush cannot cover it unless the device made it durable first.)
+async fn flush_after_the_daemons_death(backend: Backend) {
+    let env = Env::new().await;
+    let core = env.core();
+    let mut events = core.subscribe();
+    let (vol, dev) = staged_device(&core, backend).await;
     let data = pattern(8, 65536);
     let f = open_direct(&dev);
     // A fresh cluster: the daemon records its allocation in cached qcow2 metadata.
@@ -250,14 +259,7 @@ fn inflight(device: &Path) -> u64 {
 async fn a_daemon_slower_than_the_request_timeout(backend: Backend) {
     let env = Env::new().await;
     let core = env.core();
-    let vol = core
-        .create_volume(&CreateVolume::new("local", "dev", 16 * MIB as i64))
-        .await
-        .expect("create");
-    let writethrough = device::Choice::writethrough(backend);
-    let endpoint =
-        core.attach_with(&vol.id, ExportKind::Nbd, writethrough).await.expect("attach").endpoint;
-    let dev = device::attach(backend, &endpoint, false, &vol.id).await.expect("device attaches");
+    let (_vol, dev) = staged_device(&core, backend).await;
     let data = pattern(6, BLOCK);
     let f = open_direct(&dev);
     f.write_all_at(Aligned::from(&data).as_ref(), 0).expect("write");
