@@ -117,13 +117,7 @@ async fn the_controller_places_and_routes_volumes_across_node_agents_over_mutual
     // A snapshot is taken on its volume's node, and a restore lands there without topology.
     let snap = snapshot(&c, &v2.volume_id, "s").await.expect("snapshot");
     assert!(snap.snapshot_id.contains("@node-2:"), "{}", snap.snapshot_id);
-    let mut restore = create("r", &[], &[]);
-    restore.accessibility_requirements = None;
-    restore.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(
-            csi::volume_content_source::SnapshotSource { snapshot_id: snap.snapshot_id.clone() },
-        )),
-    });
+    let restore = restore_request("r", &snap.snapshot_id);
     let r = c.create_volume(Request::new(restore)).await.expect("restore").into_inner();
     assert!(r.volume.expect("volume").volume_id.contains("@node-2:"));
 
@@ -142,15 +136,8 @@ async fn the_controller_places_and_routes_volumes_across_node_agents_over_mutual
 
     // By ID: expand and capacity on node-2; an ID on a node without an agent is NOT_FOUND,
     // and deleting it succeeds (nothing this controller can reach holds it).
-    let grown = c
-        .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
-            volume_id: v2.volume_id.clone(),
-            capacity_range: Some(csi::CapacityRange { required_bytes: 32 * MIB, limit_bytes: 0 }),
-            ..Default::default()
-        }))
-        .await
-        .expect("expand");
-    assert_eq!(grown.into_inner().capacity_bytes, 32 * MIB);
+    let grown = expand(&c, &v2.volume_id, 32 * MIB).await.expect("expand");
+    assert_eq!(grown, 32 * MIB);
     let capacity = c
         .get_capacity(Request::new(csi::GetCapacityRequest {
             accessible_topology: Some(csi::Topology {
@@ -186,6 +173,28 @@ async fn the_controller_places_and_routes_volumes_across_node_agents_over_mutual
         std::fs::read_dir(dir.path().join(n).join("pool/layers")).map_or(0, |d| d.count())
     };
     assert_eq!((layers("node-1"), layers("node-2")), (0, 0), "no layer left on either node");
+}
+
+/// A request to restore `snapshot_id` into `name`, with no topology.
+fn restore_request(name: &str, snapshot_id: &str) -> csi::CreateVolumeRequest {
+    let mut restore = create(name, &[], &[]);
+    restore.accessibility_requirements = None;
+    restore.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource { snapshot_id: snapshot_id.into() },
+        )),
+    });
+    restore
+}
+
+/// Grows `volume` through the controller; its new capacity.
+async fn expand(c: &ControllerService, volume: &str, bytes: i64) -> Result<i64, tonic::Status> {
+    let request = csi::ControllerExpandVolumeRequest {
+        volume_id: volume.into(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+        ..Default::default()
+    };
+    Ok(c.controller_expand_volume(Request::new(request)).await?.into_inner().capacity_bytes)
 }
 
 /// A snapshot of `volume` through the controller.
@@ -259,25 +268,12 @@ async fn a_shared_pools_volume_is_served_by_the_node_that_has_it_attached() {
     let snap = snapshot(&c, &v.volume_id, "snap").await.expect("snapshot on node-2");
     assert_eq!(snap.snapshot_id, "snap:shared:snap");
     export.write_all_at(&[9u8; 4096], 0).expect("write after the snapshot");
-    let grown = c
-        .controller_expand_volume(Request::new(csi::ControllerExpandVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            capacity_range: Some(csi::CapacityRange { required_bytes: 32 * MIB, limit_bytes: 0 }),
-            ..Default::default()
-        }))
-        .await
-        .expect("expand on node-2");
-    assert_eq!(grown.into_inner().capacity_bytes, 32 * MIB);
+    let grown = expand(&c, &v.volume_id, 32 * MIB).await.expect("expand on node-2");
+    assert_eq!(grown, 32 * MIB);
     assert_eq!(export.metadata().expect("stat").len(), 32 << 20, "grown online");
 
     // A restore goes to the default node, which sees the snapshot node-2 took.
-    let mut restore = create("r", &[], &[]);
-    restore.accessibility_requirements = None;
-    restore.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(
-            csi::volume_content_source::SnapshotSource { snapshot_id: snap.snapshot_id.clone() },
-        )),
-    });
+    let restore = restore_request("r", &snap.snapshot_id);
     let r = c.create_volume(Request::new(restore)).await.expect("restore").into_inner();
     let r = r.volume.expect("volume").volume_id;
     let restored = e1.attach(&r, ExportKind::Fuse).await.expect("attach on node-1");
