@@ -256,8 +256,11 @@ async fn a_shared_pools_volume_is_served_by_the_node_that_has_it_attached() {
         .expect("open export");
     export.write_all_at(&[7u8; 4096], 0).expect("write");
     export.sync_all().expect("flush");
-    let owner = std::fs::read_to_string(dir.path().join("shared/owners/s.json")).expect("owner");
-    assert!(owner.contains("node-2"), "{owner}");
+    let owner = || std::fs::read_to_string(dir.path().join("shared/owners/s.json")).expect("owner");
+    assert!(owner().contains("node-2"), "{}", owner());
+    // One writer at a time: QEMU's image lock refuses node-1, and the record stays node-2's.
+    e1.attach(&v.volume_id, ExportKind::Fuse).await.expect_err("node-2's daemon holds it");
+    assert!(owner().contains("node-2"), "{}", owner());
 
     // node-1, the default node, refuses to change a volume node-2's daemon holds ...
     let refused = e1.expand_volume(&v.volume_id, 32 * MIB).await.expect_err("held elsewhere");

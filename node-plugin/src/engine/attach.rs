@@ -88,9 +88,10 @@ impl EngineCore {
         };
         self.journal.put(attachment)?;
         let node = self.config.node.as_str();
-        if let Some(previous) = pool.owner(&record.name)?.filter(|owner| owner != node) {
-            // QEMU's image lock refuses a second writer; a record left by a node that died
-            // with the volume attached is taken over.
+        let previous = pool.owner(&record.name)?.filter(|owner| owner != node);
+        if let Some(previous) = &previous {
+            // QEMU's image lock refuses a second writer (and the record is put back); a record
+            // left by a node that died with the volume attached is taken over.
             tracing::warn!(
                 volume = volume_id,
                 previous,
@@ -119,7 +120,10 @@ impl EngineCore {
         }
         .await;
         if let Err(e) = built {
-            pool.clear_owner(&record.name, node)?;
+            match &previous {
+                Some(previous) => pool.set_owner(&record.name, previous)?,
+                None => pool.clear_owner(&record.name, node)?,
+            }
             self.journal.remove(record.uid)?;
             return Err(e);
         }
