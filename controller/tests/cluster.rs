@@ -313,4 +313,22 @@ async fn a_shared_pools_volume_is_served_by_the_node_that_has_it_attached() {
     .expect("delete snapshot");
     let layers = std::fs::read_dir(dir.path().join("shared/layers")).expect("layers").count();
     assert_eq!(layers, 0, "every layer is gone");
+
+    // An owner record naming node-1 for a volume it does not hold (a crash between a detach
+    // and the record's removal) is dropped when node-1's engine next reconciles.
+    let stale = dir.path().join("shared/owners/ghost.json");
+    std::fs::write(&stale, br#"{"node":"node-1"}"#).expect("stale record");
+    let mut events = e1.subscribe();
+    // The first subscriber also gets what happened since the engine opened: skip that.
+    while events.try_recv().is_ok() {}
+    let pid = std::fs::read_to_string(n1.run.join("qsd.pid")).expect("pid");
+    let killed = std::process::Command::new("kill").args(["-KILL", pid.trim()]).status();
+    assert!(killed.is_ok_and(|s| s.success()));
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while !matches!(events.recv().await, Ok(qsd_node::engine::EngineEvent::Reconciled { .. })) {
+        }
+    })
+    .await
+    .expect("node-1's engine reconciles with a new daemon");
+    assert!(!stale.exists(), "the stale owner record is gone");
 }

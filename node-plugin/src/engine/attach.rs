@@ -317,8 +317,32 @@ impl EngineCore {
             rebuilt += 1;
         }
         self.sweep(&attached, &exports, &nodes).await?;
+        self.drop_stale_owner_records()?;
         tracing::info!(?origin, rebuilt, "reconciled with qemu-storage-daemon");
         let _ = self.events.send(EngineEvent::Reconciled { origin, rebuilt });
+        Ok(())
+    }
+
+    /// Removes owner records in shared pools that name this node for a volume it does not have
+    /// attached (left by a crash between a detach and its record's removal), so requests for
+    /// those volumes go to the default node again.
+    fn drop_stale_owner_records(&self) -> Result<()> {
+        let node = self.config.node.as_str();
+        for pool in self.pools.values() {
+            pool.refresh()?;
+            for name in pool.owned_by(node)? {
+                let attached =
+                    pool.volume(&name).is_some_and(|record| self.journal.get(record.uid).is_some());
+                if !attached {
+                    tracing::info!(
+                        pool = pool.name().as_str(),
+                        volume = name,
+                        "removing a stale owner record"
+                    );
+                    pool.clear_owner(&name, node)?;
+                }
+            }
+        }
         Ok(())
     }
 

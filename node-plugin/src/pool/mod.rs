@@ -243,6 +243,26 @@ impl Pool {
         Ok(())
     }
 
+    /// Shared pools: the volumes whose owner record names `node`.
+    pub fn owned_by(&self, node: &str) -> Result<Vec<String>> {
+        if self.kind == PoolKind::Local {
+            return Ok(Vec::new());
+        }
+        let dir = self.root.join("owners");
+        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if let Some(name) = file.strip_suffix(".json").filter(|_| !file.starts_with('.')) {
+                if self.owner(name)?.is_some_and(|owner| owner == node) {
+                    names.push(name.to_owned());
+                }
+            }
+        }
+        Ok(names)
+    }
+
     /// Shared pools: the node volume `name` is attached on, read from disk now.
     pub fn owner(&self, name: &str) -> Result<Option<String>> {
         if self.kind == PoolKind::Local {
