@@ -69,6 +69,7 @@ forward! {
     delete_volume(agent::VolumeRef) -> agent::Empty;
     get_volume(agent::VolumeRef) -> agent::Volume;
     locate_volume(agent::VolumeRef) -> agent::VolumeLocation;
+    locate_snapshot(agent::SnapshotRef) -> agent::VolumeLocation;
     list_volumes(agent::Empty) -> agent::VolumeList;
     expand_volume(agent::ExpandVolumeRequest) -> agent::Volume;
     modify_volume(agent::ModifyVolumeRequest) -> agent::Empty;
@@ -178,26 +179,30 @@ impl Agents {
 
     /// The node an object ID lives on. A local pool's ID names it. A shared pool's volume
     /// goes to the node its owner record names (where it is attached, so the daemon holding it
-    /// open does the work), asked of the default node's agent; anything else in a shared pool
-    /// goes to the default node.
+    /// open does the work), and a shared pool's snapshot to where its source volume is
+    /// attached, as the default node's agent reports; otherwise the default node.
     pub async fn node_of(&self, kind: IdKind, id: &str) -> Result<String, Status> {
         let parsed = ObjectId::parse(kind, id).map_err(qsd_node::csi::status)?;
         if let Some(n) = parsed.location.node {
             return Ok(n.as_str().to_owned());
         }
         let default = self.default_node()?;
-        if kind == IdKind::Snapshot {
-            return Ok(default);
-        }
-        let located =
-            self.node(&default)?.locate_volume(agent::VolumeRef { volume_id: id.to_owned() }).await;
+        let agent = self.node(&default)?;
+        let located = match kind {
+            IdKind::Volume => {
+                agent.locate_volume(agent::VolumeRef { volume_id: id.to_owned() }).await
+            }
+            IdKind::Snapshot => {
+                agent.locate_snapshot(agent::SnapshotRef { snapshot_id: id.to_owned() }).await
+            }
+        };
         match located {
             Ok(l) if !l.attached_node.is_empty() => {
                 if self.read().contains_key(&l.attached_node) {
                     Ok(l.attached_node)
                 } else {
                     Err(Status::unavailable(format!(
-                        "volume {id} is attached on node {:?}, which has no known agent",
+                        "{id} is held on node {:?}, which has no known agent",
                         l.attached_node
                     )))
                 }

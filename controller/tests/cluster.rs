@@ -101,7 +101,7 @@ fn create(name: &str, preferred: &[&str], requisite: &[&str]) -> csi::CreateVolu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_places_and_routes_volumes_across_node_agents_over_mutual_tls() {
     let dir = tempfile::Builder::new().prefix("qsd-cluster-").tempdir_in("/tmp").expect("dir");
-    let (_n1, _n2, c) = two_nodes(dir.path(), "local").await;
+    let (_n1, _n2, c, _) = two_nodes(dir.path(), "local").await;
 
     // Placement: preferred topology, then requisite; the volume's topology names its node.
     let v2 = c.create_volume(Request::new(create("a", &["node-2"], &[]))).await.expect("create a");
@@ -212,11 +212,12 @@ async fn snapshot(
     reply.snapshot.ok_or_else(|| tonic::Status::internal("no snapshot in the reply"))
 }
 
-/// Two nodes over mutual TLS, and a controller whose default node is node-1.
+/// Two nodes over mutual TLS, and a controller whose default node is node-1 (with the agents
+/// it routes by).
 async fn two_nodes(
     dir: &std::path::Path,
     default_pool: &str,
-) -> (Node, Node, Arc<ControllerService>) {
+) -> (Node, Node, Arc<ControllerService>, Agents) {
     let ca = certs::Ca::new(dir, "cluster-ca");
     let (n1, a1) = node(dir, "node-1", &ca).await;
     let (n2, a2) = node(dir, "node-2", &ca).await;
@@ -227,7 +228,7 @@ async fn two_nodes(
         agents.insert(name.to_owned(), NodeAgent::Remote(client));
     }
     let agents = Agents::new(agents, Some("node-1".into()));
-    (n1, n2, Arc::new(ControllerService::new(agents, default_pool.into())))
+    (n1, n2, Arc::new(ControllerService::new(agents.clone(), default_pool.into())), agents)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,7 +236,7 @@ async fn a_shared_pools_volume_is_served_by_the_node_that_has_it_attached() {
     use qsd_node::graph::ExportKind;
     use std::os::unix::fs::FileExt;
     let dir = tempfile::Builder::new().prefix("qsd-shared-").tempdir_in("/tmp").expect("dir");
-    let (n1, n2, c) = two_nodes(dir.path(), "shared").await;
+    let (n1, n2, c, agents) = two_nodes(dir.path(), "shared").await;
     let (e1, e2) = (
         n1.engine.as_ref().expect("engine").core_arc(),
         n2.engine.as_ref().expect("engine").core_arc(),
@@ -270,6 +271,10 @@ async fn a_shared_pools_volume_is_served_by_the_node_that_has_it_attached() {
     // ... so the controller sends its requests to node-2: a snapshot and an online expand.
     let snap = snapshot(&c, &v.volume_id, "snap").await.expect("snapshot on node-2");
     assert_eq!(snap.snapshot_id, "snap:shared:snap");
+    // The snapshot's requests (a delete may shorten its source's chain) go where the source
+    // is attached.
+    let holder = agents.node_of(qsd_node::pool::id::IdKind::Snapshot, &snap.snapshot_id).await;
+    assert_eq!(holder.expect("located"), "node-2");
     export.write_all_at(&[9u8; 4096], 0).expect("write after the snapshot");
     let grown = expand(&c, &v.volume_id, 32 * MIB).await.expect("expand on node-2");
     assert_eq!(grown, 32 * MIB);
@@ -302,6 +307,8 @@ async fn a_shared_pools_volume_is_served_by_the_node_that_has_it_attached() {
     drop(export);
     e2.detach(&v.volume_id).await.expect("detach on node-2");
     assert!(!dir.path().join("shared/owners/s.json").exists(), "owner record removed");
+    let holder = agents.node_of(qsd_node::pool::id::IdKind::Snapshot, &snap.snapshot_id).await;
+    assert_eq!(holder.expect("located"), "node-1", "attached nowhere: the default node");
     let delete = |id: &str| csi::DeleteVolumeRequest { volume_id: id.into(), ..Default::default() };
     c.delete_volume(Request::new(delete(&v.volume_id))).await.expect("delete on node-1");
     c.delete_volume(Request::new(delete(&r))).await.expect("delete restore");

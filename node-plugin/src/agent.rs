@@ -265,6 +265,15 @@ impl Agent for AgentService {
         Ok(Response::new(agent::VolumeLocation { attached_node: node.unwrap_or_default() }))
     }
 
+    async fn locate_snapshot(
+        &self,
+        request: Request<agent::SnapshotRef>,
+    ) -> Result<Response<agent::VolumeLocation>, Status> {
+        let id = request.into_inner().snapshot_id;
+        let node = self.engine.snapshot_source_node(&id).map_err(status)?;
+        Ok(Response::new(agent::VolumeLocation { attached_node: node.unwrap_or_default() }))
+    }
+
     async fn list_volumes(
         &self,
         _: Request<agent::Empty>,

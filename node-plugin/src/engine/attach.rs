@@ -157,6 +157,28 @@ impl EngineCore {
     /// its owner record names (read from disk now); `None` if attached nowhere.
     pub fn attached_node(&self, volume_id: &str) -> Result<Option<String>> {
         let (pool, _, record) = self.resolve_volume(volume_id)?;
+        self.node_holding(&pool, &record)
+    }
+
+    /// Where a snapshot's source volume is attached (see [`attached_node`](Self::attached_node)):
+    /// deleting the snapshot may shorten that volume's chain, which is the holder's work.
+    /// `None` when the source is attached nowhere or no longer exists.
+    pub fn snapshot_source_node(&self, snapshot_id: &str) -> Result<Option<String>> {
+        let (pool, parsed) = self.resolve(IdKind::Snapshot, snapshot_id)?;
+        let snapshot = pool
+            .snapshot(parsed.name.as_str())
+            .ok_or_else(|| Error::NotFound { what: "snapshot", id: snapshot_id.to_owned() })?;
+        match pool.volume(&snapshot.source_volume) {
+            Some(record) => self.node_holding(&pool, &record),
+            None => Ok(None),
+        }
+    }
+
+    fn node_holding(
+        &self,
+        pool: &crate::pool::Pool,
+        record: &crate::pool::VolumeRecord,
+    ) -> Result<Option<String>> {
         if self.journal.get(record.uid).is_some() {
             return Ok(Some(self.config.node.as_str().to_owned()));
         }
