@@ -58,9 +58,7 @@ impl ControllerService {
                 Ok(volume) => volume.labels,
                 Err(_) => Default::default(),
             };
-            if let Err(e) = events.publish(&labels, &notice).await {
-                tracing::warn!(error = %e, reason = notice.reason, "posting an event failed");
-            }
+            events.report(&labels, &notice).await;
         });
     }
 

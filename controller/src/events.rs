@@ -176,6 +176,13 @@ impl Events {
         Events { kubernetes: Some(Arc::new(Kubernetes { client, reporter, posted })) }
     }
 
+    /// [`publish`](Self::publish), best effort: a failure to post is logged, not returned.
+    pub async fn report(&self, labels: &BTreeMap<String, String>, notice: &Notice) {
+        if let Err(e) = self.publish(labels, notice).await {
+            tracing::warn!(error = %e, reason = notice.reason, "posting an event failed");
+        }
+    }
+
     /// Logs the notice and posts it on the claim named by `labels`. Returns whether an Event
     /// was posted (false: no claim is known, or it no longer exists).
     pub async fn publish(

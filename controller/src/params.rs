@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use qsd_csi_proto::csi;
-use qsd_node::csi::WRITE_THRESHOLD_PERCENT;
+use qsd_node::csi::{parse_threshold_percent, WRITE_THRESHOLD_PERCENT};
 use qsd_node::engine::{CloneMode, CreateVolume, VolumeSource};
 use qsd_node::pool::id::SIZE_ALIGN;
 use qsd_node::pool::ObjectName;
@@ -27,16 +27,6 @@ pub const CLAIM_LABELS: [&str; 3] = [
 
 /// Class parameters the node needs at stage time, passed on in the volume context.
 pub const CONTEXT_KEYS: [&str; 2] = ["fsType", WRITE_THRESHOLD_PERCENT];
-
-/// `writeThresholdPercent`: a whole percentage of the volume's size, 1 to 99.
-pub fn threshold_percent(value: &str) -> Result<u64, Status> {
-    match value.parse::<u64>() {
-        Ok(p @ 1..=99) => Ok(p),
-        _ => Err(Status::invalid_argument(format!(
-            "writeThresholdPercent {value:?} is not a whole percentage from 1 to 99"
-        ))),
-    }
-}
 
 /// Maps any CSI name to a pool object name: kept if it already is one, otherwise a stable
 /// digest, so every name the spec allows works and the same name always maps the same way.
@@ -160,7 +150,7 @@ pub fn create_volume(
             }
             "cloneMode" => clone_mode = Some(value.as_str()),
             WRITE_THRESHOLD_PERCENT => {
-                threshold_percent(value)?;
+                parse_threshold_percent(value).map_err(qsd_node::csi::status)?;
             }
             _ => return Err(Status::invalid_argument(format!("unknown parameter {key:?}"))),
         }

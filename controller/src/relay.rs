@@ -59,9 +59,7 @@ async fn watch_node(node: String, agents: Agents, events: Events) {
                                 continue;
                             }
                             if let Some(notice) = Notice::from_volume_event(&event) {
-                                if let Err(e) = events.publish(&event.labels, &notice).await {
-                                    tracing::warn!(error = %e, node, reason = notice.reason, "posting an event failed");
-                                }
+                                events.report(&event.labels, &notice).await;
                             }
                         }
                         Err(status) => {

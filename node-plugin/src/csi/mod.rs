@@ -2,7 +2,9 @@
 
 mod node;
 
-pub use node::{NodeConfig, NodeService, TOPOLOGY_KEY, WRITE_THRESHOLD_PERCENT};
+pub use node::{
+    parse_threshold_percent, NodeConfig, NodeService, TOPOLOGY_KEY, WRITE_THRESHOLD_PERCENT,
+};
 pub use qsd_csi_proto::csi;
 
 use crate::error::{Error, ErrorKind};

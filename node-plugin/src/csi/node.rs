@@ -30,6 +30,16 @@ pub const TOPOLOGY_KEY: &str = "topology.qsd.csi.dev/node";
 /// Volume context key (from the class's parameters): arm a write threshold at this percentage
 /// of the volume's size when it is staged.
 pub const WRITE_THRESHOLD_PERCENT: &str = "writeThresholdPercent";
+/// `writeThresholdPercent`: a whole percentage of the volume's size, 1 to 99.
+pub fn parse_threshold_percent(value: &str) -> Result<u64> {
+    value.parse().ok().filter(|p| (1..=99).contains(p)).ok_or_else(|| {
+        Error::invalid(
+            WRITE_THRESHOLD_PERCENT,
+            format!("{value:?} is not a whole percentage from 1 to 99"),
+        )
+    })
+}
+
 /// After an alert, the threshold is re-armed this percentage of the size above the highest
 /// write (at least 1 MiB).
 pub const WRITE_THRESHOLD_STEP_PERCENT: u64 = 5;
@@ -125,13 +135,7 @@ impl NodeService {
     /// re-arming in steps of [`WRITE_THRESHOLD_STEP_PERCENT`]. A threshold already armed (the
     /// journal keeps it across restarts, re-armed higher each time it fired) is left alone.
     async fn arm_write_threshold(&self, id: &str, percent: &str) -> Result<()> {
-        let percent: u64 =
-            percent.parse().ok().filter(|p| (1..=99).contains(p)).ok_or_else(|| {
-                Error::invalid(
-                    WRITE_THRESHOLD_PERCENT,
-                    format!("{percent:?} is not a percentage from 1 to 99"),
-                )
-            })?;
+        let percent = parse_threshold_percent(percent)?;
         if self.engine.write_threshold(id).await?.armed_at.is_some() {
             return Ok(());
         }

@@ -174,17 +174,6 @@ impl EngineCore {
         }
     }
 
-    fn node_holding(
-        &self,
-        pool: &crate::pool::Pool,
-        record: &crate::pool::VolumeRecord,
-    ) -> Result<Option<String>> {
-        if self.journal.get(record.uid).is_some() {
-            return Ok(Some(self.config.node.as_str().to_owned()));
-        }
-        pool.owner(&record.name)
-    }
-
     /// The attachment of a volume, if attached.
     pub fn attachment(&self, volume_id: &str) -> Result<Option<AttachmentInfo>> {
         let (_, _, record) = self.resolve_volume(volume_id)?;

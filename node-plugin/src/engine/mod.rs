@@ -349,13 +349,19 @@ impl EngineCore {
         Ok((pool, parsed, record))
     }
 
+    /// The node a volume is attached on: this one if journaled here, else (shared pools) the
+    /// node its owner record names.
+    fn node_holding(&self, pool: &Pool, record: &VolumeRecord) -> Result<Option<String>> {
+        if self.journal.get(record.uid).is_some() {
+            return Ok(Some(self.config.node.as_str().to_owned()));
+        }
+        pool.owner(&record.name)
+    }
+
     /// Refuses to change a shared pool's volume that another node has attached: that node's
     /// daemon holds it open, so the work is that node's (the controller routes it there).
     fn held_here(&self, pool: &Pool, record: &VolumeRecord, id: &str) -> Result<()> {
-        if self.journal.get(record.uid).is_some() {
-            return Ok(());
-        }
-        match pool.owner(&record.name)? {
+        match self.node_holding(pool, record)? {
             Some(owner) if owner != self.config.node.as_str() => Err(Error::FailedPrecondition(
                 format!("volume {id} is attached on node {owner}; that node serves it"),
             )),
