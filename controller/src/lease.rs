@@ -160,15 +160,25 @@ impl Election {
         tokio::pin!(stop);
         let mut renewed: Option<Instant> = None;
         loop {
-            let lead = match self.round().await {
-                Ok(true) => {
-                    renewed = Some(Instant::now());
+            // Our renewal counts from when it was sent: the others start their clocks when they
+            // see the record, which is after that. A holder's round may last only until its
+            // deadline, so a call that hangs cannot keep it leading while the Lease runs out for
+            // the others (two leaders would both relay every event).
+            let started = Instant::now();
+            let deadline = renewed.map_or(started + RENEW_DEADLINE, |at| at + RENEW_DEADLINE);
+            let lead = match tokio::time::timeout_at(deadline, self.round()).await {
+                Ok(Ok(true)) => {
+                    renewed = Some(started);
                     true
                 }
-                Ok(false) => false,
-                Err(e) => {
+                Ok(Ok(false)) => false,
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, lease = %self.config.name, "leader election: the API server did not answer");
                     renewed.is_some_and(|at| at.elapsed() < RENEW_DEADLINE)
+                }
+                Err(_) => {
+                    tracing::warn!(lease = %self.config.name, "leader election: the API server did not answer in time");
+                    false
                 }
             };
             if !lead {
@@ -194,5 +204,75 @@ impl Election {
                 tracing::warn!(error = %e, "releasing the lease failed; it expires by itself");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    /// An API server that lets us create the Lease, then never answers again.
+    fn api_server_that_stalls() -> (kube::Client, tokio::task::JoinHandle<()>) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = tokio::spawn(async move {
+            let mut handle = std::pin::pin!(handle);
+            let (get, respond) = handle.next_request().await.expect("get");
+            assert_eq!(get.method(), http::Method::GET);
+            let missing = serde_json::json!({
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                "code": 404, "message": "not found",
+            });
+            respond.send_response(
+                Response::builder()
+                    .status(404)
+                    .body(Body::from(serde_json::to_vec(&missing).expect("json")))
+                    .expect("response"),
+            );
+            let (create, respond) = handle.next_request().await.expect("create");
+            assert_eq!(create.method(), http::Method::POST);
+            let created = serde_json::json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": { "name": "l", "namespace": "qsd", "resourceVersion": "1" },
+                "spec": { "holderIdentity": "me", "leaseDurationSeconds": 15 },
+            });
+            respond.send_response(
+                Response::builder()
+                    .status(201)
+                    .body(Body::from(serde_json::to_vec(&created).expect("json")))
+                    .expect("response"),
+            );
+            // Every later request hangs: the next renewal never comes back.
+            let mut held = Vec::new();
+            while let Some(pending) = handle.next_request().await {
+                held.push(pending);
+            }
+        });
+        (kube::Client::new(service, "qsd"), server)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_holder_whose_renewal_hangs_stops_leading_before_its_lease_runs_out_for_others() {
+        let (client, server) = api_server_that_stalls();
+        let config =
+            LeaseConfig { namespace: "qsd".into(), name: "l".into(), identity: "me".into() };
+        let (leading_tx, mut leading) = watch::channel(false);
+        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+        let started = Instant::now();
+        let election = tokio::spawn(Election::new(client, config).run(leading_tx, async {
+            let _ = stop.await;
+        }));
+        leading.wait_for(|l| *l).await.expect("leads after creating the Lease");
+        // Another replica may take the Lease LEASE_DURATION after it saw our last write; we
+        // must have stepped down before then, although our renewal call never returned.
+        tokio::time::timeout(LEASE_DURATION, leading.wait_for(|l| !*l))
+            .await
+            .expect("still leading when the Lease ran out for the others")
+            .expect("election running");
+        assert!(started.elapsed() <= RENEW_DEADLINE, "stepped down after {:?}", started.elapsed());
+        let _ = stop_tx.send(());
+        election.abort();
+        server.abort();
     }
 }
