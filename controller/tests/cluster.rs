@@ -66,7 +66,8 @@ async fn node(dir: &std::path::Path, name: &str, ca: &certs::Ca) -> (Node, std::
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let core = engine.core_arc();
     tokio::spawn(async move {
-        tls::serve_agent(core, listener, &files, async {
+        let tls = files.agent(certs::CONTROLLER).expect("agent TLS");
+        tls::serve_agent(core, listener, &tls, async {
             let _ = stopped.await;
         })
         .await
@@ -221,7 +222,7 @@ async fn two_nodes(
     let ca = certs::Ca::new(dir, "cluster-ca");
     let (n1, a1) = node(dir, "node-1", &ca).await;
     let (n2, a2) = node(dir, "node-2", &ca).await;
-    let controller_tls = ca.leaf(dir, "controller", &ca);
+    let controller_tls = ca.leaf(dir, certs::CONTROLLER, &ca);
     let mut agents = BTreeMap::new();
     for (name, addr) in [("node-1", a1), ("node-2", a2)] {
         let client = tls::connect_agent(addr, name, &controller_tls).await.expect("connect");

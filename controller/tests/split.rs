@@ -63,7 +63,7 @@ async fn node_and_controller_binaries_serve_a_volume_through_the_agent_over_mutu
     let dir = tmp.path();
     let ca = certs::Ca::new(dir, "cluster-ca");
     let node_tls = ca.leaf(dir, "n1", &ca);
-    let ctl_tls = ca.leaf(dir, "controller", &ca);
+    let ctl_tls = ca.leaf(dir, certs::CONTROLLER, &ca);
     let rogue = certs::Ca::new(dir, "rogue-ca").leaf(dir, "impostor", &ca);
     let agent = format!("127.0.0.1:{}", free_port());
     let (node_sock, ctl_sock, bad_sock) =

@@ -145,6 +145,15 @@ pub enum Error {
     /// A gRPC transport (TLS, connection) failed.
     #[error("{0}")]
     Transport(String),
+    /// A certificate or key is unusable, or obtaining one failed.
+    #[error("{what}")]
+    Tls {
+        /// What was being done, and with which certificate.
+        what: String,
+        /// The cause, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 }
 
 impl Error {
@@ -177,7 +186,9 @@ impl Error {
                     ErrorKind::Internal
                 }
             },
-            Error::DaemonStart { .. } | Error::Transport(_) => ErrorKind::Unavailable,
+            Error::DaemonStart { .. } | Error::Transport(_) | Error::Tls { .. } => {
+                ErrorKind::Unavailable
+            }
             Error::Job { .. }
             | Error::Io { .. }
             | Error::Metadata { .. }
@@ -194,6 +205,14 @@ impl Error {
     /// Shorthand for [`Error::Io`].
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { op, path: path.into(), source }
+    }
+
+    /// Shorthand for [`Error::Tls`] with a cause.
+    pub fn tls(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Tls { what: what.into(), source: Some(source.into()) }
     }
 
     /// True when a volume or snapshot ID failed to parse: such an ID names nothing we hold.
@@ -241,6 +260,8 @@ mod tests {
             (Error::io("read", "/x", io()), ErrorKind::Internal),
             (Error::Command { program: "p".into(), stderr: "e".into() }, ErrorKind::Internal),
             (Error::Inconsistent("x".into()), ErrorKind::Internal),
+            (Error::Transport("x".into()), ErrorKind::Unavailable),
+            (Error::tls("x", io()), ErrorKind::Unavailable),
         ];
         for (error, kind) in table {
             assert_eq!(error.kind(), kind, "{error}");

@@ -1,16 +1,62 @@
-//! The node agent over TCP with mutual TLS: the controller's certificate gets in, nothing else
-//! does. Certificates are made for the test by a throwaway CA (rcgen).
+//! The node agent over TCP with mutual TLS: only the controller's certificate gets in. Other
+//! certificates of the cluster CA (a node's) are refused PERMISSION_DENIED on every RPC,
+//! certificates of other CAs at the handshake. Certificates are made for the test by a
+//! throwaway CA (rcgen).
 
 mod common;
 
-use common::certs::Ca;
+use std::net::SocketAddr;
+
+use common::certs::{Ca, CONTROLLER};
 use common::*;
 use qsd_csi_proto::agent::{self, agent_client::AgentClient};
-use qsd_node::tls;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use qsd_node::tls::{self, TlsFiles};
+use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::Code;
 
-async fn capacity(c: &mut AgentClient<tonic::transport::Channel>) -> Result<(), tonic::Status> {
+async fn capacity(c: &mut AgentClient<Channel>) -> Result<(), tonic::Status> {
     c.get_capacity(agent::PoolRef { pool: "local".into() }).await.map(drop)
+}
+
+/// An agent serving `node`'s certificate, obeying the default controller identity.
+struct Served {
+    addr: SocketAddr,
+    tls: tls::AgentTls,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<qsd_node::Result<()>>,
+}
+
+async fn serve(env: &Env, node: &TlsFiles) -> Served {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let tls = node.agent(CONTROLLER).expect("agent TLS");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let (core, tls) = (env.core(), tls.clone());
+        async move {
+            tls::serve_agent(core, listener, &tls, async {
+                let _ = stopped.await;
+            })
+            .await
+        }
+    });
+    Served { addr, tls, stop: Some(stop), server }
+}
+
+impl Served {
+    async fn stop(mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+        self.server.await.expect("joins").expect("server ends cleanly");
+    }
+}
+
+/// Whether a client with `tls` is refused before any answer (handshake or first call).
+async fn refused_at_connection(addr: SocketAddr, server_name: &str, tls: &TlsFiles) -> bool {
+    match tls::connect_agent(addr, server_name, tls).await {
+        Ok(mut c) => matches!(capacity(&mut c).await, Err(s) if s.code() != Code::PermissionDenied),
+        Err(_) => true,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,20 +66,9 @@ async fn the_agent_serves_only_clients_with_a_certificate_from_the_cluster_ca() 
     let cluster = Ca::new(dir, "cluster-ca");
     let rogue = Ca::new(dir, "rogue-ca");
     let node = cluster.leaf(dir, "node-1", &cluster);
-    let controller = cluster.leaf(dir, "controller", &cluster);
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn({
-        let (core, node) = (env.core(), node.clone());
-        async move {
-            tls::serve_agent(core, listener, &node, async {
-                let _ = stopped.await;
-            })
-            .await
-        }
-    });
+    let controller = cluster.leaf(dir, CONTROLLER, &cluster);
+    let served = serve(&env, &node).await;
+    let addr = served.addr;
 
     // The controller, with a certificate from the cluster's CA.
     let mut good = tls::connect_agent(addr, "node-1", &controller).await.expect("connect");
@@ -55,24 +90,162 @@ async fn the_agent_serves_only_clients_with_a_certificate_from_the_cluster_ca() 
     };
     assert!(anonymous.await.is_err(), "a client without a certificate was served");
 
-    // A certificate from another CA.
-    let impostor = rogue.leaf(dir, "controller-impostor", &cluster);
-    let refused = match tls::connect_agent(addr, "node-1", &impostor).await {
-        Ok(mut c) => capacity(&mut c).await.is_err(),
-        Err(_) => true,
-    };
-    assert!(refused, "a client with a certificate from another CA was served");
+    // A certificate from another CA, even one carrying the controller's name.
+    let impostor = rogue.leaf(dir, CONTROLLER, &cluster);
+    assert!(refused_at_connection(addr, "node-1", &impostor).await, "another CA's client served");
 
     // And the controller refuses a node whose certificate the cluster's CA did not sign.
     let trusts_rogue = cluster.leaf(dir, "controller-2", &rogue);
-    let refused = match tls::connect_agent(addr, "node-1", &trusts_rogue).await {
-        Ok(mut c) => capacity(&mut c).await.is_err(),
-        Err(_) => true,
-    };
-    assert!(refused, "a client accepted a server certificate its CA did not sign");
+    assert!(
+        refused_at_connection(addr, "node-1", &trusts_rogue).await,
+        "a client accepted a server certificate its CA did not sign"
+    );
 
     // The good client still works, and the server stops cleanly.
     capacity(&mut good).await.expect("still served");
-    let _ = stop.send(());
-    server.await.expect("joins").expect("server ends cleanly");
+    served.stop().await;
+}
+
+/// Every RPC of the agent, called once; the codes they answered.
+async fn call_everything(c: &mut AgentClient<Channel>) -> Vec<(&'static str, Code)> {
+    use agent::*;
+    let code = |r: Result<(), tonic::Status>| r.err().map_or(Code::Ok, |s| s.code());
+    let volume = || VolumeRef { volume_id: "vol:local:x".into() };
+    let snapshot = || SnapshotRef { snapshot_id: "snap:local:x".into() };
+    let create = CreateVolumeRequest {
+        pool: "local".into(),
+        name: "stolen".into(),
+        size_bytes: Some(1 << 20),
+        ..Default::default()
+    };
+    let snap = SnapshotRequest { volume_id: "vol:local:x".into(), name: "s".into() };
+    vec![
+        ("CreateVolume", code(c.create_volume(create).await.map(drop))),
+        ("DeleteVolume", code(c.delete_volume(volume()).await.map(drop))),
+        ("GetVolume", code(c.get_volume(volume()).await.map(drop))),
+        ("LocateVolume", code(c.locate_volume(volume()).await.map(drop))),
+        ("LocateSnapshot", code(c.locate_snapshot(snapshot()).await.map(drop))),
+        ("ListVolumes", code(c.list_volumes(Empty {}).await.map(drop))),
+        (
+            "ExpandVolume",
+            code(
+                c.expand_volume(ExpandVolumeRequest {
+                    volume_id: "vol:local:x".into(),
+                    size_bytes: 1 << 21,
+                })
+                .await
+                .map(drop),
+            ),
+        ),
+        (
+            "ModifyVolume",
+            code(
+                c.modify_volume(ModifyVolumeRequest { volume_id: "vol:local:x".into(), qos: None })
+                    .await
+                    .map(drop),
+            ),
+        ),
+        (
+            "CreateSnapshots",
+            code(
+                c.create_snapshots(CreateSnapshotsRequest { snapshots: vec![snap] })
+                    .await
+                    .map(drop),
+            ),
+        ),
+        ("DeleteSnapshot", code(c.delete_snapshot(snapshot()).await.map(drop))),
+        ("ListSnapshots", code(c.list_snapshots(Empty {}).await.map(drop))),
+        ("GetCapacity", code(c.get_capacity(PoolRef { pool: "local".into() }).await.map(drop))),
+        ("WatchEvents", code(c.watch_events(Empty {}).await.map(drop))),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_certificate_is_refused_permission_denied_on_every_rpc_unary_and_streaming() {
+    let env = Env::new().await;
+    let dir = env.dir.path();
+    let cluster = Ca::new(dir, "cluster-ca");
+    let node_1 = cluster.leaf(dir, "node-1", &cluster);
+    let served = serve(&env, &node_1).await;
+
+    // Node 2's certificate from the same CA, usable as a client (as the chart's certificates
+    // once were): the handshake passes, and every call is refused by name.
+    let node_2 = cluster.leaf_for(dir, "node-2", &cluster, &[ServerAuth, ClientAuth]);
+    let mut client = tls::connect_agent(served.addr, "node-1", &node_2).await.expect("connect");
+    let answered = call_everything(&mut client).await;
+    assert_eq!(answered.len(), 13, "every RPC of agent.proto");
+    for (rpc, code) in &answered {
+        assert_eq!(*code, Code::PermissionDenied, "{rpc} answered a node's certificate");
+    }
+    assert!(
+        !env.pool_dir().join("volumes/stolen.json").exists(),
+        "a refused CreateVolume created a volume"
+    );
+
+    // The controller's certificate gets answers (not PERMISSION_DENIED) to the same calls.
+    let controller = cluster.leaf(dir, CONTROLLER, &cluster);
+    let mut client = tls::connect_agent(served.addr, "node-1", &controller).await.expect("connect");
+    for (rpc, code) in call_everything(&mut client).await {
+        assert_ne!(code, Code::PermissionDenied, "{rpc} refused the controller");
+        assert_ne!(code, Code::Unavailable, "{rpc} did not answer the controller");
+    }
+
+    // A node certificate as the signer issues it (server auth only) cannot even be a client.
+    let node_3 = cluster.leaf_for(dir, "node-3", &cluster, &[ServerAuth]);
+    assert!(
+        refused_at_connection(served.addr, "node-1", &node_3).await,
+        "served a server-only cert"
+    );
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_refuses_an_agent_presenting_another_nodes_certificate() {
+    let env = Env::new().await;
+    let dir = env.dir.path();
+    let cluster = Ca::new(dir, "cluster-ca");
+    // Node 2's address, but node 1's certificate and key (stolen from node 1's files).
+    let node_1 = cluster.leaf_for(dir, "node-1", &cluster, &[ServerAuth]);
+    let served = serve(&env, &node_1).await;
+    let controller = cluster.leaf_for(dir, CONTROLLER, &cluster, &[ClientAuth]);
+    assert!(
+        refused_at_connection(served.addr, "node-2", &controller).await,
+        "the controller talked to node 1's certificate as node 2"
+    );
+    let mut as_node_1 =
+        tls::connect_agent(served.addr, "node-1", &controller).await.expect("connect");
+    capacity(&mut as_node_1).await.expect("the same agent is node 1 to the controller");
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_from_the_next_connection_on_without_a_restart() {
+    let env = Env::new().await;
+    let dir = env.dir.path();
+    let cluster = Ca::new(dir, "cluster-ca");
+    let old = cluster.leaf_for(dir, "node-1", &cluster, &[ServerAuth]);
+    let served = serve(&env, &old).await;
+    let controller = cluster.leaf_for(dir, CONTROLLER, &cluster, &[ClientAuth]);
+    let mut open = tls::connect_agent(served.addr, "node-1", &controller).await.expect("connect");
+    capacity(&mut open).await.expect("served");
+
+    // Renewal: a new key and certificate (named differently here, so the client can tell).
+    let renewed = cluster.leaf_for(dir, "node-1-renewed", &cluster, &[ServerAuth]);
+    let chain = tls::read_certificates(&renewed.cert).expect("chain");
+    served.tls.cert.replace(chain, tls::read_key(&renewed.key).expect("key")).expect("replace");
+    let mut fresh =
+        tls::connect_agent(served.addr, "node-1-renewed", &controller).await.expect("connect");
+    capacity(&mut fresh).await.expect("the new certificate is served");
+    assert!(
+        refused_at_connection(served.addr, "node-1", &controller).await,
+        "a new connection still got the old certificate"
+    );
+    capacity(&mut open).await.expect("a connection opened before the renewal keeps working");
+
+    // A key that does not match its certificate is refused, and the renewed one stays.
+    let mismatched = tls::read_key(&old.key).expect("key");
+    let chain = tls::read_certificates(&renewed.cert).expect("chain");
+    assert!(served.tls.cert.replace(chain, mismatched).is_err(), "a mismatched pair was taken");
+    capacity(&mut fresh).await.expect("still served");
+    served.stop().await;
 }

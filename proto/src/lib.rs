@@ -16,3 +16,55 @@ pub mod csi {
 pub mod agent {
     tonic::include_proto!("qsd.agent.v1");
 }
+
+/// Who is who between the controller and the node agents: the names their certificates carry.
+///
+/// ```text
+///   controller  ── client certificate, CN = controller identity ──► node agent (authorizes it)
+///   node agent  ── server certificate, CN = DNS name = node name ──► controller (checks the node)
+/// ```
+/// Pure rules shared by the signer (controller), the requester (node) and the agent's
+/// authorization; no I/O.
+pub mod identity {
+    /// The identity the agents obey unless configured otherwise: the CN of the controller's
+    /// client certificate.
+    pub const DEFAULT_CONTROLLER_IDENTITY: &str = "qsd-csi-controller";
+
+    /// The Kubernetes signer name of node agent certificates (certificates.k8s.io): node
+    /// plugins ask for their certificate under it, the controller approves and signs.
+    pub const AGENT_SIGNER: &str = "qsd.csi.dev/node-agent";
+
+    /// Whether `name` can be a node's certificate name: a lowercase RFC 1123 DNS subdomain (what
+    /// Kubernetes accepts as a node name), so it fits a DNS subject alternative name.
+    pub fn valid_node_name(name: &str) -> bool {
+        !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn node_names_are_dns_subdomains() {
+            for good in ["w1", "worker-1.example.com", "a", &"a".repeat(63)] {
+                assert!(valid_node_name(good), "{good}");
+            }
+            let long_label = "a".repeat(64);
+            let long_name = ["a"; 127].join(".") + ".ab";
+            for bad in ["", "W1", "-w", "w-", "a..b", "w_1", "w 1", "*.x", &long_label, &long_name]
+            {
+                assert!(!valid_node_name(bad), "{bad}");
+            }
+        }
+    }
+}

@@ -50,6 +50,9 @@ enum Command {
     /// Create, list or delete snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// Certificates for node agents on hosts without Kubernetes.
+    #[command(subcommand)]
+    Certs(CertsCmd),
     /// Copy a volume into a new one (point-in-time, while the source stays in use).
     Clone {
         /// The source volume's ID.
@@ -175,7 +178,7 @@ struct NodeMode {
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9443")]
     agent_listen: std::net::SocketAddr,
     #[command(flatten)]
-    tls: qsd_node::tls::TlsFiles,
+    tls: qsd_node::tls::AgentTlsArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -215,6 +218,43 @@ struct ControllerMode {
     identity: String,
     #[command(flatten)]
     tls: qsd_node::tls::TlsFiles,
+    /// Sign the node agents' certificate requests (Kubernetes CSRs, signer
+    /// qsd.csi.dev/node-agent) with this CA key, after checking each comes from a node plugin
+    /// pod (--discover-agents selects them) running on the node it names. Needs
+    /// --discover-agents.
+    #[arg(long, value_name = "FILE", requires = "discover_agents")]
+    signing_ca_key: Option<PathBuf>,
+    /// The signing CA's certificate (default: --tls-ca).
+    #[arg(long, value_name = "FILE", requires = "signing_ca_key")]
+    signing_ca_cert: Option<PathBuf>,
+    /// The node plugin pods' service account (in --namespace): only it may ask for agent
+    /// certificates.
+    #[arg(long, value_name = "NAME", default_value = "qsd-csi-node")]
+    node_service_account: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCmd {
+    /// Sign a node agent's certificate with the cluster CA, for nodes that cannot ask through
+    /// Kubernetes: a new key, the node's name as CN and DNS name, server auth only. Writes
+    /// OUT_DIR/NODE.crt and OUT_DIR/NODE.key (0600).
+    SignNode {
+        /// The node's name.
+        #[arg(long)]
+        node: String,
+        /// The cluster CA's certificate (PEM).
+        #[arg(long, value_name = "FILE")]
+        ca_cert: PathBuf,
+        /// The cluster CA's key (PEM).
+        #[arg(long, value_name = "FILE")]
+        ca_key: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+        /// Where to write the certificate and key.
+        #[arg(long, value_name = "DIR")]
+        out_dir: PathBuf,
+    },
 }
 
 fn listen(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
@@ -291,8 +331,20 @@ async fn node_mode(endpoint: &str, args: NodeMode) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.agent_listen)
         .await
         .with_context(|| format!("listening for the agent on {}", args.agent_listen))?;
-    tracing::info!(addr = %args.agent_listen, "serving the node agent over mutual TLS");
-    let agent = qsd_node::tls::serve_agent(core.clone(), listener, &args.tls, stop_signal());
+    let agent = {
+        let core = core.clone();
+        let node_name = core.config().node.as_str().to_owned();
+        let tls_dir = args.node.engine.state_dir.join("tls");
+        async move {
+            let tls = tokio::select! {
+                tls = agent_tls(&args.tls, &node_name, &tls_dir) => tls?,
+                () = stop_signal() => return Ok(()),
+            };
+            tracing::info!(addr = %args.agent_listen, controller = tls.controller_identity, "serving the node agent over mutual TLS");
+            qsd_node::tls::serve_agent(core, listener, &tls, stop_signal()).await?;
+            anyhow::Ok(())
+        }
+    };
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(Some(core), false)))
         .add_service(NodeServer::new(node));
@@ -300,6 +352,27 @@ async fn node_mode(endpoint: &str, args: NodeMode) -> anyhow::Result<()> {
     csi?;
     agent?;
     Ok(())
+}
+
+/// The agent's TLS: from files, or (bootstrap) from the cluster, waiting until the controller
+/// signs a certificate for this node and renewing it in the background.
+async fn agent_tls(
+    args: &qsd_node::tls::AgentTlsArgs,
+    node: &str,
+    dir: &Path,
+) -> anyhow::Result<qsd_node::tls::AgentTls> {
+    use qsd_node::tls::{bootstrap::Bootstrap, AgentTls, ServingCert, TlsFiles};
+    if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+        let files = TlsFiles { cert: cert.clone(), key: key.clone(), ca: args.ca.clone() };
+        return Ok(files.agent(&args.controller_identity)?);
+    }
+    let client_ca = qsd_node::tls::read_certificates(&args.ca)?;
+    let client = kube::Client::try_default().await.context("connecting to Kubernetes")?;
+    let bootstrap = Bootstrap::new(client, node, dir)?;
+    let (chain, key) = bootstrap.initial().await;
+    let cert = ServingCert::new(chain, key)?;
+    tokio::spawn(bootstrap.keep_renewed(cert.clone()));
+    Ok(AgentTls { cert, client_ca, controller_identity: args.controller_identity.clone() })
 }
 
 async fn controller_mode(endpoint: &str, args: ControllerMode) -> anyhow::Result<()> {
@@ -375,6 +448,32 @@ async fn controller_mode(endpoint: &str, args: ControllerMode) -> anyhow::Result
         }
         _ => None,
     };
+    let signer = match (&args.signing_ca_key, &client, &args.discover_agents) {
+        (Some(key), Some(client), Some(selector)) => {
+            use qsd_csi_controller::signer::{Signer, SignerConfig, SigningCa, MAX_LIFETIME};
+            let ca =
+                SigningCa::from_files(args.signing_ca_cert.as_ref().unwrap_or(&args.tls.ca), key)
+                    .context("loading the CA that signs node agent certificates")?;
+            let identity = qsd_node::tls::read_certificates(&args.tls.cert)?
+                .first()
+                .and_then(|c| qsd_node::tls::common_name(c))
+                .context("the controller's certificate has no common name (its identity)")?;
+            let config = SignerConfig {
+                namespace: args.namespace.clone(),
+                service_account: args.node_service_account.clone(),
+                pod_selector: selector.clone(),
+                controller_identity: identity,
+                max_lifetime: MAX_LIFETIME,
+            };
+            let (stop_signing, stopped) = tokio::sync::oneshot::channel::<()>();
+            let signer = Signer::new(client.clone(), ca, config);
+            let task = tokio::spawn(signer.run(leading.clone(), async {
+                let _ = stopped.await;
+            }));
+            Some((stop_signing, task))
+        }
+        _ => None,
+    };
     tokio::spawn(qsd_csi_controller::relay::run(agents.clone(), events.clone(), leading));
     tracing::info!(nodes = ?agents.nodes().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(), "controller ready");
     let router = tonic::transport::Server::builder()
@@ -383,12 +482,44 @@ async fn controller_mode(endpoint: &str, args: ControllerMode) -> anyhow::Result
             ControllerService::new(agents, args.default_pool).with_events(events),
         ));
     let served = serve_csi(endpoint, router).await;
+    if let Some((stop_signing, task)) = signer {
+        let _ = stop_signing.send(());
+        let _ = task.await;
+    }
     // Hand the Lease over at once rather than letting it expire.
     let _ = stopped_tx.send(());
     if let Some(election) = election {
         let _ = election.await;
     }
     served
+}
+
+/// `qsd-csi certs sign-node`: the signer's certificate for a node, its key made here.
+fn sign_node(
+    node: &str,
+    ca_cert: &Path,
+    ca_key: &Path,
+    days: u64,
+    out: &Path,
+) -> anyhow::Result<()> {
+    use qsd_csi_controller::signer::SigningCa;
+    anyhow::ensure!(
+        qsd_csi_proto::identity::valid_node_name(node),
+        "{node:?} cannot be named by a certificate (a lowercase DNS name)"
+    );
+    let ca = SigningCa::from_files(ca_cert, ca_key)?;
+    let key = rcgen::KeyPair::generate()?;
+    let chain = ca.issue(node, &key, std::time::Duration::from_secs(days * 24 * 3600))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    qsd_node::pool::store::write_bytes(
+        out,
+        &format!("{node}.key"),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    qsd_node::pool::store::write_bytes(out, &format!("{node}.crt"), chain.as_bytes(), 0o644)?;
+    println!("{}", out.join(format!("{node}.crt")).display());
+    Ok(())
 }
 
 #[tokio::main]
@@ -399,6 +530,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Standalone(args) => standalone(&cli.endpoint, args).await,
         Command::Node(args) => node_mode(&cli.endpoint, args).await,
         Command::Controller(args) => controller_mode(&cli.endpoint, args).await,
+        Command::Certs(CertsCmd::SignNode { node, ca_cert, ca_key, days, out_dir }) => {
+            sign_node(&node, &ca_cert, &ca_key, days, &out_dir)
+        }
         command => {
             if let Err(message) = client(&cli.endpoint, command).await {
                 eprintln!("qsd-csi: {message}");
@@ -422,7 +556,7 @@ async fn client(endpoint: &str, command: Command) -> Result<(), String> {
     }
     let size = |s: &str| cli::parse_size(s);
     match command {
-        Command::Standalone(_) | Command::Node(_) | Command::Controller(_) => {
+        Command::Standalone(_) | Command::Node(_) | Command::Controller(_) | Command::Certs(_) => {
             unreachable!("handled by main")
         }
         Command::Volume(VolumeCmd::Create {

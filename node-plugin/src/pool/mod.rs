@@ -22,7 +22,7 @@
 //! [`Pool::open`] collects.
 
 pub mod id;
-pub(crate) mod store;
+pub mod store;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

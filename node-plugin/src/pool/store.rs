@@ -1,7 +1,6 @@
 //! Atomic metadata files: write a temp file, fsync it, rename it over the target, fsync the
 //! directory. A reader sees the old record or the new one, never a torn one.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
@@ -12,12 +11,25 @@ use crate::error::{Error, Result};
 
 /// Writes `value` as JSON to `dir/name` atomically.
 pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|source| Error::Metadata { path: dir.join(name), source })?;
+    write_bytes(dir, name, &bytes, 0o644)
+}
+
+/// Writes `bytes` to `dir/name` atomically, the file readable as `mode` allows from its
+/// creation on (a key never exists with wider permissions, not even as the temp file).
+pub fn write_bytes(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let target = dir.join(name);
     let temp = dir.join(format!(".{name}.tmp"));
-    let bytes = serde_json::to_vec_pretty(value)
-        .map_err(|source| Error::Metadata { path: target.clone(), source })?;
-    let mut file = File::create(&temp).map_err(|e| Error::io("create", &temp, e))?;
-    file.write_all(&bytes).map_err(|e| Error::io("write", &temp, e))?;
+    let _ = std::fs::remove_file(&temp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&temp)
+        .map_err(|e| Error::io("create", &temp, e))?;
+    file.write_all(bytes).map_err(|e| Error::io("write", &temp, e))?;
     file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
     drop(file);
     std::fs::rename(&temp, &target).map_err(|e| Error::io("rename into place", &target, e))?;
@@ -64,7 +76,9 @@ pub fn read_all<T: DeserializeOwned>(dir: &Path, sweep_temp: bool) -> Result<Vec
 
 /// fsyncs a directory so that renames and unlinks in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("fsync directory", dir, e))
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("fsync directory", dir, e))
 }
 
 #[cfg(test)]
