@@ -59,9 +59,12 @@ pub enum SignError {
         #[source]
         source: std::io::Error,
     },
-    /// The CA certificate or key is unusable.
-    #[error("the signing CA is unusable")]
+    /// The CA certificate is unusable.
+    #[error("the signing CA's certificate is unusable")]
     Ca(#[source] rcgen::Error),
+    /// The CA key is unusable.
+    #[error("the signing CA's key is unusable: it must be an ECDSA, Ed25519 or RSA key in PKCS#8 PEM (-----BEGIN PRIVATE KEY-----); `openssl pkcs8 -topk8 -nocrypt` converts others")]
+    CaKey(#[source] rcgen::Error),
     /// Signing failed.
     #[error("signing the certificate failed")]
     Issue(#[source] rcgen::Error),
@@ -96,7 +99,7 @@ impl std::fmt::Debug for SigningCa {
 impl SigningCa {
     /// A CA from its PEM certificate and key.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, SignError> {
-        let key = KeyPair::from_pem(key_pem).map_err(SignError::Ca)?;
+        let key = KeyPair::from_pem(key_pem).map_err(SignError::CaKey)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(SignError::Ca)?;
         Ok(SigningCa { issuer, cert_pem: cert_pem.to_owned() })
     }
@@ -415,5 +418,251 @@ impl Signer {
                 tracing::warn!(error = %e, cause = ?std::error::Error::source(&e).map(ToString::to_string), "signing node agent certificates failed; trying again");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::PodSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn config() -> SignerConfig {
+        SignerConfig {
+            namespace: "qsd".into(),
+            service_account: "qsd-csi-node".into(),
+            pod_selector: "app.kubernetes.io/component=node,app.kubernetes.io/instance=qsd".into(),
+            controller_identity: "qsd-csi-controller".into(),
+            max_lifetime: MAX_LIFETIME,
+        }
+    }
+
+    fn csr_pem(cn: &str, sans: &[&str], usages: &[rcgen::ExtendedKeyUsagePurpose]) -> String {
+        let key = KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = usages.to_vec();
+        params.serialize_request(&key).expect("csr").pem().expect("pem")
+    }
+
+    /// A request as the API server would show node w1's plugin pod's.
+    fn spec(pem: &str) -> CertificateSigningRequestSpec {
+        let extra = [
+            (EXTRA_POD_NAME, "qsd-node-abc"),
+            (EXTRA_POD_UID, "uid-1"),
+            (EXTRA_NODE_NAME, "w1"),
+            ("authentication.kubernetes.io/credential-id", "JTI=x"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), vec![v.to_owned()]))
+        .collect();
+        CertificateSigningRequestSpec {
+            request: ByteString(pem.as_bytes().to_vec()),
+            signer_name: AGENT_SIGNER.into(),
+            usages: Some(vec!["digital signature".into(), "server auth".into()]),
+            username: Some("system:serviceaccount:qsd:qsd-csi-node".into()),
+            extra: Some(extra),
+            expiration_seconds: Some(86400),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_node_plugin_pods_request_for_its_own_node_passes_the_checks() {
+        let checked = check_request(&spec(&csr_pem("w1", &["w1"], &[])), &config()).expect("ok");
+        assert_eq!(checked.node, "w1");
+        assert_eq!(checked.pod, ("qsd-node-abc".into(), "uid-1".into()));
+        assert_eq!(checked.lifetime, Duration::from_secs(86400));
+        let mut long = spec(&csr_pem("w1", &["w1"], &[rcgen::ExtendedKeyUsagePurpose::ServerAuth]));
+        long.expiration_seconds = Some(365 * 86400);
+        assert_eq!(check_request(&long, &config()).expect("ok").lifetime, MAX_LIFETIME, "capped");
+    }
+
+    #[test]
+    fn requests_that_could_pose_as_another_node_or_the_controller_are_denied() {
+        use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+        let good = || spec(&csr_pem("w1", &["w1"], &[]));
+        let with = |f: &dyn Fn(&mut CertificateSigningRequestSpec)| {
+            let mut s = good();
+            f(&mut s);
+            s
+        };
+        let extra = |key: &str, value: Option<&str>| {
+            let key = key.to_owned();
+            let value = value.map(str::to_owned);
+            move |s: &mut CertificateSigningRequestSpec| {
+                let extra = s.extra.get_or_insert_with(Default::default);
+                match &value {
+                    Some(v) => extra.insert(key.clone(), vec![v.clone()]),
+                    None => extra.remove(&key),
+                };
+            }
+        };
+        let mut tampered = csr_pem("w1", &["w1"], &[]).into_bytes();
+        let at = tampered.len() / 2;
+        tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+        let table: Vec<(&str, CertificateSigningRequestSpec, &str)> = vec![
+            (
+                "another signer",
+                with(&|s| s.signer_name = "kubernetes.io/kubelet-serving".into()),
+                "signer",
+            ),
+            ("a user", with(&|s| s.username = Some("alice".into())), "only"),
+            (
+                "another service account",
+                with(&|s| s.username = Some("system:serviceaccount:qsd:qsd-csi-controller".into())),
+                "only",
+            ),
+            ("a token bound to no pod", with(&extra(EXTRA_POD_NAME, None)), "pod-name"),
+            ("a token bound to no node", with(&extra(EXTRA_NODE_NAME, None)), "node-name"),
+            ("another node's name", spec(&csr_pem("w2", &["w2"], &[])), "CN=\"w1\""),
+            ("a second DNS name", spec(&csr_pem("w1", &["w1", "w2"], &[])), "exactly the DNS name"),
+            (
+                "an IP address",
+                spec(&csr_pem("w1", &["w1", "127.0.0.1"], &[])),
+                "exactly the DNS name",
+            ),
+            ("the controller's name", spec(&csr_pem("qsd-csi-controller", &["w1"], &[])), "CN="),
+            (
+                "a node named as the controller",
+                with(&extra(EXTRA_NODE_NAME, Some("qsd-csi-controller"))),
+                "cannot be named",
+            ),
+            (
+                "client auth in the CSR",
+                spec(&csr_pem("w1", &["w1"], &[ServerAuth, ClientAuth])),
+                "more than",
+            ),
+            (
+                "client auth in the usages",
+                with(&|s| s.usages = Some(vec!["server auth".into(), "client auth".into()])),
+                "server auth only",
+            ),
+            (
+                "no server auth",
+                with(&|s| s.usages = Some(vec!["digital signature".into()])),
+                "server auth only",
+            ),
+            (
+                "a broken signature",
+                with(&|s| s.request = ByteString(tampered.clone())),
+                "unreadable or its signature",
+            ),
+        ];
+        for (what, spec, reason) in table {
+            match check_request(&spec, &config()) {
+                Ok(c) => panic!("{what}: accepted for node {}", c.node),
+                Err(e) => assert!(e.contains(reason), "{what}: {e}"),
+            }
+        }
+    }
+
+    fn pod(uid: &str, node: &str, sa: &str, component: &str, deleting: bool) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("qsd-node-abc".into()),
+                uid: Some(uid.into()),
+                labels: Some(
+                    [
+                        ("app.kubernetes.io/component", component),
+                        ("app.kubernetes.io/instance", "qsd"),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.into(), v.into()))
+                    .collect(),
+                ),
+                deletion_timestamp: deleting.then(|| Time(Timestamp::now())),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(node.into()),
+                service_account_name: Some(sa.into()),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    #[test]
+    fn the_requesting_pod_must_be_that_node_plugin_pod_on_that_node() {
+        let checked = check_request(&spec(&csr_pem("w1", &["w1"], &[])), &config()).expect("ok");
+        let ok = pod("uid-1", "w1", "qsd-csi-node", "node", false);
+        assert_eq!(check_pod(Some(&ok), &checked, &config()), Ok(()));
+        let table = [
+            ("gone", None, "does not exist"),
+            ("recreated", Some(pod("uid-2", "w1", "qsd-csi-node", "node", false)), "uid"),
+            (
+                "on another node",
+                Some(pod("uid-1", "w2", "qsd-csi-node", "node", false)),
+                "does not run on",
+            ),
+            (
+                "another account",
+                Some(pod("uid-1", "w1", "default", "node", false)),
+                "does not run as",
+            ),
+            (
+                "not a node plugin",
+                Some(pod("uid-1", "w1", "qsd-csi-node", "controller", false)),
+                "not a qsd-csi",
+            ),
+            (
+                "being deleted",
+                Some(pod("uid-1", "w1", "qsd-csi-node", "node", true)),
+                "being deleted",
+            ),
+        ];
+        for (what, pod, reason) in table {
+            let e = check_pod(pod.as_ref(), &checked, &config()).expect_err(what);
+            assert!(e.contains(reason), "{what}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_issued_certificate_names_the_node_for_server_auth_only_and_chains_to_the_ca() {
+        use x509_parser::prelude::*;
+        let key = KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "test-ca");
+        let ca_cert = params.self_signed(&key).expect("ca");
+        let ca = SigningCa::from_pem(&ca_cert.pem(), &key.serialize_pem()).expect("ca");
+        let node_key = KeyPair::generate().expect("key");
+        let pem = ca.issue("w1", &node_key, Duration::from_secs(3600)).expect("issued");
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let blocks = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("pem");
+        assert_eq!(blocks.len(), 2, "leaf, then the CA");
+        assert_eq!(blocks[1], *ca_cert.der());
+        let (_, leaf) = X509Certificate::from_der(&blocks[0]).expect("leaf");
+        assert_eq!(
+            leaf.subject().iter_common_name().next().and_then(|c| c.as_str().ok()),
+            Some("w1")
+        );
+        let sans = leaf.subject_alternative_name().expect("ext").expect("sans").value;
+        assert_eq!(sans.general_names, vec![GeneralName::DNSName("w1")]);
+        let eku = leaf.extended_key_usage().expect("ext").expect("eku").value;
+        assert!(eku.server_auth && !eku.client_auth && !eku.any, "{eku:?}");
+        assert!(!leaf.is_ca());
+        assert_eq!(leaf.public_key().raw, rcgen::PublicKeyData::subject_public_key_info(&node_key));
+        let (_, ca_parsed) = X509Certificate::from_der(ca_cert.der()).expect("ca");
+        leaf.verify_signature(Some(ca_parsed.public_key())).expect("signed by the CA");
+        let life = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+        assert_eq!(life, 3600 + BACKDATE.as_secs() as i64);
+    }
+
+    #[test]
+    fn selectors_match_by_equality() {
+        let labels: BTreeMap<String, String> =
+            [("a", "1"), ("b", "2")].into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        assert!(selector_matches("a=1,b==2", &labels));
+        assert!(selector_matches("a, c!=3", &labels));
+        assert!(!selector_matches("a=2", &labels));
+        assert!(!selector_matches("c", &labels));
+        assert!(!selector_matches("b!=2", &labels));
     }
 }

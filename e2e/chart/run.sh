@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Helm chart: `helm lint --strict`, `helm template` for each TLS source and option set, and
-# the rendered chart run for real: the DaemonSet's qemu-storage-daemon command, its node plugin
+# least privilege (no key in a node pod, see check_privilege.py), and the rendered chart run for real: the DaemonSet's qemu-storage-daemon command, its node plugin
 # arguments and the Deployment's controller arguments, with the certificates the chart
 # generated, as local processes (paths and addresses moved into a temporary directory). A volume
 # is created through the controller, staged and published through the node plugin, written,
@@ -27,11 +27,19 @@ check() { # NAME COMMAND...
 chart=$top/charts/qsd-csi
 k8s=--kube-version=1.34.0
 check lint "$helm" lint --strict "$chart"
-check template-cert-manager "$helm" template t "$chart" $k8s --set tls.source=cert-manager \
-  --set volumeAttributesClass.enabled=true --set storageClasses.shared.enabled=true
-check refuses-unknown-tls-source bash -c "! '$helm' template t '$chart' $k8s --set tls.source=x"
 work=$(mktemp -d /tmp/qsd-chart-XXXX)
 trap 'rm -rf "$work"' EXIT
+# A CA certificate for the cert-manager case's bundle (any will do for rendering).
+openssl req -x509 -newkey ed25519 -nodes -subj /CN=issuer -days 1 -keyout "$work/issuer.key" \
+  -out "$work/issuer.crt" 2>/dev/null
+check template-cert-manager bash -c "'$helm' template t '$chart' $k8s --set tls.source=cert-manager \
+  --set volumeAttributesClass.enabled=true --set storageClasses.shared.enabled=true \
+  --set-file tls.certManager.caBundle='$work/issuer.crt' >'$work/cert-manager.yaml'"
+check least-privilege-cert-manager /usr/bin/python3 "$here/check_privilege.py" "$work/cert-manager.yaml"
+check cert-manager-needs-a-ca-bundle bash -c "! '$helm' template t '$chart' $k8s --set tls.source=cert-manager"
+check refuses-unknown-tls-source bash -c "! '$helm' template t '$chart' $k8s --set tls.source=x"
+"$helm" template t "$chart" $k8s >"$work/default.yaml"
+check least-privilege /usr/bin/python3 "$here/check_privilege.py" "$work/default.yaml"
 # No API server runs for this test (e2e/cluster has one): no leader election.
 "$helm" template t "$chart" $k8s --set 'controller.agents[0].name=worker-1' --set controller.leaderElection=false \
   --set storageClasses.shared.enabled=true --set storageClasses.shared.hostPath=/mnt/qsd-shared \

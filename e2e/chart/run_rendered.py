@@ -4,7 +4,12 @@ Taken from the rendered objects, unchanged except for paths and addresses:
   - the DaemonSet's qemu-storage-daemon container command (external daemon),
   - the DaemonSet's qsd-csi container arguments (node plugin + agent over mutual TLS),
   - the Deployment's qsd-csi container arguments (controller),
-  - the certificates in the chart's generated Secret.
+  - the CA and controller certificate in the chart's generated Secret, the CA certificate alone
+    in its ConfigMap (what the node mounts).
+No API server runs here (e2e/cluster has one), so two things are done by hand: the node's
+certificate comes from `qsd-csi certs sign-node` with the chart's CA (in a cluster the node asks
+for it with --tls-bootstrap and the controller signs it), and the controller's signer arguments
+are left out. A controller presenting the node's certificate is refused.
 Usage: run_rendered.py RENDERED.yaml WORKDIR QSD_CSI_BINARY
 """
 
@@ -49,11 +54,18 @@ def main():
     rendered, work, binary = sys.argv[1], sys.argv[2], sys.argv[3]
     docs = [d for d in yaml.safe_load_all(open(rendered)) if d]
     secret = next(d for d in docs if d["kind"] == "Secret")
+    bundle = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-agent-ca-bundle"))
     tls = os.path.join(work, "tls")
     os.makedirs(tls)
     for key, value in secret["data"].items():
         with open(os.path.join(tls, key), "wb") as f:
             f.write(base64.b64decode(value))
+    with open(os.path.join(tls, "bundle.crt"), "w") as f:
+        f.write(bundle["data"]["ca.crt"])
+    assert set(secret["data"]) == {"ca.crt", "ca.key", "tls.crt", "tls.key"}, secret["data"].keys()
+    assert "BEGIN" not in bundle["data"]["ca.crt"].split("CERTIFICATE-----", 1)[1].replace("END CERTIFICATE", ""), "only a certificate in the bundle"
+    subprocess.run([binary, "certs", "sign-node", "--node", "worker-1", "--ca-cert", os.path.join(tls, "ca.crt"),
+                    "--ca-key", os.path.join(tls, "ca.key"), "--out-dir", tls], check=True, capture_output=True)
 
     daemonset = next(d for d in docs if d["kind"] == "DaemonSet")
     state_mount = next(
@@ -68,12 +80,28 @@ def main():
 
     def local(arg, who):
         arg = arg.replace(state_mount, state).replace("/mnt/qsd-shared", shared)
-        arg = arg.replace("/etc/qsd-csi/tls/tls.crt", os.path.join(tls, f"{who}.crt"))
-        arg = arg.replace("/etc/qsd-csi/tls/tls.key", os.path.join(tls, f"{who}.key"))
-        arg = arg.replace("/etc/qsd-csi/tls/ca.crt", os.path.join(tls, "ca.crt"))
+        arg = arg.replace("/etc/qsd-csi/tls/tls.crt", os.path.join(tls, "tls.crt"))
+        arg = arg.replace("/etc/qsd-csi/tls/tls.key", os.path.join(tls, "tls.key"))
+        ca = "bundle.crt" if who == "node" else "ca.crt"
+        arg = arg.replace("/etc/qsd-csi/tls/ca.crt", os.path.join(tls, ca))
         arg = arg.replace("unix:///csi/csi.sock", f"unix://{work}/{who}.sock")
         arg = arg.replace("0.0.0.0:", "127.0.0.1:").replace(":9443", f":{port}")
         return arg.replace("10.0.0.1:", "127.0.0.1:")
+
+    def node_args(args):
+        """The node's arguments, its certificate from files instead of --tls-bootstrap."""
+        assert "--tls-bootstrap" in args, args
+        files = ["--tls-cert", os.path.join(tls, "worker-1.crt"), "--tls-key", os.path.join(tls, "worker-1.key")]
+        return [a for a in (local(a, "node") for a in args) if a != "--tls-bootstrap"] + files
+
+    def controller_args(args, cert=None):
+        """The controller's arguments without the signer (it needs an API server)."""
+        signer = ("--signing-ca-key=", "--signing-ca-cert=", "--node-service-account=", "--node-pod-selector=")
+        assert all(any(a.startswith(s) for a in args) for s in signer), args
+        out = [local(a, "controller") for a in args if not a.startswith(signer)]
+        if cert:
+            out = [a.replace(os.path.join(tls, "tls."), os.path.join(tls, cert + ".")) for a in out]
+        return out
 
     qsd = container(docs, "DaemonSet", "qemu-storage-daemon")
     node = container(docs, "DaemonSet", "qsd-csi")
@@ -86,12 +114,17 @@ def main():
         procs.append(subprocess.Popen(qsd["command"] + [local(a, "node") for a in qsd["args"]],
                                       stdout=logs, stderr=logs))
         wait_for(os.path.join(state, "run", "qmp.sock"), procs, "qemu-storage-daemon")
-        procs.append(subprocess.Popen([binary] + [local(a, "node") for a in node["args"]],
+        procs.append(subprocess.Popen([binary] + node_args(node["args"]),
                                       stdout=logs, stderr=logs, env=env))
         wait_for(os.path.join(work, "node.sock"), procs, "node plugin")
-        procs.append(subprocess.Popen([binary] + [local(a, "controller") for a in ctl["args"]],
+        procs.append(subprocess.Popen([binary] + controller_args(ctl["args"]),
                                       stdout=logs, stderr=logs))
         wait_for(os.path.join(work, "controller.sock"), procs, "controller")
+        # Someone holding the node's files poses as the controller: refused.
+        impostor = [a.replace(f"unix://{work}/controller.sock", f"unix://{work}/impostor.sock")
+                    for a in controller_args(ctl["args"], cert="worker-1")]
+        procs.append(subprocess.Popen([binary] + impostor, stdout=logs, stderr=logs))
+        wait_for(os.path.join(work, "impostor.sock"), procs, "impostor controller")
 
         def cli(endpoint, *args):
             out = subprocess.run([binary, "--endpoint", f"unix://{work}/{endpoint}.sock", *args],
@@ -100,6 +133,11 @@ def main():
                 raise SystemExit(f"qsd-csi {' '.join(args)}: {out.stderr}")
             return out.stdout
 
+        refused = subprocess.run([binary, "--endpoint", f"unix://{work}/impostor.sock", "volume", "create", "x",
+                                  "--size", "16M"], capture_output=True, text=True)
+        assert refused.returncode != 0 and ("nreachable" in refused.stderr or "Unavailable" in refused.stderr), refused.stderr
+        assert not os.path.exists(os.path.join(state, "pools", "default", "volumes", "x.json"))
+        print("a controller with the node's certificate: refused")
         volume = cli("controller", "volume", "create", "pvc-1", "--size", "64M").split("\t")[0]
         assert "@worker-1:" in volume, volume
         mnt, staging = os.path.join(work, "mnt"), os.path.join(work, "staging")

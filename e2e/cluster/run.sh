@@ -4,8 +4,10 @@
 # CRDs, and the CSI sidecars (csi-provisioner with topology, csi-snapshotter, csi-resizer),
 # all built from the Go module proxy (build-tools.sh); our `qsd-csi node` and
 # `qsd-csi controller`, the controller finding the node's agent from its pod object.
-# The chart's cluster objects (CSIDriver, StorageClass, VolumeSnapshotClass, RBAC, the agent
-# certificates) come from `helm template` and are applied with kubectl.
+# The chart's cluster objects (CSIDriver, StorageClass, VolumeSnapshotClass, RBAC, the agent CA
+# and the controller's certificate) come from `helm template` and are applied with kubectl. The
+# node's agent certificate is its own: the node plugin asks for it with a CertificateSigningRequest
+# made with a token bound to its pod object, and the controller signs it (docs/security.md).
 #
 # There is no kubelet and no container runtime here: what they would do is done by hand —
 # the Node and CSINode objects the kubelet and node-driver-registrar publish, the node pod's
@@ -90,6 +92,8 @@ yaml.safe_dump_all(keep, open(f"{work}/cluster-objects.yaml", "w"))
 os.makedirs(f"{work}/tls")
 for k, v in next(d for d in docs if d["kind"] == "Secret")["data"].items():
     open(f"{work}/tls/{k}", "wb").write(base64.b64decode(v))
+bundle = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-agent-ca-bundle"))
+open(f"{work}/tls/bundle.crt", "w").write(bundle["data"]["ca.crt"])
 PY
 kubectl apply -f "$work/cluster-objects.yaml" >/dev/null || { echo "0 passed, 1 failed"; exit 1; }
 
@@ -105,11 +109,6 @@ metadata: {name: w1}
 spec:
   drivers: [{name: qsd.csi.dev, nodeID: w1, topologyKeys: [topology.qsd.csi.dev/node]}]
 ---
-# (No serviceaccount controller runs: the pod's service account is made here.)
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: default, namespace: qsd}
----
 apiVersion: v1
 kind: Pod
 metadata:
@@ -119,17 +118,23 @@ metadata:
 spec:
   nodeName: w1
   hostNetwork: true
+  serviceAccountName: qsd-qsd-csi-node
+  automountServiceAccountToken: false
   containers: [{name: qsd-csi, image: qsd-csi}]
 EOF
 kubectl -n qsd patch pod qsd-qsd-csi-node-w1 --subresource=status --type=merge \
   -p '{"status":{"podIP":"127.0.0.1","podIPs":[{"ip":"127.0.0.1"}]}}' >/dev/null \
   || { echo "0 passed, 1 failed"; exit 1; }
 
-# --- qsd-csi: the node plugin and the controller, with the chart's certificates ---------------
-tls=(--tls-ca "$work/tls/ca.crt")
-start node "$qsd_csi" --endpoint "unix://$work/node.sock" node --state-dir "$work/state" \
-  --node w1 --device fuse --agent-listen "127.0.0.1:$agent_port" \
-  --tls-cert "$work/tls/node.crt" --tls-key "$work/tls/node.key" "${tls[@]}"
+# --- qsd-csi: the node plugin and the controller ----------------------------------------------
+# The node plugin runs on a token of the chart's node service account bound to its pod object,
+# as the kubelet would give the pod: with it, it asks for its agent certificate.
+node_token=$(kubectl -n qsd create token qsd-qsd-csi-node --bound-object-kind Pod \
+  --bound-object-name qsd-qsd-csi-node-w1 --duration=2h) || { echo "0 passed, 1 failed"; exit 1; }
+sed "s/$token/$node_token/" "$KUBECONFIG" >"$work/node.kubeconfig"
+KUBECONFIG=$work/node.kubeconfig start node "$qsd_csi" --endpoint "unix://$work/node.sock" node \
+  --state-dir "$work/state" --node w1 --device fuse --agent-listen "127.0.0.1:$agent_port" \
+  --tls-bootstrap --tls-ca "$work/tls/bundle.crt"
 wait_until 60 test -S "$work/node.sock" || fail_start "the node plugin" node
 # The controller and the sidecars use the chart's service account (a token from the
 # TokenRequest API), so the chart's RBAC is what they are allowed: nothing more.
@@ -142,8 +147,9 @@ controller() { # IDENTITY SOCKET
   KUBECONFIG=$work/sa.kubeconfig POD_NAMESPACE=qsd POD_NAME=$1 start "$1" "$qsd_csi" \
     --endpoint "unix://$2" controller --leader-elect \
     --discover-agents app.kubernetes.io/instance=qsd,app.kubernetes.io/component=node \
-    --agent-port "$agent_port" --agent-server-name qsd-csi-node-agent \
-    --tls-cert "$work/tls/controller.crt" --tls-key "$work/tls/controller.key" "${tls[@]}"
+    --agent-port "$agent_port" --node-service-account qsd-qsd-csi-node \
+    --signing-ca-cert "$work/tls/ca.crt" --signing-ca-key "$work/tls/ca.key" \
+    --tls-cert "$work/tls/tls.crt" --tls-key "$work/tls/tls.key" --tls-ca "$work/tls/ca.crt"
 }
 holder() { kubectl -n qsd get lease qsd-csi-controller -o jsonpath='{.spec.holderIdentity}'; }
 controller ctl-1 "$work/ctl1.sock"
@@ -168,6 +174,45 @@ check() { # NAME COMMAND...
   if out=$("$@" 2>&1); then passed=$((passed + 1)); echo "cluster: ok $name"
   else failed=$((failed + 1)); echo "cluster: FAIL $name"; echo "$out" | tail -15 | sed 's/^/  /'; fi
 }
+
+agent_certificate() {
+  # The node asked, the leader signed: a certificate naming w1 alone, for server auth only,
+  # from the chart's CA; the key stayed on the node (0600).
+  wait_until 60 grep -q "serving the node agent over mutual TLS" "$work/node.log" || return 1
+  local crt=$work/state/tls/agent.crt
+  openssl verify -CAfile "$work/tls/ca.crt" "$crt" || return 1
+  openssl x509 -in "$crt" -noout -subject | grep -qx 'subject=CN = w1' || return 1
+  openssl x509 -in "$crt" -noout -ext subjectAltName | grep -qx ' *DNS:w1' || return 1
+  [[ $(openssl x509 -in "$crt" -noout -ext extendedKeyUsage | tail -1 | tr -d ' ') == TLSWebServerAuthentication ]] || return 1
+  [[ $(stat -c %a "$work/state/tls/agent.key") == 600 ]] || return 1
+  kubectl get csr -o jsonpath='{range .items[*]}{.spec.signerName} {.status.conditions[0].type} {.status.conditions[0].reason}{"\n"}{end}' \
+    | grep -qx 'qsd.csi.dev/node-agent Approved NodePluginVerified' || return 1
+  grep -q "signed a node agent certificate" "$work/ctl-1.log"
+}
+check "the node's agent certificate: asked for with its pod's token, signed by the leader for w1 only" agent_certificate
+
+forged() {
+  # A request for another node's name, made with w1's own token; and one made by a user. The
+  # signer denies both, saying why.
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$work/forged.key" \
+    -subj /CN=w2 -addext subjectAltName=DNS:w2 -out "$work/forged.csr" 2>/dev/null || return 1
+  local req config who; req=$(base64 -w0 <"$work/forged.csr")
+  for who in node admin; do
+    config=$work/node.kubeconfig; [[ $who == admin ]] && config=$KUBECONFIG
+    printf '%s\n' "apiVersion: certificates.k8s.io/v1" "kind: CertificateSigningRequest" \
+      "metadata: {name: forged-by-$who}" \
+      "spec: {request: $req, signerName: qsd.csi.dev/node-agent, usages: [digital signature, server auth]}" \
+      | "$tools/kubectl" --kubeconfig "$config" create -f - || return 1
+  done
+  for who in node admin; do
+    wait_until 30 bash -c "[[ \$('$tools/kubectl' get csr forged-by-$who -o jsonpath='{.status.conditions[0].type}') == Denied ]]" \
+      || { kubectl get csr forged-by-$who -o yaml; return 1; }
+  done
+  kubectl get csr forged-by-node -o jsonpath='{.status.conditions[0].message}' | grep -q 'must be exactly CN="w1"' || return 1
+  kubectl get csr forged-by-admin -o jsonpath='{.status.conditions[0].message}' | grep -q 'requested by "admin"' || return 1
+  [[ -z $(kubectl get csr forged-by-node forged-by-admin -o jsonpath='{.items[*].status.certificate}') ]]
+}
+check "a node asking for another node's name, and a user asking at all, are denied" forged
 pvc() { # NAME [SIZE] [DATA SOURCE YAML] [CLASS]
   kubectl apply -f - <<EOF
 apiVersion: v1

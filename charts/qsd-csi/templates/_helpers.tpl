@@ -22,27 +22,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{ .Values.qsdImage.repository }}:{{ .Values.qsdImage.tag | default .Chart.AppVersion }}
 {{- end -}}
 
-{{- define "qsd-csi.tlsSecret" -}}{{ include "qsd-csi.fullname" . }}-tls{{- end -}}
-
-{{/* The agent TLS volume of a component ("controller" or "node"), with the same three files
-(ca.crt, tls.crt, tls.key) whichever source made them. */}}
-{{- define "qsd-csi.tlsVolume" -}}
-- name: agent-tls
-  secret:
-    defaultMode: 0400
-{{- if eq .root.Values.tls.source "helm" }}
-    secretName: {{ include "qsd-csi.tlsSecret" .root }}
-    items:
-      - { key: ca.crt, path: ca.crt }
-      - { key: {{ .who }}.crt, path: tls.crt }
-      - { key: {{ .who }}.key, path: tls.key }
-{{- else }}
-    secretName: {{ include "qsd-csi.tlsSecret" .root }}-{{ .who }}
-{{- end }}
-{{- end -}}
-
-{{- define "qsd-csi.tlsArgs" -}}
-- --tls-cert=/etc/qsd-csi/tls/tls.crt
-- --tls-key=/etc/qsd-csi/tls/tls.key
-- --tls-ca=/etc/qsd-csi/tls/ca.crt
-{{- end -}}
+{{/* The agent CA's Secret: its certificate and key, and the controller's certificate and key.
+Mounted in the controller pod only. */}}
+{{- define "qsd-csi.caSecret" -}}{{ include "qsd-csi.fullname" . }}-agent-ca{{- end -}}
+{{/* The ConfigMap with the CA certificate alone: what a node trusts. */}}
+{{- define "qsd-csi.caBundle" -}}{{ include "qsd-csi.fullname" . }}-agent-ca-bundle{{- end -}}
+{{/* cert-manager: the controller's client certificate. */}}
+{{- define "qsd-csi.controllerSecret" -}}{{ include "qsd-csi.fullname" . }}-controller-tls{{- end -}}

@@ -220,9 +220,8 @@ struct ControllerMode {
     tls: qsd_node::tls::TlsFiles,
     /// Sign the node agents' certificate requests (Kubernetes CSRs, signer
     /// qsd.csi.dev/node-agent) with this CA key, after checking each comes from a node plugin
-    /// pod (--discover-agents selects them) running on the node it names. Needs
-    /// --discover-agents.
-    #[arg(long, value_name = "FILE", requires = "discover_agents")]
+    /// pod (--node-pod-selector) running on the node it names.
+    #[arg(long, value_name = "FILE")]
     signing_ca_key: Option<PathBuf>,
     /// The signing CA's certificate (default: --tls-ca).
     #[arg(long, value_name = "FILE", requires = "signing_ca_key")]
@@ -231,6 +230,9 @@ struct ControllerMode {
     /// certificates.
     #[arg(long, value_name = "NAME", default_value = "qsd-csi-node")]
     node_service_account: String,
+    /// The node plugin pods' labels, for the signer (default: the --discover-agents selector).
+    #[arg(long, value_name = "SELECTOR")]
+    node_pod_selector: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -384,7 +386,10 @@ async fn controller_mode(endpoint: &str, args: ControllerMode) -> anyhow::Result
     };
     let agents = Agents::new(Default::default(), args.default_node.clone());
     // The API server is needed for discovery and the Lease; with it, notices become Events.
-    let client = match args.discover_agents.is_some() || args.leader_elect {
+    let client = match args.discover_agents.is_some()
+        || args.leader_elect
+        || args.signing_ca_key.is_some()
+    {
         true => Some(kube::Client::try_default().await.context("connecting to Kubernetes")?),
         false => None,
     };
@@ -448,8 +453,12 @@ async fn controller_mode(endpoint: &str, args: ControllerMode) -> anyhow::Result
         }
         _ => None,
     };
-    let signer = match (&args.signing_ca_key, &client, &args.discover_agents) {
-        (Some(key), Some(client), Some(selector)) => {
+    let selector = args.node_pod_selector.as_ref().or(args.discover_agents.as_ref());
+    let signer = match (&args.signing_ca_key, &client) {
+        (Some(key), Some(client)) => {
+            let selector = selector.context(
+                "signing node certificates needs --node-pod-selector (or --discover-agents)",
+            )?;
             use qsd_csi_controller::signer::{Signer, SignerConfig, SigningCa, MAX_LIFETIME};
             let ca =
                 SigningCa::from_files(args.signing_ca_cert.as_ref().unwrap_or(&args.tls.ca), key)

@@ -89,6 +89,15 @@ fn check_issued(
     }
 }
 
+/// The certificate kept in `dir`, if it is `node`'s, matches its key, and is not yet due for
+/// renewal.
+pub fn kept(dir: &Path, node: &str) -> Option<Issued> {
+    let chain = read_certificates(&dir.join(CERT_FILE)).ok()?;
+    let key = read_key(&dir.join(KEY_FILE)).ok()?;
+    check_issued(node, &chain, &key).ok()?;
+    (SystemTime::now() < renewal_time(&chain[0])?).then_some((chain, key))
+}
+
 impl Bootstrap {
     /// Certificates for `node`, kept in `dir` (created, 0700).
     pub fn new(client: kube::Client, node: &str, dir: &Path) -> Result<Self> {
@@ -113,18 +122,10 @@ impl Bootstrap {
         self
     }
 
-    /// The certificate kept on disk, if it is this node's and not yet due for renewal.
-    pub fn kept(&self) -> Option<Issued> {
-        let chain = read_certificates(&self.dir.join(CERT_FILE)).ok()?;
-        let key = read_key(&self.dir.join(KEY_FILE)).ok()?;
-        check_issued(&self.node, &chain, &key).ok()?;
-        (SystemTime::now() < renewal_time(&chain[0])?).then_some((chain, key))
-    }
-
     /// The certificate to serve at start: the kept one, else a new one from the cluster,
     /// asked again (with back-off) until the controller signs one.
     pub async fn initial(&self) -> Issued {
-        if let Some(kept) = self.kept() {
+        if let Some(kept) = kept(&self.dir, &self.node) {
             tracing::info!(dir = %self.dir.display(), "serving the node agent's kept certificate");
             return kept;
         }
@@ -253,5 +254,58 @@ impl Bootstrap {
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A certificate for `cn` valid from `from` to `until` (seconds from now), its key, and
+    /// another key.
+    fn cert(cn: &str, from: i64, until: i64) -> (String, String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec![cn.to_owned()]).expect("params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::seconds(from);
+        params.not_after = now + time::Duration::seconds(until);
+        let cert = params.self_signed(&key).expect("cert");
+        let other = rcgen::KeyPair::generate().expect("key");
+        (cert.pem(), key.serialize_pem(), other.serialize_pem())
+    }
+
+    fn keep(dir: &Path, cert: &str, key: &str) {
+        std::fs::write(dir.join(CERT_FILE), cert).expect("cert");
+        std::fs::write(dir.join(KEY_FILE), key).expect("key");
+    }
+
+    #[test]
+    fn a_certificate_is_renewed_two_thirds_into_its_life() {
+        let (pem, _, _) = cert("w1", -3600, 2 * 3600);
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).expect("der");
+        let due = renewal_time(&der).expect("readable");
+        let now = SystemTime::now();
+        let in_an_hour = now + Duration::from_secs(3600);
+        let slack = Duration::from_secs(5);
+        assert!(due > in_an_hour - slack && due < in_an_hour + slack, "{due:?}");
+        assert_eq!(renewal_time(b"not a certificate"), None);
+    }
+
+    #[test]
+    fn a_kept_certificate_is_served_again_only_if_it_is_this_nodes_matches_its_key_and_is_young() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (pem, key, other) = cert("w1", -60, 30 * 86400);
+        keep(dir.path(), &pem, &key);
+        assert!(kept(dir.path(), "w1").is_some(), "a young certificate of this node");
+        assert!(kept(dir.path(), "w2").is_none(), "another node's certificate");
+        keep(dir.path(), &pem, &other);
+        assert!(kept(dir.path(), "w1").is_none(), "a key that does not match");
+        let (old, old_key, _) = cert("w1", -3 * 86400, 86400);
+        keep(dir.path(), &old, &old_key);
+        assert!(kept(dir.path(), "w1").is_none(), "past two thirds of its life: ask again");
+        std::fs::remove_file(dir.path().join(KEY_FILE)).expect("rm");
+        assert!(kept(dir.path(), "w1").is_none(), "no key");
     }
 }
