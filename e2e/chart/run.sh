@@ -10,7 +10,7 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
-version=v3.22.0
+version=$("$top/scripts/versions" helm)
 helm=$top/target/tools/helm-$version/helm
 if [[ ! -x $helm ]]; then
   GOBIN=$(dirname "$helm") GOFLAGS=-mod=mod go install "helm.sh/helm/v3/cmd/helm@$version" || {
@@ -40,6 +40,16 @@ check cert-manager-needs-a-ca-bundle bash -c "! '$helm' template t '$chart' $k8s
 check refuses-unknown-tls-source bash -c "! '$helm' template t '$chart' $k8s --set tls.source=x"
 "$helm" template t "$chart" $k8s >"$work/default.yaml"
 check least-privilege /usr/bin/python3 "$here/check_privilege.py" "$work/default.yaml"
+# The sidecar images are the versions the tests build and run (versions.yaml).
+pinned() {
+  local v image
+  for v in provisioner snapshotter resizer; do
+    image="$("$top/scripts/versions" "sidecars.$v.image"):$("$top/scripts/versions" "sidecars.$v.version")"
+    grep -q "image: $image\$" "$work/default.yaml" || { echo "no $image in the chart"; return 1; }
+  done
+  [[ $(grep -c 'image: registry.k8s.io' "$work/default.yaml") == 3 ]]
+}
+check sidecar-images-are-the-tested-versions pinned
 # No API server runs for this test (e2e/cluster has one): no leader election.
 "$helm" template t "$chart" $k8s --set 'controller.agents[0].name=worker-1' --set controller.leaderElection=false \
   --set storageClasses.shared.enabled=true --set storageClasses.shared.hostPath=/mnt/qsd-shared \

@@ -77,6 +77,7 @@ def main():
     shared = os.path.join(work, "shared")
     os.makedirs(shared)
     port = free_port()
+    health_ports = (free_port(), free_port())
 
     def local(arg, who):
         arg = arg.replace(state_mount, state).replace("/mnt/qsd-shared", shared)
@@ -85,6 +86,8 @@ def main():
         ca = "bundle.crt" if who == "node" else "ca.crt"
         arg = arg.replace("/etc/qsd-csi/tls/ca.crt", os.path.join(tls, ca))
         arg = arg.replace("unix:///csi/csi.sock", f"unix://{work}/{who}.sock")
+        arg = arg.replace("--registration-dir=/registration", f"--registration-dir={work}/registration")
+        arg = arg.replace(":9809", f":{health_ports[0]}").replace(":9808", f":{health_ports[1]}")
         arg = arg.replace("0.0.0.0:", "127.0.0.1:").replace(":9443", f":{port}")
         return arg.replace("10.0.0.1:", "127.0.0.1:")
 
@@ -117,6 +120,8 @@ def main():
         procs.append(subprocess.Popen([binary] + node_args(node["args"]),
                                       stdout=logs, stderr=logs, env=env))
         wait_for(os.path.join(work, "node.sock"), procs, "node plugin")
+        # It registers itself with the kubelet (no node-driver-registrar in the chart).
+        wait_for(os.path.join(work, "registration", "qsd.csi.dev-reg.sock"), procs, "registration socket")
         procs.append(subprocess.Popen([binary] + controller_args(ctl["args"]),
                                       stdout=logs, stderr=logs))
         wait_for(os.path.join(work, "controller.sock"), procs, "controller")

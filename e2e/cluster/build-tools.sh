@@ -7,8 +7,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
-k8s=${QSD_CSI_K8S_VERSION:-v1.35.4}
-etcd=${QSD_CSI_ETCD_VERSION:-v3.6.16}
+versions=$top/scripts/versions
+k8s=${QSD_CSI_K8S_VERSION:-$("$versions" kubernetes)}
+etcd=${QSD_CSI_ETCD_VERSION:-$("$versions" etcd)}
 out=$top/target/tools/cluster-$k8s
 mkdir -p "$out"
 want=(kube-apiserver kube-controller-manager kubectl etcd csi-provisioner csi-snapshotter
@@ -84,13 +85,14 @@ sidecar() { # MODULE VERSION NAME CMD...
   (cd "$dir" && GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
    for cmd in "$@"; do GOFLAGS=-mod=mod go build -o "$out/$cmd" "$module/cmd/$cmd"; done)
 }
-sidecar github.com/kubernetes-csi/external-provisioner/v6 v6.4.0 provisioner csi-provisioner
-sidecar github.com/kubernetes-csi/external-snapshotter/v8 v8.7.0 snapshotter csi-snapshotter \
+v() { "$versions" "sidecars.$1.$2"; }
+sidecar "$(v provisioner module)" "$(v provisioner version)" provisioner csi-provisioner
+sidecar "$(v snapshotter module)" "$(v snapshotter version)" snapshotter csi-snapshotter \
   snapshot-controller
-sidecar github.com/kubernetes-csi/external-resizer/v2 v2.3.0 resizer csi-resizer
+sidecar "$(v resizer module)" "$(v resizer version)" resizer csi-resizer
 # The snapshot CRDs, from the snapshotter's client module.
 if [[ ! -d $out/snapshot-crds ]]; then
-  crds=$(go mod download -json github.com/kubernetes-csi/external-snapshotter/client/v8@v8.4.0 \
+  crds=$(go mod download -json "github.com/kubernetes-csi/external-snapshotter/client/v8@$("$versions" snapshotClient)" \
     | sed -n 's/.*"Dir": "\(.*\)",/\1/p')/config/crd
   mkdir -p "$out/snapshot-crds" && cp "$crds"/snapshot.storage.k8s.io_*.yaml "$out/snapshot-crds/"
 fi

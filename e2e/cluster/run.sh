@@ -17,9 +17,9 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
-k8s=${QSD_CSI_K8S_VERSION:-v1.35.4}
+k8s=${QSD_CSI_K8S_VERSION:-$("$top/scripts/versions" kubernetes)}
 tools=$top/target/tools/cluster-$k8s
-helm=$top/target/tools/helm-v3.22.0/helm
+helm=$top/target/tools/helm-$("$top/scripts/versions" helm)/helm
 
 "$here/build-tools.sh" >/dev/null || { echo "cluster: building the control plane failed" >&2; echo "0 passed, 1 failed"; exit 1; }
 [[ -x $helm ]] || "$top/e2e/chart/run.sh" >/dev/null 2>&1 || true # builds helm

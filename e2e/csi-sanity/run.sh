@@ -6,7 +6,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
-version=v5.6.0
+version=$("$top/scripts/versions" csiSanity)
 bin_dir=${QSD_CSI_TOOLS:-$top/target/tools}
 sanity=$bin_dir/csi-sanity-$version
 

@@ -29,3 +29,9 @@ Mounted in the controller pod only. */}}
 {{- define "qsd-csi.caBundle" -}}{{ include "qsd-csi.fullname" . }}-agent-ca-bundle{{- end -}}
 {{/* cert-manager: the controller's client certificate. */}}
 {{- define "qsd-csi.controllerSecret" -}}{{ include "qsd-csi.fullname" . }}-controller-tls{{- end -}}
+
+{{/* A sidecar's image: the value if set, else the tested one from versions.yaml. */}}
+{{- define "qsd-csi.sidecarImage" -}}
+{{- $v := index (.root.Files.Get "versions.yaml" | fromYaml).sidecars .name -}}
+{{- (index .root.Values.sidecars .name).image | default (printf "%s:%s" $v.image $v.version) -}}
+{{- end -}}

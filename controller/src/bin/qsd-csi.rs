@@ -179,6 +179,46 @@ struct NodeMode {
     agent_listen: std::net::SocketAddr,
     #[command(flatten)]
     tls: qsd_node::tls::AgentTlsArgs,
+    /// Register the driver with the kubelet: serve its plugin registration socket in this
+    /// directory (the kubelet's plugins_registry), as node-driver-registrar would.
+    #[arg(long, value_name = "DIR", requires = "kubelet_registration_path")]
+    registration_dir: Option<PathBuf>,
+    /// The CSI socket as the kubelet reaches it (e.g.
+    /// /var/lib/kubelet/plugins/qsd.csi.dev/csi.sock), told to the kubelet at registration.
+    #[arg(long, value_name = "PATH", requires = "registration_dir")]
+    kubelet_registration_path: Option<PathBuf>,
+    #[command(flatten)]
+    health: HealthArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct HealthArgs {
+    /// Serve the gRPC health service (grpc.health.v1, for Kubernetes' gRPC probes) here:
+    /// SERVING while CSI Probe would answer ready.
+    #[arg(long, value_name = "ADDR")]
+    health_listen: Option<std::net::SocketAddr>,
+}
+
+impl HealthArgs {
+    /// Serves health until a stop signal, if asked to; `identity` answers readiness.
+    async fn serve(&self, identity: IdentityService) -> anyhow::Result<()> {
+        use qsd_csi_proto::csi::identity_server::Identity;
+        let Some(addr) = self.health_listen else { return Ok(()) };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for health checks on {addr}"))?;
+        let ready = move || {
+            let identity = identity.clone();
+            async move {
+                // A daemon that does not answer within a period is not ready (it may hang).
+                let probe = identity.probe(tonic::Request::new(Default::default()));
+                let probe = tokio::time::timeout(qsd_node::grpc::HEALTH_PERIOD, probe).await;
+                probe.ok().and_then(Result::ok).and_then(|r| r.into_inner().ready).unwrap_or(false)
+            }
+        };
+        qsd_node::grpc::serve_health(listener, ready, stop_signal()).await?;
+        Ok(())
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -233,6 +273,8 @@ struct ControllerMode {
     /// The node plugin pods' labels, for the signer (default: the --discover-agents selector).
     #[arg(long, value_name = "SELECTOR")]
     node_pod_selector: Option<String>,
+    #[command(flatten)]
+    health: HealthArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -259,22 +301,6 @@ enum CertsCmd {
     },
 }
 
-fn listen(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => tracing::info!(socket = %path.display(), "removed a stale socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
-    }
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("listening on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
-}
-
 /// Stops on SIGINT or SIGTERM.
 async fn stop_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -287,7 +313,7 @@ async fn stop_signal() {
 /// Serves `router` on the endpoint's unix socket until a stop signal.
 async fn serve_csi(endpoint: &str, router: tonic::transport::server::Router) -> anyhow::Result<()> {
     let socket = qsd_csi_controller::client::socket_path(endpoint).map_err(anyhow::Error::msg)?;
-    let listener = listen(&socket)?;
+    let listener = qsd_node::grpc::listen_unix(&socket)?;
     tracing::info!(endpoint = %socket.display(), "serving CSI");
     router
         .serve_with_incoming_shutdown(
@@ -347,12 +373,27 @@ async fn node_mode(endpoint: &str, args: NodeMode) -> anyhow::Result<()> {
             anyhow::Ok(())
         }
     };
+    let identity = IdentityService::new(Some(core), false);
+    let registration = async {
+        let (Some(dir), Some(path)) = (&args.registration_dir, &args.kubelet_registration_path)
+        else {
+            return anyhow::Ok(());
+        };
+        let registrar =
+            qsd_node::csi::registration::Registrar::new(qsd_csi_controller::PLUGIN_NAME, path);
+        registrar.serve(dir, stop_signal()).await?;
+        Ok(())
+    };
     let router = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService::new(Some(core), false)))
+        .add_service(IdentityServer::new(identity.clone()))
         .add_service(NodeServer::new(node));
-    let (csi, agent) = tokio::join!(serve_csi(endpoint, router), agent);
-    csi?;
-    agent?;
+    // The first to fail ends the node plugin (its pod restarts); all end on a stop signal.
+    tokio::try_join!(
+        serve_csi(endpoint, router),
+        agent,
+        registration,
+        args.health.serve(identity)
+    )?;
     Ok(())
 }
 
@@ -485,12 +526,14 @@ async fn controller_mode(endpoint: &str, args: ControllerMode) -> anyhow::Result
     };
     tokio::spawn(qsd_csi_controller::relay::run(agents.clone(), events.clone(), leading));
     tracing::info!(nodes = ?agents.nodes().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(), "controller ready");
+    let identity = IdentityService::new(None, true);
     let router = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService::new(None, true)))
+        .add_service(IdentityServer::new(identity.clone()))
         .add_service(ControllerServer::new(
             ControllerService::new(agents, args.default_pool).with_events(events),
         ));
-    let served = serve_csi(endpoint, router).await;
+    let (served, health) = tokio::join!(serve_csi(endpoint, router), args.health.serve(identity));
+    health?;
     if let Some((stop_signing, task)) = signer {
         let _ = stop_signing.send(());
         let _ = task.await;
