@@ -11,11 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     // The agent's label maps are kept sorted, as the engine stores them.
     tonic_prost_build::configure().btree_map(".qsd.agent.v1").compile_protos(
-        &[
-            PathBuf::from("proto/csi.proto"),
-            PathBuf::from("proto/agent.proto"),
-            PathBuf::from("proto/pluginregistration.proto"),
-        ],
+        &[PathBuf::from("proto/csi.proto"), PathBuf::from("proto/agent.proto")],
         &[PathBuf::from("proto"), well_known],
     )?;
     Ok(())

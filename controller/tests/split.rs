@@ -169,60 +169,25 @@ async fn node_and_controller_binaries_serve_a_volume_through_the_agent_over_mutu
     assert_eq!(layers, 0, "no layer left");
 }
 
-/// Waits for `path` to exist (poll interval 20 ms, up to 60 s).
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "{} never appeared", path.display());
-        std::thread::sleep(Duration::from_millis(20)); // poll interval
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_node_plugin_registers_with_the_kubelet_and_reports_its_health() {
-    use qsd_csi_proto::pluginregistration::registration_client::RegistrationClient;
-    use qsd_csi_proto::pluginregistration::{InfoRequest, RegistrationStatus};
+async fn the_node_plugin_reports_its_health_as_kubernetes_grpc_probes_ask_it() {
     use tokio_stream::StreamExt;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
-    let tmp = tempfile::Builder::new().prefix("qsd-reg-").tempdir_in("/tmp").expect("dir");
+    let tmp = tempfile::Builder::new().prefix("qsd-health-").tempdir_in("/tmp").expect("dir");
     let dir = tmp.path();
     let ca = certs::Ca::new(dir, "cluster-ca");
     let node_tls = ca.leaf(dir, "n1", &ca);
     let (agent, health) =
         (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-    let (registry, node_sock, state) =
-        (dir.join("plugins_registry"), dir.join("node.sock"), dir.join("state"));
-    let kubelet_path = "/var/lib/kubelet/plugins/qsd.csi.dev/csi.sock";
+    let (node_sock, state) = (dir.join("node.sock"), dir.join("state"));
     let mut args = vec!["node", "--state-dir", s(&state), "--node", "n1", "--device", "fuse"];
     args.extend(["--agent-listen", &agent, "--health-listen", &health]);
-    args.extend(["--registration-dir", s(&registry), "--kubelet-registration-path", kubelet_path]);
     let tls = [s(&node_tls.cert), s(&node_tls.key), s(&node_tls.ca)];
     args.extend(["--tls-cert", tls[0], "--tls-key", tls[1], "--tls-ca", tls[2]]);
     let node = spawn(dir, "node.log", &node_sock, &args);
     let _children = Children(vec![node], dir.to_owned());
-
-    // The kubelet's plugin watcher finds the socket and asks what it is.
-    let socket = registry.join("qsd.csi.dev-reg.sock");
-    wait_for(&socket);
-    let channel = qsd_node::grpc::connect_unix(&socket).await.expect("connect");
-    let mut kubelet = RegistrationClient::new(channel);
-    let info = kubelet.get_info(InfoRequest {}).await.expect("info").into_inner();
-    assert_eq!(
-        (info.r#type.as_str(), info.name.as_str(), info.endpoint.as_str()),
-        ("CSIPlugin", "qsd.csi.dev", kubelet_path)
-    );
-    assert_eq!(info.supported_versions, ["1.0.0"]);
-    kubelet
-        .notify_registration_status(RegistrationStatus {
-            plugin_registered: true,
-            error: "".into(),
-        })
-        .await
-        .expect("notified");
-    let log = std::fs::read_to_string(dir.join("node.log")).expect("log");
-    assert!(log.contains("the kubelet registered the driver"), "{log}");
 
     // gRPC health, as a Kubernetes probe asks it: SERVING, NOT_SERVING while the daemon does
     // not answer, SERVING again once it does.

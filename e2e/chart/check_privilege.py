@@ -43,6 +43,8 @@ def main():
     bundle = next(d for d in kind("ConfigMap") if d["metadata"]["name"].endswith("-agent-ca-bundle"))
     text = bundle["data"]["ca.crt"]
     assert text.count("BEGIN CERTIFICATE") == 1 and "PRIVATE" not in text, "the bundle holds one certificate"
+    images = {c["image"] for c in node["containers"]}
+    assert len(images) == 1 and "qsd-csi" in images.pop(), "the node pod runs the qsd-csi image only"
     node_args = next(c for c in node["containers"] if c["name"] == "qsd-csi")["args"]
     assert "--tls-bootstrap" in node_args and not any(a.startswith("--tls-key") for a in node_args), node_args
     roles = {d["metadata"]["name"]: d for d in kind("ClusterRole")}

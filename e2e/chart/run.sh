@@ -54,6 +54,8 @@ check sidecar-images-are-the-tested-versions pinned
 "$helm" template t "$chart" $k8s --set 'controller.agents[0].name=worker-1' --set controller.leaderElection=false \
   --set storageClasses.shared.enabled=true --set storageClasses.shared.hostPath=/mnt/qsd-shared \
   --set 'controller.agents[0].address=10.0.0.1:9443' >"$work/rendered.yaml"
-check runs-as-rendered /usr/bin/python3 "$here/run_rendered.py" "$work/rendered.yaml" "$work" "$top/target/debug/qsd-csi"
+registrar=$("$top/scripts/build-registrar") || exit 1
+check runs-as-rendered /usr/bin/python3 "$here/run_rendered.py" "$work/rendered.yaml" "$work" \
+  "$top/target/debug/qsd-csi" "$registrar"
 echo "chart: $passed passed, $failed failed, 0 skipped"
 [[ $failed -eq 0 ]]

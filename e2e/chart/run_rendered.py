@@ -10,7 +10,7 @@ No API server runs here (e2e/cluster has one), so two things are done by hand: t
 certificate comes from `qsd-csi certs sign-node` with the chart's CA (in a cluster the node asks
 for it with --tls-bootstrap and the controller signs it), and the controller's signer arguments
 are left out. A controller presenting the node's certificate is refused.
-Usage: run_rendered.py RENDERED.yaml WORKDIR QSD_CSI_BINARY
+Usage: run_rendered.py RENDERED.yaml WORKDIR QSD_CSI_BINARY REGISTRAR_BINARY
 """
 
 import base64
@@ -51,7 +51,7 @@ def free_port():
 
 
 def main():
-    rendered, work, binary = sys.argv[1], sys.argv[2], sys.argv[3]
+    rendered, work, binary, registrar = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
     docs = [d for d in yaml.safe_load_all(open(rendered)) if d]
     secret = next(d for d in docs if d["kind"] == "Secret")
     bundle = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-agent-ca-bundle"))
@@ -86,7 +86,7 @@ def main():
         ca = "bundle.crt" if who == "node" else "ca.crt"
         arg = arg.replace("/etc/qsd-csi/tls/ca.crt", os.path.join(tls, ca))
         arg = arg.replace("unix:///csi/csi.sock", f"unix://{work}/{who}.sock")
-        arg = arg.replace("--registration-dir=/registration", f"--registration-dir={work}/registration")
+        arg = arg.replace("=/registration", f"={work}/registration").replace("=/csi/csi.sock", f"={work}/node.sock")
         arg = arg.replace(":9809", f":{health_ports[0]}").replace(":9808", f":{health_ports[1]}")
         arg = arg.replace("0.0.0.0:", "127.0.0.1:").replace(":9443", f":{port}")
         return arg.replace("10.0.0.1:", "127.0.0.1:")
@@ -120,7 +120,10 @@ def main():
         procs.append(subprocess.Popen([binary] + node_args(node["args"]),
                                       stdout=logs, stderr=logs, env=env))
         wait_for(os.path.join(work, "node.sock"), procs, "node plugin")
-        # It registers itself with the kubelet (no node-driver-registrar in the chart).
+        # The registrar container offers the driver to the kubelet once the CSI socket is there.
+        reg = container(docs, "DaemonSet", "registrar")
+        procs.append(subprocess.Popen([registrar] + [local(a, "node") for a in reg["args"]],
+                                      stdout=logs, stderr=logs))
         wait_for(os.path.join(work, "registration", "qsd.csi.dev-reg.sock"), procs, "registration socket")
         procs.append(subprocess.Popen([binary] + controller_args(ctl["args"]),
                                       stdout=logs, stderr=logs))

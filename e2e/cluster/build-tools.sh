@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the local control plane from the Go module proxy into target/tools/cluster-$K8S:
-# kube-apiserver, kube-controller-manager and kubectl from k8s.io/kubernetes (its staging
+# kube-apiserver, kube-controller-manager, kube-scheduler, the kubelet and kubectl from
+# k8s.io/kubernetes (its staging
 # modules pinned to the matching v0.x versions: the module's own go.mod points them at
 # ./staging, which only works inside its repository), and etcd. Quick when already built
 # (about 7 minutes cold on 2 cores).
@@ -12,8 +13,8 @@ k8s=${QSD_CSI_K8S_VERSION:-$("$versions" kubernetes)}
 etcd=${QSD_CSI_ETCD_VERSION:-$("$versions" etcd)}
 out=$top/target/tools/cluster-$k8s
 mkdir -p "$out"
-want=(kube-apiserver kube-controller-manager kubectl etcd csi-provisioner csi-snapshotter
-  snapshot-controller csi-resizer)
+want=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl etcd csi-provisioner
+  csi-snapshotter snapshot-controller csi-resizer)
 missing=0
 for b in "${want[@]}"; do [[ -x $out/$b ]] || missing=1; done
 ((missing)) || exit 0
@@ -41,12 +42,14 @@ package tools
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )
 GO
 cd "$mod"
 GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
-for cmd in kube-apiserver kube-controller-manager kubectl; do
+for cmd in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
   [[ -x $out/$cmd ]] || GOFLAGS=-mod=mod go build -o "$out/$cmd" "k8s.io/kubernetes/cmd/$cmd"
 done
 # etcd's server module also carries replace directives (`go install` refuses it): build it

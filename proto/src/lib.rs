@@ -3,9 +3,7 @@
 //! This crate only generates code. `proto/csi.proto` is our rendering of the CSI spec v1.12
 //! (package `csi.v1`); `proto/check-wire-compat` proves in CI that every field, enum value and
 //! RPC matches the published spec, so any CO or sidecar speaks to us unchanged.
-//! `proto/agent.proto` is what the controller asks of a node plugin;
-//! `proto/pluginregistration.proto` is the kubelet's plugin registration API, also checked
-//! against its published file.
+//! `proto/agent.proto` is what the controller asks of a node plugin.
 
 #![allow(missing_docs, clippy::all, missing_debug_implementations)]
 
@@ -17,11 +15,6 @@ pub mod csi {
 /// The node agent: what the controller asks of a node's engine.
 pub mod agent {
     tonic::include_proto!("qsd.agent.v1");
-}
-
-/// The kubelet's plugin registration API (v1): how a node plugin tells the kubelet it exists.
-pub mod pluginregistration {
-    tonic::include_proto!("pluginregistration");
 }
 
 /// Who is who between the controller and the node agents: the names their certificates carry.

@@ -179,14 +179,6 @@ struct NodeMode {
     agent_listen: std::net::SocketAddr,
     #[command(flatten)]
     tls: qsd_node::tls::AgentTlsArgs,
-    /// Register the driver with the kubelet: serve its plugin registration socket in this
-    /// directory (the kubelet's plugins_registry), as node-driver-registrar would.
-    #[arg(long, value_name = "DIR", requires = "kubelet_registration_path")]
-    registration_dir: Option<PathBuf>,
-    /// The CSI socket as the kubelet reaches it (e.g.
-    /// /var/lib/kubelet/plugins/qsd.csi.dev/csi.sock), told to the kubelet at registration.
-    #[arg(long, value_name = "PATH", requires = "registration_dir")]
-    kubelet_registration_path: Option<PathBuf>,
     #[command(flatten)]
     health: HealthArgs,
 }
@@ -374,26 +366,11 @@ async fn node_mode(endpoint: &str, args: NodeMode) -> anyhow::Result<()> {
         }
     };
     let identity = IdentityService::new(Some(core), false);
-    let registration = async {
-        let (Some(dir), Some(path)) = (&args.registration_dir, &args.kubelet_registration_path)
-        else {
-            return anyhow::Ok(());
-        };
-        let registrar =
-            qsd_node::csi::registration::Registrar::new(qsd_csi_controller::PLUGIN_NAME, path);
-        registrar.serve(dir, stop_signal()).await?;
-        Ok(())
-    };
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity.clone()))
         .add_service(NodeServer::new(node));
     // The first to fail ends the node plugin (its pod restarts); all end on a stop signal.
-    tokio::try_join!(
-        serve_csi(endpoint, router),
-        agent,
-        registration,
-        args.health.serve(identity)
-    )?;
+    tokio::try_join!(serve_csi(endpoint, router), agent, args.health.serve(identity))?;
     Ok(())
 }
 

@@ -1,7 +1,6 @@
 //! The CSI Node service, and the one mapping from our errors to gRPC status codes.
 
 mod node;
-pub mod registration;
 
 pub use node::{
     parse_threshold_percent, NodeConfig, NodeService, TOPOLOGY_KEY, WRITE_THRESHOLD_PERCENT,
