@@ -26,76 +26,17 @@ helm=$top/target/tools/helm-$("$top/scripts/versions" helm)/helm
 (cd "$top" && cargo build --quiet -p qsd-csi-controller --bin qsd-csi) || exit 1
 qsd_csi=$top/target/debug/qsd-csi
 
-work=$(mktemp -d /tmp/qsd-cluster-XXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
-  wait 2>/dev/null
-  [[ -f $work/state/run/qsd.pid ]] && kill -9 "$(cat "$work/state/run/qsd.pid")" 2>/dev/null
-  for m in $(findmnt -rn -o TARGET | grep "^$work/" | sort -r); do umount -l "$m" 2>/dev/null; done
-  [[ -n ${QSD_CSI_KEEP_CLUSTER:-} ]] || rm -rf "$work"
-}
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-start() { # NAME COMMAND... (log in $work/NAME.log)
-  local name=$1; shift
-  "$@" >"$work/$name.log" 2>&1 &
-  pids+=($!)
-}
-fail_start() { echo "cluster: $1 did not start; its log:" >&2; tail -20 "$work/$2.log" >&2; echo "0 passed, 1 failed"; exit 1; }
-wait_until() { # SECONDS COMMAND...: polls (0.2 s) until COMMAND succeeds
-  local deadline=$((SECONDS + $1)); shift
-  until "$@" >/dev/null 2>&1; do ((SECONDS < deadline)) || return 1; sleep 0.2; done
-}
+suite=cluster failed_line="0 passed, 1 failed"
+# shellcheck source=../lib/cluster.sh
+. "$top/e2e/lib/cluster.sh"
+agent_port=$(port)
 
 # --- control plane ---------------------------------------------------------------------------
-etcd_port=$(port) peer_port=$(port) api_port=$(port) agent_port=$(port)
-start etcd "$tools/etcd" --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$etcd_port" \
-  --advertise-client-urls "http://127.0.0.1:$etcd_port" --listen-peer-urls "http://127.0.0.1:$peer_port" \
-  --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" --initial-cluster "default=http://127.0.0.1:$peer_port"
-openssl genrsa -out "$work/sa.key" 2048 2>/dev/null
-token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
-echo "$token,admin,admin,system:masters" >"$work/tokens.csv"
-start kube-apiserver "$tools/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
-  --bind-address 127.0.0.1 --secure-port "$api_port" --cert-dir "$work/apiserver" \
-  --token-auth-file "$work/tokens.csv" --authorization-mode RBAC \
-  --service-account-key-file "$work/sa.key" --service-account-signing-key-file "$work/sa.key" \
-  --service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.96.0.0/24 \
-  --allow-privileged
-cat >"$work/kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters: [{name: local, cluster: {server: "https://127.0.0.1:$api_port", insecure-skip-tls-verify: true}}]
-users: [{name: admin, user: {token: "$token"}}]
-contexts: [{name: local, context: {cluster: local, user: admin}}]
-current-context: local
-EOF
-export KUBECONFIG=$work/kubeconfig
-kubectl() { "$tools/kubectl" "$@"; }
-wait_until 120 kubectl get --raw /readyz || fail_start kube-apiserver kube-apiserver
-start kube-controller-manager "$tools/kube-controller-manager" --kubeconfig "$KUBECONFIG" \
-  --leader-elect=false --secure-port=0 \
-  --controllers=persistentvolume-binder-controller,persistentvolume-expander-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller
-kubectl apply -f "$tools/snapshot-crds" >/dev/null
-wait_until 60 kubectl get volumesnapshotclasses || fail_start "the snapshot CRDs" kube-apiserver
-start snapshot-controller "$tools/snapshot-controller" --kubeconfig "$KUBECONFIG" --leader-election=false
+start_control_plane persistentvolume-binder-controller,persistentvolume-expander-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller
 
 # --- the chart's cluster objects -------------------------------------------------------------
 kubectl create namespace qsd >/dev/null
-"$helm" template qsd "$top/charts/qsd-csi" --namespace qsd --kube-version "${k8s#v}" >"$work/chart.yaml"
-/usr/bin/python3 - "$work" <<'PY'
-import base64, os, sys, yaml
-work = sys.argv[1]
-docs = [d for d in yaml.safe_load_all(open(f"{work}/chart.yaml")) if d]
-keep = [d for d in docs if d["kind"] not in ("Deployment", "DaemonSet")]
-yaml.safe_dump_all(keep, open(f"{work}/cluster-objects.yaml", "w"))
-os.makedirs(f"{work}/tls")
-for k, v in next(d for d in docs if d["kind"] == "Secret")["data"].items():
-    open(f"{work}/tls/{k}", "wb").write(base64.b64decode(v))
-bundle = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-agent-ca-bundle"))
-open(f"{work}/tls/bundle.crt", "w").write(bundle["data"]["ca.crt"])
-PY
-kubectl apply -f "$work/cluster-objects.yaml" >/dev/null || { echo "0 passed, 1 failed"; exit 1; }
+{ render_chart && apply_chart_objects; } || { echo "0 passed, 1 failed"; exit 1; }
 
 # --- the node "w1", as the kubelet and node-driver-registrar would publish it ----------------
 kubectl apply -f - >/dev/null <<EOF
@@ -131,7 +72,7 @@ kubectl -n qsd patch pod qsd-qsd-csi-node-w1 --subresource=status --type=merge \
 # as the kubelet would give the pod: with it, it asks for its agent certificate.
 node_token=$(kubectl -n qsd create token qsd-qsd-csi-node --bound-object-kind Pod \
   --bound-object-name qsd-qsd-csi-node-w1 --duration=2h) || { echo "0 passed, 1 failed"; exit 1; }
-sed "s/$token/$node_token/" "$KUBECONFIG" >"$work/node.kubeconfig"
+sed "s/$admin_token/$node_token/" "$KUBECONFIG" >"$work/node.kubeconfig"
 KUBECONFIG=$work/node.kubeconfig start node "$qsd_csi" --endpoint "unix://$work/node.sock" node \
   --state-dir "$work/state" --node w1 --device fuse --agent-listen "127.0.0.1:$agent_port" \
   --tls-bootstrap --tls-ca "$work/tls/bundle.crt"
@@ -140,7 +81,7 @@ wait_until 60 test -S "$work/node.sock" || fail_start "the node plugin" node
 # TokenRequest API), so the chart's RBAC is what they are allowed: nothing more.
 sa_token=$(kubectl -n qsd create token qsd-qsd-csi-controller --duration=2h) \
   || { echo "0 passed, 1 failed"; exit 1; }
-sed "s/$token/$sa_token/" "$KUBECONFIG" >"$work/sa.kubeconfig"
+sed "s/$admin_token/$sa_token/" "$KUBECONFIG" >"$work/sa.kubeconfig"
 # Two controller replicas with leader election: ctl-1 starts first and holds the Lease (it
 # relays the node's events); the sidecars talk to ctl-2, which serves CSI as a follower.
 controller() { # IDENTITY SOCKET
@@ -160,20 +101,9 @@ ctl1_pid=${pids[-1]}
 controller ctl-2 "$work/ctl.sock"
 wait_until 60 test -S "$work/ctl.sock" || fail_start "the second controller" ctl-2
 ctl2_pid=${pids[-1]}
-for s in provisioner:"--feature-gates=Topology=true --extra-create-metadata" snapshotter:"--extra-create-metadata" resizer:""; do
-  name=${s%%:*} extra=${s#*:}
-  # shellcheck disable=SC2086
-  start "csi-$name" "$tools/csi-$name" --kubeconfig "$work/sa.kubeconfig" --csi-address "$work/ctl.sock" \
-    --leader-election=false $extra
-done
+start_sidecars "$work/sa.kubeconfig" "$work/ctl.sock"
 
 # --- the tests -------------------------------------------------------------------------------
-passed=0 failed=0
-check() { # NAME COMMAND...
-  local name=$1; shift
-  if out=$("$@" 2>&1); then passed=$((passed + 1)); echo "cluster: ok $name"
-  else failed=$((failed + 1)); echo "cluster: FAIL $name"; echo "$out" | tail -15 | sed 's/^/  /'; fi
-}
 
 agent_certificate() {
   # The node asked, the leader signed: a certificate naming w1 alone, for server auth only,

@@ -26,68 +26,16 @@ mapfile -t images < <("$here/images.sh") || { summary 0 1; exit 1; }
 registrar=$("$top/scripts/build-registrar") || { summary 0 1; exit 1; }
 qsd_csi=$top/target/debug/qsd-csi
 
-work=$(mktemp -d /tmp/qsd-kubelet-XXXX)
-pids=()
-cleanup() {
-  local p
-  # Every process started (a check's subshell may have started one: its pid is in the file),
-  # then anything else still naming this run's directory.
-  for p in "${pids[@]}" $(cat "$work/pids" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
-  pkill -9 -f -- "$work/" 2>/dev/null
-  wait 2>/dev/null
-  [[ -f $work/state/run/qsd.pid ]] && kill -9 "$(cat "$work/state/run/qsd.pid")" 2>/dev/null
-  # Containers the runtime left (their shims were killed with it).
-  pkill -9 -f "containerd-shim.*$work" 2>/dev/null
-  for m in $(findmnt -rn -o TARGET | grep "^$work" | sort -r); do umount -l "$m" 2>/dev/null; done
-  ip link delete qsdk0 2>/dev/null
-  [[ -n ${QSD_CSI_KEEP_CLUSTER:-} ]] || rm -rf "$work"
-}
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-start() { # NAME COMMAND... (log in $work/NAME.log)
-  local name=$1; shift
-  "$@" >"$work/$name.log" 2>&1 &
-  pids+=($!)
-  echo $! >>"$work/pids"
-}
-fail_start() { echo "kubelet: $1 did not start; its log:" >&2; tail -20 "$work/$2.log" >&2; summary 0 1; exit 1; }
-wait_until() { # SECONDS COMMAND...: polls (0.2 s) until COMMAND succeeds
-  local deadline=$((SECONDS + $1)); shift
-  until "$@" >/dev/null 2>&1; do ((SECONDS < deadline)) || return 1; sleep 0.2; done
-}
+suite=kubelet failed_line="kubelet: 0 passed, 1 failed"
+# Containers the runtime left (their shims die with it), and this run's bridge.
+cleanup_more() { pkill -9 -f "containerd-shim.*$work" 2>/dev/null; ip link delete qsdk0 2>/dev/null; }
+# shellcheck source=../lib/cluster.sh
+. "$top/e2e/lib/cluster.sh"
+agent_port=$(port) kubelet_port=$(port)
 
 # --- control plane -----------------------------------------------------------------------------
-etcd_port=$(port) peer_port=$(port) api_port=$(port) agent_port=$(port) kubelet_port=$(port)
-start etcd "$tools/etcd" --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$etcd_port" \
-  --advertise-client-urls "http://127.0.0.1:$etcd_port" --listen-peer-urls "http://127.0.0.1:$peer_port" \
-  --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" --initial-cluster "default=http://127.0.0.1:$peer_port"
-openssl genrsa -out "$work/sa.key" 2048 2>/dev/null
-token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
-echo "$token,admin,admin,system:masters" >"$work/tokens.csv"
-start kube-apiserver "$tools/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
-  --bind-address 127.0.0.1 --secure-port "$api_port" --cert-dir "$work/apiserver" \
-  --token-auth-file "$work/tokens.csv" --authorization-mode RBAC \
-  --service-account-key-file "$work/sa.key" --service-account-signing-key-file "$work/sa.key" \
-  --service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.96.0.0/24 \
-  --allow-privileged
-cat >"$work/kubeconfig" <<KC
-apiVersion: v1
-kind: Config
-clusters: [{name: local, cluster: {server: "https://127.0.0.1:$api_port", insecure-skip-tls-verify: true}}]
-users: [{name: admin, user: {token: "$token"}}]
-contexts: [{name: local, context: {cluster: local, user: admin}}]
-current-context: local
-KC
-export KUBECONFIG=$work/kubeconfig
-kubectl() { "$tools/kubectl" "$@"; }
-wait_until 120 kubectl get --raw /readyz || fail_start kube-apiserver kube-apiserver
-start kube-controller-manager "$tools/kube-controller-manager" --kubeconfig "$KUBECONFIG" \
-  --leader-elect=false --secure-port=0 \
-  --controllers=persistentvolume-binder-controller,persistentvolume-expander-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,serviceaccount-controller,node-lifecycle-controller
+start_control_plane persistentvolume-binder-controller,persistentvolume-expander-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,serviceaccount-controller,node-lifecycle-controller
 start kube-scheduler "$tools/kube-scheduler" --kubeconfig "$KUBECONFIG" --leader-elect=false --secure-port=0
-kubectl apply -f "$tools/snapshot-crds" >/dev/null
-wait_until 60 kubectl get volumesnapshotclasses || fail_start "the snapshot CRDs" kube-apiserver
-start snapshot-controller "$tools/snapshot-controller" --kubeconfig "$KUBECONFIG" --leader-election=false
 
 # --- the node: containerd, CNI, kubelet ------------------------------------------------------------
 # The kubelet's directory is a mount of its own, shared, so mounts under it propagate.
@@ -148,18 +96,8 @@ wait_until 90 bash -c "[[ \$('$tools/kubectl' get node w1 -o jsonpath='{.status.
   || fail_start "the kubelet (node Ready)" kubelet
 
 # --- qsd-csi: the chart's cluster objects, the node plugin and the controller ----------------------
-"$helm" template qsd "$top/charts/qsd-csi" --namespace qsd --kube-version "${k8s#v}" >"$work/chart.yaml"
-/usr/bin/python3 - "$work" <<'PY'
-import base64, os, sys, yaml
-work = sys.argv[1]
-docs = [d for d in yaml.safe_load_all(open(f"{work}/chart.yaml")) if d]
-keep = [d for d in docs if d["kind"] in ("CSIDriver", "StorageClass", "VolumeSnapshotClass")]
-yaml.safe_dump_all(keep, open(f"{work}/cluster-objects.yaml", "w"))
-os.makedirs(f"{work}/tls")
-for k, v in next(d for d in docs if d["kind"] == "Secret")["data"].items():
-    open(f"{work}/tls/{k}", "wb").write(base64.b64decode(v))
-PY
-kubectl apply -f "$work/cluster-objects.yaml" >/dev/null || { summary 0 1; exit 1; }
+kubectl create namespace qsd >/dev/null
+{ render_chart && apply_chart_objects; } || { summary 0 1; exit 1; }
 kubectl create serviceaccount default >/dev/null 2>&1 # (pods' admission; the controller may be slow)
 "$qsd_csi" certs sign-node --node w1 --ca-cert "$work/tls/ca.crt" --ca-key "$work/tls/ca.key" \
   --out-dir "$work/tls" >/dev/null || { summary 0 1; exit 1; }
@@ -174,20 +112,9 @@ start controller "$qsd_csi" --endpoint "unix://$work/ctl.sock" controller \
   --agent "w1=127.0.0.1:$agent_port" --tls-cert "$work/tls/tls.crt" --tls-key "$work/tls/tls.key" \
   --tls-ca "$work/tls/ca.crt"
 wait_until 60 test -S "$work/ctl.sock" || fail_start "the controller" controller
-for s in provisioner:"--feature-gates=Topology=true --extra-create-metadata" snapshotter:"--extra-create-metadata" resizer:""; do
-  name=${s%%:*} extra=${s#*:}
-  # shellcheck disable=SC2086
-  start "csi-$name" "$tools/csi-$name" --kubeconfig "$KUBECONFIG" --csi-address "$work/ctl.sock" \
-    --leader-election=false $extra
-done
+start_sidecars "$KUBECONFIG" "$work/ctl.sock"
 
 # --- the tests ---------------------------------------------------------------------------------------
-passed=0 failed=0
-check() { # NAME COMMAND...
-  local name=$1; shift
-  if out=$("$@" 2>&1); then passed=$((passed + 1)); echo "kubelet: ok $name"
-  else failed=$((failed + 1)); echo "kubelet: FAIL $name"; echo "$out" | tail -15 | sed 's/^/  /'; fi
-}
 busybox="registry.k8s.io/e2e-test-images/busybox:$("$versions" images.busybox)"
 pvc() { # NAME [SIZE] [MODE] [DATA SOURCE YAML]
   kubectl apply -f - <<YAML

@@ -1,0 +1,123 @@
+# Shared by the suites that run a local control plane (e2e/cluster, e2e/kubelet); sourced.
+# The sourcing script sets: top (the checkout), tools (the built control plane), suite (its name
+# in messages) and failed_line (its summary line for a run that could not start). It may define
+# cleanup_more, run before the work directory goes.
+# Provides: work (this run's directory, removed at exit unless QSD_CSI_KEEP_CLUSTER is set), port,
+# start, wait_until, fail_start, kubectl, and start_control_plane.
+
+work=$(mktemp -d "/tmp/qsd-$suite-XXXX")
+pids=()
+cleanup() {
+  local p m
+  # Every process started (a check's subshell may have started one: its pid is in the file),
+  # then anything else still naming this run's directory.
+  for p in "${pids[@]}" $(cat "$work/pids" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
+  pkill -9 -f -- "$work/" 2>/dev/null
+  wait 2>/dev/null
+  [[ -f $work/state/run/qsd.pid ]] && kill -9 "$(cat "$work/state/run/qsd.pid")" 2>/dev/null
+  declare -F cleanup_more >/dev/null && cleanup_more
+  for m in $(findmnt -rn -o TARGET | grep "^$work" | sort -r); do umount -l "$m" 2>/dev/null; done
+  [[ -n ${QSD_CSI_KEEP_CLUSTER:-} ]] || rm -rf "$work"
+}
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+start() { # NAME COMMAND... (log in $work/NAME.log)
+  local name=$1; shift
+  "$@" >"$work/$name.log" 2>&1 &
+  pids+=($!)
+  echo $! >>"$work/pids"
+}
+fail_start() { # WHAT LOG
+  echo "$suite: $1 did not start; its log:" >&2; tail -20 "$work/$2.log" >&2; echo "$failed_line"; exit 1
+}
+wait_until() { # SECONDS COMMAND...: polls (0.2 s) until COMMAND succeeds
+  local deadline=$((SECONDS + $1)); shift
+  until "$@" >/dev/null 2>&1; do ((SECONDS < deadline)) || return 1; sleep 0.2; done
+}
+kubectl() { "$tools/kubectl" "$@"; }
+
+# etcd, kube-apiserver (admin token in $work/kubeconfig, exported as KUBECONFIG),
+# kube-controller-manager with CONTROLLERS (comma-separated), the snapshot CRDs and
+# snapshot-controller. Sets api_port.
+start_control_plane() { # CONTROLLERS
+  local etcd_port peer_port token
+  etcd_port=$(port) peer_port=$(port) api_port=$(port)
+  start etcd "$tools/etcd" --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$etcd_port" \
+    --advertise-client-urls "http://127.0.0.1:$etcd_port" --listen-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" --initial-cluster "default=http://127.0.0.1:$peer_port"
+  openssl genrsa -out "$work/sa.key" 2048 2>/dev/null
+  token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  echo "$token,admin,admin,system:masters" >"$work/tokens.csv"
+  start kube-apiserver "$tools/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --secure-port "$api_port" --cert-dir "$work/apiserver" \
+    --token-auth-file "$work/tokens.csv" --authorization-mode RBAC \
+    --service-account-key-file "$work/sa.key" --service-account-signing-key-file "$work/sa.key" \
+    --service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.96.0.0/24 \
+    --allow-privileged
+  cat >"$work/kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters: [{name: local, cluster: {server: "https://127.0.0.1:$api_port", insecure-skip-tls-verify: true}}]
+users: [{name: admin, user: {token: "$token"}}]
+contexts: [{name: local, context: {cluster: local, user: admin}}]
+current-context: local
+KC
+  export KUBECONFIG=$work/kubeconfig
+  admin_token=$token
+  wait_until 120 kubectl get --raw /readyz || fail_start kube-apiserver kube-apiserver
+  start kube-controller-manager "$tools/kube-controller-manager" --kubeconfig "$KUBECONFIG" \
+    --leader-elect=false --secure-port=0 --controllers="$1"
+  kubectl apply -f "$tools/snapshot-crds" >/dev/null
+  wait_until 60 kubectl get volumesnapshotclasses || fail_start "the snapshot CRDs" kube-apiserver
+  start snapshot-controller "$tools/snapshot-controller" --kubeconfig "$KUBECONFIG" --leader-election=false
+}
+
+# The chart's objects rendered (helm template, namespace qsd) into $work/chart.yaml, its
+# generated certificates written into $work/tls (Secret keys, and the CA bundle as bundle.crt).
+render_chart() {
+  "$helm" template qsd "$top/charts/qsd-csi" --namespace qsd --kube-version "${k8s#v}" >"$work/chart.yaml" || return 1
+  /usr/bin/python3 - "$work" <<'PY'
+import base64, os, sys, yaml
+work = sys.argv[1]
+docs = [d for d in yaml.safe_load_all(open(f"{work}/chart.yaml")) if d]
+os.makedirs(f"{work}/tls")
+for k, v in next(d for d in docs if d["kind"] == "Secret")["data"].items():
+    open(f"{work}/tls/{k}", "wb").write(base64.b64decode(v))
+bundle = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-agent-ca-bundle"))
+open(f"{work}/tls/bundle.crt", "w").write(bundle["data"]["ca.crt"])
+PY
+}
+
+# The rendered chart's cluster objects applied: all but its workloads (Deployment, DaemonSet),
+# which these suites run as local processes.
+apply_chart_objects() {
+  /usr/bin/python3 - "$work" <<'PY' || return 1
+import sys, yaml
+work = sys.argv[1]
+docs = [d for d in yaml.safe_load_all(open(f"{work}/chart.yaml")) if d]
+keep = [d for d in docs if d["kind"] not in ("Deployment", "DaemonSet")]
+yaml.safe_dump_all(keep, open(f"{work}/cluster-objects.yaml", "w"))
+PY
+  kubectl apply -f "$work/cluster-objects.yaml" >/dev/null
+}
+
+# csi-provisioner (topology, claim metadata), csi-snapshotter and csi-resizer on the controller
+# socket SOCKET, with KUBECONFIG's credentials.
+start_sidecars() { # KUBECONFIG SOCKET
+  local s name extra
+  for s in provisioner:"--feature-gates=Topology=true --extra-create-metadata" snapshotter:"--extra-create-metadata" resizer:""; do
+    name=${s%%:*} extra=${s#*:}
+    # shellcheck disable=SC2086
+    start "csi-$name" "$tools/csi-$name" --kubeconfig "$1" --csi-address "$2" \
+      --leader-election=false $extra
+  done
+}
+
+# Runs a check: "SUITE: ok NAME", or "SUITE: FAIL NAME" and the end of its output. Counts both.
+passed=0 failed=0
+check() { # NAME COMMAND...
+  local name=$1 out; shift
+  if out=$("$@" 2>&1); then passed=$((passed + 1)); echo "$suite: ok $name"
+  else failed=$((failed + 1)); echo "$suite: FAIL $name"; echo "$out" | tail -15 | sed 's/^/  /'; fi
+}
