@@ -518,6 +518,8 @@ async fn a_verifying_writer_survives_the_plugin_being_killed_and_restarted() {
         ])
         .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--end_fsync=1"])
         .arg(format!("--filename={}", data.display()))
+        // fio leaves its verify state file in its working directory: the test's, not the tree.
+        .current_dir(d.path(""))
         .stdout(std::fs::File::create(d.path("fio.log")).expect("fio log"))
         .spawn()
         .expect("fio runs");
