@@ -184,8 +184,23 @@ pub fn create_volume(
         }
     };
     out.size = size(req.capacity_range.as_ref(), out.source.is_some())?;
+    // mkfs.xfs refuses filesystems under 300 MiB: say so now, not as a failed NodeStage.
+    let xfs = req.parameters.get("fsType").is_some_and(|f| f == "xfs")
+        || req.volume_capabilities.iter().any(|c| {
+            matches!(&c.access_type, Some(csi::volume_capability::AccessType::Mount(m)) if m.fs_type == "xfs")
+        });
+    if let Some(size) = out.size.filter(|s| xfs && out.source.is_none() && *s < XFS_MIN_SIZE) {
+        return Err(Status::out_of_range(format!(
+            "an xfs volume needs at least {} MiB (mkfs.xfs refuses smaller filesystems); {} MiB was asked for",
+            XFS_MIN_SIZE >> 20,
+            size >> 20
+        )));
+    }
     Ok(out)
 }
+
+/// The smallest volume mkfs.xfs formats.
+pub const XFS_MIN_SIZE: i64 = 300 << 20;
 
 /// Why a capability is not supported, if it is not.
 pub fn unsupported(cap: &csi::VolumeCapability) -> Option<String> {
@@ -281,6 +296,25 @@ mod tests {
             size(range(-1, 0).as_ref(), false).err().map(|s| s.code()),
             Some(tonic::Code::InvalidArgument)
         );
+    }
+
+    #[test]
+    fn an_xfs_volume_under_300_mib_is_refused_out_of_range_at_creation() {
+        let sized = |fs_param: Option<&str>, fs_cap: &str, mib: i64| {
+            let mut r = request(&fs_param.map(|f| vec![("fsType", f)]).unwrap_or_default());
+            r.volume_capabilities = vec![cap(Mode::SingleNodeWriter, fs_cap)];
+            r.capacity_range =
+                Some(csi::CapacityRange { required_bytes: mib << 20, limit_bytes: 0 });
+            create_volume(&r, "default")
+                .map(|c| c.size)
+                .map_err(|s| (s.code(), s.message().to_owned()))
+        };
+        let (code, message) = sized(None, "xfs", 256).expect_err("256 MiB xfs");
+        assert_eq!(code, tonic::Code::OutOfRange);
+        assert!(message.contains("at least 300 MiB") && message.contains("256 MiB"), "{message}");
+        assert_eq!(sized(Some("xfs"), "", 299).err().map(|e| e.0), Some(tonic::Code::OutOfRange));
+        assert_eq!(sized(None, "xfs", 300), Ok(Some(300 << 20)));
+        assert_eq!(sized(None, "ext4", 16), Ok(Some(16 << 20)), "ext4 has no such minimum");
     }
 
     #[test]
