@@ -402,6 +402,44 @@ async fn a_mounted_ext4_volume_grows_online() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mounted_ext4_grows_online_or_the_node_says_which_capability_is_missing() {
+    let mut d = Driver::start().await;
+    let cap = mount_cap("ext4");
+    let vol = d.create("grow", 64 * MIB, &cap, None).await.expect("create");
+    let mnt = d.stage_and_publish(&vol, &cap, false).await.expect("publish");
+    if qsd_node::has_cap_sys_resource() {
+        expand_online(&mut d, &vol.volume_id, &mnt, &cap, 128 * MIB).await;
+    } else {
+        // This machine withholds CAP_SYS_RESOURCE: resize2fs cannot grow a mounted ext4.
+        d.controller
+            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 128 * MIB,
+                    limit_bytes: 0,
+                }),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            })
+            .await
+            .expect("controller expand");
+        let refused = d
+            .node
+            .node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                volume_path: mnt.display().to_string(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("no online ext4 growth without the capability");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+        assert!(refused.message().contains("CAP_SYS_RESOURCE"), "{}", refused.message());
+    }
+    d.unpublish_and_unstage(&vol.volume_id).await;
+    d.delete(&vol.volume_id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_full_volume_lifecycle_over_grpc_on_xfs() {
     lifecycle("xfs", 512 * MIB, true).await;
 }

@@ -28,6 +28,7 @@ mod sys;
 pub mod tls;
 
 pub use error::{Error, ErrorKind, Result};
+pub use sys::has_cap_sys_resource;
 
 /// Logs to standard error, filtered by `RUST_LOG` (default: info, libublk's chatter at warn).
 /// For the binaries of the project.

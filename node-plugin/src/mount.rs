@@ -116,13 +116,32 @@ pub async fn unmount(target: &Path) -> Result<()> {
     Ok(())
 }
 
+/// resize2fs on a mounted ext filesystem needs CAP_SYS_RESOURCE (the online-resize ioctl).
+/// Without it, the user learns that, not "Permission denied".
+fn ext_growth_error(error: Error, has_cap_sys_resource: bool) -> Error {
+    match &error {
+        Error::Command { stderr, .. }
+            if !has_cap_sys_resource && stderr.contains("Permission denied") =>
+        {
+            Error::FailedPrecondition(
+                "growing a mounted ext4 filesystem needs CAP_SYS_RESOURCE, which this node \
+                 plugin does not hold (a privileged container has it): the volume and its device \
+                 have grown, the filesystem has not"
+                    .into(),
+            )
+        }
+        _ => error,
+    }
+}
+
 /// Grows the filesystem mounted at `mountpoint` (on `device`) to fill the device.
 pub async fn grow_fs(device: &Path, mountpoint: &Path) -> Result<()> {
     match probe_fs(device).await?.as_deref() {
         Some("xfs") => run("xfs_growfs", &[mountpoint.as_os_str()]).await.map(|_| ()),
-        Some(t) if t.starts_with("ext") => {
-            run("resize2fs", &[device.as_os_str()]).await.map(|_| ())
-        }
+        Some(t) if t.starts_with("ext") => run("resize2fs", &[device.as_os_str()])
+            .await
+            .map(|_| ())
+            .map_err(|e| ext_growth_error(e, crate::sys::has_cap_sys_resource())),
         Some(other) => Err(Error::FailedPrecondition(format!("cannot grow a {other} filesystem"))),
         None => Ok(()),
     }
@@ -165,4 +184,23 @@ pub async fn device_size(device: &Path) -> Result<u64> {
         program: "blockdev".into(),
         stderr: format!("unexpected output {out:?}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ext4_growth_refused_for_a_missing_capability_is_a_failed_precondition_that_names_it() {
+        let denied = || Error::Command {
+            program: "resize2fs".into(),
+            stderr: "resize2fs: Permission denied to resize filesystem".into(),
+        };
+        let e = ext_growth_error(denied(), false);
+        assert_eq!(e.kind(), crate::ErrorKind::FailedPrecondition);
+        assert!(e.to_string().contains("CAP_SYS_RESOURCE"), "{e}");
+        assert_eq!(ext_growth_error(denied(), true).kind(), crate::ErrorKind::Internal, "with it");
+        let other = Error::Command { program: "resize2fs".into(), stderr: "bad superblock".into() };
+        assert_eq!(ext_growth_error(other, false).kind(), crate::ErrorKind::Internal);
+    }
 }
