@@ -320,15 +320,13 @@ async fn lifecycle(fs: &str, size: i64, expand: bool) {
         .await;
 }
 
-/// Controller grows the image, the node grows the device and the filesystem; `df` shows it.
-async fn expand_online(
+/// The controller grows a volume's image to `size`; the node still has to grow its filesystem.
+async fn controller_expand(
     d: &mut Driver,
     volume_id: &str,
-    mnt: &Path,
     cap: &csi::VolumeCapability,
     size: i64,
 ) {
-    let before = df_size(mnt);
     let grown = d
         .controller
         .controller_expand_volume(csi::ControllerExpandVolumeRequest {
@@ -341,6 +339,18 @@ async fn expand_online(
         .expect("controller expand")
         .into_inner();
     assert!(grown.node_expansion_required);
+}
+
+/// Controller grows the image, the node grows the device and the filesystem; `df` shows it.
+async fn expand_online(
+    d: &mut Driver,
+    volume_id: &str,
+    mnt: &Path,
+    cap: &csi::VolumeCapability,
+    size: i64,
+) {
+    let before = df_size(mnt);
+    controller_expand(d, volume_id, cap, size).await;
     d.node
         .node_expand_volume(csi::NodeExpandVolumeRequest {
             volume_id: volume_id.to_owned(),
@@ -411,18 +421,7 @@ async fn a_mounted_ext4_grows_online_or_the_node_says_which_capability_is_missin
         expand_online(&mut d, &vol.volume_id, &mnt, &cap, 128 * MIB).await;
     } else {
         // This machine withholds CAP_SYS_RESOURCE: resize2fs cannot grow a mounted ext4.
-        d.controller
-            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                volume_id: vol.volume_id.clone(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: 128 * MIB,
-                    limit_bytes: 0,
-                }),
-                volume_capability: Some(cap.clone()),
-                ..Default::default()
-            })
-            .await
-            .expect("controller expand");
+        controller_expand(&mut d, &vol.volume_id, &cap, 128 * MIB).await;
         let refused = d
             .node
             .node_expand_volume(csi::NodeExpandVolumeRequest {
