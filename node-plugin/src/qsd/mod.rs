@@ -112,7 +112,7 @@ impl Daemon {
     /// Adopts a running daemon or starts one (managed), or connects (external).
     pub async fn connect(config: DaemonConfig) -> Result<(Daemon, Origin)> {
         prepare_run_dir(&config.run_dir)?;
-        let (client, origin) = establish(&config).await?;
+        let (client, origin) = establish_or_wait(&config).await?;
         let version = query_version(&client).await?;
         tracing::info!(
             version = %format!("{}.{}.{}", version.qemu.major, version.qemu.minor, version.qemu.micro),
@@ -126,23 +126,11 @@ impl Daemon {
     /// After the connection dropped: adopt the daemon if it still runs, otherwise start a new
     /// one (managed) or wait for it to come back (external).
     pub async fn reconnect(&self) -> Result<Origin> {
-        let mut delay = Duration::from_millis(50);
-        loop {
-            match establish(&self.config).await {
-                Ok((client, origin)) => {
-                    let version = query_version(&client).await?;
-                    *lock(&self.version) = version;
-                    *lock(&self.client) = client;
-                    return Ok(origin);
-                }
-                Err(e) if self.config.mode == Mode::External => {
-                    tracing::warn!(error = %e, "daemon not reachable yet; retrying");
-                    tokio::time::sleep(delay).await; // retry backoff
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let (client, origin) = establish_or_wait(&self.config).await?;
+        let version = query_version(&client).await?;
+        *lock(&self.version) = version;
+        *lock(&self.client) = client;
+        Ok(origin)
     }
 
     /// The current QMP client.
@@ -180,6 +168,22 @@ async fn query_version(client: &QmpClient) -> Result<VersionInfo> {
         .call(&QueryVersion {})
         .await
         .map_err(|source| Error::Qmp { command: "query-version", source })
+}
+
+/// [`establish`], except that an external daemon not reachable yet (its pod starting, or
+/// restarting) is waited for, with backoff, however long it takes.
+async fn establish_or_wait(config: &DaemonConfig) -> Result<(QmpClient, Origin)> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match establish(config).await {
+            Err(e) if config.mode == Mode::External => {
+                tracing::warn!(error = %e, socket = %config.qmp_socket().display(), "daemon not reachable yet; retrying");
+                tokio::time::sleep(delay).await; // retry backoff
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 async fn establish(config: &DaemonConfig) -> Result<(QmpClient, Origin)> {
