@@ -10,7 +10,7 @@
 //! shared pool's volume goes to the node it is attached on (its owner record), else to the
 //! default node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use qsd_csi_proto::agent::{self, agent_client::AgentClient, agent_server::Agent};
@@ -123,6 +123,10 @@ pub fn remote(
 #[derive(Debug, Clone)]
 pub struct Agents {
     nodes: Arc<RwLock<BTreeMap<String, NodeAgent>>>,
+    /// With discovery: the nodes the cluster has, agent or not. A node without an agent that
+    /// the cluster still has is one whose node plugin is not running now (restarting,
+    /// upgraded): its volumes exist, and requests for them must be retried, not answered.
+    cluster_nodes: Arc<RwLock<Option<BTreeSet<String>>>>,
     default_node: Option<String>,
 }
 
@@ -130,7 +134,11 @@ impl Agents {
     /// Agents by node name; requests that name no node go to `default_node` (or, without one,
     /// to the first node by name).
     pub fn new(nodes: BTreeMap<String, NodeAgent>, default_node: Option<String>) -> Self {
-        Agents { nodes: Arc::new(RwLock::new(nodes)), default_node }
+        Agents {
+            nodes: Arc::new(RwLock::new(nodes)),
+            cluster_nodes: Arc::new(RwLock::new(None)),
+            default_node,
+        }
     }
 
     /// Standalone: the engine of this process, on `node`.
@@ -169,12 +177,32 @@ impl Agents {
         }
     }
 
-    /// The agent of `node`. A node the controller has no agent for holds nothing it can
-    /// reach: NOT_FOUND.
+    /// Records the nodes the cluster has (discovery lists them with the agents).
+    pub fn set_cluster_nodes(&self, nodes: BTreeSet<String>) {
+        *self.cluster_nodes.write().unwrap_or_else(|p| p.into_inner()) = Some(nodes);
+    }
+
+    /// The agent of `node`. A node the cluster has but whose agent is not known now (its node
+    /// plugin restarting): UNAVAILABLE, so the caller retries and nothing on it is taken for
+    /// gone. A node neither has (or, without discovery, one not configured) holds nothing
+    /// this controller can reach: NOT_FOUND.
     pub fn node(&self, node: &str) -> Result<NodeAgent, Status> {
-        self.read().get(node).cloned().ok_or_else(|| {
-            Status::not_found(format!("node {node:?} is not one this controller serves"))
-        })
+        if let Some(agent) = self.read().get(node) {
+            return Ok(agent.clone());
+        }
+        let in_cluster = self
+            .cluster_nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|nodes| nodes.contains(node));
+        if in_cluster {
+            Err(Status::unavailable(format!(
+                "node {node:?} has no running node agent now (its node plugin pod is not ready); retry"
+            )))
+        } else {
+            Err(Status::not_found(format!("node {node:?} is not one this controller serves")))
+        }
     }
 
     /// The node an object ID lives on. A local pool's ID names it. A shared pool's volume

@@ -6,12 +6,15 @@
 //!   list pods (namespace, labelSelector) ─► {node name → podIP:port} ─► Agents::replace
 //!   at start and every REFRESH; a node whose address is unchanged keeps its connection
 //! ```
+//!
+//! The cluster's Nodes are listed with them: a node the cluster has whose plugin pod is not
+//! running (deleted, restarting) is unavailable for now, not gone (`Agents::node`).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
 
 use crate::agents::{Agents, NodeAgent};
@@ -60,6 +63,14 @@ impl Discovery {
         known: &mut BTreeMap<String, SocketAddr>,
         connect: &impl Fn(&str, SocketAddr) -> anyhow::Result<NodeAgent>,
     ) -> anyhow::Result<()> {
+        let nodes: Api<Node> = Api::all(client.clone());
+        let cluster_nodes = nodes
+            .list_metadata(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|n| n.metadata.name);
+        agents.set_cluster_nodes(cluster_nodes.collect());
         let listed = self.addresses(client).await?;
         let current: BTreeMap<String, NodeAgent> = agents.nodes().into_iter().collect();
         let mut found = BTreeMap::new();

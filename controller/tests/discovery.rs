@@ -36,6 +36,19 @@ fn api_server(
         for _ in 0..n {
             let (request, respond) = handle.next_request().await.expect("a request");
             assert_eq!(request.method(), http::Method::GET);
+            if request.uri().path() == "/api/v1/nodes" {
+                // The cluster's nodes: every node a pod names, and w5, which has no pod.
+                let items: Vec<_> = ["w1", "w2", "w3", "w4", "w5"]
+                    .iter()
+                    .map(|n| serde_json::json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": n}}))
+                    .collect();
+                let list = serde_json::json!({
+                    "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": items,
+                });
+                let body = Body::from(serde_json::to_vec(&list).expect("json"));
+                respond.send_response(Response::builder().body(body).expect("response"));
+                continue;
+            }
             assert_eq!(request.uri().path(), "/api/v1/namespaces/qsd/pods");
             let query = request.uri().query().unwrap_or_default().to_owned();
             assert!(
@@ -68,7 +81,8 @@ async fn agents_are_the_scheduled_node_pods_with_an_address_and_follow_the_listi
         pod("c", "w3", Some("10.0.0.3"), true), // being deleted
         pod("d", "w4", Some("10.0.0.4"), false),
     ];
-    let (client, server) = api_server(3, pods.clone());
+    // One pod listing, then two refreshes of a node listing and a pod listing each.
+    let (client, server) = api_server(5, pods.clone());
     let found = discovery().addresses(client.clone()).await.expect("list");
     let want: BTreeMap<String, SocketAddr> = [
         ("w1".to_owned(), "10.0.0.1:9443".parse().expect("addr")),
@@ -96,5 +110,13 @@ async fn agents_are_the_scheduled_node_pods_with_an_address_and_follow_the_listi
     discovery().refresh(client, &agents, &mut known, &connect).await.expect("refresh again");
     assert_eq!(connects.get(), 2, "unchanged agents keep their connections");
     assert_eq!(agents.default_node().expect("a default"), "w1");
+    // A node the cluster has whose plugin is not running (w2: no address yet; w5: no pod) is
+    // unavailable for now, so nothing on it is taken for gone; a node the cluster does not
+    // have holds nothing this controller can reach.
+    for node in ["w2", "w3", "w5"] {
+        let err = agents.node(node).expect_err("no agent");
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{node}: {err:?}");
+    }
+    assert_eq!(agents.node("w9").expect_err("no such node").code(), tonic::Code::NotFound);
     server.await.expect("the mock server saw every request");
 }
