@@ -1,6 +1,6 @@
 """Least privilege in the rendered chart (docs/security.md): no key reaches a node.
 
-  - the node DaemonSet's pods reference no Secret at all (a kubelet can read every Secret its
+  - the node DaemonSets' pods (plugin and daemon) reference no Secret at all (a kubelet can read every Secret its
     pods reference): they trust the CA through a ConfigMap holding one certificate;
   - the CA key and the controller's key are in a Secret only the controller Deployment mounts;
   - the node's service account may create and read CertificateSigningRequests, nothing else;
@@ -35,7 +35,11 @@ def secrets_of(pod_spec):
 def main():
     docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
     kind = lambda k: [d for d in docs if d["kind"] == k]
-    node = kind("DaemonSet")[0]["spec"]["template"]["spec"]
+    daemonsets = {d["metadata"]["name"].rsplit("-", 1)[1]: d["spec"]["template"]["spec"] for d in kind("DaemonSet")}
+    node, daemon = daemonsets["node"], daemonsets["daemon"]
+    # The daemon (qemu-storage-daemon) needs no API access at all.
+    assert not secrets_of(daemon), f"the daemon pods reference Secrets: {secrets_of(daemon)}"
+    assert daemon.get("automountServiceAccountToken") is False, "the daemon pods get no token"
     controller = kind("Deployment")[0]["spec"]["template"]["spec"]
     assert not secrets_of(node), f"the node pods reference Secrets: {secrets_of(node)}"
     ca_secret = next(n for n in secrets_of(controller) if n.endswith("-agent-ca"))

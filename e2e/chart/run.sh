@@ -38,6 +38,10 @@ check template-cert-manager bash -c "'$helm' template t '$chart' $k8s --set tls.
 check least-privilege-cert-manager /usr/bin/python3 "$here/check_privilege.py" "$work/cert-manager.yaml"
 check cert-manager-needs-a-ca-bundle bash -c "! '$helm' template t '$chart' $k8s --set tls.source=cert-manager"
 check refuses-unknown-tls-source bash -c "! '$helm' template t '$chart' $k8s --set tls.source=x"
+# kubernetesAPI: both or neither; when set, every container that talks to the API server gets it.
+check api-server-needs-host-and-port bash -c "! '$helm' template t '$chart' $k8s --set kubernetesAPI.host=10.0.0.1"
+check api-server-override-reaches-every-api-client bash -c "[[ \$('$helm' template t '$chart' $k8s \
+  --set kubernetesAPI.host=10.0.0.1 --set kubernetesAPI.port=6443 | grep -c 'name: KUBERNETES_SERVICE_HOST, value: \"10.0.0.1\"') == 5 ]]"
 "$helm" template t "$chart" $k8s >"$work/default.yaml"
 check least-privilege /usr/bin/python3 "$here/check_privilege.py" "$work/default.yaml"
 # The sidecar images are the versions the tests build and run (versions.yaml).

@@ -1,8 +1,8 @@
 """Runs the rendered chart's qsd-csi processes locally and drives a volume through them.
 
 Taken from the rendered objects, unchanged except for paths and addresses:
-  - the DaemonSet's qemu-storage-daemon container command (external daemon),
-  - the DaemonSet's qsd-csi container arguments (node plugin + agent over mutual TLS),
+  - the daemon DaemonSet's qemu-storage-daemon container command (external daemon),
+  - the node DaemonSet's qsd-csi container arguments (node plugin + agent over mutual TLS),
   - the Deployment's qsd-csi container arguments (controller),
   - the CA and controller certificate in the chart's generated Secret, the CA certificate alone
     in its ConfigMap (what the node mounts).
@@ -67,7 +67,7 @@ def main():
     subprocess.run([binary, "certs", "sign-node", "--node", "worker-1", "--ca-cert", os.path.join(tls, "ca.crt"),
                     "--ca-key", os.path.join(tls, "ca.key"), "--out-dir", tls], check=True, capture_output=True)
 
-    daemonset = next(d for d in docs if d["kind"] == "DaemonSet")
+    daemonset = next(d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"].endswith("-node"))
     state_mount = next(
         m["mountPath"]
         for m in container(docs, "DaemonSet", "qsd-csi")["volumeMounts"]

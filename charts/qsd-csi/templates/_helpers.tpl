@@ -35,3 +35,16 @@ Mounted in the controller pod only. */}}
 {{- $v := index (.root.Files.Get "versions.yaml" | fromYaml).sidecars .name -}}
 {{- (index .root.Values.sidecars .name).image | default (printf "%s:%s" $v.image $v.version) -}}
 {{- end -}}
+
+{{/* Where pods reach the API server, when not through the in-cluster Service: environment
+entries overriding the kubelet's KUBERNETES_SERVICE_HOST/PORT (empty when unset). */}}
+{{- define "qsd-csi.apiServerEnv" -}}
+{{- with .Values.kubernetesAPI -}}
+{{- if and .host .port -}}
+- { name: KUBERNETES_SERVICE_HOST, value: {{ .host | quote }} }
+- { name: KUBERNETES_SERVICE_PORT, value: {{ .port | quote }} }
+{{- else if or .host .port -}}
+{{- fail "kubernetesAPI: set both host and port, or neither" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
