@@ -652,3 +652,45 @@ async fn the_command_line_drives_a_running_endpoint() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("qsd-csi standalone"), "{err}");
 }
+
+/// A snapshot restored, and a volume cloned, into larger volumes: each is staged with a
+/// filesystem grown to fill its volume, and keeps the source's files.
+async fn restored_and_cloned_into_larger_volumes(fs: &str, size: i64) {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let mut d = Driver::start().await;
+    let cap = mount_cap(fs);
+    let vol = d.create("small", size, &cap, None).await.expect("create");
+    let mnt = d.stage_and_publish(&vol, &cap, false).await.expect("publish");
+    std::fs::write(mnt.join("kept.txt"), b"kept").expect("write");
+    sync_fs(&mnt);
+    let small = qsd_node::mount::usage(&mnt).expect("usage").bytes_total;
+    let snap = d.snapshot(&vol.volume_id, "snap-small").await;
+    let sources = [
+        ("restored", Type::Snapshot(SnapshotSource { snapshot_id: snap.snapshot_id.clone() })),
+        ("cloned", Type::Volume(VolumeSource { volume_id: vol.volume_id.clone() })),
+    ];
+    let mut made = Vec::new();
+    for (name, source) in sources {
+        let big = d.create(name, 2 * size, &cap, Some(source)).await.expect("create larger");
+        let bmnt = d.stage_and_publish(&big, &cap, false).await.expect("publish larger");
+        assert_eq!(std::fs::read(bmnt.join("kept.txt")).expect("kept"), b"kept", "{name}");
+        let grown = qsd_node::mount::usage(&bmnt).expect("usage").bytes_total;
+        assert!(
+            grown > small + (size as u64) * 3 / 4,
+            "{fs} {name}: {grown} bytes, its source's filesystem {small}"
+        );
+        made.push(big.volume_id);
+    }
+    let ids: Vec<&String> = std::iter::once(&vol.volume_id).chain(&made).collect();
+    teardown(&mut d, &ids, &snap.snapshot_id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ext4_restored_or_cloned_into_a_larger_volume_fills_it() {
+    restored_and_cloned_into_larger_volumes("ext4", 64 * MIB).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xfs_restored_or_cloned_into_a_larger_volume_fills_it() {
+    restored_and_cloned_into_larger_volumes("xfs", 320 * MIB).await;
+}

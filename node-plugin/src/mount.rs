@@ -147,6 +147,78 @@ pub async fn grow_fs(device: &Path, mountpoint: &Path) -> Result<()> {
     }
 }
 
+/// Bytes an ext filesystem on `device` spans, from its superblock.
+async fn ext_fs_bytes(device: &Path) -> Result<u64> {
+    let header = run("dumpe2fs", &["-h".as_ref(), device.as_os_str()]).await?;
+    let field = |name: &str| {
+        header.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok()).ok_or_else(
+            || Error::Command {
+                program: "dumpe2fs".into(),
+                stderr: format!("no {name:?} in its output for {}", device.display()),
+            },
+        )
+    };
+    Ok(field("Block count:")? * field("Block size:")?)
+}
+
+/// Before staging: an ext filesystem smaller than its device (a snapshot restored, or a volume
+/// cloned, into a larger volume) is grown to fill it while unmounted, which needs no
+/// CAP_SYS_RESOURCE (e2fsck first, as resize2fs requires). Returns whether it grew.
+pub async fn grow_unmounted_ext(device: &Path) -> Result<bool> {
+    match probe_fs(device).await?.as_deref() {
+        Some(t) if t.starts_with("ext") => {}
+        _ => return Ok(false),
+    }
+    if ext_fs_bytes(device).await? >= device_size(device).await? {
+        return Ok(false);
+    }
+    // -p repairs only what is safe unattended; exit status 1 means "errors corrected".
+    let status = tokio::process::Command::new("e2fsck")
+        .args(["-f", "-p"])
+        .arg(device)
+        .env("LC_ALL", "C")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .map_err(|e| Error::Command { program: "e2fsck".into(), stderr: e.to_string() })?;
+    if status.code().is_none_or(|c| c > 1) {
+        return Err(Error::FailedPrecondition(format!(
+            "{} needs a filesystem check before it can grow (e2fsck -f -p: {status})",
+            device.display()
+        )));
+    }
+    run("resize2fs", &[device.as_os_str()]).await?;
+    Ok(true)
+}
+
+/// After staging: an xfs filesystem (xfs grows only mounted) smaller than its device is grown to
+/// fill it. Returns whether it grew.
+pub async fn grow_mounted_xfs(device: &Path, mountpoint: &Path) -> Result<bool> {
+    if probe_fs(device).await?.as_deref() != Some("xfs") {
+        return Ok(false);
+    }
+    let info = run("xfs_info", &[mountpoint.as_os_str()]).await?;
+    // "data     =                       bsize=4096   blocks=81920, imaxpct=25"
+    let data = info.lines().find(|l| l.trim_start().starts_with("data")).unwrap_or_default();
+    let number = |key: &str| {
+        data.split(|c: char| c == ' ' || c == ',')
+            .find_map(|w| w.strip_prefix(key)?.parse::<u64>().ok())
+    };
+    let (Some(bsize), Some(blocks)) = (number("bsize="), number("blocks=")) else {
+        return Err(Error::Command {
+            program: "xfs_info".into(),
+            stderr: format!("no data section size in: {info}"),
+        });
+    };
+    if bsize * blocks >= device_size(device).await? {
+        return Ok(false);
+    }
+    run("xfs_growfs", &[mountpoint.as_os_str()]).await?;
+    Ok(true)
+}
+
 /// Bytes and inodes of the filesystem at `path`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FsUsage {

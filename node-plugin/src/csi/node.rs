@@ -3,6 +3,8 @@
 //!
 //! ```text
 //!   NodeStage    engine.attach(export) → device (loop over FUSE file) → mkfs if empty → mount staging
+//!                (a filesystem smaller than its device, restored or cloned into a larger
+//!                volume, grown to fill it: ext before mounting, xfs after)
 //!   NodePublish  bind staging → target (read-only honoured); block: bind the device node
 //!   NodeUnstage  umount staging → detach device → engine.detach
 //! ```
@@ -208,6 +210,9 @@ impl NodeService {
             store::write_json(&self.dir, &file_name(id), &record)?;
             if let Some(fs) = &fs_type {
                 mount::format_if_empty(&device, fs).await?;
+                if mount::grow_unmounted_ext(&device).await? {
+                    tracing::info!(volume = %id, "grew the filesystem to its larger volume");
+                }
                 let mut flags = match &capability.access_type {
                     Some(AccessType::Mount(m)) => m.mount_flags.clone(),
                     _ => Vec::new(),
@@ -218,6 +223,11 @@ impl NodeService {
                     flags.push("nouuid".into());
                 }
                 mount::mount(&device, staging, Some(fs), &flags).await?;
+                if !flags.iter().any(|f| f == "ro")
+                    && mount::grow_mounted_xfs(&device, staging).await?
+                {
+                    tracing::info!(volume = %id, "grew the filesystem to its larger volume");
+                }
             }
             Ok(())
         }
