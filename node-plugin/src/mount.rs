@@ -202,10 +202,8 @@ pub async fn grow_mounted_xfs(device: &Path, mountpoint: &Path) -> Result<bool> 
     let info = run("xfs_info", &[mountpoint.as_os_str()]).await?;
     // "data     =                       bsize=4096   blocks=81920, imaxpct=25"
     let data = info.lines().find(|l| l.trim_start().starts_with("data")).unwrap_or_default();
-    let number = |key: &str| {
-        data.split(|c: char| c == ' ' || c == ',')
-            .find_map(|w| w.strip_prefix(key)?.parse::<u64>().ok())
-    };
+    let number =
+        |key: &str| data.split([' ', ',']).find_map(|w| w.strip_prefix(key)?.parse::<u64>().ok());
     let (Some(bsize), Some(blocks)) = (number("bsize="), number("blocks=")) else {
         return Err(Error::Command {
             program: "xfs_info".into(),
