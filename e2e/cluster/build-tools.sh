@@ -15,6 +15,9 @@ out=$top/target/tools/cluster-$k8s
 mkdir -p "$out"
 want=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl etcd csi-provisioner
   csi-snapshotter snapshot-controller csi-resizer)
+# With the argument "e2e", also Kubernetes' own end-to-end suite (e2e.test), the agnhost
+# binary its test pods run, and the ginkgo runner, from the same module.
+[[ ${1:-} == e2e ]] && want+=(e2e.test agnhost ginkgo)
 missing=0
 for b in "${want[@]}"; do [[ -x $out/$b ]] || missing=1; done
 ((missing)) || exit 0
@@ -45,13 +48,28 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
 	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/test/e2e"
 )
 GO
 cd "$mod"
 GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
-for cmd in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
-  [[ -x $out/$cmd ]] || GOFLAGS=-mod=mod go build -o "$out/$cmd" "k8s.io/kubernetes/cmd/$cmd"
+# Stamped with their version, as Kubernetes' own build does: the API server and the kubelet
+# report it (helm checks the chart's kubeVersion against it).
+minor=${k8s#v1.} minor=${minor%%.*}
+stamp=""
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  stamp+=" -X $pkg.gitVersion=$k8s -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
 done
+for cmd in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
+  [[ -x $out/$cmd ]] || GOFLAGS=-mod=mod go build -ldflags "$stamp" -o "$out/$cmd" "k8s.io/kubernetes/cmd/$cmd"
+done
+if [[ ${1:-} == e2e ]]; then
+  [[ -x $out/e2e.test ]] || GOFLAGS=-mod=mod go test -c -ldflags "$stamp" -o "$out/e2e.test" k8s.io/kubernetes/test/e2e
+  [[ -x $out/agnhost ]] || CGO_ENABLED=0 GOFLAGS=-mod=mod go build -o "$out/agnhost" k8s.io/kubernetes/test/images/agnhost
+  # The ginkgo runner that runs e2e.test's specs in parallel processes, at the version
+  # k8s.io/kubernetes requires.
+  [[ -x $out/ginkgo ]] || GOFLAGS=-mod=mod go build -o "$out/ginkgo" github.com/onsi/ginkgo/v2/ginkgo
+fi
 # etcd's server module also carries replace directives (`go install` refuses it): build it
 # from a module of our own that requires it.
 if [[ ! -x $out/etcd ]]; then
@@ -86,7 +104,9 @@ sidecar() { # MODULE VERSION NAME CMD...
     printf ')\n'
   } >"$dir/tools.go"
   (cd "$dir" && GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
-   for cmd in "$@"; do GOFLAGS=-mod=mod go build -o "$out/$cmd" "$module/cmd/$cmd"; done)
+   # Static: the same binaries run as host processes and, in images of their own, as the
+   # chart's sidecar containers.
+   for cmd in "$@"; do CGO_ENABLED=0 GOFLAGS=-mod=mod go build -o "$out/$cmd" "$module/cmd/$cmd"; done)
 }
 v() { "$versions" "sidecars.$1.$2"; }
 sidecar "$(v provisioner module)" "$(v provisioner version)" provisioner csi-provisioner

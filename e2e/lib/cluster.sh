@@ -37,6 +37,26 @@ wait_until() { # SECONDS COMMAND...: polls (0.2 s) until COMMAND succeeds
 }
 kubectl() { "$tools/kubectl" "$@"; }
 
+# This run's cluster CA ($work/pki/ca.crt, what pods find in kube-root-ca.crt), the API server's
+# serving certificate (127.0.0.1 and the kubernetes Service's names) and its client certificate
+# for the kubelets (exec, logs).
+make_pki() {
+  local d=$work/pki
+  mkdir -p "$d" || return 1
+  key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+  key "$d/ca.key" && openssl req -x509 -new -key "$d/ca.key" -subj "/CN=qsd-$suite-ca" -days 2 \
+    -out "$d/ca.crt" 2>/dev/null || return 1
+  issue() { # NAME SUBJECT EXTENSIONS
+    key "$d/$1.key" && openssl req -new -key "$d/$1.key" -subj "$2" -out "$d/$1.csr" 2>/dev/null &&
+      openssl x509 -req -in "$d/$1.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
+        -extfile <(printf '%s\n' "$3" 'basicConstraints=CA:FALSE') -out "$d/$1.crt" 2>/dev/null
+  }
+  issue apiserver /CN=kube-apiserver "$(printf '%s\n' \
+    'subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc' \
+    'extendedKeyUsage=serverAuth')" &&
+    issue kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" 'extendedKeyUsage=clientAuth'
+}
+
 # etcd, kube-apiserver (admin token in $work/kubeconfig, exported as KUBECONFIG),
 # kube-controller-manager with CONTROLLERS (comma-separated), the snapshot CRDs and
 # snapshot-controller. Sets api_port.
@@ -47,6 +67,7 @@ start_control_plane() { # CONTROLLERS
     --advertise-client-urls "http://127.0.0.1:$etcd_port" --listen-peer-urls "http://127.0.0.1:$peer_port" \
     --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" --initial-cluster "default=http://127.0.0.1:$peer_port"
   openssl genrsa -out "$work/sa.key" 2048 2>/dev/null
+  make_pki || fail_start "the cluster's certificates" kube-apiserver
   token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
   echo "$token,admin,admin,system:masters" >"$work/tokens.csv"
   start kube-apiserver "$tools/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
@@ -54,11 +75,14 @@ start_control_plane() { # CONTROLLERS
     --token-auth-file "$work/tokens.csv" --authorization-mode RBAC \
     --service-account-key-file "$work/sa.key" --service-account-signing-key-file "$work/sa.key" \
     --service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.96.0.0/24 \
+    --tls-cert-file "$work/pki/apiserver.crt" --tls-private-key-file "$work/pki/apiserver.key" \
+    --client-ca-file "$work/pki/ca.crt" --kubelet-client-certificate "$work/pki/kubelet-client.crt" \
+    --kubelet-client-key "$work/pki/kubelet-client.key" --kubelet-preferred-address-types InternalIP \
     --allow-privileged
   cat >"$work/kubeconfig" <<KC
 apiVersion: v1
 kind: Config
-clusters: [{name: local, cluster: {server: "https://127.0.0.1:$api_port", insecure-skip-tls-verify: true}}]
+clusters: [{name: local, cluster: {server: "https://127.0.0.1:$api_port", certificate-authority: "$work/pki/ca.crt"}}]
 users: [{name: admin, user: {token: "$token"}}]
 contexts: [{name: local, context: {cluster: local, user: admin}}]
 current-context: local
@@ -67,7 +91,8 @@ KC
   admin_token=$token
   wait_until 120 kubectl get --raw /readyz || fail_start kube-apiserver kube-apiserver
   start kube-controller-manager "$tools/kube-controller-manager" --kubeconfig "$KUBECONFIG" \
-    --leader-elect=false --secure-port=0 --controllers="$1"
+    --leader-elect=false --secure-port=0 --controllers="$1" --root-ca-file "$work/pki/ca.crt" \
+    --service-account-private-key-file "$work/sa.key"
   kubectl apply -f "$tools/snapshot-crds" >/dev/null
   wait_until 60 kubectl get volumesnapshotclasses || fail_start "the snapshot CRDs" kube-apiserver
   start snapshot-controller "$tools/snapshot-controller" --kubeconfig "$KUBECONFIG" --leader-election=false
