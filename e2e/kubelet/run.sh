@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# A real node: kubelet, containerd, runc and the CNI bridge run real pods that use qsd-csi
-# volumes. The control plane is e2e/cluster's (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, snapshot-controller, the CSI sidecars, built from the Go module proxy), all on
-# 127.0.0.1; pods get addresses on a bridge of this run's own (10.88.0.0/24, no masquerade, no
-# route anywhere else). The pods' images are built here (images.sh).
+# A real node running the real chart: `helm install` of charts/qsd-csi with images built here
+# (images.sh), run by a real kubelet with containerd and runc, and pods using its volumes. The
+# control plane is e2e/cluster's (etcd, kube-apiserver, kube-controller-manager with every
+# default controller, kube-scheduler, snapshot-controller, built from the Go module proxy), all
+# on 127.0.0.1; pods get addresses on a bridge of this run's own (10.88.0.0/24, no masquerade,
+# no route anywhere else). The chart's pods use the host network and reach the API server at
+# 127.0.0.1 (kubernetesAPI): no kube-proxy runs.
 #
-# qsd-csi runs as host processes (`qsd-csi node`, `qsd-csi-registrar` and `qsd-csi controller`),
-# not yet as the chart's pods: what the kubelet does with them is real. It registers the driver
-# through the registrar's socket, stages and publishes volumes for pods, and unpublishes and
-# unstages them when the pods go.
-# Ends with the plain line "kubelet: N passed, N failed".
+# Our own checks end with the plain line "kubelet: N passed, N failed"; Kubernetes' own
+# external storage suite (e2e.test, driver in e2e/k8s-e2e) with "k8s-e2e: N passed, N failed,
+# N skipped" (QSD_CSI_K8S_E2E=0 leaves it out).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
@@ -19,12 +19,12 @@ tools=$top/target/tools/cluster-$k8s
 helm=$top/target/tools/helm-$("$versions" helm)/helm
 summary() { echo "kubelet: $1 passed, $2 failed"; }
 
-"$top/e2e/cluster/build-tools.sh" >/dev/null || { echo "kubelet: building the cluster tools failed" >&2; summary 0 1; exit 1; }
+"$top/e2e/cluster/build-tools.sh" e2e >/dev/null || { echo "kubelet: building the cluster tools failed" >&2; summary 0 1; exit 1; }
 [[ -x $helm ]] || "$top/e2e/chart/run.sh" >/dev/null 2>&1 || true # builds helm
-mapfile -t images < <("$here/images.sh") || { summary 0 1; exit 1; }
-(cd "$top" && cargo build --quiet -p qsd-csi-controller --bin qsd-csi) || { summary 0 1; exit 1; }
-registrar=$("$top/scripts/build-registrar") || { summary 0 1; exit 1; }
-qsd_csi=$top/target/debug/qsd-csi
+# The image's qsd-csi is the debug build every other suite tests (a release build would add
+# minutes to CI); QSD_CSI_IMAGE_PROFILE=release for the image users get.
+mapfile -t images < <(QSD_CSI_IMAGE_PROFILE=${QSD_CSI_IMAGE_PROFILE:-dev} "$here/images.sh") ||
+  { echo "kubelet: building the images failed" >&2; summary 0 1; exit 1; }
 
 suite=kubelet failed_line="kubelet: 0 passed, 1 failed"
 # This run's bridge. (The containers' shims name the run's directory in their command lines,
@@ -35,13 +35,14 @@ cleanup_more() { ip link delete qsdk0 2>/dev/null; }
 agent_port=$(port) kubelet_port=$(port)
 
 # --- control plane -----------------------------------------------------------------------------
-start_control_plane persistentvolume-binder-controller,persistentvolume-expander-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,serviceaccount-controller,node-lifecycle-controller
+start_control_plane '*'
 start kube-scheduler "$tools/kube-scheduler" --kubeconfig "$KUBECONFIG" --leader-elect=false --secure-port=0
 
 # --- the node: containerd, CNI, kubelet ------------------------------------------------------------
-# The kubelet's directory is a mount of its own, shared, so mounts under it propagate.
-mkdir -p "$work/kubelet" "$work/cni" "$work/containerd"
-mount --bind "$work/kubelet" "$work/kubelet" && mount --make-rshared "$work/kubelet"
+# The kubelet's directory and the node's qsd-csi state directory are mounts of their own,
+# shared, so that mounts made in the chart's pods (Bidirectional) reach the host and the pods.
+mkdir -p "$work/kubelet" "$work/state" "$work/cni" "$work/containerd"
+for d in "$work/kubelet" "$work/state"; do mount --bind "$d" "$d" && mount --make-rshared "$d"; done
 cat >"$work/containerd.toml" <<TOML
 version = 2
 root = "$work/containerd/root"
@@ -52,11 +53,19 @@ state = "$work/containerd/state"
   sandbox_image = "registry.k8s.io/pause:$("$versions" images.pause)"
   # This machine withholds CAP_SYS_RESOURCE: no negative oom_score_adj for containers.
   restrict_oom_score_adj = true
+  # exec and attach streams, for the API server's requests through the kubelet.
+  stream_server_address = "127.0.0.1"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$work/cni"
 TOML
-# A bridge of this run's own; pods reach nothing but this host's bridge address.
+# A bridge of this run's own; pods reach nothing but this host's bridge address. Made here,
+# before the first pod, because its address is also the node's (the kubelet refuses a
+# loopback node address): the kubelet serves there, and the controller reaches the node agent
+# there.
+node_ip=10.88.0.1
+ip link add qsdk0 type bridge && ip addr add "$node_ip/24" dev qsdk0 && ip link set qsdk0 up ||
+  fail_start "the bridge qsdk0" containerd
 cat >"$work/cni/10-qsd.conflist" <<JSON
 {"cniVersion": "1.0.0", "name": "qsd-kubelet", "plugins": [
   {"type": "bridge", "bridge": "qsdk0", "isGateway": true, "ipMasq": false,
@@ -76,9 +85,10 @@ kind: KubeletConfiguration
 failCgroupV1: false
 cgroupDriver: cgroupfs
 containerRuntimeEndpoint: unix://$work/containerd.sock
-authentication: {anonymous: {enabled: false}, webhook: {enabled: false}}
+# The API server (exec, logs) proves itself with its client certificate from this run's CA.
+authentication: {anonymous: {enabled: false}, webhook: {enabled: false}, x509: {clientCAFile: "$work/pki/ca.crt"}}
 authorization: {mode: AlwaysAllow}
-address: 127.0.0.1
+address: $node_ip
 port: $kubelet_port
 readOnlyPort: 0
 healthzPort: 0
@@ -86,44 +96,66 @@ failSwapOn: false
 resolvConf: ""
 evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%"}
 imageGCHighThresholdPercent: 100
+podLogsDir: $work/pod-logs
+# Pods are synced (and mounted filesystems grown after a resize) every 20 s, not every minute.
+syncFrequency: 20s
 YAML
 kubelet() {
   start kubelet "$tools/kubelet" --kubeconfig "$KUBECONFIG" --config "$work/kubelet.yaml" \
-    --root-dir "$work/kubelet" --hostname-override w1 --node-ip 127.0.0.1
+    --root-dir "$work/kubelet" --hostname-override w1 --node-ip "$node_ip"
   echo $! >"$work/kubelet.pid"
 }
 kubelet
-wait_until 90 bash -c "[[ \$('$tools/kubectl' get node w1 -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}') == True ]]" \
-  || fail_start "the kubelet (node Ready)" kubelet
+node_ready() { wait_until "$1" bash -c "[[ \$('$tools/kubectl' get node w1 -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}') == True ]]"; }
+node_ready 90 || fail_start "the kubelet (node Ready)" kubelet
 
-# --- qsd-csi: the chart's cluster objects, the node plugin and the controller ----------------------
-kubectl create namespace qsd >/dev/null
-{ render_chart && apply_chart_objects; } || { summary 0 1; exit 1; }
-kubectl create serviceaccount default >/dev/null 2>&1 # (pods' admission; the controller may be slow)
-"$qsd_csi" certs sign-node --node w1 --ca-cert "$work/tls/ca.crt" --ca-key "$work/tls/ca.key" \
-  --out-dir "$work/tls" >/dev/null || { summary 0 1; exit 1; }
-plugin=$work/kubelet/plugins/qsd.csi.dev
-start node "$qsd_csi" --endpoint "unix://$plugin/csi.sock" node --state-dir "$work/state" --node w1 \
-  --device fuse --agent-listen "127.0.0.1:$agent_port" --tls-cert "$work/tls/w1.crt" \
-  --tls-key "$work/tls/w1.key" --tls-ca "$work/tls/ca.crt"
-wait_until 60 test -S "$plugin/csi.sock" || fail_start "the node plugin" node
-start registrar "$registrar" --csi-address "$plugin/csi.sock" --kubelet-registration-path "$plugin/csi.sock" \
-  --registration-dir "$work/kubelet/plugins_registry"
-start controller "$qsd_csi" --endpoint "unix://$work/ctl.sock" controller \
-  --agent "w1=127.0.0.1:$agent_port" --tls-cert "$work/tls/tls.crt" --tls-key "$work/tls/tls.key" \
-  --tls-ca "$work/tls/ca.crt"
-wait_until 60 test -S "$work/ctl.sock" || fail_start "the controller" controller
-start_sidecars "$KUBECONFIG" "$work/ctl.sock"
+# --- qsd-csi: helm install ---------------------------------------------------------------------------
+# Host-network pods on this one node: ports of this run's own, the API server at 127.0.0.1.
+helm_values=(--set "node.kubeletDir=$work/kubelet" --set "node.stateDir=$work/state" --set node.device=fuse
+  --set "node.agentPort=$agent_port" --set "node.healthPort=$(port)" --set controller.hostNetwork=true
+  --set "controller.healthPort=$(port)" --set kubernetesAPI.host=127.0.0.1 --set "kubernetesAPI.port=$api_port"
+  --set image.pullPolicy=Never)
+# Pods of the default namespace need its service account (and the e2e suite its own).
+wait_until 60 kubectl get serviceaccount default || fail_start "the default service account" kube-controller-manager
+installed() {
+  "$helm" install qsd "$top/charts/qsd-csi" --namespace qsd --create-namespace "${helm_values[@]}" \
+    --wait --timeout 5m >/dev/null || { kubectl -n qsd get pods -o wide; return 1; }
+  # Every pod of the chart Ready: the node plugin, its daemon, the controller and its sidecars.
+  kubectl -n qsd wait --for=condition=Ready pod --all --timeout=60s >/dev/null || return 1
+  [[ $(kubectl -n qsd get pods --no-headers | wc -l) == 3 ]] || { kubectl -n qsd get pods; return 1; }
+  # The node agent got its own certificate from the controller (a CSR the controller signed).
+  wait_until 60 test -s "$work/state/tls/agent.crt" || return 1
+  # The kubelet found the registrar's socket, asked it, then asked the node plugin: CSINode lists
+  # the driver with its topology key, and the node carries its topology label.
+  wait_until 60 bash -c "[[ \$('$tools/kubectl' get csinode w1 -o jsonpath='{.spec.drivers[0].name}') == qsd.csi.dev ]]" || return 1
+  [[ $(kubectl get csinode w1 -o jsonpath='{.spec.drivers[0].nodeID} {.spec.drivers[0].topologyKeys[0]}') == "w1 topology.qsd.csi.dev/node" ]] || return 1
+  [[ $(kubectl get node w1 -o jsonpath='{.metadata.labels.topology\.qsd\.csi\.dev/node}') == w1 ]]
+}
+check "helm install: the chart's pods Ready, its agent certified, the driver registered (CSINode)" installed
+if ((failed)); then
+  kubectl -n qsd describe pods | tail -40
+  summary "$passed" "$failed"; exit 1
+fi
+# An xfs class, for online growth (growing a mounted ext4 needs CAP_SYS_RESOURCE, withheld here).
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: qsd-xfs}
+provisioner: qsd.csi.dev
+volumeBindingMode: WaitForFirstConsumer
+allowVolumeExpansion: true
+parameters: {csi.storage.k8s.io/fstype: xfs}
+YAML
 
 # --- the tests ---------------------------------------------------------------------------------------
 busybox="registry.k8s.io/e2e-test-images/busybox:$("$versions" images.busybox)"
-pvc() { # NAME [SIZE] [MODE] [DATA SOURCE YAML]
+pvc() { # NAME [SIZE] [MODE] [DATA SOURCE YAML] [CLASS]
   kubectl apply -f - <<YAML
 apiVersion: v1
 kind: PersistentVolumeClaim
 metadata: {name: $1}
 spec:
-  storageClassName: qsd-local
+  storageClassName: ${5:-qsd-local}
   accessModes: [ReadWriteOnce]
   volumeMode: ${3:-Filesystem}
   resources: {requests: {storage: ${2:-64Mi}}}
@@ -154,16 +186,6 @@ YAML
 succeeded() { kubectl wait --for=jsonpath='{.status.phase}'=Succeeded "pod/$1" --timeout=120s || { kubectl describe pod "$1" | tail -15; return 1; }; }
 running() { kubectl wait --for=condition=Ready "pod/$1" --timeout=120s || { kubectl describe pod "$1" | tail -15; return 1; }; }
 gone() { kubectl delete pod "$@" --wait --timeout=60s >/dev/null; }
-
-registered() {
-  # The kubelet found qsd-csi-registrar's socket and asked it, then asked the node plugin:
-  # CSINode lists the driver with its topology key, and the node carries its topology label.
-  wait_until 60 bash -c "[[ \$('$tools/kubectl' get csinode w1 -o jsonpath='{.spec.drivers[0].name}') == qsd.csi.dev ]]" || return 1
-  [[ $(kubectl get csinode w1 -o jsonpath='{.spec.drivers[0].nodeID} {.spec.drivers[0].topologyKeys[0]}') == "w1 topology.qsd.csi.dev/node" ]] || return 1
-  [[ $(kubectl get node w1 -o jsonpath='{.metadata.labels.topology\.qsd\.csi\.dev/node}') == w1 ]] || return 1
-  grep -q "the kubelet registered the driver" "$work/registrar.log"
-}
-check "the kubelet registers the driver through qsd-csi-registrar" registered
 
 persist() {
   pvc data && pod writer data 'echo written-by-a-pod >/data/f && sync && test -s /data/f' || return 1
@@ -199,6 +221,44 @@ clone() {
 }
 check "a clone claim (dataSource: PVC) holds the source's data" clone
 
+grow() {
+  # A running pod's xfs volume grown by patching its claim: the resizer grows the image, the
+  # kubelet asks the node plugin to grow the mounted filesystem, and df in the pod sees it.
+  pvc big 320Mi Filesystem "" qsd-xfs || return 1
+  pod grower big 'touch /data/ready; while true; do sleep 1; done' && running grower || return 1
+  local before; before=$(kubectl exec grower -- df -k /data | awk 'NR==2 {print $2}') || return 1
+  kubectl patch pvc big -p '{"spec":{"resources":{"requests":{"storage":"640Mi"}}}}' >/dev/null || return 1
+  # The kubelet grows a mounted filesystem on its next sync of the pod (syncFrequency).
+  wait_until 180 bash -c "[[ \$('$tools/kubectl' get pvc big -o jsonpath='{.status.capacity.storage}') == 640Mi ]]" ||
+    { kubectl describe pvc big | tail -8; return 1; }
+  local after; after=$(kubectl exec grower -- df -k /data | awk 'NR==2 {print $2}') || return 1
+  echo "df in the pod: ${before} KiB before, ${after} KiB after"
+  (( after > before + 250 * 1024 )) && gone grower
+}
+check "kubectl patch grows a claim while its pod runs; df in the pod shows the new size (xfs)" grow
+
+plugin_pod() { kubectl -n qsd get pods -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.name} {.items[0].metadata.uid}'; }
+plugin_deleted() {
+  # A pod appends numbered lines with fsync while the node plugin's pod is deleted; the
+  # DaemonSet brings it back. The daemon (its own pod) keeps serving: no I/O error, and every
+  # line verifies afterwards.
+  pod steady data 'i=0; while true; do i=$((i+1)); echo $i >>/data/seq || exit 1; sync /data/seq || exit 1; sleep 0.1; done' &&
+    running steady || return 1
+  local old; old=$(plugin_pod) || return 1
+  wait_until 30 bash -c "(( \$('$tools/kubectl' exec steady -- wc -l /data/seq | cut -d' ' -f1) > 10 ))" || return 1
+  kubectl -n qsd delete pod "${old% *}" --wait --timeout=90s >/dev/null || return 1
+  wait_until 120 bash -c "p=\$('$tools/kubectl' -n qsd get pods -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.uid} {.items[0].status.containerStatuses[*].ready}'); [[ \${p%% *} != ${old#* } && \$p != *false* && \$p == *true* ]]" ||
+    { kubectl -n qsd get pods; return 1; }
+  local n; n=$(kubectl exec steady -- wc -l /data/seq | cut -d' ' -f1) || return 1
+  wait_until 30 bash -c "(( \$('$tools/kubectl' exec steady -- wc -l /data/seq | cut -d' ' -f1) > $n + 10 ))" ||
+    { echo "the writer stopped"; return 1; }
+  [[ $(kubectl get pod steady -o jsonpath='{.status.phase}') == Running ]] || { echo "the writer failed"; return 1; }
+  gone steady || return 1
+  pod verify data 'awk "\$1 != NR { print \"line \" NR \": \" \$0; bad = 1 } END { exit bad || NR < 20 }" /data/seq' &&
+    succeeded verify && gone verify
+}
+check "the node plugin pod deleted under a writer with fsync: back by its DaemonSet, no I/O error, data verifies" plugin_deleted
+
 restart() {
   # A pod keeps writing while the kubelet is killed and started again.
   pod keeper data 'i=0; while true; do i=$((i+1)); echo $i >/data/beat; sync; sleep 0.2; done' && running keeper || return 1
@@ -212,21 +272,91 @@ restart() {
 }
 check "the kubelet restarted while a pod writes: the volume stays mounted and writable" restart
 
-cleanup_all() {
-  kubectl delete volumesnapshot snap --wait --timeout=90s >/dev/null || return 1
-  kubectl delete pvc data raw restored cloned --wait --timeout=90s >/dev/null || return 1
-  wait_until 90 bash -c "[[ -z \$('$tools/kubectl' get pv -o name) ]]" || { kubectl get pv; return 1; }
-  local left; left=$(findmnt -rn -o TARGET | grep "^$work/kubelet/" | grep -v "^$work/kubelet$")
-  [[ -z $left ]] || { echo "mounts left: $left"; return 1; }
-  [[ -z $(ls "$work/state/pools/default/layers") ]] || { ls "$work/state/pools/default/layers"; return 1; }
-  [[ -z $(losetup -a | grep "$work") ]]
+# --- Kubernetes' own external storage suite ------------------------------------------------------------
+# e2e.test built from k8s.io/kubernetes at the cluster's version, with the driver as
+# e2e/k8s-e2e/driver.yaml declares it; the patterns CI runs are in e2e/k8s-e2e/focus (README
+# there). Its log stays in the work directory; failures are shown.
+k8s_e2e() {
+  local focus skip report=$work/k8s-e2e
+  focus=$(grep -v '^#' "$top/e2e/k8s-e2e/focus" | grep . | paste -sd'|')
+  skip=$(grep -v '^#' "$top/e2e/k8s-e2e/skip" | grep . | paste -sd'|')
+  mkdir -p "$report"
+  # Specs in parallel processes (ginkgo -p): most of a spec's time is waiting for pods and
+  # namespaces, not CPU.
+  (cd "$top/e2e/k8s-e2e" && "$tools/ginkgo" --procs="${QSD_CSI_K8S_E2E_PROCS:-4}" --no-color \
+    --focus="External.Storage \[Driver: qsd.csi.dev\].*($focus)" --skip="$skip" --timeout=40m \
+    --output-dir="$report" --junit-report=junit.xml "$tools/e2e.test" -- \
+    --kubeconfig "$KUBECONFIG" --kubectl-path "$tools/kubectl" --kubelet-root-dir "$work/kubelet" \
+    --storage.testdriver="$top/e2e/k8s-e2e/driver.yaml" --repo-root "$top/e2e/k8s-e2e" \
+    --report-dir "$report") >"$work/k8s-e2e.log" 2>&1
+  local status=$?
+  /usr/bin/python3 - "$report/junit.xml" <<'PY2'
+import sys, xml.etree.ElementTree as ET
+passed = failed = skipped = 0
+for case in ET.parse(sys.argv[1]).getroot().iter("testcase"):
+    name = case.get("name", "")
+    if not name.startswith("[It]"):  # the suite's set-up and reporting nodes
+        continue
+    skip = case.find("skipped")
+    if skip is not None:
+        # Specs the focus filtered out are listed too ("skipped"); count the ones of this
+        # driver that the suite itself skipped (a capability the driver does not declare).
+        if "[Driver: qsd.csi.dev]" in name and skip.get("message", "skipped") != "skipped":
+            skipped += 1
+    elif case.find("failure") is not None or case.find("error") is not None:
+        failed += 1
+        print(f"k8s-e2e: FAIL {name}")
+    else:
+        passed += 1
+        print(f"k8s-e2e: ok {name}")
+print(f"k8s-e2e: {passed} passed, {failed} failed, {skipped} skipped")
+PY2
+  return $status
 }
-check "pods and claims deleted: no volume, layer, mount or device left" cleanup_all
+if [[ ${QSD_CSI_K8S_E2E:-1} != 0 ]]; then
+  k8s_e2e_out=$(k8s_e2e); k8s_e2e_status=$?
+  echo "$k8s_e2e_out" | grep -v ' skipped$' | grep -v '^k8s-e2e: [0-9]'
+  if ((k8s_e2e_status)); then grep -B2 -A20 '\[FAILED\]' "$work/k8s-e2e.log" | tail -60; fi
+fi
 
+claims_deleted() {
+  # Pods, the snapshot and the claims deleted while the driver runs: no volume, layer, mount or
+  # device is left.
+  kubectl delete pod --all --wait --timeout=90s >/dev/null || return 1
+  kubectl delete volumesnapshot --all --wait --timeout=90s >/dev/null || return 1
+  kubectl delete pvc --all --wait --timeout=90s >/dev/null || return 1
+  wait_until 90 bash -c "out=\$('$tools/kubectl' get pv -o name) && [[ -z \$out ]]" || { kubectl get pv; return 1; }
+  # (The chart's pods still run: their own secret and token volumes stay.)
+  local left; left=$(findmnt -rn -o TARGET | grep -E "^$work/(kubelet|state)/" | grep -Ev "^$work/kubelet/pods/[^/]*/volumes/kubernetes.io~(projected|secret|configmap)/")
+  [[ -z $left ]] || { echo "mounts left: $left"; return 1; }
+  local pool=$work/state/pools/default
+  local records; records=$(find "$pool/volumes" "$pool/snapshots" "$pool/layers" -mindepth 1)
+  [[ -z $records ]] || { echo "left in the pool: $records"; return 1; }
+  [[ -z $(losetup -a | grep "$work") ]] || { losetup -a | grep "$work"; return 1; }
+}
+check "pods, snapshot and claims deleted: no volume, snapshot, layer, mount or device left" claims_deleted
 if ((failed)); then
-  for l in kubelet node controller csi-provisioner containerd; do
-    echo "--- $l (last lines)"; tail -8 "$work/$l.log"
+  for c in node:qsd-csi controller:qsd-csi controller:csi-provisioner controller:csi-resizer daemon:qemu-storage-daemon; do
+    echo "--- ${c#*:} in the ${c%%:*} pod (last lines)"
+    kubectl -n qsd logs -l "app.kubernetes.io/component=${c%%:*}" -c "${c#*:}" --tail=12 | cut -c1-400
   done
 fi
+
+uninstalled() {
+  # helm uninstall: the chart's pods go, the daemon with them, and the driver is unregistered.
+  "$helm" uninstall qsd --namespace qsd --wait --timeout 2m >/dev/null || return 1
+  wait_until 90 bash -c "out=\$('$tools/kubectl' -n qsd get pods -o name) && [[ -z \$out ]]" || { kubectl -n qsd get pods; return 1; }
+  wait_until 60 bash -c "out=\$('$tools/kubectl' get csinode w1 -o jsonpath='{.spec.drivers[*].name}') && [[ -z \$out ]]" ||
+    { echo "the driver is still registered"; return 1; }
+  ! pgrep -f "qemu-storage-daemon.*$work" >/dev/null || { echo "a daemon still runs"; return 1; }
+  local left; left=$(findmnt -rn -o TARGET | grep -E "^$work/(kubelet|state)/")
+  [[ -z $left ]] || { echo "mounts left: $left"; return 1; }
+}
+check "helm uninstall: the chart's pods and daemon gone, the driver unregistered, no mount left" uninstalled
+
+if ((failed)); then
+  for l in kubelet containerd; do echo "--- $l (last lines)"; tail -8 "$work/$l.log"; done
+fi
+[[ -n ${k8s_e2e_out:-} ]] && echo "$k8s_e2e_out" | tail -1
 summary "$passed" "$failed"
-((failed == 0))
+((failed == 0 && ${k8s_e2e_status:-0} == 0))
