@@ -112,7 +112,7 @@ async fn round_trip(backend: Backend) {
     // Resize: the engine grows the volume, the device follows where the kernel can.
     assert_eq!(core.expand_volume(&vol.id, 96 * MIB as i64).await.expect("expand"), 96 * MIB);
     let endpoint = core.attachment(&vol.id).expect("lookup").expect("attached").endpoint;
-    let refreshed = device::refresh_size(backend, &dev, &endpoint, &vol.id).await;
+    let refreshed = device::refresh_size(backend, &dev, &endpoint, &vol.id, 96 * MIB).await;
     if backend == Backend::Ublk && !device::ublk::can_resize() {
         let e = refreshed.expect_err("an old ublk driver cannot resize");
         assert!(e.to_string().contains("UBLK_F_UPDATE_SIZE"), "{e}");
@@ -220,7 +220,7 @@ async fn flush_after_the_daemons_death(backend: Backend) {
     if backend == Backend::Nbd {
         // What the node service does on a rebuild: a fresh socket for the kernel.
         let endpoint = core.attachment(&vol.id).expect("lookup").expect("attached").endpoint;
-        device::refresh_size(backend, &dev, &endpoint, &vol.id).await.expect("reconnect");
+        device::refresh_size(backend, &dev, &endpoint, &vol.id, 0).await.expect("reconnect");
     }
     f.sync_all().expect("the flush succeeds on the new daemon");
     let mut back = Aligned::zeroed(data.len());

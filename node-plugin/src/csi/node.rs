@@ -341,7 +341,8 @@ impl NodeService {
             .attachment(id)?
             .ok_or_else(|| Error::FailedPrecondition(format!("volume {id} is not attached")))?
             .endpoint;
-        device::refresh_size(record.backend, &record.device, &endpoint, id).await?;
+        let expected = self.engine.get_volume(id)?.size;
+        device::refresh_size(record.backend, &record.device, &endpoint, id, expected).await?;
         if record.fs_type.is_some() {
             mount::grow_fs(&record.device, path).await?;
         }
@@ -459,7 +460,8 @@ async fn reattach_after_rebuilds(engine: std::sync::Weak<EngineCore>, dir: PathB
         }
         let Some(engine) = engine.upgrade() else { return };
         for_each_staged(&engine, &dir, Backend::Nbd, REATTACHED, |r, endpoint| async move {
-            device::refresh_size(r.backend, &r.device, &endpoint, &r.volume_id).await
+            // (NBD: the export's size is read from the daemon; no size to wait for.)
+            device::refresh_size(r.backend, &r.device, &endpoint, &r.volume_id, 0).await
         })
         .await;
     }

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::command::run;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// `losetup --find --show` over the export file.
 pub async fn attach(file: &Path, direct_io_safe: bool) -> Result<PathBuf> {
@@ -29,7 +29,40 @@ pub async fn detach(device: &Path) -> Result<()> {
     }
 }
 
-/// `losetup -c`: re-read the backing file's size.
-pub async fn refresh(device: &Path) -> Result<()> {
-    run("losetup", &["-c".as_ref(), device.as_os_str()]).await.map(|_| ())
+/// How long a grown export file may take to show its new size.
+const RESIZE_VISIBLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `losetup -c`: the loop device re-reads the size of `file`, the export, which has grown to
+/// `expected` bytes. The kernel caches a FUSE file's attributes (the daemon grants them for a
+/// second), and the loop driver takes the size from that cache: so the file is stat()ed until
+/// it shows `expected` (a stat after the cache expired asks the daemon) before the device
+/// re-reads it, and the device's new size is checked.
+pub async fn refresh(device: &Path, file: &Path, expected: u64) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + RESIZE_VISIBLE;
+    loop {
+        let size = std::fs::metadata(file).map_err(|e| Error::io("stat", file, e))?.len();
+        if size >= expected {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Command {
+                program: "stat".into(),
+                stderr: format!(
+                    "the export {} still shows {size} bytes after {} s, not {expected}",
+                    file.display(),
+                    RESIZE_VISIBLE.as_secs()
+                ),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await; // attribute cache expiry
+    }
+    run("losetup", &["-c".as_ref(), device.as_os_str()]).await?;
+    let now = crate::mount::device_size(device).await?;
+    if now < expected {
+        return Err(Error::Command {
+            program: "losetup".into(),
+            stderr: format!("{} shows {now} bytes after -c, not {expected}", device.display()),
+        });
+    }
+    Ok(())
 }

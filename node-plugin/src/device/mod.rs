@@ -157,9 +157,10 @@ pub async fn refresh_size(
     device: &Path,
     endpoint: &ExportEndpoint,
     id: &str,
+    expected: u64,
 ) -> Result<()> {
     match backend {
-        Backend::Fuse => fuse_loop::refresh(device).await,
+        Backend::Fuse => fuse_loop::refresh(device, &endpoint.path, expected).await,
         Backend::Nbd => nbd::reconnect(endpoint, device, id).await,
         Backend::Ublk => ublk::refresh_size(device, endpoint).await,
     }
