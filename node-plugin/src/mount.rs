@@ -161,13 +161,13 @@ async fn ext_fs_bytes(device: &Path) -> Result<u64> {
     Ok(field("Block count:")? * field("Block size:")?)
 }
 
-/// Before staging: an ext filesystem smaller than its device (a snapshot restored, or a volume
-/// cloned, into a larger volume) is grown to fill it while unmounted, which needs no
-/// CAP_SYS_RESOURCE (e2fsck first, as resize2fs requires). Returns whether it grew.
-pub async fn grow_unmounted_ext(device: &Path) -> Result<bool> {
-    match probe_fs(device).await?.as_deref() {
-        Some(t) if t.starts_with("ext") => {}
-        _ => return Ok(false),
+/// Before staging: an ext filesystem (`fs_type`, what `device` holds) smaller than its device
+/// (a snapshot restored, or a volume cloned, into a larger volume) is grown to fill it while
+/// unmounted, which needs no CAP_SYS_RESOURCE (e2fsck first, as resize2fs requires). Returns
+/// whether it grew.
+pub async fn grow_unmounted_ext(device: &Path, fs_type: &str) -> Result<bool> {
+    if !fs_type.starts_with("ext") {
+        return Ok(false);
     }
     if ext_fs_bytes(device).await? >= device_size(device).await? {
         return Ok(false);
@@ -193,10 +193,10 @@ pub async fn grow_unmounted_ext(device: &Path) -> Result<bool> {
     Ok(true)
 }
 
-/// After staging: an xfs filesystem (xfs grows only mounted) smaller than its device is grown to
-/// fill it. Returns whether it grew.
-pub async fn grow_mounted_xfs(device: &Path, mountpoint: &Path) -> Result<bool> {
-    if probe_fs(device).await?.as_deref() != Some("xfs") {
+/// After staging: an xfs filesystem (`fs_type`; xfs grows only mounted) smaller than its device
+/// is grown to fill it. Returns whether it grew.
+pub async fn grow_mounted_xfs(device: &Path, mountpoint: &Path, fs_type: &str) -> Result<bool> {
+    if fs_type != "xfs" {
         return Ok(false);
     }
     let info = run("xfs_info", &[mountpoint.as_os_str()]).await?;

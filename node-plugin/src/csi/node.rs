@@ -210,7 +210,8 @@ impl NodeService {
             store::write_json(&self.dir, &file_name(id), &record)?;
             if let Some(fs) = &fs_type {
                 mount::format_if_empty(&device, fs).await?;
-                if mount::grow_unmounted_ext(&device).await? {
+                // format_if_empty made sure the device holds `fs`: no second probe.
+                if mount::grow_unmounted_ext(&device, fs).await? {
                     tracing::info!(volume = %id, "grew the filesystem to its larger volume");
                 }
                 let mut flags = match &capability.access_type {
@@ -224,7 +225,7 @@ impl NodeService {
                 }
                 mount::mount(&device, staging, Some(fs), &flags).await?;
                 if !flags.iter().any(|f| f == "ro")
-                    && mount::grow_mounted_xfs(&device, staging).await?
+                    && mount::grow_mounted_xfs(&device, staging, fs).await?
                 {
                     tracing::info!(volume = %id, "grew the filesystem to its larger volume");
                 }
