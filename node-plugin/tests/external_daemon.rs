@@ -32,6 +32,21 @@ impl Drop for Sidecar {
     }
 }
 
+/// An engine under `dir` connecting to a daemon managed elsewhere, listening in `run`.
+fn external_config(dir: &std::path::Path, run: &std::path::Path) -> EngineConfig {
+    EngineConfig {
+        node: NodeName::parse("node-1").expect("node"),
+        state_dir: dir.join("state"),
+        daemon: DaemonConfig { mode: Mode::External, ..DaemonConfig::managed(run) },
+        pools: vec![PoolConfig {
+            name: PoolName::parse("local").expect("pool"),
+            path: dir.join("pool"),
+            kind: PoolKind::Local,
+        }],
+        default_max_chain_depth: 8,
+    }
+}
+
 /// Starts a daemon the way the chart's daemon pod does: in the foreground of its own process.
 fn start_sidecar(run: &std::path::Path) -> Sidecar {
     let child = std::process::Command::new("qemu-storage-daemon")
@@ -57,17 +72,7 @@ async fn an_externally_managed_daemon_is_reconnected_and_rebuilt_after_its_resta
     let run = dir.path().join("run");
     std::fs::create_dir_all(&run).expect("run dir");
     let mut sidecar = start_sidecar(&run);
-    let config = EngineConfig {
-        node: NodeName::parse("node-1").expect("node"),
-        state_dir: dir.path().join("state"),
-        daemon: DaemonConfig { mode: Mode::External, ..DaemonConfig::managed(&run) },
-        pools: vec![PoolConfig {
-            name: PoolName::parse("local").expect("pool"),
-            path: dir.path().join("pool"),
-            kind: PoolKind::Local,
-        }],
-        default_max_chain_depth: 8,
-    };
+    let config = external_config(dir.path(), &run);
     let engine = Engine::open(config).await.expect("connects to the sidecar");
     let mut events = engine.subscribe();
     assert_eq!(
@@ -100,17 +105,7 @@ async fn the_node_plugin_started_before_its_external_daemon_waits_for_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let run = dir.path().join("run");
     std::fs::create_dir_all(&run).expect("run dir");
-    let config = EngineConfig {
-        node: NodeName::parse("node-1").expect("node"),
-        state_dir: dir.path().join("state"),
-        daemon: DaemonConfig { mode: Mode::External, ..DaemonConfig::managed(&run) },
-        pools: vec![PoolConfig {
-            name: PoolName::parse("local").expect("pool"),
-            path: dir.path().join("pool"),
-            kind: PoolKind::Local,
-        }],
-        default_max_chain_depth: 8,
-    };
+    let config = external_config(dir.path(), &run);
     let opening = tokio::spawn(Engine::open(config));
     assert!(!run.join("qmp.sock").exists(), "no daemon yet");
     let mut sidecar = start_sidecar(&run);
