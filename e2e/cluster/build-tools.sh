@@ -15,9 +15,10 @@ out=$top/target/tools/cluster-$k8s
 mkdir -p "$out"
 want=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl etcd csi-provisioner
   csi-snapshotter snapshot-controller csi-resizer)
-# With the argument "e2e", also Kubernetes' own end-to-end suite (e2e.test), the agnhost
-# binary its test pods run, and the ginkgo runner, from the same module.
-[[ ${1:-} == e2e ]] && want+=(e2e.test agnhost ginkgo)
+# With the argument "e2e" (the kubelet suite), also Kubernetes' own end-to-end suite
+# (e2e.test), the agnhost binary its test pods run and the ginkgo runner, from the same
+# module; and the node's container runtime, containerd (with its runc shim and ctr).
+[[ ${1:-} == e2e ]] && want+=(e2e.test agnhost ginkgo containerd containerd-shim-runc-v2 ctr)
 missing=0
 for b in "${want[@]}"; do [[ -x $out/$b ]] || missing=1; done
 ((missing)) || exit 0
@@ -79,6 +80,24 @@ if [[ ! -x $out/etcd ]]; then
   printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' >tools.go
   GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
   GOFLAGS=-mod=mod go build -o "$out/etcd" go.etcd.io/etcd/server/v3
+fi
+# containerd, at the version versions.yaml names (Kubernetes >= 1.36 needs containerd 2.x;
+# Debian's is 1.6). Static, and without the btrfs snapshotter (which needs cgo); the runc it
+# runs is the host's.
+if [[ ${1:-} == e2e ]] && [[ ! -x $out/containerd || ! -x $out/containerd-shim-runc-v2 || ! -x $out/ctr ]]; then
+  ctrd=$("$versions" containerd)
+  mkdir -p "$out/containerd-src"
+  cd "$out/containerd-src"
+  printf 'module qsd-csi.dev/containerd-tool\n\ngo 1.26\n\nrequire github.com/containerd/containerd/v2 %s\n' "$ctrd" >go.mod
+  printf '//go:build tools\n\npackage tools\n\nimport (\n' >tools.go
+  for cmd in containerd containerd-shim-runc-v2 ctr; do printf '\t_ "github.com/containerd/containerd/v2/cmd/%s"\n' "$cmd" >>tools.go; done
+  printf ')\n' >>tools.go
+  GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
+  for cmd in containerd containerd-shim-runc-v2 ctr; do
+    CGO_ENABLED=0 GOFLAGS=-mod=mod go build -tags no_btrfs \
+      -ldflags "-X github.com/containerd/containerd/v2/version.Version=$ctrd" -o "$out/$cmd" \
+      "github.com/containerd/containerd/v2/cmd/$cmd"
+  done
 fi
 # The CSI sidecars, the same way: a module of our own requiring the sidecar's, with the
 # sidecar's own replace directives (those pointing into its repository left out).

@@ -44,21 +44,35 @@ start kube-scheduler "$tools/kube-scheduler" --kubeconfig "$KUBECONFIG" --leader
 mkdir -p "$work/kubelet" "$work/state" "$work/cni" "$work/containerd"
 for d in "$work/kubelet" "$work/state"; do mount --bind "$d" "$d" && mount --make-rshared "$d"; done
 cat >"$work/containerd.toml" <<TOML
-version = 2
+# containerd 2.x (versions.yaml's, built by build-tools.sh), in the format its own default
+# configuration uses. Every path is this run's own: no /etc/containerd imports, no socket
+# under /run.
+version = 4
 root = "$work/containerd/root"
 state = "$work/containerd/state"
-[grpc]
+imports = []
+[plugins."io.containerd.server.v1.grpc"]
   address = "$work/containerd.sock"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "registry.k8s.io/pause:$("$versions" images.pause)"
+[plugins."io.containerd.server.v1.ttrpc"]
+  address = "$work/containerd.sock.ttrpc"
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "registry.k8s.io/pause:$("$versions" images.pause)"
+[plugins."io.containerd.cri.v1.images".registry]
+  config_path = "$work/registries"
+[plugins."io.containerd.cri.v1.runtime"]
   # This machine withholds CAP_SYS_RESOURCE: no negative oom_score_adj for containers.
   restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["/usr/lib/cni"]
+    conf_dir = "$work/cni"
+[plugins."io.containerd.grpc.v1.cri"]
   # exec and attach streams, for the API server's requests through the kubelet.
   stream_server_address = "127.0.0.1"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "$work/cni"
 TOML
+# Every image is imported from this run's archives; a pull of anything else must fail here, not
+# reach out: every registry's only server is a closed port on 127.0.0.1 (no name lookups).
+mkdir -p "$work/registries/_default"
+echo 'server = "http://127.0.0.1:9"' >"$work/registries/_default/hosts.toml"
 # A bridge of this run's own; pods reach nothing but this host's bridge address. Made here,
 # before the first pod, because its address is also the node's (the kubelet refuses a
 # loopback node address): the kubelet serves there, and the controller reaches the node agent
@@ -72,10 +86,11 @@ cat >"$work/cni/10-qsd.conflist" <<JSON
    "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.0.0/24"}]], "routes": []}},
   {"type": "loopback"}]}
 JSON
-start containerd containerd --config "$work/containerd.toml"
+# Its runc shim is found on PATH, beside it.
+PATH=$tools:$PATH start containerd "$tools/containerd" --config "$work/containerd.toml"
 wait_until 30 test -S "$work/containerd.sock" || fail_start containerd containerd
 for image in "${images[@]}"; do
-  ctr --address "$work/containerd.sock" -n k8s.io images import "$image" >/dev/null \
+  "$tools/ctr" --address "$work/containerd.sock" -n k8s.io images import "$image" >/dev/null \
     || fail_start "importing $image" containerd
 done
 cat >"$work/kubelet.yaml" <<YAML
