@@ -18,7 +18,8 @@ want=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl etcd
 # With the argument "e2e" (the kubelet suite), also Kubernetes' own end-to-end suite
 # (e2e.test), the agnhost binary its test pods run and the ginkgo runner, from the same
 # module; and the node's container runtime, containerd (with its runc shim and ctr).
-[[ ${1:-} == e2e ]] && want+=(e2e.test agnhost ginkgo containerd containerd-shim-runc-v2 ctr)
+[[ ${1:-} == e2e ]] && want+=(e2e.test agnhost ginkgo containerd containerd-shim-runc-v2 ctr
+  cni/bridge cni/host-local cni/loopback)
 missing=0
 for b in "${want[@]}"; do [[ -x $out/$b ]] || missing=1; done
 ((missing)) || exit 0
@@ -81,23 +82,39 @@ if [[ ! -x $out/etcd ]]; then
   GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
   GOFLAGS=-mod=mod go build -o "$out/etcd" go.etcd.io/etcd/server/v3
 fi
-# containerd, at the version versions.yaml names (Kubernetes >= 1.36 needs containerd 2.x;
-# Debian's is 1.6). Static, and without the btrfs snapshotter (which needs cgo); the runc it
-# runs is the host's.
-if [[ ${1:-} == e2e ]] && [[ ! -x $out/containerd || ! -x $out/containerd-shim-runc-v2 || ! -x $out/ctr ]]; then
+# NAME MODULE VERSION DEST FLAGS PKG...: main packages of a module (PKG relative to MODULE),
+# built static from a module of our own that requires it into DEST (named as PKG's last
+# element), with more go build FLAGS (words without spaces).
+from_module() {
+  local name=$1 module=$2 version=$3 dest=$4 flags=$5 pkg need=0
+  shift 5
+  for pkg in "$@"; do [[ -x $dest/${pkg##*/} ]] || need=1; done
+  ((need)) || return 0
+  mkdir -p "$out/$name-src" "$dest"
+  printf 'module qsd-csi.dev/%s-tool\n\ngo 1.26\n\nrequire %s %s\n' "$name" "$module" "$version" \
+    >"$out/$name-src/go.mod"
+  {
+    printf '//go:build tools\n\npackage tools\n\nimport (\n'
+    for pkg in "$@"; do printf '\t_ "%s/%s"\n' "$module" "$pkg"; done
+    printf ')\n'
+  } >"$out/$name-src/tools.go"
+  (cd "$out/$name-src" && { GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true; }
+   for pkg in "$@"; do
+     # shellcheck disable=SC2086 # FLAGS are separate words
+     CGO_ENABLED=0 GOFLAGS=-mod=mod go build $flags -o "$dest/${pkg##*/}" "$module/$pkg" || exit 1
+   done)
+}
+if [[ ${1:-} == e2e ]]; then
+  # containerd (the kubelet wants the CRI's RuntimeConfig, which Debian's containerd 1.6
+  # lacks: 1.37 warns, 1.38 drops the fallback), without the btrfs snapshotter (it needs cgo);
+  # the runc it runs is the host's.
   ctrd=$("$versions" containerd)
-  mkdir -p "$out/containerd-src"
-  cd "$out/containerd-src"
-  printf 'module qsd-csi.dev/containerd-tool\n\ngo 1.26\n\nrequire github.com/containerd/containerd/v2 %s\n' "$ctrd" >go.mod
-  printf '//go:build tools\n\npackage tools\n\nimport (\n' >tools.go
-  for cmd in containerd containerd-shim-runc-v2 ctr; do printf '\t_ "github.com/containerd/containerd/v2/cmd/%s"\n' "$cmd" >>tools.go; done
-  printf ')\n' >>tools.go
-  GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
-  for cmd in containerd containerd-shim-runc-v2 ctr; do
-    CGO_ENABLED=0 GOFLAGS=-mod=mod go build -tags no_btrfs \
-      -ldflags "-X github.com/containerd/containerd/v2/version.Version=$ctrd" -o "$out/$cmd" \
-      "github.com/containerd/containerd/v2/cmd/$cmd"
-  done
+  from_module containerd github.com/containerd/containerd/v2 "$ctrd" "$out" \
+    "-tags=no_btrfs -ldflags=-X=github.com/containerd/containerd/v2/version.Version=$ctrd" \
+    cmd/containerd cmd/containerd-shim-runc-v2 cmd/ctr
+  # The CNI plugins of the node's pod network.
+  from_module cni github.com/containernetworking/plugins "$("$versions" cniPlugins)" "$out/cni" "" \
+    plugins/main/bridge plugins/ipam/host-local plugins/main/loopback
 fi
 # The CSI sidecars, the same way: a module of our own requiring the sidecar's, with the
 # sidecar's own replace directives (those pointing into its repository left out).

@@ -63,7 +63,7 @@ imports = []
   # This machine withholds CAP_SYS_RESOURCE: no negative oom_score_adj for containers.
   restrict_oom_score_adj = true
   [plugins."io.containerd.cri.v1.runtime".cni]
-    bin_dirs = ["/usr/lib/cni"]
+    bin_dirs = ["$tools/cni"]
     conf_dir = "$work/cni"
 [plugins."io.containerd.grpc.v1.cri"]
   # exec and attach streams, for the API server's requests through the kubelet.
