@@ -1,5 +1,5 @@
 //! The only module allowed to use `unsafe`: process and thread attributes, a generic netlink
-//! socket, and descriptor duplication.
+//! socket, descriptor duplication, and a file size asked of its filesystem.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -21,6 +21,31 @@ pub fn has_cap_sys_resource() -> bool {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+}
+
+/// The size of `path` as its filesystem reports it now: `statx` with `AT_STATX_FORCE_SYNC`,
+/// which makes FUSE ask the daemon instead of answering from its attribute cache (and updates
+/// the cached size that the loop driver reads).
+pub fn fresh_size(path: &std::path::Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statx only writes into `buf`, a zeroed statx owned by this frame; `path` is a
+    // valid NUL-terminated string for the call's duration.
+    unsafe {
+        let mut buf: libc::statx = std::mem::zeroed();
+        if libc::statx(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_SIZE,
+            &mut buf,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(buf.stx_size)
+    }
 }
 
 /// Makes the command's process an I/O flusher and unkillable by the OOM killer, before it execs.

@@ -34,13 +34,14 @@ const RESIZE_VISIBLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `losetup -c`: the loop device re-reads the size of `file`, the export, which has grown to
 /// `expected` bytes. The kernel caches a FUSE file's attributes (the daemon grants them for a
-/// second), and the loop driver takes the size from that cache: so the file is stat()ed until
-/// it shows `expected` (a stat after the cache expired asks the daemon) before the device
-/// re-reads it, and the device's new size is checked.
+/// second), and the loop driver takes the size from that cache: so the size is first asked of
+/// the daemon (`sys::fresh_size`, which refreshes the cache; retried until the deadline in
+/// case the daemon is not yet answering with it) before the device re-reads it, and the
+/// device's new size is checked.
 pub async fn refresh(device: &Path, file: &Path, expected: u64) -> Result<()> {
     let deadline = tokio::time::Instant::now() + RESIZE_VISIBLE;
     loop {
-        let size = std::fs::metadata(file).map_err(|e| Error::io("stat", file, e))?.len();
+        let size = crate::sys::fresh_size(file).map_err(|e| Error::io("statx", file, e))?;
         if size >= expected {
             break;
         }
@@ -54,7 +55,7 @@ pub async fn refresh(device: &Path, file: &Path, expected: u64) -> Result<()> {
                 ),
             });
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await; // attribute cache expiry
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await; // retry the daemon
     }
     run("losetup", &["-c".as_ref(), device.as_os_str()]).await?;
     let now = crate::mount::device_size(device).await?;
