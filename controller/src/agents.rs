@@ -1,11 +1,12 @@
 //! Where the controller's requests go: the node agents (`agent.proto`), by node name.
 //!
 //! ```text
-//!   standalone:  ControllerService ─► NodeAgent::Local(AgentService) ─► this process's engine
+//!   standalone:  ControllerService ─► NodeAgent::Local(dyn Agent) ─► this process's engine
 //!   cluster:     ControllerService ─► NodeAgent::Remote(gRPC, mutual TLS) ─► node's engine
 //! ```
 //! One code path either way: the controller speaks the agent's messages and status codes, and
-//! standalone mode calls the same service in-process. A volume or snapshot of a local pool
+//! standalone mode calls the same service in-process — whatever implements `agent.proto`'s
+//! `Agent` trait, handed over by the composition (the controller does not know the engine). A volume or snapshot of a local pool
 //! names its node in its ID (`vol:<pool>@<node>:<name>`), so requests about it go there. A
 //! shared pool's volume goes to the node it is attached on (its owner record), else to the
 //! default node.
@@ -13,19 +14,33 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
-use qsd_csi_proto::agent::{self, agent_client::AgentClient, agent_server::Agent};
-use qsd_node::agent::AgentService;
-use qsd_node::pool::id::{IdKind, ObjectId};
+use qsd_csi_model::id::{IdKind, ObjectId};
+use qsd_csi_proto::agent::{self, agent_client::AgentClient, agent_server::Agent, EventStream};
+use qsd_csi_proto::tls::TlsFiles;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::error::ControllerError;
+
+/// An agent in this process: anything that serves `agent.proto`.
+pub type LocalAgent = Arc<dyn Agent<WatchEventsStream = EventStream>>;
+
 /// One node's agent.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum NodeAgent {
     /// The engine in this process.
-    Local(AgentService),
+    Local(LocalAgent),
     /// A node plugin's agent over gRPC.
     Remote(AgentClient<Channel>),
+}
+
+impl std::fmt::Debug for NodeAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeAgent::Local(_) => f.write_str("NodeAgent::Local"),
+            NodeAgent::Remote(client) => f.debug_tuple("NodeAgent::Remote").field(client).finish(),
+        }
+    }
 }
 
 /// The agent answers with explicit codes only; UNKNOWN or CANCELLED come from the transport
@@ -34,7 +49,7 @@ pub enum NodeAgent {
 fn unreachable_is_unavailable(status: Status) -> Status {
     match status.code() {
         tonic::Code::Unknown | tonic::Code::Cancelled => {
-            Status::unavailable(format!("node agent unreachable: {status}"))
+            ControllerError::Unreachable(status).into()
         }
         _ => status,
     }
@@ -79,10 +94,6 @@ forward! {
     get_capacity(agent::PoolRef) -> agent::Capacity;
 }
 
-/// A node's volume events, as [`NodeAgent::watch_events`] returns them.
-pub type EventStream =
-    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<agent::VolumeEvent, Status>> + Send>>;
-
 impl NodeAgent {
     /// The agent's `WatchEvents`: the node's volume events from now on.
     pub async fn watch_events(&self) -> Result<EventStream, Status> {
@@ -97,7 +108,7 @@ impl NodeAgent {
                     .await
                     .map_err(unreachable_is_unavailable)?
                     .into_inner();
-                Ok(Box::pin(stream))
+                Ok(Box::pin(stream) as EventStream)
             }
         }
     }
@@ -108,13 +119,11 @@ impl NodeAgent {
 pub fn remote(
     addr: std::net::SocketAddr,
     server_name: &str,
-    tls: &qsd_node::tls::TlsFiles,
-) -> Result<NodeAgent, qsd_node::Error> {
-    let config = tls.client(server_name)?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
-        .and_then(|e| e.tls_config(config))
-        .map_err(|e| qsd_node::Error::Transport(format!("agent at {addr}: {e}")))?
-        .connect_lazy();
+    tls: &TlsFiles,
+) -> Result<NodeAgent, ControllerError> {
+    let channel = tls
+        .lazy_channel(addr, server_name)
+        .map_err(|source| ControllerError::Channel { node: server_name.to_owned(), source })?;
     Ok(NodeAgent::Remote(AgentClient::new(channel)))
 }
 
@@ -141,8 +150,8 @@ impl Agents {
         }
     }
 
-    /// Standalone: the engine of this process, on `node`.
-    pub fn local(node: &str, service: AgentService) -> Self {
+    /// Standalone: the engine of this process (its agent service), on `node`.
+    pub fn local(node: &str, service: LocalAgent) -> Self {
         Agents::new([(node.to_owned(), NodeAgent::Local(service))].into(), Some(node.to_owned()))
     }
 
@@ -165,15 +174,10 @@ impl Agents {
     }
 
     /// The node requests without a node go to; UNAVAILABLE while no agent is known.
-    pub fn default_node(&self) -> Result<String, Status> {
+    pub fn default_node(&self) -> Result<String, ControllerError> {
         match &self.default_node {
             Some(n) => Ok(n.clone()),
-            None => self
-                .read()
-                .keys()
-                .next()
-                .cloned()
-                .ok_or_else(|| Status::unavailable("no node agent is known yet")),
+            None => self.read().keys().next().cloned().ok_or(ControllerError::NoAgents),
         }
     }
 
@@ -186,7 +190,7 @@ impl Agents {
     /// plugin restarting): UNAVAILABLE, so the caller retries and nothing on it is taken for
     /// gone. A node neither has (or, without discovery, one not configured) holds nothing
     /// this controller can reach: NOT_FOUND.
-    pub fn node(&self, node: &str) -> Result<NodeAgent, Status> {
+    pub fn node(&self, node: &str) -> Result<NodeAgent, ControllerError> {
         if let Some(agent) = self.read().get(node) {
             return Ok(agent.clone());
         }
@@ -197,11 +201,9 @@ impl Agents {
             .as_ref()
             .is_some_and(|nodes| nodes.contains(node));
         if in_cluster {
-            Err(Status::unavailable(format!(
-                "node {node:?} has no running node agent now (its node plugin pod is not ready); retry"
-            )))
+            Err(ControllerError::AgentDown(node.to_owned()))
         } else {
-            Err(Status::not_found(format!("node {node:?} is not one this controller serves")))
+            Err(ControllerError::UnknownNode(node.to_owned()))
         }
     }
 
@@ -210,7 +212,7 @@ impl Agents {
     /// open does the work), and a shared pool's snapshot to where its source volume is
     /// attached, as the default node's agent reports; otherwise the default node.
     pub async fn node_of(&self, kind: IdKind, id: &str) -> Result<String, Status> {
-        let parsed = ObjectId::parse(kind, id).map_err(qsd_node::csi::status)?;
+        let parsed = ObjectId::parse(kind, id).map_err(ControllerError::from)?;
         if let Some(n) = parsed.location.node {
             return Ok(n.as_str().to_owned());
         }
@@ -229,10 +231,8 @@ impl Agents {
                 if self.read().contains_key(&l.attached_node) {
                     Ok(l.attached_node)
                 } else {
-                    Err(Status::unavailable(format!(
-                        "{id} is held on node {:?}, which has no known agent",
-                        l.attached_node
-                    )))
+                    Err(ControllerError::HolderUnknown { id: id.to_owned(), node: l.attached_node }
+                        .into())
                 }
             }
             Ok(_) => Ok(default),
@@ -245,6 +245,6 @@ impl Agents {
 
     /// The agent that holds an object.
     pub async fn for_id(&self, kind: IdKind, id: &str) -> Result<NodeAgent, Status> {
-        self.node(&self.node_of(kind, id).await?)
+        Ok(self.node(&self.node_of(kind, id).await?)?)
     }
 }

@@ -5,13 +5,15 @@
 
 use std::collections::HashMap;
 
+use qsd_csi_model::id::{IdKind, ObjectId, MAX_SIZE, SIZE_ALIGN};
+use qsd_csi_model::params::TOPOLOGY_KEY;
+use qsd_csi_model::volume::VolumeSource;
 use qsd_csi_proto::agent;
 use qsd_csi_proto::csi::{self, controller_server::Controller};
-use qsd_node::csi::{required, TOPOLOGY_KEY};
-use qsd_node::pool::id::{IdKind, ObjectId};
 use tonic::{Code, Request, Response, Status};
 
 use crate::agents::{Agents, NodeAgent};
+use crate::error::{required, ControllerError};
 use crate::events::{Events, Notice};
 use crate::params;
 
@@ -63,22 +65,14 @@ impl ControllerService {
     }
 
     fn volume(info: &agent::Volume, parameters: &HashMap<String, String>) -> csi::Volume {
-        use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+        use csi::volume_content_source::{SnapshotSource, Type};
         let (pool, node) = location(IdKind::Volume, &info.volume_id).unwrap_or_default();
-        let source_id = |prefix: &str, name: &str| {
-            info.volume_id
-                .replacen("vol:", prefix, 1)
-                .rsplit_once(':')
-                .map(|(loc, _)| format!("{loc}:{name}"))
-        };
-        let content_source = match info.source.split_once(':') {
-            Some(("snapshot", name)) => source_id("snap:", name)
-                .map(|id| Type::Snapshot(SnapshotSource { snapshot_id: id })),
-            Some(("volume", name)) => {
-                source_id("vol:", name).map(|id| Type::Volume(VolumeSource { volume_id: id }))
+        let content_source = info.content_source().map(|source| match source {
+            VolumeSource::Snapshot(snapshot_id) => Type::Snapshot(SnapshotSource { snapshot_id }),
+            VolumeSource::Volume(volume_id) => {
+                Type::Volume(csi::volume_content_source::VolumeSource { volume_id })
             }
-            _ => None,
-        };
+        });
         let mut context = HashMap::from([("pool".to_owned(), pool)]);
         for key in params::CONTEXT_KEYS {
             if let Some(value) = parameters.get(key) {
@@ -131,9 +125,7 @@ impl ControllerService {
         if let Some(req) = requirement {
             let fits = |t: &csi::Topology| t.segments.get(TOPOLOGY_KEY).is_none_or(|n| *n == node);
             if !req.requisite.is_empty() && !req.requisite.iter().any(fits) {
-                return Err(Status::resource_exhausted(format!(
-                    "no requisite topology includes node {node}"
-                )));
+                return Err(ControllerError::Unplaceable(node).into());
             }
         }
         Ok(node)
@@ -188,22 +180,14 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
         let req = request.into_inner();
         let command = params::create_volume(&req, &self.default_pool)?;
-        let source = command.source.as_ref().map(|s| match s {
-            qsd_node::engine::VolumeSource::Snapshot(id) => (IdKind::Snapshot, id.clone()),
-            qsd_node::engine::VolumeSource::Volume(id) => (IdKind::Volume, id.clone()),
-        });
+        let source = command.source.as_ref().map(|s| (s.kind(), s.id().to_owned()));
         let node = self.placement(req.accessibility_requirements.as_ref(), source.as_ref()).await?;
-        let message = qsd_node::agent::create_volume_message(&command);
-        let info = self.agents.node(&node)?.create_volume(message).await.map_err(|e| {
-            match e.code() {
-                // A missing source is NOT_FOUND per spec; a missing pool is a bad parameter.
-                Code::NotFound if source.is_none() => Status::invalid_argument(e.message()),
-                _ => e,
-            }
-        })?;
+        let message = agent::CreateVolumeRequest::from(&command);
+        let info = self.agents.node(&node)?.create_volume(message).await?;
         if let (Some(range), true) = (req.capacity_range.as_ref(), source.is_some()) {
             if range.limit_bytes > 0 && info.size_bytes as i64 > range.limit_bytes {
-                return Err(Status::out_of_range("the source is larger than limit_bytes"));
+                let message = "the source is larger than limit_bytes";
+                return Err(ControllerError::OutOfRange(message.into()).into());
             }
         }
         Ok(Response::new(csi::CreateVolumeResponse {
@@ -228,14 +212,20 @@ impl Controller for ControllerService {
         &self,
         _: Request<csi::ControllerPublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
-        Err(Status::unimplemented("qsd-csi needs no controller publish (attachRequired: false)"))
+        Err(ControllerError::Unimplemented(
+            "qsd-csi needs no controller publish (attachRequired: false)",
+        )
+        .into())
     }
 
     async fn controller_unpublish_volume(
         &self,
         _: Request<csi::ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
-        Err(Status::unimplemented("qsd-csi needs no controller unpublish (attachRequired: false)"))
+        Err(ControllerError::Unimplemented(
+            "qsd-csi needs no controller unpublish (attachRequired: false)",
+        )
+        .into())
     }
 
     async fn validate_volume_capabilities(
@@ -245,7 +235,7 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         required("volume_id", &req.volume_id)?;
         if req.volume_capabilities.is_empty() {
-            return Err(Status::invalid_argument("volume_capabilities is required"));
+            return Err(ControllerError::Required("volume_capabilities").into());
         }
         self.agents
             .for_id(IdKind::Volume, &req.volume_id)
@@ -305,17 +295,11 @@ impl Controller for ControllerService {
             Some(node) => node.clone(),
             None => self.agents.default_node()?,
         };
-        let capacity =
-            self.agents.node(&node)?.get_capacity(agent::PoolRef { pool }).await.map_err(|e| {
-                match e.code() {
-                    Code::NotFound => Status::invalid_argument(e.message()),
-                    _ => e,
-                }
-            })?;
+        let capacity = self.agents.node(&node)?.get_capacity(agent::PoolRef { pool }).await?;
         Ok(Response::new(csi::GetCapacityResponse {
             available_capacity: capacity.available_bytes as i64,
-            maximum_volume_size: Some(qsd_node::pool::id::MAX_SIZE as i64),
-            minimum_volume_size: Some(qsd_node::pool::id::SIZE_ALIGN as i64),
+            maximum_volume_size: Some(MAX_SIZE as i64),
+            minimum_volume_size: Some(SIZE_ALIGN as i64),
         }))
     }
 
@@ -351,7 +335,8 @@ impl Controller for ControllerService {
         required("source_volume_id", &req.source_volume_id)?;
         required("name", &req.name)?;
         if let Some(key) = req.parameters.keys().find(|k| !k.starts_with("csi.storage.k8s.io/")) {
-            return Err(Status::invalid_argument(format!("unknown snapshot parameter {key:?}")));
+            let refused = format!("unknown snapshot parameter {key:?}");
+            return Err(ControllerError::Unsupported(refused).into());
         }
         let agent = self.agents.for_id(IdKind::Volume, &req.source_volume_id).await?;
         let taken = agent
@@ -394,7 +379,7 @@ impl Controller for ControllerService {
         let info = taken
             .snapshots
             .first()
-            .ok_or_else(|| Status::internal("the agent took no snapshot"))?;
+            .ok_or_else(|| ControllerError::Internal("the agent took no snapshot".into()))?;
         Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(Self::snapshot(info)) }))
     }
 
@@ -437,7 +422,10 @@ impl Controller for ControllerService {
         &self,
         _: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
-        Err(Status::unimplemented("GetSnapshot is not offered (GET_SNAPSHOT not advertised)"))
+        Err(ControllerError::Unimplemented(
+            "GetSnapshot is not offered (GET_SNAPSHOT not advertised)",
+        )
+        .into())
     }
 
     async fn controller_expand_volume(
@@ -446,11 +434,9 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         required("volume_id", &req.volume_id)?;
-        let range = req
-            .capacity_range
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
-        let size = params::size(Some(range), false)?.unwrap_or(params::DEFAULT_SIZE);
+        let range =
+            req.capacity_range.as_ref().ok_or(ControllerError::Required("capacity_range"))?;
+        let size = params::size(Some(range), false)?.unwrap_or(qsd_csi_model::params::DEFAULT_SIZE);
         let grown = self
             .agents
             .for_id(IdKind::Volume, &req.volume_id)
@@ -474,7 +460,10 @@ impl Controller for ControllerService {
         &self,
         _: Request<csi::ControllerGetVolumeRequest>,
     ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
-        Err(Status::unimplemented("ControllerGetVolume is not offered (GET_VOLUME not advertised)"))
+        Err(ControllerError::Unimplemented(
+            "ControllerGetVolume is not offered (GET_VOLUME not advertised)",
+        )
+        .into())
     }
 
     async fn controller_modify_volume(
@@ -489,7 +478,7 @@ impl Controller for ControllerService {
             .await?
             .modify_volume(agent::ModifyVolumeRequest {
                 volume_id: req.volume_id.clone(),
-                qos: Some(qsd_node::agent::qos_message(&qos)),
+                qos: Some(qos.into()),
             })
             .await?;
         Ok(Response::new(csi::ControllerModifyVolumeResponse {}))

@@ -18,6 +18,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
 
 use crate::agents::{Agents, NodeAgent};
+use crate::error::ControllerError;
 
 /// How often the agents are listed again.
 pub const REFRESH: Duration = Duration::from_secs(30);
@@ -39,9 +40,12 @@ impl Discovery {
     pub async fn addresses(
         &self,
         client: kube::Client,
-    ) -> Result<BTreeMap<String, SocketAddr>, kube::Error> {
+    ) -> Result<BTreeMap<String, SocketAddr>, ControllerError> {
         let pods: Api<Pod> = Api::namespaced(client, &self.namespace);
-        let list = pods.list(&ListParams::default().labels(&self.selector)).await?;
+        let list =
+            pods.list(&ListParams::default().labels(&self.selector)).await.map_err(|source| {
+                ControllerError::Kubernetes { what: "list node plugin pods", source }
+            })?;
         Ok(list
             .items
             .into_iter()
@@ -61,12 +65,13 @@ impl Discovery {
         client: kube::Client,
         agents: &Agents,
         known: &mut BTreeMap<String, SocketAddr>,
-        connect: &impl Fn(&str, SocketAddr) -> anyhow::Result<NodeAgent>,
-    ) -> anyhow::Result<()> {
+        connect: &impl Fn(&str, SocketAddr) -> Result<NodeAgent, ControllerError>,
+    ) -> Result<(), ControllerError> {
         let nodes: Api<Node> = Api::all(client.clone());
         let cluster_nodes = nodes
             .list_metadata(&ListParams::default())
-            .await?
+            .await
+            .map_err(|source| ControllerError::Kubernetes { what: "list nodes", source })?
             .items
             .into_iter()
             .filter_map(|n| n.metadata.name);

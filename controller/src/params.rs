@@ -1,32 +1,20 @@
-//! CSI requests turned into validated, typed engine commands before any side effect.
+//! CSI requests turned into validated, typed requests before any side effect. What each
+//! parameter means is the shared model's ([`qsd_csi_model::params`]); this module reads the
+//! CSI messages around them.
 
 use std::collections::HashMap;
 
+use qsd_csi_model::id::{ObjectName, SIZE_ALIGN};
+use qsd_csi_model::params::{
+    self as keys, qos_key, CLAIM_LABELS, DEFAULT_SIZE, PROVISIONER_PREFIX, XFS_MIN_SIZE,
+};
+use qsd_csi_model::volume::{CloneMode, CreateVolume, Qos, VolumeSource};
 use qsd_csi_proto::csi;
-use qsd_node::csi::{parse_threshold_percent, WRITE_THRESHOLD_PERCENT};
-use qsd_node::engine::{CloneMode, CreateVolume, VolumeSource};
-use qsd_node::pool::id::SIZE_ALIGN;
-use qsd_node::pool::ObjectName;
-use qsd_node::qmp::commands::{Preallocation, ThrottleLimits};
 use sha2::Digest;
-use tonic::Status;
 
-/// Size of a volume created without a capacity range.
-pub const DEFAULT_SIZE: i64 = 1 << 30;
+use crate::error::ControllerError;
 
-/// Prefix of the parameters external-provisioner adds (PVC name, namespace, ...).
-const PROVISIONER_PREFIX: &str = "csi.storage.k8s.io/";
-
-/// The provisioner's parameters (with `--extra-create-metadata`) kept as the volume's labels,
-/// so events about the volume can name its claim.
-pub const CLAIM_LABELS: [&str; 3] = [
-    "csi.storage.k8s.io/pvc/name",
-    "csi.storage.k8s.io/pvc/namespace",
-    "csi.storage.k8s.io/pv/name",
-];
-
-/// Class parameters the node needs at stage time, passed on in the volume context.
-pub const CONTEXT_KEYS: [&str; 2] = ["fsType", WRITE_THRESHOLD_PERCENT];
+pub use qsd_csi_model::params::CONTEXT_KEYS;
 
 /// Maps any CSI name to a pool object name: kept if it already is one, otherwise a stable
 /// digest, so every name the spec allows works and the same name always maps the same way.
@@ -40,13 +28,17 @@ pub fn object_name(csi_name: &str) -> String {
 }
 
 /// The byte size a capacity range asks for (`None`: the source's size, for sourced volumes).
-pub fn size(range: Option<&csi::CapacityRange>, sourced: bool) -> Result<Option<i64>, Status> {
+pub fn size(
+    range: Option<&csi::CapacityRange>,
+    sourced: bool,
+) -> Result<Option<i64>, ControllerError> {
     let Some(range) = range else {
         return Ok((!sourced).then_some(DEFAULT_SIZE));
     };
     let (required, limit) = (range.required_bytes, range.limit_bytes);
     if required < 0 || limit < 0 {
-        return Err(Status::invalid_argument("capacity_range bytes must not be negative"));
+        let refused = "capacity_range bytes must not be negative";
+        return Err(ControllerError::Unsupported(refused.into()));
     }
     let align = SIZE_ALIGN as i64;
     let size = match (required, limit) {
@@ -58,36 +50,19 @@ pub fn size(range: Option<&csi::CapacityRange>, sourced: bool) -> Result<Option<
         }
     };
     if size == 0 || (limit > 0 && size > limit) {
-        return Err(Status::out_of_range(format!(
+        return Err(ControllerError::OutOfRange(format!(
             "cannot fit a volume in {required}..{limit} bytes (sizes are whole MiB)"
         )));
     }
     Ok(Some(size))
 }
 
-/// QoS keys, shared by `parameters` and `mutable_parameters`.
-fn qos_key(limits: &mut ThrottleLimits, key: &str, value: &str) -> Result<bool, Status> {
-    let field = match key {
-        "iopsTotal" => &mut limits.iops_total,
-        "iopsRead" => &mut limits.iops_read,
-        "iopsWrite" => &mut limits.iops_write,
-        "bpsTotal" => &mut limits.bps_total,
-        "bpsRead" => &mut limits.bps_read,
-        "bpsWrite" => &mut limits.bps_write,
-        _ => return Ok(false),
-    };
-    *field = value
-        .parse()
-        .map_err(|_| Status::invalid_argument(format!("{key}={value:?} is not a whole number")))?;
-    Ok(true)
-}
-
 /// QoS limits from `mutable_parameters` (ControllerModifyVolume). Unknown keys are refused.
-pub fn qos(params: &HashMap<String, String>) -> Result<ThrottleLimits, Status> {
-    let mut limits = ThrottleLimits::default();
+pub fn qos(params: &HashMap<String, String>) -> Result<Qos, ControllerError> {
+    let mut limits = Qos::default();
     for (key, value) in params {
         if !qos_key(&mut limits, key, value)? {
-            return Err(Status::invalid_argument(format!(
+            return Err(ControllerError::Unsupported(format!(
                 "{key} cannot be modified (only QoS limits can)"
             )));
         }
@@ -95,24 +70,24 @@ pub fn qos(params: &HashMap<String, String>) -> Result<ThrottleLimits, Status> {
     Ok(limits)
 }
 
-/// `CreateVolume` → the engine's request.
+/// `CreateVolume` → the request a node agent runs.
 pub fn create_volume(
     req: &csi::CreateVolumeRequest,
     default_pool: &str,
-) -> Result<CreateVolume, Status> {
+) -> Result<CreateVolume, ControllerError> {
     if req.name.is_empty() {
-        return Err(Status::invalid_argument("name is required"));
+        return Err(ControllerError::Required("name"));
     }
     if req.volume_capabilities.is_empty() {
-        return Err(Status::invalid_argument("volume_capabilities is required"));
+        return Err(ControllerError::Required("volume_capabilities"));
     }
     for cap in &req.volume_capabilities {
         if let Some(reason) = unsupported(cap) {
-            return Err(Status::invalid_argument(reason));
+            return Err(ControllerError::Unsupported(reason));
         }
     }
     let mut out = CreateVolume::new(default_pool, &object_name(&req.name), 0);
-    let mut clone_mode = None;
+    let mut clone_mode = CloneMode::Copy;
     for (key, value) in &req.parameters {
         if CLAIM_LABELS.contains(&key.as_str()) {
             out.labels.insert(key.clone(), value.clone());
@@ -122,58 +97,27 @@ pub fn create_volume(
             continue;
         }
         match key.as_str() {
-            "pool" => out.pool = value.clone(),
-            "fsType" => {
-                if !qsd_node::mount::SUPPORTED_FS.contains(&value.as_str()) {
-                    return Err(Status::invalid_argument(format!(
-                        "fsType {value:?} is not ext4 or xfs"
-                    )));
-                }
+            keys::POOL => out.pool = value.clone(),
+            keys::FS_TYPE => keys::fs_type(keys::FS_TYPE, value)?,
+            keys::PREALLOCATION => out.preallocation = keys::preallocation(value)?,
+            keys::MAX_CHAIN_DEPTH => out.max_chain_depth = Some(keys::max_chain_depth(value)?),
+            keys::CLONE_MODE => clone_mode = keys::clone_mode(value)?,
+            keys::WRITE_THRESHOLD_PERCENT => {
+                keys::threshold_percent(value)?;
             }
-            "preallocation" => {
-                out.preallocation = match value.as_str() {
-                    "off" => Preallocation::Off,
-                    "metadata" => Preallocation::Metadata,
-                    "falloc" => Preallocation::Falloc,
-                    "full" => Preallocation::Full,
-                    _ => {
-                        return Err(Status::invalid_argument(format!(
-                            "preallocation {value:?} is not off, metadata, falloc or full"
-                        )))
-                    }
-                }
-            }
-            "maxChainDepth" => {
-                out.max_chain_depth = Some(value.parse().map_err(|_| {
-                    Status::invalid_argument(format!("maxChainDepth {value:?} is not a number"))
-                })?)
-            }
-            "cloneMode" => clone_mode = Some(value.as_str()),
-            WRITE_THRESHOLD_PERCENT => {
-                parse_threshold_percent(value).map_err(qsd_node::csi::status)?;
-            }
-            _ => return Err(Status::invalid_argument(format!("unknown parameter {key:?}"))),
+            _ => return Err(ControllerError::Unsupported(format!("unknown parameter {key:?}"))),
         }
     }
     // A VolumeAttributesClass arrives as mutable parameters: QoS limits that win over parameters.
     for (key, value) in &req.mutable_parameters {
         if !qos_key(&mut out.qos, key, value)? {
-            return Err(Status::invalid_argument(format!(
+            return Err(ControllerError::Unsupported(format!(
                 "{key} is not a mutable parameter (only QoS limits are)"
             )));
         }
     }
     // cloneMode is a class-wide choice for clones of volumes; a restore from a snapshot is
     // always a linked overlay (O(1)), whatever the class says.
-    let clone_mode = match clone_mode {
-        None | Some("copy") => CloneMode::Copy,
-        Some("linked") => CloneMode::Linked,
-        Some(other) => {
-            return Err(Status::invalid_argument(format!(
-                "cloneMode {other:?} is not copy or linked"
-            )))
-        }
-    };
     use csi::volume_content_source::Type;
     out.source = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
         None => None,
@@ -185,12 +129,12 @@ pub fn create_volume(
     };
     out.size = size(req.capacity_range.as_ref(), out.source.is_some())?;
     // mkfs.xfs refuses filesystems under 300 MiB: say so now, not as a failed NodeStage.
-    let xfs = req.parameters.get("fsType").is_some_and(|f| f == "xfs")
+    let xfs = req.parameters.get(keys::FS_TYPE).is_some_and(|f| f == "xfs")
         || req.volume_capabilities.iter().any(|c| {
             matches!(&c.access_type, Some(csi::volume_capability::AccessType::Mount(m)) if m.fs_type == "xfs")
         });
     if let Some(size) = out.size.filter(|s| xfs && out.source.is_none() && *s < XFS_MIN_SIZE) {
-        return Err(Status::out_of_range(format!(
+        return Err(ControllerError::OutOfRange(format!(
             "an xfs volume needs at least {} MiB (mkfs.xfs refuses smaller filesystems); {} MiB was asked for",
             XFS_MIN_SIZE >> 20,
             size >> 20
@@ -198,9 +142,6 @@ pub fn create_volume(
     }
     Ok(out)
 }
-
-/// The smallest volume mkfs.xfs formats.
-pub const XFS_MIN_SIZE: i64 = 300 << 20;
 
 /// Why a capability is not supported, if it is not.
 pub fn unsupported(cap: &csi::VolumeCapability) -> Option<String> {
@@ -227,17 +168,23 @@ pub fn unsupported(cap: &csi::VolumeCapability) -> Option<String> {
         Err(_) => return Some(format!("unknown access mode {}", mode.mode)),
     }
     if let AccessType::Mount(m) = access {
-        if !m.fs_type.is_empty() && !qsd_node::mount::SUPPORTED_FS.contains(&m.fs_type.as_str()) {
-            return Some(format!("fs_type {:?} is not ext4 or xfs", m.fs_type));
+        if !m.fs_type.is_empty() {
+            if let Err(e) = keys::fs_type("fs_type", &m.fs_type) {
+                return Some(e.to_string());
+            }
         }
     }
     None
 }
 
 /// Paging: a token is the index of the next entry.
-pub fn page<T>(items: Vec<T>, max_entries: i32, token: &str) -> Result<(Vec<T>, String), Status> {
+pub fn page<T>(
+    items: Vec<T>,
+    max_entries: i32,
+    token: &str,
+) -> Result<(Vec<T>, String), ControllerError> {
     if max_entries < 0 {
-        return Err(Status::invalid_argument("max_entries must not be negative"));
+        return Err(ControllerError::Unsupported("max_entries must not be negative".into()));
     }
     let start: usize = if token.is_empty() {
         0
@@ -246,7 +193,7 @@ pub fn page<T>(items: Vec<T>, max_entries: i32, token: &str) -> Result<(Vec<T>, 
             .parse()
             .ok()
             .filter(|i| *i <= items.len())
-            .ok_or_else(|| Status::aborted(format!("starting_token {token:?} is not valid")))?
+            .ok_or_else(|| ControllerError::BadToken(token.to_owned()))?
     };
     let take = if max_entries == 0 { usize::MAX } else { max_entries as usize };
     let end = start.saturating_add(take).min(items.len());
@@ -305,9 +252,7 @@ mod tests {
             r.volume_capabilities = vec![cap(Mode::SingleNodeWriter, fs_cap)];
             r.capacity_range =
                 Some(csi::CapacityRange { required_bytes: mib << 20, limit_bytes: 0 });
-            create_volume(&r, "default")
-                .map(|c| c.size)
-                .map_err(|s| (s.code(), s.message().to_owned()))
+            create_volume(&r, "default").map(|c| c.size).map_err(|s| (s.code(), s.to_string()))
         };
         let (code, message) = sized(None, "xfs", 256).expect_err("256 MiB xfs");
         assert_eq!(code, tonic::Code::OutOfRange);
@@ -335,7 +280,7 @@ mod tests {
         .expect("valid");
         assert_eq!(
             (r.pool.as_str(), r.preallocation, r.qos.iops_total, r.max_chain_depth),
-            ("fast", Preallocation::Full, 500, Some(4))
+            ("fast", qsd_csi_model::volume::Preallocation::Full, 500, Some(4))
         );
         let claim: Vec<(&str, &str)> =
             r.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

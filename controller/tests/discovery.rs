@@ -98,8 +98,9 @@ async fn agents_are_the_scheduled_node_pods_with_an_address_and_follow_the_listi
     let connects = Cell::new(0);
     let connect = |_: &str, addr: SocketAddr| {
         connects.set(connects.get() + 1);
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy();
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("an address")
+            .connect_lazy();
         Ok(NodeAgent::Remote(qsd_csi_proto::agent::agent_client::AgentClient::new(channel)))
     };
     let mut known = BTreeMap::new();

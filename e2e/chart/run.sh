@@ -16,7 +16,7 @@ if [[ ! -x $helm ]]; then
   GOBIN=$(dirname "$helm") GOFLAGS=-mod=mod go install "helm.sh/helm/v3/cmd/helm@$version" || {
     echo "chart: could not build helm $version" >&2; echo "chart: 0 passed, 1 failed, 0 skipped"; exit 1; }
 fi
-(cd "$top" && cargo build --quiet -p qsd-csi-controller --bin qsd-csi) || exit 1
+(cd "$top" && cargo build --quiet -p qsd-csi --bin qsd-csi) || exit 1
 
 passed=0 failed=0
 check() { # NAME COMMAND...

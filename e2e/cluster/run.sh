@@ -23,7 +23,7 @@ helm=$top/target/tools/helm-$("$top/scripts/versions" helm)/helm
 
 "$here/build-tools.sh" >/dev/null || { echo "cluster: building the control plane failed" >&2; echo "0 passed, 1 failed"; exit 1; }
 [[ -x $helm ]] || "$top/e2e/chart/run.sh" >/dev/null 2>&1 || true # builds helm
-(cd "$top" && cargo build --quiet -p qsd-csi-controller --bin qsd-csi) || exit 1
+(cd "$top" && cargo build --quiet -p qsd-csi --bin qsd-csi) || exit 1
 qsd_csi=$top/target/debug/qsd-csi
 
 suite=cluster failed_line="0 passed, 1 failed"

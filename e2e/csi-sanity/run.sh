@@ -16,7 +16,7 @@ if [[ ! -x $sanity ]]; then
   GOBIN=$bin_dir go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$version"
   mv "$bin_dir/csi-sanity" "$sanity"
 fi
-cargo build --quiet -p qsd-csi-controller --bin qsd-csi
+cargo build --quiet -p qsd-csi --bin qsd-csi
 qsd_csi=$top/target/debug/qsd-csi
 
 passed=0 failed=0 skipped=0 status=0

@@ -89,7 +89,7 @@ fi
 # The guest runs this checkout's binaries from the shared host root: the driver, and the Rust
 # device tests (node-plugin/tests/kernel_devices.rs, ignored on the host). Cargo also reports
 # the package's binaries it built for the tests; only the test's own executable will do.
-(cd "$top" && cargo build --quiet -p qsd-csi-controller --bin qsd-csi)
+(cd "$top" && cargo build --quiet -p qsd-csi --bin qsd-csi)
 rust_tests=$(cd "$top" && cargo test --quiet -p qsd-csi-node --test kernel_devices --no-run \
   --message-format=json | grep -o '"executable":"[^"]*/deps/kernel_devices-[^"]*"' | tail -1 \
   | cut -d'"' -f4)

@@ -13,11 +13,8 @@ use qsd_csi_proto::agent::{self, agent_server::Agent};
 use tonic::{Request, Response, Status};
 
 use crate::csi::status;
-use crate::engine::{
-    CloneMode, CreateVolume, EngineCore, EngineEvent, SnapshotInfo, VolumeInfo, VolumeSource,
-};
+use crate::engine::{CreateVolume, EngineCore, EngineEvent, SnapshotInfo, VolumeInfo};
 use crate::graph::ExportKind;
-use crate::qmp::commands::{Preallocation, ThrottleLimits};
 
 /// The agent service.
 #[derive(Debug, Clone)]
@@ -32,18 +29,6 @@ impl AgentService {
     }
 }
 
-fn qos(q: Option<agent::Qos>) -> ThrottleLimits {
-    let q = q.unwrap_or_default();
-    ThrottleLimits {
-        iops_total: q.iops_total,
-        iops_read: q.iops_read,
-        iops_write: q.iops_write,
-        bps_total: q.bps_total,
-        bps_read: q.bps_read,
-        bps_write: q.bps_write,
-    }
-}
-
 fn volume(v: VolumeInfo) -> agent::Volume {
     let export = match v.export {
         None => agent::ExportKind::ExportNone,
@@ -55,7 +40,7 @@ fn volume(v: VolumeInfo) -> agent::Volume {
         volume_id: v.id,
         size_bytes: v.size,
         chain_depth: v.chain_depth as u32,
-        source: v.source.unwrap_or_default(),
+        source: qsd_csi_proto::convert::volume_source(v.source),
         export: export as i32,
         labels: v.labels,
     }
@@ -70,82 +55,9 @@ fn snapshot(s: SnapshotInfo) -> agent::Snapshot {
     }
 }
 
-/// The engine's QoS limits as the agent's message (what a controller sends).
-pub fn qos_message(q: &ThrottleLimits) -> agent::Qos {
-    agent::Qos {
-        iops_total: q.iops_total,
-        iops_read: q.iops_read,
-        iops_write: q.iops_write,
-        bps_total: q.bps_total,
-        bps_read: q.bps_read,
-        bps_write: q.bps_write,
-    }
-}
-
-/// The engine's request as the agent's `CreateVolumeRequest` (what a controller sends; the
-/// inverse of what the agent decodes).
-pub fn create_volume_message(c: &CreateVolume) -> agent::CreateVolumeRequest {
-    use agent::create_volume_request::Source;
-    agent::CreateVolumeRequest {
-        pool: c.pool.clone(),
-        name: c.name.clone(),
-        size_bytes: c.size,
-        preallocation: match c.preallocation {
-            Preallocation::Off => agent::Preallocation::Off,
-            Preallocation::Metadata => agent::Preallocation::Metadata,
-            Preallocation::Falloc => agent::Preallocation::Falloc,
-            Preallocation::Full => agent::Preallocation::Full,
-        } as i32,
-        qos: Some(qos_message(&c.qos)),
-        max_chain_depth: c.max_chain_depth,
-        source: c.source.as_ref().map(|s| match s {
-            VolumeSource::Snapshot(id) => Source::SnapshotId(id.clone()),
-            VolumeSource::Volume(id) => Source::VolumeId(id.clone()),
-        }),
-        clone_mode: match c.clone_mode {
-            CloneMode::Copy => agent::CloneMode::Copy,
-            CloneMode::Linked => agent::CloneMode::Linked,
-        } as i32,
-        labels: c.labels.clone(),
-    }
-}
-
 /// `CreateVolumeRequest` → the engine's request.
 fn create_request(r: agent::CreateVolumeRequest) -> Result<CreateVolume, Status> {
-    use agent::create_volume_request::Source;
-    let preallocation = match agent::Preallocation::try_from(r.preallocation) {
-        Ok(agent::Preallocation::Off) => Preallocation::Off,
-        Ok(agent::Preallocation::Metadata) => Preallocation::Metadata,
-        Ok(agent::Preallocation::Falloc) => Preallocation::Falloc,
-        Ok(agent::Preallocation::Full) => Preallocation::Full,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "unknown preallocation {}",
-                r.preallocation
-            )))
-        }
-    };
-    let clone_mode = match agent::CloneMode::try_from(r.clone_mode) {
-        Ok(agent::CloneMode::Copy) => CloneMode::Copy,
-        Ok(agent::CloneMode::Linked) => CloneMode::Linked,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!("unknown clone mode {}", r.clone_mode)))
-        }
-    };
-    Ok(CreateVolume {
-        pool: r.pool,
-        name: r.name,
-        size: r.size_bytes,
-        preallocation,
-        qos: qos(r.qos),
-        max_chain_depth: r.max_chain_depth,
-        source: r.source.map(|s| match s {
-            Source::SnapshotId(id) => VolumeSource::Snapshot(id),
-            Source::VolumeId(id) => VolumeSource::Volume(id),
-        }),
-        clone_mode,
-        labels: r.labels,
-    })
+    CreateVolume::try_from(r).map_err(|e| status(e.into()))
 }
 
 /// The engine's event as the agent streams it; `None` for events that concern no volume.
@@ -194,9 +106,7 @@ pub fn volume_event(event: EngineEvent) -> Option<agent::VolumeEvent> {
     Some(agent::VolumeEvent { volume_id, labels, kind: Some(kind) })
 }
 
-/// A stream of volume events, ending when the watcher hangs up.
-pub type EventStream =
-    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<agent::VolumeEvent, Status>> + Send>>;
+pub use qsd_csi_proto::agent::EventStream;
 
 #[tonic::async_trait]
 impl Agent for AgentService {
@@ -297,7 +207,10 @@ impl Agent for AgentService {
         request: Request<agent::ModifyVolumeRequest>,
     ) -> Result<Response<agent::Empty>, Status> {
         let r = request.into_inner();
-        self.engine.set_qos(&r.volume_id, qos(r.qos)).await.map_err(status)?;
+        self.engine
+            .set_qos(&r.volume_id, r.qos.unwrap_or_default().into())
+            .await
+            .map_err(status)?;
         Ok(Response::new(agent::Empty {}))
     }
 
@@ -338,7 +251,7 @@ impl Agent for AgentService {
         &self,
         request: Request<agent::PoolRef>,
     ) -> Result<Response<agent::Capacity>, Status> {
-        let pool = self.engine.pool(&request.into_inner().pool).map_err(status)?;
+        let pool = self.engine.requested_pool(&request.into_inner().pool).map_err(status)?;
         let usage = crate::mount::usage(pool.root()).map_err(status)?;
         Ok(Response::new(agent::Capacity { available_bytes: usage.bytes_available }))
     }

@@ -142,9 +142,9 @@ pub enum Error {
     /// The daemon's state contradicts ours in a way we cannot repair.
     #[error("inconsistent state: {0}")]
     Inconsistent(String),
-    /// A gRPC transport (TLS, connection) failed.
-    #[error("{0}")]
-    Transport(String),
+    /// A gRPC transport (a socket, a server, a connection) failed.
+    #[error("gRPC transport")]
+    Transport(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A certificate or key is unusable, or obtaining one failed.
     #[error("{what}")]
     Tls {
@@ -154,6 +154,31 @@ pub enum Error {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+}
+
+impl From<qsd_csi_model::Error> for Error {
+    fn from(e: qsd_csi_model::Error) -> Self {
+        match e {
+            qsd_csi_model::Error::InvalidArgument { field, reason } => {
+                Error::InvalidArgument { field, reason }
+            }
+            qsd_csi_model::Error::OutOfRange { requested, reason } => {
+                Error::OutOfRange { requested, reason }
+            }
+        }
+    }
+}
+
+impl From<qsd_csi_proto::tls::TlsError> for Error {
+    fn from(e: qsd_csi_proto::tls::TlsError) -> Self {
+        Error::Tls { what: "mutual TLS".into(), source: Some(Box::new(e)) }
+    }
+}
+
+impl From<qsd_csi_proto::transport::TransportError> for Error {
+    fn from(e: qsd_csi_proto::transport::TransportError) -> Self {
+        Error::Transport(Box::new(e))
+    }
 }
 
 impl Error {
@@ -260,7 +285,7 @@ mod tests {
             (Error::io("read", "/x", io()), ErrorKind::Internal),
             (Error::Command { program: "p".into(), stderr: "e".into() }, ErrorKind::Internal),
             (Error::Inconsistent("x".into()), ErrorKind::Internal),
-            (Error::Transport("x".into()), ErrorKind::Unavailable),
+            (Error::Transport(io().into()), ErrorKind::Unavailable),
             (Error::tls("x", io()), ErrorKind::Unavailable),
         ];
         for (error, kind) in table {

@@ -19,7 +19,6 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod graph;
-pub mod grpc;
 pub mod mount;
 pub mod pool;
 pub mod qmp;

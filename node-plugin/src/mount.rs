@@ -7,7 +7,7 @@ use crate::command::run;
 use crate::error::{Error, Result};
 
 /// Filesystems we format and grow.
-pub const SUPPORTED_FS: &[&str] = &["ext4", "xfs"];
+pub use qsd_csi_model::params::SUPPORTED_FS;
 
 /// Whether `path` is a mount point (from `/proc/self/mountinfo`).
 pub fn is_mountpoint(path: &Path) -> bool {

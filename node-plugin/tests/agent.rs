@@ -21,7 +21,8 @@ async fn serve(
             .add_service(AgentServer::new(AgentService::new(env.core())))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
     );
-    let client = AgentClient::new(qsd_node::grpc::connect_unix(&socket).await.expect("connect"));
+    let client =
+        AgentClient::new(qsd_csi_proto::transport::connect_unix(&socket).await.expect("connect"));
     (client, server)
 }
 
@@ -62,7 +63,11 @@ async fn the_agent_serves_the_volume_lifecycle_with_the_csi_error_codes() {
         .await
         .expect("restore")
         .into_inner();
-    assert_eq!(restored.source, "snapshot:sa");
+    assert_eq!(
+        restored.source,
+        Some(agent::volume::Source::SourceSnapshotId(snaps[0].snapshot_id.clone())),
+        "a restored volume names its snapshot by full ID"
+    );
     let linked = c
         .create_volume(agent::CreateVolumeRequest {
             source: Some(agent::create_volume_request::Source::VolumeId(b.volume_id.clone())),

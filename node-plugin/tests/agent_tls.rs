@@ -30,7 +30,7 @@ struct Served {
 async fn serve(env: &Env, node: &TlsFiles) -> Served {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let tls = node.agent(CONTROLLER).expect("agent TLS");
+    let tls = tls::agent_from_files(node, CONTROLLER).expect("agent TLS");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn({
         let (core, tls) = (env.core(), tls.clone());

@@ -56,7 +56,7 @@ async fn bad_input_returns_a_typed_error_and_changes_nothing_on_disk() {
     let free = qsd_node::mount::usage(&env.pool_dir()).expect("statvfs").bytes_available;
     let beyond_free = (free + (1 << 30)).min(qsd_node::pool::id::MAX_SIZE);
     let mut too_big_to_preallocate = create("p", beyond_free as i64);
-    too_big_to_preallocate.preallocation = qsd_node::qmp::commands::Preallocation::Full;
+    too_big_to_preallocate.preallocation = qsd_node::engine::Preallocation::Full;
     let mut zero_depth = create("d", MIB as i64);
     zero_depth.max_chain_depth = Some(0);
 

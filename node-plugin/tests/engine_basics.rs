@@ -203,7 +203,7 @@ async fn a_vhost_user_blk_export_listens_on_a_private_socket_until_detached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preallocation_modes_allocate_what_they_promise_and_thin_allocates_almost_nothing() {
-    use qsd_node::qmp::commands::Preallocation;
+    use qsd_node::engine::Preallocation;
     use std::os::unix::fs::MetadataExt;
     let env = Env::new().await;
     let core = env.core();

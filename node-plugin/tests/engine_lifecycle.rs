@@ -6,9 +6,7 @@ mod common;
 use common::*;
 use qsd_node::engine::{CreateVolume, EngineEvent};
 use qsd_node::graph::{ExportEndpoint, ExportKind};
-use qsd_node::qmp::commands::{
-    QomGetLimits, QomList, QueryBlockExports, QueryNamedBlockNodes, ThrottleLimits,
-};
+use qsd_node::qmp::commands::{QomGetLimits, QomList, QueryBlockExports, QueryNamedBlockNodes};
 use qsd_node::qsd::Origin;
 use qsd_node::ErrorKind;
 
@@ -218,7 +216,7 @@ async fn a_daemon_killed_with_sigkill_is_restarted_and_every_attached_graph_rebu
     let nbd_ep = core.attach(&nbd.id, ExportKind::Nbd).await.expect("attach").endpoint;
     nbd_io(&nbd_ep, "write -P 0x3c 0 2M");
     nbd_io(&nbd_ep, "flush");
-    core.set_qos(&fuse.id, ThrottleLimits { iops_total: 5000, ..Default::default() })
+    core.set_qos(&fuse.id, qsd_node::engine::Qos { iops_total: 5000, ..Default::default() })
         .await
         .expect("qos");
     let old_pid = env.daemon_pid();
@@ -323,14 +321,14 @@ async fn qos_limits_change_live_on_an_attached_volume() {
     let env = Env::new().await;
     let core = env.core();
     let mut request = CreateVolume::new("local", "v", 8 * MIB as i64);
-    request.qos = ThrottleLimits { bps_total: 10 << 20, ..Default::default() };
+    request.qos = qsd_node::engine::Qos { bps_total: 10 << 20, ..Default::default() };
     let vol = core.create_volume(&request).await.expect("create");
     core.attach(&vol.id, ExportKind::Nbd).await.expect("attach");
     let group = format!("g-{}", group_tag(&env, &vol.id));
     let qmp = core.daemon().qmp();
     let query = QomGetLimits { path: group.clone(), property: "limits" };
     assert_eq!(qmp.call(&query).await.expect("limits").bps_total, 10 << 20);
-    core.set_qos(&vol.id, ThrottleLimits { iops_read: 300, ..Default::default() })
+    core.set_qos(&vol.id, qsd_node::engine::Qos { iops_read: 300, ..Default::default() })
         .await
         .expect("modify");
     let limits = qmp.call(&query).await.expect("limits");

@@ -1,21 +1,33 @@
 //! Generated protocol code for qsd-csi.
 //!
-//! This crate only generates code. `proto/csi.proto` is our rendering of the CSI spec v1.12
+//! The generated code, and the conversions between `agent.proto` and the shared model
+//! ([`convert`]). `proto/csi.proto` is our rendering of the CSI spec v1.12
 //! (package `csi.v1`); `proto/check-wire-compat` proves in CI that every field, enum value and
 //! RPC matches the published spec, so any CO or sidecar speaks to us unchanged.
 //! `proto/agent.proto` is what the controller asks of a node plugin.
 
-#![allow(missing_docs, clippy::all, missing_debug_implementations)]
-
 /// The CSI v1 types and services.
+#[allow(missing_docs, clippy::all, missing_debug_implementations)]
 pub mod csi {
     tonic::include_proto!("csi.v1");
 }
 
 /// The node agent: what the controller asks of a node's engine.
+#[allow(missing_docs, clippy::all, missing_debug_implementations)]
 pub mod agent {
     tonic::include_proto!("qsd.agent.v1");
+
+    /// A node's volume events as `WatchEvents` streams them, ending when the watcher hangs up;
+    /// the one stream type of every `Agent` implementation, so callers can hold any as
+    /// `dyn Agent<WatchEventsStream = EventStream>`.
+    pub type EventStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<VolumeEvent, tonic::Status>> + Send>,
+    >;
 }
+
+pub mod convert;
+pub mod tls;
+pub mod transport;
 
 /// Who is who between the controller and the node agents: the names their certificates carry.
 ///

@@ -65,7 +65,7 @@ mod tests {
     fn an_id_that_cannot_be_ours_is_not_found_at_the_csi_boundary() {
         let e =
             crate::pool::id::ObjectId::parse(crate::pool::id::IdKind::Volume, "not-an-id").err();
-        assert_eq!(e.map(|e| status(e).code()), Some(tonic::Code::NotFound));
+        assert_eq!(e.map(|e| status(e.into()).code()), Some(tonic::Code::NotFound));
         assert_eq!(status(Error::invalid("size", "x")).code(), tonic::Code::InvalidArgument);
     }
 

@@ -26,20 +26,11 @@ use crate::error::{Error, Result};
 use crate::mount;
 use crate::pool::store;
 
-/// The topology key of local pools: a volume lives on one node.
-pub const TOPOLOGY_KEY: &str = "topology.qsd.csi.dev/node";
+pub use qsd_csi_model::params::{TOPOLOGY_KEY, WRITE_THRESHOLD_PERCENT};
 
-/// Volume context key (from the class's parameters): arm a write threshold at this percentage
-/// of the volume's size when it is staged.
-pub const WRITE_THRESHOLD_PERCENT: &str = "writeThresholdPercent";
 /// `writeThresholdPercent`: a whole percentage of the volume's size, 1 to 99.
 pub fn parse_threshold_percent(value: &str) -> Result<u64> {
-    value.parse().ok().filter(|p| (1..=99).contains(p)).ok_or_else(|| {
-        Error::invalid(
-            WRITE_THRESHOLD_PERCENT,
-            format!("{value:?} is not a whole percentage from 1 to 99"),
-        )
-    })
+    Ok(qsd_csi_model::params::threshold_percent(value)?)
 }
 
 /// After an alert, the threshold is re-armed this percentage of the size above the highest

@@ -42,7 +42,7 @@ impl EngineArgs {
                 kind: PoolKind::Local,
             });
         }
-        let node = self.node.clone().unwrap_or_else(NodeName::host_default);
+        let node = self.node.clone().unwrap_or_else(crate::pool::id::host_node_name);
         Ok(EngineConfig {
             node: NodeName::parse(&node)?,
             state_dir: self.state_dir.clone(),

@@ -9,9 +9,6 @@ use crate::error::{Error, Result};
 use crate::graph::{self, ExportEndpoint, ExportKind, Names};
 use crate::pool::id::IdKind;
 use crate::pool::LayerId;
-use crate::qmp::commands::{
-    BlockSetWriteThreshold, QomList, QueryBlockExports, QueryNamedBlockNodes,
-};
 use crate::qmp::Event;
 use crate::qsd::Origin;
 
@@ -200,9 +197,7 @@ impl EngineCore {
         }
         let _graph = self.graph.read().await;
         let names = Names::new(record.uid.to_string());
-        let arm =
-            BlockSetWriteThreshold { node_name: names.file(record.head), write_threshold: bytes };
-        graph::call(&self.daemon.qmp(), &arm).await?;
+        graph::arm_write_threshold(&self.daemon.qmp(), &names, record.head, bytes).await?;
         attachment.threshold = (bytes > 0).then_some(ThresholdRecord { armed_at: bytes, step });
         self.journal.put(attachment)
     }
@@ -215,7 +210,7 @@ impl EngineCore {
             .ok_or_else(|| Error::NotFound { what: "volume", id: volume_id.to_owned() })?;
         let armed_at = self.journal.get(record.uid).and_then(|a| a.threshold).map(|t| t.armed_at);
         let file = Names::new(record.uid.to_string()).file(record.head);
-        let nodes = graph::call(&self.daemon.qmp(), &QueryNamedBlockNodes { flat: true }).await?;
+        let nodes = graph::named_nodes(&self.daemon.qmp()).await?;
         let daemon_threshold =
             nodes.into_iter().find(|n| n.node_name == file).map(|n| n.write_threshold).unwrap_or(0);
         Ok(ThresholdState { armed_at, daemon_threshold })
@@ -257,9 +252,7 @@ impl EngineCore {
         };
         let rearm = threshold.max(armed.armed_at) + exceeded + armed.step;
         let names = Names::new(uid.to_string());
-        let arm =
-            BlockSetWriteThreshold { node_name: names.file(record.head), write_threshold: rearm };
-        graph::call(&self.daemon.qmp(), &arm).await?;
+        graph::arm_write_threshold(&self.daemon.qmp(), &names, record.head, rearm).await?;
         attachment.threshold = Some(ThresholdRecord { armed_at: rearm, ..armed });
         self.journal.put(attachment.clone())?;
         tracing::warn!(volume = %attachment.volume_id, threshold, exceeded, missed, rearm, "write threshold crossed");
@@ -281,11 +274,10 @@ impl EngineCore {
     pub(super) async fn reconcile(&self, origin: Origin) -> Result<()> {
         let _graph = self.graph.write().await;
         let qmp = self.daemon.qmp();
-        let nodes = graph::call(&qmp, &QueryNamedBlockNodes { flat: true }).await?;
+        let nodes = graph::named_nodes(&qmp).await?;
         let thresholds: HashMap<String, u64> =
             nodes.iter().map(|n| (n.node_name.clone(), n.write_threshold)).collect();
-        let exports: HashSet<String> =
-            graph::call(&qmp, &QueryBlockExports {}).await?.into_iter().map(|e| e.id).collect();
+        let exports = graph::export_ids(&qmp).await?;
         let mut attached = HashSet::new();
         let mut rebuilt = 0;
         for attachment in self.journal.all() {
@@ -319,11 +311,7 @@ impl EngineCore {
             }
             graph::attach(&qmp, &pool, &names, &chain, record.qos, &attachment.endpoint).await?;
             if let Some(armed) = attachment.threshold {
-                let arm = BlockSetWriteThreshold {
-                    node_name: names.file(record.head),
-                    write_threshold: armed.armed_at,
-                };
-                graph::call(&qmp, &arm).await?;
+                graph::arm_write_threshold(&qmp, &names, record.head, armed.armed_at).await?;
             }
             rebuilt += 1;
         }
@@ -380,17 +368,7 @@ impl EngineCore {
         for node in nodes.iter().map(|n| n.node_name.as_str()).filter(|n| ours(n, &["q-", "c-"])) {
             graph::delete_node_if_owned(&qmp, node).await?;
         }
-        // The /objects container appears with the first object; absent means there are none.
-        let objects = match graph::call(&qmp, &QomList { path: "/objects".into() }).await {
-            Ok(objects) => objects,
-            Err(e) if e.qmp_desc_contains("not found") => Vec::new(),
-            Err(e) => return Err(e),
-        };
-        for object in
-            objects.iter().filter(|o| o.kind.contains("throttle-group") && ours(&o.name, &["g-"]))
-        {
-            graph::call(&qmp, &crate::qmp::commands::ObjectDel { id: object.name.clone() }).await?;
-        }
+        graph::delete_throttle_groups(&qmp, |name| ours(name, &["g-"])).await?;
         Ok(())
     }
 }

@@ -14,7 +14,9 @@
 
 mod args;
 mod attach;
+mod clone;
 mod journal;
+pub mod shorten;
 mod snapshot;
 mod volume;
 
@@ -34,9 +36,10 @@ use crate::qsd::{Daemon, DaemonConfig, Origin};
 
 pub use args::EngineArgs;
 pub use attach::{AttachmentInfo, ThresholdState};
+pub use clone::{CloneTask, CLONE_PROGRESS_PERIOD};
 pub use journal::{AttachmentRecord, ThresholdRecord};
-pub use snapshot::{CloneTask, SnapshotInfo, CLONE_PROGRESS_PERIOD};
-pub use volume::{CloneMode, CreateVolume, VolumeInfo, VolumeSource};
+pub use snapshot::SnapshotInfo;
+pub use volume::{CloneMode, CreateVolume, Preallocation, Qos, VolumeInfo, VolumeSource};
 
 /// Default longest chain (layers, head included) before stream / commit shorten it.
 pub const DEFAULT_MAX_CHAIN_DEPTH: u32 = 16;
@@ -283,6 +286,17 @@ impl EngineCore {
         first.unwrap_or_else(|| self.events.subscribe())
     }
 
+    /// Whether the daemon answers on our monitor now (false while it is being recovered).
+    pub async fn daemon_answers(&self) -> bool {
+        self.daemon.qmp().call(&crate::qmp::commands::QueryVersion {}).await.is_ok()
+    }
+
+    /// The daemon's QEMU version, `major.minor.micro`.
+    pub fn qemu_version(&self) -> String {
+        let qemu = self.daemon.version().qemu;
+        format!("{}.{}.{}", qemu.major, qemu.minor, qemu.micro)
+    }
+
     /// A pool by name (a shared pool with what other nodes wrote taken in).
     pub fn pool(&self, name: &str) -> Result<Arc<Pool>> {
         let parsed = PoolName::parse(name)?;
@@ -293,6 +307,25 @@ impl EngineCore {
             .ok_or_else(|| Error::NotFound { what: "pool", id: name.to_owned() })?;
         pool.refresh()?;
         Ok(pool)
+    }
+
+    /// The pool a request names as a parameter (a new volume's, a capacity query's): one this
+    /// node does not have is a bad argument, where a pool inside an ID names nothing we hold
+    /// ([`EngineCore::pool`]: NOT_FOUND).
+    pub fn requested_pool(&self, name: &str) -> Result<Arc<Pool>> {
+        match self.pool(name) {
+            Err(Error::NotFound { what: "pool", .. }) => {
+                let known: Vec<&str> = self.pools.keys().map(PoolName::as_str).collect();
+                Err(Error::invalid(
+                    "pool",
+                    format!(
+                        "node {} has no pool {name:?} (it has {known:?})",
+                        self.config.node.as_str()
+                    ),
+                ))
+            }
+            other => other,
+        }
     }
 
     /// Every pool (shared ones refreshed).
@@ -321,8 +354,8 @@ impl EngineCore {
         }
     }
 
-    fn object_id(&self, kind: IdKind, pool: &Pool, name: &str) -> Result<ObjectId> {
-        ObjectId::new(kind, self.location(pool), ObjectName::parse(name)?)
+    pub(super) fn object_id(&self, kind: IdKind, pool: &Pool, name: &str) -> Result<ObjectId> {
+        Ok(ObjectId::new(kind, self.location(pool), ObjectName::parse(name)?)?)
     }
 
     /// Resolves an ID to its pool: the pool must be ours, and so must the node for local pools.

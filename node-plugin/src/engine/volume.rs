@@ -8,16 +8,7 @@ use crate::error::{Error, Result};
 use crate::graph::{self, ExportKind, Names, NewImage};
 use crate::pool::id::{parse_size, IdKind};
 use crate::pool::{LayerId, LayerRecord, Pool, VolumeRecord};
-use crate::qmp::commands::{BlockResize, Preallocation, QomSetLimits, ThrottleLimits};
-
-/// Where a new volume's content comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VolumeSource {
-    /// A snapshot: a linked overlay on its layer, O(1).
-    Snapshot(String),
-    /// Another volume: a full point-in-time copy (`blockdev-backup sync=full`).
-    Volume(String),
-}
+pub use qsd_csi_model::volume::{CloneMode, CreateVolume, Preallocation, Qos, VolumeSource};
 
 /// The head image of a new volume.
 #[derive(Debug, Clone, Copy)]
@@ -30,64 +21,6 @@ pub(super) struct NewHead {
     pub preallocation: Preallocation,
 }
 
-/// How a volume-sourced volume gets its data.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum CloneMode {
-    /// A full, independent copy (`blockdev-backup`).
-    #[default]
-    Copy,
-    /// An overlay sharing the source's data as of now: O(1), like a snapshot plus a restore.
-    Linked,
-}
-
-/// A validated-on-use request to create a volume.
-#[derive(Debug, Clone)]
-pub struct CreateVolume {
-    /// The pool.
-    pub pool: String,
-    /// The volume's name (CSI: the request name).
-    pub name: String,
-    /// Requested bytes; for sourced volumes `None` means the source's size.
-    pub size: Option<i64>,
-    /// Preallocation of the new head.
-    pub preallocation: Preallocation,
-    /// I/O limits.
-    pub qos: ThrottleLimits,
-    /// Chain-depth limit; the engine default if `None`.
-    pub max_chain_depth: Option<u32>,
-    /// Content source.
-    pub source: Option<VolumeSource>,
-    /// For a volume source: copy or link.
-    pub clone_mode: CloneMode,
-    /// Kept with the volume and echoed in its events (see [`VolumeRecord::labels`]).
-    pub labels: BTreeMap<String, String>,
-}
-
-impl CreateVolume {
-    /// The source's ID, or "" for an empty volume.
-    pub fn source_id(&self) -> &str {
-        match &self.source {
-            Some(VolumeSource::Snapshot(id) | VolumeSource::Volume(id)) => id,
-            None => "",
-        }
-    }
-
-    /// An empty thin volume with defaults.
-    pub fn new(pool: &str, name: &str, size: i64) -> Self {
-        CreateVolume {
-            pool: pool.into(),
-            name: name.into(),
-            size: Some(size),
-            preallocation: Preallocation::Off,
-            qos: ThrottleLimits::default(),
-            max_chain_depth: None,
-            source: None,
-            clone_mode: CloneMode::Copy,
-            labels: BTreeMap::new(),
-        }
-    }
-}
-
 /// What callers see of a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeInfo {
@@ -97,8 +30,8 @@ pub struct VolumeInfo {
     pub size: u64,
     /// Layers in its chain, head included.
     pub chain_depth: usize,
-    /// Where its content came from.
-    pub source: Option<String>,
+    /// Where its content came from, by the source's ID.
+    pub source: Option<VolumeSource>,
     /// Its export, if attached.
     pub export: Option<ExportKind>,
     /// The labels it was created with.
@@ -128,9 +61,26 @@ impl EngineCore {
             id: self.object_id(IdKind::Volume, pool, &record.name)?.to_string(),
             size: record.size,
             chain_depth: pool.chain(record.head)?.len(),
-            source: record.source.clone(),
+            source: self.recorded_source(pool, record.source.as_deref())?,
             export: self.journal.get(record.uid).map(|a| a.endpoint.kind),
             labels: record.labels.clone(),
+        })
+    }
+
+    /// A volume record's source (`snapshot:<name>` or `volume:<name>`, in the same pool) as
+    /// the source's ID.
+    fn recorded_source(&self, pool: &Pool, recorded: Option<&str>) -> Result<Option<VolumeSource>> {
+        let Some((kind, name)) = recorded.and_then(|s| s.split_once(':')) else {
+            return Ok(None);
+        };
+        Ok(match kind {
+            "snapshot" => Some(VolumeSource::Snapshot(
+                self.object_id(IdKind::Snapshot, pool, name)?.to_string(),
+            )),
+            "volume" => {
+                Some(VolumeSource::Volume(self.object_id(IdKind::Volume, pool, name)?.to_string()))
+            }
+            _ => None,
         })
     }
 
@@ -186,7 +136,7 @@ impl EngineCore {
     async fn create_empty(&self, request: &CreateVolume) -> Result<VolumeInfo> {
         let size = parse_size(request.size.ok_or_else(|| Error::invalid("size", "is required"))?)?;
         let max_chain_depth = self.max_depth(request.max_chain_depth)?;
-        let pool = self.pool(&request.pool)?;
+        let pool = self.requested_pool(&request.pool)?;
         self.object_id(IdKind::Volume, &pool, &request.name)?;
         let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, &request.name)])?;
         if let Some(existing) = pool.volume(&request.name) {
@@ -310,41 +260,23 @@ impl EngineCore {
         let chain = pool.chain(record.head)?;
         if let Some(attachment) = self.journal.get(record.uid) {
             let names = Names::new(record.uid.to_string());
-            // Resize at the root: a filter above a resized node keeps its old cached length.
-            let resize = BlockResize { node_name: names.throttle(), size };
-            if attachment.endpoint.kind == ExportKind::Nbd {
-                // The NBD export refuses resize: drop it (clients reconnect), resize, re-add.
-                graph::delete_export(&qmp, &names.export(), true).await?;
-                let resized = graph::call(&qmp, &resize).await;
-                graph::add_export(&qmp, &names, &attachment.endpoint).await?;
-                resized?;
-            } else {
-                graph::call(&qmp, &resize).await?;
-            }
+            graph::resize_attached(&qmp, &names, &attachment.endpoint, size).await?;
         } else {
-            // Only the head grows, and a head is never smaller than its backing layers, so the
-            // backing chain need not be opened (nothing below could need zeroing): O(1) in depth.
-            let names = Names::new(graph::fresh_tag());
-            let head = &chain[..1];
-            let top = graph::open_chain(&qmp, &pool, &names, head, false).await?;
-            let resized = graph::call(&qmp, &BlockResize { node_name: top, size }).await;
-            graph::close_chain(&qmp, &names, head).await?;
-            resized?;
+            graph::resize_offline(&qmp, &pool, chain[0], size).await?;
         }
         pool.put_volume(VolumeRecord { size, ..record })?;
         Ok(size)
     }
 
     /// Changes a volume's I/O limits; applied live when attached.
-    pub async fn set_qos(&self, id: &str, qos: ThrottleLimits) -> Result<()> {
+    pub async fn set_qos(&self, id: &str, qos: Qos) -> Result<()> {
         let (pool, parsed, record) = self.resolve_volume(id)?;
         let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
         self.held_here(&pool, &record, id)?;
         let _graph = self.graph.read().await;
         if self.journal.get(record.uid).is_some() {
             let names = Names::new(record.uid.to_string());
-            let set = QomSetLimits { path: names.group(), property: "limits", value: qos };
-            graph::call(&self.daemon.qmp(), &set).await?;
+            graph::set_limits(&self.daemon.qmp(), &names, qos).await?;
         }
         pool.put_volume(VolumeRecord { qos, ..record })
     }

@@ -16,7 +16,14 @@
 //! Teardown runs in the order that never leaves a user without its node: export (waiting for
 //! `BLOCK_EXPORT_DELETED`), throttle node, qcow2 nodes top-down, throttle group.
 
+mod chain;
+
 use std::path::{Path, PathBuf};
+
+pub use chain::{
+    arm_write_threshold, commit, delete_throttle_groups, export_ids, named_nodes, resize_node,
+    start_backup, stream, switch_to_overlays, OverlaySwitch,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -25,10 +32,34 @@ use crate::pool::{LayerId, Pool};
 use crate::qmp::commands::{
     BlockExportAdd, BlockExportDel, BlockdevAdd, BlockdevCreate, BlockdevCreateOptions,
     BlockdevDel, BlockdevOptions, BlockdevRef, Command, LegacyUnixAddress, LegacyUnixData,
-    NbdServerStart, ObjectAddThrottleGroup, ObjectDel, Preallocation, ThrottleLimits,
+    NbdServerStart, ObjectAddThrottleGroup, ObjectDel, QomSetLimits, ThrottleLimits,
     UnixSocketAddress,
 };
 use crate::qmp::{Job, JobOptions, QmpClient};
+use qsd_csi_model::volume::{Preallocation, Qos};
+
+/// A volume's limits as QMP's throttle-group properties.
+pub fn throttle_limits(q: Qos) -> ThrottleLimits {
+    ThrottleLimits {
+        iops_total: q.iops_total,
+        iops_read: q.iops_read,
+        iops_write: q.iops_write,
+        bps_total: q.bps_total,
+        bps_read: q.bps_read,
+        bps_write: q.bps_write,
+    }
+}
+
+/// A preallocation mode as `blockdev-create` spells it; `None` for thin (the default).
+fn qmp_preallocation(p: Preallocation) -> Option<crate::qmp::commands::Preallocation> {
+    use crate::qmp::commands::Preallocation as Qmp;
+    match p {
+        Preallocation::Off => None,
+        Preallocation::Metadata => Some(Qmp::Metadata),
+        Preallocation::Falloc => Some(Qmp::Falloc),
+        Preallocation::Full => Some(Qmp::Full),
+    }
+}
 
 /// Calls a typed command, naming it in the error.
 pub async fn call<C: Command>(qmp: &QmpClient, command: &C) -> Result<C::Reply> {
@@ -213,8 +244,7 @@ pub async fn create_image(qmp: &QmpClient, image: NewImage<'_>) -> Result<()> {
                 size: image.size,
                 backing_fmt: image.backing.as_ref().map(|_| "qcow2".to_owned()),
                 backing_file: image.backing.clone(),
-                preallocation: (image.preallocation != Preallocation::Off)
-                    .then_some(image.preallocation),
+                preallocation: qmp_preallocation(image.preallocation),
             },
         };
         Job::run(qmp, format_job, "create", &create_format, JobOptions { manual_finalize: false })
@@ -343,13 +373,17 @@ pub async fn attach(
     pool: &Pool,
     names: &Names,
     chain: &[LayerId],
-    qos: ThrottleLimits,
+    qos: Qos,
     endpoint: &ExportEndpoint,
 ) -> Result<()> {
     let result = async {
         call(
             qmp,
-            &ObjectAddThrottleGroup { qom_type: "throttle-group", id: names.group(), limits: qos },
+            &ObjectAddThrottleGroup {
+                qom_type: "throttle-group",
+                id: names.group(),
+                limits: throttle_limits(qos),
+            },
         )
         .await?;
         let top = open_chain(qmp, pool, names, chain, false).await?;
@@ -385,6 +419,41 @@ pub async fn detach(qmp: &QmpClient, names: &Names, chain: &[LayerId]) -> Result
         Err(e) if e.qmp_desc_contains("not found") => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Grows an attached volume to `size` bytes. At the root: a filter above a resized node keeps
+/// its old cached length. The NBD export refuses resize, so it is dropped (clients reconnect),
+/// the volume resized, and the export added again.
+pub async fn resize_attached(
+    qmp: &QmpClient,
+    names: &Names,
+    endpoint: &ExportEndpoint,
+    size: u64,
+) -> Result<()> {
+    if endpoint.kind == ExportKind::Nbd {
+        delete_export(qmp, &names.export(), true).await?;
+        let resized = resize_node(qmp, names.throttle(), size).await;
+        add_export(qmp, names, endpoint).await?;
+        resized
+    } else {
+        resize_node(qmp, names.throttle(), size).await
+    }
+}
+
+/// Grows a detached volume's head layer to `size` bytes. Only the head is opened: a head is
+/// never smaller than its backing layers, so nothing below could need zeroing (O(1) in depth).
+pub async fn resize_offline(qmp: &QmpClient, pool: &Pool, head: LayerId, size: u64) -> Result<()> {
+    let names = Names::new(fresh_tag());
+    let top = open_chain(qmp, pool, &names, &[head], false).await?;
+    let resized = resize_node(qmp, top, size).await;
+    close_chain(qmp, &names, &[head]).await?;
+    resized
+}
+
+/// Replaces an attached volume's I/O limits, live (`qom-set` on its throttle group).
+pub async fn set_limits(qmp: &QmpClient, names: &Names, qos: Qos) -> Result<()> {
+    let set = QomSetLimits { path: names.group(), property: "limits", value: throttle_limits(qos) };
+    call(qmp, &set).await.map(drop)
 }
 
 #[cfg(test)]

@@ -31,8 +31,8 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::qmp::commands::{Preallocation, ThrottleLimits};
 pub use id::{LayerId, NodeName, ObjectName, PoolName};
+use qsd_csi_model::volume::{Preallocation, Qos};
 
 /// Whether a pool lives on one node or on storage every node mounts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,7 +78,7 @@ pub struct VolumeRecord {
     pub preallocation: Preallocation,
     /// I/O limits.
     #[serde(default)]
-    pub qos: ThrottleLimits,
+    pub qos: Qos,
     /// Longest chain allowed; longer chains are shortened by stream / commit.
     pub max_chain_depth: u32,
     /// Where the content came from ("snapshot:<name>", "volume:<name>"), if anywhere.
@@ -505,7 +505,7 @@ mod tests {
             size: 1 << 20,
             head,
             preallocation: Preallocation::Off,
-            qos: ThrottleLimits::default(),
+            qos: Qos::default(),
             max_chain_depth: 8,
             source: None,
             labels: BTreeMap::new(),

@@ -236,5 +236,7 @@ pub async fn serve_agent(
             shutdown,
         )
         .await
-        .map_err(|e| Error::Transport(format!("agent server: {e}")))
+        .map_err(|source| {
+            qsd_csi_proto::transport::TransportError::Server { what: "agent server", source }.into()
+        })
 }

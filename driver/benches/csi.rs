@@ -64,7 +64,7 @@ async fn main() {
         assert!(Instant::now() < deadline, "driver did not start");
         std::thread::sleep(Duration::from_millis(20)); // poll_interval for the socket
     }
-    let channel = qsd_csi_controller::client::connect(&socket).await.expect("connect");
+    let channel = qsd_csi::calls::connect(&socket).await.expect("connect");
     let mut controller = ControllerClient::new(channel.clone());
     let mut node = NodeClient::new(channel);
     use csi::volume_capability::{

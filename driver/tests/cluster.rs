@@ -66,7 +66,7 @@ async fn node(dir: &std::path::Path, name: &str, ca: &certs::Ca) -> (Node, std::
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let core = engine.core_arc();
     tokio::spawn(async move {
-        let tls = files.agent(certs::CONTROLLER).expect("agent TLS");
+        let tls = tls::agent_from_files(&files, certs::CONTROLLER).expect("agent TLS");
         tls::serve_agent(core, listener, &tls, async {
             let _ = stopped.await;
         })

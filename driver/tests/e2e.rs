@@ -65,7 +65,7 @@ impl Driver {
     }
 
     async fn connect(socket: &Path) -> Channel {
-        qsd_csi_controller::client::connect(socket).await.expect("connect to the CSI socket")
+        qsd_csi::calls::connect(socket).await.expect("connect to the CSI socket")
     }
 
     /// SIGKILLs the driver process (the daemon, devices and mounts stay) and starts it again.
@@ -596,10 +596,15 @@ fn cli(d: &Driver, args: &[&str]) -> (bool, String, String) {
 async fn the_command_line_drives_a_running_endpoint() {
     let d = Driver::start().await;
     let staging = d.path("cli-staging").display().to_string();
+    // A create prints the bare ID, so a shell can capture it.
     let (ok, out, err) = cli(&d, &["volume", "create", "notes", "--size", "64M"]);
     assert!(ok, "{err}");
-    let id = out.split('\t').next().expect("id").to_owned();
-    assert!(out.trim_end().ends_with("64M"), "{out}");
+    let id = out.trim_end().to_owned();
+    assert!(id.starts_with("vol:") && !id.contains(char::is_whitespace), "{out:?}");
+    let (ok, out, _) = cli(&d, &["volume", "list", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("volume list -o json");
+    let notes = listed.as_array().and_then(|l| l.iter().find(|v| v["id"] == id.as_str()));
+    assert!(ok && notes.is_some_and(|v| v["sizeBytes"] == 64 << 20), "{out}");
     let mnt = d.path("notes");
     let (ok, _, err) =
         cli(&d, &["publish", &id, mnt.to_str().expect("path"), "--staging-dir", &staging]);
@@ -608,12 +613,22 @@ async fn the_command_line_drives_a_running_endpoint() {
     sync_fs(&mnt);
     let (ok, out, err) = cli(&d, &["snapshot", "create", &id, "notes-snap"]);
     assert!(ok, "{err}");
-    let snap = out.split('\t').next().expect("snapshot id").to_owned();
+    let snap = out.trim_end().to_owned();
     let (ok, out, _) = cli(&d, &["snapshot", "list", "--volume", &id]);
-    assert!(ok && out.contains(&snap), "{out}");
-    let (ok, out, err) = cli(&d, &["clone", &id, "notes-copy"]);
-    assert!(ok, "{err}");
-    let copy = out.split('\t').next().expect("clone id").to_owned();
+    assert!(
+        ok && out.contains(&snap) && out.lines().next().is_some_and(|h| h.ends_with("AGE")),
+        "{out}"
+    );
+    // Times are RFC 3339 (or an age), never a raw epoch number.
+    let (ok, out, _) = cli(&d, &["snapshot", "list", "--volume", &id, "-o", "yaml"]);
+    let created = out.lines().find_map(|l| l.trim().strip_prefix("createdAt: ")).unwrap_or("");
+    assert!(ok && created.len() == 20 && created.ends_with('Z') && created.contains('T'), "{out}");
+    let (ok, out, _) = cli(&d, &["snapshot", "list", "-o", "name"]);
+    assert!(ok && out == format!("{snap}\n"), "{out:?}");
+    let (ok, out, err) = cli(&d, &["clone", &id, "notes-copy", "-o", "wide"]);
+    assert!(ok && out.contains("64M") && out.contains("e2e-node"), "{out}{err}");
+    let copy = out.lines().nth(1).and_then(|row| row.split_whitespace().next()).expect("clone id");
+    let copy = copy.to_owned();
     let (ok, out, err) = cli(&d, &["expand", &id, "128M"]);
     assert!(ok && out.contains("128M"), "{out}{err}");
     let (ok, out, _) = cli(&d, &["volume", "list"]);

@@ -88,8 +88,7 @@ async fn node_and_controller_binaries_serve_a_volume_through_the_agent_over_mutu
     let impostor = spawn(dir, "impostor.log", &bad_sock, &bad_args);
     let _children = Children(vec![controller, impostor, node], dir.to_owned());
 
-    let connect =
-        |p: PathBuf| async move { qsd_csi_controller::client::connect(&p).await.expect("connect") };
+    let connect = |p: PathBuf| async move { qsd_csi::calls::connect(&p).await.expect("connect") };
     let (node_ch, ctl_ch) = (connect(node_sock).await, connect(ctl_sock).await);
     let caps = |ch: tonic::transport::Channel| async move {
         let mut identity = IdentityClient::new(ch);

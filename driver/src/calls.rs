@@ -1,13 +1,44 @@
-//! The client side of the `qsd-csi` command: drive a running endpoint from a shell.
+//! The CSI calls behind the client commands (drive a running endpoint from a shell), and the
+//! three CSI clients on one unix-socket channel.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
 use qsd_csi_proto::csi;
 use tonic::Code;
 
-use crate::client::Clients;
+use qsd_csi_proto::csi::controller_client::ControllerClient;
+use qsd_csi_proto::csi::identity_client::IdentityClient;
+use qsd_csi_proto::csi::node_client::NodeClient;
+use tonic::transport::Channel;
+
+pub use qsd_csi_proto::transport::{connect_unix as connect, socket_path};
+
+/// The three CSI clients on one channel.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    /// Identity.
+    pub identity: IdentityClient<Channel>,
+    /// Controller.
+    pub controller: ControllerClient<Channel>,
+    /// Node.
+    pub node: NodeClient<Channel>,
+}
+
+impl Clients {
+    /// Connects to the endpoint's socket.
+    pub async fn connect(socket: &Path) -> Result<Clients, tonic::transport::Error> {
+        let channel = connect(socket).await?;
+        Ok(Clients {
+            identity: IdentityClient::new(channel.clone()),
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+        })
+    }
+}
 
 /// Parses `512M`, `10G`, `1T`, `4096` (bytes); binary units.
 pub fn parse_size(text: &str) -> Result<i64, String> {
@@ -88,7 +119,7 @@ pub struct NewVolume {
     pub source: Option<csi::volume_content_source::Type>,
 }
 
-/// Creates a volume; while a clone copies, prints a progress line every second on stderr.
+/// Creates a volume; while a clone copies, a spinner on a terminal shows it working.
 pub async fn create_volume(
     clients: &mut Clients,
     new: NewVolume,
@@ -105,28 +136,29 @@ pub async fn create_volume(
         ..Default::default()
     };
     let is_clone = matches!(new.source, Some(csi::volume_content_source::Type::Volume(_)));
-    let mut controller = clients.controller.clone();
-    let call = controller.create_volume(req);
-    tokio::pin!(call);
+    // On a terminal a clone shows a spinner with the time it has taken; elsewhere (a pipe, a
+    // log) nothing is drawn.
+    let bar = if is_clone { progress_spinner(&new.name) } else { ProgressBar::hidden() };
     let started = Instant::now();
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.tick().await;
-    let response = loop {
-        tokio::select! {
-            r = &mut call => break r,
-            _ = ticker.tick(), if is_clone => {
-                eprint!("\rcloning into {}: copying, {} s elapsed", new.name, started.elapsed().as_secs());
-            }
-        }
-    };
-    if is_clone && started.elapsed() >= Duration::from_secs(1) {
-        eprintln!(
-            "\rcloning into {}: done in {:.1} s          ",
-            new.name,
-            started.elapsed().as_secs_f64()
-        );
+    let response = clients.controller.clone().create_volume(req).await;
+    if response.is_ok() && !bar.is_hidden() {
+        let took = started.elapsed().as_secs_f64();
+        bar.finish_with_message(format!("cloned into {} in {took:.1} s", new.name));
+    } else {
+        bar.finish_and_clear();
     }
     response?.into_inner().volume.ok_or_else(|| tonic::Status::internal("no volume in the reply"))
+}
+
+/// A spinner on standard error for a long call, drawn only on a terminal.
+fn progress_spinner(name: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}]") {
+        bar.set_style(style);
+    }
+    bar.set_message(format!("cloning into {name}: copying"));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
 }
 
 /// Where the CLI stages a volume before publishing it to a path.

@@ -1,0 +1,269 @@
+//! The cluster controller as a library entry point: [`ControllerConfig`] in, CSI Identity and
+//! Controller served until the stop future resolves, and every background task stopped and
+//! joined before [`run`] returns.
+//!
+//! ```text
+//!   run ─┬─ CSI server (Identity + Controller) on the unix socket ─┐
+//!        ├─ health server (optional)                               ├─ until stop
+//!        └─ Background ─┬─ discovery   (list agents every REFRESH) │
+//!                       ├─ relay       (node events → Events, while leading)
+//!                       ├─ election    (the Lease; released on stop)
+//!                       └─ signer      (node agent CSRs, while leading)
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use qsd_csi_proto::csi::controller_server::ControllerServer;
+use qsd_csi_proto::csi::identity_server::IdentityServer;
+use qsd_csi_proto::tls::TlsFiles;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::agents::{self, Agents, NodeAgent};
+use crate::discovery::{self, Discovery};
+use crate::error::ControllerError;
+use crate::events::{Events, Reporter};
+use crate::identity::{AlwaysReady, IdentityService};
+use crate::lease::{Election, LeaseConfig};
+use crate::signer::Signer;
+use crate::{relay, ControllerService, PLUGIN_NAME};
+
+/// Where the controller finds its node agents.
+#[derive(Debug, Clone)]
+pub enum AgentSource {
+    /// A fixed list: node name and agent address.
+    Static(Vec<(String, SocketAddr)>),
+    /// Node plugin pods found through the Kubernetes API.
+    Discover(Discovery),
+}
+
+/// Everything the cluster controller runs with.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// The CSI socket.
+    pub socket: PathBuf,
+    /// Where volumes go when a request names no pool.
+    pub default_pool: String,
+    /// Where volumes go when a request names no node (default: the first agent).
+    pub default_node: Option<String>,
+    /// The node agents.
+    pub agents: AgentSource,
+    /// The name every agent's certificate carries; by default each names its node.
+    pub agent_server_name: Option<String>,
+    /// The controller's client certificate, key, and the agents' CA.
+    pub tls: TlsFiles,
+    /// With replicas: the Lease that picks the one relaying node events and signing.
+    pub lease: Option<LeaseConfig>,
+    /// This replica's name in the Events it posts.
+    pub identity: String,
+    /// Where to serve the gRPC health service, if anywhere.
+    pub health_listen: Option<SocketAddr>,
+}
+
+impl ControllerConfig {
+    /// Whether the Kubernetes API is needed (discovery, the Lease).
+    pub fn needs_kubernetes(&self) -> bool {
+        matches!(self.agents, AgentSource::Discover(_)) || self.lease.is_some()
+    }
+
+    /// How a node's agent is reached: over mutual TLS, its certificate naming the node (or
+    /// the one shared server name).
+    pub fn connector(&self) -> impl Fn(&str, SocketAddr) -> Result<NodeAgent, ControllerError> {
+        let (server_name, tls) = (self.agent_server_name.clone(), self.tls.clone());
+        move |node, addr| agents::remote(addr, server_name.as_deref().unwrap_or(node), &tls)
+    }
+}
+
+type Connect = Arc<dyn Fn(&str, SocketAddr) -> Result<NodeAgent, ControllerError> + Send + Sync>;
+
+/// The controller's background tasks, owned: [`Background::stop`] ends and joins them all.
+#[derive(Debug)]
+pub struct Background {
+    stop: watch::Sender<bool>,
+    /// Held while no election runs: the relay runs while this says true, and ends when it is
+    /// dropped.
+    leading: Option<watch::Sender<bool>>,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+/// Resolves when `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+impl Background {
+    /// Nothing running yet.
+    pub fn new() -> Self {
+        Background { stop: watch::channel(false).0, leading: None, tasks: Vec::new() }
+    }
+
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        self.tasks.push((name, tokio::spawn(task)));
+    }
+
+    /// Lists the agents every [`discovery::REFRESH`] after the first listing (`known`).
+    pub fn discover(
+        &mut self,
+        discovery: Discovery,
+        client: kube::Client,
+        agents: Agents,
+        known: BTreeMap<String, SocketAddr>,
+        connect: Connect,
+    ) {
+        let stop = self.stop.subscribe();
+        self.spawn("discovery", async move {
+            let mut known = known;
+            let stop = stopped(stop);
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(discovery::REFRESH) => {}
+                    () = &mut stop => return,
+                }
+                let connect = |node: &str, addr| connect(node, addr);
+                if let Err(e) = discovery.refresh(client.clone(), &agents, &mut known, &connect).await {
+                    tracing::warn!(error = %e.with_causes(), "listing the node agents failed; keeping the last list");
+                }
+            }
+        });
+    }
+
+    /// Campaigns for the Lease; returns whether this replica leads, as it changes.
+    pub fn elect(&mut self, client: kube::Client, lease: LeaseConfig) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        let stop = stopped(self.stop.subscribe());
+        self.spawn("election", Election::new(client, lease).run(tx, stop));
+        rx
+    }
+
+    /// Leads without an election (one replica).
+    pub fn lead_alone(&mut self) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(true);
+        self.leading = Some(tx);
+        rx
+    }
+
+    /// Relays node events to `events` while `leading`.
+    pub fn relay(&mut self, agents: Agents, events: Events, leading: watch::Receiver<bool>) {
+        let stop = stopped(self.stop.subscribe());
+        self.spawn("relay", async move {
+            tokio::select! {
+                () = relay::run(agents, events, leading) => {}
+                () = stop => {}
+            }
+        });
+    }
+
+    /// Signs node agent certificates while `leading`.
+    pub fn sign(&mut self, signer: Signer, leading: watch::Receiver<bool>) {
+        let stop = stopped(self.stop.subscribe());
+        self.spawn("signer", signer.run(leading, stop));
+    }
+
+    /// The names of the tasks running.
+    pub fn running(&self) -> Vec<&'static str> {
+        self.tasks.iter().filter(|(_, t)| !t.is_finished()).map(|(n, _)| *n).collect()
+    }
+
+    /// Stops every task and waits for each to end (the election releases the Lease first).
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        self.leading = None;
+        for (name, task) in self.tasks.drain(..) {
+            if let Err(e) = task.await {
+                tracing::warn!(task = name, error = %e, "a background task ended abnormally");
+            }
+        }
+    }
+}
+
+impl Default for Background {
+    fn default() -> Self {
+        Background::new()
+    }
+}
+
+/// Serves the cluster controller until `stop` resolves; `client` is the Kubernetes API (needed
+/// when [`ControllerConfig::needs_kubernetes`]; with it, notices become Events). Node
+/// certificates are signed by `signer`, if given.
+pub async fn run(
+    config: ControllerConfig,
+    client: Option<kube::Client>,
+    signer: Option<Signer>,
+    stop: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let connect: Connect = Arc::new(config.connector());
+    let agents = Agents::new(BTreeMap::new(), config.default_node.clone());
+    let mut background = Background::new();
+    match (&config.agents, &client) {
+        (AgentSource::Discover(discovery), Some(client)) => {
+            let mut known = BTreeMap::new();
+            let first = |node: &str, addr| connect(node, addr);
+            discovery.refresh(client.clone(), &agents, &mut known, &first).await?;
+            background.discover(
+                discovery.clone(),
+                client.clone(),
+                agents.clone(),
+                known,
+                connect.clone(),
+            );
+        }
+        (AgentSource::Discover(_), None) => return Err(RunError::NeedsKubernetes("discovery")),
+        (AgentSource::Static(list), _) => {
+            let mut nodes = BTreeMap::new();
+            for (name, addr) in list {
+                nodes.insert(name.clone(), connect(name, *addr)?);
+            }
+            agents.replace(nodes);
+        }
+    }
+    let events = match &client {
+        Some(client) => Events::kubernetes(
+            client.clone(),
+            Reporter { controller: PLUGIN_NAME.to_owned(), instance: config.identity.clone() },
+        ),
+        None => Events::log_only(),
+    };
+    let leading = match (&config.lease, &client) {
+        (Some(lease), Some(client)) => background.elect(client.clone(), lease.clone()),
+        (Some(_), None) => return Err(RunError::NeedsKubernetes("leader election")),
+        (None, _) => background.lead_alone(),
+    };
+    if let Some(signer) = signer {
+        background.sign(signer, leading.clone());
+    }
+    background.relay(agents.clone(), events.clone(), leading);
+    tracing::info!(nodes = ?agents.nodes().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(), "controller ready");
+    let identity = IdentityService::new(Arc::new(AlwaysReady), true);
+    let router = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(identity.clone()))
+        .add_service(ControllerServer::new(
+            ControllerService::new(agents, config.default_pool.clone()).with_events(events),
+        ));
+    let served =
+        crate::serve::csi_and_health(&config.socket, router, config.health_listen, identity, stop)
+            .await;
+    background.stop().await;
+    served
+}
+
+/// Why the controller could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A feature that needs the Kubernetes API was asked for without it.
+    #[error("{0} needs the Kubernetes API")]
+    NeedsKubernetes(&'static str),
+    /// Setting up the agents failed.
+    #[error(transparent)]
+    Controller(#[from] ControllerError),
+    /// A server failed.
+    #[error(transparent)]
+    Transport(#[from] qsd_csi_proto::transport::TransportError),
+}

@@ -1,0 +1,332 @@
+//! Names, IDs and sizes, parsed strictly before anything touches the disk.
+//!
+//! ```text
+//!   volume ID    vol:<pool>[@<node>]:<name>     e.g. vol:local@node-1:pvc-1234
+//!   snapshot ID  snap:<pool>[@<node>]:<name>    e.g. snap:shared:snapshot-5678
+//! ```
+//! `@<node>` is present for local pools (a volume lives on one node) and absent for shared ones.
+//! Every component has a small character set with no `/`, and names may not contain `..`, so an ID
+//! can never resolve to a path outside its pool. IDs are at most 128 bytes.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::{Error, Result};
+
+/// Longest ID we issue or accept.
+pub const MAX_ID_LEN: usize = 128;
+/// Smallest unit of volume size; requests are rounded up to it.
+pub const SIZE_ALIGN: u64 = 1 << 20;
+/// Largest virtual size we create (64 TiB).
+pub const MAX_SIZE: u64 = 64 << 40;
+
+fn check(
+    field: &'static str,
+    s: &str,
+    max: usize,
+    first: impl Fn(char) -> bool,
+    rest: impl Fn(char) -> bool,
+) -> Result<()> {
+    if s.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if s.len() > max {
+        return Err(Error::invalid(field, format!("{s:?} is longer than {max} bytes")));
+    }
+    let mut chars = s.chars();
+    if !chars.next().is_some_and(&first) || !chars.all(&rest) {
+        return Err(Error::invalid(field, format!("{s:?} has characters outside the allowed set")));
+    }
+    Ok(())
+}
+
+/// A pool name: lowercase letters, digits and `-`, at most 32 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PoolName(String);
+
+impl PoolName {
+    /// Validates a pool name.
+    pub fn parse(s: &str) -> Result<Self> {
+        let lower = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+        check("pool name", s, 32, lower, |c| lower(c) || c == '-')?;
+        if s.ends_with('-') {
+            return Err(Error::invalid("pool name", "must not end with '-'"));
+        }
+        Ok(PoolName(s.to_owned()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A node name as Kubernetes spells it (a DNS subdomain), at most 63 bytes here.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeName(String);
+
+impl NodeName {
+    /// Validates a node name.
+    pub fn parse(s: &str) -> Result<Self> {
+        let lower = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+        check("node name", s, 63, lower, |c| lower(c) || c == '-' || c == '.')?;
+        if s.contains("..") || s.ends_with(['-', '.']) {
+            return Err(Error::invalid("node name", format!("{s:?} is not a DNS subdomain")));
+        }
+        Ok(NodeName(s.to_owned()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A host name made into a node name (lowercased, other characters replaced by '-'), or
+    /// `localhost` when nothing usable is left.
+    pub fn from_hostname(host: &str) -> String {
+        let name: String = host
+            .trim()
+            .to_ascii_lowercase()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' })
+            .take(63)
+            .collect();
+        let name = name.trim_matches(|c| c == '-' || c == '.').replace("..", ".");
+        if NodeName::parse(&name).is_ok() {
+            name
+        } else {
+            "localhost".to_owned()
+        }
+    }
+}
+
+/// A volume or snapshot name: letters, digits, `_`, `-`, `.`; no `..`; at most 64 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectName(String);
+
+impl ObjectName {
+    /// Validates a volume or snapshot name.
+    pub fn parse(s: &str) -> Result<Self> {
+        let alnum = |c: char| c.is_ascii_alphanumeric();
+        check("name", s, 64, alnum, |c| alnum(c) || matches!(c, '_' | '-' | '.'))?;
+        if s.contains("..") {
+            return Err(Error::invalid("name", format!("{s:?} contains '..'")));
+        }
+        Ok(ObjectName(s.to_owned()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Where an object lives: its pool, and its node for local pools.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Location {
+    /// The pool.
+    pub pool: PoolName,
+    /// The node, for local pools.
+    pub node: Option<NodeName>,
+}
+
+/// Kind prefix of an ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdKind {
+    /// `vol:`
+    Volume,
+    /// `snap:`
+    Snapshot,
+}
+
+impl IdKind {
+    /// The ID prefix: `vol` or `snap`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            IdKind::Volume => "vol",
+            IdKind::Snapshot => "snap",
+        }
+    }
+}
+
+/// A parsed volume or snapshot ID.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ObjectId {
+    /// Volume or snapshot.
+    pub kind: IdKind,
+    /// Pool and node.
+    pub location: Location,
+    /// The object's name in its pool.
+    pub name: ObjectName,
+}
+
+impl ObjectId {
+    /// Builds an ID, checking the length limit.
+    pub fn new(kind: IdKind, location: Location, name: ObjectName) -> Result<Self> {
+        let id = ObjectId { kind, location, name };
+        let len = id.to_string().len();
+        if len > MAX_ID_LEN {
+            return Err(Error::invalid(
+                "name",
+                format!("the resulting ID would be {len} bytes; the limit is {MAX_ID_LEN}"),
+            ));
+        }
+        Ok(id)
+    }
+
+    /// Parses an ID of the expected kind.
+    pub fn parse(kind: IdKind, s: &str) -> Result<Self> {
+        let field = match kind {
+            IdKind::Volume => "volume ID",
+            IdKind::Snapshot => "snapshot ID",
+        };
+        if s.len() > MAX_ID_LEN {
+            return Err(Error::invalid(field, format!("longer than {MAX_ID_LEN} bytes")));
+        }
+        let bad = || {
+            Error::invalid(
+                field,
+                format!("{s:?} is not of the form {}:<pool>[@<node>]:<name>", kind.prefix()),
+            )
+        };
+        let mut parts = s.splitn(3, ':');
+        let (Some(prefix), Some(place), Some(name)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        if prefix != kind.prefix() {
+            return Err(bad());
+        }
+        let (pool, node) = match place.split_once('@') {
+            Some((pool, node)) => (pool, Some(NodeName::parse(node)?)),
+            None => (place, None),
+        };
+        let location = Location { pool: PoolName::parse(pool)?, node };
+        Ok(ObjectId { kind, location, name: ObjectName::parse(name)? })
+    }
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind.prefix(), self.location.pool.as_str())?;
+        if let Some(node) = &self.location.node {
+            write!(f, "@{}", node.as_str())?;
+        }
+        write!(f, ":{}", self.name.as_str())
+    }
+}
+
+impl FromStr for PoolName {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        PoolName::parse(s)
+    }
+}
+
+/// Validates a requested size (CSI sizes are signed) and rounds it up to [`SIZE_ALIGN`].
+pub fn parse_size(requested: i64) -> Result<u64> {
+    if requested < 0 {
+        return Err(Error::invalid("size", format!("{requested} is negative")));
+    }
+    if requested == 0 {
+        return Err(Error::invalid("size", "must be greater than zero"));
+    }
+    let bytes = requested as u64;
+    if bytes > MAX_SIZE {
+        return Err(Error::OutOfRange {
+            requested,
+            reason: format!("the largest supported volume is {MAX_SIZE} bytes (64 TiB)"),
+        });
+    }
+    Ok(bytes.div_ceil(SIZE_ALIGN) * SIZE_ALIGN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(e: &Error) -> &'static str {
+        match e {
+            Error::InvalidArgument { .. } => "invalid",
+            Error::OutOfRange { .. } => "range",
+        }
+    }
+
+    #[test]
+    fn well_formed_ids_round_trip() {
+        for s in ["vol:local@node-1:pvc-1234", "vol:shared:a", "vol:p@n.example.com:a_b.c-d"] {
+            let id = ObjectId::parse(IdKind::Volume, s).map(|id| id.to_string());
+            assert_eq!(id.ok().as_deref(), Some(s));
+        }
+        let snap = ObjectId::parse(IdKind::Snapshot, "snap:local@n:s1").map(|id| id.to_string());
+        assert_eq!(snap.ok().as_deref(), Some("snap:local@n:s1"));
+    }
+
+    #[test]
+    fn malformed_ids_are_invalid_arguments() {
+        let long = format!("vol:p:{}", "a".repeat(130));
+        let cases = [
+            "",
+            "vol",
+            "vol:",
+            "vol::a",
+            "vol:p:",
+            "snap:p:a",
+            "vol:P:a",
+            "vol:p:../x",
+            "vol:p:a/b",
+            "vol:p:a..b",
+            "vol:p:.hidden",
+            "vol:p@:a",
+            "vol:p@N:a",
+            "vol:p@n..x:a",
+            "vol:p:a:b",
+            "vol:p-:a",
+            "vol:p:a b",
+            "vol:p:a\0",
+            long.as_str(),
+        ];
+        for s in cases {
+            let result = ObjectId::parse(IdKind::Volume, s);
+            assert_eq!(result.err().map(|e| kind(&e)), Some("invalid"), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn names_reject_path_tricks() {
+        for s in ["..", ".", "a/b", "/a", "a..", "", "a\\b", "é"] {
+            assert!(ObjectName::parse(s).is_err(), "{s:?}");
+        }
+        assert!(ObjectName::parse(&"a".repeat(65)).is_err());
+        assert!(ObjectName::parse(&"a".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn an_id_that_would_exceed_128_bytes_is_refused() {
+        let location = Location {
+            pool: PoolName::parse(&"p".repeat(32)).expect("pool"),
+            node: Some(NodeName::parse(&"n".repeat(63)).expect("node")),
+        };
+        let name = ObjectName::parse(&"a".repeat(40)).expect("name");
+        let err = ObjectId::new(IdKind::Volume, location, name).err();
+        assert_eq!(err.map(|e| kind(&e)), Some("invalid"));
+    }
+
+    #[test]
+    fn host_names_become_node_names() {
+        assert_eq!(NodeName::from_hostname("Worker_1.Example.COM\n"), "worker-1.example.com");
+        assert_eq!(NodeName::from_hostname(""), "localhost");
+        assert_eq!(NodeName::from_hostname("-..-"), "localhost");
+    }
+
+    #[test]
+    fn sizes_are_validated_and_rounded_up_to_a_mebibyte() {
+        assert_eq!(parse_size(1).ok(), Some(1 << 20));
+        assert_eq!(parse_size(1 << 20).ok(), Some(1 << 20));
+        assert_eq!(parse_size((1 << 20) + 1).ok(), Some(2 << 20));
+        assert_eq!(parse_size(0).err().map(|e| kind(&e)), Some("invalid"));
+        assert_eq!(parse_size(-5).err().map(|e| kind(&e)), Some("invalid"));
+        assert_eq!(parse_size(i64::MAX).err().map(|e| kind(&e)), Some("range"));
+        assert_eq!(parse_size(MAX_SIZE as i64).ok(), Some(MAX_SIZE));
+    }
+}

@@ -1,0 +1,388 @@
+//! Volumes made from other objects: restore from a snapshot as a linked overlay (O(1)), a
+//! linked clone (O(1), sharing the source's data as of now), and a copy clone — a live,
+//! point-in-time `blockdev-backup` while the source stays writable.
+//!
+//! ```text
+//!   restore R from S            linked clone K of V          copy clone K of V
+//!   [S] ◄─ [R']                 [H] ◄─ [V'] (V's new head)   [V…] ══ backup job ══► [K]
+//!                                ▲                            (reports progress; K is
+//!                               [K']                           recorded when the copy ends)
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::snapshot::Planned;
+use super::volume::{source_label, CreateVolume, NewHead, Preallocation, VolumeInfo, VolumeSource};
+use super::{EngineCore, EngineEvent, Guard};
+use crate::error::{Error, Result};
+use crate::graph::{self, Names, NewImage};
+use crate::pool::id::{parse_size, IdKind};
+use crate::pool::{LayerId, LayerRecord, Pool, VolumeRecord};
+use crate::qmp::Job;
+
+impl EngineCore {
+    /// Creates a volume as a linked overlay on a snapshot's layer: O(1), whatever the size.
+    pub(super) async fn restore_snapshot(&self, request: &CreateVolume) -> Result<VolumeInfo> {
+        let Some(VolumeSource::Snapshot(snapshot_id)) = &request.source else {
+            return Err(Error::invalid("source", "not a snapshot"));
+        };
+        let (pool, snap) = self.resolve(IdKind::Snapshot, snapshot_id)?;
+        if pool.name().as_str() != request.pool {
+            return Err(Error::invalid(
+                "pool",
+                "a volume restored from a snapshot lives in the snapshot's pool",
+            ));
+        }
+        let max_chain_depth = self.max_depth(request.max_chain_depth)?;
+        self.object_id(IdKind::Volume, &pool, &request.name)?;
+        let requested = request.size.map(parse_size).transpose()?;
+        let source = source_label(&request.source, self)?;
+        let _guard = self.lock(vec![
+            Self::key(IdKind::Volume, &pool, &request.name),
+            Self::key(IdKind::Snapshot, &pool, snap.name.as_str()),
+        ])?;
+        let snapshot = pool
+            .snapshot(snap.name.as_str())
+            .ok_or_else(|| Error::NotFound { what: "snapshot", id: snapshot_id.clone() })?;
+        let size = requested.unwrap_or(snapshot.size);
+        if let Some(existing) = pool.volume(&request.name) {
+            return self.check_recreate(&pool, &existing, Some(size), &source);
+        }
+        if size < snapshot.size {
+            return Err(Error::OutOfRange {
+                requested: request.size.unwrap_or_default(),
+                reason: format!("the snapshot holds {} bytes", snapshot.size),
+            });
+        }
+        let depth = pool.chain(snapshot.layer)?.len() + 1;
+        if depth > max_chain_depth as usize {
+            return Err(Error::ResourceExhausted(format!(
+                "a linked restore would have {depth} layers, over the limit of {max_chain_depth}; clone the volume instead"
+            )));
+        }
+        let _graph = self.graph.read().await;
+        let head =
+            NewHead { size, backing: Some(snapshot.layer), preallocation: Preallocation::Off };
+        self.create_with_head(&pool, request, head, max_chain_depth, source).await
+    }
+
+    /// Validates a clone request and takes the guards of the source and the new volume; an
+    /// existing volume of that name satisfies it only if size and source match.
+    fn prepare_clone(&self, request: &CreateVolume) -> Result<ClonePlan> {
+        let Some(VolumeSource::Volume(source_id)) = &request.source else {
+            return Err(Error::invalid("source", "not a volume"));
+        };
+        let (pool, src) = self.resolve(IdKind::Volume, source_id)?;
+        if pool.name().as_str() != request.pool {
+            return Err(Error::invalid("pool", "a clone lives in its source's pool"));
+        }
+        let max_chain_depth = self.max_depth(request.max_chain_depth)?;
+        self.object_id(IdKind::Volume, &pool, &request.name)?;
+        let requested = request.size.map(parse_size).transpose()?;
+        let source = source_label(&request.source, self)?;
+        let guard = self.lock(vec![
+            Self::key(IdKind::Volume, &pool, &request.name),
+            Self::key(IdKind::Volume, &pool, src.name.as_str()),
+        ])?;
+        let source_record = pool
+            .volume(src.name.as_str())
+            .ok_or_else(|| Error::NotFound { what: "volume", id: source_id.clone() })?;
+        self.held_here(&pool, &source_record, source_id)?;
+        let size = requested.unwrap_or(source_record.size);
+        if let Some(existing) = pool.volume(&request.name) {
+            return self
+                .check_recreate(&pool, &existing, Some(size), &source)
+                .map(ClonePlan::Exists);
+        }
+        if size < source_record.size {
+            return Err(Error::OutOfRange {
+                requested: request.size.unwrap_or_default(),
+                reason: format!("the source volume holds {} bytes", source_record.size),
+            });
+        }
+        Ok(ClonePlan::New(PreparedClone {
+            pool,
+            source_record,
+            size,
+            source,
+            max_chain_depth,
+            guard,
+        }))
+    }
+
+    /// Creates a linked clone: the source moves onto a fresh overlay (as for a snapshot, online
+    /// or offline), and the clone is an overlay on the source's previous head, which both now
+    /// share read-only. O(1) whatever the size; the shared layer lives while either needs it.
+    pub(super) async fn linked_clone(&self, request: &CreateVolume) -> Result<VolumeInfo> {
+        let prepared = match self.prepare_clone(request)? {
+            ClonePlan::Exists(info) => return Ok(info),
+            ClonePlan::New(p) => p,
+        };
+        let PreparedClone { pool, source_record, size, source, max_chain_depth, guard: _guard } =
+            prepared;
+        let source_id = request.source_id();
+        let _graph = self.graph.read().await;
+        while pool.chain(source_record.head)?.len() + 1 > source_record.max_chain_depth as usize {
+            if !self.shorten_once(&pool, &source_record.name).await? {
+                return Err(Error::ResourceExhausted(format!(
+                    "volume {source_id} is at its chain-depth limit; delete snapshots of it or clone with cloneMode=copy"
+                )));
+            }
+        }
+        let source_record = pool.volume(&source_record.name).unwrap_or(source_record);
+        let depth = pool.chain(source_record.head)?.len() + 1;
+        if depth > max_chain_depth as usize {
+            return Err(Error::ResourceExhausted(format!(
+                "a linked clone would have {depth} layers, over its limit of {max_chain_depth}; use cloneMode=copy"
+            )));
+        }
+        let shared = source_record.head;
+        let planned = Planned {
+            pool: pool.clone(),
+            record: source_record,
+            snapshot_name: String::new(),
+            overlay: LayerId::random(),
+        };
+        if let Err(e) = self.switch_to_overlays(std::slice::from_ref(&planned)).await {
+            let _ = std::fs::remove_file(pool.layer_path(planned.overlay));
+            let _ = pool.release(planned.overlay);
+            return Err(e);
+        }
+        let head = NewHead { size, backing: Some(shared), preallocation: Preallocation::Off };
+        self.create_with_head(&pool, request, head, max_chain_depth, source).await
+    }
+
+    /// Starts a clone: a new image receiving a point-in-time copy of the source while the source
+    /// stays writable. `speed` (bytes/s) limits the copy; [`CloneTask::finish`] completes it.
+    pub async fn start_clone(self: &Arc<Self>, request: &CreateVolume) -> Result<CloneTask> {
+        self.start_clone_with_speed(request, None).await
+    }
+
+    /// [`EngineCore::start_clone`] with a rate limit on the copy.
+    pub async fn start_clone_with_speed(
+        self: &Arc<Self>,
+        request: &CreateVolume,
+        speed: Option<u64>,
+    ) -> Result<CloneTask> {
+        let prepared = match self.prepare_clone(request)? {
+            ClonePlan::Exists(info) => {
+                return Ok(CloneTask {
+                    engine: self.clone(),
+                    state: CloneState::Done(info),
+                    report_every: CLONE_PROGRESS_PERIOD,
+                })
+            }
+            ClonePlan::New(p) => p,
+        };
+        let PreparedClone { pool, source_record, size, source, max_chain_depth, guard } = prepared;
+        let graph_guard = self.graph.clone().read_owned().await;
+        let qmp = self.daemon.qmp();
+        let target = LayerId::random();
+        let image = NewImage {
+            path: &pool.layer_path(target),
+            size: source_record.size,
+            backing: None,
+            preallocation: request.preallocation,
+        };
+        graph::create_image(&qmp, image).await?;
+        let chain = pool.chain(source_record.head)?;
+        let source_names = match self.journal.get(source_record.uid) {
+            Some(_) => None,
+            None => Some(Names::new(graph::fresh_tag())),
+        };
+        let target_names = Names::new(graph::fresh_tag());
+        let mut open = OpenNodes { source: None, target: None };
+        let started = async {
+            let source_node = match &source_names {
+                Some(names) => {
+                    let top = graph::open_chain(&qmp, &pool, names, &chain, true).await?;
+                    open.source = Some((names.clone(), chain.clone()));
+                    top
+                }
+                None => Names::new(source_record.uid.to_string()).format(source_record.head),
+            };
+            let target_node =
+                graph::open_chain(&qmp, &pool, &target_names, &[target], false).await?;
+            open.target = Some(target_names.clone());
+            graph::start_backup(&qmp, &target_names, source_node, target_node, speed).await
+        }
+        .await;
+        let job = match started {
+            Ok(job) => job,
+            Err(e) => {
+                open.close(&qmp, target).await;
+                let _ = std::fs::remove_file(pool.layer_path(target));
+                return Err(e);
+            }
+        };
+        let record = VolumeRecord {
+            name: request.name.clone(),
+            uid: LayerId::random(),
+            size,
+            head: target,
+            preallocation: request.preallocation,
+            qos: request.qos,
+            max_chain_depth,
+            source,
+            labels: request.labels.clone(),
+        };
+        Ok(CloneTask {
+            engine: self.clone(),
+            state: CloneState::Running(Box::new(Running {
+                job,
+                volume_id: self.object_id(IdKind::Volume, &pool, &request.name)?.to_string(),
+                source_id: request.source_id().to_owned(),
+                pool,
+                record,
+                open,
+                _guard: guard,
+                _graph: graph_guard,
+            })),
+            report_every: CLONE_PROGRESS_PERIOD,
+        })
+    }
+}
+
+enum ClonePlan {
+    Exists(VolumeInfo),
+    New(PreparedClone),
+}
+
+struct PreparedClone {
+    pool: Arc<Pool>,
+    source_record: VolumeRecord,
+    size: u64,
+    source: Option<String>,
+    max_chain_depth: u32,
+    guard: Guard,
+}
+
+struct OpenNodes {
+    source: Option<(Names, Vec<LayerId>)>,
+    target: Option<Names>,
+}
+
+impl OpenNodes {
+    async fn close(&self, qmp: &crate::qmp::QmpClient, target: LayerId) {
+        if let Some(names) = &self.target {
+            let _ = graph::close_chain(qmp, names, &[target]).await;
+        }
+        if let Some((names, chain)) = &self.source {
+            let _ = graph::close_chain(qmp, names, chain).await;
+        }
+    }
+}
+
+struct Running {
+    job: Job,
+    volume_id: String,
+    source_id: String,
+    pool: Arc<Pool>,
+    record: VolumeRecord,
+    open: OpenNodes,
+    _guard: Guard,
+    _graph: tokio::sync::OwnedRwLockReadGuard<()>,
+}
+
+enum CloneState {
+    Done(VolumeInfo),
+    Running(Box<Running>),
+}
+
+/// How often a running clone reports its progress ([`EngineEvent::CloneProgress`]).
+pub const CLONE_PROGRESS_PERIOD: Duration = Duration::from_secs(10);
+
+/// A clone in progress. Holds the guards of the source and the new volume until finished.
+pub struct CloneTask {
+    engine: Arc<EngineCore>,
+    state: CloneState,
+    report_every: Duration,
+}
+
+impl std::fmt::Debug for CloneTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let job = match &self.state {
+            CloneState::Done(_) => None,
+            CloneState::Running(r) => Some(r.job.id().to_owned()),
+        };
+        f.debug_struct("CloneTask").field("job", &job).finish()
+    }
+}
+
+impl CloneTask {
+    /// The copy job, while it runs (`None` for a clone that already existed).
+    pub fn job(&mut self) -> Option<&mut Job> {
+        match &mut self.state {
+            CloneState::Done(_) => None,
+            CloneState::Running(r) => Some(&mut r.job),
+        }
+    }
+
+    /// Reports progress every `period` instead of [`CLONE_PROGRESS_PERIOD`].
+    pub fn report_every(mut self, period: Duration) -> Self {
+        self.report_every = period;
+        self
+    }
+
+    /// Waits for the copy (reporting its progress as events), grows the new volume if a larger
+    /// size was asked for, records it, and reports the outcome. On failure the new image is
+    /// removed.
+    pub async fn finish(self) -> Result<VolumeInfo> {
+        let running = match self.state {
+            CloneState::Done(info) => return Ok(info),
+            CloneState::Running(running) => *running,
+        };
+        let Running { job, volume_id, source_id, pool, record, open, _guard, _graph } = running;
+        let engine = self.engine;
+        let qmp = engine.daemon.qmp();
+        let started = tokio::time::Instant::now();
+        let job_id = job.id().to_owned();
+        let copy = job.wait();
+        tokio::pin!(copy);
+        let mut ticker = tokio::time::interval_at(started + self.report_every, self.report_every);
+        let copied = loop {
+            tokio::select! {
+                outcome = &mut copy => break outcome,
+                _ = ticker.tick() => {
+                    if let Ok(Some((done, total))) = crate::qmp::job_progress(&qmp, &job_id).await {
+                        let _ = engine.events.send(EngineEvent::CloneProgress {
+                            volume: volume_id.clone(),
+                            source: source_id.clone(),
+                            done,
+                            total,
+                            labels: record.labels.clone(),
+                        });
+                    }
+                }
+            }
+        };
+        let resized = match (&copied, &open.target) {
+            (Ok(()), Some(names)) => {
+                graph::resize_node(&qmp, names.format(record.head), record.size).await
+            }
+            _ => Ok(()),
+        };
+        open.close(&qmp, record.head).await;
+        let labels = record.labels.clone();
+        let outcome = match copied.and(resized) {
+            Ok(()) => engine.commit_new_volume(
+                &pool,
+                LayerRecord { id: record.head, backing: None },
+                record,
+            ),
+            Err(e) => {
+                let _ = std::fs::remove_file(pool.layer_path(record.head));
+                Err(e)
+            }
+        };
+        let _ = engine.events.send(EngineEvent::CloneFinished {
+            volume: volume_id,
+            source: source_id,
+            error: outcome.as_ref().err().map(Error::with_causes),
+            elapsed: started.elapsed(),
+            labels,
+        });
+        outcome
+    }
+}

@@ -1,0 +1,185 @@
+//! `agent.proto` messages ⇄ the shared model ([`qsd_csi_model`]): the one place either side
+//! encodes or decodes them. The controller encodes, the node's agent decodes; a round trip is
+//! the identity (tested below), so what the controller validated is what the engine runs.
+
+use qsd_csi_model::volume::{CloneMode, CreateVolume, Preallocation, Qos, VolumeSource};
+use qsd_csi_model::Error;
+
+use crate::agent;
+
+impl From<Qos> for agent::Qos {
+    fn from(q: Qos) -> Self {
+        agent::Qos {
+            iops_total: q.iops_total,
+            iops_read: q.iops_read,
+            iops_write: q.iops_write,
+            bps_total: q.bps_total,
+            bps_read: q.bps_read,
+            bps_write: q.bps_write,
+        }
+    }
+}
+
+impl From<agent::Qos> for Qos {
+    fn from(q: agent::Qos) -> Self {
+        Qos {
+            iops_total: q.iops_total,
+            iops_read: q.iops_read,
+            iops_write: q.iops_write,
+            bps_total: q.bps_total,
+            bps_read: q.bps_read,
+            bps_write: q.bps_write,
+        }
+    }
+}
+
+impl From<Preallocation> for agent::Preallocation {
+    fn from(p: Preallocation) -> Self {
+        match p {
+            Preallocation::Off => agent::Preallocation::Off,
+            Preallocation::Metadata => agent::Preallocation::Metadata,
+            Preallocation::Falloc => agent::Preallocation::Falloc,
+            Preallocation::Full => agent::Preallocation::Full,
+        }
+    }
+}
+
+impl From<agent::Preallocation> for Preallocation {
+    fn from(p: agent::Preallocation) -> Self {
+        match p {
+            agent::Preallocation::Off => Preallocation::Off,
+            agent::Preallocation::Metadata => Preallocation::Metadata,
+            agent::Preallocation::Falloc => Preallocation::Falloc,
+            agent::Preallocation::Full => Preallocation::Full,
+        }
+    }
+}
+
+impl From<CloneMode> for agent::CloneMode {
+    fn from(c: CloneMode) -> Self {
+        match c {
+            CloneMode::Copy => agent::CloneMode::Copy,
+            CloneMode::Linked => agent::CloneMode::Linked,
+        }
+    }
+}
+
+impl From<agent::CloneMode> for CloneMode {
+    fn from(c: agent::CloneMode) -> Self {
+        match c {
+            agent::CloneMode::Copy => CloneMode::Copy,
+            agent::CloneMode::Linked => CloneMode::Linked,
+        }
+    }
+}
+
+impl From<&CreateVolume> for agent::CreateVolumeRequest {
+    fn from(c: &CreateVolume) -> Self {
+        use agent::create_volume_request::Source;
+        agent::CreateVolumeRequest {
+            pool: c.pool.clone(),
+            name: c.name.clone(),
+            size_bytes: c.size,
+            preallocation: agent::Preallocation::from(c.preallocation) as i32,
+            qos: Some(c.qos.into()),
+            max_chain_depth: c.max_chain_depth,
+            source: c.source.as_ref().map(|s| match s {
+                VolumeSource::Snapshot(id) => Source::SnapshotId(id.clone()),
+                VolumeSource::Volume(id) => Source::VolumeId(id.clone()),
+            }),
+            clone_mode: agent::CloneMode::from(c.clone_mode) as i32,
+            labels: c.labels.clone(),
+        }
+    }
+}
+
+impl TryFrom<agent::CreateVolumeRequest> for CreateVolume {
+    type Error = Error;
+
+    /// Refuses enum values this side does not know (a newer peer's), rather than guessing.
+    fn try_from(r: agent::CreateVolumeRequest) -> Result<Self, Error> {
+        use agent::create_volume_request::Source;
+        let preallocation = agent::Preallocation::try_from(r.preallocation).map_err(|_| {
+            Error::invalid("preallocation", format!("unknown value {}", r.preallocation))
+        })?;
+        let clone_mode = agent::CloneMode::try_from(r.clone_mode)
+            .map_err(|_| Error::invalid("clone mode", format!("unknown value {}", r.clone_mode)))?;
+        Ok(CreateVolume {
+            pool: r.pool,
+            name: r.name,
+            size: r.size_bytes,
+            preallocation: preallocation.into(),
+            qos: r.qos.unwrap_or_default().into(),
+            max_chain_depth: r.max_chain_depth,
+            source: r.source.map(|s| match s {
+                Source::SnapshotId(id) => VolumeSource::Snapshot(id),
+                Source::VolumeId(id) => VolumeSource::Volume(id),
+            }),
+            clone_mode: clone_mode.into(),
+            labels: r.labels,
+        })
+    }
+}
+
+/// A volume's source as `agent.Volume` carries it.
+pub fn volume_source(source: Option<VolumeSource>) -> Option<agent::volume::Source> {
+    source.map(|s| match s {
+        VolumeSource::Snapshot(id) => agent::volume::Source::SourceSnapshotId(id),
+        VolumeSource::Volume(id) => agent::volume::Source::SourceVolumeId(id),
+    })
+}
+
+impl agent::Volume {
+    /// Where the volume's content came from.
+    pub fn content_source(&self) -> Option<VolumeSource> {
+        self.source.as_ref().map(|s| match s {
+            agent::volume::Source::SourceSnapshotId(id) => VolumeSource::Snapshot(id.clone()),
+            agent::volume::Source::SourceVolumeId(id) => VolumeSource::Volume(id.clone()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_create_request_survives_the_wire_unchanged() {
+        let mut c = CreateVolume::new("fast", "pvc-1", 5 << 20);
+        c.preallocation = Preallocation::Falloc;
+        c.qos = Qos { iops_total: 10, bps_read: 20, ..Qos::default() };
+        c.max_chain_depth = Some(3);
+        c.clone_mode = CloneMode::Linked;
+        c.labels.insert("csi.storage.k8s.io/pvc/name".into(), "data".into());
+        for source in [
+            None,
+            Some(VolumeSource::Snapshot("snap:fast@n:s".into())),
+            Some(VolumeSource::Volume("vol:fast@n:v".into())),
+        ] {
+            c.source = source;
+            let wire = agent::CreateVolumeRequest::from(&c);
+            assert_eq!(CreateVolume::try_from(wire), Ok(c.clone()));
+        }
+    }
+
+    #[test]
+    fn unknown_enum_values_from_a_newer_peer_are_refused() {
+        let mut wire = agent::CreateVolumeRequest::from(&CreateVolume::new("p", "v", 1));
+        wire.preallocation = 9;
+        assert!(matches!(
+            CreateVolume::try_from(wire.clone()),
+            Err(Error::InvalidArgument { field: "preallocation", .. })
+        ));
+        wire.preallocation = 0;
+        wire.clone_mode = 5;
+        assert!(CreateVolume::try_from(wire).is_err());
+    }
+
+    #[test]
+    fn a_volume_names_its_source_by_full_id() {
+        let snap = VolumeSource::Snapshot("snap:p@n:s1".into());
+        let v = agent::Volume { source: volume_source(Some(snap.clone())), ..Default::default() };
+        assert_eq!(v.content_source(), Some(snap));
+        assert_eq!(agent::Volume::default().content_source(), None);
+    }
+}

@@ -1,0 +1,146 @@
+//! How the contract travels: gRPC over unix sockets (one connector and one listener for every
+//! client and server in the project), and the standard health service.
+
+use std::path::Path;
+
+use tonic::transport::Channel;
+
+/// Connects an HTTP/2 channel to a unix socket.
+pub async fn connect_unix(socket: &Path) -> Result<Channel, tonic::transport::Error> {
+    let socket = socket.to_owned();
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+}
+
+/// Listens on a unix socket at `path`, readable and writable by its owner only (0600). The
+/// directory is created; a socket left by a killed process is removed first.
+pub fn listen_unix(path: &Path) -> Result<tokio::net::UnixListener, TransportError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |op: &'static str, at: &Path| {
+        let path = at.to_owned();
+        move |source| TransportError::Io { op, path, source }
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io("create the socket directory", dir))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::info!(socket = %path.display(), "removed a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("remove a stale socket", path)(e)),
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(io("listen on", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("restrict", path))?;
+    Ok(listener)
+}
+
+/// A listener or server that could not be set up or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A filesystem step of setting up a socket.
+    #[error("{op} {}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// Where.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A gRPC server ended with an error.
+    #[error("{what}")]
+    Server {
+        /// Which server.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// The socket path of an endpoint written `unix:///path`, `unix:/path` or `/path`.
+pub fn socket_path(endpoint: &str) -> Result<std::path::PathBuf, String> {
+    let path = endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.strip_prefix("unix:"))
+        .unwrap_or(endpoint);
+    if !path.starts_with('/') {
+        return Err(format!("endpoint {endpoint:?} is not an absolute unix socket path"));
+    }
+    Ok(std::path::PathBuf::from(path))
+}
+
+/// How often the health service asks the readiness check.
+pub const HEALTH_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves the standard gRPC health service (`grpc.health.v1`, what Kubernetes' gRPC probes
+/// call) on `listener` until `shutdown`: SERVING while `ready` answers true, asked every
+/// [`HEALTH_PERIOD`].
+pub async fn serve_health<F, Fut>(
+    listener: tokio::net::TcpListener,
+    ready: F,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), TransportError>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    use tonic_health::ServingStatus;
+    let (reporter, service) = tonic_health::server::health_reporter();
+    let watcher = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEALTH_PERIOD);
+        loop {
+            tick.tick().await;
+            let status =
+                if ready().await { ServingStatus::Serving } else { ServingStatus::NotServing };
+            reporter.set_service_status("", status).await;
+        }
+    });
+    let served = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .map_err(|source| TransportError::Server { what: "health server", source });
+    watcher.abort();
+    served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_name_absolute_unix_sockets() {
+        let path = |p: &str| Some(std::path::PathBuf::from(p));
+        assert_eq!(socket_path("unix:///run/csi.sock").ok(), path("/run/csi.sock"));
+        assert_eq!(socket_path("unix:/run/csi.sock").ok(), path("/run/csi.sock"));
+        assert_eq!(socket_path("/run/csi.sock").ok(), path("/run/csi.sock"));
+        assert!(socket_path("tcp://1.2.3.4:5").is_err());
+        assert!(socket_path("unix://relative.sock").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_listener_replaces_a_stale_socket_and_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub/csi.sock");
+        let first = listen_unix(&path).expect("listen");
+        drop(first); // a killed server leaves its socket file behind
+        assert!(path.exists());
+        let _second = listen_unix(&path).expect("listen again");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        connect_unix(&path).await.expect("connect");
+    }
+}
