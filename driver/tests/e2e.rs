@@ -622,6 +622,7 @@ async fn the_command_line_drives_a_running_endpoint() {
     // Times are RFC 3339 (or an age), never a raw epoch number.
     let (ok, out, _) = cli(&d, &["snapshot", "list", "--volume", &id, "-o", "yaml"]);
     let created = out.lines().find_map(|l| l.trim().strip_prefix("createdAt: ")).unwrap_or("");
+    let created = created.trim_matches('"');
     assert!(ok && created.len() == 20 && created.ends_with('Z') && created.contains('T'), "{out}");
     let (ok, out, _) = cli(&d, &["snapshot", "list", "-o", "name"]);
     assert!(ok && out == format!("{snap}\n"), "{out:?}");
