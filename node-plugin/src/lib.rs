@@ -13,6 +13,7 @@
 //! or offline form.
 
 pub mod agent;
+pub mod claims;
 pub mod command;
 pub mod csi;
 pub mod device;

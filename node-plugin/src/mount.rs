@@ -274,3 +274,85 @@ mod tests {
         assert_eq!(ext_growth_error(other, false).kind(), crate::ErrorKind::Internal);
     }
 }
+
+/// What the CSI Node service does to filesystems and mounts, as one seam: the service is
+/// handed a mounter when it is built ([`HostMounter`] runs the real commands), so its
+/// decisions can be exercised without root.
+#[tonic::async_trait]
+pub trait Mounter: Send + Sync + std::fmt::Debug {
+    /// Whether `path` is a mount point.
+    fn is_mountpoint(&self, path: &Path) -> bool;
+    /// Where `device` is mounted.
+    fn mounts_of(&self, device: &Path) -> Result<Vec<std::path::PathBuf>>;
+    /// Makes `fs_type` on `device` unless it already holds a filesystem.
+    async fn format_if_empty(&self, device: &Path, fs_type: &str) -> Result<()>;
+    /// Grows an unmounted ext filesystem to its device; whether it grew.
+    async fn grow_unmounted_ext(&self, device: &Path, fs_type: &str) -> Result<bool>;
+    /// Mounts `device` at `target`.
+    async fn mount(
+        &self,
+        device: &Path,
+        target: &Path,
+        fs_type: Option<&str>,
+        flags: &[String],
+    ) -> Result<()>;
+    /// Grows a mounted xfs to its device; whether it grew.
+    async fn grow_mounted_xfs(&self, device: &Path, target: &Path, fs_type: &str) -> Result<bool>;
+    /// Bind-mounts `source` on `target`.
+    async fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<()>;
+    /// Unmounts `target` (nothing mounted there is fine).
+    async fn unmount(&self, target: &Path) -> Result<()>;
+    /// Grows the filesystem of `device` mounted at `mountpoint`.
+    async fn grow_fs(&self, device: &Path, mountpoint: &Path) -> Result<()>;
+    /// The size of a block device.
+    async fn device_size(&self, device: &Path) -> Result<u64>;
+    /// Space and inodes of the filesystem at `path`.
+    fn usage(&self, path: &Path) -> Result<FsUsage>;
+}
+
+/// The host's mounts, through this module's functions.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostMounter;
+
+#[tonic::async_trait]
+impl Mounter for HostMounter {
+    fn is_mountpoint(&self, path: &Path) -> bool {
+        is_mountpoint(path)
+    }
+    fn mounts_of(&self, device: &Path) -> Result<Vec<std::path::PathBuf>> {
+        mounts_of(device)
+    }
+    async fn format_if_empty(&self, device: &Path, fs_type: &str) -> Result<()> {
+        format_if_empty(device, fs_type).await
+    }
+    async fn grow_unmounted_ext(&self, device: &Path, fs_type: &str) -> Result<bool> {
+        grow_unmounted_ext(device, fs_type).await
+    }
+    async fn mount(
+        &self,
+        device: &Path,
+        target: &Path,
+        fs_type: Option<&str>,
+        flags: &[String],
+    ) -> Result<()> {
+        mount(device, target, fs_type, flags).await
+    }
+    async fn grow_mounted_xfs(&self, device: &Path, target: &Path, fs_type: &str) -> Result<bool> {
+        grow_mounted_xfs(device, target, fs_type).await
+    }
+    async fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<()> {
+        bind(source, target, read_only).await
+    }
+    async fn unmount(&self, target: &Path) -> Result<()> {
+        unmount(target).await
+    }
+    async fn grow_fs(&self, device: &Path, mountpoint: &Path) -> Result<()> {
+        grow_fs(device, mountpoint).await
+    }
+    async fn device_size(&self, device: &Path) -> Result<u64> {
+        device_size(device).await
+    }
+    fn usage(&self, path: &Path) -> Result<FsUsage> {
+        usage(path)
+    }
+}

@@ -69,7 +69,11 @@ async fn bad_input_returns_a_typed_error_and_changes_nothing_on_disk() {
         ("negative size", create("n", -1), ErrorKind::InvalidArgument),
         ("absurd size", create("a", i64::MAX), ErrorKind::OutOfRange),
         ("re-create, other size", create("v", 16 * MIB as i64), ErrorKind::AlreadyExists),
-        ("unknown pool", in_other_pool, ErrorKind::NotFound),
+        (
+            "unknown pool (a bad parameter, not a missing object)",
+            in_other_pool,
+            ErrorKind::InvalidArgument,
+        ),
         ("malformed pool", bad_pool_name, ErrorKind::InvalidArgument),
         ("restore smaller than snapshot", restore_smaller, ErrorKind::OutOfRange),
         ("restore unknown snapshot", restore_unknown, ErrorKind::NotFound),

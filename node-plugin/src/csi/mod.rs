@@ -1,9 +1,12 @@
 //! The CSI Node service, and the one mapping from our errors to gRPC status codes.
 
+mod decide;
 mod node;
+mod recovery;
+mod staging;
 
 pub use node::{
-    parse_threshold_percent, NodeConfig, NodeService, TOPOLOGY_KEY, WRITE_THRESHOLD_PERCENT,
+    parse_threshold_percent, NodeConfig, NodeService, Seams, TOPOLOGY_KEY, WRITE_THRESHOLD_PERCENT,
 };
 pub use qsd_csi_proto::csi;
 

@@ -11,20 +11,21 @@
 //! Staged volumes are journaled under `<state>/staging/` before any mount, so a restarted plugin
 //! knows each volume's device and can still unpublish and unstage it.
 
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
 use super::csi::{self, node_server::Node};
+use super::decide::{self, PublishStep, Seen, StageStep};
+use super::recovery::{reattach_after_rebuilds, recover_ublk_devices};
+use super::staging::{Journal, Staged};
 use super::{required, status};
+use crate::claims::{Claim, Claims};
 use crate::device::{self, Backend, Choice, Probes};
 use crate::engine::EngineCore;
 use crate::error::{Error, Result};
-use crate::mount;
-use crate::pool::store;
+use crate::mount::{HostMounter, Mounter};
 
 pub use qsd_csi_model::params::{TOPOLOGY_KEY, WRITE_THRESHOLD_PERCENT};
 
@@ -46,75 +47,57 @@ pub struct NodeConfig {
     pub max_volumes: i64,
 }
 
-/// One staged volume.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Staged {
-    volume_id: String,
-    staging_path: PathBuf,
-    backend: Backend,
-    device: PathBuf,
-    /// The mounted filesystem; `None` for block volumes.
-    fs_type: Option<String>,
-    /// The CSI access mode it was staged with.
-    access_mode: i32,
-    /// Where it is published.
-    #[serde(default)]
-    targets: std::collections::BTreeSet<PathBuf>,
-}
-
 /// The CSI Node service.
 #[derive(Debug)]
 pub struct NodeService {
     engine: Arc<EngineCore>,
     config: NodeConfig,
-    dir: PathBuf,
-    busy: Mutex<HashSet<String>>,
+    journal: Journal,
+    busy: Claims,
+    mounter: Arc<dyn Mounter>,
+    probes: Probes,
 }
 
-struct Busy<'a> {
-    set: &'a Mutex<HashSet<String>>,
-    id: String,
+/// What the Node service does to the host through, handed over when it is built.
+#[derive(Debug, Clone)]
+pub struct Seams {
+    /// Formats, mounts, binds and grows filesystems.
+    pub mounter: Arc<dyn Mounter>,
+    /// Which kernel device backends the host has.
+    pub probes: Probes,
 }
 
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
-        self.set.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+impl Seams {
+    /// This host's mounts and kernel.
+    pub fn host() -> Self {
+        Seams { mounter: Arc::new(HostMounter), probes: Probes::host() }
     }
-}
-
-fn file_name(volume_id: &str) -> String {
-    // IDs are validated before use: no '/' can reach here.
-    format!("{}.json", volume_id.replace('/', "_"))
 }
 
 impl NodeService {
     /// A node service over an open engine. Must be called inside a tokio runtime: it starts
     /// the task that re-attaches kernel devices after the daemon's graph was rebuilt.
     pub fn new(engine: Arc<EngineCore>, config: NodeConfig) -> Result<Self> {
-        let dir = engine.config().state_dir.join("staging");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create staging journal", &dir, e))?;
-        tokio::spawn(reattach_after_rebuilds(Arc::downgrade(&engine), dir.clone()));
-        tokio::spawn(recover_ublk_devices(engine.clone(), dir.clone()));
-        Ok(NodeService { engine, config, dir, busy: Mutex::default() })
+        Self::with_seams(engine, config, Seams::host())
     }
 
-    fn claim(&self, id: &str) -> Result<Busy<'_>, Status> {
-        let mut set = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        if !set.insert(id.to_owned()) {
-            return Err(Status::aborted(format!("an operation on {id} is already in progress")));
-        }
-        Ok(Busy { set: &self.busy, id: id.to_owned() })
+    /// [`NodeService::new`] with the host reached through `seams`.
+    pub fn with_seams(engine: Arc<EngineCore>, config: NodeConfig, seams: Seams) -> Result<Self> {
+        let journal = Journal::open(engine.config().state_dir.join("staging"))?;
+        tokio::spawn(reattach_after_rebuilds(Arc::downgrade(&engine), journal.clone()));
+        tokio::spawn(recover_ublk_devices(engine.clone(), journal.clone()));
+        let Seams { mounter, probes } = seams;
+        Ok(NodeService { engine, config, journal, busy: Claims::default(), mounter, probes })
+    }
+
+    fn claim(&self, id: &str) -> Result<Claim, Status> {
+        self.busy
+            .take(vec![id.to_owned()])
+            .map_err(|_| Status::aborted(format!("an operation on {id} is already in progress")))
     }
 
     fn staged(&self, id: &str) -> Result<Option<Staged>> {
-        let path = self.dir.join(file_name(id));
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| Error::Metadata { path, source }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io("read", &path, e)),
-        }
+        self.journal.get(id)
     }
 
     fn topology(&self) -> csi::Topology {
@@ -144,43 +127,14 @@ impl NodeService {
         capability: &csi::VolumeCapability,
         context: &std::collections::HashMap<String, String>,
     ) -> Result<()> {
-        use csi::volume_capability::AccessType;
         self.engine.get_volume(id)?;
-        let fs_type = match &capability.access_type {
-            Some(AccessType::Mount(m)) => {
-                let fs = [
-                    m.fs_type.as_str(),
-                    context.get("fsType").map(String::as_str).unwrap_or(""),
-                    "ext4",
-                ]
-                .into_iter()
-                .find(|f| !f.is_empty())
-                .unwrap_or("ext4")
-                .to_owned();
-                if !mount::SUPPORTED_FS.contains(&fs.as_str()) {
-                    return Err(Error::invalid(
-                        "fs_type",
-                        format!("{fs} is not one of {:?}", mount::SUPPORTED_FS),
-                    ));
-                }
-                Some(fs)
-            }
-            Some(AccessType::Block(_)) => None,
-            None => return Err(Error::invalid("volume_capability", "access type is required")),
-        };
-        if let Some(existing) = self.staged(id)? {
-            if existing.staging_path != staging {
-                return Err(Error::AlreadyExists {
-                    what: "staged volume",
-                    name: id.to_owned(),
-                    difference: format!("staged at {}", existing.staging_path.display()),
-                });
-            }
-            if existing.fs_type.is_none() || mount::is_mountpoint(staging) {
-                return Ok(());
-            }
+        let fs_type = decide::fs_type(capability, context)?;
+        let existing = self.staged(id)?;
+        let mounted = self.mounter.is_mountpoint(staging);
+        if decide::stage_step(id, existing.as_ref(), staging, mounted)? == StageStep::Done {
+            return Ok(());
         }
-        let backend = self.config.device.resolve(Probes::host())?;
+        let backend = self.config.device.resolve(self.probes)?;
         let (kind, writethrough) = (Choice::export_kind(backend), Choice::writethrough(backend));
         let endpoint = self.engine.attach_with(id, kind, writethrough).await?.endpoint;
         if let Some(percent) = context.get(WRITE_THRESHOLD_PERCENT) {
@@ -197,26 +151,19 @@ impl NodeService {
             access_mode: capability.access_mode.as_ref().map(|m| m.mode).unwrap_or_default(),
             targets: Default::default(),
         };
+        let m = &self.mounter;
         let mounted = async {
-            store::write_json(&self.dir, &file_name(id), &record)?;
+            self.journal.put(&record)?;
             if let Some(fs) = &fs_type {
-                mount::format_if_empty(&device, fs).await?;
+                m.format_if_empty(&device, fs).await?;
                 // format_if_empty made sure the device holds `fs`: no second probe.
-                if mount::grow_unmounted_ext(&device, fs).await? {
+                if m.grow_unmounted_ext(&device, fs).await? {
                     tracing::info!(volume = %id, "grew the filesystem to its larger volume");
                 }
-                let mut flags = match &capability.access_type {
-                    Some(AccessType::Mount(m)) => m.mount_flags.clone(),
-                    _ => Vec::new(),
-                };
-                // A restored snapshot or a clone carries its source's XFS UUID; without
-                // nouuid it could not be mounted beside its source.
-                if fs == "xfs" && !flags.iter().any(|f| f == "nouuid") {
-                    flags.push("nouuid".into());
-                }
-                mount::mount(&device, staging, Some(fs), &flags).await?;
+                let flags = decide::mount_flags(capability, fs);
+                m.mount(&device, staging, Some(fs), &flags).await?;
                 if !flags.iter().any(|f| f == "ro")
-                    && mount::grow_mounted_xfs(&device, staging, fs).await?
+                    && m.grow_mounted_xfs(&device, staging, fs).await?
                 {
                     tracing::info!(volume = %id, "grew the filesystem to its larger volume");
                 }
@@ -225,10 +172,10 @@ impl NodeService {
         }
         .await;
         if let Err(e) = mounted {
-            let _ = mount::unmount(staging).await;
+            let _ = self.mounter.unmount(staging).await;
             let _ = device::detach(backend, &device).await;
             let _ = self.engine.detach(id).await;
-            let _ = store::remove(&self.dir, &file_name(id));
+            let _ = self.journal.remove(id);
             return Err(e);
         }
         Ok(())
@@ -237,79 +184,55 @@ impl NodeService {
     async fn unstage(&self, id: &str, staging: &Path) -> Result<()> {
         if let Some(record) = self.staged(id)? {
             // Detach only after unmount: a bind mount still using the device would lose it.
-            let mut users = mount::mounts_of(&record.device)?;
-            // A block volume's bind-mounted device node shows up as devtmpfs: use our record.
-            users.extend(record.targets.iter().filter(|t| mount::is_mountpoint(t)).cloned());
-            if let Some(user) = users.iter().find(|m| **m != record.staging_path) {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {id} is still mounted at {}; unpublish it first",
-                    user.display()
-                )));
-            }
-            mount::unmount(&record.staging_path).await?;
+            let mut users = self.mounter.mounts_of(&record.device)?;
+            users.extend(record.targets.iter().filter(|t| self.mounter.is_mountpoint(t)).cloned());
+            decide::unstage_blocker(id, &record, &users)?;
+            self.mounter.unmount(&record.staging_path).await?;
             device::detach(record.backend, &record.device).await?;
         }
-        mount::unmount(staging).await?;
+        self.mounter.unmount(staging).await?;
         match self.engine.detach(id).await {
             Ok(()) => {}
             Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        store::remove(&self.dir, &file_name(id))
+        self.journal.remove(id)
     }
 
     async fn publish(&self, req: &csi::NodePublishVolumeRequest) -> Result<()> {
         let id = &req.volume_id;
         let target = Path::new(&req.target_path);
-        let record = self.staged(id)?.ok_or_else(|| {
-            Error::FailedPrecondition(format!("volume {id} is not staged on this node"))
-        })?;
-        if record.staging_path != Path::new(&req.staging_target_path) {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} is staged at {}, not {}",
-                record.staging_path.display(),
-                req.staging_target_path
-            )));
+        let mut record = self.staged(id)?;
+        let staging = Path::new(&req.staging_target_path);
+        let mounted = self.mounter.is_mountpoint(target);
+        let (source, block) =
+            match decide::publish_step(id, record.as_ref(), staging, target, mounted)? {
+                PublishStep::Done => return Ok(()),
+                PublishStep::Bind { source, block } => (source, block),
+            };
+        if let Some(record) = record.as_mut() {
+            record.targets.insert(target.to_owned());
+            self.journal.put(record)?;
         }
-        if mount::is_mountpoint(target) && record.targets.contains(target) {
-            return Ok(());
-        }
-        use csi::volume_capability::access_mode::Mode;
-        let single_writer = record.access_mode == Mode::SingleNodeSingleWriter as i32;
-        if single_writer && record.targets.iter().any(|t| t != target) {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} is single-writer and already published at {}",
-                record.targets.iter().next().map(|t| t.display().to_string()).unwrap_or_default()
-            )));
-        }
-        let mut record = record;
-        record.targets.insert(target.to_owned());
-        store::write_json(&self.dir, &file_name(id), &record)?;
-        match &record.fs_type {
-            Some(_) => {
-                std::fs::create_dir_all(target)
-                    .map_err(|e| Error::io("create target", target, e))?;
-                mount::bind(&record.staging_path, target, req.readonly).await
+        if block {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| Error::io("create target parent", parent, e))?;
             }
-            None => {
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|e| Error::io("create target parent", parent, e))?;
-                }
-                if !target.exists() {
-                    std::fs::File::create(target)
-                        .map_err(|e| Error::io("create target", target, e))?;
-                }
-                mount::bind(&record.device, target, req.readonly).await
+            if !target.exists() {
+                std::fs::File::create(target).map_err(|e| Error::io("create target", target, e))?;
             }
+        } else {
+            std::fs::create_dir_all(target).map_err(|e| Error::io("create target", target, e))?;
         }
+        self.mounter.bind(&source, target, req.readonly).await
     }
 
     async fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
-        mount::unmount(target).await?;
+        self.mounter.unmount(target).await?;
         if let Some(mut record) = self.staged(id)? {
             if record.targets.remove(target) {
-                store::write_json(&self.dir, &file_name(id), &record)?;
+                self.journal.put(&record)?;
             }
         }
         let removed = if target.is_dir() {
@@ -336,9 +259,9 @@ impl NodeService {
         let expected = self.engine.get_volume(id)?.size;
         device::refresh_size(record.backend, &record.device, &endpoint, id, expected).await?;
         if record.fs_type.is_some() {
-            mount::grow_fs(&record.device, path).await?;
+            self.mounter.grow_fs(&record.device, path).await?;
         }
-        mount::device_size(&record.device).await
+        self.mounter.device_size(&record.device).await
     }
 
     async fn stats(&self, id: &str, path: &Path) -> Result<csi::NodeGetVolumeStatsResponse> {
@@ -348,31 +271,16 @@ impl NodeService {
             return Err(Error::NotFound { what: "volume path", id: path.display().to_string() });
         }
         let record = self.staged(id)?;
-        let condition = match (&record, self.engine.attachment(id)?) {
-            (Some(r), Some(_))
-                if r.backend == Backend::Ublk && !device::ublk::serves(&r.device) =>
-            {
-                csi::VolumeCondition {
-                    abnormal: true,
-                    message: "the ublk device has no server in this plugin".into(),
-                }
-            }
-            (Some(r), Some(_)) if r.device.exists() => {
-                csi::VolumeCondition { abnormal: false, message: "healthy".into() }
-            }
-            (Some(_), Some(_)) => {
-                csi::VolumeCondition { abnormal: true, message: "the kernel device is gone".into() }
-            }
-            (_, None) => csi::VolumeCondition {
-                abnormal: true,
-                message: "the volume is not exported by the daemon".into(),
-            },
-            (None, Some(_)) => {
-                csi::VolumeCondition { abnormal: true, message: "the volume is not staged".into() }
-            }
+        let seen = Seen {
+            attached: self.engine.attachment(id)?.is_some(),
+            device_exists: record.as_ref().is_some_and(|r| r.device.exists()),
+            ublk_unserved: record
+                .as_ref()
+                .is_some_and(|r| r.backend == Backend::Ublk && !device::ublk::serves(&r.device)),
         };
+        let condition = decide::condition(record.is_some(), seen);
         let usage = if path.is_dir() {
-            let u = mount::usage(path)?;
+            let u = self.mounter.usage(path)?;
             vec![
                 csi::VolumeUsage {
                     available: u.bytes_available as i64,
@@ -390,72 +298,10 @@ impl NodeService {
         } else {
             let device =
                 record.as_ref().map(|r| r.device.clone()).unwrap_or_else(|| path.to_owned());
-            let total = mount::device_size(&device).await? as i64;
+            let total = self.mounter.device_size(&device).await? as i64;
             vec![csi::VolumeUsage { available: 0, total, used: 0, unit: Unit::Bytes as i32 }]
         };
         Ok(csi::NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) })
-    }
-}
-
-/// Runs `action` on every staged volume of `backend` with its current export, logging each
-/// outcome (`done`, or `failed` with the error).
-async fn for_each_staged<F, Fut>(
-    engine: &EngineCore,
-    dir: &Path,
-    backend: Backend,
-    (done, failed): (&str, &str),
-    action: F,
-) where
-    F: Fn(Staged, crate::graph::ExportEndpoint) -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
-{
-    let staged = store::read_all::<Staged>(dir, true).unwrap_or_default();
-    for record in staged.into_iter().filter(|r| r.backend == backend) {
-        let (id, device) = (record.volume_id.clone(), record.device.clone());
-        let result = match engine.attachment(&id) {
-            Ok(Some(a)) => action(record, a.endpoint).await,
-            Ok(None) => Err(Error::FailedPrecondition(format!("{id} is not exported"))),
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(()) => tracing::info!(volume = %id, device = %device.display(), "{done}"),
-            Err(e) => tracing::error!(volume = %id, error = %e, "{failed}"),
-        }
-    }
-}
-
-const RECOVERED: (&str, &str) = ("recovered the ublk device", "recovering the ublk device failed");
-const REATTACHED: (&str, &str) =
-    ("re-attached the NBD device", "re-attaching the NBD device failed");
-
-/// At start, takes over the ublk devices a previous run of this plugin served: the kernel has
-/// kept their I/O queued since that process died (user recovery), so their writers see a pause.
-async fn recover_ublk_devices(engine: Arc<EngineCore>, dir: PathBuf) {
-    for_each_staged(&engine, &dir, Backend::Ublk, RECOVERED, |r, endpoint| async move {
-        device::ublk::recover(&endpoint, &r.device).await
-    })
-    .await;
-}
-
-/// After the engine rebuilt exports (the daemon restarted), gives every staged NBD device a new
-/// socket: the kernel has kept its I/O queued meanwhile (dead-connection timeout), so the writer
-/// sees a pause, not an error. FUSE-backed devices cannot survive a daemon restart.
-async fn reattach_after_rebuilds(engine: std::sync::Weak<EngineCore>, dir: PathBuf) {
-    use crate::engine::EngineEvent;
-    use tokio::sync::broadcast::error::RecvError;
-    let Some(mut events) = engine.upgrade().map(|e| e.subscribe()) else { return };
-    loop {
-        match events.recv().await {
-            Ok(EngineEvent::Reconciled { rebuilt, .. }) if rebuilt > 0 => {}
-            Ok(_) | Err(RecvError::Lagged(_)) => continue,
-            Err(RecvError::Closed) => return,
-        }
-        let Some(engine) = engine.upgrade() else { return };
-        for_each_staged(&engine, &dir, Backend::Nbd, REATTACHED, |r, endpoint| async move {
-            // (NBD: the export's size is read from the daemon; no size to wait for.)
-            device::refresh_size(r.backend, &r.device, &endpoint, &r.volume_id, 0).await
-        })
-        .await;
     }
 }
 

@@ -20,7 +20,7 @@ pub mod shorten;
 mod snapshot;
 mod volume;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, RwLock};
 
+use crate::claims::Claims;
 use crate::error::{Error, Result};
 use crate::pool::id::{IdKind, Location, ObjectId};
 use crate::pool::{NodeName, ObjectName, Pool, PoolKind, PoolName, VolumeRecord};
@@ -149,7 +150,9 @@ pub struct EngineCore {
     daemon: Daemon,
     pools: BTreeMap<PoolName, Arc<Pool>>,
     journal: journal::Journal,
-    busy: Arc<Mutex<HashSet<String>>>,
+    busy: Claims,
+    /// Held shared by every operation that adds or removes daemon nodes, exclusive by a
+    /// reconcile, so a reconcile never sees (and sweeps) the half-built graph of one in flight.
     graph: Arc<RwLock<()>>,
     events: broadcast::Sender<EngineEvent>,
     /// Subscribed before the first reconcile; handed to the first subscriber so that events
@@ -208,7 +211,7 @@ impl Engine {
             daemon,
             pools,
             journal,
-            busy: Arc::default(),
+            busy: Claims::default(),
             graph: Arc::default(),
             events,
             first_events: Mutex::new(Some(first_events)),
@@ -252,21 +255,8 @@ async fn supervise(core: Weak<EngineCore>, mut events: mpsc::UnboundedReceiver<E
     }
 }
 
-/// Holds per-object keys; a second holder of any key gets [`Error::Busy`].
-#[derive(Debug)]
-pub struct Guard {
-    busy: Arc<Mutex<HashSet<String>>>,
-    keys: Vec<String>,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        for key in &self.keys {
-            busy.remove(key);
-        }
-    }
-}
+/// The claim an engine operation holds on the objects it touches (see [`crate::claims`]).
+pub type Guard = crate::claims::Claim;
 
 impl EngineCore {
     /// This engine's configuration.
@@ -338,12 +328,7 @@ impl EngineCore {
     }
 
     fn lock(&self, keys: Vec<String>) -> Result<Guard> {
-        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(taken) = keys.iter().find(|k| busy.contains(*k)) {
-            return Err(Error::Busy { id: taken.clone() });
-        }
-        busy.extend(keys.iter().cloned());
-        Ok(Guard { busy: self.busy.clone(), keys })
+        self.busy.take(keys).map_err(|id| Error::Busy { id })
     }
 
     /// The location of new objects in `pool`.

@@ -487,6 +487,21 @@ impl Pool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_volume_record_written_before_the_model_types_loads_and_writes_back_the_same() {
+        // Written by `serde_json::to_string_pretty` at a5d9acb, when records held QMP's types.
+        let old = include_str!("../../tests/fixtures/volume-record-a5d9acb.json");
+        let record: VolumeRecord = serde_json::from_str(old).expect("an old record loads");
+        assert_eq!(record.preallocation, Preallocation::Falloc);
+        assert_eq!(record.qos, Qos { iops_total: 500, bps_read: 10 << 20, ..Qos::default() });
+        assert_eq!(
+            record.labels.get("csi.storage.k8s.io/pvc/name").map(String::as_str),
+            Some("data")
+        );
+        let again = serde_json::to_string_pretty(&record).expect("json");
+        assert_eq!(again, old, "today's code writes the record byte for byte as before");
+    }
+
     fn pool(dir: &Path) -> Pool {
         Pool::open(dir, PoolName::parse("p").expect("name"), PoolKind::Local).expect("open")
     }

@@ -1,0 +1,366 @@
+//! What NodeStage, NodePublish, NodeUnstage and NodeGetVolumeStats decide before (or instead
+//! of) touching the host: pure functions of the request, the staging record and what the
+//! mounter reports, so every branch is tested without root, a daemon or a kernel device.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::csi;
+use super::staging::Staged;
+use crate::error::{Error, Result};
+use qsd_csi_model::params::{self, FS_TYPE};
+
+/// The filesystem a capability asks for: the capability's, else the volume context's (the
+/// class's `fsType`), else ext4; `None` for a block volume.
+pub fn fs_type(
+    capability: &csi::VolumeCapability,
+    context: &HashMap<String, String>,
+) -> Result<Option<String>> {
+    use csi::volume_capability::AccessType;
+    match &capability.access_type {
+        Some(AccessType::Mount(m)) => {
+            let from_context = context.get(FS_TYPE).map(String::as_str).unwrap_or("");
+            let fs = [m.fs_type.as_str(), from_context].into_iter().find(|f| !f.is_empty());
+            let fs = fs.unwrap_or("ext4");
+            params::fs_type("fs_type", fs)?;
+            Ok(Some(fs.to_owned()))
+        }
+        Some(AccessType::Block(_)) => Ok(None),
+        None => Err(Error::invalid("volume_capability", "access type is required")),
+    }
+}
+
+/// What staging has left to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageStep {
+    /// Already staged there: nothing.
+    Done,
+    /// Attach, format if empty, mount.
+    Stage,
+}
+
+/// Whether a volume already `staged` (per its record) at `staging` needs staging; staging it
+/// at another path is ALREADY_EXISTS. A mount volume whose staging mount is gone (a reboot)
+/// is staged again.
+pub fn stage_step(
+    id: &str,
+    staged: Option<&Staged>,
+    staging: &Path,
+    staging_mounted: bool,
+) -> Result<StageStep> {
+    let Some(existing) = staged else { return Ok(StageStep::Stage) };
+    if existing.staging_path != staging {
+        return Err(Error::AlreadyExists {
+            what: "staged volume",
+            name: id.to_owned(),
+            difference: format!("staged at {}", existing.staging_path.display()),
+        });
+    }
+    if existing.fs_type.is_none() || staging_mounted {
+        return Ok(StageStep::Done);
+    }
+    Ok(StageStep::Stage)
+}
+
+/// The options a staging mount gets: the capability's, plus `nouuid` for xfs (a restored
+/// snapshot or a clone carries its source's XFS UUID and could not be mounted beside it).
+pub fn mount_flags(capability: &csi::VolumeCapability, fs: &str) -> Vec<String> {
+    use csi::volume_capability::AccessType;
+    let mut flags = match &capability.access_type {
+        Some(AccessType::Mount(m)) => m.mount_flags.clone(),
+        _ => Vec::new(),
+    };
+    if fs == "xfs" && !flags.iter().any(|f| f == "nouuid") {
+        flags.push("nouuid".into());
+    }
+    flags
+}
+
+/// What publishing has left to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishStep {
+    /// Already published at the target: nothing.
+    Done,
+    /// Bind `source` (the staging mount, or a block volume's device node) onto the target,
+    /// which is a directory for a filesystem and a file for a device.
+    Bind {
+        /// What to bind.
+        source: PathBuf,
+        /// A block volume: the target is a file.
+        block: bool,
+    },
+}
+
+/// Whether and how `target` gets the volume: it must be staged, at the staging path the
+/// request names; a single-writer volume is published at one target only.
+pub fn publish_step(
+    id: &str,
+    staged: Option<&Staged>,
+    staging: &Path,
+    target: &Path,
+    target_mounted: bool,
+) -> Result<PublishStep> {
+    use csi::volume_capability::access_mode::Mode;
+    let record = staged.ok_or_else(|| {
+        Error::FailedPrecondition(format!("volume {id} is not staged on this node"))
+    })?;
+    if record.staging_path != staging {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {id} is staged at {}, not {}",
+            record.staging_path.display(),
+            staging.display()
+        )));
+    }
+    if target_mounted && record.targets.contains(target) {
+        return Ok(PublishStep::Done);
+    }
+    let single_writer = record.access_mode == Mode::SingleNodeSingleWriter as i32;
+    if let Some(other) = record.targets.iter().find(|t| *t != target).filter(|_| single_writer) {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {id} is single-writer and already published at {}",
+            other.display()
+        )));
+    }
+    Ok(match record.fs_type {
+        Some(_) => PublishStep::Bind { source: record.staging_path.clone(), block: false },
+        None => PublishStep::Bind { source: record.device.clone(), block: true },
+    })
+}
+
+/// Refuses to unstage while the volume is used anywhere but its staging path: `users` are the
+/// mounts of its device, and the published targets still mounted (a block volume's bind-mounted
+/// device node shows up as devtmpfs, so the record names those).
+pub fn unstage_blocker(id: &str, record: &Staged, users: &[PathBuf]) -> Result<()> {
+    match users.iter().find(|m| **m != record.staging_path) {
+        Some(user) => Err(Error::FailedPrecondition(format!(
+            "volume {id} is still mounted at {}; unpublish it first",
+            user.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// What the node can see of a volume's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// The daemon exports it.
+    pub attached: bool,
+    /// Its kernel device exists.
+    pub device_exists: bool,
+    /// It is a ublk device with no server in this plugin.
+    pub ublk_unserved: bool,
+}
+
+/// The volume condition NodeGetVolumeStats reports.
+pub fn condition(staged: bool, seen: Seen) -> csi::VolumeCondition {
+    let (abnormal, message) = match (staged, seen.attached) {
+        (true, true) if seen.ublk_unserved => {
+            (true, "the ublk device has no server in this plugin")
+        }
+        (true, true) if seen.device_exists => (false, "healthy"),
+        (true, true) => (true, "the kernel device is gone"),
+        (_, false) => (true, "the volume is not exported by the daemon"),
+        (false, true) => (true, "the volume is not staged"),
+    };
+    csi::VolumeCondition { abnormal, message: message.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Backend;
+    use crate::error::ErrorKind;
+    use csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume};
+
+    fn mount_cap(fs: &str, flags: &[&str]) -> csi::VolumeCapability {
+        csi::VolumeCapability {
+            access_type: Some(AccessType::Mount(csi::volume_capability::MountVolume {
+                fs_type: fs.into(),
+                mount_flags: flags.iter().map(|f| f.to_string()).collect(),
+                ..Default::default()
+            })),
+            access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+        }
+    }
+
+    fn block_cap() -> csi::VolumeCapability {
+        csi::VolumeCapability {
+            access_type: Some(AccessType::Block(BlockVolume {})),
+            access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+        }
+    }
+
+    fn staged(fs: Option<&str>, mode: Mode, targets: &[&str]) -> Staged {
+        Staged {
+            volume_id: "vol:p@n:v".into(),
+            staging_path: "/stage/v".into(),
+            backend: Backend::Nbd,
+            device: "/dev/nbd3".into(),
+            fs_type: fs.map(str::to_owned),
+            access_mode: mode as i32,
+            targets: targets.iter().map(PathBuf::from).collect(),
+        }
+    }
+
+    fn kind<T: std::fmt::Debug>(r: Result<T>) -> std::result::Result<T, ErrorKind> {
+        r.map_err(|e| e.kind())
+    }
+
+    #[test]
+    fn the_filesystem_comes_from_the_capability_then_the_class_then_ext4() {
+        let ctx = |fs: &str| HashMap::from([(FS_TYPE.to_owned(), fs.to_owned())]);
+        let none = HashMap::new();
+        type Case<'a> = (
+            &'a str,
+            csi::VolumeCapability,
+            HashMap<String, String>,
+            Result<Option<&'a str>, ErrorKind>,
+        );
+        let cases: [Case; 6] = [
+            ("capability wins", mount_cap("xfs", &[]), ctx("ext4"), Ok(Some("xfs"))),
+            ("the class's fsType", mount_cap("", &[]), ctx("xfs"), Ok(Some("xfs"))),
+            ("ext4 by default", mount_cap("", &[]), none.clone(), Ok(Some("ext4"))),
+            ("block has none", block_cap(), ctx("xfs"), Ok(None)),
+            ("unknown fs", mount_cap("btrfs", &[]), none.clone(), Err(ErrorKind::InvalidArgument)),
+            (
+                "no access type",
+                csi::VolumeCapability::default(),
+                none,
+                Err(ErrorKind::InvalidArgument),
+            ),
+        ];
+        for (what, cap, context, expected) in cases {
+            let got = kind(fs_type(&cap, &context));
+            assert_eq!(got.as_ref().map(|f| f.as_deref()), expected.as_ref().map(|f| *f), "{what}");
+        }
+    }
+
+    #[test]
+    fn stage_decisions() {
+        let at = Path::new("/stage/v");
+        let mounted = staged(Some("ext4"), Mode::SingleNodeWriter, &[]);
+        let block = staged(None, Mode::SingleNodeWriter, &[]);
+        type Case<'a> = (&'a str, Option<&'a Staged>, &'a Path, bool, Result<StageStep, ErrorKind>);
+        let cases: [Case; 5] = [
+            ("not staged yet", None, at, false, Ok(StageStep::Stage)),
+            ("staged and mounted: idempotent", Some(&mounted), at, true, Ok(StageStep::Done)),
+            (
+                "record but mount gone (reboot): stage again",
+                Some(&mounted),
+                at,
+                false,
+                Ok(StageStep::Stage),
+            ),
+            ("a block volume has no staging mount", Some(&block), at, false, Ok(StageStep::Done)),
+            (
+                "staged elsewhere",
+                Some(&mounted),
+                Path::new("/other"),
+                true,
+                Err(ErrorKind::AlreadyExists),
+            ),
+        ];
+        for (what, record, path, is_mounted, expected) in cases {
+            assert_eq!(kind(stage_step("vol:p@n:v", record, path, is_mounted)), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn xfs_mounts_get_nouuid_once_and_flags_are_kept() {
+        assert_eq!(mount_flags(&mount_cap("xfs", &["noatime"]), "xfs"), ["noatime", "nouuid"]);
+        assert_eq!(mount_flags(&mount_cap("xfs", &["nouuid"]), "xfs"), ["nouuid"]);
+        assert_eq!(mount_flags(&mount_cap("ext4", &["ro"]), "ext4"), ["ro"]);
+        assert!(mount_flags(&block_cap(), "ext4").is_empty());
+    }
+
+    #[test]
+    fn publish_decisions() {
+        let (stage, t1, t2) = (Path::new("/stage/v"), Path::new("/t/1"), Path::new("/t/2"));
+        let fs = staged(Some("ext4"), Mode::SingleNodeWriter, &["/t/1"]);
+        let fresh = staged(Some("ext4"), Mode::SingleNodeWriter, &[]);
+        let block = staged(None, Mode::SingleNodeMultiWriter, &["/t/1"]);
+        let single = staged(Some("xfs"), Mode::SingleNodeSingleWriter, &["/t/1"]);
+        let bind_fs = PublishStep::Bind { source: "/stage/v".into(), block: false };
+        let bind_dev = PublishStep::Bind { source: "/dev/nbd3".into(), block: true };
+        type Case<'a> =
+            (&'a str, Option<&'a Staged>, &'a Path, &'a Path, bool, Result<PublishStep, ErrorKind>);
+        let cases: Vec<Case> = vec![
+            ("not staged", None, stage, t1, false, Err(ErrorKind::FailedPrecondition)),
+            (
+                "staged at another path",
+                Some(&fs),
+                Path::new("/x"),
+                t1,
+                false,
+                Err(ErrorKind::FailedPrecondition),
+            ),
+            (
+                "first target: bind the staging mount",
+                Some(&fresh),
+                stage,
+                t1,
+                false,
+                Ok(bind_fs.clone()),
+            ),
+            ("same target, mounted: idempotent", Some(&fs), stage, t1, true, Ok(PublishStep::Done)),
+            (
+                "same target, mount gone: bind again",
+                Some(&fs),
+                stage,
+                t1,
+                false,
+                Ok(bind_fs.clone()),
+            ),
+            ("a second target of a multi-reader volume", Some(&fs), stage, t2, false, Ok(bind_fs)),
+            ("block: bind the device node", Some(&block), stage, t2, false, Ok(bind_dev)),
+            (
+                "single-writer at a second target",
+                Some(&single),
+                stage,
+                t2,
+                false,
+                Err(ErrorKind::FailedPrecondition),
+            ),
+        ];
+        for (what, record, staging, target, mounted, expected) in cases {
+            assert_eq!(
+                kind(publish_step("vol:p@n:v", record, staging, target, mounted)),
+                expected,
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn unstage_waits_for_every_publish_to_go() {
+        let record = staged(Some("ext4"), Mode::SingleNodeWriter, &[]);
+        let only_staging = [PathBuf::from("/stage/v")];
+        assert!(unstage_blocker("v", &record, &only_staging).is_ok());
+        assert!(unstage_blocker("v", &record, &[]).is_ok());
+        let still = [PathBuf::from("/stage/v"), PathBuf::from("/t/1")];
+        let e = unstage_blocker("v", &record, &still).expect_err("published");
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+        assert!(e.to_string().contains("/t/1"), "{e}");
+    }
+
+    #[test]
+    fn volume_conditions() {
+        let seen = |attached, device_exists, ublk_unserved| Seen {
+            attached,
+            device_exists,
+            ublk_unserved,
+        };
+        let cases = [
+            (true, seen(true, true, false), false, "healthy"),
+            (true, seen(true, true, true), true, "the ublk device has no server in this plugin"),
+            (true, seen(true, false, false), true, "the kernel device is gone"),
+            (true, seen(false, true, false), true, "the volume is not exported by the daemon"),
+            (false, seen(false, false, false), true, "the volume is not exported by the daemon"),
+            (false, seen(true, false, false), true, "the volume is not staged"),
+        ];
+        for (is_staged, s, abnormal, message) in cases {
+            let c = condition(is_staged, s);
+            assert_eq!((c.abnormal, c.message.as_str()), (abnormal, message), "{s:?}");
+        }
+    }
+}
