@@ -121,3 +121,35 @@ async fn agents_are_the_scheduled_node_pods_with_an_address_and_follow_the_listi
     assert_eq!(agents.node("w9").expect_err("no such node").code(), tonic::Code::NotFound);
     server.await.expect("the mock server saw every request");
 }
+
+#[tokio::test(start_paused = true)]
+async fn background_work_is_owned_runs_until_stopped_and_is_joined() {
+    use qsd_csi_controller::events::Events;
+    use qsd_csi_controller::run::Background;
+    use std::sync::Arc;
+    // One refresh, REFRESH after the start: a node listing and a pod listing.
+    let (client, server) = api_server(2, vec![pod("a", "w1", Some("127.0.0.1"), false)]);
+    let agents = Agents::new(BTreeMap::new(), None);
+    let (connected_tx, mut connected) = tokio::sync::mpsc::unbounded_channel();
+    let connect = Arc::new(move |node: &str, _: SocketAddr| {
+        let _ = connected_tx.send(node.to_owned());
+        // Nothing listens there: the relay's watch fails and retries, on loopback only.
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        Ok(NodeAgent::Remote(qsd_csi_proto::agent::agent_client::AgentClient::new(channel)))
+    });
+    let mut background = Background::new();
+    background.discover(discovery(), client, agents.clone(), BTreeMap::new(), connect);
+    let leading = background.lead_alone();
+    background.relay(agents.clone(), Events::log_only(), leading);
+    assert_eq!(background.running(), ["discovery", "relay"]);
+    assert!(agents.nodes().is_empty(), "nothing listed before the first refresh");
+    // The refresh finds w1 (its agent is connected during the refresh)...
+    assert_eq!(connected.recv().await.as_deref(), Some("w1"));
+    // ...and stopping waits for the tasks: the refresh in flight completes, then both end.
+    tokio::time::timeout(std::time::Duration::from_secs(60), background.stop())
+        .await
+        .expect("every background task ends when stopped");
+    let names: Vec<String> = agents.nodes().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["w1"]);
+    server.await.expect("the mock server saw both requests");
+}
