@@ -43,20 +43,17 @@ pub fn sign_node(
 /// Runs one client command against `endpoint`; the error is what to tell the user.
 pub async fn run(endpoint: &str, command: Command) -> Result<(), String> {
     let socket = crate::calls::socket_path(endpoint)?;
-    let mut c = crate::calls::Clients::connect(&socket).await.map_err(|e| {
+    let clients = crate::calls::Clients::connect(&socket).await.map_err(|e| {
         format!("cannot reach {endpoint}: {e}\n  hint: start the driver with `qsd-csi standalone`")
     })?;
-    fn fail<'a>(what: &'a str, endpoint: &'a str) -> impl Fn(tonic::Status) -> String + 'a {
-        move |s| cli::explain(what, &s, endpoint)
-    }
-    let size = |s: &str| cli::parse_size(s);
+    let mut s = Session { c: clients, endpoint };
     match command {
         Command::Standalone(_) | Command::Node(_) | Command::Controller(_) | Command::Certs(_) => {
-            return Err("not a client command".into())
+            Err("not a client command".into())
         }
         Command::Volume(VolumeCmd::Create {
             name,
-            size: sz,
+            size,
             pool,
             preallocation,
             from_snapshot,
@@ -66,135 +63,26 @@ pub async fn run(endpoint: &str, command: Command) -> Result<(), String> {
             parameters.extend(pool.map(|p| ("pool".to_owned(), p)));
             parameters.extend(preallocation.map(|p| ("preallocation".to_owned(), p)));
             let source = from_snapshot.map(|id| Type::Snapshot(SnapshotSource { snapshot_id: id }));
-            let v = cli::create_volume(
-                &mut c,
-                NewVolume { name, size: Some(size(&sz)?), parameters, source },
-            )
-            .await
-            .map_err(fail("volume create", endpoint))?;
-            print_volumes(&[VolumeView::new(&v, Vec::new())], output, false)?;
+            let new = NewVolume { name, size: Some(cli::parse_size(&size)?), parameters, source };
+            s.create(new, "volume create", output).await
         }
-        Command::Volume(VolumeCmd::List { output }) => {
-            let mut token = String::new();
-            let mut views = Vec::new();
-            loop {
-                let page = c
-                    .controller
-                    .list_volumes(csi::ListVolumesRequest {
-                        max_entries: 100,
-                        starting_token: token,
-                    })
-                    .await
-                    .map_err(fail("volume list", endpoint))?
-                    .into_inner();
-                for e in page.entries {
-                    let published = e.status.map(|s| s.published_node_ids).unwrap_or_default();
-                    views.push(VolumeView::new(&e.volume.unwrap_or_default(), published));
-                }
-                if page.next_token.is_empty() {
-                    break;
-                }
-                token = page.next_token;
-            }
-            print_volumes(&views, output, true)?;
-        }
-        Command::Volume(VolumeCmd::Delete { volume }) => {
-            c.controller
-                .delete_volume(csi::DeleteVolumeRequest {
-                    volume_id: volume.clone(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(fail("volume delete", endpoint))?;
-            println!("deleted {volume}");
-        }
+        Command::Volume(VolumeCmd::List { output }) => s.volume_list(output).await,
+        Command::Volume(VolumeCmd::Delete { volume }) => s.volume_delete(volume).await,
         Command::Snapshot(SnapshotCmd::Create { volume, name, output }) => {
-            let s = c
-                .controller
-                .create_snapshot(csi::CreateSnapshotRequest {
-                    source_volume_id: volume,
-                    name,
-                    ..Default::default()
-                })
-                .await
-                .map_err(fail("snapshot create", endpoint))?
-                .into_inner()
-                .snapshot
-                .unwrap_or_default();
-            print_snapshots(&[SnapshotView::new(&s)], output, false)?;
+            s.snapshot_create(volume, name, output).await
         }
         Command::Snapshot(SnapshotCmd::List { volume, output }) => {
-            let mut token = String::new();
-            let mut views = Vec::new();
-            loop {
-                let page = c
-                    .controller
-                    .list_snapshots(csi::ListSnapshotsRequest {
-                        source_volume_id: volume.clone().unwrap_or_default(),
-                        max_entries: 100,
-                        starting_token: token,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(fail("snapshot list", endpoint))?
-                    .into_inner();
-                views.extend(page.entries.iter().map(|e| {
-                    SnapshotView::new(e.snapshot.as_ref().unwrap_or(&Default::default()))
-                }));
-                if page.next_token.is_empty() {
-                    break;
-                }
-                token = page.next_token;
-            }
-            print_snapshots(&views, output, true)?;
+            s.snapshot_list(volume.unwrap_or_default(), output).await
         }
-        Command::Snapshot(SnapshotCmd::Delete { snapshot }) => {
-            c.controller
-                .delete_snapshot(csi::DeleteSnapshotRequest {
-                    snapshot_id: snapshot.clone(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(fail("snapshot delete", endpoint))?;
-            println!("deleted {snapshot}");
-        }
-        Command::Clone { source, name, size: sz, output } => {
-            let size = sz.as_deref().map(size).transpose()?;
+        Command::Snapshot(SnapshotCmd::Delete { snapshot }) => s.snapshot_delete(snapshot).await,
+        Command::Clone { source, name, size, output } => {
+            let size = size.as_deref().map(cli::parse_size).transpose()?;
             let source = Some(Type::Volume(VolumeSource { volume_id: source }));
-            let v = cli::create_volume(
-                &mut c,
-                NewVolume { name, size, parameters: Default::default(), source },
-            )
-            .await
-            .map_err(fail("clone", endpoint))?;
-            print_volumes(&[VolumeView::new(&v, Vec::new())], output, false)?;
+            let new = NewVolume { name, size, parameters: Default::default(), source };
+            s.create(new, "clone", output).await
         }
-        Command::Expand { volume, size: sz, staging_dir } => {
-            let r = c
-                .controller
-                .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                    volume_id: volume.clone(),
-                    capacity_range: Some(csi::CapacityRange {
-                        required_bytes: size(&sz)?,
-                        limit_bytes: 0,
-                    }),
-                    ..Default::default()
-                })
-                .await
-                .map_err(fail("expand", endpoint))?
-                .into_inner();
-            let staging = cli::staging_path(&staging_dir, &volume);
-            if r.node_expansion_required && qsd_node::mount::is_mountpoint(&staging) {
-                c.node
-                    .node_expand_volume(csi::NodeExpandVolumeRequest {
-                        volume_id: volume.clone(),
-                        volume_path: staging.display().to_string(),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(fail("expand on this node", endpoint))?;
-            }
-            println!("{volume}\t{}", cli::human(r.capacity_bytes));
+        Command::Expand { volume, size, staging_dir } => {
+            s.expand(volume, cli::parse_size(&size)?, &staging_dir).await
         }
         Command::Publish { volume, path, block, fs_type, read_only, context, staging_dir } => {
             let context = context
@@ -206,19 +94,141 @@ pub async fn run(endpoint: &str, command: Command) -> Result<(), String> {
                 })
                 .collect::<Result<_, String>>()?;
             let options = cli::PublishOptions { block, fs_type, read_only, context };
-            cli::publish(&mut c, &staging_dir, &volume, &path, &options)
+            cli::publish(&mut s.c, &staging_dir, &volume, &path, &options)
                 .await
-                .map_err(fail("publish", endpoint))?;
+                .map_err(s.fail("publish"))?;
             println!("published {volume} at {}", path.display());
+            Ok(())
         }
         Command::Unpublish { volume, path, staging_dir } => {
-            cli::unpublish(&mut c, &staging_dir, &volume, &path)
+            cli::unpublish(&mut s.c, &staging_dir, &volume, &path)
                 .await
-                .map_err(fail("unpublish", endpoint))?;
+                .map_err(s.fail("unpublish"))?;
             println!("unpublished {volume} from {}", path.display());
+            Ok(())
         }
     }
-    Ok(())
+}
+
+/// The clients of one endpoint, for one command.
+struct Session<'a> {
+    c: crate::calls::Clients,
+    endpoint: &'a str,
+}
+
+impl Session<'_> {
+    /// A failed call as the message for the user, with a hint.
+    fn fail<'s>(&'s self, what: &'s str) -> impl Fn(tonic::Status) -> String + 's {
+        move |status| cli::explain(what, &status, self.endpoint)
+    }
+
+    async fn create(&mut self, new: NewVolume, what: &str, output: Output) -> Result<(), String> {
+        let v = cli::create_volume(&mut self.c, new).await.map_err(self.fail(what))?;
+        print_volumes(&[VolumeView::new(&v, Vec::new())], output, false)
+    }
+
+    async fn volume_list(&mut self, output: Output) -> Result<(), String> {
+        let mut token = String::new();
+        let mut views = Vec::new();
+        loop {
+            let request = csi::ListVolumesRequest { max_entries: 100, starting_token: token };
+            let page = self.c.controller.list_volumes(request).await;
+            let page = page.map_err(self.fail("volume list"))?.into_inner();
+            for e in page.entries {
+                let published = e.status.map(|s| s.published_node_ids).unwrap_or_default();
+                views.push(VolumeView::new(&e.volume.unwrap_or_default(), published));
+            }
+            if page.next_token.is_empty() {
+                break;
+            }
+            token = page.next_token;
+        }
+        print_volumes(&views, output, true)
+    }
+
+    async fn volume_delete(&mut self, volume: String) -> Result<(), String> {
+        let request = csi::DeleteVolumeRequest { volume_id: volume.clone(), ..Default::default() };
+        self.c.controller.delete_volume(request).await.map_err(self.fail("volume delete"))?;
+        println!("deleted {volume}");
+        Ok(())
+    }
+
+    async fn snapshot_create(
+        &mut self,
+        volume: String,
+        name: String,
+        output: Output,
+    ) -> Result<(), String> {
+        let request =
+            csi::CreateSnapshotRequest { source_volume_id: volume, name, ..Default::default() };
+        let taken = self.c.controller.create_snapshot(request).await;
+        let s = taken.map_err(self.fail("snapshot create"))?.into_inner().snapshot;
+        print_snapshots(&[SnapshotView::new(&s.unwrap_or_default())], output, false)
+    }
+
+    async fn snapshot_list(&mut self, volume: String, output: Output) -> Result<(), String> {
+        let mut token = String::new();
+        let mut views = Vec::new();
+        loop {
+            let request = csi::ListSnapshotsRequest {
+                source_volume_id: volume.clone(),
+                max_entries: 100,
+                starting_token: token,
+                ..Default::default()
+            };
+            let page = self.c.controller.list_snapshots(request).await;
+            let page = page.map_err(self.fail("snapshot list"))?.into_inner();
+            views.extend(
+                page.entries
+                    .iter()
+                    .map(|e| SnapshotView::new(e.snapshot.as_ref().unwrap_or(&Default::default()))),
+            );
+            if page.next_token.is_empty() {
+                break;
+            }
+            token = page.next_token;
+        }
+        print_snapshots(&views, output, true)
+    }
+
+    async fn snapshot_delete(&mut self, snapshot: String) -> Result<(), String> {
+        let request =
+            csi::DeleteSnapshotRequest { snapshot_id: snapshot.clone(), ..Default::default() };
+        self.c.controller.delete_snapshot(request).await.map_err(self.fail("snapshot delete"))?;
+        println!("deleted {snapshot}");
+        Ok(())
+    }
+
+    /// Grows the volume; if `qsd-csi publish` staged it here, its device and filesystem too.
+    async fn expand(
+        &mut self,
+        volume: String,
+        size: i64,
+        staging_dir: &Path,
+    ) -> Result<(), String> {
+        let request = csi::ControllerExpandVolumeRequest {
+            volume_id: volume.clone(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: size, limit_bytes: 0 }),
+            ..Default::default()
+        };
+        let grown = self.c.controller.controller_expand_volume(request).await;
+        let r = grown.map_err(self.fail("expand"))?.into_inner();
+        let staging = cli::staging_path(staging_dir, &volume);
+        if r.node_expansion_required && qsd_node::mount::is_mountpoint(&staging) {
+            let request = csi::NodeExpandVolumeRequest {
+                volume_id: volume.clone(),
+                volume_path: staging.display().to_string(),
+                ..Default::default()
+            };
+            self.c
+                .node
+                .node_expand_volume(request)
+                .await
+                .map_err(self.fail("expand on this node"))?;
+        }
+        println!("{volume}\t{}", cli::human(r.capacity_bytes));
+        Ok(())
+    }
 }
 
 fn print_volumes(views: &[VolumeView], format: Output, list: bool) -> Result<(), String> {

@@ -19,7 +19,7 @@ pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Result<String> {
             program: program.into(),
             stderr: format!("timed out after {} s", TIMEOUT.as_secs()),
         })?
-        .map_err(|e| Error::Command { program: program.into(), stderr: e.to_string() })?;
+        .map_err(|source| Error::Spawn { program: program.into(), source })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
         let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
@@ -29,4 +29,28 @@ pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Result<String> {
         });
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_program_that_cannot_start_keeps_the_os_error_as_its_cause() {
+        let e = run("qsd-csi-no-such-program", &["x"]).await.expect_err("not installed");
+        assert!(
+            matches!(&e, Error::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+        );
+        let message = e.with_causes();
+        assert!(
+            message.starts_with("command qsd-csi-no-such-program could not be run: "),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_program_reports_its_stderr() {
+        let e = run("sh", &["-c", "echo broken >&2; exit 3"]).await.expect_err("fails");
+        assert!(matches!(&e, Error::Command { stderr, .. } if stderr == "broken"), "{e}");
+    }
 }

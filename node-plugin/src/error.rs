@@ -139,6 +139,15 @@ pub enum Error {
         /// Its standard error, trimmed.
         stderr: String,
     },
+    /// An external command could not be started at all.
+    #[error("command {program} could not be run")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why (not installed, not executable, ...).
+        #[source]
+        source: std::io::Error,
+    },
     /// The daemon's state contradicts ours in a way we cannot repair.
     #[error("inconsistent state: {0}")]
     Inconsistent(String),
@@ -218,6 +227,7 @@ impl Error {
             | Error::Io { .. }
             | Error::Metadata { .. }
             | Error::Command { .. }
+            | Error::Spawn { .. }
             | Error::Inconsistent(_) => ErrorKind::Internal,
         }
     }
@@ -284,6 +294,7 @@ mod tests {
             (Error::DaemonStart { reason: "x".into(), source: None }, ErrorKind::Unavailable),
             (Error::io("read", "/x", io()), ErrorKind::Internal),
             (Error::Command { program: "p".into(), stderr: "e".into() }, ErrorKind::Internal),
+            (Error::Spawn { program: "p".into(), source: io() }, ErrorKind::Internal),
             (Error::Inconsistent("x".into()), ErrorKind::Internal),
             (Error::Transport(io().into()), ErrorKind::Unavailable),
             (Error::tls("x", io()), ErrorKind::Unavailable),

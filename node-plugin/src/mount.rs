@@ -182,7 +182,7 @@ pub async fn grow_unmounted_ext(device: &Path, fs_type: &str) -> Result<bool> {
         .stderr(std::process::Stdio::null())
         .status()
         .await
-        .map_err(|e| Error::Command { program: "e2fsck".into(), stderr: e.to_string() })?;
+        .map_err(|source| Error::Spawn { program: "e2fsck".into(), source })?;
     if status.code().is_none_or(|c| c > 1) {
         return Err(Error::FailedPrecondition(format!(
             "{} needs a filesystem check before it can grow (e2fsck -f -p: {status})",

@@ -20,7 +20,8 @@ pub async fn connect_unix(socket: &Path) -> Result<Channel, tonic::transport::Er
 }
 
 /// Listens on a unix socket at `path`, readable and writable by its owner only (0600). The
-/// directory is created; a socket left by a killed process is removed first.
+/// directory is created; a socket left by a killed process is removed first. The socket file
+/// appears only once it accepts connections.
 pub fn listen_unix(path: &Path) -> Result<tokio::net::UnixListener, TransportError> {
     use std::os::unix::fs::PermissionsExt;
     let io = |op: &'static str, at: &Path| {
@@ -35,9 +36,16 @@ pub fn listen_unix(path: &Path) -> Result<tokio::net::UnixListener, TransportErr
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io("remove a stale socket", path)(e)),
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(io("listen on", path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(io("restrict", path))?;
+    // Bound and listening under a temporary name, then renamed into place: whoever sees the
+    // socket file can connect (between bind and listen a client would be refused).
+    let mut staged = path.as_os_str().to_owned();
+    staged.push(format!(".{}.tmp", std::process::id()));
+    let staged = std::path::PathBuf::from(staged);
+    let _ = std::fs::remove_file(&staged);
+    let listener = tokio::net::UnixListener::bind(&staged).map_err(io("listen on", &staged))?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("restrict", &staged))?;
+    std::fs::rename(&staged, path).map_err(io("put in place the socket", path))?;
     Ok(listener)
 }
 
@@ -141,6 +149,12 @@ mod tests {
         let _second = listen_unix(&path).expect("listen again");
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("sub"))
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, ["csi.sock"], "no temporary name left behind");
         connect_unix(&path).await.expect("connect");
     }
 }
