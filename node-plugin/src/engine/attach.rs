@@ -73,7 +73,7 @@ impl EngineCore {
                 endpoint: existing.endpoint,
             });
         }
-        let _graph = self.graph.read().await;
+        let _graph = self.graph.change().await;
         let endpoint = ExportEndpoint { writethrough, ..self.endpoint_for(record.uid, kind) };
         let attachment = AttachmentRecord {
             volume_id: volume_id.to_owned(),
@@ -138,7 +138,7 @@ impl EngineCore {
         let Some(attachment) = self.journal.get(record.uid) else {
             return Ok(());
         };
-        let _graph = self.graph.read().await;
+        let _graph = self.graph.change().await;
         let chain = pool.chain(record.head)?;
         graph::detach(&self.daemon.qmp(), &Names::new(record.uid.to_string()), &chain).await?;
         if attachment.endpoint.kind != ExportKind::Nbd {
@@ -195,7 +195,7 @@ impl EngineCore {
         if bytes > 0 && step == 0 {
             return Err(Error::invalid("step", "must be greater than zero"));
         }
-        let _graph = self.graph.read().await;
+        let _graph = self.graph.change().await;
         let names = Names::new(record.uid.to_string());
         graph::arm_write_threshold(&self.daemon.qmp(), &names, record.head, bytes).await?;
         attachment.threshold = (bytes > 0).then_some(ThresholdRecord { armed_at: bytes, step });
@@ -227,7 +227,7 @@ impl EngineCore {
         let Some(uid) = node.get(2..14).and_then(|s| LayerId::parse(s).ok()) else {
             return;
         };
-        let _graph = self.graph.read().await;
+        let _graph = self.graph.change().await;
         if let Err(e) = self.threshold_crossed(uid, threshold, exceeded, false).await {
             tracing::error!(error = %e, node, "re-arming a write threshold failed");
         }
@@ -272,7 +272,7 @@ impl EngineCore {
     /// missing ones, detects thresholds that fired while we were away, and removes nodes,
     /// exports and throttle groups of ours that nothing records.
     pub(super) async fn reconcile(&self, origin: Origin) -> Result<()> {
-        let _graph = self.graph.write().await;
+        let _graph = self.graph.reconcile().await;
         let qmp = self.daemon.qmp();
         let nodes = graph::named_nodes(&qmp).await?;
         let thresholds: HashMap<String, u64> =

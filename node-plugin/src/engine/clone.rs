@@ -61,7 +61,7 @@ impl EngineCore {
                 "a linked restore would have {depth} layers, over the limit of {max_chain_depth}; clone the volume instead"
             )));
         }
-        let _graph = self.graph.read().await;
+        let _graph = self.graph.change().await;
         let head =
             NewHead { size, backing: Some(snapshot.layer), preallocation: Preallocation::Off };
         self.create_with_head(&pool, request, head, max_chain_depth, source).await
@@ -122,7 +122,7 @@ impl EngineCore {
         let PreparedClone { pool, source_record, size, source, max_chain_depth, guard: _guard } =
             prepared;
         let source_id = request.source_id();
-        let _graph = self.graph.read().await;
+        let _graph = self.graph.change().await;
         while pool.chain(source_record.head)?.len() + 1 > source_record.max_chain_depth as usize {
             if !self.shorten_once(&pool, &source_record.name).await? {
                 return Err(Error::ResourceExhausted(format!(
@@ -176,7 +176,7 @@ impl EngineCore {
             ClonePlan::New(p) => p,
         };
         let PreparedClone { pool, source_record, size, source, max_chain_depth, guard } = prepared;
-        let graph_guard = self.graph.clone().read_owned().await;
+        let graph_guard = self.graph.change().await;
         let qmp = self.daemon.qmp();
         let target = LayerId::random();
         let image = NewImage {
@@ -282,7 +282,7 @@ struct Running {
     record: VolumeRecord,
     open: OpenNodes,
     _guard: Guard,
-    _graph: tokio::sync::OwnedRwLockReadGuard<()>,
+    _graph: super::GraphChange,
 }
 
 enum CloneState {

@@ -151,9 +151,7 @@ pub struct EngineCore {
     pools: BTreeMap<PoolName, Arc<Pool>>,
     journal: journal::Journal,
     busy: Claims,
-    /// Held shared by every operation that adds or removes daemon nodes, exclusive by a
-    /// reconcile, so a reconcile never sees (and sweeps) the half-built graph of one in flight.
-    graph: Arc<RwLock<()>>,
+    graph: GraphGate,
     events: broadcast::Sender<EngineEvent>,
     /// Subscribed before the first reconcile; handed to the first subscriber so that events
     /// found while opening (thresholds that fired while we were away) are not lost.
@@ -212,7 +210,7 @@ impl Engine {
             pools,
             journal,
             busy: Claims::default(),
-            graph: Arc::default(),
+            graph: GraphGate::default(),
             events,
             first_events: Mutex::new(Some(first_events)),
         });
@@ -252,6 +250,27 @@ async fn supervise(core: Weak<EngineCore>, mut events: mpsc::UnboundedReceiver<E
                 }
             }
         }
+    }
+}
+
+/// Who may change the daemon's node graph: every operation that adds or removes nodes holds it
+/// shared, a reconcile holds it exclusive, so a reconcile never sees (and sweeps away) the
+/// half-built graph of an operation in flight.
+#[derive(Debug, Clone, Default)]
+pub struct GraphGate(Arc<RwLock<()>>);
+
+/// Held while an operation changes the graph (see [`GraphGate`]).
+pub type GraphChange = tokio::sync::OwnedRwLockReadGuard<()>;
+
+impl GraphGate {
+    /// Waits until no reconcile runs; holds others off a reconcile while it lives.
+    pub async fn change(&self) -> GraphChange {
+        self.0.clone().read_owned().await
+    }
+
+    /// Waits until no operation changes the graph; holds them off while it lives.
+    pub async fn reconcile(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.0.clone().write_owned().await
     }
 }
 

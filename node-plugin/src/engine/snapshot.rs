@@ -85,7 +85,7 @@ impl EngineCore {
             return Err(Error::invalid("snapshots", "a volume or snapshot name appears twice"));
         }
         let _guard = self.lock(keys)?;
-        let _graph = self.graph.read().await;
+        let _graph = self.graph.change().await;
         let mut done = Vec::new();
         let mut planned = Vec::new();
         for (pool, parsed, name) in resolved {
@@ -219,7 +219,7 @@ impl EngineCore {
             else {
                 continue; // busy: its own operation will shorten later
             };
-            let _graph = self.graph.read().await;
+            let _graph = self.graph.change().await;
             while pool.volume(&volume.name).is_some_and(|v| {
                 pool.chain(v.head).map(|c| c.len() > v.max_chain_depth as usize).unwrap_or(false)
             }) {

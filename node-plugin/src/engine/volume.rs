@@ -152,7 +152,7 @@ impl EngineCore {
                 )));
             }
         }
-        let _graph = self.graph.read().await;
+        let _graph = self.graph.change().await;
         let head = NewHead { size, backing: None, preallocation: request.preallocation };
         self.create_with_head(&pool, request, head, max_chain_depth, None).await
     }
@@ -255,7 +255,7 @@ impl EngineCore {
             return Ok(size);
         }
         self.held_here(&pool, &record, id)?;
-        let _graph = self.graph.read().await;
+        let _graph = self.graph.change().await;
         let qmp = self.daemon.qmp();
         let chain = pool.chain(record.head)?;
         if let Some(attachment) = self.journal.get(record.uid) {
@@ -273,7 +273,7 @@ impl EngineCore {
         let (pool, parsed, record) = self.resolve_volume(id)?;
         let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
         self.held_here(&pool, &record, id)?;
-        let _graph = self.graph.read().await;
+        let _graph = self.graph.change().await;
         if self.journal.get(record.uid).is_some() {
             let names = Names::new(record.uid.to_string());
             graph::set_limits(&self.daemon.qmp(), &names, qos).await?;
