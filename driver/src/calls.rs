@@ -136,29 +136,36 @@ pub async fn create_volume(
         ..Default::default()
     };
     let is_clone = matches!(new.source, Some(csi::volume_content_source::Type::Volume(_)));
-    // On a terminal a clone shows a spinner with the time it has taken; elsewhere (a pipe, a
-    // log) nothing is drawn.
-    let bar = if is_clone { progress_spinner(&new.name) } else { ProgressBar::hidden() };
-    let started = Instant::now();
-    let response = clients.controller.clone().create_volume(req).await;
-    if response.is_ok() && !bar.is_hidden() {
-        let took = started.elapsed().as_secs_f64();
-        bar.finish_with_message(format!("cloned into {} in {took:.1} s", new.name));
-    } else {
-        bar.finish_and_clear();
-    }
+    let mut controller = clients.controller.clone();
+    let call = controller.create_volume(req);
+    let response = match is_clone {
+        true => with_spinner(format!("cloning into {}: copying", new.name), call).await,
+        false => call.await,
+    };
     response?.into_inner().volume.ok_or_else(|| tonic::Status::internal("no volume in the reply"))
 }
 
-/// A spinner on standard error for a long call, drawn only on a terminal.
-fn progress_spinner(name: &str) -> ProgressBar {
+/// Awaits `work` with a spinner on standard error saying `doing` and the time taken, drawn only
+/// on a terminal (a pipe or a log gets nothing): for clones and other calls that can take long.
+pub async fn with_spinner<T, E>(
+    doing: String,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}]") {
         bar.set_style(style);
     }
-    bar.set_message(format!("cloning into {name}: copying"));
+    bar.set_message(doing.clone());
     bar.enable_steady_tick(Duration::from_millis(120));
-    bar
+    let started = Instant::now();
+    let result = work.await;
+    if result.is_ok() && !bar.is_hidden() {
+        let took = started.elapsed().as_secs_f64();
+        bar.finish_with_message(format!("{doing}: done in {took:.1} s"));
+    } else {
+        bar.finish_and_clear();
+    }
+    result
 }
 
 /// Where the CLI stages a volume before publishing it to a path.

@@ -94,9 +94,9 @@ pub async fn run(endpoint: &str, command: Command) -> Result<(), String> {
                 })
                 .collect::<Result<_, String>>()?;
             let options = cli::PublishOptions { block, fs_type, read_only, context };
-            cli::publish(&mut s.c, &staging_dir, &volume, &path, &options)
-                .await
-                .map_err(s.fail("publish"))?;
+            let staging = cli::publish(&mut s.c, &staging_dir, &volume, &path, &options);
+            let doing = format!("publishing {volume} (attach, format if empty, mount)");
+            cli::with_spinner(doing, staging).await.map_err(s.fail("publish"))?;
             println!("published {volume} at {}", path.display());
             Ok(())
         }
@@ -211,7 +211,8 @@ impl Session<'_> {
             capacity_range: Some(csi::CapacityRange { required_bytes: size, limit_bytes: 0 }),
             ..Default::default()
         };
-        let grown = self.c.controller.controller_expand_volume(request).await;
+        let grown = self.c.controller.controller_expand_volume(request);
+        let grown = cli::with_spinner(format!("growing {volume}"), grown).await;
         let r = grown.map_err(self.fail("expand"))?.into_inner();
         let staging = cli::staging_path(staging_dir, &volume);
         if r.node_expansion_required && qsd_node::mount::is_mountpoint(&staging) {

@@ -129,7 +129,9 @@ def main():
                                       stdout=logs, stderr=logs))
         wait_for(os.path.join(work, "controller.sock"), procs, "controller")
         # Someone holding the node's files poses as the controller: refused.
+        # (its own health port: a port already taken is fatal to any qsd-csi mode)
         impostor = [a.replace(f"unix://{work}/controller.sock", f"unix://{work}/impostor.sock")
+                    .replace(f":{health_ports[1]}", f":{free_port()}").replace(f":{health_ports[0]}", f":{free_port()}")
                     for a in controller_args(ctl["args"], cert="worker-1")]
         procs.append(subprocess.Popen([binary] + impostor, stdout=logs, stderr=logs))
         wait_for(os.path.join(work, "impostor.sock"), procs, "impostor controller")
@@ -146,7 +148,7 @@ def main():
         assert refused.returncode != 0 and ("nreachable" in refused.stderr or "Unavailable" in refused.stderr), refused.stderr
         assert not os.path.exists(os.path.join(state, "pools", "default", "volumes", "x.json"))
         print("a controller with the node's certificate: refused")
-        volume = cli("controller", "volume", "create", "pvc-1", "--size", "64M").split("\t")[0]
+        volume = cli("controller", "volume", "create", "pvc-1", "--size", "64M").split()[0]
         assert "@worker-1:" in volume, volume
         mnt, staging = os.path.join(work, "mnt"), os.path.join(work, "staging")
         cli("node", "publish", volume, mnt, "--staging-dir", staging)
@@ -160,7 +162,7 @@ def main():
         print(f"volume {volume}: created by the controller, written through the node, deleted")
         # The shared pool the rendered arguments give the node plugin.
         volume = cli("controller", "volume", "create", "pvc-2", "--size", "16M",
-                     "--pool", "shared").split("\t")[0]
+                     "--pool", "shared").split()[0]
         assert volume == "vol:shared:pvc-2", volume
         assert os.path.exists(os.path.join(shared, "volumes", "pvc-2.json"))
         cli("node", "publish", volume, mnt, "--staging-dir", staging)

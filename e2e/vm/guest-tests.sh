@@ -63,7 +63,7 @@ test_qsd_csi_nbd_backend() {
   local flags; flags=$(sed 's/.*) //' "/proc/$qsd/stat" | awk '{print $7}')
   (( flags & 0x80000 )) || { echo "PR_SET_IO_FLUSHER not set (flags $flags)"; return 1; }
   local id
-  id=$("$bin" --endpoint "$ep" volume create data --size 256M | cut -f1) || return 1
+  id=$("$bin" --endpoint "$ep" volume create data --size 256M) || return 1
   "$bin" --endpoint "$ep" publish "$id" "$m" --staging-dir "$st" || return 1
   findmnt -rn -o SOURCE --target "$m" | grep -q '^/dev/nbd' || { echo "not on an nbd device"; return 1; }
   head -c 16M /dev/urandom >"$work/data2" && cp "$work/data2" "$m/data2" && sync || return 1
@@ -125,7 +125,7 @@ daemon_killed_under_a_verifying_writer() {
   local st=$dir/staging m=$dir/vol
   start_driver "$dir" "$backend" || return 1
   local id
-  id=$("$bin" --endpoint "$ep" volume create survive --size 128M | cut -f1) || return 1
+  id=$("$bin" --endpoint "$ep" volume create survive --size 128M) || return 1
   "$bin" --endpoint "$ep" publish "$id" "$m" --staging-dir "$st" || return 1
   local old; old=$(cat "$dir/state/run/qsd.pid")
   start_writer "$m/data" "$dir/fio.log" || return 1
@@ -153,7 +153,7 @@ test_qsd_csi_ublk_backend() {
   local bin=$top/target/debug/qsd-csi dir=$work/ublk st=$work/ublk/staging m=$work/ublk/vol
   start_driver "$dir" ublk || return 1
   local id
-  id=$("$bin" --endpoint "$ep" volume create data --size 256M | cut -f1) || return 1
+  id=$("$bin" --endpoint "$ep" volume create data --size 256M) || return 1
   "$bin" --endpoint "$ep" publish "$id" "$m" --staging-dir "$st" || return 1
   findmnt -rn -o SOURCE --target "$m" | grep -q '^/dev/ublkb' || { echo "not on a ublk device"; return 1; }
   head -c 16M /dev/urandom >"$work/data3" && cp "$work/data3" "$m/data3" && sync || return 1
@@ -188,7 +188,7 @@ test_ublk_server_killed_under_a_verifying_writer() {
   local bin=$top/target/debug/qsd-csi dir=$work/recover st=$work/recover/staging m=$work/recover/vol
   start_driver "$dir" ublk || return 1
   local id
-  id=$("$bin" --endpoint "$ep" volume create recover --size 128M | cut -f1) || return 1
+  id=$("$bin" --endpoint "$ep" volume create recover --size 128M) || return 1
   "$bin" --endpoint "$ep" publish "$id" "$m" --staging-dir "$st" || return 1
   local qsd; qsd=$(cat "$dir/state/run/qsd.pid")
   start_writer "$m/data" "$dir/fio.log" || return 1

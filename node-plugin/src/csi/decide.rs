@@ -127,6 +127,13 @@ pub fn publish_step(
     })
 }
 
+/// After `target` is unmounted: the staging record without it, to write back, if it listed it
+/// (an unpublish of a target never published, or repeated, changes no record).
+pub fn unpublished(staged: Option<Staged>, target: &Path) -> Option<Staged> {
+    let mut record = staged?;
+    record.targets.remove(target).then_some(record)
+}
+
 /// Refuses to unstage while the volume is used anywhere but its staging path: `users` are the
 /// mounts of its device, and the published targets still mounted (a block volume's bind-mounted
 /// device node shows up as devtmpfs, so the record names those).
@@ -329,6 +336,16 @@ mod tests {
                 "{what}"
             );
         }
+    }
+
+    #[test]
+    fn unpublish_decisions() {
+        let two = staged(Some("ext4"), Mode::SingleNodeMultiWriter, &["/t/1", "/t/2"]);
+        let after = unpublished(Some(two.clone()), Path::new("/t/1")).expect("listed");
+        assert_eq!(after.targets.iter().collect::<Vec<_>>(), [Path::new("/t/2")]);
+        assert_eq!(unpublished(Some(after.clone()), Path::new("/t/1")), None, "repeated: no write");
+        assert_eq!(unpublished(Some(two), Path::new("/t/9")), None, "never published there");
+        assert_eq!(unpublished(None, Path::new("/t/1")), None, "not staged (unstaged already)");
     }
 
     #[test]

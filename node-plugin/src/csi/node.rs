@@ -230,10 +230,8 @@ impl NodeService {
 
     async fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
         self.mounter.unmount(target).await?;
-        if let Some(mut record) = self.staged(id)? {
-            if record.targets.remove(target) {
-                self.journal.put(&record)?;
-            }
+        if let Some(record) = decide::unpublished(self.staged(id)?, target) {
+            self.journal.put(&record)?;
         }
         let removed = if target.is_dir() {
             std::fs::remove_dir(target)
