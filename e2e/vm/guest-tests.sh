@@ -101,12 +101,15 @@ start_writer() {
 stop_with_io_in_flight() {
   local pid=$1 dev; dev=$(basename "$(findmnt -rn -o SOURCE --target "$2")")
   kill -STOP "$pid" || return 1
-  for _ in $(seq 200); do
+  for _ in $(seq 600); do
     read -r r w <"/sys/block/$dev/inflight"
     (( r + w > 0 )) && return 0
     sleep 0.05
   done
-  echo "no request in flight on $dev"; return 1
+  # Never leave the process stopped: the device's I/O would hang on it until the guest times out.
+  kill -CONT "$pid"
+  local state=ended; kill -0 "$writer" 2>/dev/null && state=running
+  echo "no request in flight on $dev in 30 s (the writer: $state; inflight: $r $w)"; return 1
 }
 
 # Waits for the writer; fails unless it verified every block without an I/O error.
