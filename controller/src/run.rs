@@ -28,6 +28,7 @@ use crate::error::ControllerError;
 use crate::events::{Events, Reporter};
 use crate::identity::{AlwaysReady, IdentityService};
 use crate::lease::{Election, LeaseConfig};
+use crate::serve::Latch;
 use crate::signer::Signer;
 use crate::{relay, ControllerService, PLUGIN_NAME};
 
@@ -82,22 +83,17 @@ type Connect = Arc<dyn Fn(&str, SocketAddr) -> Result<NodeAgent, ControllerError
 /// The controller's background tasks, owned: [`Background::stop`] ends and joins them all.
 #[derive(Debug)]
 pub struct Background {
-    stop: watch::Sender<bool>,
+    stop: Latch,
     /// Held while no election runs: the relay runs while this says true, and ends when it is
     /// dropped.
     leading: Option<watch::Sender<bool>>,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
 }
 
-/// Resolves when `stop` turns true (or its sender is gone).
-async fn stopped(mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 impl Background {
     /// Nothing running yet.
     pub fn new() -> Self {
-        Background { stop: watch::channel(false).0, leading: None, tasks: Vec::new() }
+        Background { stop: Latch::new(), leading: None, tasks: Vec::new() }
     }
 
     fn spawn(
@@ -117,18 +113,16 @@ impl Background {
         known: BTreeMap<String, SocketAddr>,
         connect: Connect,
     ) {
-        let stop = self.stop.subscribe();
+        let stop = self.stop.wait();
         self.spawn("discovery", async move {
             let mut known = known;
-            let stop = stopped(stop);
             tokio::pin!(stop);
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(discovery::REFRESH) => {}
                     () = &mut stop => return,
                 }
-                let connect = |node: &str, addr| connect(node, addr);
-                if let Err(e) = discovery.refresh(client.clone(), &agents, &mut known, &connect).await {
+                if let Err(e) = discovery.refresh(client.clone(), &agents, &mut known, &|n: &str, a| connect(n, a)).await {
                     tracing::warn!(error = %e.with_causes(), "listing the node agents failed; keeping the last list");
                 }
             }
@@ -138,7 +132,7 @@ impl Background {
     /// Campaigns for the Lease; returns whether this replica leads, as it changes.
     pub fn elect(&mut self, client: kube::Client, lease: LeaseConfig) -> watch::Receiver<bool> {
         let (tx, rx) = watch::channel(false);
-        let stop = stopped(self.stop.subscribe());
+        let stop = self.stop.wait();
         self.spawn("election", Election::new(client, lease).run(tx, stop));
         rx
     }
@@ -152,7 +146,7 @@ impl Background {
 
     /// Relays node events to `events` while `leading`.
     pub fn relay(&mut self, agents: Agents, events: Events, leading: watch::Receiver<bool>) {
-        let stop = stopped(self.stop.subscribe());
+        let stop = self.stop.wait();
         self.spawn("relay", async move {
             tokio::select! {
                 () = relay::run(agents, events, leading) => {}
@@ -163,7 +157,7 @@ impl Background {
 
     /// Signs node agent certificates while `leading`.
     pub fn sign(&mut self, signer: Signer, leading: watch::Receiver<bool>) {
-        let stop = stopped(self.stop.subscribe());
+        let stop = self.stop.wait();
         self.spawn("signer", signer.run(leading, stop));
     }
 
@@ -174,7 +168,7 @@ impl Background {
 
     /// Stops every task and waits for each to end (the election releases the Lease first).
     pub async fn stop(mut self) {
-        let _ = self.stop.send(true);
+        self.stop.set();
         self.leading = None;
         for (name, task) in self.tasks.drain(..) {
             if let Err(e) = task.await {
@@ -205,8 +199,9 @@ pub async fn run(
     match (&config.agents, &client) {
         (AgentSource::Discover(discovery), Some(client)) => {
             let mut known = BTreeMap::new();
-            let first = |node: &str, addr| connect(node, addr);
-            discovery.refresh(client.clone(), &agents, &mut known, &first).await?;
+            discovery
+                .refresh(client.clone(), &agents, &mut known, &|n: &str, a| connect(n, a))
+                .await?;
             background.discover(
                 discovery.clone(),
                 client.clone(),

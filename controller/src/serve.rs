@@ -2,13 +2,61 @@
 //! both until one stop future resolves. Every mode (standalone, node, controller) serves this
 //! way; readiness is Identity's.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use qsd_csi_proto::transport::{self, TransportError, HEALTH_PERIOD};
 use tokio::sync::watch;
 
 use crate::identity::IdentityService;
+
+/// One stop for several servers and tasks: set once — by the caller's stop, or by the first
+/// server to end — and seen by every waiter, late ones included.
+#[derive(Debug, Clone)]
+pub struct Latch(Arc<watch::Sender<bool>>);
+
+impl Latch {
+    /// Not set yet.
+    pub fn new() -> Self {
+        Latch(Arc::new(watch::channel(false).0))
+    }
+
+    /// Sets it; every waiter wakes.
+    pub fn set(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves once it is set.
+    pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut set = self.0.subscribe();
+        async move {
+            let _ = set.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Runs `work` and sets the latch when it ends: a server that stops stops the rest.
+    pub async fn on_end<T>(&self, work: impl Future<Output = T>) -> T {
+        let out = work.await;
+        self.set();
+        out
+    }
+
+    /// Sets the latch when `stop` resolves; returns once it is set, whoever set it.
+    pub async fn follow(&self, stop: impl Future<Output = ()>) {
+        tokio::select! {
+            () = stop => self.set(),
+            () = self.wait() => {}
+        }
+    }
+}
+
+impl Default for Latch {
+    fn default() -> Self {
+        Latch::new()
+    }
+}
 
 /// Serves `router` on the unix socket at `socket` (and, with `health`, the health service
 /// there, SERVING while `identity` is ready) until `stop` resolves. The socket is removed
@@ -20,17 +68,14 @@ pub async fn csi_and_health(
     identity: IdentityService,
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), crate::run::RunError> {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+    let latch = Latch::new();
     let listener = transport::listen_unix(socket)?;
     tracing::info!(endpoint = %socket.display(), "serving CSI");
     let csi = async {
         let served = router
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(listener),
-                stopped(stop_rx.clone()),
+                latch.wait(),
             )
             .await
             .map_err(|source| TransportError::Server { what: "CSI server", source });
@@ -49,32 +94,19 @@ pub async fn csi_and_health(
             let identity = identity.clone();
             async move { identity.ready_within(HEALTH_PERIOD).await }
         };
-        transport::serve_health(listener, ready, stopped(stop_rx.clone())).await
+        transport::serve_health(listener, ready, latch.wait()).await
     };
-    let trigger = async {
-        stop.await;
-        let _ = stop_tx.send(true);
-    };
-    // A server that fails ends the others too.
+    // A server that fails ends the other too (health without an address ends at once, Ok).
     let (served, checked, ()) = tokio::join!(
-        async {
-            let r = csi.await;
-            let _ = stop_tx.send(true);
-            r
-        },
+        latch.on_end(csi),
         async {
             let r = health.await;
             if r.is_err() {
-                let _ = stop_tx.send(true);
+                latch.set();
             }
             r
         },
-        async {
-            tokio::select! {
-                () = trigger => {}
-                () = stopped(stop_rx.clone()) => {}
-            }
-        }
+        latch.follow(stop),
     );
     served?;
     checked?;

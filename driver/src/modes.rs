@@ -18,6 +18,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use qsd_csi_controller::agents::Agents;
 use qsd_csi_controller::run::{AgentSource, ControllerConfig};
+use qsd_csi_controller::serve::Latch;
 use qsd_csi_controller::{ControllerService, IdentityService, Probe};
 use qsd_csi_proto::csi::controller_server::ControllerServer;
 use qsd_csi_proto::csi::identity_server::IdentityServer;
@@ -126,15 +127,11 @@ pub async fn node(
     let listener = tokio::net::TcpListener::bind(config.agent_listen)
         .await
         .with_context(|| format!("listening for the agent on {}", config.agent_listen))?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+    let latch = Latch::new();
     let agent = {
         let core = core.clone();
         let node_name = core.config().node.as_str().to_owned();
-        let (tls_args, listen, stop) =
-            (config.tls.clone(), config.agent_listen, stopped(stop_rx.clone()));
+        let (tls_args, listen, stop) = (config.tls.clone(), config.agent_listen, latch.wait());
         async move {
             tokio::pin!(stop);
             let tls = tokio::select! {
@@ -155,32 +152,14 @@ pub async fn node(
         router,
         config.health_listen,
         identity,
-        stopped(stop_rx.clone()),
+        latch.wait(),
     );
-    let served = async {
-        let (csi, agent) = tokio::join!(
-            async {
-                let r = csi.await.map_err(anyhow::Error::from);
-                let _ = stop_tx.send(true);
-                r
-            },
-            async {
-                let r = agent.await;
-                let _ = stop_tx.send(true);
-                r
-            }
-        );
-        csi.and(agent)
-    };
-    let trigger = async {
-        stop.await;
-        let _ = stop_tx.send(true);
-        std::future::pending::<anyhow::Result<()>>().await
-    };
-    tokio::select! {
-        r = served => r,
-        r = trigger => r,
-    }
+    let (csi, agent, ()) = tokio::join!(
+        latch.on_end(async { csi.await.map_err(anyhow::Error::from) }),
+        latch.on_end(agent),
+        latch.follow(stop),
+    );
+    csi.and(agent)
 }
 
 /// The agent's TLS: from files, or (bootstrap) from the cluster, waiting until the controller

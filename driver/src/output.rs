@@ -8,6 +8,8 @@ use std::time::{Duration, SystemTime};
 use qsd_csi_proto::csi;
 use serde::Serialize;
 
+use crate::calls::human;
+
 /// An output format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
@@ -122,11 +124,6 @@ pub fn age(then: SystemTime, now: SystemTime) -> String {
         7200..=172_799 => format!("{}h", secs / 3600),
         _ => format!("{}d", secs / 86_400),
     }
-}
-
-/// Bytes with a binary unit when whole (`10G`), else bytes.
-pub fn human(bytes: i64) -> String {
-    crate::calls::human(bytes)
 }
 
 /// Rows with their columns aligned (two spaces apart), as kubectl's tables.

@@ -106,18 +106,18 @@ impl TlsFiles {
         Ok(read_certificates(&self.cert)?.first().and_then(|c| common_name(c)))
     }
 
+    /// The endpoint of the agent at `addr`, whose certificate must name `server_name`.
+    fn endpoint(&self, addr: SocketAddr, server_name: &str) -> Result<Endpoint, TlsError> {
+        let config = self.client(server_name)?;
+        Endpoint::from_shared(format!("https://{addr}"))
+            .and_then(|e| e.tls_config(config))
+            .map_err(|source| TlsError::Transport { what: format!("agent at {addr}"), source })
+    }
+
     /// A channel to the agent at `addr` whose certificate must name `server_name`, connected
     /// on first use (a node that is down must not keep its caller from starting).
     pub fn lazy_channel(&self, addr: SocketAddr, server_name: &str) -> Result<Channel, TlsError> {
-        let transport = |what: &str| {
-            let what = format!("{what} for the agent at {addr}");
-            move |source| TlsError::Transport { what, source }
-        };
-        Ok(Endpoint::from_shared(format!("https://{addr}"))
-            .map_err(transport("address"))?
-            .tls_config(self.client(server_name)?)
-            .map_err(transport("TLS configuration"))?
-            .connect_lazy())
+        Ok(self.endpoint(addr, server_name)?.connect_lazy())
     }
 }
 
@@ -128,13 +128,8 @@ pub async fn connect_agent(
     server_name: &str,
     tls: &TlsFiles,
 ) -> Result<AgentClient<Channel>, TlsError> {
-    let config = tls.client(server_name)?;
-    let channel = Endpoint::from_shared(format!("https://{addr}"))
-        .and_then(|e| e.tls_config(config))
-        .map_err(|source| TlsError::Transport { what: format!("agent at {addr}"), source })?;
-    let channel = channel.connect().await.map_err(|source| TlsError::Transport {
-        what: format!("connect to the agent at {addr}"),
-        source,
+    let channel = tls.endpoint(addr, server_name)?.connect().await.map_err(|source| {
+        TlsError::Transport { what: format!("connect to the agent at {addr}"), source }
     })?;
     Ok(AgentClient::new(channel))
 }

@@ -130,7 +130,8 @@ impl NodeService {
         self.engine.get_volume(id)?;
         let fs_type = decide::fs_type(capability, context)?;
         let existing = self.staged(id)?;
-        let mounted = self.mounter.is_mountpoint(staging);
+        // Only a staged volume's mount matters: a first stage reads no mount table.
+        let mounted = existing.is_some() && self.mounter.is_mountpoint(staging);
         if decide::stage_step(id, existing.as_ref(), staging, mounted)? == StageStep::Done {
             return Ok(());
         }

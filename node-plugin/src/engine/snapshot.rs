@@ -32,10 +32,15 @@ pub struct SnapshotInfo {
     pub created_unix: u64,
 }
 
+/// A volume about to move onto a new overlay (a snapshot, or a linked clone's source).
 pub(super) struct Planned {
+    /// The volume's pool.
     pub pool: Arc<Pool>,
+    /// The volume as it is now.
     pub record: VolumeRecord,
+    /// The snapshot's name (empty for a linked clone's source).
     pub snapshot_name: String,
+    /// The new, empty head.
     pub overlay: LayerId,
 }
 
