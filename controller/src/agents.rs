@@ -15,7 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use qsd_csi_model::id::{IdKind, ObjectId};
-use qsd_csi_proto::agent::{self, agent_client::AgentClient, agent_server::Agent, EventStream};
+use qsd_csi_proto::agent::{
+    self, agent_client::AgentClient, agent_server::Agent, ChangesStream, EventStream,
+};
 use qsd_csi_proto::tls::TlsFiles;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -23,7 +25,8 @@ use tonic::{Request, Response, Status};
 use crate::error::ControllerError;
 
 /// An agent in this process: anything that serves `agent.proto`.
-pub type LocalAgent = Arc<dyn Agent<WatchEventsStream = EventStream>>;
+pub type LocalAgent =
+    Arc<dyn Agent<WatchEventsStream = EventStream, SnapshotChangesStream = ChangesStream>>;
 
 /// One node's agent.
 #[derive(Clone)]
@@ -92,6 +95,10 @@ forward! {
     delete_snapshot(agent::SnapshotRef) -> agent::Empty;
     list_snapshots(agent::Empty) -> agent::SnapshotList;
     get_capacity(agent::PoolRef) -> agent::Capacity;
+    get_snapshot_group(agent::SnapshotGroupRef) -> agent::SnapshotList;
+    delete_snapshot_group(agent::SnapshotGroupRef) -> agent::Empty;
+    get_volume_health(agent::VolumeRef) -> agent::VolumeHealth;
+    list_volume_health(agent::Empty) -> agent::VolumeHealthList;
 }
 
 impl NodeAgent {
@@ -109,6 +116,27 @@ impl NodeAgent {
                     .map_err(unreachable_is_unavailable)?
                     .into_inner();
                 Ok(Box::pin(stream) as EventStream)
+            }
+        }
+    }
+
+    /// The agent's `SnapshotChanges`: a snapshot's changed ranges, streamed.
+    pub async fn snapshot_changes(
+        &self,
+        request: agent::ChangesRequest,
+    ) -> Result<ChangesStream, Status> {
+        match self {
+            NodeAgent::Local(service) => {
+                service.snapshot_changes(Request::new(request)).await.map(Response::into_inner)
+            }
+            NodeAgent::Remote(client) => {
+                let stream = client
+                    .clone()
+                    .snapshot_changes(request)
+                    .await
+                    .map_err(unreachable_is_unavailable)?
+                    .into_inner();
+                Ok(Box::pin(stream) as ChangesStream)
             }
         }
     }
@@ -225,6 +253,8 @@ impl Agents {
             IdKind::Snapshot => {
                 agent.locate_snapshot(agent::SnapshotRef { snapshot_id: id.to_owned() }).await
             }
+            // A shared pool's group: any node reads its records; the default one answers.
+            IdKind::Group => return Ok(default),
         };
         match located {
             Ok(l) if !l.attached_node.is_empty() => {

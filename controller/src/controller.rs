@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use qsd_csi_model::id::{IdKind, ObjectId, MAX_SIZE, SIZE_ALIGN};
 use qsd_csi_model::params::TOPOLOGY_KEY;
 use qsd_csi_model::volume::VolumeSource;
-use qsd_csi_proto::agent;
 use qsd_csi_proto::csi::{self, controller_server::Controller};
+use qsd_csi_proto::{agent, convert};
 use tonic::{Code, Request, Response, Status};
 
 use crate::agents::{Agents, NodeAgent};
@@ -89,7 +89,8 @@ impl ControllerService {
         }
     }
 
-    fn snapshot(info: &agent::Snapshot) -> csi::Snapshot {
+    /// An agent's snapshot as CSI's: a local pool's restores on its node only.
+    pub(crate) fn snapshot(info: &agent::Snapshot) -> csi::Snapshot {
         csi::Snapshot {
             size_bytes: info.size_bytes as i64,
             snapshot_id: info.snapshot_id.clone(),
@@ -99,7 +100,11 @@ impl ControllerService {
                 nanos: 0,
             }),
             ready_to_use: true,
-            group_snapshot_id: String::new(),
+            group_snapshot_id: info.group_snapshot_id.clone(),
+            accessible_topology: (!info.node.is_empty())
+                .then(|| node_topology(&info.node))
+                .into_iter()
+                .collect(),
         }
     }
 
@@ -276,7 +281,6 @@ impl Controller for ControllerService {
                     volume: Some(Self::volume(v, &HashMap::new())),
                     status: Some(csi::list_volumes_response::VolumeStatus {
                         published_node_ids: node.filter(|_| exported).into_iter().collect(),
-                        volume_condition: None,
                     }),
                 }
             })
@@ -318,6 +322,8 @@ impl Controller for ControllerService {
             Type::ExpandVolume,
             Type::SingleNodeMultiWriter,
             Type::ModifyVolume,
+            Type::GetVolumeHealth,
+            Type::ListVolumeHealth,
         ]
         .into_iter()
         .map(|t| csi::ControllerServiceCapability {
@@ -334,9 +340,15 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         required("source_volume_id", &req.source_volume_id)?;
         required("name", &req.name)?;
-        if let Some(key) = req.parameters.keys().find(|k| !k.starts_with("csi.storage.k8s.io/")) {
-            let refused = format!("unknown snapshot parameter {key:?}");
-            return Err(ControllerError::Unsupported(refused).into());
+        let freeze = params::snapshot_freeze(&req.parameters)?;
+        // A local pool's snapshot is reachable from its volume's node only.
+        if let (Some(required), Some((_, Some(node)))) = (
+            req.accessibility_requirements.as_ref().filter(|r| !r.requisite.is_empty()),
+            location(IdKind::Volume, &req.source_volume_id),
+        ) {
+            if !required.requisite.contains(&node_topology(&node)) {
+                return Err(ControllerError::Unplaceable(node).into());
+            }
         }
         let agent = self.agents.for_id(IdKind::Volume, &req.source_volume_id).await?;
         let taken = agent
@@ -345,6 +357,8 @@ impl Controller for ControllerService {
                     volume_id: req.source_volume_id.clone(),
                     name: params::object_name(&req.name),
                 }],
+                group: String::new(),
+                no_freeze: !freeze,
             })
             .await;
         let snapshot_name = match (
@@ -464,6 +478,49 @@ impl Controller for ControllerService {
             "ControllerGetVolume is not offered (GET_VOLUME not advertised)",
         )
         .into())
+    }
+
+    async fn controller_get_volume_health(
+        &self,
+        request: Request<csi::ControllerGetVolumeHealthRequest>,
+    ) -> Result<Response<csi::ControllerGetVolumeHealthResponse>, Status> {
+        let req = request.into_inner();
+        required("volume_id", &req.volume_id)?;
+        let health = self
+            .agents
+            .for_id(IdKind::Volume, &req.volume_id)
+            .await?
+            .get_volume_health(agent::VolumeRef { volume_id: req.volume_id.clone() })
+            .await?;
+        Ok(Response::new(csi::ControllerGetVolumeHealthResponse {
+            volume_health: Some(csi::VolumeHealth {
+                volume_id: req.volume_id,
+                health_statuses: health.findings.iter().map(convert::health_entry).collect(),
+            }),
+        }))
+    }
+
+    async fn controller_list_volume_health(
+        &self,
+        request: Request<csi::ControllerListVolumeHealthRequest>,
+    ) -> Result<Response<csi::ControllerListVolumeHealthResponse>, Status> {
+        let req = request.into_inner();
+        let mut all = Vec::new();
+        for (_, agent) in self.agents.nodes() {
+            all.extend(agent.list_volume_health(agent::Empty {}).await?.volumes);
+        }
+        all.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
+        // A shared pool's volume is reported by every node that sees it: once is enough.
+        all.dedup_by(|a, b| a.volume_id == b.volume_id);
+        let (page, next_token) = params::page(all, req.max_entries, &req.starting_token)?;
+        let entries = page
+            .iter()
+            .map(|v| csi::VolumeHealth {
+                volume_id: v.volume_id.clone(),
+                health_statuses: v.findings.iter().map(convert::health_entry).collect(),
+            })
+            .collect();
+        Ok(Response::new(csi::ControllerListVolumeHealthResponse { entries, next_token }))
     }
 
     async fn controller_modify_volume(

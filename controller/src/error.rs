@@ -28,6 +28,9 @@ pub enum ControllerError {
     /// No node satisfies the requisite topology.
     #[error("no requisite topology includes node {0}")]
     Unplaceable(String),
+    /// Volumes that cannot be snapshotted at one instant together.
+    #[error("{0}")]
+    Ungroupable(String),
     /// No node agent is known (discovery has found none yet).
     #[error("no node agent is known yet")]
     NoAgents,
@@ -81,6 +84,7 @@ impl ControllerError {
         use ControllerError as E;
         match self {
             E::Required(_) | E::Unsupported(_) => Code::InvalidArgument,
+            E::Ungroupable(_) => Code::FailedPrecondition,
             E::Model(e) if e.is_malformed_id() => Code::NotFound,
             E::Model(qsd_csi_model::Error::InvalidArgument { .. }) => Code::InvalidArgument,
             E::Model(qsd_csi_model::Error::OutOfRange { .. }) | E::OutOfRange(_) => {
@@ -157,6 +161,7 @@ mod tests {
             (E::OutOfRange("x".into()), Code::OutOfRange),
             (E::BadToken("7".into()), Code::Aborted),
             (E::Unplaceable("n".into()), Code::ResourceExhausted),
+            (E::Ungroupable("n".into()), Code::FailedPrecondition),
             (E::NoAgents, Code::Unavailable),
             (E::AgentDown("n".into()), Code::Unavailable),
             (E::UnknownNode("n".into()), Code::NotFound),

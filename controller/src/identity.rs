@@ -91,7 +91,16 @@ impl Identity for IdentityService {
             },
         ];
         if self.controller {
-            capabilities.insert(0, service(service::Type::ControllerService));
+            capabilities.splice(
+                0..0,
+                [
+                    service::Type::ControllerService,
+                    service::Type::GroupControllerService,
+                    service::Type::SnapshotMetadataService,
+                    service::Type::SnapshotAccessibilityConstraints,
+                ]
+                .map(service),
+            );
         }
         Ok(Response::new(csi::GetPluginCapabilitiesResponse { capabilities }))
     }

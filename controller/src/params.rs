@@ -27,6 +27,23 @@ pub fn object_name(csi_name: &str) -> String {
     format!("h-{hex}")
 }
 
+/// What a VolumeSnapshotClass or VolumeGroupSnapshotClass may set: whether to freeze mounted
+/// filesystems (the default) — plus the sidecars' own `csi.storage.k8s.io/` keys.
+pub fn snapshot_freeze(parameters: &HashMap<String, String>) -> Result<bool, ControllerError> {
+    let mut freeze = true;
+    for (key, value) in parameters {
+        if key == qsd_csi_model::params::FREEZE {
+            freeze = qsd_csi_model::params::freeze(value)?;
+        } else if !key.starts_with(qsd_csi_model::params::PROVISIONER_PREFIX) {
+            return Err(ControllerError::Unsupported(format!(
+                "unknown snapshot parameter {key:?} (known: {})",
+                qsd_csi_model::params::FREEZE
+            )));
+        }
+    }
+    Ok(freeze)
+}
+
 /// The byte size a capacity range asks for (`None`: the source's size, for sourced volumes).
 pub fn size(
     range: Option<&csi::CapacityRange>,

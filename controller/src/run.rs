@@ -16,7 +16,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use qsd_csi_proto::csi::controller_server::ControllerServer;
 use qsd_csi_proto::csi::identity_server::IdentityServer;
 use qsd_csi_proto::tls::TlsFiles;
 use tokio::sync::watch;
@@ -237,11 +236,11 @@ pub async fn run(
     background.relay(agents.clone(), events.clone(), leading);
     tracing::info!(nodes = ?agents.nodes().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(), "controller ready");
     let identity = IdentityService::new(Arc::new(AlwaysReady), true);
-    let router = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(identity.clone()))
-        .add_service(ControllerServer::new(
-            ControllerService::new(agents, config.default_pool.clone()).with_events(events),
-        ));
+    let router =
+        tonic::transport::Server::builder().add_service(IdentityServer::new(identity.clone()));
+    let controller =
+        ControllerService::new(agents.clone(), config.default_pool.clone()).with_events(events);
+    let router = crate::serve::controller_services(router, controller, agents);
     let served =
         crate::serve::csi_and_health(&config.socket, router, config.health_listen, identity, stop)
             .await;

@@ -58,6 +58,22 @@ impl Default for Latch {
     }
 }
 
+/// `router` with the controller side of CSI over `agents`: Controller (`controller`),
+/// GroupController and SnapshotMetadata.
+pub fn controller_services(
+    router: tonic::transport::server::Router,
+    controller: crate::controller::ControllerService,
+    agents: crate::agents::Agents,
+) -> tonic::transport::server::Router {
+    use qsd_csi_proto::csi::controller_server::ControllerServer;
+    use qsd_csi_proto::csi::group_controller_server::GroupControllerServer;
+    use qsd_csi_proto::csi::snapshot_metadata_server::SnapshotMetadataServer;
+    router
+        .add_service(ControllerServer::new(controller))
+        .add_service(GroupControllerServer::new(crate::groups::GroupService::new(agents.clone())))
+        .add_service(SnapshotMetadataServer::new(crate::metadata::MetadataService::new(agents)))
+}
+
 /// Serves `router` on the unix socket at `socket` (and, with `health`, the health service
 /// there, SERVING while `identity` is ready) until `stop` resolves. The socket is removed
 /// when serving ends.

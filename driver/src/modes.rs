@@ -20,7 +20,6 @@ use qsd_csi_controller::agents::Agents;
 use qsd_csi_controller::run::{AgentSource, ControllerConfig};
 use qsd_csi_controller::serve::Latch;
 use qsd_csi_controller::{ControllerService, IdentityService, Probe};
-use qsd_csi_proto::csi::controller_server::ControllerServer;
 use qsd_csi_proto::csi::identity_server::IdentityServer;
 use qsd_csi_proto::csi::node_server::NodeServer;
 use qsd_node::agent::AgentService;
@@ -93,8 +92,9 @@ pub async fn standalone(
     let identity = IdentityService::new(Arc::new(EngineProbe(core)), true);
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity.clone()))
-        .add_service(ControllerServer::new(ControllerService::new(agents, default_pool)))
         .add_service(NodeServer::new(node));
+    let controller = ControllerService::new(agents.clone(), default_pool);
+    let router = qsd_csi_controller::serve::controller_services(router, controller, agents);
     qsd_csi_controller::serve::csi_and_health(&config.socket, router, None, identity, stop).await?;
     tracing::info!("stopped; qemu-storage-daemon and staged volumes keep running");
     Ok(())

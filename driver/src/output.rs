@@ -252,6 +252,7 @@ mod tests {
             creation_time: Some(prost_types::Timestamp { seconds: at as i64, nanos: 0 }),
             ready_to_use: true,
             group_snapshot_id: String::new(),
+            accessible_topology: vec![],
         })
     }
 

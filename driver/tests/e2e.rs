@@ -314,8 +314,22 @@ async fn lifecycle(fs: &str, size: i64, expand: bool) {
         .await
         .expect("stats")
         .into_inner();
-    assert!(stats.volume_condition.is_some_and(|c| !c.abnormal));
     assert_eq!(stats.usage.len(), 2, "bytes and inodes");
+    let health = d
+        .node
+        .node_get_volume_health(csi::NodeGetVolumeHealthRequest {
+            volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .volume_health
+        .expect("volume health");
+    assert_eq!(
+        (health.volume_id.as_str(), health.health_statuses.len()),
+        (vol.volume_id.as_str(), 0)
+    );
     teardown(&mut d, &[&vol.volume_id, &restored.volume_id, &clone.volume_id], &snap.snapshot_id)
         .await;
 }

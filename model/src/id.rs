@@ -137,14 +137,17 @@ pub enum IdKind {
     Volume,
     /// `snap:`
     Snapshot,
+    /// `group:` (a group snapshot: member snapshots taken at one instant)
+    Group,
 }
 
 impl IdKind {
-    /// The ID prefix: `vol` or `snap`.
+    /// The ID prefix: `vol`, `snap` or `group`.
     pub fn prefix(self) -> &'static str {
         match self {
             IdKind::Volume => "vol",
             IdKind::Snapshot => "snap",
+            IdKind::Group => "group",
         }
     }
 }
@@ -179,6 +182,7 @@ impl ObjectId {
         let field = match kind {
             IdKind::Volume => "volume ID",
             IdKind::Snapshot => "snapshot ID",
+            IdKind::Group => "group snapshot ID",
         };
         if s.len() > MAX_ID_LEN {
             return Err(Error::invalid(field, format!("longer than {MAX_ID_LEN} bytes")));

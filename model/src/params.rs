@@ -20,6 +20,9 @@ pub const PREALLOCATION: &str = "preallocation";
 pub const MAX_CHAIN_DEPTH: &str = "maxChainDepth";
 /// Parameter: how clones of volumes are made (`copy`, `linked`).
 pub const CLONE_MODE: &str = "cloneMode";
+/// VolumeSnapshotClass / VolumeGroupSnapshotClass parameter: `"false"` snapshots a mounted
+/// filesystem without freezing it (crash-consistent only). Default `"true"`.
+pub const FREEZE: &str = "freezeFilesystem";
 /// Parameter and volume context: arm a write threshold at this percentage of the volume's
 /// size when it is staged.
 pub const WRITE_THRESHOLD_PERCENT: &str = "writeThresholdPercent";
@@ -83,6 +86,17 @@ pub fn clone_mode(value: &str) -> Result<CloneMode> {
         "copy" => Ok(CloneMode::Copy),
         "linked" => Ok(CloneMode::Linked),
         other => Err(Error::invalid(CLONE_MODE, format!("{other:?} is not copy or linked"))),
+    }
+}
+
+/// Parses the [`FREEZE`] parameter.
+pub fn freeze(value: &str) -> Result<bool> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => {
+            Err(Error::invalid(FREEZE, format!("{other:?} is neither \"true\" nor \"false\"")))
+        }
     }
 }
 

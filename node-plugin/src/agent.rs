@@ -13,8 +13,11 @@ use qsd_csi_proto::agent::{self, agent_server::Agent};
 use tonic::{Request, Response, Status};
 
 use crate::csi::status;
-use crate::engine::{CreateVolume, EngineCore, EngineEvent, SnapshotInfo, VolumeInfo};
+use crate::engine::{
+    CreateVolume, EngineCore, EngineEvent, SnapshotBatch, SnapshotInfo, VolumeInfo, DEFAULT_BATCH,
+};
 use crate::graph::ExportKind;
+use tokio_stream::StreamExt;
 
 /// The agent service.
 #[derive(Debug, Clone)]
@@ -52,6 +55,8 @@ fn snapshot(s: SnapshotInfo) -> agent::Snapshot {
         source_volume_id: s.source_volume_id,
         size_bytes: s.size,
         created_unix: s.created_unix,
+        group_snapshot_id: s.group_id.unwrap_or_default(),
+        node: s.node.unwrap_or_default(),
     }
 }
 
@@ -106,11 +111,16 @@ pub fn volume_event(event: EngineEvent) -> Option<agent::VolumeEvent> {
     Some(agent::VolumeEvent { volume_id, labels, kind: Some(kind) })
 }
 
-pub use qsd_csi_proto::agent::EventStream;
+pub use qsd_csi_proto::agent::{ChangesStream, EventStream};
+
+fn snapshot_list(taken: Vec<SnapshotInfo>) -> agent::SnapshotList {
+    agent::SnapshotList { snapshots: taken.into_iter().map(snapshot).collect() }
+}
 
 #[tonic::async_trait]
 impl Agent for AgentService {
     type WatchEventsStream = EventStream;
+    type SnapshotChangesStream = ChangesStream;
 
     async fn watch_events(
         &self,
@@ -224,10 +234,87 @@ impl Agent for AgentService {
         }
         let items: Vec<(&str, &str)> =
             r.snapshots.iter().map(|s| (s.volume_id.as_str(), s.name.as_str())).collect();
-        let taken = self.engine.create_snapshot_group(&items).await.map_err(status)?;
-        Ok(Response::new(agent::SnapshotList {
-            snapshots: taken.into_iter().map(snapshot).collect(),
+        let batch = SnapshotBatch {
+            items: &items,
+            group: (!r.group.is_empty()).then_some(r.group.as_str()),
+            freeze: !r.no_freeze,
+        };
+        let taken = self.engine.create_snapshot_group(batch).await.map_err(status)?;
+        Ok(Response::new(snapshot_list(taken)))
+    }
+
+    async fn get_snapshot_group(
+        &self,
+        request: Request<agent::SnapshotGroupRef>,
+    ) -> Result<Response<agent::SnapshotList>, Status> {
+        let id = request.into_inner().group_snapshot_id;
+        Ok(Response::new(snapshot_list(self.engine.group_snapshots(&id).map_err(status)?)))
+    }
+
+    async fn delete_snapshot_group(
+        &self,
+        request: Request<agent::SnapshotGroupRef>,
+    ) -> Result<Response<agent::Empty>, Status> {
+        self.engine.delete_group(&request.into_inner().group_snapshot_id).await.map_err(status)?;
+        Ok(Response::new(agent::Empty {}))
+    }
+
+    async fn snapshot_changes(
+        &self,
+        request: Request<agent::ChangesRequest>,
+    ) -> Result<Response<ChangesStream>, Status> {
+        let r = request.into_inner();
+        let base = (!r.base_snapshot_id.is_empty()).then_some(r.base_snapshot_id.as_str());
+        let per_batch = match r.max_results {
+            0 => DEFAULT_BATCH,
+            n => n as usize,
+        };
+        let changes = self
+            .engine
+            .snapshot_changes(base, &r.target_snapshot_id, r.starting_offset, per_batch)
+            .await
+            .map_err(status)?;
+        let size = changes.volume_size;
+        let stream =
+            tokio_stream::wrappers::ReceiverStream::new(changes.batches).map(move |batch| {
+                batch
+                    .map(|ranges| agent::ChangedRanges {
+                        volume_size_bytes: size,
+                        ranges: ranges
+                            .into_iter()
+                            .map(|r| agent::ByteRange { offset: r.offset, length: r.length })
+                            .collect(),
+                    })
+                    .map_err(status)
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_volume_health(
+        &self,
+        request: Request<agent::VolumeRef>,
+    ) -> Result<Response<agent::VolumeHealth>, Status> {
+        let volume_id = request.into_inner().volume_id;
+        let found = self.engine.volume_health(&volume_id).await.map_err(status)?;
+        Ok(Response::new(agent::VolumeHealth {
+            volume_id,
+            findings: found.iter().map(Into::into).collect(),
         }))
+    }
+
+    async fn list_volume_health(
+        &self,
+        _: Request<agent::Empty>,
+    ) -> Result<Response<agent::VolumeHealthList>, Status> {
+        let all = self.engine.list_volume_health().await.map_err(status)?;
+        let volumes = all
+            .into_iter()
+            .map(|(volume_id, found)| agent::VolumeHealth {
+                volume_id,
+                findings: found.iter().map(Into::into).collect(),
+            })
+            .collect();
+        Ok(Response::new(agent::VolumeHealthList { volumes }))
     }
 
     async fn delete_snapshot(

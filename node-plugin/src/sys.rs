@@ -1,8 +1,28 @@
 //! The only module allowed to use `unsafe`: process and thread attributes, a generic netlink
-//! socket, descriptor duplication, and a file size asked of its filesystem.
+//! socket, descriptor duplication, a file size asked of its filesystem, and filesystem
+//! freeze / thaw.
 #![allow(unsafe_code)]
 
 use std::io;
+
+nix::ioctl_readwrite!(fifreeze, b'X', 119, libc::c_int);
+nix::ioctl_readwrite!(fithaw, b'X', 120, libc::c_int);
+
+/// FIFREEZE on the filesystem holding the open `file` (blocks until its writes drain).
+pub fn freeze_fs(file: &std::fs::File) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut ignored: libc::c_int = 0;
+    // SAFETY: FIFREEZE takes a pointer to an int it ignores; the descriptor is open.
+    unsafe { fifreeze(file.as_raw_fd(), &mut ignored) }.map(drop)
+}
+
+/// FITHAW on the filesystem holding the open `file` (EINVAL: it was not frozen).
+pub fn thaw_fs(file: &std::fs::File) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut ignored: libc::c_int = 0;
+    // SAFETY: FITHAW takes a pointer to an int it ignores; the descriptor is open.
+    unsafe { fithaw(file.as_raw_fd(), &mut ignored) }.map(drop)
+}
 
 /// `prctl` option that marks a task as part of the I/O path (Linux 5.6+).
 const PR_SET_IO_FLUSHER: libc::c_int = 57;

@@ -46,6 +46,7 @@ async fn the_agent_serves_the_volume_lifecycle_with_the_csi_error_codes() {
                 agent::SnapshotRequest { volume_id: a.volume_id.clone(), name: "sa".into() },
                 agent::SnapshotRequest { volume_id: b.volume_id.clone(), name: "sb".into() },
             ],
+            ..Default::default()
         })
         .await
         .expect("group snapshot")
@@ -199,4 +200,84 @@ async fn next_event(stream: &mut tonic::Streaming<agent::VolumeEvent>) -> agent:
         .expect("an event within a minute")
         .expect("stream open")
         .expect("event")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_snapshot_is_idempotent_whole_and_deleted_only_as_a_group() {
+    let env = Env::new().await;
+    let (mut c, server) = serve(&env).await;
+    let mut ids = Vec::new();
+    for name in ["a", "b", "c"] {
+        let v = c
+            .create_volume(agent::CreateVolumeRequest {
+                pool: "local".into(),
+                name: name.into(),
+                size_bytes: Some(8 * MIB as i64),
+                ..Default::default()
+            })
+            .await
+            .expect("create")
+            .into_inner();
+        ids.push(v.volume_id);
+    }
+    let group = |names: &[(&str, &str)], group: &str| agent::CreateSnapshotsRequest {
+        snapshots: names
+            .iter()
+            .map(|(v, s)| agent::SnapshotRequest { volume_id: (*v).into(), name: (*s).into() })
+            .collect(),
+        group: group.into(),
+        no_freeze: false,
+    };
+    let first = c
+        .create_snapshots(group(&[(&ids[0], "g-a"), (&ids[1], "g-b")], "g"))
+        .await
+        .expect("group")
+        .into_inner()
+        .snapshots;
+    let group_id = first[0].group_snapshot_id.clone();
+    assert_eq!(group_id, "group:local@node-1:g");
+    assert!(first.iter().all(|s| s.group_snapshot_id == group_id && s.node == "node-1"));
+    // The same request again: the members taken before, nothing new.
+    let again = c
+        .create_snapshots(group(&[(&ids[1], "g-b"), (&ids[0], "g-a")], "g"))
+        .await
+        .expect("the same group again")
+        .into_inner()
+        .snapshots;
+    let mut a: Vec<_> = first.iter().map(|s| &s.snapshot_id).collect();
+    let mut b: Vec<_> = again.iter().map(|s| &s.snapshot_id).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    assert_eq!(
+        c.list_snapshots(agent::Empty {}).await.expect("list").into_inner().snapshots.len(),
+        2
+    );
+    // The same name over other volumes clashes; so does a member's name in another group.
+    let other = c.create_snapshots(group(&[(&ids[0], "g-a"), (&ids[2], "g-c")], "g")).await;
+    assert_eq!(other.err().map(|s| s.code()), Some(tonic::Code::AlreadyExists));
+    let stolen = c.create_snapshots(group(&[(&ids[0], "g-a")], "h")).await;
+    assert_eq!(stolen.err().map(|s| s.code()), Some(tonic::Code::AlreadyExists));
+    // A member goes only with its group.
+    let alone =
+        c.delete_snapshot(agent::SnapshotRef { snapshot_id: first[0].snapshot_id.clone() }).await;
+    let alone = alone.expect_err("a member alone");
+    assert_eq!(alone.code(), tonic::Code::InvalidArgument);
+    assert!(alone.message().contains(&group_id), "{}", alone.message());
+    let r = || agent::SnapshotGroupRef { group_snapshot_id: group_id.clone() };
+    assert_eq!(c.get_snapshot_group(r()).await.expect("get").into_inner().snapshots.len(), 2);
+    c.delete_snapshot_group(r()).await.expect("delete group");
+    assert_eq!(
+        c.get_snapshot_group(r()).await.err().map(|s| s.code()),
+        Some(tonic::Code::NotFound)
+    );
+    c.delete_snapshot_group(r()).await.expect("deleting a gone group is not an error");
+    assert!(c
+        .list_snapshots(agent::Empty {})
+        .await
+        .expect("list")
+        .into_inner()
+        .snapshots
+        .is_empty());
+    server.abort();
 }

@@ -148,9 +148,12 @@ async fn call_everything(c: &mut AgentClient<Channel>) -> Vec<(&'static str, Cod
         (
             "CreateSnapshots",
             code(
-                c.create_snapshots(CreateSnapshotsRequest { snapshots: vec![snap] })
-                    .await
-                    .map(drop),
+                c.create_snapshots(CreateSnapshotsRequest {
+                    snapshots: vec![snap],
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
             ),
         ),
         ("DeleteSnapshot", code(c.delete_snapshot(snapshot()).await.map(drop))),

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use qsd_node::engine::{CreateVolume, EngineEvent};
+use qsd_node::engine::{CreateVolume, EngineEvent, SnapshotBatch};
 use qsd_node::graph::{ExportEndpoint, ExportKind};
 use qsd_node::qmp::commands::{QomGetLimits, QomList, QueryBlockExports, QueryNamedBlockNodes};
 use qsd_node::qsd::Origin;
@@ -353,7 +353,8 @@ async fn a_group_snapshot_captures_every_volume_at_one_instant() {
     }
     let items: Vec<(&str, &str)> =
         ids.iter().zip(["sa", "sb", "sc"]).map(|(v, s)| (v.as_str(), s)).collect();
-    let snaps = core.create_snapshot_group(&items).await.expect("group snapshot");
+    let batch = SnapshotBatch { items: &items, group: None, freeze: true };
+    let snaps = core.create_snapshot_group(batch).await.expect("group snapshot");
     for p in &paths {
         write_at(p, 0, &pattern(2, MIB as usize));
     }

@@ -2,10 +2,51 @@
 //! encodes or decodes them. The controller encodes, the node's agent decodes; a round trip is
 //! the identity (tested below), so what the controller validated is what the engine runs.
 
+use qsd_csi_model::health::{Finding, Severity};
 use qsd_csi_model::volume::{CloneMode, CreateVolume, Preallocation, Qos, VolumeSource};
 use qsd_csi_model::Error;
 
-use crate::agent;
+use crate::{agent, csi};
+
+impl From<&Finding> for agent::Finding {
+    fn from(f: &Finding) -> Self {
+        let severity = match f.severity {
+            Severity::Degraded => agent::Severity::Degraded,
+            Severity::Inaccessible => agent::Severity::Inaccessible,
+            Severity::DataLoss => agent::Severity::DataLoss,
+        };
+        agent::Finding {
+            severity: severity as i32,
+            reason: f.reason.clone(),
+            message: f.message.clone(),
+        }
+    }
+}
+
+/// An agent finding as CSI's volume health entry (an unknown severity stays unknown: COs
+/// ignore values they do not know).
+pub fn health_entry(f: &agent::Finding) -> csi::volume_health::VolumeHealthEntry {
+    use csi::VolumeHealthErrorType as T;
+    let status = match agent::Severity::try_from(f.severity) {
+        Ok(agent::Severity::Degraded) => T::Degraded,
+        Ok(agent::Severity::Inaccessible) => T::Inaccessible,
+        Ok(agent::Severity::DataLoss) => T::DataLoss,
+        _ => T::UnknownVolumeHealthType,
+    };
+    csi::volume_health::VolumeHealthEntry {
+        status: status as i32,
+        reason: f.reason.clone(),
+        message: f.message.clone(),
+    }
+}
+
+/// A volume's findings as CSI's `VolumeHealth`.
+pub fn volume_health(volume_id: &str, findings: &[Finding]) -> csi::VolumeHealth {
+    csi::VolumeHealth {
+        volume_id: volume_id.to_owned(),
+        health_statuses: findings.iter().map(|f| health_entry(&f.into())).collect(),
+    }
+}
 
 impl From<Qos> for agent::Qos {
     fn from(q: Qos) -> Self {

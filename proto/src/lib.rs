@@ -1,7 +1,7 @@
 //! Generated protocol code for qsd-csi.
 //!
 //! The generated code, and the conversions between `agent.proto` and the shared model
-//! ([`convert`]). `proto/csi.proto` is our rendering of the CSI spec v1.12
+//! ([`convert`]). `proto/csi.proto` is our rendering of the CSI spec v1.13
 //! (package `csi.v1`); `proto/check-wire-compat` proves in CI that every field, enum value and
 //! RPC matches the published spec, so any CO or sidecar speaks to us unchanged.
 //! `proto/agent.proto` is what the controller asks of a node plugin.
@@ -22,6 +22,12 @@ pub mod agent {
     /// `dyn Agent<WatchEventsStream = EventStream>`.
     pub type EventStream = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<VolumeEvent, tonic::Status>> + Send>,
+    >;
+
+    /// A snapshot's changed ranges as `SnapshotChanges` streams them (the one stream type of
+    /// every implementation, like [`EventStream`]).
+    pub type ChangesStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<ChangedRanges, tonic::Status>> + Send>,
     >;
 }
 

@@ -1,4 +1,4 @@
-//! What NodeStage, NodePublish, NodeUnstage and NodeGetVolumeStats decide before (or instead
+//! What NodeStage, NodePublish, NodeUnstage and NodeGetVolumeHealth decide before (or instead
 //! of) touching the host: pure functions of the request, the staging record and what the
 //! mounter reports, so every branch is tested without root, a daemon or a kernel device.
 
@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use super::csi;
 use super::staging::Staged;
 use crate::error::{Error, Result};
+use qsd_csi_model::health::{Finding, Severity};
 use qsd_csi_model::params::{self, FS_TYPE};
 
 /// The filesystem a capability asks for: the capability's, else the volume context's (the
@@ -158,18 +159,23 @@ pub struct Seen {
     pub ublk_unserved: bool,
 }
 
-/// The volume condition NodeGetVolumeStats reports.
-pub fn condition(staged: bool, seen: Seen) -> csi::VolumeCondition {
-    let (abnormal, message) = match (staged, seen.attached) {
-        (true, true) if seen.ublk_unserved => {
-            (true, "the ublk device has no server in this plugin")
+/// What the node sees wrong with a volume (NodeGetVolumeHealth adds the engine's findings):
+/// a staged volume needs its export, its kernel device and, for ublk, a server in this plugin.
+/// A volume not staged here is not in use here: nothing to report from this node.
+pub fn node_findings(staged: bool, seen: Seen) -> Vec<Finding> {
+    let finding =
+        |reason: &str, message: &str| vec![Finding::new(Severity::Inaccessible, reason, message)];
+    match (staged, seen.attached) {
+        (false, _) => Vec::new(),
+        (true, false) => {
+            finding("ExportGone", "the volume is staged but the daemon does not export it")
         }
-        (true, true) if seen.device_exists => (false, "healthy"),
-        (true, true) => (true, "the kernel device is gone"),
-        (_, false) => (true, "the volume is not exported by the daemon"),
-        (false, true) => (true, "the volume is not staged"),
-    };
-    csi::VolumeCondition { abnormal, message: message.into() }
+        (true, true) if seen.ublk_unserved => {
+            finding("UblkUnserved", "the ublk device has no server in this plugin")
+        }
+        (true, true) if !seen.device_exists => finding("DeviceGone", "the kernel device is gone"),
+        (true, true) => Vec::new(),
+    }
 }
 
 #[cfg(test)]
@@ -361,23 +367,24 @@ mod tests {
     }
 
     #[test]
-    fn volume_conditions() {
+    fn node_findings_by_what_the_node_sees() {
         let seen = |attached, device_exists, ublk_unserved| Seen {
             attached,
             device_exists,
             ublk_unserved,
         };
         let cases = [
-            (true, seen(true, true, false), false, "healthy"),
-            (true, seen(true, true, true), true, "the ublk device has no server in this plugin"),
-            (true, seen(true, false, false), true, "the kernel device is gone"),
-            (true, seen(false, true, false), true, "the volume is not exported by the daemon"),
-            (false, seen(false, false, false), true, "the volume is not exported by the daemon"),
-            (false, seen(true, false, false), true, "the volume is not staged"),
+            (true, seen(true, true, false), None),
+            (true, seen(true, true, true), Some("UblkUnserved")),
+            (true, seen(true, false, false), Some("DeviceGone")),
+            (true, seen(false, true, false), Some("ExportGone")),
+            (false, seen(false, false, false), None),
+            (false, seen(true, false, false), None),
         ];
-        for (is_staged, s, abnormal, message) in cases {
-            let c = condition(is_staged, s);
-            assert_eq!((c.abnormal, c.message.as_str()), (abnormal, message), "{s:?}");
+        for (is_staged, s, reason) in cases {
+            let found = node_findings(is_staged, s);
+            assert_eq!(found.first().map(|f| f.reason.as_str()), reason, "{s:?}");
+            assert!(found.len() <= 1 && found.iter().all(|f| f.severity == Severity::Inaccessible));
         }
     }
 }

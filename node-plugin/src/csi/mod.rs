@@ -1,6 +1,7 @@
 //! The CSI Node service, and the one mapping from our errors to gRPC status codes.
 
 mod decide;
+mod freeze;
 mod node;
 mod recovery;
 mod staging;

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 
 use super::csi::{self, node_server::Node};
 use super::decide::{self, PublishStep, Seen, StageStep};
+use super::freeze::Freezer;
 use super::recovery::{reattach_after_rebuilds, recover_ublk_devices};
 use super::staging::{Journal, Staged};
 use super::{required, status};
@@ -26,6 +27,8 @@ use crate::device::{self, Backend, Choice, Probes};
 use crate::engine::EngineCore;
 use crate::error::{Error, Result};
 use crate::mount::{HostMounter, Mounter};
+use qsd_csi_model::health::{normalize, Finding, Severity};
+use qsd_csi_proto::convert;
 
 pub use qsd_csi_model::params::{TOPOLOGY_KEY, WRITE_THRESHOLD_PERCENT};
 
@@ -87,7 +90,12 @@ impl NodeService {
         tokio::spawn(reattach_after_rebuilds(Arc::downgrade(&engine), journal.clone()));
         tokio::spawn(recover_ublk_devices(engine.clone(), journal.clone()));
         let Seams { mounter, probes } = seams;
-        Ok(NodeService { engine, config, journal, busy: Claims::default(), mounter, probes })
+        let busy = Claims::default();
+        let freezer =
+            Freezer::new(journal.clone(), busy.clone(), engine.config().state_dir.join("frozen"))?;
+        freezer.thaw_leftovers()?;
+        engine.set_quiesce(Arc::new(freezer));
+        Ok(NodeService { engine, config, journal, busy, mounter, probes })
     }
 
     fn claim(&self, id: &str) -> Result<Claim, Status> {
@@ -270,14 +278,6 @@ impl NodeService {
             return Err(Error::NotFound { what: "volume path", id: path.display().to_string() });
         }
         let record = self.staged(id)?;
-        let seen = Seen {
-            attached: self.engine.attachment(id)?.is_some(),
-            device_exists: record.as_ref().is_some_and(|r| r.device.exists()),
-            ublk_unserved: record
-                .as_ref()
-                .is_some_and(|r| r.backend == Backend::Ublk && !device::ublk::serves(&r.device)),
-        };
-        let condition = decide::condition(record.is_some(), seen);
         let usage = if path.is_dir() {
             let u = self.mounter.usage(path)?;
             vec![
@@ -300,7 +300,23 @@ impl NodeService {
             let total = self.mounter.device_size(&device).await? as i64;
             vec![csi::VolumeUsage { available: 0, total, used: 0, unit: Unit::Bytes as i32 }]
         };
-        Ok(csi::NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) })
+        Ok(csi::NodeGetVolumeStatsResponse { usage })
+    }
+
+    /// The volume's health from this node: what the kernel shows of its staging, and what the
+    /// engine sees of its chain, export and pool.
+    async fn health(&self, id: &str) -> Result<Vec<Finding>> {
+        let mut found = self.engine.volume_health(id).await?;
+        let record = self.staged(id)?;
+        let seen = Seen {
+            attached: self.engine.attachment(id)?.is_some(),
+            device_exists: record.as_ref().is_some_and(|r| r.device.exists()),
+            ublk_unserved: record
+                .as_ref()
+                .is_some_and(|r| r.backend == Backend::Ublk && !device::ublk::serves(&r.device)),
+        };
+        found.extend(decide::node_findings(record.is_some(), seen));
+        Ok(normalize(found))
     }
 }
 
@@ -413,13 +429,56 @@ impl Node for NodeService {
             Type::StageUnstageVolume,
             Type::ExpandVolume,
             Type::GetVolumeStats,
-            Type::VolumeCondition,
+            Type::GetVolumeHealth,
+            Type::GetStorageHealth,
             Type::SingleNodeMultiWriter,
         ]
         .into_iter()
         .map(|t| csi::NodeServiceCapability { r#type: Some(Cap::Rpc(Rpc { r#type: t as i32 })) })
         .collect();
         Ok(Response::new(csi::NodeGetCapabilitiesResponse { capabilities }))
+    }
+
+    async fn node_get_volume_health(
+        &self,
+        request: Request<csi::NodeGetVolumeHealthRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeHealthResponse>, Status> {
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        let found = self.health(&req.volume_id).await.map_err(status)?;
+        Ok(Response::new(csi::NodeGetVolumeHealthResponse {
+            volume_health: Some(convert::volume_health(&req.volume_id, &found)),
+        }))
+    }
+
+    async fn node_get_storage_health(
+        &self,
+        _: Request<csi::NodeGetStorageHealthRequest>,
+    ) -> Result<Response<csi::NodeGetStorageHealthResponse>, Status> {
+        use csi::node_get_storage_health_response::StorageBackendHealth;
+        use csi::StorageHealthErrorType as T;
+        let backend_health = self
+            .engine
+            .storage_health()
+            .await
+            .into_iter()
+            .map(|(pool, f)| StorageBackendHealth {
+                status: match f.severity {
+                    Severity::Degraded => T::StorageDegraded,
+                    Severity::Inaccessible | Severity::DataLoss => T::StorageUnreachable,
+                } as i32,
+                reason: f.reason,
+                message: if pool.is_empty() {
+                    f.message
+                } else {
+                    format!("pool {pool}: {}", f.message)
+                },
+                volume_capability: None,
+            })
+            .collect();
+        Ok(Response::new(csi::NodeGetStorageHealthResponse { backend_health }))
     }
 
     async fn node_get_info(

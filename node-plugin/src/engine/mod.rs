@@ -14,7 +14,9 @@
 
 mod args;
 mod attach;
+mod changes;
 mod clone;
+mod health;
 mod journal;
 pub mod shorten;
 mod snapshot;
@@ -37,9 +39,10 @@ use crate::qsd::{Daemon, DaemonConfig, Origin};
 
 pub use args::EngineArgs;
 pub use attach::{AttachmentInfo, ThresholdState};
+pub use changes::{ByteRange, ChangeStream, DEFAULT_BATCH};
 pub use clone::{CloneTask, CLONE_PROGRESS_PERIOD};
 pub use journal::{AttachmentRecord, ThresholdRecord};
-pub use snapshot::SnapshotInfo;
+pub use snapshot::{Quiesce, SnapshotBatch, SnapshotInfo};
 pub use volume::{CloneMode, CreateVolume, Preallocation, Qos, VolumeInfo, VolumeSource};
 
 /// Default longest chain (layers, head included) before stream / commit shorten it.
@@ -156,6 +159,8 @@ pub struct EngineCore {
     /// Subscribed before the first reconcile; handed to the first subscriber so that events
     /// found while opening (thresholds that fired while we were away) are not lost.
     first_events: Mutex<Option<broadcast::Receiver<EngineEvent>>>,
+    /// Freezes mounted filesystems around snapshots (set by the Node service).
+    quiesce: std::sync::OnceLock<Arc<dyn Quiesce>>,
 }
 
 /// The engine. Dropping it stops supervision but leaves the daemon, its graph and every export
@@ -213,6 +218,7 @@ impl Engine {
             graph: GraphGate::default(),
             events,
             first_events: Mutex::new(Some(first_events)),
+            quiesce: std::sync::OnceLock::new(),
         });
         core.reconcile(origin).await?;
         let supervisor = tokio::spawn(supervise(Arc::downgrade(&core), events_rx));
@@ -295,6 +301,12 @@ impl EngineCore {
         first.unwrap_or_else(|| self.events.subscribe())
     }
 
+    /// Hands the engine what freezes mounted filesystems around snapshots (the Node service,
+    /// which knows the mounts). Only the first call counts.
+    pub fn set_quiesce(&self, quiesce: Arc<dyn Quiesce>) {
+        let _ = self.quiesce.set(quiesce);
+    }
+
     /// Whether the daemon answers on our monitor now (false while it is being recovered).
     pub async fn daemon_answers(&self) -> bool {
         self.daemon.qmp().call(&crate::qmp::commands::QueryVersion {}).await.is_ok()
@@ -368,6 +380,7 @@ impl EngineCore {
         let what = match kind {
             IdKind::Volume => "volume",
             IdKind::Snapshot => "snapshot",
+            IdKind::Group => "group snapshot",
         };
         let not_found = || Error::NotFound { what, id: id.to_owned() };
         let pool = self.pools.get(&parsed.location.pool).cloned().ok_or_else(not_found)?;
@@ -417,6 +430,7 @@ impl EngineCore {
         let prefix = match kind {
             IdKind::Volume => "vol",
             IdKind::Snapshot => "snap",
+            IdKind::Group => "group",
         };
         format!("{prefix}/{}/{name}", pool.name().as_str())
     }

@@ -30,6 +30,29 @@ pub struct SnapshotInfo {
     pub size: u64,
     /// Seconds since the epoch.
     pub created_unix: u64,
+    /// The group snapshot's ID, for a member of one.
+    pub group_id: Option<String>,
+    /// The node it can be restored on (a local pool's); `None`: any node.
+    pub node: Option<String>,
+}
+
+/// Snapshots to take at one instant.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotBatch<'a> {
+    /// (volume ID, snapshot name) pairs.
+    pub items: &'a [(&'a str, &'a str)],
+    /// The group they form, by name (all in one pool), if any.
+    pub group: Option<&'a str>,
+    /// Freeze mounted filesystems around the switch.
+    pub freeze: bool,
+}
+
+/// Freezes the filesystems mounted on volumes around a snapshot. The Node service provides
+/// it: it knows where each volume is mounted.
+pub trait Quiesce: Send + Sync + std::fmt::Debug {
+    /// Freezes whatever filesystem is mounted on `volume_ids` (volumes not mounted here are
+    /// skipped), waiting a bounded time; the returned guard thaws them when dropped.
+    fn freeze(&self, volume_ids: &[String]) -> Result<Box<dyn Send>>;
 }
 
 /// A volume about to move onto a new overlay (a snapshot, or a linked clone's source).
@@ -46,13 +69,20 @@ pub(super) struct Planned {
 
 impl EngineCore {
     fn snapshot_info(&self, pool: &Pool, record: &SnapshotRecord) -> Result<SnapshotInfo> {
+        let group_id = match &record.group {
+            Some(g) => Some(self.object_id(IdKind::Group, pool, g)?.to_string()),
+            None => None,
+        };
+        let id = self.object_id(IdKind::Snapshot, pool, &record.name)?;
         Ok(SnapshotInfo {
-            id: self.object_id(IdKind::Snapshot, pool, &record.name)?.to_string(),
             source_volume_id: self
                 .object_id(IdKind::Volume, pool, &record.source_volume)?
                 .to_string(),
             size: record.size,
             created_unix: record.created_unix,
+            group_id,
+            node: id.location.node.as_ref().map(|n| n.as_str().to_owned()),
+            id: id.to_string(),
         })
     }
 
@@ -67,18 +97,25 @@ impl EngineCore {
         Ok(all)
     }
 
-    /// Takes a snapshot of a volume. Idempotent by name.
+    /// Takes a snapshot of a volume, its mounted filesystem frozen around it. Idempotent by
+    /// name.
     pub async fn create_snapshot(&self, volume_id: &str, name: &str) -> Result<SnapshotInfo> {
-        let mut taken = self.create_snapshot_group(&[(volume_id, name)]).await?;
+        let batch = SnapshotBatch { items: &[(volume_id, name)], group: None, freeze: true };
+        let mut taken = self.create_snapshot_group(batch).await?;
         taken.pop().ok_or_else(|| Error::Inconsistent("snapshot group returned nothing".into()))
     }
 
     /// Takes snapshots of several volumes at one instant: the attached ones switch to their new
-    /// overlays in one QMP `transaction`.
-    pub async fn create_snapshot_group(&self, items: &[(&str, &str)]) -> Result<Vec<SnapshotInfo>> {
+    /// overlays in one QMP `transaction`, with their mounted filesystems frozen around it when
+    /// asked. A named group is idempotent as a whole: the same name with the same volumes
+    /// returns the members taken before.
+    pub async fn create_snapshot_group(
+        &self,
+        batch: SnapshotBatch<'_>,
+    ) -> Result<Vec<SnapshotInfo>> {
         let mut keys = Vec::new();
         let mut resolved = Vec::new();
-        for (volume_id, name) in items {
+        for (volume_id, name) in batch.items {
             let (pool, parsed) = self.resolve(IdKind::Volume, volume_id)?;
             self.object_id(IdKind::Snapshot, &pool, name)?;
             keys.push(Self::key(IdKind::Volume, &pool, parsed.name.as_str()));
@@ -89,7 +126,43 @@ impl EngineCore {
         if unique.len() != keys.len() {
             return Err(Error::invalid("snapshots", "a volume or snapshot name appears twice"));
         }
+        if let Some(group) = batch.group {
+            let Some((first, ..)) = resolved.first() else {
+                return Err(Error::invalid("snapshots", "a group needs at least one volume"));
+            };
+            if let Some((other, ..)) = resolved.iter().find(|(p, ..)| p.name() != first.name()) {
+                return Err(Error::FailedPrecondition(format!(
+                    "a group snapshot's volumes must share one pool; these are in {} and {}",
+                    first.name().as_str(),
+                    other.name().as_str()
+                )));
+            }
+            self.object_id(IdKind::Group, first, group)?;
+            keys.push(Self::key(IdKind::Group, first, group));
+        }
         let _guard = self.lock(keys)?;
+        if let (Some(group), Some((pool, ..))) = (batch.group, resolved.first()) {
+            let members: Vec<_> = pool
+                .snapshots()
+                .into_iter()
+                .filter(|s| s.group.as_deref() == Some(group))
+                .collect();
+            if !members.is_empty() {
+                let mut had: Vec<&str> = members.iter().map(|m| m.source_volume.as_str()).collect();
+                let mut asked: Vec<&str> =
+                    resolved.iter().map(|(_, v, _)| v.name.as_str()).collect();
+                had.sort_unstable();
+                asked.sort_unstable();
+                if had != asked {
+                    return Err(Error::AlreadyExists {
+                        what: "group snapshot",
+                        name: group.to_owned(),
+                        difference: format!("it holds snapshots of {}", had.join(", ")),
+                    });
+                }
+                return members.iter().map(|m| self.snapshot_info(pool, m)).collect();
+            }
+        }
         let _graph = self.graph.change().await;
         let mut done = Vec::new();
         let mut planned = Vec::new();
@@ -98,11 +171,15 @@ impl EngineCore {
                 .volume(parsed.name.as_str())
                 .ok_or_else(|| Error::NotFound { what: "volume", id: parsed.to_string() })?;
             if let Some(existing) = pool.snapshot(name) {
-                if existing.source_volume != record.name {
+                if existing.source_volume != record.name || existing.group.as_deref() != batch.group
+                {
                     return Err(Error::AlreadyExists {
                         what: "snapshot",
                         name: name.to_owned(),
-                        difference: format!("it was taken from volume {}", existing.source_volume),
+                        difference: match &existing.group {
+                            Some(g) => format!("it is a member of group snapshot {g}"),
+                            None => format!("it was taken from volume {}", existing.source_volume),
+                        },
                     });
                 }
                 done.push(self.snapshot_info(&pool, &existing)?);
@@ -127,7 +204,27 @@ impl EngineCore {
                 overlay: LayerId::random(),
             });
         }
+        let frozen = match (&planned[..], batch.freeze, self.quiesce.get()) {
+            ([_, ..], true, Some(quiesce)) => {
+                let quiesce = quiesce.clone();
+                let ids: Vec<String> = planned
+                    .iter()
+                    .map(|p| {
+                        self.object_id(IdKind::Volume, &p.pool, &p.record.name)
+                            .map(|i| i.to_string())
+                    })
+                    .collect::<Result<_>>()?;
+                let freeze = tokio::task::spawn_blocking(move || quiesce.freeze(&ids));
+                Some(
+                    freeze
+                        .await
+                        .map_err(|e| Error::Inconsistent(format!("freeze task: {e}")))??,
+                )
+            }
+            _ => None,
+        };
         let result = self.switch_to_overlays(&planned).await;
+        drop(frozen);
         if let Err(e) = result {
             for p in &planned {
                 let _ = std::fs::remove_file(p.pool.layer_path(p.overlay));
@@ -146,6 +243,7 @@ impl EngineCore {
                 layer: p.record.head,
                 size: p.record.size,
                 created_unix: now,
+                group: batch.group.map(str::to_owned),
             };
             p.pool.put_snapshot(record.clone())?;
             done.push(self.snapshot_info(&p.pool, &record)?);
@@ -199,14 +297,56 @@ impl EngineCore {
         Ok(())
     }
 
+    /// A group snapshot's members.
+    pub fn group_snapshots(&self, group_id: &str) -> Result<Vec<SnapshotInfo>> {
+        let (pool, parsed) = self.resolve(IdKind::Group, group_id)?;
+        let members: Vec<_> = pool
+            .snapshots()
+            .into_iter()
+            .filter(|s| s.group.as_deref() == Some(parsed.name.as_str()))
+            .map(|s| self.snapshot_info(&pool, &s))
+            .collect::<Result<_>>()?;
+        if members.is_empty() {
+            return Err(Error::NotFound { what: "group snapshot", id: group_id.to_owned() });
+        }
+        Ok(members)
+    }
+
+    /// Deletes a group snapshot: every member. A group that is gone is not an error.
+    pub async fn delete_group(&self, group_id: &str) -> Result<()> {
+        let (pool, parsed) = self.resolve(IdKind::Group, group_id)?;
+        let _guard = self.lock(vec![Self::key(IdKind::Group, &pool, parsed.name.as_str())])?;
+        let members = pool
+            .snapshots()
+            .into_iter()
+            .filter(|s| s.group.as_deref() == Some(parsed.name.as_str()));
+        for member in members {
+            let _member = self.lock(vec![Self::key(IdKind::Snapshot, &pool, &member.name)])?;
+            self.remove_snapshot(&pool, &member).await?;
+        }
+        Ok(())
+    }
+
     /// Deletes a snapshot. Its layer stays while a volume's chain needs it; chains past their
-    /// depth limit are shortened.
+    /// depth limit are shortened. A group's member goes only with its group.
     pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
         let (pool, parsed) = self.resolve(IdKind::Snapshot, id)?;
         let _guard = self.lock(vec![Self::key(IdKind::Snapshot, &pool, parsed.name.as_str())])?;
         let record = pool
             .snapshot(parsed.name.as_str())
             .ok_or_else(|| Error::NotFound { what: "snapshot", id: id.to_owned() })?;
+        if let Some(group) = &record.group {
+            let group_id = self.object_id(IdKind::Group, &pool, group)?;
+            return Err(Error::invalid(
+                "snapshot_id",
+                format!("{id} is a member of group snapshot {group_id}: delete the group instead"),
+            ));
+        }
+        self.remove_snapshot(&pool, &record).await
+    }
+
+    /// Removes a snapshot's record, then shortens the chains its layer leaves too deep.
+    async fn remove_snapshot(&self, pool: &Pool, record: &SnapshotRecord) -> Result<()> {
         pool.remove_snapshot(&record.name)?;
         if pool.layer(record.layer).is_none() {
             return Ok(());
@@ -220,7 +360,7 @@ impl EngineCore {
                 // daemon holds the chain, and its next snapshot of the volume shortens it.
                 continue;
             }
-            let Ok(_volume_guard) = self.lock(vec![Self::key(IdKind::Volume, &pool, &volume.name)])
+            let Ok(_volume_guard) = self.lock(vec![Self::key(IdKind::Volume, pool, &volume.name)])
             else {
                 continue; // busy: its own operation will shorten later
             };
@@ -228,7 +368,7 @@ impl EngineCore {
             while pool.volume(&volume.name).is_some_and(|v| {
                 pool.chain(v.head).map(|c| c.len() > v.max_chain_depth as usize).unwrap_or(false)
             }) {
-                if !self.shorten_once(&pool, &volume.name).await? {
+                if !self.shorten_once(pool, &volume.name).await? {
                     break;
                 }
             }

@@ -103,6 +103,10 @@ pub struct SnapshotRecord {
     pub size: u64,
     /// Seconds since the epoch.
     pub created_unix: u64,
+    /// The group snapshot it belongs to (taken at one instant with the group's other members;
+    /// deleted with them only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// `owners/<volume>.json` in a shared pool.
@@ -540,6 +544,7 @@ mod tests {
             layer: base,
             size: 1 << 20,
             created_unix: 0,
+            group: None,
         })
         .expect("snapshot");
         assert_eq!(p.remove_snapshot("s").expect("remove"), vec![], "base still backs the head");
