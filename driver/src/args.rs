@@ -159,6 +159,16 @@ pub enum SnapshotCmd {
         /// The snapshot's ID.
         snapshot: String,
     },
+    /// Changed-block tracking: the byte ranges TARGET holds data for, or with BASE, those
+    /// written after BASE up to TARGET (whole qcow2 clusters), one "OFFSET LENGTH" per line.
+    Changes {
+        /// [BASE] TARGET: an older snapshot of the same volume (optional), then the snapshot.
+        #[arg(num_args = 1..=2, required = true, value_names = ["BASE", "TARGET"])]
+        snapshots: Vec<String>,
+        /// Print one JSON document: {"volume_size_bytes": N, "ranges": [{"offset", "length"}]}.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]

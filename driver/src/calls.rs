@@ -13,6 +13,7 @@ use tonic::Code;
 use qsd_csi_proto::csi::controller_client::ControllerClient;
 use qsd_csi_proto::csi::identity_client::IdentityClient;
 use qsd_csi_proto::csi::node_client::NodeClient;
+use qsd_csi_proto::csi::snapshot_metadata_client::SnapshotMetadataClient;
 use tonic::transport::Channel;
 
 pub use qsd_csi_proto::transport::{connect_unix as connect, socket_path};
@@ -26,6 +27,8 @@ pub struct Clients {
     pub controller: ControllerClient<Channel>,
     /// Node.
     pub node: NodeClient<Channel>,
+    /// SnapshotMetadata (changed-block tracking).
+    pub metadata: SnapshotMetadataClient<Channel>,
 }
 
 impl Clients {
@@ -35,6 +38,7 @@ impl Clients {
         Ok(Clients {
             identity: IdentityClient::new(channel.clone()),
             controller: ControllerClient::new(channel.clone()),
+            metadata: SnapshotMetadataClient::new(channel.clone()),
             node: NodeClient::new(channel),
         })
     }

@@ -75,6 +75,10 @@ pub async fn run(endpoint: &str, command: Command) -> Result<(), String> {
             s.snapshot_list(volume.unwrap_or_default(), output).await
         }
         Command::Snapshot(SnapshotCmd::Delete { snapshot }) => s.snapshot_delete(snapshot).await,
+        Command::Snapshot(SnapshotCmd::Changes { mut snapshots, json }) => {
+            let target = snapshots.pop().unwrap_or_default();
+            s.snapshot_changes(snapshots.pop(), target, json).await
+        }
         Command::Clone { source, name, size, output } => {
             let size = size.as_deref().map(cli::parse_size).transpose()?;
             let source = Some(Type::Volume(VolumeSource { volume_id: source }));
@@ -110,6 +114,14 @@ pub async fn run(endpoint: &str, command: Command) -> Result<(), String> {
     }
 }
 
+/// A snapshot-metadata stream as (volume size, ranges) batches, whichever RPC it came from.
+type Batches = std::pin::Pin<
+    Box<
+        dyn tokio_stream::Stream<Item = Result<(i64, Vec<csi::BlockMetadata>), tonic::Status>>
+            + Send,
+    >,
+>;
+
 /// The clients of one endpoint, for one command.
 struct Session<'a> {
     c: crate::calls::Clients,
@@ -125,6 +137,71 @@ impl Session<'_> {
     async fn create(&mut self, new: NewVolume, what: &str, output: Output) -> Result<(), String> {
         let v = cli::create_volume(&mut self.c, new).await.map_err(self.fail(what))?;
         print_volumes(&[VolumeView::new(&v, Vec::new())], output, false)
+    }
+
+    /// Streams the changed ranges to stdout as they arrive (any volume size, bounded memory).
+    async fn snapshot_changes(
+        &mut self,
+        base: Option<String>,
+        target: String,
+        json: bool,
+    ) -> Result<(), String> {
+        use std::io::Write;
+        use tokio_stream::StreamExt;
+        let mut batches: Batches = match &base {
+            None => {
+                let r =
+                    csi::GetMetadataAllocatedRequest { snapshot_id: target, ..Default::default() };
+                let stream = self.c.metadata.get_metadata_allocated(r).await;
+                let stream = stream.map_err(self.fail("snapshot changes"))?.into_inner();
+                Box::pin(stream.map(|m| m.map(|m| (m.volume_capacity_bytes, m.block_metadata))))
+            }
+            Some(base) => {
+                let r = csi::GetMetadataDeltaRequest {
+                    base_snapshot_id: base.clone(),
+                    target_snapshot_id: target,
+                    ..Default::default()
+                };
+                let stream = self.c.metadata.get_metadata_delta(r).await;
+                let stream = stream.map_err(self.fail("snapshot changes"))?.into_inner();
+                Box::pin(stream.map(|m| m.map(|m| (m.volume_capacity_bytes, m.block_metadata))))
+            }
+        };
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        let write = |e: std::io::Error| format!("writing the ranges: {e}");
+        let mut size = None;
+        let mut first = true;
+        while let Some(batch) = batches.next().await {
+            let (capacity, ranges) = batch.map_err(self.fail("snapshot changes"))?;
+            if size.is_none() && json {
+                write!(out, "{{\"volume_size_bytes\":{capacity},\"ranges\":[").map_err(write)?;
+            }
+            size = Some(capacity);
+            for r in ranges {
+                if json {
+                    let sep = if first { "" } else { "," };
+                    write!(
+                        out,
+                        "{sep}{{\"offset\":{},\"length\":{}}}",
+                        r.byte_offset, r.size_bytes
+                    )
+                    .map_err(write)?;
+                } else {
+                    writeln!(out, "{} {}", r.byte_offset, r.size_bytes).map_err(write)?;
+                }
+                first = false;
+            }
+        }
+        if json {
+            match size {
+                Some(_) => writeln!(out, "]}}").map_err(write)?,
+                // Nothing streamed (no changes): the size is not known here, and no range is.
+                None => {
+                    writeln!(out, "{{\"volume_size_bytes\":null,\"ranges\":[]}}").map_err(write)?
+                }
+            }
+        }
+        out.flush().map_err(write)
     }
 
     async fn volume_list(&mut self, output: Output) -> Result<(), String> {

@@ -340,3 +340,100 @@ async fn a_shared_pools_volume_is_served_by_the_node_that_has_it_attached() {
     .expect("node-1's engine reconciles with a new daemon");
     assert!(!stale.exists(), "the stale owner record is gone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_snapshots_stay_on_one_node_and_snapshot_metadata_streams_over_mutual_tls() {
+    use csi::group_controller_server::GroupController;
+    use csi::snapshot_metadata_server::SnapshotMetadata;
+    use qsd_csi_controller::groups::GroupService;
+    use qsd_csi_controller::metadata::MetadataService;
+    use tokio_stream::StreamExt;
+    let dir = tempfile::Builder::new().prefix("qsd-cluster-").tempdir_in("/tmp").expect("dir");
+    let (_n1, _n2, c, agents) = two_nodes(dir.path(), "local").await;
+    let groups = GroupService::new(agents.clone());
+    let metadata = MetadataService::new(agents);
+    let mut ids = Vec::new();
+    for (name, node) in [("a", "node-2"), ("b", "node-2"), ("c", "node-1")] {
+        let v = c.create_volume(Request::new(create(name, &[node], &[]))).await.expect("create");
+        ids.push(v.into_inner().volume.expect("volume").volume_id);
+    }
+    let group = |name: &str, volumes: &[&String]| csi::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: volumes.iter().map(|v| (*v).clone()).collect(),
+        ..Default::default()
+    };
+
+    // Across nodes there is no one instant: refused, and nothing is left behind.
+    let across = groups.create_volume_group_snapshot(Request::new(group("x", &[&ids[0], &ids[2]])));
+    let across = across.await.expect_err("volumes on two nodes");
+    assert_eq!(across.code(), Code::FailedPrecondition);
+    assert!(across.message().contains("node-1") && across.message().contains("node-2"));
+    let listed = c.list_snapshots(Request::new(Default::default())).await.expect("list");
+    assert!(listed.into_inner().entries.is_empty(), "no member of a refused group exists");
+
+    // On one node: one group, its members restorable on that node only.
+    let made = groups
+        .create_volume_group_snapshot(Request::new(group("g", &[&ids[0], &ids[1]])))
+        .await
+        .expect("group on node-2")
+        .into_inner()
+        .group_snapshot
+        .expect("group");
+    assert!(
+        made.group_snapshot_id.starts_with("group:local@node-2:"),
+        "{}",
+        made.group_snapshot_id
+    );
+    assert_eq!(made.snapshots.len(), 2);
+    for s in &made.snapshots {
+        assert_eq!(s.group_snapshot_id, made.group_snapshot_id);
+        assert_eq!(s.accessible_topology.len(), 1);
+        assert_eq!(s.accessible_topology[0].segments[KEY], "node-2");
+    }
+    let get = csi::GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: made.group_snapshot_id.clone(),
+        ..Default::default()
+    };
+    let got = groups.get_volume_group_snapshot(Request::new(get.clone())).await.expect("get");
+    assert_eq!(got.into_inner().group_snapshot.expect("group").snapshots.len(), 2);
+    let member = made.snapshots[0].snapshot_id.clone();
+    let alone = csi::DeleteSnapshotRequest { snapshot_id: member.clone(), ..Default::default() };
+    let alone = c.delete_snapshot(Request::new(alone)).await.expect_err("a member alone");
+    assert_eq!(alone.code(), Code::InvalidArgument);
+
+    // A snapshot constrained to another node's topology cannot be taken.
+    let mut elsewhere = csi::CreateSnapshotRequest {
+        source_volume_id: ids[0].clone(),
+        name: "s".into(),
+        ..Default::default()
+    };
+    elsewhere.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![csi::Topology { segments: [(KEY.to_owned(), "node-1".to_owned())].into() }],
+        preferred: vec![],
+    });
+    let refused = c.create_snapshot(Request::new(elsewhere)).await.expect_err("wrong node");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+
+    // Snapshot metadata streams from node-2's engine over the agent's TLS channel: an untouched
+    // volume has nothing allocated; an offset past its end is OUT_OF_RANGE.
+    let allocated = |offset| csi::GetMetadataAllocatedRequest {
+        snapshot_id: member.clone(),
+        starting_offset: offset,
+        ..Default::default()
+    };
+    let stream =
+        metadata.get_metadata_allocated(Request::new(allocated(0))).await.expect("allocated");
+    let ranges: Vec<_> = stream.into_inner().collect::<Vec<_>>().await;
+    assert!(ranges.iter().all(|m| m.as_ref().is_ok_and(|m| m.block_metadata.is_empty())));
+    let past = metadata.get_metadata_allocated(Request::new(allocated(17 * MIB))).await;
+    assert_eq!(past.err().map(|s| s.code()), Some(Code::OutOfRange));
+
+    let delete = csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: made.group_snapshot_id.clone(),
+        ..Default::default()
+    };
+    groups.delete_volume_group_snapshot(Request::new(delete.clone())).await.expect("delete");
+    groups.delete_volume_group_snapshot(Request::new(delete)).await.expect("again: gone is fine");
+    let gone = groups.get_volume_group_snapshot(Request::new(get)).await;
+    assert_eq!(gone.err().map(|s| s.code()), Some(Code::NotFound));
+}

@@ -111,6 +111,11 @@ impl Quiesce for Freezer {
             }
             frozen.frozen.push(marker);
         }
+        if !frozen.frozen.is_empty() {
+            let mounts: Vec<_> =
+                frozen.frozen.iter().map(|m| m.mount.display().to_string()).collect();
+            tracing::info!(?mounts, "froze filesystems for a snapshot");
+        }
         frozen._claim = Some(claim);
         Ok(Box::new(frozen))
     }
