@@ -364,41 +364,6 @@ fn was_frozen(mount: &Path) -> bool {
     Command::new("fsfreeze").arg("--unfreeze").arg(mount).status().expect("fsfreeze").success()
 }
 
-/// A tmpfs of `size` at a fresh directory, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn new(size: &str) -> Tmpfs {
-        let dir = tempfile::Builder::new().prefix("qsd-pool-").tempdir_in("/tmp").expect("dir");
-        let path = dir.keep();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .status()
-            .expect("mount");
-        assert!(ok.success(), "mount tmpfs");
-        Tmpfs(path)
-    }
-
-    /// Fills it up; the filler's path.
-    fn fill(&self) -> PathBuf {
-        let filler = self.0.join("filler");
-        let _ = Command::new("dd")
-            .arg("if=/dev/zero")
-            .arg(format!("of={}", filler.display()))
-            .arg("bs=1M")
-            .output();
-        filler
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 /// Appends to files under `dir` until told to stop (no fsync: the journal stays busy).
 fn busy_writer(dir: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {

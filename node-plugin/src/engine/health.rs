@@ -20,6 +20,9 @@ use crate::error::Result;
 use crate::graph::{self, Names};
 use crate::pool::{Pool, VolumeRecord};
 
+/// How long a health query waits for the daemon before calling it unreachable.
+pub const DAEMON_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl EngineCore {
     /// What is wrong with a volume; empty when nothing is known to be.
     pub async fn volume_health(&self, id: &str) -> Result<Vec<Finding>> {
@@ -51,7 +54,8 @@ impl EngineCore {
     /// finding names its pool (empty: the daemon, which serves them all).
     pub async fn storage_health(&self) -> Vec<(String, Finding)> {
         let mut all = Vec::new();
-        if !self.daemon_answers().await {
+        let answers = tokio::time::timeout(DAEMON_WAIT, self.daemon_answers()).await;
+        if !answers.unwrap_or(false) {
             let f = Finding::new(
                 Severity::Inaccessible,
                 "DaemonUnreachable",
@@ -81,7 +85,8 @@ impl EngineCore {
         if !volumes.iter().any(|v| self.journal.get(v.uid).is_some()) {
             return Some(HashSet::new());
         }
-        graph::export_ids(&self.daemon.qmp()).await.ok()
+        let qmp = self.daemon.qmp();
+        tokio::time::timeout(DAEMON_WAIT, graph::export_ids(&qmp)).await.ok()?.ok()
     }
 
     fn findings(
