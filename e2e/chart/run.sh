@@ -44,6 +44,11 @@ check api-server-override-reaches-every-api-client bash -c "[[ \$('$helm' templa
   --set kubernetesAPI.host=10.0.0.1 --set kubernetesAPI.port=6443 | grep -c 'name: KUBERNETES_SERVICE_HOST, value: \"10.0.0.1\"') == 5 ]]"
 "$helm" template t "$chart" $k8s >"$work/default.yaml"
 check least-privilege /usr/bin/python3 "$here/check_privilege.py" "$work/default.yaml"
+# Changed-block tracking's optional pieces: linted, rendered, wired to each other.
+check lint-snapshot-metadata "$helm" lint --strict "$chart" --set snapshotMetadata.enabled=true
+"$helm" template t "$chart" $k8s --set snapshotMetadata.enabled=true >"$work/snapshot-metadata.yaml"
+check snapshot-metadata-wiring /usr/bin/python3 "$here/check_snapshot_metadata.py" "$work/snapshot-metadata.yaml"
+check least-privilege-snapshot-metadata /usr/bin/python3 "$here/check_privilege.py" "$work/snapshot-metadata.yaml"
 # The sidecar images are the versions the tests build and run (versions.yaml).
 pinned() {
   local v image

@@ -22,6 +22,7 @@ want=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl etcd
   cni/bridge cni/host-local cni/loopback)
 missing=0
 for b in "${want[@]}"; do [[ -x $out/$b ]] || missing=1; done
+[[ -f $out/snapshot-crds/groupsnapshot.storage.k8s.io_volumegroupsnapshots.yaml ]] || missing=1
 ((missing)) || exit 0
 
 mod=$out/src
@@ -149,10 +150,10 @@ sidecar "$(v provisioner module)" "$(v provisioner version)" provisioner csi-pro
 sidecar "$(v snapshotter module)" "$(v snapshotter version)" snapshotter csi-snapshotter \
   snapshot-controller
 sidecar "$(v resizer module)" "$(v resizer version)" resizer csi-resizer
-# The snapshot CRDs, from the snapshotter's client module.
-if [[ ! -d $out/snapshot-crds ]]; then
+# The snapshot and group snapshot CRDs, from the snapshotter's client module.
+if [[ ! -f $out/snapshot-crds/groupsnapshot.storage.k8s.io_volumegroupsnapshots.yaml ]]; then
   crds=$(go mod download -json "github.com/kubernetes-csi/external-snapshotter/client/v8@$("$versions" snapshotClient)" \
     | sed -n 's/.*"Dir": "\(.*\)",/\1/p')/config/crd
-  mkdir -p "$out/snapshot-crds" && cp "$crds"/snapshot.storage.k8s.io_*.yaml "$out/snapshot-crds/"
+  mkdir -p "$out/snapshot-crds" && cp "$crds"/snapshot.storage.k8s.io_*.yaml "$crds"/groupsnapshot.storage.k8s.io_*.yaml "$out/snapshot-crds/"
 fi
 ls "$out"

@@ -277,10 +277,56 @@ failover() {
 }
 check "the leader SIGKILLed: the other replica takes the Lease and relays the next alert" failover
 
+group() {
+  # Two claims of one group, each marked with its name, snapshotted together; written to
+  # after; each member restored holds one claim's mark and nothing written later.
+  local c m i=0 seen=() content handle members
+  for c in g1 g2; do
+    pvc "$c" && kubectl label pvc "$c" qsd-group=pair && bound "$c" && publish "$c" || return 1
+    echo "$c" >"$work/mnt-$c/who" || return 1
+  done
+  sync
+  kubectl apply -f - <<EOF || return 1
+apiVersion: groupsnapshot.storage.k8s.io/v1
+kind: VolumeGroupSnapshot
+metadata: {name: pair, namespace: default}
+spec:
+  volumeGroupSnapshotClassName: qsd-group-snapshots
+  source: {selector: {matchLabels: {qsd-group: pair}}}
+EOF
+  kubectl wait --for=jsonpath='{.status.readyToUse}'=true volumegroupsnapshot/pair --timeout=90s \
+    || { kubectl get volumegroupsnapshot pair -o yaml; return 1; }
+  for c in g1 g2; do echo after >"$work/mnt-$c/after" || return 1; done
+  sync
+  content=$(kubectl get volumegroupsnapshot pair -o jsonpath='{.status.boundVolumeGroupSnapshotContentName}')
+  handle=$(kubectl get volumegroupsnapshotcontent "$content" -o jsonpath='{.status.volumeGroupSnapshotHandle}')
+  [[ $handle == group:default@w1:* ]] || { echo "group handle: $handle"; return 1; }
+  # snapshot-controller makes the member VolumeSnapshots after the group is ready.
+  local deadline=$((SECONDS + 60))
+  while :; do
+    mapfile -t members < <(kubectl get volumesnapshot -n default \
+      -o jsonpath='{range .items[?(@.status.volumeGroupSnapshotName=="pair")]}{.metadata.name}{"\n"}{end}')
+    ((${#members[@]} == 2)) && break
+    ((SECONDS < deadline)) || { echo "members: ${members[*]}"; kubectl get volumesnapshot -o wide; return 1; }
+    sleep 0.2
+  done
+  for m in "${members[@]}"; do
+    i=$((i + 1))
+    kubectl wait --for=jsonpath='{.status.readyToUse}'=true "volumesnapshot/$m" --timeout=60s || return 1
+    pvc "gr$i" 64Mi "dataSource: {name: $m, kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io}" \
+      && bound "gr$i" && publish "gr$i" || return 1
+    [[ ! -e $work/mnt-gr$i/after ]] || { echo "gr$i holds a file written after the group"; return 1; }
+    seen+=("$(cat "$work/mnt-gr$i/who")")
+  done
+  [[ $(printf '%s\n' "${seen[@]}" | sort | xargs) == "g1 g2" ]] || { echo "restored: ${seen[*]}"; return 1; }
+}
+check "a VolumeGroupSnapshot of two claims restores each claim as it was at that instant" group
+
 delete_all() {
-  for c in data restored cloned alert; do unpublish "$c" || return 1; done
+  for c in data restored cloned alert g1 g2 gr1 gr2; do unpublish "$c" || return 1; done
   kubectl delete volumesnapshot snap --wait --timeout=90s && \
-    kubectl delete pvc data restored cloned alert --wait --timeout=90s || return 1
+    kubectl delete volumegroupsnapshot pair --wait --timeout=90s && \
+    kubectl delete pvc data restored cloned alert g1 g2 gr1 gr2 --wait --timeout=90s || return 1
   wait_until 90 bash -c "[[ -z \$('$tools/kubectl' get pv -o name) ]]" || { kubectl get pv; return 1; }
   local left; left=$("$qsd_csi" --endpoint "unix://$work/ctl.sock" volume list | grep '^vol:')
   [[ -z $left ]] || { echo "volumes left: $left"; return 1; }

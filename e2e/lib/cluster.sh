@@ -95,7 +95,10 @@ KC
     --service-account-private-key-file "$work/sa.key"
   kubectl apply -f "$tools/snapshot-crds" >/dev/null
   wait_until 60 kubectl get volumesnapshotclasses || fail_start "the snapshot CRDs" kube-apiserver
-  start snapshot-controller "$tools/snapshot-controller" --kubeconfig "$KUBECONFIG" --leader-election=false
+  wait_until 60 kubectl get volumegroupsnapshotclasses || fail_start "the group snapshot CRDs" kube-apiserver
+  # Group snapshots are behind a feature gate in snapshot-controller and csi-snapshotter.
+  start snapshot-controller "$tools/snapshot-controller" --kubeconfig "$KUBECONFIG" --leader-election=false \
+    --feature-gates=CSIVolumeGroupSnapshot=true
 }
 
 # The chart's objects rendered (helm template, namespace qsd) into $work/chart.yaml, its
@@ -131,7 +134,7 @@ PY
 # socket SOCKET, with KUBECONFIG's credentials.
 start_sidecars() { # KUBECONFIG SOCKET
   local s name extra
-  for s in provisioner:"--feature-gates=Topology=true --extra-create-metadata" snapshotter:"--extra-create-metadata" resizer:""; do
+  for s in provisioner:"--feature-gates=Topology=true --extra-create-metadata" snapshotter:"--extra-create-metadata --feature-gates=CSIVolumeGroupSnapshot=true" resizer:""; do
     name=${s%%:*} extra=${s#*:}
     # shellcheck disable=SC2086
     start "csi-$name" "$tools/csi-$name" --kubeconfig "$1" --csi-address "$2" \
