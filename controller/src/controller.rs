@@ -324,6 +324,7 @@ impl Controller for ControllerService {
             Type::ModifyVolume,
             Type::GetVolumeHealth,
             Type::ListVolumeHealth,
+            Type::GetSnapshot,
         ]
         .into_iter()
         .map(|t| csi::ControllerServiceCapability {
@@ -434,12 +435,19 @@ impl Controller for ControllerService {
 
     async fn get_snapshot(
         &self,
-        _: Request<csi::GetSnapshotRequest>,
+        request: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
-        Err(ControllerError::Unimplemented(
-            "GetSnapshot is not offered (GET_SNAPSHOT not advertised)",
-        )
-        .into())
+        let req = request.into_inner();
+        required("snapshot_id", &req.snapshot_id)?;
+        let found = self
+            .all_snapshots(&req.snapshot_id)
+            .await?
+            .into_iter()
+            .find(|s| s.snapshot_id == req.snapshot_id)
+            .ok_or_else(|| {
+                Status::not_found(format!("snapshot {} does not exist", req.snapshot_id))
+            })?;
+        Ok(Response::new(csi::GetSnapshotResponse { snapshot: Some(Self::snapshot(&found)) }))
     }
 
     async fn controller_expand_volume(
