@@ -215,6 +215,17 @@ async fn changed_blocks_name_every_written_range_attached_detached_and_after_sho
     let shortened = changes(&d, Some(&s1.snapshot_id), &s3.snapshot_id, 0, 0).await.expect("delta");
     check("delta(s1, s3) after shortening", &shortened, &writes);
 
+    // A volume restored from s1 is an overlay on s1's layer: what it writes is its delta from
+    // s1.
+    let restored = create(&mut d, "restored", &cap, &[], restore_source(&s1.snapshot_id)).await;
+    let dev = d.stage_and_publish(&restored, &cap, false).await.expect("publish restored");
+    let after_restore: Ranges = vec![(3 << 20, 4096), (SIZE - 8192, 8192)];
+    write_and_sync(&dev, &after_restore, 3);
+    let r1 = snapshot_with(&mut d, &restored.volume_id, "r1", &[]).await.expect("r1");
+    let from_s1 = changes(&d, Some(&s1.snapshot_id), &r1.snapshot_id, 0, 0).await.expect("delta");
+    check("delta(s1, r1) across a restore", &from_s1, &after_restore);
+    d.unpublish_and_unstage(&restored.volume_id).await;
+
     // No answer rather than a wrong one: a base after the target, another volume's snapshot,
     // the target itself; an unknown snapshot; an offset past the end.
     let other = create(&mut d, "other", &cap, &[], None).await;
