@@ -195,7 +195,7 @@ impl Session<'_> {
         if json {
             match size {
                 Some(_) => writeln!(out, "]}}").map_err(write)?,
-                // Nothing streamed (no changes): the size is not known here, and no range is.
+                // Nothing streamed (qsd-csi sends at least one message; another driver may not).
                 None => {
                     writeln!(out, "{{\"volume_size_bytes\":null,\"ranges\":[]}}").map_err(write)?
                 }

@@ -49,7 +49,8 @@ impl ByteRange {
 pub struct ChangeStream {
     /// The target snapshot's virtual size.
     pub volume_size: u64,
-    /// Batches of ranges, strictly increasing and not overlapping; an error ends the stream.
+    /// Batches of ranges, strictly increasing and not overlapping (at least one batch, empty
+    /// when nothing changed); an error ends the stream.
     pub batches: mpsc::Receiver<Result<Vec<ByteRange>>>,
 }
 
@@ -152,6 +153,7 @@ impl EngineCore {
         tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(stdout).lines();
             let mut pending: Vec<ByteRange> = Vec::new();
+            let mut sent = false;
             let result: Result<()> = async {
                 while let Some(line) =
                     lines.next_line().await.map_err(|e| Error::io("read qemu-img map", &path, e))?
@@ -172,6 +174,7 @@ impl EngineCore {
                         if tx.send(Ok(full)).await.is_err() {
                             return Ok(()); // the caller hung up: the child is killed on drop
                         }
+                        sent = true;
                     }
                 }
                 let output = child
@@ -188,7 +191,9 @@ impl EngineCore {
             }
             .await;
             match result {
-                Ok(()) if !pending.is_empty() => {
+                // The last ranges; or, when nothing changed, one empty batch, so that the
+                // caller still learns the volume's size.
+                Ok(()) if !pending.is_empty() || !sent => {
                     let _ = tx.send(Ok(pending)).await;
                 }
                 Ok(()) => {}
