@@ -96,14 +96,29 @@ start_writer() {
   return 1
 }
 
+# Whether a fio process sleeps uninterruptibly (state D): waiting on the device. A flush is not
+# counted in /sys/block/*/inflight (only reads and writes are), so a writer stuck in O_SYNC's
+# flush on the stopped daemon shows there as nothing in flight.
+writer_blocked() {
+  local stat comm state
+  for stat in /proc/[0-9]*/stat; do
+    read -r _ comm state _ 2>/dev/null <"$stat" || continue
+    [[ $comm == "(fio)" && $state == D ]] && return 0
+  done
+  return 1
+}
+
 # Stops process $1 (SIGSTOP) once the writer's requests pile up on the device under mount $2:
-# afterwards a request is certainly in flight, held by the stopped process or waiting on it.
+# afterwards a request is certainly in flight, held by the stopped process or waiting on it —
+# a read or write the device counts, or a flush the writer has been blocked on for 0.5 s.
 stop_with_io_in_flight() {
-  local pid=$1 dev; dev=$(basename "$(findmnt -rn -o SOURCE --target "$2")")
+  local pid=$1 dev blocked=0; dev=$(basename "$(findmnt -rn -o SOURCE --target "$2")")
   kill -STOP "$pid" || return 1
   for _ in $(seq 600); do
     read -r r w <"/sys/block/$dev/inflight"
     (( r + w > 0 )) && return 0
+    if writer_blocked; then blocked=$((blocked + 1)); else blocked=0; fi
+    ((blocked >= 10)) && return 0
     sleep 0.05
   done
   # Never leave the process stopped: the device's I/O would hang on it until the guest times out.
