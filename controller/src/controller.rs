@@ -169,7 +169,9 @@ impl ControllerService {
 }
 
 /// Deleting what does not exist (or cannot exist) succeeds: the CO may retry.
-fn ok_if_gone<T: Default>(result: Result<agent::Empty, Status>) -> Result<Response<T>, Status> {
+pub(crate) fn ok_if_gone<T: Default>(
+    result: Result<agent::Empty, Status>,
+) -> Result<Response<T>, Status> {
     match result {
         Ok(_) => Ok(Response::new(T::default())),
         Err(e) if e.code() == Code::NotFound => Ok(Response::new(T::default())),
@@ -501,10 +503,7 @@ impl Controller for ControllerService {
             .get_volume_health(agent::VolumeRef { volume_id: req.volume_id.clone() })
             .await?;
         Ok(Response::new(csi::ControllerGetVolumeHealthResponse {
-            volume_health: Some(csi::VolumeHealth {
-                volume_id: req.volume_id,
-                health_statuses: health.findings.iter().map(convert::health_entry).collect(),
-            }),
+            volume_health: Some(convert::csi_volume_health(&health)),
         }))
     }
 
@@ -521,13 +520,7 @@ impl Controller for ControllerService {
         // A shared pool's volume is reported by every node that sees it: once is enough.
         all.dedup_by(|a, b| a.volume_id == b.volume_id);
         let (page, next_token) = params::page(all, req.max_entries, &req.starting_token)?;
-        let entries = page
-            .iter()
-            .map(|v| csi::VolumeHealth {
-                volume_id: v.volume_id.clone(),
-                health_statuses: v.findings.iter().map(convert::health_entry).collect(),
-            })
-            .collect();
+        let entries = page.iter().map(convert::csi_volume_health).collect();
         Ok(Response::new(csi::ControllerListVolumeHealthResponse { entries, next_token }))
     }
 

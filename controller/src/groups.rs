@@ -14,10 +14,10 @@
 use qsd_csi_model::id::IdKind;
 use qsd_csi_proto::agent;
 use qsd_csi_proto::csi::{self, group_controller_server::GroupController};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use crate::agents::Agents;
-use crate::controller::ControllerService;
+use crate::controller::{ok_if_gone, ControllerService};
 use crate::error::{required, ControllerError};
 use crate::params;
 
@@ -124,18 +124,12 @@ impl GroupController for GroupService {
         let deleted = match self.agents.for_id(IdKind::Group, &req.group_snapshot_id).await {
             Ok(a) => {
                 let r = agent::SnapshotGroupRef { group_snapshot_id: req.group_snapshot_id };
-                a.delete_snapshot_group(r).await.map(drop)
+                a.delete_snapshot_group(r).await
             }
             Err(e) => Err(e),
         };
-        match deleted {
-            Ok(()) => Ok(Response::new(csi::DeleteVolumeGroupSnapshotResponse {})),
-            // Gone, or an ID that was never ours: deleted, as the spec asks.
-            Err(e) if e.code() == Code::NotFound => {
-                Ok(Response::new(csi::DeleteVolumeGroupSnapshotResponse {}))
-            }
-            Err(e) => Err(e),
-        }
+        // Gone, or an ID that was never ours: deleted, as the spec asks.
+        ok_if_gone(deleted)
     }
 
     async fn get_volume_group_snapshot(

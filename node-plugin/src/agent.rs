@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use qsd_csi_proto::agent::{self, agent_server::Agent};
+use qsd_csi_proto::convert;
 use tonic::{Request, Response, Status};
 
 use crate::csi::status;
@@ -43,7 +44,7 @@ fn volume(v: VolumeInfo) -> agent::Volume {
         volume_id: v.id,
         size_bytes: v.size,
         chain_depth: v.chain_depth as u32,
-        source: qsd_csi_proto::convert::volume_source(v.source),
+        source: convert::volume_source(v.source),
         export: export as i32,
         labels: v.labels,
     }
@@ -296,10 +297,7 @@ impl Agent for AgentService {
     ) -> Result<Response<agent::VolumeHealth>, Status> {
         let volume_id = request.into_inner().volume_id;
         let found = self.engine.volume_health(&volume_id).await.map_err(status)?;
-        Ok(Response::new(agent::VolumeHealth {
-            volume_id,
-            findings: found.iter().map(Into::into).collect(),
-        }))
+        Ok(Response::new(convert::agent_volume_health(volume_id, &found)))
     }
 
     async fn list_volume_health(
@@ -307,13 +305,8 @@ impl Agent for AgentService {
         _: Request<agent::Empty>,
     ) -> Result<Response<agent::VolumeHealthList>, Status> {
         let all = self.engine.list_volume_health().await.map_err(status)?;
-        let volumes = all
-            .into_iter()
-            .map(|(volume_id, found)| agent::VolumeHealth {
-                volume_id,
-                findings: found.iter().map(Into::into).collect(),
-            })
-            .collect();
+        let volumes =
+            all.into_iter().map(|(id, found)| convert::agent_volume_health(id, &found)).collect();
         Ok(Response::new(agent::VolumeHealthList { volumes }))
     }
 

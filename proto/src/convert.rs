@@ -40,12 +40,22 @@ pub fn health_entry(f: &agent::Finding) -> csi::volume_health::VolumeHealthEntry
     }
 }
 
+/// An agent's volume health as CSI's.
+pub fn csi_volume_health(h: &agent::VolumeHealth) -> csi::VolumeHealth {
+    csi::VolumeHealth {
+        volume_id: h.volume_id.clone(),
+        health_statuses: h.findings.iter().map(health_entry).collect(),
+    }
+}
+
+/// A volume's findings in the agent's message.
+pub fn agent_volume_health(volume_id: String, findings: &[Finding]) -> agent::VolumeHealth {
+    agent::VolumeHealth { volume_id, findings: findings.iter().map(Into::into).collect() }
+}
+
 /// A volume's findings as CSI's `VolumeHealth`.
 pub fn volume_health(volume_id: &str, findings: &[Finding]) -> csi::VolumeHealth {
-    csi::VolumeHealth {
-        volume_id: volume_id.to_owned(),
-        health_statuses: findings.iter().map(|f| health_entry(&f.into())).collect(),
-    }
+    csi_volume_health(&agent_volume_health(volume_id.to_owned(), findings))
 }
 
 impl From<Qos> for agent::Qos {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::staging::Journal;
+use super::staging::{file_name, Journal};
 use crate::claims::{Claim, Claims};
 use crate::engine::Quiesce;
 use crate::error::{Error, Result};
@@ -31,10 +31,6 @@ pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(20);
 struct Marker {
     volume_id: String,
     mount: PathBuf,
-}
-
-fn marker_name(volume_id: &str) -> String {
-    format!("{}.json", volume_id.replace('/', "_"))
 }
 
 /// Freezes staged filesystems for the engine's snapshots.
@@ -68,7 +64,7 @@ impl Freezer {
                     tracing::error!(volume = %marker.volume_id, error = %e, "thawing a left-over freeze failed")
                 }
             }
-            store::remove(&self.markers, &marker_name(&marker.volume_id))?;
+            store::remove(&self.markers, &file_name(&marker.volume_id))?;
         }
         Ok(thawed)
     }
@@ -78,7 +74,7 @@ impl Freezer {
 struct Frozen {
     markers: PathBuf,
     frozen: Vec<Marker>,
-    _claim: Option<Claim>,
+    _claim: Claim,
 }
 
 impl Drop for Frozen {
@@ -89,7 +85,7 @@ impl Drop for Frozen {
                 tracing::error!(volume = %marker.volume_id, error = %e, "FITHAW failed");
                 continue;
             }
-            let _ = store::remove(&self.markers, &marker_name(&marker.volume_id));
+            let _ = store::remove(&self.markers, &file_name(&marker.volume_id));
         }
     }
 }
@@ -97,16 +93,17 @@ impl Drop for Frozen {
 impl Quiesce for Freezer {
     fn freeze(&self, volume_ids: &[String]) -> Result<Box<dyn Send>> {
         let claim = self.busy.take(volume_ids.to_vec()).map_err(|id| Error::Busy { id })?;
-        let mut frozen = Frozen { markers: self.markers.clone(), frozen: Vec::new(), _claim: None };
+        let mut frozen =
+            Frozen { markers: self.markers.clone(), frozen: Vec::new(), _claim: claim };
         for id in volume_ids {
             let Some(staged) = self.staging.get(id)? else { continue };
             if staged.fs_type.is_none() || !crate::mount::is_mountpoint(&staged.staging_path) {
                 continue;
             }
             let marker = Marker { volume_id: id.clone(), mount: staged.staging_path.clone() };
-            store::write_json(&self.markers, &marker_name(id), &marker)?;
+            store::write_json(&self.markers, &file_name(id), &marker)?;
             if let Err(e) = freeze(&marker.mount, FREEZE_TIMEOUT) {
-                let _ = store::remove(&self.markers, &marker_name(id));
+                let _ = store::remove(&self.markers, &file_name(id));
                 return Err(e); // `frozen` thaws the others
             }
             frozen.frozen.push(marker);
@@ -116,7 +113,6 @@ impl Quiesce for Freezer {
                 frozen.frozen.iter().map(|m| m.mount.display().to_string()).collect();
             tracing::info!(?mounts, "froze filesystems for a snapshot");
         }
-        frozen._claim = Some(claim);
         Ok(Box::new(frozen))
     }
 }

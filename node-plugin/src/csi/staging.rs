@@ -37,7 +37,8 @@ pub struct Journal {
     dir: PathBuf,
 }
 
-fn file_name(volume_id: &str) -> String {
+/// A volume's record file name (also the freeze marker's, `csi::freeze`).
+pub(super) fn file_name(volume_id: &str) -> String {
     // IDs are validated before use: no '/' can reach here.
     format!("{}.json", volume_id.replace('/', "_"))
 }

@@ -28,7 +28,8 @@ impl EngineCore {
     pub async fn volume_health(&self, id: &str) -> Result<Vec<Finding>> {
         let (pool, _, record) = self.resolve_volume(id)?;
         let exports = self.exports_if_needed(std::slice::from_ref(&record)).await;
-        Ok(self.findings(&pool, &record, exports.as_ref()))
+        let space = pool_space_of(&pool).ok().flatten();
+        Ok(self.findings(&pool, &record, exports.as_ref(), space.as_ref()))
     }
 
     /// Every volume of this node's pools with a finding, by ID.
@@ -37,8 +38,9 @@ impl EngineCore {
         for pool in self.pools()? {
             let volumes = pool.volumes();
             let exports = self.exports_if_needed(&volumes).await;
+            let space = pool_space_of(&pool).ok().flatten();
             for record in &volumes {
-                let findings = self.findings(&pool, record, exports.as_ref());
+                let findings = self.findings(&pool, record, exports.as_ref(), space.as_ref());
                 if !findings.is_empty() {
                     all.push((
                         self.object_id(super::IdKind::Volume, &pool, &record.name)?.to_string(),
@@ -64,17 +66,10 @@ impl EngineCore {
             all.push((String::new(), f));
         }
         for (name, pool) in &self.pools {
-            match crate::mount::usage(pool.root()) {
-                Ok(u) => {
-                    if let Some(f) = pool_space(name.as_str(), u.bytes_available, u.bytes_total) {
-                        all.push((name.as_str().to_owned(), f));
-                    }
-                }
-                Err(e) => {
-                    let f = Finding::new(Severity::Inaccessible, "PoolUnreachable", e.to_string());
-                    all.push((name.as_str().to_owned(), f));
-                }
-            }
+            let found = pool_space_of(pool).unwrap_or_else(|e| {
+                Some(Finding::new(Severity::Inaccessible, "PoolUnreachable", e.to_string()))
+            });
+            all.extend(found.map(|f| (name.as_str().to_owned(), f)));
         }
         all
     }
@@ -94,6 +89,7 @@ impl EngineCore {
         pool: &Pool,
         record: &VolumeRecord,
         exports: Option<&HashSet<String>>,
+        space: Option<&Finding>,
     ) -> Vec<Finding> {
         let mut found = Vec::new();
         match pool.chain(record.head) {
@@ -132,9 +128,14 @@ impl EngineCore {
                 Some(_) => {}
             }
         }
-        if let Ok(u) = crate::mount::usage(pool.root()) {
-            found.extend(pool_space(pool.name().as_str(), u.bytes_available, u.bytes_total));
-        }
+        found.extend(space.cloned());
         normalize(found)
     }
+}
+
+/// What a pool's filesystem says now: full, nearly full, or nothing; an error when it cannot
+/// be read.
+fn pool_space_of(pool: &Pool) -> Result<Option<Finding>> {
+    let u = crate::mount::usage(pool.root())?;
+    Ok(pool_space(pool.name().as_str(), u.bytes_available, u.bytes_total))
 }

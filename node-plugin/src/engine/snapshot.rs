@@ -142,11 +142,7 @@ impl EngineCore {
         }
         let _guard = self.lock(keys)?;
         if let (Some(group), Some((pool, ..))) = (batch.group, resolved.first()) {
-            let members: Vec<_> = pool
-                .snapshots()
-                .into_iter()
-                .filter(|s| s.group.as_deref() == Some(group))
-                .collect();
+            let members = pool.group_members(group);
             if !members.is_empty() {
                 let mut had: Vec<&str> = members.iter().map(|m| m.source_volume.as_str()).collect();
                 let mut asked: Vec<&str> =
@@ -301,10 +297,9 @@ impl EngineCore {
     pub fn group_snapshots(&self, group_id: &str) -> Result<Vec<SnapshotInfo>> {
         let (pool, parsed) = self.resolve(IdKind::Group, group_id)?;
         let members: Vec<_> = pool
-            .snapshots()
-            .into_iter()
-            .filter(|s| s.group.as_deref() == Some(parsed.name.as_str()))
-            .map(|s| self.snapshot_info(&pool, &s))
+            .group_members(parsed.name.as_str())
+            .iter()
+            .map(|s| self.snapshot_info(&pool, s))
             .collect::<Result<_>>()?;
         if members.is_empty() {
             return Err(Error::NotFound { what: "group snapshot", id: group_id.to_owned() });
@@ -316,11 +311,7 @@ impl EngineCore {
     pub async fn delete_group(&self, group_id: &str) -> Result<()> {
         let (pool, parsed) = self.resolve(IdKind::Group, group_id)?;
         let _guard = self.lock(vec![Self::key(IdKind::Group, &pool, parsed.name.as_str())])?;
-        let members = pool
-            .snapshots()
-            .into_iter()
-            .filter(|s| s.group.as_deref() == Some(parsed.name.as_str()));
-        for member in members {
+        for member in pool.group_members(parsed.name.as_str()) {
             let _member = self.lock(vec![Self::key(IdKind::Snapshot, &pool, &member.name)])?;
             self.remove_snapshot(&pool, &member).await?;
         }

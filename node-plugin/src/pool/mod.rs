@@ -328,6 +328,13 @@ impl Pool {
     }
 
     /// A layer's record.
+    /// The snapshots of group `group`.
+    pub fn group_members(&self, group: &str) -> Vec<SnapshotRecord> {
+        let mut members = self.snapshots();
+        members.retain(|s| s.group.as_deref() == Some(group));
+        members
+    }
+
     pub fn layer(&self, id: LayerId) -> Option<LayerRecord> {
         self.index().layers.get(&id).cloned()
     }
