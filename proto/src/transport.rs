@@ -90,9 +90,22 @@ pub fn socket_path(endpoint: &str) -> Result<std::path::PathBuf, String> {
 pub const HEALTH_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves the standard gRPC health service (`grpc.health.v1`, what Kubernetes' gRPC probes
-/// call) on `listener` until `shutdown`: SERVING while `ready` answers true, asked every
-/// [`HEALTH_PERIOD`].
+/// call) on `listener` until `shutdown`: NOT_SERVING until `ready` first answers true, then
+/// SERVING while it does, asked every [`HEALTH_PERIOD`]; a `Watch` stream carries changes only.
 pub async fn serve_health<F, Fut>(
+    listener: tokio::net::TcpListener,
+    ready: F,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), TransportError>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    serve_health_every(HEALTH_PERIOD, listener, ready, shutdown).await
+}
+
+async fn serve_health_every<F, Fut>(
+    period: std::time::Duration,
     listener: tokio::net::TcpListener,
     ready: F,
     shutdown: impl std::future::Future<Output = ()>,
@@ -103,13 +116,20 @@ where
 {
     use tonic_health::ServingStatus;
     let (reporter, service) = tonic_health::server::health_reporter();
+    // tonic-health starts the server's status at SERVING and tells watchers of every report,
+    // changed or not. Not ready until the first check says so, and a watcher hears only changes.
+    let mut reported = ServingStatus::NotServing;
+    reporter.set_service_status("", reported).await;
     let watcher = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(HEALTH_PERIOD);
+        let mut tick = tokio::time::interval(period);
         loop {
             tick.tick().await;
             let status =
                 if ready().await { ServingStatus::Serving } else { ServingStatus::NotServing };
-            reporter.set_service_status("", status).await;
+            if status != reported {
+                reporter.set_service_status("", status).await;
+                reported = status;
+            }
         }
     });
     let served = tonic::transport::Server::builder()
@@ -136,6 +156,70 @@ mod tests {
         assert_eq!(socket_path("/run/csi.sock").ok(), path("/run/csi.sock"));
         assert!(socket_path("tcp://1.2.3.4:5").is_err());
         assert!(socket_path("unix://relative.sock").is_err());
+    }
+
+    #[tokio::test]
+    async fn health_watchers_hear_not_serving_until_ready_and_then_only_changes() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use tokio_stream::StreamExt;
+        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+        use tonic_health::ServingStatus;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (ready, asked) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let (r, a) = (ready.clone(), asked.clone());
+        let check = move || {
+            let (r, a) = (r.clone(), a.clone());
+            async move {
+                a.fetch_add(1, Ordering::SeqCst);
+                r.load(Ordering::SeqCst)
+            }
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let period = std::time::Duration::from_millis(20);
+        let server = tokio::spawn(serve_health_every(period, listener, check, async {
+            stopped.await.ok();
+        }));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .expect("endpoint")
+            .connect_lazy();
+        let mut probe = HealthClient::new(channel);
+        let request = || HealthCheckRequest { service: String::new() };
+        let mut watch = loop {
+            // The listener is bound already; the server task may not have reached accept yet.
+            match probe.watch(request()).await {
+                Ok(stream) => break stream.into_inner(),
+                Err(_) => tokio::task::yield_now().await,
+            }
+        };
+        async fn next(watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>) -> i32 {
+            let wait = std::time::Duration::from_secs(10);
+            let item = tokio::time::timeout(wait, watch.next()).await.expect("a status in time");
+            item.expect("open").expect("status").status
+        }
+        assert_eq!(
+            next(&mut watch).await,
+            ServingStatus::NotServing as i32,
+            "unready before any check"
+        );
+        ready.store(true, Ordering::SeqCst);
+        assert_eq!(next(&mut watch).await, ServingStatus::Serving as i32);
+        // Several more checks answer the same: no watcher hears them.
+        let seen = asked.load(Ordering::SeqCst);
+        while asked.load(Ordering::SeqCst) < seen + 3 {
+            tokio::time::sleep(period).await;
+        }
+        ready.store(false, Ordering::SeqCst);
+        assert_eq!(
+            next(&mut watch).await,
+            ServingStatus::NotServing as i32,
+            "the next message is the change"
+        );
+        // A graceful stop waits for open streams: the watcher leaves first.
+        drop((watch, probe));
+        stop.send(()).ok();
+        server.await.expect("join").expect("served");
     }
 
     #[tokio::test]
