@@ -430,7 +430,18 @@ pub async fn resize_attached(
     endpoint: &ExportEndpoint,
     size: u64,
 ) -> Result<()> {
-    if endpoint.kind == ExportKind::Nbd {
+    let re_export = match endpoint.kind {
+        ExportKind::Nbd => true,
+        // QEMU after 7.2 tells a vhost-user-blk client of the new size, and with no client
+        // connected that message goes to a device never set up: 11.1 segfaults (7.2 does not;
+        // the versions between are untested and treated like 11.1). Without a client, the
+        // export is taken down around the resize instead; a connected client hears of it.
+        ExportKind::VhostUserBlk => {
+            qmp.version().at_least(8, 0) && !unix_socket_has_peer(&endpoint.path)
+        }
+        ExportKind::Fuse => false,
+    };
+    if re_export {
         delete_export(qmp, &names.export(), true).await?;
         let resized = resize_node(qmp, names.throttle(), size).await;
         add_export(qmp, names, endpoint).await?;
@@ -438,6 +449,22 @@ pub async fn resize_attached(
     } else {
         resize_node(qmp, names.throttle(), size).await
     }
+}
+
+/// True when some process holds a connection accepted on the listening unix socket at `path`
+/// (the kernel lists accepted sockets under their listener's path in `/proc/net/unix`, state
+/// 03, connected).
+fn unix_socket_has_peer(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else { return false };
+    socket_table_has_peer(&table, &path.to_string_lossy())
+}
+
+fn socket_table_has_peer(table: &str, path: &str) -> bool {
+    // Num RefCount Protocol Flags Type St Inode Path
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8 && fields[5] == "03" && fields[7] == path
+    })
 }
 
 /// Grows a detached volume's head layer to `size` bytes. Only the head is opened: a head is
@@ -459,6 +486,17 @@ pub async fn set_limits(qmp: &QmpClient, names: &Names, qos: Qos) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listener_has_a_peer_only_when_a_connection_was_accepted_on_it() {
+        let head = "Num       RefCount Protocol Flags    Type St Inode Path\n";
+        let listening = "0000000035: 00000002 00000000 00010000 0001 01 3083173 /run/x/vu.sock\n";
+        let accepted = "0000000098: 00000003 00000000 00000000 0001 03 3083873 /run/x/vu.sock\n";
+        let other = "0000000099: 00000003 00000000 00000000 0001 03 3083874 /run/y/vu.sock\n";
+        let table = |rows: &[&str]| format!("{head}{}", rows.concat());
+        assert!(!socket_table_has_peer(&table(&[listening, other]), "/run/x/vu.sock"));
+        assert!(socket_table_has_peer(&table(&[listening, accepted]), "/run/x/vu.sock"));
+    }
 
     #[test]
     fn node_names_fit_qemus_31_byte_limit() {
