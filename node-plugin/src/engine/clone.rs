@@ -202,8 +202,7 @@ impl EngineCore {
                 }
                 None => Names::new(source_record.uid.to_string()).format(source_record.head),
             };
-            let target_node =
-                graph::open_chain(&qmp, &pool, &target_names, &[target], false).await?;
+            let target_node = graph::open_copy_target(&qmp, &pool, &target_names, target).await?;
             open.target = Some(target_names.clone());
             graph::start_backup(&qmp, &target_names, source_node, target_node, speed).await
         }

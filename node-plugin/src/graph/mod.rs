@@ -31,9 +31,9 @@ use crate::error::{Error, Result};
 use crate::pool::{LayerId, Pool};
 use crate::qmp::commands::{
     BlockExportAdd, BlockExportDel, BlockdevAdd, BlockdevCreate, BlockdevCreateOptions,
-    BlockdevDel, BlockdevOptions, BlockdevRef, Command, LegacyUnixAddress, LegacyUnixData,
-    NbdServerStart, ObjectAddThrottleGroup, ObjectDel, QomSetLimits, ThrottleLimits,
-    UnixSocketAddress,
+    BlockdevDel, BlockdevOptions, BlockdevRef, Command, FileCache, LegacyUnixAddress,
+    LegacyUnixData, NbdServerStart, ObjectAddThrottleGroup, ObjectDel, QomSetLimits,
+    ThrottleLimits, UnixSocketAddress,
 };
 use crate::qmp::{Job, JobOptions, QmpClient};
 use qsd_csi_model::volume::{Preallocation, Qos};
@@ -131,6 +131,7 @@ pub fn layer_options(
             filename: pool.layer_path(layer).display().to_string(),
             read_only,
             discard: Some("unmap"),
+            cache: None,
         })),
         backing: Some(backing.map(|b| Box::new(BlockdevRef::Definition(b)))),
         read_only,
@@ -169,6 +170,33 @@ pub async fn open_chain(
     let top = options.node_name().to_owned();
     call(qmp, &BlockdevAdd(options)).await?;
     Ok(top)
+}
+
+/// Opens a new, empty layer to be filled by a copy job: its file node bypasses the host's page
+/// cache (O_DIRECT), so the copy is not staged in the page cache and written back behind it.
+/// Measured on a 1 GiB copy (docs/benchmarks.md): 2.6 s buffered against 0.65 s direct on QEMU
+/// 11.1; 7.2 gains too. A filesystem without O_DIRECT (tmpfs before Linux 6.6) gets a buffered
+/// node. Returns the qcow2 node's name.
+pub async fn open_copy_target(
+    qmp: &QmpClient,
+    pool: &Pool,
+    names: &Names,
+    layer: LayerId,
+) -> Result<String> {
+    let mut options = layer_options(pool, names, layer, false, None);
+    let top = options.node_name().to_owned();
+    if let BlockdevOptions::Qcow2 { file, .. } = &mut options {
+        if let BlockdevRef::Definition(BlockdevOptions::File { cache, .. }) = file.as_mut() {
+            *cache = Some(FileCache { direct: true });
+        }
+    }
+    match call(qmp, &BlockdevAdd(options)).await {
+        Ok(_) => Ok(top),
+        Err(e) if e.qmp_desc_contains("O_DIRECT") || e.qmp_desc_contains("Invalid argument") => {
+            open_chain(qmp, pool, names, &[layer], false).await
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Deletes the monitor-owned qcow2 nodes of a chain, top first. Nodes that are only children
@@ -233,6 +261,7 @@ pub async fn create_image(qmp: &QmpClient, image: NewImage<'_>) -> Result<()> {
                 filename: image.path.display().to_string(),
                 read_only: None,
                 discard: None,
+                cache: None,
             }),
         )
         .await?;

@@ -78,6 +78,9 @@ pub enum BlockdevOptions {
         /// `unmap` passes discards down (thin provisioning gives space back); default ignore.
         #[serde(skip_serializing_if = "Option::is_none")]
         discard: Option<&'static str>,
+        /// Cache modes; default: through the host's page cache.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cache: Option<FileCache>,
     },
     /// The `qcow2` format driver.
     Qcow2 {
@@ -110,6 +113,13 @@ pub enum BlockdevOptions {
         #[serde(skip_serializing_if = "Option::is_none")]
         discard: Option<&'static str>,
     },
+}
+
+/// `BlockdevCacheOptions` of a file node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct FileCache {
+    /// O_DIRECT: bypass the host's page cache.
+    pub direct: bool,
 }
 
 impl BlockdevOptions {
@@ -643,6 +653,7 @@ mod tests {
                 filename: "/p/a.qcow2".into(),
                 read_only: None,
                 discard: None,
+                cache: None,
             })),
             backing: Some(None),
             read_only: Some(true),

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The engine tests and csi-sanity again, against the newest QEMU Debian ships (trixie-backports,
+# the one the image carries; scripts/qemu-newest makes and caches it), while every other suite
+# runs the host's QEMU, the oldest supported. The daemon the node plugin starts is whichever
+# `qemu-storage-daemon` comes first on PATH, so this puts the newest first.
+# The inner output is indented (so scripts/test counts it once, here); ends with the plain line
+# "qemu-newest: N passed, N failed".
+set -uo pipefail
+top=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$top"
+if ! bin=$(scripts/qemu-newest); then
+  echo "qemu-newest: could not make the newest QEMU's root"
+  echo "qemu-newest: 0 passed, 1 failed"
+  exit 1
+fi
+export PATH="$bin:$PATH"
+echo "qemu-newest: $(qemu-storage-daemon --version | sed -n 1p)"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# The engine (node plugin) and the driver's end-to-end tests; then csi-sanity.
+cargo test --no-fail-fast -p qsd-csi-node -p qsd-csi 2>&1 | tee "$log" | sed 's/^/  /'
+cargo_status=${PIPESTATUS[0]}
+e2e/csi-sanity/run.sh 2>&1 | tee -a "$log" | sed 's/^/  /'
+sanity_status=${PIPESTATUS[0]}
+awk -v cargo="$cargo_status" -v sanity="$sanity_status" '
+  /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+  /^csi-sanity: [0-9]+ passed/ { p += $2; f += $4 }
+  END {
+    # A suite that failed without reporting a failed test (a build error) still counts once.
+    if (cargo != 0 && f == 0) f = 1
+    if (sanity != 0 && f == 0) f = 1
+    printf "qemu-newest: %d passed, %d failed\n", p, f
+  }' "$log"
+[[ $cargo_status -eq 0 && $sanity_status -eq 0 ]]
