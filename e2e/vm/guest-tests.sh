@@ -199,6 +199,62 @@ test_qsd_csi_ublk_backend() {
   return 0
 }
 
+# Whether this kernel's ublk driver resizes a started device (UBLK_F_UPDATE_SIZE, Linux 6.16).
+ublk_resizes() {
+  local v; v=$(uname -r); v=${v%%[-+]*}
+  [[ $(printf '%s\n' 6.16 "$v" | sort -V | head -1) == 6.16 ]]
+}
+
+# A test that cannot run on this kernel says why on its last line and returns this.
+SKIP=77
+
+# `--device auto` picks ublk where the driver can grow a started device, nbd otherwise.
+test_auto_picks_the_backend_the_kernel_serves_best() {
+  local bin=$top/target/debug/qsd-csi dir=$work/auto st=$work/auto/staging m=$work/auto/vol
+  start_driver "$dir" auto || return 1
+  local id want=nbd
+  ublk_resizes && want=ublkb
+  id=$("$bin" --endpoint "$ep" volume create auto --size 64M) || return 1
+  "$bin" --endpoint "$ep" publish "$id" "$m" --staging-dir "$st" || return 1
+  local source; source=$(findmnt -rn -o SOURCE --target "$m")
+  [[ $source == /dev/$want* ]] || { echo "auto staged on $source on $(uname -r), not $want"; return 1; }
+  "$bin" --endpoint "$ep" unpublish "$id" "$m" --staging-dir "$st" || return 1
+  "$bin" --endpoint "$ep" volume delete "$id" || return 1
+  kill "$driver"; wait "$driver" 2>/dev/null
+  kill "$(cat "$dir/state/run/qsd.pid")"
+  return 0
+}
+
+# NodeExpandVolume grows a mounted filesystem ($1) on a ublk device under a verifying writer,
+# with no re-stage: the same device, the new size, the writer sees no error and verifies.
+ublk_grows_online_under_a_writer() {
+  local fs=$1 bin=$top/target/debug/qsd-csi dir=$work/grow-$1 st=$work/grow-$1/staging m=$work/grow-$1/vol
+  ublk_resizes || { echo "needs UBLK_F_UPDATE_SIZE (Linux 6.16; this is $(uname -r))"; return $SKIP; }
+  start_driver "$dir" ublk || return 1
+  local id
+  id=$("$bin" --endpoint "$ep" volume create "grow-$fs" --size 512M) || return 1
+  "$bin" --endpoint "$ep" publish "$id" "$m" --fs-type "$fs" --staging-dir "$st" || return 1
+  local before; before=$(findmnt -rn -o SOURCE --target "$m")
+  [[ $before == /dev/ublkb* ]] || { echo "not on a ublk device: $before"; return 1; }
+  start_writer "$m/data" "$dir/fio.log" || return 1
+  "$bin" --endpoint "$ep" expand "$id" 1G --staging-dir "$st" || return 1
+  kill -0 "$writer" 2>/dev/null || { echo "the writer ended before the expansion did"; return 1; }
+  local after; after=$(findmnt -rn -o SOURCE --target "$m")
+  [[ $after == "$before" ]] || { echo "re-staged: $before became $after"; return 1; }
+  local bytes; bytes=$(blockdev --getsize64 "$after")
+  [[ $bytes -eq 1073741824 ]] || { echo "$after has $bytes bytes"; return 1; }
+  local size; size=$(df -B1 --output=size "$m" | tail -1)
+  [[ $size -gt 900000000 ]] || { echo "$fs shows $size bytes"; return 1; }
+  writer_verified "$dir/fio.log" || return 1
+  "$bin" --endpoint "$ep" unpublish "$id" "$m" --staging-dir "$st" || return 1
+  "$bin" --endpoint "$ep" volume delete "$id" || return 1
+  kill "$driver"; wait "$driver" 2>/dev/null
+  kill "$(cat "$dir/state/run/qsd.pid")"
+  return 0
+}
+test_ublk_grows_a_mounted_ext4_under_a_writer() { ublk_grows_online_under_a_writer ext4; }
+test_ublk_grows_a_mounted_xfs_under_a_writer() { ublk_grows_online_under_a_writer xfs; }
+
 # The ublk server (the node plugin) SIGKILLed under a verifying writer and started again: the
 # kernel quiesced the device and kept its I/O; the new plugin recovers it (START/END_USER_RECOVERY)
 # and the kernel re-issues the requests. The daemon, running on its own, is untouched.
@@ -253,7 +309,9 @@ declare -A known_broken=()
 
 for t in ${QSD_VM_TESTS:-test_kernel_devices rust_kernel_devices test_daemon_nbd_export_through_the_kernel \
   test_qsd_csi_nbd_backend test_daemon_killed_under_a_verifying_writer test_qsd_csi_ublk_backend \
-  test_daemon_killed_under_a_verifying_writer_ublk test_ublk_server_killed_under_a_verifying_writer}; do
+  test_daemon_killed_under_a_verifying_writer_ublk test_ublk_server_killed_under_a_verifying_writer \
+  test_auto_picks_the_backend_the_kernel_serves_best test_ublk_grows_a_mounted_ext4_under_a_writer \
+  test_ublk_grows_a_mounted_xfs_under_a_writer}; do
   if [[ $t == rust_kernel_devices ]]; then
     run_rust_tests
     continue
@@ -265,6 +323,10 @@ for t in ${QSD_VM_TESTS:-test_kernel_devices rust_kernel_devices test_daemon_nbd
   touch "$work/.started"
   ( set -o pipefail; $t ) >"$work/$t.log" 2>&1
   rc=$?
+  if [[ $rc -eq $SKIP ]]; then
+    echo "QSD-VM-RESULT skip ${t#test_}: $(tail -1 "$work/$t.log")"
+    continue
+  fi
   if [[ $rc -ne 0 ]]; then
     sed 's/^/QSD-VM-LOG /' "$work/$t.log" | tail -20
     for l in $(find "$work" -name driver.log -newer "$work/.started"); do
