@@ -130,7 +130,8 @@ prepare_newest() {
     for f in $(python3 "$here/module-order.py" "$moddir" virtio_pci 9pnet_virtio 9p nbd loop ext4 xfs ublk_drv); do
       name=$(basename "$f"); name=${name%.xz}; name=${name%.ko}
       case $f in
-        *.xz) xz -dc "$f" >"$nc/initramfs/modules/$name.ko" ;;
+        *.xz) python3 -c 'import lzma, sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' \
+          "$f" >"$nc/initramfs/modules/$name.ko" ;;
         *) cp "$f" "$nc/initramfs/modules/$name.ko" ;;
       esac
       echo "$name" >>"$nc/initramfs/modules/order"
