@@ -160,19 +160,21 @@ mod tests {
 
     #[tokio::test]
     async fn health_watchers_hear_not_serving_until_ready_and_then_only_changes() {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Arc;
         use tokio_stream::StreamExt;
         use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
         use tonic_health::ServingStatus;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
-        let (ready, asked) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
-        let (r, a) = (ready.clone(), asked.clone());
+        // `asked` counts the readiness checks, so the test can wait for them.
+        let (ready, asked) = (Arc::new(AtomicBool::new(false)), tokio::sync::watch::channel(0));
+        let (r, a) = (ready.clone(), Arc::new(asked.0));
+        let mut checks = asked.1;
         let check = move || {
             let (r, a) = (r.clone(), a.clone());
             async move {
-                a.fetch_add(1, Ordering::SeqCst);
+                a.send_modify(|n| *n += 1);
                 r.load(Ordering::SeqCst)
             }
         };
@@ -186,13 +188,8 @@ mod tests {
             .connect_lazy();
         let mut probe = HealthClient::new(channel);
         let request = || HealthCheckRequest { service: String::new() };
-        let mut watch = loop {
-            // The listener is bound already; the server task may not have reached accept yet.
-            match probe.watch(request()).await {
-                Ok(stream) => break stream.into_inner(),
-                Err(_) => tokio::task::yield_now().await,
-            }
-        };
+        // The listener is bound already: the connection waits in its backlog for the server.
+        let mut watch = probe.watch(request()).await.expect("watch").into_inner();
         async fn next(watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>) -> i32 {
             let wait = std::time::Duration::from_secs(10);
             let item = tokio::time::timeout(wait, watch.next()).await.expect("a status in time");
@@ -206,10 +203,8 @@ mod tests {
         ready.store(true, Ordering::SeqCst);
         assert_eq!(next(&mut watch).await, ServingStatus::Serving as i32);
         // Several more checks answer the same: no watcher hears them.
-        let seen = asked.load(Ordering::SeqCst);
-        while asked.load(Ordering::SeqCst) < seen + 3 {
-            tokio::time::sleep(period).await;
-        }
+        let seen = *checks.borrow_and_update();
+        checks.wait_for(|n| *n >= seen + 3).await.expect("checks go on");
         ready.store(false, Ordering::SeqCst);
         assert_eq!(
             next(&mut watch).await,

@@ -327,7 +327,6 @@ impl Pool {
         self.index().snapshots.get(name).cloned()
     }
 
-    /// A layer's record.
     /// The snapshots of group `group`.
     pub fn group_members(&self, group: &str) -> Vec<SnapshotRecord> {
         let mut members = self.snapshots();
@@ -335,6 +334,7 @@ impl Pool {
         members
     }
 
+    /// A layer's record.
     pub fn layer(&self, id: LayerId) -> Option<LayerRecord> {
         self.index().layers.get(&id).cloned()
     }
