@@ -9,8 +9,9 @@
 //!   <pool>/owners/<name>.json        shared pools: the node a volume is attached on
 //! ```
 //!
-//! A shared pool is written by every node that mounts it, so its index is re-read from the
-//! records whenever the engine resolves an object in it ([`Pool::refresh`]), and an owner record
+//! A shared pool is written by every node that mounts it, so its index takes in the records that
+//! changed on disk whenever the engine resolves an object in it ([`Pool::refresh`]: a listing and
+//! a `stat` per record, a read only of what changed), and an owner record
 //! names the node whose daemon holds an attached volume open: the controller routes that
 //! volume's requests there, and other nodes refuse to delete it.
 //!
@@ -26,7 +27,7 @@ pub mod store;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -162,6 +163,28 @@ pub struct Pool {
     kind: PoolKind,
     root: PathBuf,
     index: Mutex<Index>,
+    /// Shared pools: what the last scan of each record directory saw.
+    scans: Mutex<Scans>,
+    /// Shared pools: the pool's generation the index is known to match (`None`: not yet).
+    generation: Mutex<Option<u64>>,
+    /// Held shared by every record write (file and index together) and exclusively by a
+    /// refresh, so a refresh never applies a listing taken before one of this process's writes
+    /// over that write.
+    writes: RwLock<()>,
+}
+
+/// `<pool>/generation` in a shared pool: a counter every record write bumps, under an
+/// exclusive `flock` on the file held until the record is written. A node whose index matched
+/// the generation before its own write still matches after it, so a refresh that finds the
+/// generation it knows skips the scan: a pool only this node writes is never rescanned, and a
+/// scan happens once per change by another node.
+const GENERATION: &str = "generation";
+
+#[derive(Debug, Default)]
+struct Scans {
+    volumes: store::DirScan,
+    snapshots: store::DirScan,
+    layers: store::DirScan,
 }
 
 impl Pool {
@@ -195,39 +218,145 @@ impl Pool {
             )?;
         }
         if kind == PoolKind::Shared {
+            let generation = root.join(GENERATION);
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&generation)
+                .map_err(|e| Error::io("create", &generation, e))?;
             let owners = root.join("owners");
             std::fs::create_dir_all(&owners)
                 .map_err(|e| Error::io("create pool directory", &owners, e))?;
         }
-        let index = Self::load(root, kind)?;
-        let pool = Pool { name, kind, root: root.to_owned(), index: Mutex::new(index) };
+        let index = match kind {
+            PoolKind::Local => Self::load(root)?,
+            PoolKind::Shared => Index::default(),
+        };
+        let pool = Pool {
+            name,
+            kind,
+            root: root.to_owned(),
+            index: Mutex::new(index),
+            scans: Mutex::default(),
+            generation: Mutex::default(),
+            writes: RwLock::default(),
+        };
+        pool.refresh()?;
         pool.collect_garbage_at_open()?;
         Ok(pool)
     }
 
-    fn load(root: &Path, kind: PoolKind) -> Result<Index> {
-        let sweep = kind == PoolKind::Local;
+    /// A local pool's records, read once when it opens (this engine is their one writer, so
+    /// temp files are interrupted writes and are swept).
+    fn load(root: &Path) -> Result<Index> {
         let mut index = Index::default();
-        for layer in store::read_all::<LayerRecord>(&root.join("layers"), sweep)? {
+        for layer in store::read_all::<LayerRecord>(&root.join("layers"), true)? {
             index.layers.insert(layer.id, layer);
         }
-        for volume in store::read_all::<VolumeRecord>(&root.join("volumes"), sweep)? {
+        for volume in store::read_all::<VolumeRecord>(&root.join("volumes"), true)? {
             index.volumes.insert(volume.name.clone(), volume);
         }
-        for snapshot in store::read_all::<SnapshotRecord>(&root.join("snapshots"), sweep)? {
+        for snapshot in store::read_all::<SnapshotRecord>(&root.join("snapshots"), true)? {
             index.snapshots.insert(snapshot.name.clone(), snapshot);
         }
         Ok(index)
     }
 
-    /// Shared pools: re-reads the records, taking in what other nodes wrote. Local pools have
-    /// one writer, this engine, and keep their index.
+    /// Shared pools: takes in what other nodes wrote since the last refresh. Nothing is read
+    /// when the pool's generation is the one the index matches; otherwise each record
+    /// directory is listed and only records whose file changed are read ([`store::DirScan`]).
+    /// Volumes and snapshots are scanned before layers: writers record a layer before what
+    /// refers to it, so a new volume's head is found in the same refresh. Local pools have one
+    /// writer, this engine, and keep their index.
     pub fn refresh(&self) -> Result<()> {
-        if self.kind == PoolKind::Shared {
-            let index = Self::load(&self.root, self.kind)?;
-            *self.index() = index;
+        if self.kind == PoolKind::Local {
+            return Ok(());
         }
+        let _exclusive = self.writes.write().unwrap_or_else(|p| p.into_inner());
+        // Read before the scan: a write during the scan bumps it again and the next refresh
+        // scans once more.
+        let current = {
+            let file = self.generation_file()?;
+            file.lock_shared().map_err(|e| Error::io("lock", self.root.join(GENERATION), e))?;
+            self.read_generation(&file)?
+        };
+        let mut known = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        if *known == Some(current) {
+            return Ok(());
+        }
+        let mut scans = self.scans.lock().unwrap_or_else(|p| p.into_inner());
+        let volumes = scans.volumes.scan::<VolumeRecord>(&self.root.join("volumes"))?;
+        let snapshots = scans.snapshots.scan::<SnapshotRecord>(&self.root.join("snapshots"))?;
+        let layers = scans.layers.scan::<LayerRecord>(&self.layers_dir())?;
+        let mut index = self.index();
+        for name in volumes.removed {
+            index.volumes.remove(&name);
+        }
+        for (_, record) in volumes.changed {
+            index.volumes.insert(record.name.clone(), record);
+        }
+        for name in snapshots.removed {
+            index.snapshots.remove(&name);
+        }
+        for (_, record) in snapshots.changed {
+            index.snapshots.insert(record.name.clone(), record);
+        }
+        for stem in layers.removed {
+            if let Ok(id) = LayerId::parse(&stem) {
+                index.layers.remove(&id);
+            }
+        }
+        for (_, record) in layers.changed {
+            index.layers.insert(record.id, record);
+        }
+        *known = Some(current);
         Ok(())
+    }
+
+    fn generation_file(&self) -> Result<std::fs::File> {
+        let path = self.root.join(GENERATION);
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("open", &path, e))
+    }
+
+    /// The counter in the generation file (0 while it is empty or unreadable as a number, which
+    /// a writer then replaces).
+    fn read_generation(&self, file: &std::fs::File) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = [0u8; 20];
+        let n = file
+            .read_at(&mut bytes, 0)
+            .map_err(|e| Error::io("read", self.root.join(GENERATION), e))?;
+        Ok(std::str::from_utf8(&bytes[..n]).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0))
+    }
+
+    /// Runs `write` (a record's file and its index entry) as one write to the pool: under this
+    /// process's shared write lock and, for shared pools, with the generation bumped under an
+    /// exclusive lock on its file held until `write` is done.
+    fn write_record<R>(&self, write: impl FnOnce() -> Result<R>) -> Result<R> {
+        let _local = self.writes.read().unwrap_or_else(|p| p.into_inner());
+        if self.kind == PoolKind::Local {
+            return write();
+        }
+        use std::os::unix::fs::FileExt;
+        let path = self.root.join(GENERATION);
+        let file = self.generation_file()?;
+        file.lock().map_err(|e| Error::io("lock", &path, e))?;
+        let before = self.read_generation(&file)?;
+        let after = before.wrapping_add(1);
+        // Fixed width, so the counter is rewritten in place without a truncation.
+        file.write_all_at(format!("{after:020}").as_bytes(), 0)
+            .and_then(|_| file.sync_data())
+            .map_err(|e| Error::io("write", &path, e))?;
+        let result = write();
+        let mut known = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        if result.is_ok() && *known == Some(before) {
+            *known = Some(after);
+        }
+        result
     }
 
     /// Shared pools: records that `node` holds volume `name` attached.
@@ -382,36 +511,48 @@ impl Pool {
 
     /// Records a layer whose image now exists.
     pub fn put_layer(&self, record: LayerRecord) -> Result<()> {
-        store::write_json(&self.layers_dir(), &format!("{}.json", record.id), &record)?;
-        self.index().layers.insert(record.id, record);
-        Ok(())
+        self.write_record(|| {
+            store::write_json(&self.layers_dir(), &format!("{}.json", record.id), &record)?;
+            self.index().layers.insert(record.id, record);
+            Ok(())
+        })
     }
 
     /// Records (or replaces) a volume.
     pub fn put_volume(&self, record: VolumeRecord) -> Result<()> {
-        store::write_json(&self.root.join("volumes"), &format!("{}.json", record.name), &record)?;
-        self.index().volumes.insert(record.name.clone(), record);
-        Ok(())
+        self.write_record(|| {
+            let name = format!("{}.json", record.name);
+            store::write_json(&self.root.join("volumes"), &name, &record)?;
+            self.index().volumes.insert(record.name.clone(), record);
+            Ok(())
+        })
     }
 
     /// Records (or replaces) a snapshot.
     pub fn put_snapshot(&self, record: SnapshotRecord) -> Result<()> {
-        store::write_json(&self.root.join("snapshots"), &format!("{}.json", record.name), &record)?;
-        self.index().snapshots.insert(record.name.clone(), record);
-        Ok(())
+        self.write_record(|| {
+            let name = format!("{}.json", record.name);
+            store::write_json(&self.root.join("snapshots"), &name, &record)?;
+            self.index().snapshots.insert(record.name.clone(), record);
+            Ok(())
+        })
     }
 
     /// Removes a volume's record, then every layer nobody refers to any more.
     pub fn remove_volume(&self, name: &str) -> Result<Vec<LayerId>> {
-        store::remove(&self.root.join("volumes"), &format!("{name}.json"))?;
-        let head = self.index().volumes.remove(name).map(|v| v.head);
+        let head = self.write_record(|| {
+            store::remove(&self.root.join("volumes"), &format!("{name}.json"))?;
+            Ok(self.index().volumes.remove(name).map(|v| v.head))
+        })?;
         head.map_or(Ok(Vec::new()), |h| self.release(h))
     }
 
     /// Removes a snapshot's record, then every layer nobody refers to any more.
     pub fn remove_snapshot(&self, name: &str) -> Result<Vec<LayerId>> {
-        store::remove(&self.root.join("snapshots"), &format!("{name}.json"))?;
-        let layer = self.index().snapshots.remove(name).map(|s| s.layer);
+        let layer = self.write_record(|| {
+            store::remove(&self.root.join("snapshots"), &format!("{name}.json"))?;
+            Ok(self.index().snapshots.remove(name).map(|s| s.layer))
+        })?;
         layer.map_or(Ok(Vec::new()), |l| self.release(l))
     }
 
@@ -441,8 +582,11 @@ impl Pool {
     /// Removes a layer's record, then its image. Callers check the refcount first.
     fn delete_layer(&self, id: LayerId) -> Result<()> {
         let dir = self.layers_dir();
-        store::remove(&dir, &format!("{id}.json"))?;
-        self.index().layers.remove(&id);
+        self.write_record(|| {
+            store::remove(&dir, &format!("{id}.json"))?;
+            self.index().layers.remove(&id);
+            Ok(())
+        })?;
         store::remove(&dir, &Self::layer_file_name(id))
     }
 
@@ -612,6 +756,62 @@ mod tests {
         assert_eq!(here.owner("v").expect("owner").as_deref(), Some("node-2"));
         there.clear_owner("v", "node-2").expect("clear");
         assert_eq!(here.owner("v").expect("owner"), None);
+    }
+
+    #[test]
+    fn a_refresh_racing_this_process_s_writes_never_drops_one() {
+        // Refreshing once replaced the index with a listing that could predate a write made
+        // meanwhile: a new volume's head layer went missing ("layer … has no record").
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = PoolName::parse("s").expect("name");
+        let p = std::sync::Arc::new(Pool::open(dir.path(), name, PoolKind::Shared).expect("open"));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refresher = {
+            let (p, stop) = (p.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    p.refresh().expect("refresh");
+                    std::thread::yield_now(); // let the writer in between refreshes
+                }
+            })
+        };
+        for i in 0..100 {
+            let head = layer(&p, None);
+            p.put_volume(volume(&format!("v{i}"), head)).expect("volume");
+            assert_eq!(p.chain(head).expect("the head's record is there"), vec![head]);
+            assert!(p.volume(&format!("v{i}")).is_some());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        refresher.join().expect("refresher");
+        p.refresh().expect("refresh");
+        assert_eq!(p.volumes().len(), 100);
+    }
+
+    #[test]
+    fn a_shared_pool_is_rescanned_only_after_another_writer_bumps_its_generation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = PoolName::parse("s").expect("name");
+        let here = Pool::open(dir.path(), name.clone(), PoolKind::Shared).expect("open here");
+        let there = Pool::open(dir.path(), name, PoolKind::Shared).expect("open there");
+        let head = layer(&here, None);
+        here.put_volume(volume("mine", head)).expect("volume");
+
+        // A record changed behind the pool's back (no generation bump) is not read: the
+        // refresh trusts the generation. The garbage would fail to parse if it were read.
+        let planted = dir.path().join("volumes/planted.json");
+        std::fs::write(&planted, b"not json").expect("plant");
+        here.refresh().expect("this node's own writes leave nothing to scan");
+        assert!(here.volume("planted").is_none());
+
+        // Another writer's change bumps the generation: the next refresh scans, and reads
+        // what changed (here: the garbage too, refused as bad metadata).
+        let theirs = layer(&there, None);
+        there.put_volume(volume("theirs", theirs)).expect("volume written there");
+        assert!(matches!(here.refresh(), Err(Error::Metadata { .. })));
+        std::fs::remove_file(&planted).expect("unplant");
+        here.refresh().expect("refresh");
+        assert_eq!(here.volume("theirs").map(|v| v.head), Some(theirs));
+        assert_eq!(here.volume("mine").map(|v| v.head), Some(head));
     }
 
     #[test]

@@ -266,6 +266,7 @@ async fn start(config: &DaemonConfig) -> Result<()> {
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .kill_on_drop(true);
+    crate::sys::raise_open_files_limit(&mut command);
     if crate::sys::has_cap_sys_resource() {
         crate::sys::mark_as_io_server(&mut command);
     } else {
