@@ -110,7 +110,10 @@ pub fn create_volume(
             out.labels.insert(key.clone(), value.clone());
             continue;
         }
-        if key.starts_with(PROVISIONER_PREFIX) || qos_key(&mut out.qos, key, value)? {
+        if key.starts_with(PROVISIONER_PREFIX)
+            || qos_key(&mut out.qos, key, value)?
+            || keys::format_key(&mut out.format, key, value)?
+        {
             continue;
         }
         match key.as_str() {
@@ -125,6 +128,7 @@ pub fn create_volume(
             _ => return Err(ControllerError::Unsupported(format!("unknown parameter {key:?}"))),
         }
     }
+    out.format.check()?;
     // A VolumeAttributesClass arrives as mutable parameters: QoS limits that win over parameters.
     for (key, value) in &req.mutable_parameters {
         if !qos_key(&mut out.qos, key, value)? {
@@ -291,10 +295,19 @@ mod tests {
                 ("csi.storage.k8s.io/pvc/name", "x"),
                 ("csi.storage.k8s.io/pvc/namespace", "ns"),
                 ("csi.storage.k8s.io/pvcannotation/a", "ignored"),
+                ("clusterSize", "128Ki"),
+                ("extendedL2", "true"),
+                ("l2CacheSize", "4Mi"),
             ]),
             "default",
         )
         .expect("valid");
+        let f = qsd_csi_model::volume::Format {
+            cluster_size: Some(128 << 10),
+            extended_l2: true,
+            l2_cache_size: Some(4 << 20),
+        };
+        assert_eq!(r.format, f);
         assert_eq!(
             (r.pool.as_str(), r.preallocation, r.qos.iops_total, r.max_chain_depth),
             ("fast", qsd_csi_model::volume::Preallocation::Full, 500, Some(4))
@@ -320,6 +333,11 @@ mod tests {
             &[("writeThresholdPercent", "0")],
             &[("writeThresholdPercent", "100")],
             &[("writeThresholdPercent", "half")],
+            &[("clusterSize", "96Ki")],
+            &[("clusterSize", "lots")],
+            &[("extendedL2", "true"), ("clusterSize", "4Ki")],
+            &[("extendedL2", "on")],
+            &[("l2CacheSize", "64Ki")],
         ] {
             let err = create_volume(&request(bad), "default").err().map(|s| s.code());
             assert_eq!(err, Some(tonic::Code::InvalidArgument), "{bad:?}");

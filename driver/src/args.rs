@@ -116,6 +116,10 @@ pub enum VolumeCmd {
         /// Restore this snapshot into the new volume (a linked overlay).
         #[arg(long)]
         from_snapshot: Option<String>,
+        /// Any other StorageClass parameter, e.g. clusterSize=128Ki, extendedL2=true,
+        /// l2CacheSize=4Mi, iopsTotal=500. Repeatable.
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
         /// Output format: table (default), wide, json, yaml or name (the bare ID).
         #[arg(short = 'o', long = "output", value_enum, default_value_t)]
         output: Output,

@@ -57,9 +57,16 @@ pub async fn run(endpoint: &str, command: Command) -> Result<(), String> {
             pool,
             preallocation,
             from_snapshot,
+            params,
             output,
         }) => {
             let mut parameters = std::collections::HashMap::new();
+            for param in params {
+                let (key, value) = param
+                    .split_once('=')
+                    .ok_or_else(|| format!("--param {param:?}: expected KEY=VALUE"))?;
+                parameters.insert(key.to_owned(), value.to_owned());
+            }
             parameters.extend(pool.map(|p| ("pool".to_owned(), p)));
             parameters.extend(preallocation.map(|p| ("preallocation".to_owned(), p)));
             let source = from_snapshot.map(|id| Type::Snapshot(SnapshotSource { snapshot_id: id }));

@@ -357,6 +357,44 @@ async fn the_command_line_drives_a_running_endpoint() {
     assert!(ok, "{err}");
     let id = out.trim_end().to_owned();
     assert!(id.starts_with("vol:") && !id.contains(char::is_whitespace), "{out:?}");
+    // Any class parameter reaches the engine: a qcow2 layout, checked in the image; a layout
+    // QEMU would refuse, refused with the parameter's name.
+    let (ok, out, err) = cli(
+        &d,
+        &[
+            "volume",
+            "create",
+            "tuned",
+            "--param",
+            "clusterSize=128Ki",
+            "--param",
+            "extendedL2=true",
+        ],
+    );
+    assert!(ok, "{err}");
+    let tuned = out.trim_end().to_owned();
+    let layers = std::fs::read_dir(d.path("state/pools/default/layers")).expect("layers");
+    let tuned_images = layers
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "qcow2"))
+        .filter(|p| {
+            let info = Command::new("qemu-img")
+                .args(["info", "-U", "--output=json"])
+                .arg(p)
+                .output()
+                .expect("qemu-img");
+            let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+            info["cluster-size"] == 128 << 10
+                && info["format-specific"]["data"]["extended-l2"] == true
+        })
+        .count();
+    assert_eq!(tuned_images, 1, "the tuned volume's head has 128 KiB clusters with subclusters");
+    let (ok, _, err) = cli(&d, &["volume", "create", "odd", "--param", "clusterSize=96Ki"]);
+    assert!(!ok && err.contains("InvalidArgument") && err.contains("clusterSize"), "{err}");
+    let (ok, _, err) = cli(&d, &["volume", "create", "odd", "--param", "clusterSize"]);
+    assert!(!ok && err.contains("KEY=VALUE"), "{err}");
+    let (ok, _, err) = cli(&d, &["volume", "delete", &tuned]);
+    assert!(ok, "{err}");
     let (ok, out, _) = cli(&d, &["volume", "list", "-o", "json"]);
     let listed: serde_json::Value = serde_json::from_str(&out).expect("volume list -o json");
     let notes = listed.as_array().and_then(|l| l.iter().find(|v| v["id"] == id.as_str()));

@@ -4,7 +4,7 @@
 //! ones passed on in the volume context with the same functions at NodeStage, so a value is
 //! never accepted on one side and refused on the other.
 
-use crate::volume::{CloneMode, Preallocation, Qos};
+use crate::volume::{CloneMode, Format, Preallocation, Qos};
 use crate::{Error, Result};
 
 /// The topology key of local pools: a volume lives on one node.
@@ -26,6 +26,13 @@ pub const FREEZE: &str = "freezeFilesystem";
 /// Parameter and volume context: arm a write threshold at this percentage of the volume's
 /// size when it is staged.
 pub const WRITE_THRESHOLD_PERCENT: &str = "writeThresholdPercent";
+
+/// Parameter: the qcow2 cluster size (bytes, or with a binary suffix: `128Ki`, `2Mi`).
+pub const CLUSTER_SIZE: &str = "clusterSize";
+/// Parameter: qcow2 extended L2 entries (subclusters), `"true"` or `"false"`.
+pub const EXTENDED_L2: &str = "extendedL2";
+/// Parameter: the L2 table cache of an attached volume's head (bytes, or `4Mi`...).
+pub const L2_CACHE_SIZE: &str = "l2CacheSize";
 
 /// The QoS parameters (also the only mutable parameters), and the field each sets.
 pub const QOS_KEYS: [&str; 6] =
@@ -105,6 +112,48 @@ pub fn max_chain_depth(value: &str) -> Result<u32> {
     value.parse().map_err(|_| Error::invalid(MAX_CHAIN_DEPTH, format!("{value:?} is not a number")))
 }
 
+/// A size in bytes: a whole number, optionally with a binary suffix (`Ki`, `Mi`, `Gi`; `K`, `M`
+/// and `G` are read the same way, as qemu-img does).
+pub fn bytes(key: &'static str, value: &str) -> Result<u64> {
+    let (digits, shift) = match value.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (value, 0),
+        Some((at, _)) => match &value[at..] {
+            "K" | "Ki" => (&value[..at], 10),
+            "M" | "Mi" => (&value[..at], 20),
+            "G" | "Gi" => (&value[..at], 30),
+            _ => ("", 0),
+        },
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| Error::invalid(key, format!("{value:?} is not a size (65536, 64Ki, 2Mi)")))
+}
+
+/// Applies one qcow2 format parameter to `format`; `Ok(false)` when `key` is not one.
+/// [`Format::check`] judges the combination once all are in.
+pub fn format_key(format: &mut Format, key: &str, value: &str) -> Result<bool> {
+    match key {
+        CLUSTER_SIZE => format.cluster_size = Some(bytes(CLUSTER_SIZE, value)?),
+        L2_CACHE_SIZE => format.l2_cache_size = Some(bytes(L2_CACHE_SIZE, value)?),
+        EXTENDED_L2 => {
+            format.extended_l2 = match value {
+                "true" => true,
+                "false" => false,
+                other => {
+                    return Err(Error::invalid(
+                        EXTENDED_L2,
+                        format!("{other:?} is neither \"true\" nor \"false\""),
+                    ))
+                }
+            }
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 /// Applies one QoS parameter to `limits`; `Ok(false)` when `key` is not a QoS key.
 pub fn qos_key(limits: &mut Qos, key: &str, value: &str) -> Result<bool> {
     let field = match key {
@@ -138,6 +187,30 @@ mod tests {
         assert!(clone_mode("deep").is_err());
         assert_eq!(max_chain_depth("7"), Ok(7));
         assert!(max_chain_depth("-7").is_err());
+        for (good, n) in [("65536", 65536), ("128Ki", 128 << 10), ("2M", 2 << 20), ("1Gi", 1 << 30)]
+        {
+            assert_eq!(bytes(CLUSTER_SIZE, good), Ok(n), "{good}");
+        }
+        for bad in ["", "64KiB", "-1", "1.5Mi", "Ki", "99999999999999999999", "20000000000Gi"] {
+            assert!(bytes(CLUSTER_SIZE, bad).is_err(), "{bad:?}");
+        }
+        let mut f = Format::default();
+        assert_eq!(format_key(&mut f, "fsType", "ext4"), Ok(false));
+        assert_eq!(format_key(&mut f, EXTENDED_L2, "true"), Ok(true));
+        assert!(format_key(&mut f, EXTENDED_L2, "yes").is_err());
+        assert_eq!(format_key(&mut f, CLUSTER_SIZE, "128Ki"), Ok(true));
+        assert_eq!(format_key(&mut f, L2_CACHE_SIZE, "4Mi"), Ok(true));
+        assert_eq!(f.check(), Ok(()));
+        for bad in [
+            Format { cluster_size: Some(96 << 10), ..Format::default() },
+            Format { cluster_size: Some(256), ..Format::default() },
+            Format { cluster_size: Some(4 << 20), ..Format::default() },
+            Format { cluster_size: Some(8 << 10), extended_l2: true, ..Format::default() },
+            Format { l2_cache_size: Some(64 << 10), ..Format::default() },
+            Format { l2_cache_size: Some(2 << 30), ..Format::default() },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
         assert!(fs_type("fsType", "xfs").is_ok());
         let e = fs_type("fsType", "btrfs").err().map(|e| e.to_string());
         assert_eq!(e.as_deref(), Some("invalid fsType: \"btrfs\" is not ext4 or xfs"));

@@ -68,6 +68,71 @@ impl Qos {
     }
 }
 
+/// How a volume's qcow2 images are laid out and cached. Unset fields take QEMU's defaults:
+/// 64 KiB clusters, no subclusters, and an L2 cache sized to cover the whole image up to
+/// 32 MiB (so every cluster lookup of an image up to 256 GiB is a cache hit). The layout applies
+/// to every layer made for the volume (its head, and the overlays snapshots put on it); the cache
+/// to its head while it is attached.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct Format {
+    /// qcow2 cluster size in bytes: a power of two from 512 B to 2 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    /// Extended L2 entries: 32 subclusters per cluster, so a first write into a cluster of an
+    /// overlay copies only the subclusters it touches from the layer below. Needs clusters of at
+    /// least 16 KiB.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub extended_l2: bool,
+    /// The head's L2 table cache in bytes, at least two clusters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l2_cache_size: Option<u64>,
+}
+
+impl Format {
+    /// QEMU's default cluster size.
+    pub const DEFAULT_CLUSTER_SIZE: u64 = 64 << 10;
+    /// The largest L2 cache taken (QEMU's own default never exceeds 32 MiB).
+    pub const MAX_L2_CACHE_SIZE: u64 = 1 << 30;
+
+    /// Whether every field is QEMU's default.
+    pub fn is_default(&self) -> bool {
+        *self == Format::default()
+    }
+
+    /// Checks the combination, naming the parameter at fault.
+    pub fn check(&self) -> crate::Result<()> {
+        use crate::params::{CLUSTER_SIZE, EXTENDED_L2, L2_CACHE_SIZE};
+        use crate::Error;
+        let cluster = self.cluster_size.unwrap_or(Self::DEFAULT_CLUSTER_SIZE);
+        if !cluster.is_power_of_two() || !(512..=2 << 20).contains(&cluster) {
+            return Err(Error::invalid(
+                CLUSTER_SIZE,
+                format!("{cluster} is not a power of two from 512 to 2097152 bytes"),
+            ));
+        }
+        if self.extended_l2 && cluster < 16 << 10 {
+            return Err(Error::invalid(
+                EXTENDED_L2,
+                format!("needs clusters of at least 16 KiB (clusterSize is {cluster})"),
+            ));
+        }
+        if let Some(cache) = self.l2_cache_size {
+            if cache < 2 * cluster || cache > Self::MAX_L2_CACHE_SIZE {
+                return Err(Error::invalid(
+                    L2_CACHE_SIZE,
+                    format!(
+                        "{cache} bytes is not from two clusters ({}) to {} bytes",
+                        2 * cluster,
+                        Self::MAX_L2_CACHE_SIZE
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// How a volume-sourced volume gets its data.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum CloneMode {
@@ -126,6 +191,8 @@ pub struct CreateVolume {
     pub clone_mode: CloneMode,
     /// Kept with the volume and echoed in its events (the claim's namespace and name).
     pub labels: BTreeMap<String, String>,
+    /// qcow2 layout and cache.
+    pub format: Format,
 }
 
 impl CreateVolume {
@@ -141,6 +208,7 @@ impl CreateVolume {
             source: None,
             clone_mode: CloneMode::Copy,
             labels: BTreeMap::new(),
+            format: Format::default(),
         }
     }
 

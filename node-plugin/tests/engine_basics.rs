@@ -312,3 +312,50 @@ async fn a_clone_reports_its_progress_then_its_outcome_with_the_new_volumes_labe
         "{finished:?}"
     );
 }
+
+/// The image's cluster size and whether it has extended L2 entries, as qemu-img reads them.
+fn qcow2_layout(path: &std::path::Path) -> (u64, bool) {
+    let out = qemu_img(&["info", "--output=json", "-U", &path.display().to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let extended = info["format-specific"]["data"]["extended-l2"].as_bool().unwrap_or(false);
+    (info["cluster-size"].as_u64().expect("cluster-size"), extended)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_s_qcow2_layout_holds_for_its_snapshot_overlays_and_its_cache_for_its_head() {
+    use qsd_node::engine::Format;
+    let env = Env::new().await;
+    let core = env.core();
+    let mut request = CreateVolume::new("local", "tuned", 64 * MIB as i64);
+    request.format =
+        Format { cluster_size: Some(128 << 10), extended_l2: true, l2_cache_size: Some(4 << 20) };
+    let vol = core.create_volume(&request).await.expect("create");
+    let (pool, chain) = core.volume_chain(&vol.id).expect("chain");
+    assert_eq!(qcow2_layout(&pool.layer_path(chain[0])), (128 << 10, true));
+    // Attached with its cache; a snapshot taken while attached puts an overlay of the same
+    // layout under the same cache option; the data stays readable through the export.
+    let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
+    write_at(&export, 4096, &pattern(7, 4096));
+    core.create_snapshot(&vol.id, "s1").await.expect("snapshot");
+    write_at(&export, 8192, &pattern(8, 4096));
+    let (pool, chain) = core.volume_chain(&vol.id).expect("chain");
+    assert_eq!(chain.len(), 2);
+    for layer in &chain {
+        assert_eq!(qcow2_layout(&pool.layer_path(*layer)), (128 << 10, true), "{layer}");
+    }
+    assert_eq!(read_at(&export, 4096, 8192), [pattern(7, 4096), pattern(8, 4096)].concat());
+    core.detach(&vol.id).await.expect("detach");
+    // The record keeps the format, so a re-attach applies it again.
+    let again = core.attach(&vol.id, ExportKind::Fuse).await.expect("re-attach").endpoint.path;
+    assert_eq!(read_at(&again, 8192, 4096), pattern(8, 4096));
+    core.detach(&vol.id).await.expect("detach");
+
+    // A layout QEMU would refuse is refused before any image exists.
+    let files = env.layer_files();
+    let mut bad = CreateVolume::new("local", "bad", 64 * MIB as i64);
+    bad.format = Format { cluster_size: Some(8 << 10), extended_l2: true, l2_cache_size: None };
+    let err = core.create_volume(&bad).await.expect_err("extended L2 needs 16 KiB clusters");
+    assert!(err.to_string().contains("extendedL2"), "{err}");
+    assert_eq!(env.layer_files(), files, "nothing made for the refused volume");
+}

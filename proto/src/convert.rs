@@ -3,7 +3,7 @@
 //! the identity (tested below), so what the controller validated is what the engine runs.
 
 use qsd_csi_model::health::{Finding, Severity};
-use qsd_csi_model::volume::{CloneMode, CreateVolume, Preallocation, Qos, VolumeSource};
+use qsd_csi_model::volume::{CloneMode, CreateVolume, Format, Preallocation, Qos, VolumeSource};
 use qsd_csi_model::Error;
 
 use crate::{agent, csi};
@@ -140,6 +140,11 @@ impl From<&CreateVolume> for agent::CreateVolumeRequest {
             }),
             clone_mode: agent::CloneMode::from(c.clone_mode) as i32,
             labels: c.labels.clone(),
+            format: Some(agent::Qcow2Format {
+                cluster_size: c.format.cluster_size,
+                extended_l2: c.format.extended_l2,
+                l2_cache_size: c.format.l2_cache_size,
+            }),
         }
     }
 }
@@ -168,6 +173,14 @@ impl TryFrom<agent::CreateVolumeRequest> for CreateVolume {
             }),
             clone_mode: clone_mode.into(),
             labels: r.labels,
+            format: r
+                .format
+                .map(|f| Format {
+                    cluster_size: f.cluster_size,
+                    extended_l2: f.extended_l2,
+                    l2_cache_size: f.l2_cache_size,
+                })
+                .unwrap_or_default(),
         })
     }
 }
@@ -202,6 +215,11 @@ mod tests {
         c.max_chain_depth = Some(3);
         c.clone_mode = CloneMode::Linked;
         c.labels.insert("csi.storage.k8s.io/pvc/name".into(), "data".into());
+        c.format = Format {
+            cluster_size: Some(128 << 10),
+            extended_l2: true,
+            l2_cache_size: Some(4 << 20),
+        };
         for source in [
             None,
             Some(VolumeSource::Snapshot("snap:fast@n:s".into())),

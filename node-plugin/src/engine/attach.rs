@@ -111,6 +111,7 @@ impl EngineCore {
                 &Names::new(record.uid.to_string()),
                 &chain,
                 record.qos,
+                record.format.l2_cache_size,
                 &endpoint,
             )
             .await
@@ -309,7 +310,9 @@ impl EngineCore {
             if attachment.endpoint.kind == ExportKind::Nbd {
                 graph::ensure_nbd_server(&qmp, &attachment.endpoint.path).await?;
             }
-            graph::attach(&qmp, &pool, &names, &chain, record.qos, &attachment.endpoint).await?;
+            let cache = record.format.l2_cache_size;
+            graph::attach(&qmp, &pool, &names, &chain, record.qos, cache, &attachment.endpoint)
+                .await?;
             if let Some(armed) = attachment.threshold {
                 graph::arm_write_threshold(&qmp, &names, record.head, armed.armed_at).await?;
             }

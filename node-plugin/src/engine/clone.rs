@@ -184,6 +184,7 @@ impl EngineCore {
             size: source_record.size,
             backing: None,
             preallocation: request.preallocation,
+            format: request.format,
         };
         graph::create_image(&qmp, image).await?;
         let chain = pool.chain(source_record.head)?;
@@ -225,6 +226,7 @@ impl EngineCore {
             max_chain_depth,
             source,
             labels: request.labels.clone(),
+            format: request.format,
         };
         Ok(CloneTask {
             engine: self.clone(),

@@ -43,7 +43,7 @@ pub use changes::{ByteRange, ChangeStream, DEFAULT_BATCH};
 pub use clone::{CloneTask, CLONE_PROGRESS_PERIOD};
 pub use journal::{AttachmentRecord, ThresholdRecord};
 pub use snapshot::{Quiesce, SnapshotBatch, SnapshotInfo};
-pub use volume::{CloneMode, CreateVolume, Preallocation, Qos, VolumeInfo, VolumeSource};
+pub use volume::{CloneMode, CreateVolume, Format, Preallocation, Qos, VolumeInfo, VolumeSource};
 
 /// Default longest chain (layers, head included) before stream / commit shorten it.
 pub const DEFAULT_MAX_CHAIN_DEPTH: u32 = 16;

@@ -256,6 +256,7 @@ impl EngineCore {
                 size: p.record.size,
                 backing: Some(Pool::layer_file_name(p.record.head)),
                 preallocation: Preallocation::Off,
+                format: p.record.format,
             };
             graph::create_image(&qmp, image).await?;
             p.pool.put_layer(LayerRecord { id: p.overlay, backing: Some(p.record.head) })?;
@@ -268,6 +269,7 @@ impl EngineCore {
                 names: Names::new(p.record.uid.to_string()),
                 head: p.record.head,
                 overlay: p.overlay,
+                l2_cache_size: p.record.format.l2_cache_size,
             })
             .collect();
         // Record the new heads first: if we crash after the switch, the journal rebuilds the

@@ -8,7 +8,9 @@ use crate::error::{Error, Result};
 use crate::graph::{self, ExportKind, Names, NewImage};
 use crate::pool::id::{parse_size, IdKind};
 use crate::pool::{LayerId, LayerRecord, Pool, VolumeRecord};
-pub use qsd_csi_model::volume::{CloneMode, CreateVolume, Preallocation, Qos, VolumeSource};
+pub use qsd_csi_model::volume::{
+    CloneMode, CreateVolume, Format, Preallocation, Qos, VolumeSource,
+};
 
 /// The head image of a new volume.
 #[derive(Debug, Clone, Copy)]
@@ -123,6 +125,7 @@ impl EngineCore {
     /// Creates a volume: empty and thin, a linked overlay on a snapshot, or a full clone.
     /// Idempotent by name.
     pub async fn create_volume(self: &Arc<Self>, request: &CreateVolume) -> Result<VolumeInfo> {
+        request.format.check()?;
         match &request.source {
             Some(VolumeSource::Snapshot(_)) => self.restore_snapshot(request).await,
             Some(VolumeSource::Volume(_)) if request.clone_mode == CloneMode::Linked => {
@@ -173,6 +176,7 @@ impl EngineCore {
             size: head.size,
             backing: head.backing.map(Pool::layer_file_name),
             preallocation: head.preallocation,
+            format: request.format,
         };
         graph::create_image(&self.daemon.qmp(), image).await?;
         let record = VolumeRecord {
@@ -185,6 +189,7 @@ impl EngineCore {
             max_chain_depth,
             source,
             labels: request.labels.clone(),
+            format: request.format,
         };
         self.commit_new_volume(pool, LayerRecord { id, backing: head.backing }, record)
     }

@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use super::{call, delete_node_if_owned, layer_options, Names};
+use super::{call, delete_node_if_owned, layer_options, with_l2_cache, Names};
 use crate::error::Result;
 use crate::pool::{LayerId, Pool};
 use crate::qmp::commands::{
@@ -26,6 +26,8 @@ pub struct OverlaySwitch<'a> {
     pub head: LayerId,
     /// The overlay (already created as an image) that becomes its head.
     pub overlay: LayerId,
+    /// The new head's L2 cache (the volume's `l2CacheSize`).
+    pub l2_cache_size: Option<u64>,
 }
 
 async fn remove_nodes(qmp: &QmpClient, nodes: &[String]) {
@@ -46,7 +48,8 @@ pub async fn switch_to_overlays(
     let mut added = Vec::new();
     let mut actions = Vec::new();
     for s in switches {
-        let overlay = layer_options(s.pool, &s.names, s.overlay, false, None);
+        let overlay =
+            with_l2_cache(layer_options(s.pool, &s.names, s.overlay, false, None), s.l2_cache_size);
         if let Err(e) = call(qmp, &BlockdevAdd(overlay)).await {
             remove_nodes(qmp, &added).await;
             return Err(e);

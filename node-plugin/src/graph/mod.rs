@@ -36,7 +36,7 @@ use crate::qmp::commands::{
     ThrottleLimits, UnixSocketAddress,
 };
 use crate::qmp::{Job, JobOptions, QmpClient};
-use qsd_csi_model::volume::{Preallocation, Qos};
+use qsd_csi_model::volume::{Format, Preallocation, Qos};
 
 /// A volume's limits as QMP's throttle-group properties.
 pub fn throttle_limits(q: Qos) -> ThrottleLimits {
@@ -136,7 +136,16 @@ pub fn layer_options(
         backing: Some(backing.map(|b| Box::new(BlockdevRef::Definition(b)))),
         read_only,
         discard: Some("unmap"),
+        l2_cache_size: None,
     }
+}
+
+/// Sets the L2 cache of a qcow2 definition's top node (an attached volume's head).
+pub fn with_l2_cache(mut options: BlockdevOptions, size: Option<u64>) -> BlockdevOptions {
+    if let BlockdevOptions::Qcow2 { l2_cache_size, .. } = &mut options {
+        *l2_cache_size = size;
+    }
+    options
 }
 
 /// The nested `blockdev-add` definition of a chain (top first). The bottom layer gets an
@@ -234,6 +243,8 @@ pub struct NewImage<'a> {
     pub backing: Option<String>,
     /// Preallocation mode.
     pub preallocation: Preallocation,
+    /// Cluster size and subclusters.
+    pub format: Format,
 }
 
 /// Creates a qcow2 image with two `blockdev-create` jobs. On failure nothing is left behind.
@@ -274,6 +285,8 @@ pub async fn create_image(qmp: &QmpClient, image: NewImage<'_>) -> Result<()> {
                 backing_fmt: image.backing.as_ref().map(|_| "qcow2".to_owned()),
                 backing_file: image.backing.clone(),
                 preallocation: qmp_preallocation(image.preallocation),
+                cluster_size: image.format.cluster_size,
+                extended_l2: image.format.extended_l2.then_some(true),
             },
         };
         Job::run(qmp, format_job, "create", &create_format, JobOptions { manual_finalize: false })
@@ -403,6 +416,7 @@ pub async fn attach(
     names: &Names,
     chain: &[LayerId],
     qos: Qos,
+    l2_cache_size: Option<u64>,
     endpoint: &ExportEndpoint,
 ) -> Result<()> {
     let result = async {
@@ -415,7 +429,9 @@ pub async fn attach(
             },
         )
         .await?;
-        let top = open_chain(qmp, pool, names, chain, false).await?;
+        let options = with_l2_cache(chain_options(pool, names, chain, false), l2_cache_size);
+        let top = options.node_name().to_owned();
+        call(qmp, &BlockdevAdd(options)).await?;
         call(
             qmp,
             &BlockdevAdd(BlockdevOptions::Throttle {
@@ -560,5 +576,11 @@ mod tests {
         assert!(json["backing"]["backing"].is_null());
         assert!(json["backing"].as_object().is_some_and(|o| o.contains_key("backing")));
         assert_eq!(json["file"]["filename"], pool.layer_path(top).display().to_string());
+        assert!(json.get("l2-cache-size").is_none(), "QEMU's default cache unless asked");
+        let tuned =
+            with_l2_cache(chain_options(&pool, &names, &[top, bottom], false), Some(4 << 20));
+        let json = serde_json::to_value(tuned).expect("json");
+        assert_eq!(json["l2-cache-size"], 4 << 20, "the head's cache");
+        assert!(json["backing"].get("l2-cache-size").is_none(), "lower layers keep the default");
     }
 }

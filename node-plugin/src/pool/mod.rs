@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 pub use id::{LayerId, NodeName, ObjectName, PoolName};
-use qsd_csi_model::volume::{Preallocation, Qos};
+use qsd_csi_model::volume::{Format, Preallocation, Qos};
 
 /// Whether a pool lives on one node or on storage every node mounts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +89,9 @@ pub struct VolumeRecord {
     /// namespace and name, so events about the volume reach the PVC).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The qcow2 layout its new layers get and its head's cache (absent: QEMU's defaults).
+    #[serde(default, skip_serializing_if = "Format::is_default")]
+    pub format: Format,
 }
 
 /// A snapshot: an immutable layer.
@@ -679,6 +682,7 @@ mod tests {
             max_chain_depth: 8,
             source: None,
             labels: BTreeMap::new(),
+            format: Format::default(),
         }
     }
 

@@ -98,6 +98,9 @@ pub enum BlockdevOptions {
         /// `unmap` frees clusters on discard; default ignore.
         #[serde(skip_serializing_if = "Option::is_none")]
         discard: Option<&'static str>,
+        /// The L2 table cache in bytes; default: enough for the whole image, up to 32 MiB.
+        #[serde(rename = "l2-cache-size", skip_serializing_if = "Option::is_none")]
+        l2_cache_size: Option<u64>,
     },
     /// The `throttle` filter driver.
     Throttle {
@@ -198,6 +201,12 @@ pub enum BlockdevCreateOptions {
         /// Preallocation mode.
         #[serde(skip_serializing_if = "Option::is_none")]
         preallocation: Option<Preallocation>,
+        /// Cluster size in bytes; default 64 KiB.
+        #[serde(rename = "cluster-size", skip_serializing_if = "Option::is_none")]
+        cluster_size: Option<u64>,
+        /// Extended L2 entries (subclusters); default off.
+        #[serde(rename = "extended-l2", skip_serializing_if = "Option::is_none")]
+        extended_l2: Option<bool>,
     },
 }
 
@@ -658,6 +667,7 @@ mod tests {
             backing: Some(None),
             read_only: Some(true),
             discard: None,
+            l2_cache_size: None,
         };
         assert_eq!(
             serde_json::to_value(BlockdevAdd(opts)).ok(),
