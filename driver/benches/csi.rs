@@ -6,6 +6,8 @@
 //! read and random write at queue depth 32. Control path: CreateVolume, CreateSnapshot and
 //! NodeStage latency over gRPC. Run with `cargo bench -p qsd-csi-controller --bench csi` as root.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -50,21 +52,7 @@ fn fio(target: &Path, rw: &str, bs: &str, depth: u32, seconds: u32) -> (f64, f64
 async fn main() {
     let dir =
         tempfile::Builder::new().prefix("qsd-bench-csi-").tempdir_in("/var/tmp").expect("tempdir");
-    let socket = dir.path().join("csi.sock");
-    let mut driver = Command::new(env!("CARGO_BIN_EXE_qsd-csi"))
-        .arg("standalone")
-        .arg(format!("--endpoint=unix://{}", socket.display()))
-        .arg(format!("--state-dir={}", dir.path().join("state").display()))
-        .arg("--node=bench")
-        .stderr(std::fs::File::create(dir.path().join("driver.log")).expect("log"))
-        .spawn()
-        .expect("qsd-csi");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "driver did not start");
-        std::thread::sleep(Duration::from_millis(20)); // poll_interval for the socket
-    }
-    let channel = qsd_csi::calls::connect(&socket).await.expect("connect");
+    let (driver, channel) = common::start_standalone(dir.path(), &[]).await;
     let mut controller = ControllerClient::new(channel.clone());
     let mut node = NodeClient::new(channel);
     use csi::volume_capability::{
@@ -194,9 +182,5 @@ async fn main() {
     })
     .await
     .expect("unstage");
-    let _ = driver.kill();
-    let _ = driver.wait();
-    if let Ok(pid) = std::fs::read_to_string(dir.path().join("state/run/qsd.pid")) {
-        let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
-    }
+    common::stop_standalone(driver, dir.path());
 }

@@ -9,8 +9,9 @@
 //! `scale POOL list-volumes objects=N pages=P ms=T`. Run with
 //! `cargo bench -p qsd-csi --bench scale` as root (a real qemu-storage-daemon).
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use qsd_csi_proto::csi;
@@ -141,23 +142,11 @@ async fn main() {
         .prefix("qsd-bench-scale-")
         .tempdir_in("/var/tmp")
         .expect("tempdir");
-    let socket = dir.path().join("csi.sock");
-    let mut driver = Command::new(env!("CARGO_BIN_EXE_qsd-csi"))
-        .arg("standalone")
-        .arg(format!("--endpoint=unix://{}", socket.display()))
-        .arg(format!("--state-dir={}", dir.path().join("state").display()))
-        .arg(format!("--pool=local={}", dir.path().join("local").display()))
-        .arg(format!("--pool=shared={},shared", dir.path().join("shared").display()))
-        .arg("--node=bench")
-        .stderr(std::fs::File::create(dir.path().join("driver.log")).expect("log"))
-        .spawn()
-        .expect("qsd-csi");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "driver did not start");
-        std::thread::sleep(Duration::from_millis(20)); // poll_interval for the socket
-    }
-    let channel = qsd_csi::calls::connect(&socket).await.expect("connect");
+    let pools = [
+        format!("--pool=local={}", dir.path().join("local").display()),
+        format!("--pool=shared={},shared", dir.path().join("shared").display()),
+    ];
+    let (driver, channel) = common::start_standalone(dir.path(), &pools).await;
     let mut controller = ControllerClient::new(channel);
 
     println!("{objects} objects per pool ({} volumes, each with a snapshot); p50 of {SAMPLES} calls over the CSI socket\n", objects / 2);
@@ -204,9 +193,5 @@ async fn main() {
     for line in &lines {
         println!("{line}");
     }
-    let _ = driver.kill();
-    let _ = driver.wait();
-    if let Ok(pid) = std::fs::read_to_string(dir.path().join("state/run/qsd.pid")) {
-        let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
-    }
+    common::stop_standalone(driver, dir.path());
 }

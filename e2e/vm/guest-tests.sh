@@ -13,7 +13,7 @@ start_driver() {
   mkdir -p "$dir"
   rm -f "$dir/csi.sock"
   ep=unix://$dir/csi.sock
-  "$top/target/debug/qsd-csi" standalone --endpoint "$ep" --state-dir "$dir/state" --node vm \
+  "${driver_bin:-$top/target/debug/qsd-csi}" standalone --endpoint "$ep" --state-dir "$dir/state" --node vm \
     --device "$device" >>"$dir/driver.log" 2>&1 &
   driver=$!
   for _ in $(seq 600); do [[ -S $dir/csi.sock ]] && return 0; sleep 0.1; done
@@ -283,6 +283,94 @@ test_ublk_server_killed_under_a_verifying_writer() {
   return 0
 }
 
+# One fio job on $1 for $3 seconds: prints IOPS (4 KiB jobs) or MiB/s (seqwrite-1m), then the
+# number of I/Os done. $2 is the job's name as the benchmark lines spell it.
+fio_figure() {
+  local target=$1 job=$2 seconds=$3 rw bs depth
+  case $job in
+    randread-4k-qd1) rw=randread bs=4k depth=1 ;;
+    randread-4k-qd32) rw=randread bs=4k depth=32 ;;
+    randwrite-4k-qd1) rw=randwrite bs=4k depth=1 ;;
+    randwrite-4k-qd32) rw=randwrite bs=4k depth=32 ;;
+    seqwrite-1m) rw=write bs=1M depth=4 ;;
+  esac
+  fio --name=bench --filename="$target" --size=192M --rw=$rw --bs=$bs --iodepth=$depth \
+    --ioengine=libaio --direct=1 --time_based --runtime="$seconds" --output-format=json |
+    python3 -c 'import json, sys
+job = json.load(sys.stdin)["jobs"][0]
+side = job["read"] if sys.argv[1].startswith("randread") else job["write"]
+print(side["bw"] / 1024 if sys.argv[1] == "seqwrite-1m" else side["iops"], side["total_ios"])' "$job"
+}
+
+# CPU time (clock ticks: user + system) a process has used so far.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
+# The data-path benchmark, not a test (QSD_CSI_VM_TESTS=bench_datapath e2e/vm/run.sh): each
+# kernel device backend (ublk, nbd, fuse + loop) staged as a raw block volume by the optimised
+# driver, fio on it, each figure over the same job on a loop device over a raw file in the same
+# tmpfs, measured first (the same baseline on every kernel: tmpfs takes O_DIRECT from 6.6 only).
+# Prints "QSD-VM-BENCH datapath BACKEND QEMU KERNEL JOB ratio=R".
+bench_datapath() {
+  local seconds=${QSD_VM_BENCH_SECONDS:-5} dir=$work/bench
+  driver_bin=$top/target/release/qsd-csi
+  [[ -x $driver_bin ]] || { echo "no release build of qsd-csi"; return 1; }
+  local kernel qemu jobs=(randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd32 seqwrite-1m)
+  kernel=$(uname -r | grep -oE '^[0-9]+\.[0-9]+')
+  qemu=$(qemu-storage-daemon --version | grep -oE '[0-9]+\.[0-9]+' | head -1)
+  mkdir -p "$dir"
+  # The baseline: a loop device over a raw file in the same tmpfs, on both kernels (tmpfs takes
+  # O_DIRECT only from Linux 6.6; where it does, fio straight on the file is shown on # lines).
+  local raw=$dir/baseline.raw loop
+  fio --name=fill --filename="$raw" --size=192M --rw=write --bs=1M --ioengine=psync >/dev/null || return 1
+  loop=$(losetup -f --show "$raw") || return 1
+  declare -A base
+  local job value
+  for job in "${jobs[@]}"; do
+    value=$(fio_figure "$loop" "$job" "$seconds") || return 1
+    value=${value% *}
+    base[$job]=$value
+    echo "QSD-VM-BENCH # baseline (loop over a raw file on tmpfs) $kernel $job $value"
+  done
+  losetup -d "$loop"
+  if fio --name=probe --filename="$raw" --size=4k --rw=read --bs=4k --direct=1 --ioengine=psync >/dev/null 2>&1; then
+    for job in "${jobs[@]}"; do
+      echo "QSD-VM-BENCH # O_DIRECT on the raw file itself $kernel $job $(fio_figure "$raw" "$job" "$seconds" | cut -d' ' -f1)"
+    done
+  fi
+  rm -f "$raw"
+  local backend id dev
+  for backend in ublk nbd fuse; do
+    start_driver "$dir/$backend" "$backend" || return 1
+    id=$("$driver_bin" --endpoint "$ep" volume create "b-$backend" --size 192M) || return 1
+    dev=$dir/$backend/device
+    "$driver_bin" --endpoint "$ep" publish "$id" "$dev" --block --staging-dir "$dir/$backend/st" || return 1
+    # Every cluster allocated, as on the raw file.
+    fio --name=fill --filename="$dev" --size=192M --rw=write --bs=1M --iodepth=4 --ioengine=libaio \
+      --direct=1 >/dev/null || return 1
+    # Where the time goes: CPU per I/O of the daemon and of the plugin (the ublk server).
+    local daemon plugin d0 p0 out ios
+    daemon=$(cat "$dir/$backend/state/run/qsd.pid") plugin=$driver
+    for job in "${jobs[@]}"; do
+      d0=$(cpu_ticks "$daemon") p0=$(cpu_ticks "$plugin")
+      out=$(fio_figure "$dev" "$job" "$seconds") || return 1
+      value=${out% *} ios=${out#* }
+      ((ios > 0)) || ios=1
+      # A tick is 10 ms: 10,000 µs.
+      echo "QSD-VM-BENCH # $backend $kernel $job $value ($(readlink -f "$dev")): CPU per I/O:" \
+        "daemon $((($(cpu_ticks "$daemon") - d0) * 10000 / ios)) µs," \
+        "plugin $((($(cpu_ticks "$plugin") - p0) * 10000 / ios)) µs"
+      echo "QSD-VM-BENCH datapath $backend $qemu $kernel $job ratio=$(python3 -c \
+        'import sys; print(f"{float(sys.argv[1]) / float(sys.argv[2]):.2f}")' "$value" "${base[$job]}")"
+    done
+    "$driver_bin" --endpoint "$ep" unpublish "$id" "$dev" --staging-dir "$dir/$backend/st" || return 1
+    "$driver_bin" --endpoint "$ep" volume delete "$id" || return 1
+    kill "$driver"; wait "$driver" 2>/dev/null
+    kill "$(cat "$dir/$backend/state/run/qsd.pid")"
+  done
+  driver_bin=
+  return 0
+}
+
 # The Rust device tests (node-plugin/tests/kernel_devices.rs), one result each.
 run_rust_tests() {
   local log=$work/rust-tests.log
@@ -323,6 +411,7 @@ for t in ${QSD_VM_TESTS:-test_kernel_devices rust_kernel_devices test_daemon_nbd
   touch "$work/.started"
   ( set -o pipefail; $t ) >"$work/$t.log" 2>&1
   rc=$?
+  grep -a '^QSD-VM-BENCH ' "$work/$t.log" # a benchmark's figures, to the console
   if [[ $rc -eq $SKIP ]]; then
     echo "QSD-VM-RESULT skip ${t#test_}: $(tail -1 "$work/$t.log")"
     continue

@@ -77,8 +77,9 @@ prepare_bookworm() {
 
   # Modules in load order: virtio and 9p for the shared root, then block and filesystems.
   modules=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache
-    9pnet 9pnet_virtio 9p nbd loop crc16 mbcache jbd2 crc32c_generic ext4 libcrc32c xfs ublk_drv)
-  if [[ ! -f $cache/initramfs.gz || $here/init -nt $cache/initramfs.gz || $cache/ublk_drv.ko -nt $cache/initramfs.gz ]]; then
+    9pnet 9pnet_virtio 9p nbd loop fuse crc16 mbcache jbd2 crc32c_generic ext4 libcrc32c xfs ublk_drv)
+  if [[ ! -f $cache/initramfs.gz || $here/init -nt $cache/initramfs.gz || $here/run.sh -nt $cache/initramfs.gz ||
+    $cache/ublk_drv.ko -nt $cache/initramfs.gz ]]; then
     rm -rf "$cache/initramfs" && mkdir -p "$cache"/initramfs/{bin,modules,proc,sys,dev,host}
     cp /bin/busybox "$cache/initramfs/bin/busybox"
     for m in "${modules[@]}"; do
@@ -121,13 +122,16 @@ prepare_newest() {
     rm -rf "$apt" "$nc/deb"
     mv "$nc/vmlinuz.tmp" "$nc/vmlinuz"
   fi
-  if [[ ! -f $nc/initramfs.gz || $here/init -nt $nc/initramfs.gz ]]; then
+  if [[ ! -f $nc/initramfs.gz || $here/init -nt $nc/initramfs.gz || $here/run.sh -nt $nc/initramfs.gz ]]; then
     local moddir; moddir=$nc/root/usr/lib/modules/$(cat "$nc/version")
+    # FUSE (the fuse backend) is a module on some kernels and built in on others.
+    local roots=(virtio_pci 9pnet_virtio 9p nbd loop ext4 xfs ublk_drv)
+    [[ -n $(find "$moddir" -name 'fuse.ko*' | head -1) ]] && roots+=(fuse)
     rm -rf "$nc/initramfs" && mkdir -p "$nc"/initramfs/{bin,modules,proc,sys,dev,host}
     cp /bin/busybox "$nc/initramfs/bin/busybox"
     local f name
     : >"$nc/initramfs/modules/order"
-    for f in $(python3 "$here/module-order.py" "$moddir" virtio_pci 9pnet_virtio 9p nbd loop ext4 xfs ublk_drv); do
+    for f in $(python3 "$here/module-order.py" "$moddir" "${roots[@]}"); do
       name=$(basename "$f"); name=${name%.xz}; name=${name%.ko}
       case $f in
         *.xz) python3 -c 'import lzma, sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' \
@@ -147,6 +151,10 @@ prepare_newest() {
 # device tests (node-plugin/tests/kernel_devices.rs, ignored on the host). Cargo also reports
 # the package's binaries it built for the tests; only the test's own executable will do.
 (cd "$top" && cargo build --quiet -p qsd-csi --bin qsd-csi)
+# The data-path benchmark measures the optimised build (the ublk server runs in the plugin).
+if [[ ${QSD_CSI_VM_TESTS:-} == *bench_datapath* ]]; then
+  (cd "$top" && cargo build --quiet --release -p qsd-csi --bin qsd-csi)
+fi
 rust_tests=$(cd "$top" && cargo test --quiet -p qsd-csi-node --test kernel_devices --no-run \
   --message-format=json | grep -o '"executable":"[^"]*/deps/kernel_devices-[^"]*"' | tail -1 \
   | cut -d'"' -f4)
@@ -160,7 +168,7 @@ boot() {
   local label=$1 assets=$2 log=$2/console.log
   timeout "${QSD_CSI_VM_TIMEOUT:-900}" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 2048 \
     -nographic -no-reboot -kernel "$assets/vmlinuz" -initrd "$assets/initramfs.gz" \
-    -append "console=ttyS0 panic=-1 quiet qsd.top=$top qsd.tests=${QSD_CSI_VM_TESTS:-all} qsd.rust=$rust_tests qsd.rustfilter=${QSD_CSI_VM_RUST_FILTER:-}" \
+    -append "console=ttyS0 panic=-1 quiet qsd.top=$top qsd.tests=${QSD_CSI_VM_TESTS:-all} qsd.rust=$rust_tests qsd.rustfilter=${QSD_CSI_VM_RUST_FILTER:-} qsd.benchseconds=${QSD_CSI_BENCH_SECONDS:-5}" \
     -virtfs "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap" \
     </dev/null >"$log" 2>&1 || true
   local passed failed skipped
@@ -168,6 +176,8 @@ boot() {
   failed=$(grep -ac 'QSD-VM-RESULT fail ' "$log" || true)
   skipped=$(grep -ac 'QSD-VM-RESULT skip ' "$log" || true)
   grep -aoE 'QSD-VM-(RESULT|DONE|LOG).*' "$log" | sed "s/^/($label) /" || true
+  # Benchmark figures, as the host benchmark prints them.
+  grep -aoE 'QSD-VM-BENCH .*' "$log" | sed 's/^QSD-VM-BENCH //' || true
   if ! grep -aq 'QSD-VM-DONE' "$log"; then
     echo "vm ($label): the guest did not finish; console:" >&2
     tail -40 "$log" >&2

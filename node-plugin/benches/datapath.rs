@@ -11,6 +11,10 @@
 //! - `clone`: a full clone (`blockdev-backup`) of a volume holding 1 GiB of data, against
 //!   `cp --sparse=always` of the same image followed by `sync`, alternated, median of three.
 //!
+//! Where the time goes: beside each volume figure a `#` line gives the daemon's CPU time per
+//! I/O (all its threads, from `/proc`) and how busy its busiest thread was — a thread at 100 %
+//! of a core is the bottleneck, whatever the queue depth.
+//!
 //! Prints one line per figure, `datapath BACKEND QEMU KERNEL JOB ratio=R` (KERNEL is `host`;
 //! the guest's figures come from `e2e/vm`), then a table for docs/benchmarks.md. Run as root:
 //! `QSD_CSI_QEMU_NEWEST=$(scripts/qemu-newest) cargo bench -p qsd-csi-node --bench datapath`.
@@ -43,8 +47,9 @@ enum Target<'a> {
     Nbd { socket: &'a Path, name: &'a str },
 }
 
-/// One fio job over the first GiB; returns IOPS for 4 KiB jobs and MiB/s for 1 MiB ones.
-fn fio(target: &Target, rw: &str, bs: &str, depth: u32, seconds: u64) -> f64 {
+/// One fio job over the first GiB; returns IOPS for 4 KiB jobs and MiB/s for 1 MiB ones, and
+/// the number of I/Os done.
+fn fio(target: &Target, rw: &str, bs: &str, depth: u32, seconds: u64) -> (f64, u64) {
     let mut fio = Command::new("fio");
     fio.args(["--name=bench", "--size=1G", "--output-format=json", "--time_based"]);
     match target {
@@ -66,11 +71,63 @@ fn fio(target: &Target, rw: &str, bs: &str, depth: u32, seconds: u64) -> f64 {
     let json = &stdout[stdout.find('{').unwrap_or(0)..];
     let json: serde_json::Value = serde_json::from_str(json).expect("fio json");
     let side = &json["jobs"][0][if rw.contains("read") { "read" } else { "write" }];
+    let ios = side["total_ios"].as_u64().unwrap_or(0);
     if bs == "4k" {
-        side["iops"].as_f64().unwrap_or(0.0)
+        (side["iops"].as_f64().unwrap_or(0.0), ios)
     } else {
-        side["bw"].as_f64().unwrap_or(0.0) / 1024.0
+        (side["bw"].as_f64().unwrap_or(0.0) / 1024.0, ios)
     }
+}
+
+/// CPU time (clock ticks) of each thread of `pid`, by thread id.
+fn thread_ticks(pid: u32) -> std::collections::BTreeMap<u32, u64> {
+    let mut ticks = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return ticks;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        // Fields after the parenthesised name: state is the 3rd field; utime, stime the 14th, 15th.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let used = fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+            + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        if let Ok(tid) = task.file_name().to_string_lossy().parse() {
+            ticks.insert(tid, used);
+        }
+    }
+    ticks
+}
+
+/// Runs one fio job on a volume of the daemon `pid`; returns its figure and prints where the
+/// daemon's time went.
+fn fio_on_volume(
+    pid: u32,
+    label: &str,
+    target: &Target,
+    (job, rw, bs, depth): (&str, &str, &str, u32),
+    seconds: u64,
+) -> f64 {
+    let before = thread_ticks(pid);
+    let start = Instant::now();
+    let (value, ios) = fio(target, rw, bs, depth, seconds);
+    let wall = start.elapsed().as_secs_f64();
+    let after = thread_ticks(pid);
+    // USER_HZ: /proc counts CPU time in hundredths of a second on every Linux architecture.
+    let tick = 0.01;
+    let deltas: Vec<f64> = after
+        .iter()
+        .map(|(tid, t)| (t - before.get(tid).copied().unwrap_or(0)) as f64 * tick)
+        .collect();
+    let total: f64 = deltas.iter().sum();
+    let busiest = deltas.iter().copied().fold(0.0, f64::max);
+    println!(
+        "# where {label} {job}: daemon {:.1} µs CPU per I/O, all threads {:.0} % of a core, busiest thread {:.0} %",
+        total * 1e6 / ios.max(1) as f64,
+        total * 100.0 / wall,
+        busiest * 100.0 / wall
+    );
+    value
 }
 
 fn run(program: &str, args: &[&str]) {
@@ -128,8 +185,10 @@ async fn measure(
     let loop_dev = device::attach(Backend::Fuse, &attached.endpoint, direct, &vol.id)
         .await
         .expect("loop device");
-    for ((job, rw, bs, depth), base) in JOBS.iter().zip(baseline) {
-        rows.push(("fuse", *job, fio(&Target::Path(&loop_dev), rw, bs, *depth, seconds) / base));
+    let label = format!("fuse {qemu}");
+    for (spec, base) in JOBS.iter().zip(baseline) {
+        let value = fio_on_volume(pid, &label, &Target::Path(&loop_dev), *spec, seconds);
+        rows.push(("fuse", spec.0, value / base));
     }
     device::detach(Backend::Fuse, &loop_dev).await.expect("detach loop");
     if direct {
@@ -137,9 +196,14 @@ async fn measure(
         let loop_dev = device::attach(Backend::Fuse, &attached.endpoint, false, &vol.id)
             .await
             .expect("loop device");
-        for ((job, rw, bs, depth), base) in JOBS.iter().zip(baseline) {
-            let ratio = fio(&Target::Path(&loop_dev), rw, bs, *depth, seconds) / base;
-            println!("# fuse {qemu} host {job}, buffered loop instead: ratio={ratio:.2}");
+        let label = format!("fuse (buffered loop) {qemu}");
+        for (spec, base) in JOBS.iter().zip(baseline) {
+            let value = fio_on_volume(pid, &label, &Target::Path(&loop_dev), *spec, seconds);
+            println!(
+                "# fuse {qemu} host {}, buffered loop instead: ratio={:.2}",
+                spec.0,
+                value / base
+            );
         }
         device::detach(Backend::Fuse, &loop_dev).await.expect("detach loop");
     }
@@ -149,8 +213,9 @@ async fn measure(
     let attached = core.attach_with(&vol.id, ExportKind::Nbd, false).await.expect("attach nbd");
     let endpoint = &attached.endpoint;
     let nbd = Target::Nbd { socket: &endpoint.path, name: &endpoint.name };
-    for ((job, rw, bs, depth), base) in JOBS.iter().zip(baseline) {
-        rows.push(("nbd-user", *job, fio(&nbd, rw, bs, *depth, seconds) / base));
+    let label = format!("nbd-user {qemu}");
+    for (spec, base) in JOBS.iter().zip(baseline) {
+        rows.push(("nbd-user", spec.0, fio_on_volume(pid, &label, &nbd, *spec, seconds) / base));
     }
     core.detach(&vol.id).await.expect("detach nbd");
 
@@ -201,8 +266,10 @@ async fn main() {
     let filename = format!("--filename={}", raw.display());
     let fill = ["--name=fill", "--rw=write", "--bs=1M", "--size=1G", "--direct=1", &filename];
     run("fio", &[&fill[..], &["--output=/dev/null"]].concat());
-    let baseline: Vec<f64> =
-        JOBS.iter().map(|(_, rw, bs, qd)| fio(&Target::Path(&raw), rw, bs, *qd, seconds)).collect();
+    let baseline: Vec<f64> = JOBS
+        .iter()
+        .map(|(_, rw, bs, qd)| fio(&Target::Path(&raw), rw, bs, *qd, seconds).0)
+        .collect();
     for ((job, ..), value) in JOBS.iter().zip(&baseline) {
         let unit = if job.starts_with("seq") { "MiB/s" } else { "IOPS" };
         println!("baseline (raw file, libaio, O_DIRECT) {job}: {value:.0} {unit}");
