@@ -737,12 +737,18 @@ mod tests {
         assert!(in_progress.exists());
     }
 
+    /// One shared pool as two nodes open it.
+    fn two_nodes(dir: &Path) -> (Pool, Pool) {
+        let name = PoolName::parse("s").expect("name");
+        let here = Pool::open(dir, name.clone(), PoolKind::Shared).expect("open here");
+        let there = Pool::open(dir, name, PoolKind::Shared).expect("open there");
+        (here, there)
+    }
+
     #[test]
     fn a_shared_pool_takes_in_what_another_node_wrote_and_leaves_its_writes_in_progress_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let name = PoolName::parse("s").expect("name");
-        let here = Pool::open(dir.path(), name.clone(), PoolKind::Shared).expect("open here");
-        let there = Pool::open(dir.path(), name, PoolKind::Shared).expect("open there");
+        let (here, there) = two_nodes(dir.path());
         let head = layer(&there, None);
         there.put_volume(volume("v", head)).expect("volume written there");
         let in_progress = dir.path().join("volumes/.w.json.tmp");
@@ -794,9 +800,7 @@ mod tests {
     #[test]
     fn a_shared_pool_is_rescanned_only_after_another_writer_bumps_its_generation() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let name = PoolName::parse("s").expect("name");
-        let here = Pool::open(dir.path(), name.clone(), PoolKind::Shared).expect("open here");
-        let there = Pool::open(dir.path(), name, PoolKind::Shared).expect("open there");
+        let (here, there) = two_nodes(dir.path());
         let head = layer(&here, None);
         here.put_volume(volume("mine", head)).expect("volume");
 
