@@ -103,19 +103,14 @@ pub fn mark_as_io_server(command: &mut tokio::process::Command) {
 /// the common soft default of 1,024 would stop it short of a thousand volumes. Raising the
 /// soft limit up to the hard one needs no privilege.
 pub fn raise_open_files_limit(command: &mut tokio::process::Command) {
-    // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
-    // (getrlimit, setrlimit) on stack data.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    // SAFETY: the closure runs in the forked child before exec and only makes two raw syscalls
+    // (getrlimit, setrlimit, through nix's thin wrappers) on stack data.
     unsafe {
         command.pre_exec(|| {
-            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if limit.rlim_cur < limit.rlim_max {
-                limit.rlim_cur = limit.rlim_max;
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
+            let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+            if soft < hard {
+                setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
             }
             Ok(())
         });

@@ -175,7 +175,11 @@ pub async fn open_chain(
     chain: &[LayerId],
     read_only: bool,
 ) -> Result<String> {
-    let options = chain_options(pool, names, chain, read_only);
+    add_definition(qmp, chain_options(pool, names, chain, read_only)).await
+}
+
+/// Adds a nested node definition; returns its top node's name.
+async fn add_definition(qmp: &QmpClient, options: BlockdevOptions) -> Result<String> {
     let top = options.node_name().to_owned();
     call(qmp, &BlockdevAdd(options)).await?;
     Ok(top)
@@ -429,9 +433,8 @@ pub async fn attach(
             },
         )
         .await?;
-        let options = with_l2_cache(chain_options(pool, names, chain, false), l2_cache_size);
-        let top = options.node_name().to_owned();
-        call(qmp, &BlockdevAdd(options)).await?;
+        let head = with_l2_cache(chain_options(pool, names, chain, false), l2_cache_size);
+        let top = add_definition(qmp, head).await?;
         call(
             qmp,
             &BlockdevAdd(BlockdevOptions::Throttle {

@@ -190,6 +190,24 @@ struct Scans {
     layers: store::DirScan,
 }
 
+/// Applies a scan's changes to one map of the index, keyed as `key` reads a file stem.
+fn apply<K: Ord, V>(
+    map: &mut BTreeMap<K, V>,
+    changes: store::Changes<V>,
+    key: impl Fn(&str) -> Option<K>,
+) {
+    for stem in changes.removed {
+        if let Some(k) = key(&stem) {
+            map.remove(&k);
+        }
+    }
+    for (stem, record) in changes.changed {
+        if let Some(k) = key(&stem) {
+            map.insert(k, record);
+        }
+    }
+}
+
 impl Pool {
     /// Opens (creating if needed) the pool at `root`, loads its records and collects garbage
     /// left by an interrupted operation.
@@ -291,31 +309,17 @@ impl Pool {
         let volumes = scans.volumes.scan::<VolumeRecord>(&self.root.join("volumes"))?;
         let snapshots = scans.snapshots.scan::<SnapshotRecord>(&self.root.join("snapshots"))?;
         let layers = scans.layers.scan::<LayerRecord>(&self.layers_dir())?;
+        // Records are stored under their key: a volume's or snapshot's name, a layer's id.
         let mut index = self.index();
-        for name in volumes.removed {
-            index.volumes.remove(&name);
-        }
-        for (_, record) in volumes.changed {
-            index.volumes.insert(record.name.clone(), record);
-        }
-        for name in snapshots.removed {
-            index.snapshots.remove(&name);
-        }
-        for (_, record) in snapshots.changed {
-            index.snapshots.insert(record.name.clone(), record);
-        }
-        for stem in layers.removed {
-            if let Ok(id) = LayerId::parse(&stem) {
-                index.layers.remove(&id);
-            }
-        }
-        for (_, record) in layers.changed {
-            index.layers.insert(record.id, record);
-        }
+        apply(&mut index.volumes, volumes, |stem| Some(stem.to_owned()));
+        apply(&mut index.snapshots, snapshots, |stem| Some(stem.to_owned()));
+        apply(&mut index.layers, layers, |stem| LayerId::parse(stem).ok());
         *known = Some(current);
         Ok(())
     }
 
+    /// Opened for each use: `flock` excludes open files, so threads of this process exclude
+    /// each other only through files of their own.
     fn generation_file(&self) -> Result<std::fs::File> {
         let path = self.root.join(GENERATION);
         std::fs::OpenOptions::new()
