@@ -149,6 +149,7 @@ pub fn create_volume(
         }
     };
     out.size = size(req.capacity_range.as_ref(), out.source.is_some())?;
+    out.limit = req.capacity_range.as_ref().map(|r| r.limit_bytes).filter(|l| *l > 0);
     // mkfs.xfs refuses filesystems under 300 MiB: say so now, not as a failed NodeStage.
     let xfs = req.parameters.get(keys::FS_TYPE).is_some_and(|f| f == "xfs")
         || req.volume_capabilities.iter().any(|c| {

@@ -68,10 +68,15 @@ pub fn controller_services(
     use qsd_csi_proto::csi::controller_server::ControllerServer;
     use qsd_csi_proto::csi::group_controller_server::GroupControllerServer;
     use qsd_csi_proto::csi::snapshot_metadata_server::SnapshotMetadataServer;
+    use qsd_csi_proto::failures::logged;
     router
-        .add_service(ControllerServer::new(controller))
-        .add_service(GroupControllerServer::new(crate::groups::GroupService::new(agents.clone())))
-        .add_service(SnapshotMetadataServer::new(crate::metadata::MetadataService::new(agents)))
+        .add_service(logged(ControllerServer::new(controller)))
+        .add_service(logged(GroupControllerServer::new(crate::groups::GroupService::new(
+            agents.clone(),
+        ))))
+        .add_service(logged(SnapshotMetadataServer::new(crate::metadata::MetadataService::new(
+            agents,
+        ))))
 }
 
 /// Serves `router` on the unix socket at `socket` (and, with `health`, the health service

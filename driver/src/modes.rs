@@ -65,6 +65,7 @@ impl NodePart {
     async fn open(self) -> anyhow::Result<(Engine, NodeService)> {
         let engine = Engine::open(self.engine).await.context("starting the block-graph engine")?;
         let node = NodeService::new(engine.core_arc(), self.node)?;
+        node.undo_unfinished_stages().await;
         tracing::info!(node = engine.config().node.as_str(), "engine ready");
         Ok((engine, node))
     }
@@ -92,7 +93,7 @@ pub async fn standalone(
     let identity = IdentityService::new(Arc::new(EngineProbe(core)), true);
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity.clone()))
-        .add_service(NodeServer::new(node));
+        .add_service(qsd_csi_proto::failures::logged(NodeServer::new(node)));
     let controller = ControllerService::new(agents.clone(), default_pool);
     let router = qsd_csi_controller::serve::controller_services(router, controller, agents);
     qsd_csi_controller::serve::csi_and_health(&config.socket, router, None, identity, stop).await?;
@@ -146,7 +147,7 @@ pub async fn node(
     let identity = IdentityService::new(Arc::new(EngineProbe(core)), false);
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity.clone()))
-        .add_service(NodeServer::new(node));
+        .add_service(qsd_csi_proto::failures::logged(NodeServer::new(node)));
     let csi = qsd_csi_controller::serve::csi_and_health(
         &config.socket,
         router,

@@ -179,6 +179,9 @@ pub struct CreateVolume {
     pub name: String,
     /// Requested bytes; for sourced volumes `None` means the source's size.
     pub size: Option<i64>,
+    /// The most bytes the caller accepts: an existing volume of this name satisfies a repeated
+    /// request when its size lies between `size` and this (`None`: no limit).
+    pub limit: Option<i64>,
     /// Preallocation of the new head.
     pub preallocation: Preallocation,
     /// I/O limits.
@@ -202,6 +205,7 @@ impl CreateVolume {
             pool: pool.into(),
             name: name.into(),
             size: Some(size),
+            limit: None,
             preallocation: Preallocation::Off,
             qos: Qos::default(),
             max_chain_depth: None,

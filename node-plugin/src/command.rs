@@ -1,5 +1,5 @@
-//! One way to run an external command: `LC_ALL=C`, a timeout, killed on drop, stderr kept for
-//! the error.
+//! One way to run an external command: `LC_ALL=C`, a timeout, killed on drop and when this
+//! process dies, stderr kept for the error.
 
 use std::ffi::OsStr;
 use std::time::Duration;
@@ -13,6 +13,7 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Result<String> {
     let mut command = tokio::process::Command::new(program);
     command.args(args).env("LC_ALL", "C").kill_on_drop(true).stdin(std::process::Stdio::null());
+    crate::sys::die_with_parent(&mut command);
     let output = tokio::time::timeout(TIMEOUT, command.output())
         .await
         .map_err(|_| Error::Command {

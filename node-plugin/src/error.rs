@@ -206,6 +206,9 @@ impl Error {
 
     /// Classifies the error for callers. Exhaustive on purpose: a new variant must pick a kind.
     pub fn kind(&self) -> ErrorKind {
+        if self.is_no_space() {
+            return ErrorKind::ResourceExhausted;
+        }
         match self {
             Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
             Error::NotFound { .. } => ErrorKind::NotFound,
@@ -248,6 +251,22 @@ impl Error {
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
         Error::Tls { what: what.into(), source: Some(source.into()) }
+    }
+
+    /// True when the pool's filesystem is full (ENOSPC), however it reached us: our own I/O,
+    /// a daemon command, a block job, or a helper's stderr. A full pool is a resource
+    /// exhausted, not an internal error.
+    pub fn is_no_space(&self) -> bool {
+        const TEXT: &str = "No space left on device";
+        match self {
+            Error::Io { source, .. } | Error::Spawn { source, .. } => {
+                source.raw_os_error() == Some(libc::ENOSPC)
+            }
+            Error::Job { message, .. } => message.contains(TEXT),
+            Error::Command { stderr, .. } => stderr.contains(TEXT),
+            Error::Qmp { source: QmpError::Command { desc, .. }, .. } => desc.contains(TEXT),
+            _ => false,
+        }
     }
 
     /// True when a volume or snapshot ID failed to parse: such an ID names nothing we hold.
@@ -302,6 +321,29 @@ mod tests {
         for (error, kind) in table {
             assert_eq!(error.kind(), kind, "{error}");
         }
+    }
+
+    #[test]
+    fn a_full_pool_is_resource_exhausted_however_the_enospc_reached_us() {
+        let enospc = "No space left on device";
+        let table: Vec<Error> = vec![
+            Error::io("write metadata", "/p/v.json", std::io::Error::from_raw_os_error(28)),
+            Error::Job {
+                job: "clone-x".into(),
+                kind: "backup".into(),
+                message: format!("Could not write to target: {enospc}"),
+            },
+            Error::Qmp {
+                command: "block_resize",
+                source: QmpError::Command { class: "GenericError".into(), desc: enospc.into() },
+            },
+            Error::Command { program: "mkfs.ext4".into(), stderr: format!("write: {enospc}") },
+        ];
+        for e in table {
+            assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{}", e.with_causes());
+        }
+        let other = Error::io("read", "/x", std::io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(other.kind(), ErrorKind::Internal, "only ENOSPC");
     }
 
     #[test]

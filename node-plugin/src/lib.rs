@@ -19,6 +19,7 @@ pub mod csi;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod fault;
 pub mod graph;
 pub mod mount;
 pub mod pool;

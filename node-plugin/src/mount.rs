@@ -1,4 +1,5 @@
-//! Filesystems on volumes: probe, format (only a device with no filesystem), mount, bind, grow,
+//! Filesystems on volumes: probe, format (the Node service formats only a device with no
+//! filesystem), mount, bind, grow,
 //! and usage statistics. Every tool runs through [`crate::command::run`].
 
 use std::path::Path;
@@ -55,29 +56,20 @@ pub async fn probe_fs(device: &Path) -> Result<Option<String>> {
     }
 }
 
-/// Formats `device` with `fs_type` unless it already holds a filesystem. Never reformats: a
-/// device holding a different filesystem is an error.
-pub async fn format_if_empty(device: &Path, fs_type: &str) -> Result<()> {
-    match probe_fs(device).await? {
-        Some(existing) if existing == fs_type => Ok(()),
-        Some(existing) => Err(Error::FailedPrecondition(format!(
-            "{} already holds {existing}, not {fs_type}; refusing to reformat",
-            device.display()
-        ))),
-        None => {
-            let mkfs = format!("mkfs.{fs_type}");
-            let force = if fs_type == "xfs" { "-f" } else { "-F" };
-            // Quiet, and no discard pass over a thin image (it would only waste time).
-            let nodiscard = if fs_type == "xfs" { "-K" } else { "-E" };
-            let mut args: Vec<&std::ffi::OsStr> = vec![force.as_ref(), nodiscard.as_ref()];
-            if fs_type != "xfs" {
-                args.push("nodiscard".as_ref());
-                args.push("-q".as_ref());
-            }
-            args.push(device.as_os_str());
-            run(&mkfs, &args).await.map(|_| ())
-        }
+/// Makes a `fs_type` filesystem on `device`, whatever it holds: callers decide
+/// (`csi::decide::format_step`) that it holds nothing, or only what a killed mkfs of ours left.
+pub async fn format(device: &Path, fs_type: &str) -> Result<()> {
+    let mkfs = format!("mkfs.{fs_type}");
+    let force = if fs_type == "xfs" { "-f" } else { "-F" };
+    // Quiet, and no discard pass over a thin image (it would only waste time).
+    let nodiscard = if fs_type == "xfs" { "-K" } else { "-E" };
+    let mut args: Vec<&std::ffi::OsStr> = vec![force.as_ref(), nodiscard.as_ref()];
+    if fs_type != "xfs" {
+        args.push("nodiscard".as_ref());
+        args.push("-q".as_ref());
     }
+    args.push(device.as_os_str());
+    run(&mkfs, &args).await.map(|_| ())
 }
 
 /// Mounts `source` on `target` (created if missing) with `fs_type` and `options`.
@@ -284,8 +276,10 @@ pub trait Mounter: Send + Sync + std::fmt::Debug {
     fn is_mountpoint(&self, path: &Path) -> bool;
     /// Where `device` is mounted.
     fn mounts_of(&self, device: &Path) -> Result<Vec<std::path::PathBuf>>;
-    /// Makes `fs_type` on `device` unless it already holds a filesystem.
-    async fn format_if_empty(&self, device: &Path, fs_type: &str) -> Result<()>;
+    /// The filesystem on `device`, if blkid recognizes one.
+    async fn probe_fs(&self, device: &Path) -> Result<Option<String>>;
+    /// Makes a `fs_type` filesystem on `device`, whatever it holds.
+    async fn format(&self, device: &Path, fs_type: &str) -> Result<()>;
     /// Grows an unmounted ext filesystem to its device; whether it grew.
     async fn grow_unmounted_ext(&self, device: &Path, fs_type: &str) -> Result<bool>;
     /// Mounts `device` at `target`.
@@ -322,8 +316,11 @@ impl Mounter for HostMounter {
     fn mounts_of(&self, device: &Path) -> Result<Vec<std::path::PathBuf>> {
         mounts_of(device)
     }
-    async fn format_if_empty(&self, device: &Path, fs_type: &str) -> Result<()> {
-        format_if_empty(device, fs_type).await
+    async fn probe_fs(&self, device: &Path) -> Result<Option<String>> {
+        probe_fs(device).await
+    }
+    async fn format(&self, device: &Path, fs_type: &str) -> Result<()> {
+        format(device, fs_type).await
     }
     async fn grow_unmounted_ext(&self, device: &Path, fs_type: &str) -> Result<bool> {
         grow_unmounted_ext(device, fs_type).await

@@ -24,6 +24,22 @@ pub fn thaw_fs(file: &std::fs::File) -> nix::Result<()> {
     unsafe { fithaw(file.as_raw_fd(), &mut ignored) }.map(drop)
 }
 
+/// Has the kernel SIGKILL the command's process when the thread that spawned it dies: a
+/// helper (mkfs on a volume being staged, say) must not outlive a killed plugin and go on
+/// writing to a device the restarted plugin tears down or formats again.
+pub fn die_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
+    // calls are allowed; prctl is a plain system call.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// `prctl` option that marks a task as part of the I/O path (Linux 5.6+).
 const PR_SET_IO_FLUSHER: libc::c_int = 57;
 

@@ -32,6 +32,7 @@ pub mod agent {
 }
 
 pub mod convert;
+pub mod failures;
 pub mod tls;
 pub mod transport;
 

@@ -38,6 +38,45 @@ pub enum StageStep {
     Done,
     /// Attach, format if empty, mount.
     Stage,
+    /// Undo what a stage killed half-way left, then stage.
+    Redo,
+}
+
+/// Whether staging formats the device: when it holds nothing, or holds what a killed mkfs of
+/// ours left (`interrupted_mkfs`: the device was empty when that mkfs started). A device that
+/// holds another filesystem is never reformatted.
+pub fn format_step(
+    device: &Path,
+    found: Option<&str>,
+    wanted: &str,
+    interrupted_mkfs: bool,
+) -> Result<bool> {
+    match found {
+        _ if interrupted_mkfs => Ok(true),
+        None => Ok(true),
+        Some(fs) if fs == wanted => Ok(false),
+        Some(fs) => Err(Error::FailedPrecondition(format!(
+            "{} already holds {fs}, not {wanted}; refusing to reformat",
+            device.display()
+        ))),
+    }
+}
+
+/// Refuses a filesystem its volume is too small for, naming the minimum (mkfs.xfs would fail
+/// with its usage text).
+pub fn fs_fits(fs: &str, size: u64) -> Result<()> {
+    let minimum = params::XFS_MIN_SIZE as u64;
+    if fs == "xfs" && size < minimum {
+        return Err(Error::OutOfRange {
+            requested: size as i64,
+            reason: format!(
+                "an xfs filesystem needs a volume of at least {} MiB; this one has {} MiB",
+                minimum >> 20,
+                size >> 20
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Whether a volume already `staged` (per its record) at `staging` needs staging; staging it
@@ -56,6 +95,9 @@ pub fn stage_step(
             name: id.to_owned(),
             difference: format!("staged at {}", existing.staging_path.display()),
         });
+    }
+    if !existing.complete {
+        return Ok(StageStep::Redo);
     }
     if existing.fs_type.is_none() || staging_mounted {
         return Ok(StageStep::Done);
@@ -212,6 +254,8 @@ mod tests {
             fs_type: fs.map(str::to_owned),
             access_mode: mode as i32,
             targets: targets.iter().map(PathBuf::from).collect(),
+            complete: true,
+            formatting: false,
         }
     }
 
@@ -253,8 +297,31 @@ mod tests {
         let at = Path::new("/stage/v");
         let mounted = staged(Some("ext4"), Mode::SingleNodeWriter, &[]);
         let block = staged(None, Mode::SingleNodeWriter, &[]);
+        let half = Staged { complete: false, ..mounted.clone() };
+        let half_block = Staged { complete: false, ..block.clone() };
         type Case<'a> = (&'a str, Option<&'a Staged>, &'a Path, bool, Result<StageStep, ErrorKind>);
-        let cases: [Case; 5] = [
+        let cases: [Case; 8] = [
+            (
+                "a stage killed before its mount: undo, then stage",
+                Some(&half),
+                at,
+                false,
+                Ok(StageStep::Redo),
+            ),
+            (
+                "a stage killed after its mount: undo, then stage",
+                Some(&half),
+                at,
+                true,
+                Ok(StageStep::Redo),
+            ),
+            (
+                "a block stage killed half-way: undo, then stage",
+                Some(&half_block),
+                at,
+                false,
+                Ok(StageStep::Redo),
+            ),
             ("not staged yet", None, at, false, Ok(StageStep::Stage)),
             ("staged and mounted: idempotent", Some(&mounted), at, true, Ok(StageStep::Done)),
             (
@@ -276,6 +343,35 @@ mod tests {
         for (what, record, path, is_mounted, expected) in cases {
             assert_eq!(kind(stage_step("vol:p@n:v", record, path, is_mounted)), expected, "{what}");
         }
+    }
+
+    #[test]
+    fn a_device_is_formatted_when_empty_or_left_by_our_killed_mkfs_and_never_otherwise() {
+        let dev = Path::new("/dev/loop3");
+        type Case<'a> = (&'a str, Option<&'a str>, bool, Result<bool, ErrorKind>);
+        let cases: [Case; 6] = [
+            ("empty", None, false, Ok(true)),
+            ("already the wanted filesystem", Some("ext4"), false, Ok(false)),
+            ("another filesystem", Some("xfs"), false, Err(ErrorKind::FailedPrecondition)),
+            ("a half-made ext4 from a killed mkfs", Some("ext4"), true, Ok(true)),
+            ("garbage blkid reads as xfs, left by our mkfs", Some("xfs"), true, Ok(true)),
+            ("nothing recognizable after a killed mkfs", None, true, Ok(true)),
+        ];
+        for (what, found, interrupted, expected) in cases {
+            assert_eq!(kind(format_step(dev, found, "ext4", interrupted)), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_filesystem_too_large_for_its_volume_is_out_of_range_and_names_the_minimum() {
+        let e = fs_fits("xfs", 64 << 20).expect_err("64 MiB is too small for xfs");
+        assert_eq!(e.kind(), ErrorKind::OutOfRange);
+        assert!(
+            e.to_string().contains("at least 300 MiB") && e.to_string().contains("64 MiB"),
+            "{e}"
+        );
+        assert!(fs_fits("xfs", 300 << 20).is_ok());
+        assert!(fs_fits("ext4", 16 << 20).is_ok(), "ext4 has no such minimum");
     }
 
     #[test]

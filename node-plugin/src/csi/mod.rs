@@ -77,7 +77,7 @@ mod tests {
     fn a_status_message_carries_the_cause_chain() {
         let e = Error::io("write metadata", "/p/v.json", std::io::Error::from_raw_os_error(28));
         let s = status(e);
-        assert_eq!(s.code(), tonic::Code::Internal);
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted, "a full pool");
         assert!(
             s.message().starts_with("write metadata /p/v.json: No space left"),
             "{}",

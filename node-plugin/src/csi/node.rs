@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+mod stage;
+
 use super::csi::{self, node_server::Node};
 use super::decide::{self, PublishStep, Seen, StageStep};
 use super::freeze::Freezer;
@@ -128,70 +130,10 @@ impl NodeService {
         self.engine.set_write_threshold(id, size / 100 * percent, step).await
     }
 
-    async fn stage(
-        &self,
-        id: &str,
-        staging: &Path,
-        capability: &csi::VolumeCapability,
-        context: &std::collections::HashMap<String, String>,
-    ) -> Result<()> {
-        self.engine.get_volume(id)?;
-        let fs_type = decide::fs_type(capability, context)?;
-        let existing = self.staged(id)?;
-        // Only a staged volume's mount matters: a first stage reads no mount table.
-        let mounted = existing.is_some() && self.mounter.is_mountpoint(staging);
-        if decide::stage_step(id, existing.as_ref(), staging, mounted)? == StageStep::Done {
-            return Ok(());
-        }
-        let backend = self.config.device.resolve(self.probes)?;
-        let (kind, writethrough) = (Choice::export_kind(backend), Choice::writethrough(backend));
-        let endpoint = self.engine.attach_with(id, kind, writethrough).await?.endpoint;
-        if let Some(percent) = context.get(WRITE_THRESHOLD_PERCENT) {
-            self.arm_write_threshold(id, percent).await?;
-        }
-        // A buffered loop on every QEMU: where a direct-I/O loop is safe (10.1 and later) it
-        // measured no faster on any job and slower on sequential writes (docs/benchmarks.md).
-        let device = device::attach(backend, &endpoint, false, id).await?;
-        let record = Staged {
-            volume_id: id.to_owned(),
-            staging_path: staging.to_owned(),
-            backend,
-            device: device.clone(),
-            fs_type: fs_type.clone(),
-            access_mode: capability.access_mode.as_ref().map(|m| m.mode).unwrap_or_default(),
-            targets: Default::default(),
-        };
-        let m = &self.mounter;
-        let mounted = async {
-            self.journal.put(&record)?;
-            if let Some(fs) = &fs_type {
-                m.format_if_empty(&device, fs).await?;
-                // format_if_empty made sure the device holds `fs`: no second probe.
-                if m.grow_unmounted_ext(&device, fs).await? {
-                    tracing::info!(volume = %id, "grew the filesystem to its larger volume");
-                }
-                let flags = decide::mount_flags(capability, fs);
-                m.mount(&device, staging, Some(fs), &flags).await?;
-                if !flags.iter().any(|f| f == "ro")
-                    && m.grow_mounted_xfs(&device, staging, fs).await?
-                {
-                    tracing::info!(volume = %id, "grew the filesystem to its larger volume");
-                }
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = mounted {
-            let _ = self.mounter.unmount(staging).await;
-            let _ = device::detach(backend, &device).await;
-            let _ = self.engine.detach(id).await;
-            let _ = self.journal.remove(id);
-            return Err(e);
-        }
-        Ok(())
-    }
-
     async fn unstage(&self, id: &str, staging: &Path) -> Result<()> {
+        if let Some(record) = self.staged(id)?.filter(|r| !r.complete) {
+            return self.undo_stage(&record).await;
+        }
         if let Some(record) = self.staged(id)? {
             // Detach only after unmount: a bind mount still using the device would lose it.
             let mut users = self.mounter.mounts_of(&record.device)?;

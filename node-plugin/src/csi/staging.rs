@@ -1,6 +1,7 @@
 //! The staging journal: one JSON record per staged volume under `<state>/staging/`, written
-//! (atomically) before any mount, so a restarted plugin knows each volume's device and can
-//! still unpublish and unstage it.
+//! (atomically) before anything is attached and rewritten at each step (device known, mkfs
+//! started, complete), so a restarted plugin knows each volume's device, can still unpublish
+//! and unstage it, and undoes a stage that was killed half-way.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -29,6 +30,19 @@ pub struct Staged {
     /// Where it is published.
     #[serde(default)]
     pub targets: BTreeSet<PathBuf>,
+    /// Staging finished. A record that is not is what a stage killed half-way left: it is
+    /// undone (unmount, device, export) before the volume is staged again. Records written
+    /// before this field existed were written by finished stages.
+    #[serde(default = "finished")]
+    pub complete: bool,
+    /// This stage started mkfs on the device, which held nothing: a retry after a kill formats
+    /// it again whatever the killed mkfs left on it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub formatting: bool,
+}
+
+fn finished() -> bool {
+    true
 }
 
 /// The journal's directory.

@@ -29,6 +29,23 @@ pub async fn detach(device: &Path) -> Result<()> {
     }
 }
 
+/// The loop devices over `file` (`losetup --associated`).
+pub async fn over_file(file: &Path) -> Result<Vec<PathBuf>> {
+    if !file.exists() {
+        return Ok(Vec::new());
+    }
+    let out = run(
+        "losetup",
+        &["--list", "--noheadings", "--output", "NAME", "--associated"]
+            .map(std::ffi::OsStr::new)
+            .into_iter()
+            .chain([file.as_os_str()])
+            .collect::<Vec<_>>(),
+    )
+    .await?;
+    Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(PathBuf::from).collect())
+}
+
 /// How long a grown export file may take to show its new size.
 const RESIZE_VISIBLE: std::time::Duration = std::time::Duration::from_secs(10);
 

@@ -150,6 +150,22 @@ pub async fn detach(backend: Backend, device: &Path) -> Result<()> {
     }
 }
 
+/// Every device of `backend` connected to the volume `id`'s export: after a kill between
+/// creating a device and recording it, the record does not name it. FUSE: the loop devices
+/// over the export file; NBD: the devices whose backend identifier is `id`. A ublk device is
+/// served by this process and ends with it (`ublk` recovery re-adopts recorded ones only).
+pub async fn over_export(
+    backend: Backend,
+    endpoint: &ExportEndpoint,
+    id: &str,
+) -> Result<Vec<PathBuf>> {
+    match backend {
+        Backend::Fuse => fuse_loop::over_file(&endpoint.path).await,
+        Backend::Nbd => Ok(nbd::with_backend(id)),
+        Backend::Ublk => Ok(Vec::new()),
+    }
+}
+
 /// Makes the kernel see the export's current size after a resize (NBD: reconnect to the
 /// re-created export with RECONFIGURE; ublk: UPDATE_SIZE where the driver has it).
 pub async fn refresh_size(

@@ -158,6 +158,19 @@ pub async fn reconnect(endpoint: &ExportEndpoint, device: &Path, backend_id: &st
     Ok(())
 }
 
+/// The NBD devices whose backend identifier (`/sys/block/nbdN/backend`) is `backend_id`.
+pub fn with_backend(backend_id: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("nbd"))
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("backend")).is_ok_and(|b| b.trim() == backend_id)
+        })
+        .map(|e| Path::new("/dev").join(e.file_name()))
+        .collect()
+}
+
 /// Disconnects a device (idempotent).
 pub async fn detach(device: &Path) -> Result<()> {
     let Some(family) = family() else { return Ok(()) };

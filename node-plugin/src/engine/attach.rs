@@ -1,7 +1,4 @@
-//! Attaching volumes to exports, write thresholds, and reconciling the daemon's graph with the
-//! journal after any (re)connect.
-
-use std::collections::{HashMap, HashSet};
+//! Attaching volumes to exports, and write thresholds.
 
 use super::journal::{AttachmentRecord, ThresholdRecord};
 use super::{EngineCore, EngineEvent};
@@ -10,7 +7,6 @@ use crate::graph::{self, ExportEndpoint, ExportKind, Names};
 use crate::pool::id::IdKind;
 use crate::pool::LayerId;
 use crate::qmp::Event;
-use crate::qsd::Origin;
 
 /// An attached volume as callers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,7 +230,7 @@ impl EngineCore {
         }
     }
 
-    async fn threshold_crossed(
+    pub(super) async fn threshold_crossed(
         &self,
         uid: LayerId,
         threshold: u64,
@@ -266,112 +262,6 @@ impl EngineCore {
             size: record.size,
             labels: record.labels.clone(),
         });
-        Ok(())
-    }
-
-    /// Brings the daemon's graph in line with the journal: adopts intact attachments, rebuilds
-    /// missing ones, detects thresholds that fired while we were away, and removes nodes,
-    /// exports and throttle groups of ours that nothing records.
-    pub(super) async fn reconcile(&self, origin: Origin) -> Result<()> {
-        let _graph = self.graph.reconcile().await;
-        let qmp = self.daemon.qmp();
-        let nodes = graph::named_nodes(&qmp).await?;
-        let thresholds: HashMap<String, u64> =
-            nodes.iter().map(|n| (n.node_name.clone(), n.write_threshold)).collect();
-        let exports = graph::export_ids(&qmp).await?;
-        let mut attached = HashSet::new();
-        let mut rebuilt = 0;
-        for attachment in self.journal.all() {
-            let Ok(pool) = self.pool(&attachment.pool) else {
-                continue;
-            };
-            let Some(record) = pool.volume(&attachment.name) else {
-                tracing::warn!(volume = %attachment.volume_id, "journaled volume has no record; forgetting it");
-                self.journal.remove(attachment.uid)?;
-                continue;
-            };
-            attached.insert(record.uid.to_string());
-            let names = Names::new(record.uid.to_string());
-            let chain = pool.chain(record.head)?;
-            let intact = exports.contains(&names.export())
-                && thresholds.contains_key(&names.format(record.head))
-                && thresholds.contains_key(&names.throttle());
-            if intact {
-                if let Some(armed) = attachment.threshold {
-                    let now = thresholds.get(&names.file(record.head)).copied().unwrap_or(0);
-                    if now == 0 {
-                        self.threshold_crossed(record.uid, armed.armed_at, 0, true).await?;
-                    }
-                }
-                continue;
-            }
-            tracing::info!(volume = %attachment.volume_id, "rebuilding the graph of an attached volume");
-            graph::detach(&qmp, &names, &chain).await?;
-            if attachment.endpoint.kind == ExportKind::Nbd {
-                graph::ensure_nbd_server(&qmp, &attachment.endpoint.path).await?;
-            }
-            let cache = record.format.l2_cache_size;
-            graph::attach(&qmp, &pool, &names, &chain, record.qos, cache, &attachment.endpoint)
-                .await?;
-            if let Some(armed) = attachment.threshold {
-                graph::arm_write_threshold(&qmp, &names, record.head, armed.armed_at).await?;
-            }
-            rebuilt += 1;
-        }
-        self.sweep(&attached, &exports, &nodes).await?;
-        self.drop_stale_owner_records()?;
-        tracing::info!(?origin, rebuilt, "reconciled with qemu-storage-daemon");
-        let _ = self.events.send(EngineEvent::Reconciled { origin, rebuilt });
-        Ok(())
-    }
-
-    /// Removes owner records in shared pools that name this node for a volume it does not have
-    /// attached (left by a crash between a detach and its record's removal), so requests for
-    /// those volumes go to the default node again.
-    fn drop_stale_owner_records(&self) -> Result<()> {
-        let node = self.config.node.as_str();
-        for pool in self.pools.values() {
-            pool.refresh()?;
-            for name in pool.owned_by(node)? {
-                let attached =
-                    pool.volume(&name).is_some_and(|record| self.journal.get(record.uid).is_some());
-                if !attached {
-                    tracing::info!(
-                        pool = pool.name().as_str(),
-                        volume = name,
-                        "removing a stale owner record"
-                    );
-                    pool.clear_owner(&name, node)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Removes exports, nodes and throttle groups named by us whose volume is not attached:
-    /// leftovers of an operation interrupted by our own restart.
-    async fn sweep(
-        &self,
-        attached: &HashSet<String>,
-        exports: &HashSet<String>,
-        nodes: &[crate::qmp::commands::BlockNodeInfo],
-    ) -> Result<()> {
-        let qmp = self.daemon.qmp();
-        let tag_of = |name: &str| name.get(2..14).map(str::to_owned);
-        let ours = |name: &str, prefixes: &[&str]| {
-            prefixes.iter().any(|p| name.starts_with(p))
-                && tag_of(name).is_some_and(|t| !attached.contains(&t))
-        };
-        for export in exports.iter().filter(|e| ours(e, &["x-"])) {
-            graph::delete_export(&qmp, export, true).await?;
-        }
-        for node in nodes.iter().map(|n| n.node_name.as_str()).filter(|n| ours(n, &["t-"])) {
-            graph::delete_node_if_owned(&qmp, node).await?;
-        }
-        for node in nodes.iter().map(|n| n.node_name.as_str()).filter(|n| ours(n, &["q-", "c-"])) {
-            graph::delete_node_if_owned(&qmp, node).await?;
-        }
-        graph::delete_throttle_groups(&qmp, |name| ours(name, &["g-"])).await?;
         Ok(())
     }
 }

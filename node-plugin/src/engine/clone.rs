@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::ops::Operation;
 use super::snapshot::Planned;
 use super::volume::{source_label, CreateVolume, NewHead, Preallocation, VolumeInfo, VolumeSource};
 use super::{EngineCore, EngineEvent, Guard};
@@ -47,7 +48,7 @@ impl EngineCore {
             .ok_or_else(|| Error::NotFound { what: "snapshot", id: snapshot_id.clone() })?;
         let size = requested.unwrap_or(snapshot.size);
         if let Some(existing) = pool.volume(&request.name) {
-            return self.check_recreate(&pool, &existing, Some(size), &source);
+            return self.check_recreate(&pool, &existing, request, size, &source);
         }
         if size < snapshot.size {
             return Err(Error::OutOfRange {
@@ -92,7 +93,7 @@ impl EngineCore {
         let size = requested.unwrap_or(source_record.size);
         if let Some(existing) = pool.volume(&request.name) {
             return self
-                .check_recreate(&pool, &existing, Some(size), &source)
+                .check_recreate(&pool, &existing, request, size, &source)
                 .map(ClonePlan::Exists);
         }
         if size < source_record.size {
@@ -144,10 +145,13 @@ impl EngineCore {
             snapshot_name: String::new(),
             overlay: LayerId::random(),
         };
-        if let Err(e) = self.switch_to_overlays(std::slice::from_ref(&planned)).await {
-            let _ = std::fs::remove_file(pool.layer_path(planned.overlay));
-            let _ = pool.release(planned.overlay);
-            return Err(e);
+        match self.switch_to_overlays(std::slice::from_ref(&planned), None).await {
+            Ok(intent) => drop(intent),
+            Err(e) => {
+                let _ = std::fs::remove_file(pool.layer_path(planned.overlay));
+                let _ = pool.release(planned.overlay);
+                return Err(e);
+            }
         }
         let head = NewHead { size, backing: Some(shared), preallocation: Preallocation::Off };
         self.create_with_head(&pool, request, head, max_chain_depth, source).await
@@ -179,6 +183,11 @@ impl EngineCore {
         let graph_guard = self.graph.change().await;
         let qmp = self.daemon.qmp();
         let target = LayerId::random();
+        let intent = self.operations.begin(Operation::NewVolume {
+            pool: pool.name().as_str().to_owned(),
+            name: request.name.clone(),
+            head: target,
+        })?;
         let image = NewImage {
             path: &pool.layer_path(target),
             size: source_record.size,
@@ -187,6 +196,7 @@ impl EngineCore {
             format: request.format,
         };
         graph::create_image(&qmp, image).await?;
+        crate::fault_point!("clone:after-target-image");
         let chain = pool.chain(source_record.head)?;
         let source_names = match self.journal.get(source_record.uid) {
             Some(_) => None,
@@ -209,7 +219,10 @@ impl EngineCore {
         }
         .await;
         let job = match started {
-            Ok(job) => job,
+            Ok(job) => {
+                crate::fault_point!("clone:after-job-start");
+                job
+            }
             Err(e) => {
                 open.close(&qmp, target).await;
                 let _ = std::fs::remove_file(pool.layer_path(target));
@@ -237,6 +250,7 @@ impl EngineCore {
                 pool,
                 record,
                 open,
+                _intent: intent,
                 _guard: guard,
                 _graph: graph_guard,
             })),
@@ -282,6 +296,7 @@ struct Running {
     pool: Arc<Pool>,
     record: VolumeRecord,
     open: OpenNodes,
+    _intent: super::ops::Intent,
     _guard: Guard,
     _graph: super::GraphChange,
 }
@@ -334,7 +349,17 @@ impl CloneTask {
             CloneState::Done(info) => return Ok(info),
             CloneState::Running(running) => *running,
         };
-        let Running { job, volume_id, source_id, pool, record, open, _guard, _graph } = running;
+        let Running {
+            job,
+            volume_id,
+            source_id,
+            pool,
+            record,
+            open,
+            _intent: intent,
+            _guard,
+            _graph,
+        } = running;
         let engine = self.engine;
         let qmp = engine.daemon.qmp();
         let started = tokio::time::Instant::now();
@@ -367,16 +392,20 @@ impl CloneTask {
         open.close(&qmp, record.head).await;
         let labels = record.labels.clone();
         let outcome = match copied.and(resized) {
-            Ok(()) => engine.commit_new_volume(
-                &pool,
-                LayerRecord { id: record.head, backing: None },
-                record,
-            ),
+            Ok(()) => {
+                crate::fault_point!("clone:after-copy");
+                engine.commit_new_volume(
+                    &pool,
+                    LayerRecord { id: record.head, backing: None },
+                    record,
+                )
+            }
             Err(e) => {
                 let _ = std::fs::remove_file(pool.layer_path(record.head));
                 Err(e)
             }
         };
+        drop(intent);
         let _ = engine.events.send(EngineEvent::CloneFinished {
             volume: volume_id,
             source: source_id,

@@ -18,6 +18,8 @@ mod changes;
 mod clone;
 mod health;
 mod journal;
+mod ops;
+mod reconcile;
 pub mod shorten;
 mod snapshot;
 mod volume;
@@ -42,6 +44,8 @@ pub use attach::{AttachmentInfo, ThresholdState};
 pub use changes::{ByteRange, ChangeStream, DEFAULT_BATCH};
 pub use clone::{CloneTask, CLONE_PROGRESS_PERIOD};
 pub use journal::{AttachmentRecord, ThresholdRecord};
+pub use ops::{Operation, SwitchIntent};
+pub use reconcile::Unreconciled;
 pub use snapshot::{Quiesce, SnapshotBatch, SnapshotInfo};
 pub use volume::{CloneMode, CreateVolume, Format, Preallocation, Qos, VolumeInfo, VolumeSource};
 
@@ -153,6 +157,10 @@ pub struct EngineCore {
     daemon: Daemon,
     pools: BTreeMap<PoolName, Arc<Pool>>,
     journal: journal::Journal,
+    /// Multi-command operations in flight (completed or undone after a kill).
+    operations: ops::Operations,
+    /// What the last reconcile could not tidy (retried by the supervisor).
+    unreconciled: Unreconciled,
     busy: Claims,
     graph: GraphGate,
     events: broadcast::Sender<EngineEvent>,
@@ -204,7 +212,9 @@ impl Engine {
         for p in &config.pools {
             pools.insert(p.name.clone(), Arc::new(Pool::open(&p.path, p.name.clone(), p.kind)?));
         }
+        crate::fault::arm_from_env();
         let journal = journal::Journal::open(config.state_dir.join("attachments"))?;
+        let operations = ops::Operations::open(config.state_dir.join("operations"))?;
         let (daemon, origin) = Daemon::connect(config.daemon.clone()).await?;
         // Subscribe before reconciling so that no threshold event is lost in between.
         let events_rx = daemon.qmp().subscribe();
@@ -214,6 +224,8 @@ impl Engine {
             daemon,
             pools,
             journal,
+            operations,
+            unreconciled: Unreconciled::default(),
             busy: Claims::default(),
             graph: GraphGate::default(),
             events,
@@ -226,11 +238,33 @@ impl Engine {
     }
 }
 
+/// How long the supervisor waits before reconciling again what a reconcile left untidied.
+const RETRY_RECONCILE: Duration = Duration::from_secs(5);
+
 async fn supervise(core: Weak<EngineCore>, mut events: mpsc::UnboundedReceiver<Event>) {
     loop {
-        while let Some(event) = events.recv().await {
-            let Some(core) = core.upgrade() else { return };
-            core.handle_event(event).await;
+        loop {
+            let retry = core.upgrade().is_some_and(|c| !c.unreconciled.is_empty());
+            let next = async {
+                if retry {
+                    tokio::time::timeout(RETRY_RECONCILE, events.recv()).await.ok()
+                } else {
+                    Some(events.recv().await)
+                }
+            };
+            match next.await {
+                Some(Some(event)) => {
+                    let Some(core) = core.upgrade() else { return };
+                    core.handle_event(event).await;
+                }
+                Some(None) => break, // the connection ended
+                None => {
+                    let Some(core) = core.upgrade() else { return };
+                    if let Err(e) = core.reconcile(Origin::Adopted).await {
+                        tracing::error!(error = %e.with_causes(), "reconciling again failed");
+                    }
+                }
+            }
         }
         tracing::warn!("lost the connection to qemu-storage-daemon; recovering");
         let mut delay = Duration::from_millis(100);

@@ -84,6 +84,12 @@ impl EngineCore {
         };
         let (child, layer, base) = (chain[i - 1], chain[i], chain.get(i + 1).copied());
         let qmp = self.daemon.qmp();
+        let _intent = self.operations.begin(super::ops::Operation::Shorten {
+            pool: pool.name().as_str().to_owned(),
+            child,
+            layer,
+            base,
+        })?;
         let (names, root, temporary) = match &attachment {
             Some(_) => {
                 let names = Names::new(record.uid.to_string());
@@ -111,6 +117,7 @@ impl EngineCore {
             graph::close_chain(&qmp, &names, &remaining).await?;
         }
         merged?;
+        crate::fault_point!("shorten:after-merge");
         pool.set_backing(child, base)?;
         pool.release(layer)?;
         tracing::info!(volume, layer = %layer, how = ?merge, "shortened chain");

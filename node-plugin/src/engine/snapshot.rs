@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use super::ops::{Operation, SwitchIntent};
 use super::volume::Preallocation;
 use super::EngineCore;
 use crate::error::{Error, Result};
@@ -219,19 +220,20 @@ impl EngineCore {
             }
             _ => None,
         };
-        let result = self.switch_to_overlays(&planned).await;
+        let result = self.switch_to_overlays(&planned, batch.group).await;
         drop(frozen);
-        if let Err(e) = result {
-            for p in &planned {
-                let _ = std::fs::remove_file(p.pool.layer_path(p.overlay));
-                let _ = p.pool.release(p.overlay);
+        let intent = match result {
+            Ok(intent) => intent,
+            Err(e) => {
+                for p in &planned {
+                    let _ = std::fs::remove_file(p.pool.layer_path(p.overlay));
+                    let _ = p.pool.release(p.overlay);
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        };
+        crate::fault_point!("snapshot:after-switch");
+        let now = super::ops::now_unix();
         for p in planned {
             let record = SnapshotRecord {
                 name: p.snapshot_name,
@@ -244,11 +246,35 @@ impl EngineCore {
             p.pool.put_snapshot(record.clone())?;
             done.push(self.snapshot_info(&p.pool, &record)?);
         }
+        crate::fault_point!("snapshot:after-snapshot-record");
+        drop(intent);
         Ok(done)
     }
 
     /// Creates each overlay, records it as the new head, and switches attached volumes to it.
-    pub(super) async fn switch_to_overlays(&self, planned: &[Planned]) -> Result<()> {
+    /// Returns the operation's intent, which the caller keeps until its own records are written
+    /// (a snapshot's); on failure the volumes are as they were.
+    pub(super) async fn switch_to_overlays(
+        &self,
+        planned: &[Planned],
+        group: Option<&str>,
+    ) -> Result<super::ops::Intent> {
+        let items = planned
+            .iter()
+            .map(|p| SwitchIntent {
+                pool: p.pool.name().as_str().to_owned(),
+                volume: p.record.name.clone(),
+                uid: p.record.uid,
+                head: p.record.head,
+                overlay: p.overlay,
+                attached: self.journal.get(p.record.uid).is_some(),
+                snapshot: Some(p.snapshot_name.clone()).filter(|n| !n.is_empty()),
+                size: p.record.size,
+            })
+            .collect();
+        let group = group.map(str::to_owned);
+        let intent = self.operations.begin(Operation::Snapshot { group, items })?;
+        crate::fault_point!("snapshot:after-intent");
         let qmp = self.daemon.qmp();
         for p in planned {
             let image = NewImage {
@@ -259,6 +285,7 @@ impl EngineCore {
                 format: p.record.format,
             };
             graph::create_image(&qmp, image).await?;
+            crate::fault_point!("snapshot:after-overlay-image");
             p.pool.put_layer(LayerRecord { id: p.overlay, backing: Some(p.record.head) })?;
         }
         let switches: Vec<OverlaySwitch<'_>> = planned
@@ -275,9 +302,12 @@ impl EngineCore {
         // Record the new heads first: if we crash after the switch, the journal rebuilds the
         // graph on the overlay that is receiving writes (an empty overlay reads the same).
         let record_heads = || {
+            crate::fault_point!("snapshot:after-overlay-node");
             planned.iter().try_for_each(|p| {
                 p.pool.put_volume(VolumeRecord { head: p.overlay, ..p.record.clone() })
-            })
+            })?;
+            crate::fault_point!("snapshot:after-head-record");
+            Ok(())
         };
         if let Err(e) = graph::switch_to_overlays(&qmp, &switches, record_heads).await {
             for p in planned {
@@ -292,7 +322,7 @@ impl EngineCore {
                 graph::arm_write_threshold(&qmp, &names, p.overlay, threshold.armed_at).await?;
             }
         }
-        Ok(())
+        Ok(intent)
     }
 
     /// A group snapshot's members.

@@ -100,14 +100,15 @@ impl EngineCore {
         &self,
         pool: &Pool,
         existing: &VolumeRecord,
-        size: Option<u64>,
+        request: &CreateVolume,
+        size: u64,
         source: &Option<String>,
     ) -> Result<VolumeInfo> {
         let mut differences = Vec::new();
-        if let Some(size) = size {
-            if size != existing.size {
-                differences.push(format!("size {} (requested {size})", existing.size));
-            }
+        if !capacity_satisfies(existing.size, size, request.limit) {
+            let limit = request.limit.map_or("no limit".to_owned(), |l| format!("at most {l}"));
+            differences
+                .push(format!("size {} (requested at least {size}, {limit})", existing.size));
         }
         if *source != existing.source {
             differences.push(format!("source {:?} (requested {source:?})", existing.source));
@@ -143,7 +144,7 @@ impl EngineCore {
         self.object_id(IdKind::Volume, &pool, &request.name)?;
         let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, &request.name)])?;
         if let Some(existing) = pool.volume(&request.name) {
-            return self.check_recreate(&pool, &existing, Some(size), &None);
+            return self.check_recreate(&pool, &existing, request, size, &None);
         }
         if matches!(request.preallocation, Preallocation::Falloc | Preallocation::Full) {
             // Thin volumes may overcommit; a preallocated one must fit now.
@@ -171,6 +172,11 @@ impl EngineCore {
         source: Option<String>,
     ) -> Result<VolumeInfo> {
         let id = LayerId::random();
+        let _intent = self.operations.begin(super::ops::Operation::NewVolume {
+            pool: pool.name().as_str().to_owned(),
+            name: request.name.clone(),
+            head: id,
+        })?;
         let image = NewImage {
             path: &pool.layer_path(id),
             size: head.size,
@@ -179,6 +185,7 @@ impl EngineCore {
             format: request.format,
         };
         graph::create_image(&self.daemon.qmp(), image).await?;
+        crate::fault_point!("create:after-image");
         let record = VolumeRecord {
             name: request.name.clone(),
             uid: LayerId::random(),
@@ -202,7 +209,10 @@ impl EngineCore {
         record: VolumeRecord,
     ) -> Result<VolumeInfo> {
         let id = head.id;
-        let written = pool.put_layer(head).and_then(|_| pool.put_volume(record.clone()));
+        let written = pool.put_layer(head).and_then(|_| {
+            crate::fault_point!("create:after-layer-record");
+            pool.put_volume(record.clone())
+        });
         if let Err(e) = written {
             let _ = pool.release(id);
             let _ = std::fs::remove_file(pool.layer_path(id));
@@ -262,13 +272,19 @@ impl EngineCore {
         self.held_here(&pool, &record, id)?;
         let _graph = self.graph.change().await;
         let qmp = self.daemon.qmp();
-        let chain = pool.chain(record.head)?;
+        let _intent = self.operations.begin(super::ops::Operation::Expand {
+            pool: pool.name().as_str().to_owned(),
+            name: record.name.clone(),
+            size,
+            head: record.head,
+        })?;
         if let Some(attachment) = self.journal.get(record.uid) {
             let names = Names::new(record.uid.to_string());
             graph::resize_attached(&qmp, &names, &attachment.endpoint, size).await?;
         } else {
-            graph::resize_offline(&qmp, &pool, chain[0], size).await?;
+            graph::resize_offline(&qmp, &pool, record.head, size).await?;
         }
+        crate::fault_point!("expand:after-resize");
         pool.put_volume(VolumeRecord { size, ..record })?;
         Ok(size)
     }
@@ -284,5 +300,32 @@ impl EngineCore {
             graph::set_limits(&self.daemon.qmp(), &names, qos).await?;
         }
         pool.put_volume(VolumeRecord { qos, ..record })
+    }
+}
+
+/// Whether an existing volume of `existing` bytes satisfies a repeated CreateVolume asking for
+/// at least `required` and at most `limit` bytes (CSI: "compatible with the capacity_range"):
+/// a volume grown since it was created still answers the request that made it.
+pub fn capacity_satisfies(existing: u64, required: u64, limit: Option<i64>) -> bool {
+    existing >= required && limit.is_none_or(|l| existing <= l.max(0) as u64)
+}
+
+#[cfg(test)]
+mod capacity_tests {
+    use super::capacity_satisfies;
+
+    #[test]
+    fn a_repeated_create_is_satisfied_by_any_size_between_required_and_limit() {
+        let mib = 1 << 20;
+        let table = [
+            ("same size", 64 * mib, 64 * mib, None, true),
+            ("grown since, no limit", 96 * mib, 64 * mib, None, true),
+            ("grown within the limit", 96 * mib, 64 * mib, Some(128 * mib as i64), true),
+            ("grown past the limit", 160 * mib, 64 * mib, Some(128 * mib as i64), false),
+            ("smaller than required", 32 * mib, 64 * mib, None, false),
+        ];
+        for (what, existing, required, limit, expected) in table {
+            assert_eq!(capacity_satisfies(existing, required, limit), expected, "{what}");
+        }
     }
 }

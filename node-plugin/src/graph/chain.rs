@@ -154,6 +154,11 @@ pub async fn named_nodes(qmp: &QmpClient) -> Result<Vec<BlockNodeInfo>> {
     call(qmp, &QueryNamedBlockNodes { flat: true }).await
 }
 
+/// The daemon's block graph: every node and who uses it.
+pub async fn block_graph(qmp: &QmpClient) -> Result<crate::qmp::block_graph::BlockGraph> {
+    call(qmp, &crate::qmp::block_graph::QueryBlockGraph {}).await
+}
+
 /// The IDs of the daemon's block exports.
 pub async fn export_ids(qmp: &QmpClient) -> Result<HashSet<String>> {
     Ok(call(qmp, &QueryBlockExports {}).await?.into_iter().map(|e| e.id).collect())

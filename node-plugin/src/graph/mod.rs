@@ -21,8 +21,8 @@ mod chain;
 use std::path::{Path, PathBuf};
 
 pub use chain::{
-    arm_write_threshold, commit, delete_throttle_groups, export_ids, named_nodes, resize_node,
-    start_backup, stream, switch_to_overlays, OverlaySwitch,
+    arm_write_threshold, block_graph, commit, delete_throttle_groups, export_ids, named_nodes,
+    resize_node, start_backup, stream, switch_to_overlays, OverlaySwitch,
 };
 
 use serde::{Deserialize, Serialize};

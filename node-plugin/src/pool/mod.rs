@@ -22,6 +22,7 @@
 //! exists and removed before it, so a crash leaves at worst an unreferenced layer, which
 //! [`Pool::open`] collects.
 
+pub mod header;
 pub mod id;
 pub mod store;
 

@@ -145,3 +145,81 @@ pub async fn progress(client: &QmpClient, id: &str) -> Result<Option<(u64, u64)>
         .map_err(|source| Error::Qmp { command: QueryJobs::NAME, source })?;
     Ok(jobs.into_iter().find(|j| j.id == id).map(|j| (j.current_progress, j.total_progress)))
 }
+
+/// How long [`settle_jobs`] waits for cancelled jobs to conclude.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Cancels every block job the daemon runs and dismisses each once it has concluded. After a
+/// restart no job has an owner in this process: the operation it served is completed or undone
+/// from its intent (`engine::ops`), and a cancelled job changed nothing that matters (a backup's
+/// target is discarded; a commit or stream that was not finalized left the chain as it was, its
+/// copied data readable the same through the layers above). Event-driven: each round re-reads
+/// `query-jobs` after a status change. Returns the jobs it could not settle in time.
+pub async fn settle_jobs(client: &QmpClient) -> Result<Vec<(String, Error)>> {
+    let call_err = |command: &'static str| move |source| Error::Qmp { command, source };
+    let mut events = client.subscribe();
+    let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+    let mut cancelled = std::collections::HashSet::new();
+    loop {
+        let jobs = client.call(&QueryJobs {}).await.map_err(call_err(QueryJobs::NAME))?;
+        let mut open = Vec::new();
+        for job in jobs {
+            match job.status.as_str() {
+                "concluded" => {
+                    tracing::warn!(job = job.id, kind = job.kind, error = ?job.error, "dismissing a block job left by a restart");
+                    client
+                        .call(&JobDismiss { id: job.id.clone() })
+                        .await
+                        .map_err(call_err(JobDismiss::NAME))?;
+                }
+                "null" => {}
+                _ => {
+                    if cancelled.insert(job.id.clone()) {
+                        tracing::warn!(
+                            job = job.id,
+                            kind = job.kind,
+                            status = job.status,
+                            "cancelling a block job left by a restart"
+                        );
+                        // A job that concluded meanwhile refuses; the next round dismisses it.
+                        let _ =
+                            client.call(&super::commands::JobCancel { id: job.id.clone() }).await;
+                    }
+                    open.push(job.id);
+                }
+            }
+        }
+        if open.is_empty() {
+            return Ok(Vec::new());
+        }
+        let changed = async {
+            while let Some(event) = events.recv().await {
+                if event.event == "JOB_STATUS_CHANGE" {
+                    return true;
+                }
+            }
+            false
+        };
+        match tokio::time::timeout_at(deadline, changed).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Error::Qmp {
+                    command: "job event stream",
+                    source: super::QmpError::Disconnected,
+                })
+            }
+            Err(_) => {
+                return Ok(open
+                    .into_iter()
+                    .map(|id| {
+                        let message = format!(
+                            "did not conclude within {} s of job-cancel",
+                            SETTLE_WAIT.as_secs()
+                        );
+                        (id.clone(), Error::Job { job: id, kind: "unknown".into(), message })
+                    })
+                    .collect())
+            }
+        }
+    }
+}

@@ -14,12 +14,13 @@
 //! events you need (the job helper does). When the daemon goes away, pending calls fail with
 //! [`QmpError::Disconnected`] and every subscription ends.
 
+pub mod block_graph;
 mod client;
 pub mod commands;
 mod job;
 
 pub use client::{Event, QmpClient};
-pub use job::{progress as job_progress, Job, JobOptions};
+pub use job::{progress as job_progress, settle_jobs, Job, JobOptions};
 
 /// Errors of the QMP connection.
 #[derive(Debug, thiserror::Error)]

@@ -225,8 +225,8 @@ pub async fn serve_agent(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config()?);
     let (ready, incoming) = tokio::sync::mpsc::channel(32);
     let _accepting = AbortOnDrop(tokio::spawn(accept(listener, acceptor, ready)));
-    let service = AgentServer::with_interceptor(
-        AgentService::new(engine),
+    let service = tonic::service::interceptor::InterceptedService::new(
+        qsd_csi_proto::failures::logged(AgentServer::new(AgentService::new(engine))),
         Authorize::new(&tls.controller_identity),
     );
     tonic::transport::Server::builder()

@@ -1,0 +1,344 @@
+//! The operation journal: what a multi-command operation in flight set out to do, so that one
+//! killed half-way is completed or undone at the next start.
+//!
+//! ```text
+//!   begin: intent written (fsync) ─► daemon commands, image files, records ─► intent removed
+//!                   │ killed anywhere in between
+//!                   ▼
+//!   next start (reconcile): block jobs cancelled ─► each intent: past its point of no return?
+//!                                                    yes: complete it   no: undo it
+//! ```
+//! Each operation has one point of no return, where its effect became visible to a reader:
+//!
+//! | operation | point of no return | how recovery tells |
+//! |---|---|---|
+//! | snapshot (one or a group) | the attached volumes switched onto their overlays (one QMP `transaction`); offline, every head record written | the overlay node's `backing` edge in the daemon's graph; the records |
+//! | new volume (empty, restore, clone) | its volume record written | the record |
+//! | expansion | the image header grown | the header |
+//! | chain shortening | the child's header rewritten onto the new base | the header |
+//!
+//! Intents live in `<state>/operations/`, one JSON file each, written atomically. An operation
+//! that fails in-process undoes its own work and drops its intent; only a killed one leaves it.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::EngineCore;
+use crate::error::{Error, Result};
+use crate::graph::{self, Names};
+use crate::pool::{header, store, LayerId, Pool, SnapshotRecord, VolumeRecord};
+use crate::qmp::block_graph::BlockGraph;
+
+/// One volume moving onto a new overlay, as a snapshot intent records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchIntent {
+    /// The volume's pool.
+    pub pool: String,
+    /// The volume's name.
+    pub volume: String,
+    /// The volume's uid (names its attached nodes).
+    pub uid: LayerId,
+    /// Its head before: the snapshot's layer.
+    pub head: LayerId,
+    /// The new, empty head.
+    pub overlay: LayerId,
+    /// It was attached here: the switch happens in the daemon.
+    pub attached: bool,
+    /// The snapshot's name; `None` for a linked clone's source.
+    pub snapshot: Option<String>,
+    /// The volume's size (the snapshot's).
+    pub size: u64,
+}
+
+/// What an operation set out to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Operation {
+    /// Snapshots taken at one instant (a group, a single snapshot, a linked clone's source).
+    Snapshot {
+        /// The group's name, for a group snapshot.
+        group: Option<String>,
+        /// The volumes.
+        items: Vec<SwitchIntent>,
+    },
+    /// A new volume whose head image is being made (empty, restored, linked or copied).
+    NewVolume {
+        /// The pool.
+        pool: String,
+        /// The volume's name.
+        name: String,
+        /// Its head layer.
+        head: LayerId,
+    },
+    /// A volume growing to `size`.
+    Expand {
+        /// The pool.
+        pool: String,
+        /// The volume's name.
+        name: String,
+        /// The new size.
+        size: u64,
+        /// Its head layer.
+        head: LayerId,
+    },
+    /// `layer` leaving a chain: `child` (the layer above it) is rebased onto `base`.
+    Shorten {
+        /// The pool.
+        pool: String,
+        /// The layer above the one that goes.
+        child: LayerId,
+        /// The layer that goes.
+        layer: LayerId,
+        /// What `child` is backed by afterwards.
+        base: Option<LayerId>,
+    },
+}
+
+/// The journal's directory.
+#[derive(Debug)]
+pub(super) struct Operations {
+    dir: PathBuf,
+}
+
+/// An operation's intent on disk; removed when dropped (the operation finished, or undid its
+/// own work). A killed process drops nothing, so the intent stays for recovery.
+#[derive(Debug)]
+pub(super) struct Intent {
+    dir: PathBuf,
+    file: String,
+}
+
+impl Drop for Intent {
+    fn drop(&mut self) {
+        if let Err(e) = store::remove(&self.dir, &self.file) {
+            tracing::warn!(error = %e.with_causes(), "removing an operation's intent");
+        }
+    }
+}
+
+impl Operations {
+    /// The journal in `dir`, created if missing.
+    pub(super) fn open(dir: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io("create operation journal", &dir, e))?;
+        Ok(Operations { dir })
+    }
+
+    /// Records that `op` begins.
+    pub(super) fn begin(&self, op: Operation) -> Result<Intent> {
+        let file = format!("{}.json", LayerId::random());
+        store::write_json(&self.dir, &file, &op)?;
+        Ok(Intent { dir: self.dir.clone(), file })
+    }
+
+    /// Every intent left, with its file name.
+    fn all(&self) -> Result<Vec<(String, Operation)>> {
+        let mut all = Vec::new();
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io("list", &self.dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list", &self.dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !name.ends_with(".json") {
+                continue;
+            }
+            let bytes =
+                std::fs::read(entry.path()).map_err(|e| Error::io("read", entry.path(), e))?;
+            match serde_json::from_slice(&bytes) {
+                Ok(op) => all.push((name, op)),
+                Err(source) => {
+                    return Err(Error::Metadata { path: entry.path(), source });
+                }
+            }
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(all)
+    }
+}
+
+impl EngineCore {
+    /// Completes or undoes every operation a killed process left. Jobs must be settled first
+    /// (a cancelled job changed nothing). Returns what could not be recovered: those intents
+    /// stay for the next reconcile.
+    pub(super) async fn recover_operations(&self, graph: &BlockGraph) -> Vec<(String, Error)> {
+        let intents = match self.operations.all() {
+            Ok(all) => all,
+            Err(e) => return vec![("operation journal".into(), e)],
+        };
+        let mut failed = Vec::new();
+        for (file, op) in intents {
+            tracing::warn!(?op, "recovering an operation interrupted by a restart");
+            match self.recover(graph, &op).await {
+                Ok(()) => {
+                    if let Err(e) = store::remove(&self.operations.dir, &file) {
+                        failed.push((file, e));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(?op, error = %e.with_causes(), "recovering an operation failed; will retry");
+                    failed.push((file, e));
+                }
+            }
+        }
+        failed
+    }
+
+    async fn recover(&self, graph: &BlockGraph, op: &Operation) -> Result<()> {
+        match op {
+            Operation::Snapshot { group, items } => {
+                self.recover_snapshot(graph, group, items).await
+            }
+            Operation::NewVolume { pool, name, head } => {
+                let pool = self.pool(pool)?;
+                if pool.volume(name).is_some_and(|v| v.head == *head) {
+                    return Ok(()); // recorded: complete
+                }
+                discard_layer(&pool, *head)
+            }
+            Operation::Expand { pool, name, size, head } => {
+                let pool = self.pool(pool)?;
+                let Some(record) = pool.volume(name).filter(|v| v.head == *head) else {
+                    return Ok(());
+                };
+                let grown = header::read(&pool.layer_path(*head))?.size;
+                if grown >= *size && record.size < grown {
+                    pool.put_volume(VolumeRecord { size: grown, ..record })?;
+                }
+                Ok(())
+            }
+            Operation::Shorten { pool, child, layer, base } => {
+                let pool = self.pool(pool)?;
+                let rebased = header::read(&pool.layer_path(*child))?.backing
+                    == base.map(Pool::layer_file_name);
+                let recorded = pool.layer(*child).is_some_and(|l| l.backing == *base);
+                if rebased && !recorded {
+                    pool.set_backing(*child, *base)?;
+                    pool.release(*layer)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A snapshot is complete once its attached volumes switched (the transaction is atomic:
+    /// all or none did) or, with none attached, once every head record names the overlay.
+    async fn recover_snapshot(
+        &self,
+        graph: &BlockGraph,
+        group: &Option<String>,
+        items: &[SwitchIntent],
+    ) -> Result<()> {
+        let mut current = Vec::new();
+        for item in items {
+            let pool = self.pool(&item.pool)?;
+            let record = pool.volume(&item.volume);
+            current.push((pool, record));
+        }
+        let switched = |item: &SwitchIntent| {
+            let names = Names::new(item.uid.to_string());
+            graph.child(&names.format(item.overlay), "backing") == Some(names.format(item.head))
+        };
+        let attached: Vec<&SwitchIntent> = items.iter().filter(|i| i.attached).collect();
+        let complete = if attached.is_empty() {
+            items
+                .iter()
+                .zip(&current)
+                .all(|(i, (_, r))| r.as_ref().is_some_and(|r| r.head == i.overlay))
+        } else {
+            attached.iter().any(|i| switched(i))
+        };
+        let qmp = self.daemon.qmp();
+        for (item, (pool, record)) in items.iter().zip(current) {
+            let Some(record) = record else {
+                discard_layer(&pool, item.overlay)?;
+                continue;
+            };
+            if complete {
+                if record.head == item.head {
+                    pool.put_volume(VolumeRecord { head: item.overlay, ..record.clone() })?;
+                }
+                if let Some(name) = item.snapshot.as_ref().filter(|n| pool.snapshot(n).is_none()) {
+                    pool.put_snapshot(SnapshotRecord {
+                        name: name.clone(),
+                        source_volume: item.volume.clone(),
+                        layer: item.head,
+                        size: item.size,
+                        created_unix: now_unix(),
+                        group: group.clone(),
+                    })?;
+                }
+                if let Some(threshold) = self.journal.get(item.uid).and_then(|a| a.threshold) {
+                    let names = Names::new(item.uid.to_string());
+                    graph::arm_write_threshold(&qmp, &names, item.overlay, threshold.armed_at)
+                        .await?;
+                }
+            } else {
+                if item.attached {
+                    let names = Names::new(item.uid.to_string());
+                    graph::delete_node_if_owned(&qmp, &names.format(item.overlay)).await?;
+                }
+                if record.head == item.overlay {
+                    pool.put_volume(VolumeRecord { head: item.head, ..record })?;
+                }
+                discard_layer(&pool, item.overlay)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes a layer an undone operation made: its record if nothing refers to it, and its image.
+fn discard_layer(pool: &Pool, layer: LayerId) -> Result<()> {
+    if pool.layer(layer).is_some() {
+        let refs = pool.referrers(layer);
+        if refs.volumes + refs.snapshots + refs.children.len() > 0 {
+            return Ok(()); // something came to need it: keep it
+        }
+        pool.release(layer)?;
+    }
+    store::remove(&pool.root().join("layers"), &Pool::layer_file_name(layer))
+}
+
+/// Seconds since the epoch.
+pub(super) fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_intent_is_on_disk_while_it_lives_and_gone_once_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ops = Operations::open(dir.path().join("operations")).expect("open");
+        let op =
+            Operation::NewVolume { pool: "p".into(), name: "v".into(), head: LayerId::random() };
+        let intent = ops.begin(op.clone()).expect("begin");
+        let left = ops.all().expect("list");
+        assert_eq!(left.iter().map(|(_, o)| o.clone()).collect::<Vec<_>>(), vec![op]);
+        drop(intent);
+        assert!(ops.all().expect("list").is_empty());
+    }
+
+    #[test]
+    fn an_intent_reads_back_as_written() {
+        let item = SwitchIntent {
+            pool: "p".into(),
+            volume: "v".into(),
+            uid: LayerId::random(),
+            head: LayerId::random(),
+            overlay: LayerId::random(),
+            attached: true,
+            snapshot: Some("s".into()),
+            size: 1 << 30,
+        };
+        let op = Operation::Snapshot { group: Some("g".into()), items: vec![item] };
+        let json = serde_json::to_string(&op).expect("json");
+        assert!(json.contains("\"op\":\"snapshot\""), "{json}");
+        assert_eq!(serde_json::from_str::<Operation>(&json).expect("parse"), op);
+    }
+}
