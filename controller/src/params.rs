@@ -122,6 +122,9 @@ pub fn create_volume(
             keys::PREALLOCATION => out.preallocation = keys::preallocation(value)?,
             keys::MAX_CHAIN_DEPTH => out.max_chain_depth = Some(keys::max_chain_depth(value)?),
             keys::CLONE_MODE => clone_mode = keys::clone_mode(value)?,
+            keys::CLONE_BANDWIDTH => {
+                out.clone_bandwidth = Some(keys::bytes(keys::CLONE_BANDWIDTH, value)?)
+            }
             keys::WRITE_THRESHOLD_PERCENT => {
                 keys::threshold_percent(value)?;
             }

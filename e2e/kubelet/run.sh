@@ -253,6 +253,10 @@ grow() {
 check "kubectl patch grows a claim while its pod runs; df in the pod shows the new size (xfs)" grow
 
 plugin_pod() { kubectl -n qsd get pods -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.name} {.items[0].metadata.uid}'; }
+plugin_ready_after() { # OLD_UID: a node plugin pod other than OLD_UID runs, every container Ready
+  wait_until 120 bash -c "p=\$('$tools/kubectl' -n qsd get pods -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.uid} {.items[0].status.containerStatuses[*].ready}'); [[ \${p%% *} != $1 && \$p != *false* && \$p == *true* ]]" ||
+    { kubectl -n qsd get pods; return 1; }
+}
 plugin_deleted() {
   # A pod appends numbered lines with fsync while the node plugin's pod is deleted; the
   # DaemonSet brings it back. The daemon (its own pod) keeps serving: no I/O error, and every
@@ -262,8 +266,7 @@ plugin_deleted() {
   local old; old=$(plugin_pod) || return 1
   wait_until 30 bash -c "(( \$('$tools/kubectl' exec steady -- wc -l /data/seq | cut -d' ' -f1) > 10 ))" || return 1
   kubectl -n qsd delete pod "${old% *}" --wait --timeout=90s >/dev/null || return 1
-  wait_until 120 bash -c "p=\$('$tools/kubectl' -n qsd get pods -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.uid} {.items[0].status.containerStatuses[*].ready}'); [[ \${p%% *} != ${old#* } && \$p != *false* && \$p == *true* ]]" ||
-    { kubectl -n qsd get pods; return 1; }
+  plugin_ready_after "${old#* }" || return 1
   local n; n=$(kubectl exec steady -- wc -l /data/seq | cut -d' ' -f1) || return 1
   wait_until 30 bash -c "(( \$('$tools/kubectl' exec steady -- wc -l /data/seq | cut -d' ' -f1) > $n + 10 ))" ||
     { echo "the writer stopped"; return 1; }
@@ -273,6 +276,45 @@ plugin_deleted() {
     succeeded verify && gone verify
 }
 check "the node plugin pod deleted under a writer with fsync: back by its DaemonSet, no I/O error, data verifies" plugin_deleted
+
+interrupted() {
+  # The node plugin's pod deleted, with no grace period, while it copies a claim in use into a
+  # new claim (the class limits the copy to 8 MiB/s) and while a VolumeSnapshot of that claim
+  # waits its turn (the copy holds the claim; the snapshotter retries). The DaemonSet brings
+  # the plugin back Ready; its start completes or undoes what was in flight; the sidecars'
+  # retries finish both, and each holds the claim's data.
+  kubectl apply -f - >/dev/null <<YAML || return 1
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: qsd-slow-clone}
+provisioner: qsd.csi.dev
+volumeBindingMode: WaitForFirstConsumer
+parameters: {cloneBandwidth: 8Mi}
+YAML
+  pvc src 64Mi Filesystem "" qsd-slow-clone || return 1
+  pod filler src 'dd if=/dev/urandom of=/data/big bs=1M count=40 conv=fsync 2>/dev/null && md5sum /data/big >/data/big.md5 && sync && touch /data/done; while true; do sleep 1; done' &&
+    running filler || return 1
+  wait_until 120 "$tools/kubectl" exec filler -- test -e /data/done || return 1
+  local old; old=$(plugin_pod) || return 1
+  pvc src-copy 64Mi Filesystem "dataSource: {name: src, kind: PersistentVolumeClaim}" qsd-slow-clone || return 1
+  pod copycheck src-copy 'cd /data && md5sum -c big.md5' || return 1
+  kubectl apply -f - >/dev/null <<YAML || return 1
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: src-snap}
+spec: {volumeSnapshotClassName: qsd-snapshots, source: {persistentVolumeClaimName: src}}
+YAML
+  # The copy runs (the plugin logs each full clone it starts): delete the plugin's pod now.
+  wait_until 60 bash -c "'$tools/kubectl' -n qsd logs '${old% *}' -c qsd-csi | grep -q 'full clone started'" ||
+    { echo "the clone never started"; return 1; }
+  kubectl -n qsd delete pod "${old% *}" --grace-period=0 --force >/dev/null 2>&1
+  plugin_ready_after "${old#* }" || return 1
+  kubectl wait --for=jsonpath='{.status.readyToUse}'=true volumesnapshot/src-snap --timeout=180s || return 1
+  succeeded copycheck && gone copycheck filler || return 1
+  pvc src-restored 64Mi Filesystem "dataSource: {name: src-snap, kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io}" qsd-slow-clone || return 1
+  pod snapcheck src-restored 'cd /data && md5sum -c big.md5' && succeeded snapcheck && gone snapcheck
+}
+check "the node plugin pod deleted during a clone and a snapshot of a claim in use: back Ready, both complete with the claim's data" interrupted
 
 restart() {
   # A pod keeps writing while the kubelet is killed and started again.

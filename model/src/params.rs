@@ -20,6 +20,9 @@ pub const PREALLOCATION: &str = "preallocation";
 pub const MAX_CHAIN_DEPTH: &str = "maxChainDepth";
 /// Parameter: how clones of volumes are made (`copy`, `linked`).
 pub const CLONE_MODE: &str = "cloneMode";
+/// Parameter: the most bytes per second a full clone copies (`64Mi`; unset: as fast as the
+/// disk allows), so a clone of a large volume does not starve the node's other volumes.
+pub const CLONE_BANDWIDTH: &str = "cloneBandwidth";
 /// VolumeSnapshotClass / VolumeGroupSnapshotClass parameter: `"false"` snapshots a mounted
 /// filesystem without freezing it (crash-consistent only). Default `"true"`.
 pub const FREEZE: &str = "freezeFilesystem";
@@ -184,6 +187,7 @@ mod tests {
         assert_eq!(preallocation("falloc"), Ok(Preallocation::Falloc));
         assert!(preallocation("sparse").is_err());
         assert_eq!(clone_mode("linked"), Ok(CloneMode::Linked));
+        assert_eq!(bytes(CLONE_BANDWIDTH, "64Mi"), Ok(64 << 20));
         assert!(clone_mode("deep").is_err());
         assert_eq!(max_chain_depth("7"), Ok(7));
         assert!(max_chain_depth("-7").is_err());

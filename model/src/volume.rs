@@ -192,6 +192,8 @@ pub struct CreateVolume {
     pub source: Option<VolumeSource>,
     /// For a volume source: copy or link.
     pub clone_mode: CloneMode,
+    /// A full clone's copy rate limit in bytes per second (`None`: unlimited).
+    pub clone_bandwidth: Option<u64>,
     /// Kept with the volume and echoed in its events (the claim's namespace and name).
     pub labels: BTreeMap<String, String>,
     /// qcow2 layout and cache.
@@ -211,6 +213,7 @@ impl CreateVolume {
             max_chain_depth: None,
             source: None,
             clone_mode: CloneMode::Copy,
+            clone_bandwidth: None,
             labels: BTreeMap::new(),
             format: Format::default(),
         }

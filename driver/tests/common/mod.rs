@@ -3,6 +3,8 @@
 //! mounted or attached.
 #![allow(dead_code)]
 
+pub mod tidy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -56,9 +58,63 @@ impl Driver {
     }
 
     pub fn spawn(dir: &Path, extra: &[String]) -> Child {
+        Self::spawn_env(dir, extra, &[])
+    }
+
+    /// A driver whose fault point `point` is armed: reaching it, the process SIGKILLs itself.
+    /// `shared`: its default pool (`state/pools/default`) is a shared pool.
+    pub async fn start_armed(point: &str, shared: bool) -> Driver {
+        let dir =
+            tempfile::Builder::new().prefix("qsd-crash-").tempdir_in("/tmp").expect("tempdir");
+        let pool = dir.path().join("state/pools/default");
+        let extra = match shared {
+            true => vec!["--pool".to_owned(), format!("default={},shared", pool.display())],
+            false => Vec::new(),
+        };
+        let child = Self::spawn_env(dir.path(), &extra, &[(qsd_node::fault::ENV, point)]);
+        let channel = Self::connect(&dir.path().join("csi.sock")).await;
+        Driver {
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel.clone()),
+            identity: IdentityClient::new(channel),
+            dir,
+            extra,
+            child: Some(child),
+        }
+    }
+
+    /// Waits for a driver that killed itself at a fault point (asserting it died of SIGKILL),
+    /// starts it again with no point armed, and returns how long it took to answer Probe ready.
+    pub async fn restart_after_crash(&mut self) -> Duration {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = self.child.take().expect("running");
+        let status = child.wait().expect("reaped");
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "the fault point killed it: {status}");
+        let started = Instant::now();
+        self.child = Some(Self::spawn(self.dir.path(), &self.extra));
+        let channel = Self::connect(&self.dir.path().join("csi.sock")).await;
+        self.controller = ControllerClient::new(channel.clone());
+        self.node = NodeClient::new(channel.clone());
+        self.identity = IdentityClient::new(channel);
+        loop {
+            let probe = self.identity.probe(csi::ProbeRequest {}).await;
+            if probe.is_ok_and(|r| r.into_inner().ready == Some(true)) {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "the driver never became ready");
+            tokio::time::sleep(POLL_INTERVAL).await; // poll the probe
+        }
+    }
+
+    pub fn spawn_env(dir: &Path, extra: &[String], env: &[(&str, &str)]) -> Child {
         let socket = dir.join("csi.sock");
         let _ = std::fs::remove_file(&socket);
-        let log = std::fs::File::create(dir.join("driver.log")).expect("log");
+        // Appended to, so a restart keeps what the killed process said.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("driver.log"))
+            .expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_qsd-csi"))
             .arg("standalone")
             .arg("--endpoint")
@@ -67,6 +123,7 @@ impl Driver {
             .arg(dir.join("state"))
             .args(["--node", "e2e-node"])
             .args(extra)
+            .envs(env.iter().copied())
             .stderr(log)
             .spawn()
             .expect("qsd-csi runs");

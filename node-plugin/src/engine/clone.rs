@@ -220,6 +220,12 @@ impl EngineCore {
         .await;
         let job = match started {
             Ok(job) => {
+                tracing::info!(
+                    volume = request.name,
+                    source = request.source_id(),
+                    speed,
+                    "full clone started"
+                );
                 crate::fault_point!("clone:after-job-start");
                 job
             }

@@ -132,7 +132,9 @@ impl EngineCore {
             Some(VolumeSource::Volume(_)) if request.clone_mode == CloneMode::Linked => {
                 self.linked_clone(request).await
             }
-            Some(VolumeSource::Volume(_)) => self.start_clone(request).await?.finish().await,
+            Some(VolumeSource::Volume(_)) => {
+                self.start_clone_with_speed(request, request.clone_bandwidth).await?.finish().await
+            }
             None => self.create_empty(request).await,
         }
     }

@@ -17,6 +17,7 @@
 //! `BLOCK_EXPORT_DELETED`), throttle node, qcow2 nodes top-down, throttle group.
 
 mod chain;
+mod image;
 
 use std::path::{Path, PathBuf};
 
@@ -24,19 +25,19 @@ pub use chain::{
     arm_write_threshold, block_graph, commit, delete_throttle_groups, export_ids, named_nodes,
     resize_node, start_backup, stream, switch_to_overlays, OverlaySwitch,
 };
+pub use image::{create_image, NewImage};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::pool::{LayerId, Pool};
 use crate::qmp::commands::{
-    BlockExportAdd, BlockExportDel, BlockdevAdd, BlockdevCreate, BlockdevCreateOptions,
-    BlockdevDel, BlockdevOptions, BlockdevRef, Command, FileCache, LegacyUnixAddress,
-    LegacyUnixData, NbdServerStart, ObjectAddThrottleGroup, ObjectDel, QomSetLimits,
-    ThrottleLimits, UnixSocketAddress,
+    BlockExportAdd, BlockExportDel, BlockdevAdd, BlockdevDel, BlockdevOptions, BlockdevRef,
+    Command, FileCache, LegacyUnixAddress, LegacyUnixData, NbdServerStart, ObjectAddThrottleGroup,
+    ObjectDel, QomSetLimits, ThrottleLimits, UnixSocketAddress,
 };
-use crate::qmp::{Job, JobOptions, QmpClient};
-use qsd_csi_model::volume::{Format, Preallocation, Qos};
+use crate::qmp::QmpClient;
+use qsd_csi_model::volume::Qos;
 
 /// A volume's limits as QMP's throttle-group properties.
 pub fn throttle_limits(q: Qos) -> ThrottleLimits {
@@ -47,17 +48,6 @@ pub fn throttle_limits(q: Qos) -> ThrottleLimits {
         bps_total: q.bps_total,
         bps_read: q.bps_read,
         bps_write: q.bps_write,
-    }
-}
-
-/// A preallocation mode as `blockdev-create` spells it; `None` for thin (the default).
-fn qmp_preallocation(p: Preallocation) -> Option<crate::qmp::commands::Preallocation> {
-    use crate::qmp::commands::Preallocation as Qmp;
-    match p {
-        Preallocation::Off => None,
-        Preallocation::Metadata => Some(Qmp::Metadata),
-        Preallocation::Falloc => Some(Qmp::Falloc),
-        Preallocation::Full => Some(Qmp::Full),
     }
 }
 
@@ -234,74 +224,6 @@ pub async fn delete_node_if_owned(qmp: &QmpClient, node: &str) -> Result<()> {
         }
         Err(e) => Err(e),
     }
-}
-
-/// A new qcow2 image to create.
-#[derive(Debug, Clone)]
-pub struct NewImage<'a> {
-    /// Where.
-    pub path: &'a Path,
-    /// Virtual size.
-    pub size: u64,
-    /// Relative backing file name, for overlays.
-    pub backing: Option<String>,
-    /// Preallocation mode.
-    pub preallocation: Preallocation,
-    /// Cluster size and subclusters.
-    pub format: Format,
-}
-
-/// Creates a qcow2 image with two `blockdev-create` jobs. On failure nothing is left behind.
-pub async fn create_image(qmp: &QmpClient, image: NewImage<'_>) -> Result<()> {
-    if image.path.exists() {
-        return Err(Error::Inconsistent(format!("{} already exists", image.path.display())));
-    }
-    let names = Names::new(fresh_tag());
-    let node = format!("c-{}", fresh_tag());
-    let result = async {
-        let file_job = names.job("create");
-        let create_file = BlockdevCreate {
-            job_id: file_job.clone(),
-            options: BlockdevCreateOptions::File {
-                filename: image.path.display().to_string(),
-                size: 0,
-            },
-        };
-        Job::run(qmp, file_job, "create", &create_file, JobOptions { manual_finalize: false })
-            .await?;
-        call(
-            qmp,
-            &BlockdevAdd(BlockdevOptions::File {
-                node_name: node.clone(),
-                filename: image.path.display().to_string(),
-                read_only: None,
-                discard: None,
-                cache: None,
-            }),
-        )
-        .await?;
-        let format_job = names.job("create");
-        let create_format = BlockdevCreate {
-            job_id: format_job.clone(),
-            options: BlockdevCreateOptions::Qcow2 {
-                file: node.clone(),
-                size: image.size,
-                backing_fmt: image.backing.as_ref().map(|_| "qcow2".to_owned()),
-                backing_file: image.backing.clone(),
-                preallocation: qmp_preallocation(image.preallocation),
-                cluster_size: image.format.cluster_size,
-                extended_l2: image.format.extended_l2.then_some(true),
-            },
-        };
-        Job::run(qmp, format_job, "create", &create_format, JobOptions { manual_finalize: false })
-            .await
-    }
-    .await;
-    let closed = delete_node_if_owned(qmp, &node).await;
-    if result.is_err() || closed.is_err() {
-        let _ = std::fs::remove_file(image.path);
-    }
-    result.and(closed)
 }
 
 /// How a volume is exported from the daemon.
