@@ -504,3 +504,109 @@ async fn an_ext4_restored_or_cloned_into_a_larger_volume_fills_it() {
 async fn an_xfs_restored_or_cloned_into_a_larger_volume_fills_it() {
     restored_and_cloned_into_larger_volumes("xfs", 320 * MIB).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_create_is_answered_by_the_volume_grown_since_when_within_its_limit() {
+    let mut d = Driver::start().await;
+    let cap = mount_cap("ext4");
+    let vol = d.create("grown", 64 * MIB, &cap, None).await.expect("create");
+    d.controller
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: 96 * MIB, limit_bytes: 0 }),
+            ..Default::default()
+        })
+        .await
+        .expect("expand");
+    let again = d.create("grown", 64 * MIB, &cap, None).await.expect("the same request, later");
+    assert_eq!(
+        (again.volume_id.as_str(), again.capacity_bytes),
+        (vol.volume_id.as_str(), 96 * MIB)
+    );
+    let limited = d
+        .controller
+        .create_volume(csi::CreateVolumeRequest {
+            name: "grown".into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 64 * MIB,
+                limit_bytes: 80 * MIB,
+            }),
+            volume_capabilities: vec![cap.clone()],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(limited.err().map(|s| s.code()), Some(tonic::Code::AlreadyExists), "past its limit");
+    d.delete(&vol.volume_id).await;
+}
+
+/// The driver's log lines that report a failed call naming `object`.
+fn failure_lines(d: &Driver, object: &str) -> Vec<String> {
+    let log = std::fs::read_to_string(d.path("driver.log")).expect("log");
+    log.lines()
+        .filter(|l| l.contains("call failed") && l.contains(object))
+        .map(String::from)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failed_call_is_logged_once_with_its_method_object_code_and_cause() {
+    let mut d = Driver::start().await;
+    let id = "vol:default@e2e-node:nothing-here";
+    let staged = d
+        .node
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: d.path("s").display().to_string(),
+            volume_capability: Some(mount_cap("ext4")),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(staged.err().map(|s| s.code()), Some(tonic::Code::NotFound));
+    let lines = failure_lines(&d, id);
+    assert_eq!(lines.len(), 1, "logged once: {lines:#?}");
+    let line = &lines[0];
+    assert!(line.contains("WARN") && line.contains("/csi.v1.Node/NodeStageVolume"), "{line}");
+    assert!(
+        line.contains("NotFound") && line.contains("cause") && line.contains("not found"),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_clone_that_fills_the_pool_is_resource_exhausted_and_leaves_nothing_behind() {
+    use csi::volume_content_source::{Type, VolumeSource};
+    let pool = Tmpfs::new("160m");
+    let mut d =
+        Driver::start_with(vec!["--pool".into(), format!("small={}", pool.0.display())]).await;
+    let cap = block_cap();
+    let vol = d.create("big", 128 * MIB, &cap, None).await.expect("create");
+    let dev = d.stage_and_publish(&vol, &cap, false).await.expect("publish");
+    let filled = Command::new("dd")
+        .args(["if=/dev/urandom", "bs=1M", "count=100", "oflag=direct", "conv=fsync"])
+        .arg(format!("of={}", dev.display()))
+        .output()
+        .expect("dd");
+    assert!(filled.status.success(), "{}", String::from_utf8_lossy(&filled.stderr));
+    let head = |p: &Path| {
+        let out = Command::new("dd")
+            .arg(format!("if={}", p.display()))
+            .args(["bs=1M", "count=4"])
+            .output();
+        out.expect("dd").stdout
+    };
+    let before = head(&dev);
+    let layers = || std::fs::read_dir(pool.0.join("layers")).expect("layers").count();
+    let layers_before = layers();
+    let source = Some(Type::Volume(VolumeSource { volume_id: vol.volume_id.clone() }));
+    let copied = d.create("copy", 128 * MIB, &cap, source).await;
+    let status = copied.expect_err("the pool cannot hold a second copy");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("No space left"), "{status:?}");
+    assert_eq!(layers(), layers_before, "no half-made image is left");
+    assert_eq!(head(&dev), before, "the source is intact");
+    let lines = failure_lines(&d, "copy");
+    assert_eq!(lines.len(), 1, "logged once: {lines:#?}");
+    assert!(lines[0].contains("ERROR") && lines[0].contains("ResourceExhausted"), "{}", lines[0]);
+    d.unpublish_and_unstage(&vol.volume_id).await;
+    d.delete(&vol.volume_id).await;
+}

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use qsd_node::engine::{CreateVolume, EngineEvent, SnapshotBatch};
+use qsd_node::engine::{CreateVolume, Engine, EngineEvent, SnapshotBatch};
 use qsd_node::graph::{ExportEndpoint, ExportKind};
 use qsd_node::qmp::commands::{QomGetLimits, QomList, QueryBlockExports, QueryNamedBlockNodes};
 use qsd_node::qsd::Origin;
@@ -389,4 +389,53 @@ async fn a_second_operation_on_a_busy_volume_is_aborted_while_others_proceed() {
     task.job().expect("job").set_speed(0).await.expect("unthrottle");
     task.finish().await.expect("clone finishes");
     core.create_snapshot(&src.id, "s").await.expect("free again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_that_cannot_be_rebuilt_is_reported_and_retried_while_the_others_serve() {
+    let mut env = Env::new().await;
+    let core = env.core();
+    let broken = core
+        .create_volume(&CreateVolume::new("local", "broken", 16 * MIB as i64))
+        .await
+        .expect("create");
+    let fine = core
+        .create_volume(&CreateVolume::new("local", "fine", 16 * MIB as i64))
+        .await
+        .expect("create");
+    let broken_ep = core.attach(&broken.id, ExportKind::Nbd).await.expect("attach").endpoint;
+    let fine_ep = core.attach(&fine.id, ExportKind::Nbd).await.expect("attach").endpoint;
+    nbd_io(&fine_ep, "write -P 0x5a 0 1M");
+    nbd_io(&broken_ep, "write -P 0x6b 0 1M");
+    nbd_io(&broken_ep, "flush");
+    drop(core);
+    // The plugin stops and the daemon dies with the node; one volume's head is out of reach
+    // when the plugin starts again.
+    drop(env.engine.take());
+    let pid = std::fs::read_to_string(env.dir.path().join("run/qsd.pid")).expect("pid");
+    assert!(std::process::Command::new("kill").args(["-KILL", pid.trim()]).status().is_ok());
+    let record = std::fs::read(env.pool_dir().join("volumes/broken.json")).expect("record");
+    let head: serde_json::Value = serde_json::from_slice(&record).expect("json");
+    let image =
+        env.pool_dir().join(format!("layers/{}.qcow2", head["head"].as_str().expect("head")));
+    let aside = image.with_extension("aside");
+    std::fs::rename(&image, &aside).expect("move the head away");
+
+    let engine = Engine::open(env.config.clone()).await.expect("opens, one volume notwithstanding");
+    env.engine = Some(engine);
+    let core = env.core();
+    let mut events = core.subscribe();
+    let _ = wait_event(&mut events, is_reconciled).await; // the opening one
+    nbd_io(&fine_ep, "read -P 0x5a 0 1M");
+    let findings = core.volume_health(&broken.id).await.expect("health");
+    assert!(findings.iter().any(|f| f.reason == "NotReconciled"), "{findings:?}");
+    assert!(core.volume_health(&fine.id).await.expect("health").is_empty());
+
+    std::fs::rename(&aside, &image).expect("the head is back");
+    let _ = wait_event(&mut events, is_rebuilt).await; // the supervisor's retry
+    let findings = core.volume_health(&broken.id).await.expect("health");
+    assert!(findings.is_empty(), "{findings:?}");
+    nbd_io(&broken_ep, "read -P 0x6b 0 1M");
+    core.detach(&broken.id).await.expect("detach");
+    core.detach(&fine.id).await.expect("detach");
 }

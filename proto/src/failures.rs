@@ -100,11 +100,11 @@ fn log_failure(method: &str, object: Option<&str>, status: &tonic::Status) {
         return;
     }
     let object = object.unwrap_or("");
-    let message = status.message();
+    let cause = status.message();
     if is_server_fault(code) {
-        tracing::error!(method, object, ?code, message, "call failed");
+        tracing::error!(method, object, ?code, cause, "call failed");
     } else {
-        tracing::warn!(method, object, ?code, message, "call failed");
+        tracing::warn!(method, object, ?code, cause, "call failed");
     }
 }
 

@@ -3,6 +3,7 @@
 //! ```text
 //!   chain files on disk ─► LayerMissing / ChainBroken          (DATA_LOSS)
 //!   attached here: QMP ──► DaemonUnreachable / ExportGone      (INACCESSIBLE)
+//!   last reconcile ──────► NotReconciled                       (INACCESSIBLE)
 //!   pool statvfs ────────► PoolFull / PoolNearlyFull           (DEGRADED)
 //! ```
 //! qemu-storage-daemon sends no `BLOCK_IO_ERROR` for I/O failing under a block export (the
@@ -127,6 +128,13 @@ impl EngineCore {
                 )),
                 Some(_) => {}
             }
+        }
+        if let Some(why) = self.unreconciled.volume(record.uid) {
+            found.push(Finding::new(
+                Severity::Inaccessible,
+                "NotReconciled",
+                format!("the volume's graph could not be rebuilt after a restart (retried): {why}"),
+            ));
         }
         found.extend(space.cloned());
         normalize(found)

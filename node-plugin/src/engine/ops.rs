@@ -234,19 +234,20 @@ impl EngineCore {
             let record = pool.volume(&item.volume);
             current.push((pool, record));
         }
-        let switched = |item: &SwitchIntent| {
-            let names = Names::new(item.uid.to_string());
-            graph.child(&names.format(item.overlay), "backing") == Some(names.format(item.head))
-        };
-        let attached: Vec<&SwitchIntent> = items.iter().filter(|i| i.attached).collect();
-        let complete = if attached.is_empty() {
-            items
-                .iter()
-                .zip(&current)
-                .all(|(i, (_, r))| r.as_ref().is_some_and(|r| r.head == i.overlay))
-        } else {
-            attached.iter().any(|i| switched(i))
-        };
+        let seen: Vec<SwitchSeen> = items
+            .iter()
+            .zip(&current)
+            .map(|(item, (_, record))| {
+                let names = Names::new(item.uid.to_string());
+                SwitchSeen {
+                    attached: item.attached,
+                    switched: graph.child(&names.format(item.overlay), "backing")
+                        == Some(names.format(item.head)),
+                    head_recorded: record.as_ref().is_some_and(|r| r.head == item.overlay),
+                }
+            })
+            .collect();
+        let complete = snapshot_passed_its_point(&seen);
         let qmp = self.daemon.qmp();
         for (item, (pool, record)) in items.iter().zip(current) {
             let Some(record) = record else {
@@ -287,6 +288,29 @@ impl EngineCore {
     }
 }
 
+/// What recovery sees of one volume of an interrupted snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SwitchSeen {
+    /// It was attached: the switch happens in the daemon.
+    attached: bool,
+    /// The daemon's graph has its overlay over its old head.
+    switched: bool,
+    /// Its record names the overlay as its head.
+    head_recorded: bool,
+}
+
+/// Whether an interrupted snapshot passed its point of no return. With attached volumes, the
+/// daemon decides: their one `transaction` switched all or none (the head records are written
+/// just before it, so a recorded head alone proves nothing). With none attached, the head
+/// records are the switch, and only all of them complete it.
+fn snapshot_passed_its_point(seen: &[SwitchSeen]) -> bool {
+    if seen.iter().any(|s| s.attached) {
+        seen.iter().any(|s| s.attached && s.switched)
+    } else {
+        seen.iter().all(|s| s.head_recorded)
+    }
+}
+
 /// Removes a layer an undone operation made: its record if nothing refers to it, and its image.
 fn discard_layer(pool: &Pool, layer: LayerId) -> Result<()> {
     if pool.layer(layer).is_some() {
@@ -322,6 +346,36 @@ mod tests {
         assert_eq!(left.iter().map(|(_, o)| o.clone()).collect::<Vec<_>>(), vec![op]);
         drop(intent);
         assert!(ops.all().expect("list").is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_is_completed_only_past_its_point_of_no_return() {
+        let seen =
+            |attached, switched, head_recorded| SwitchSeen { attached, switched, head_recorded };
+        let table: [(&str, Vec<SwitchSeen>, bool); 7] = [
+            ("attached, switched", vec![seen(true, true, true)], true),
+            (
+                "attached, heads recorded but killed before the transaction",
+                vec![seen(true, false, true)],
+                false,
+            ),
+            ("attached, killed before its head record", vec![seen(true, false, false)], false),
+            ("detached, head recorded", vec![seen(false, false, true)], true),
+            ("detached, killed before its head record", vec![seen(false, false, false)], false),
+            (
+                "a detached group, one head of two recorded",
+                vec![seen(false, false, true), seen(false, false, false)],
+                false,
+            ),
+            (
+                "a mixed group: the transaction decides",
+                vec![seen(true, true, true), seen(false, false, true)],
+                true,
+            ),
+        ];
+        for (what, seen, complete) in table {
+            assert_eq!(snapshot_passed_its_point(&seen), complete, "{what}");
+        }
     }
 
     #[test]

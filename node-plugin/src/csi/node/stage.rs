@@ -32,6 +32,9 @@ impl NodeService {
         if let Some(fs) = &fs_type {
             decide::fs_fits(fs, size)?;
         }
+        if let Some(percent) = context.get(WRITE_THRESHOLD_PERCENT) {
+            super::parse_threshold_percent(percent)?;
+        }
         let existing = self.staged(id)?;
         // Only a staged volume's mount matters: a first stage reads no mount table.
         let mounted = existing.is_some() && self.mounter.is_mountpoint(staging);
