@@ -292,14 +292,7 @@ async fn worker(s: Arc<Storm>, c: Clients, w: usize) {
 async fn kill_and_time_the_restart(d: &mut Driver) -> Duration {
     let started = Instant::now();
     d.kill_and_restart().await;
-    loop {
-        let probe = d.identity.probe(csi::ProbeRequest {}).await;
-        if probe.is_ok_and(|r| r.into_inner().ready == Some(true)) {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "the driver never became ready");
-        tokio::time::sleep(common::POLL_INTERVAL).await; // poll the probe
-    }
+    d.ready_since(started).await
 }
 
 /// Waits until the storm has completed `n` calls.

@@ -46,19 +46,7 @@ impl Driver {
     pub async fn start_with(extra: Vec<String>) -> Driver {
         let dir = tempfile::Builder::new().prefix("qsd-e2e-").tempdir_in("/tmp").expect("tempdir");
         let child = Self::spawn(dir.path(), &extra);
-        let channel = Self::connect(&dir.path().join("csi.sock")).await;
-        Driver {
-            controller: ControllerClient::new(channel.clone()),
-            node: NodeClient::new(channel.clone()),
-            identity: IdentityClient::new(channel),
-            dir,
-            extra,
-            child: Some(child),
-        }
-    }
-
-    pub fn spawn(dir: &Path, extra: &[String]) -> Child {
-        Self::spawn_env(dir, extra, &[])
+        Self::connected(dir, extra, child).await
     }
 
     /// A driver whose fault point `point` is armed: reaching it, the process SIGKILLs itself.
@@ -72,6 +60,10 @@ impl Driver {
             false => Vec::new(),
         };
         let child = Self::spawn_env(dir.path(), &extra, &[(qsd_node::fault::ENV, point)]);
+        Self::connected(dir, extra, child).await
+    }
+
+    async fn connected(dir: tempfile::TempDir, extra: Vec<String>, child: Child) -> Driver {
         let channel = Self::connect(&dir.path().join("csi.sock")).await;
         Driver {
             controller: ControllerClient::new(channel.clone()),
@@ -83,6 +75,19 @@ impl Driver {
         }
     }
 
+    /// Starts the driver again on its state (no fault point armed) with fresh clients.
+    async fn respawn(&mut self) {
+        self.child = Some(Self::spawn(self.dir.path(), &self.extra));
+        let channel = Self::connect(&self.dir.path().join("csi.sock")).await;
+        self.controller = ControllerClient::new(channel.clone());
+        self.node = NodeClient::new(channel.clone());
+        self.identity = IdentityClient::new(channel);
+    }
+
+    pub fn spawn(dir: &Path, extra: &[String]) -> Child {
+        Self::spawn_env(dir, extra, &[])
+    }
+
     /// Waits for a driver that killed itself at a fault point (asserting it died of SIGKILL),
     /// starts it again with no point armed, and returns how long it took to answer Probe ready.
     pub async fn restart_after_crash(&mut self) -> Duration {
@@ -91,11 +96,12 @@ impl Driver {
         let status = child.wait().expect("reaped");
         assert_eq!(status.signal(), Some(libc::SIGKILL), "the fault point killed it: {status}");
         let started = Instant::now();
-        self.child = Some(Self::spawn(self.dir.path(), &self.extra));
-        let channel = Self::connect(&self.dir.path().join("csi.sock")).await;
-        self.controller = ControllerClient::new(channel.clone());
-        self.node = NodeClient::new(channel.clone());
-        self.identity = IdentityClient::new(channel);
+        self.respawn().await;
+        self.ready_since(started).await
+    }
+
+    /// Asks Probe until the driver says ready; how long that was after `started`.
+    pub async fn ready_since(&mut self, started: Instant) -> Duration {
         loop {
             let probe = self.identity.probe(csi::ProbeRequest {}).await;
             if probe.is_ok_and(|r| r.into_inner().ready == Some(true)) {
@@ -147,11 +153,7 @@ impl Driver {
         child.kill().expect("SIGKILL");
         between();
         child.wait().expect("reaped");
-        self.child = Some(Self::spawn(self.dir.path(), &self.extra));
-        let channel = Self::connect(&self.dir.path().join("csi.sock")).await;
-        self.controller = ControllerClient::new(channel.clone());
-        self.node = NodeClient::new(channel.clone());
-        self.identity = IdentityClient::new(channel);
+        self.respawn().await;
     }
 
     /// The pid of the daemon the driver runs.
