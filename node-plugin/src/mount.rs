@@ -72,6 +72,12 @@ pub async fn format(device: &Path, fs_type: &str) -> Result<()> {
     run(&mkfs, &args).await.map(|_| ())
 }
 
+/// Erases every filesystem signature on `device` (`wipefs -a`): what undoes a mkfs that was
+/// killed half-way, so the next stage sees an empty device and formats it whole.
+pub async fn wipe(device: &Path) -> Result<()> {
+    run("wipefs", &["-a".as_ref(), "-q".as_ref(), device.as_os_str()]).await.map(drop)
+}
+
 /// Mounts `source` on `target` (created if missing) with `fs_type` and `options`.
 pub async fn mount(
     source: &Path,
@@ -280,6 +286,8 @@ pub trait Mounter: Send + Sync + std::fmt::Debug {
     async fn probe_fs(&self, device: &Path) -> Result<Option<String>>;
     /// Makes a `fs_type` filesystem on `device`, whatever it holds.
     async fn format(&self, device: &Path, fs_type: &str) -> Result<()>;
+    /// Erases every filesystem signature on `device`.
+    async fn wipe(&self, device: &Path) -> Result<()>;
     /// Grows an unmounted ext filesystem to its device; whether it grew.
     async fn grow_unmounted_ext(&self, device: &Path, fs_type: &str) -> Result<bool>;
     /// Mounts `device` at `target`.
@@ -321,6 +329,9 @@ impl Mounter for HostMounter {
     }
     async fn format(&self, device: &Path, fs_type: &str) -> Result<()> {
         format(device, fs_type).await
+    }
+    async fn wipe(&self, device: &Path) -> Result<()> {
+        wipe(device).await
     }
     async fn grow_unmounted_ext(&self, device: &Path, fs_type: &str) -> Result<bool> {
         grow_unmounted_ext(device, fs_type).await

@@ -47,6 +47,9 @@ impl Mounter for FailingMounter {
             FailAt::Mount => Ok(()),
         }
     }
+    async fn wipe(&self, _: &Path) -> Result<()> {
+        Ok(())
+    }
     async fn grow_unmounted_ext(&self, _: &Path, _: &str) -> Result<bool> {
         Ok(false)
     }

@@ -35,8 +35,8 @@ pub struct Staged {
     /// before this field existed were written by finished stages.
     #[serde(default = "finished")]
     pub complete: bool,
-    /// This stage started mkfs on the device, which held nothing: a retry after a kill formats
-    /// it again whatever the killed mkfs left on it.
+    /// This stage started mkfs on the device, which held nothing: undoing the stage wipes what
+    /// a killed mkfs left on it, so the retry formats it whole.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub formatting: bool,
 }

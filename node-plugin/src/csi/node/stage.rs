@@ -8,8 +8,9 @@
 //! ```
 //! Every step writes the staging record first, so whatever a kill leaves is named by it: the
 //! device it made, or (killed between creating the device and recording it) the devices found
-//! over the volume's export. Helper commands die with the plugin (`sys::die_with_parent`), so no
-//! orphaned mkfs goes on writing while a retry formats again.
+//! over the volume's export. A stage killed during mkfs is undone by wiping the device's
+//! signatures (it was empty when mkfs started), so the retry formats it whole; helper commands
+//! die with the plugin (`sys::die_with_parent`), so no orphaned mkfs goes on writing.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,14 +39,12 @@ impl NodeService {
         let existing = self.staged(id)?;
         // Only a staged volume's mount matters: a first stage reads no mount table.
         let mounted = existing.is_some() && self.mounter.is_mountpoint(staging);
-        let mut interrupted_mkfs = false;
         match decide::stage_step(id, existing.as_ref(), staging, mounted)? {
             StageStep::Done => return Ok(()),
             StageStep::Stage => {}
             StageStep::Redo => {
                 if let Some(half) = &existing {
                     tracing::warn!(volume = id, "undoing a stage that was interrupted");
-                    interrupted_mkfs = half.formatting;
                     self.undo_stage(half).await?;
                 }
             }
@@ -63,7 +62,7 @@ impl NodeService {
             formatting: false,
         };
         self.journal.put(&record)?;
-        let staged = self.stage_steps(&mut record, capability, context, interrupted_mkfs).await;
+        let staged = self.stage_steps(&mut record, capability, context).await;
         if let Err(e) = staged {
             if let Err(undo) = self.undo_stage(&record).await {
                 tracing::error!(volume = id, error = %undo.with_causes(), "undoing a failed stage failed");
@@ -78,7 +77,6 @@ impl NodeService {
         record: &mut Staged,
         capability: &csi::VolumeCapability,
         context: &HashMap<String, String>,
-        interrupted_mkfs: bool,
     ) -> Result<()> {
         let id = record.volume_id.clone();
         let backend = record.backend;
@@ -96,8 +94,8 @@ impl NodeService {
         crate::fault_point!("stage:after-device");
         let m = &self.mounter;
         if let Some(fs) = record.fs_type.clone() {
-            let found = if interrupted_mkfs { None } else { m.probe_fs(&device).await? };
-            if decide::format_step(&device, found.as_deref(), &fs, interrupted_mkfs)? {
+            let found = m.probe_fs(&device).await?;
+            if decide::format_step(&device, found.as_deref(), &fs)? {
                 record.formatting = true;
                 self.journal.put(record)?;
                 crate::fault_point!("stage:after-format-start");
@@ -137,6 +135,11 @@ impl NodeService {
                     devices.push(found);
                 }
             }
+        }
+        if record.formatting && !record.device.as_os_str().is_empty() {
+            // Our mkfs started on this device when it held nothing: leave it holding nothing,
+            // not a half-made filesystem the next stage would take for a whole one.
+            self.mounter.wipe(&record.device).await?;
         }
         for dev in &devices {
             device::detach(record.backend, dev).await?;
