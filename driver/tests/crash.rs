@@ -20,6 +20,8 @@ const BACK_WITHIN: Duration = Duration::from_secs(10);
 enum Call {
     Create,
     Snapshot,
+    /// A group snapshot of the source volume and a second, detached one.
+    Group,
     Clone,
     Expand,
     Shorten,
@@ -77,6 +79,26 @@ async fn issue(
     let cap = mount_cap("ext4");
     let id = volume.map(|v| v.volume_id.clone()).unwrap_or_default();
     match call {
+        Call::Group => {
+            use csi::group_controller_client::GroupControllerClient;
+            let second = d
+                .controller
+                .list_volumes(csi::ListVolumesRequest::default())
+                .await?
+                .into_inner()
+                .entries
+                .into_iter()
+                .filter_map(|e| e.volume)
+                .find(|v| v.volume_id.ends_with(":second"))
+                .expect("the group's second volume");
+            let mut groups = GroupControllerClient::new(Driver::connect(&d.path("csi.sock")).await);
+            let req = csi::CreateVolumeGroupSnapshotRequest {
+                name: "group".into(),
+                source_volume_ids: vec![id, second.volume_id],
+                ..Default::default()
+            };
+            groups.create_volume_group_snapshot(req).await.map(drop)
+        }
         Call::Create => d.create("new", 64 * MIB, &cap, None).await.map(drop),
         Call::Snapshot => snapshot(d, &id, "snap").await.map(drop),
         Call::Shorten => snapshot(d, &id, "s3").await.map(drop),
@@ -114,20 +136,27 @@ async fn issue(
 /// it opens, images and layers nothing records or needs; a shared pool cannot (another node may
 /// be writing them), so there recovery alone tidies.
 async fn killed_at(point: &str, attached: bool) {
+    killed_during(point, call_of(point), attached).await;
+}
+
+/// [`killed_at`], the call made explicit (a group snapshot reaches the snapshot's points).
+async fn killed_during(point: &str, call: Call, attached: bool) {
     for shared in [false, true] {
-        killed_in(point, attached, shared).await;
+        killed_in(point, call, attached, shared).await;
     }
 }
 
 /// One run: the driver killed at `point` during its call, restarted, the call retried.
 /// `attached`: the source volume is staged, published and holds a file first.
-async fn killed_in(point: &str, attached: bool, shared: bool) {
-    let call = call_of(point);
+async fn killed_in(point: &str, call: Call, attached: bool, shared: bool) {
     let mut d = Driver::start_armed(point, shared).await;
     let volume = match call {
         Call::Create => None,
         _ => Some(source_volume(&mut d).await),
     };
+    if call == Call::Group {
+        d.create("second", 64 * MIB, &mount_cap("ext4"), None).await.expect("second volume");
+    }
     let mut written = None;
     if let (Some(v), true) = (&volume, attached) {
         let target = d.stage_and_publish(v, &mount_cap("ext4"), false).await.expect("publish");
@@ -159,9 +188,7 @@ async fn killed_in(point: &str, attached: bool, shared: bool) {
     }
     tidy::delete_everything(&mut d).await;
     let pool = if shared { "shared" } else { "local" };
-    eprintln!(
-        "crash: {point} ({pool} pool, attached: {attached}): back in {took:?}, retry ok, tidy"
-    );
+    eprintln!("crash: {point} in {call:?} ({pool} pool, attached: {attached}): back in {took:?}, retry ok, tidy");
 }
 
 /// Leaves on the staged device what a mkfs killed half-way leaves: its superblock written,
@@ -198,6 +225,14 @@ async fn a_snapshot_of_a_mounted_volume_killed_at_any_step_is_completed_or_undon
 async fn a_snapshot_of_a_detached_volume_killed_at_any_step_is_completed_or_undone() {
     for point in points(Call::Snapshot) {
         killed_at(point, false).await;
+    }
+}
+
+#[tokio::test]
+async fn a_group_snapshot_of_a_mounted_and_a_detached_volume_killed_at_any_step_is_all_or_nothing()
+{
+    for point in points(Call::Snapshot) {
+        killed_during(point, Call::Group, true).await;
     }
 }
 

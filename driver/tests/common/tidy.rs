@@ -147,9 +147,26 @@ pub async fn delete_everything(d: &mut Driver) {
         .expect("list snapshots")
         .into_inner()
         .entries;
+    let mut groups: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for s in snapshots.into_iter().filter_map(|e| e.snapshot) {
+        if !s.group_snapshot_id.is_empty() {
+            groups.entry(s.group_snapshot_id).or_default().push(s.snapshot_id);
+            continue;
+        }
         let req = csi::DeleteSnapshotRequest { snapshot_id: s.snapshot_id, ..Default::default() };
         d.controller.delete_snapshot(req).await.expect("delete snapshot");
+    }
+    if !groups.is_empty() {
+        use csi::group_controller_client::GroupControllerClient;
+        let mut client = GroupControllerClient::new(Driver::connect(&d.path("csi.sock")).await);
+        for (group_snapshot_id, snapshot_ids) in groups {
+            let req = csi::DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id,
+                snapshot_ids,
+                ..Default::default()
+            };
+            client.delete_volume_group_snapshot(req).await.expect("delete group snapshot");
+        }
     }
     let volumes = d
         .controller
