@@ -142,13 +142,25 @@ async fn killed_at(point: &str, attached: bool) {
 /// [`killed_at`], the call made explicit (a group snapshot reaches the snapshot's points).
 async fn killed_during(point: &str, call: Call, attached: bool) {
     for shared in [false, true] {
-        killed_in(point, call, attached, shared).await;
+        killed_in(point, call, attached, shared, false).await;
     }
 }
 
+/// Points inside a snapshot's freeze: a filesystem write there waits for the restarted
+/// driver to thaw it.
+const FROZEN: &[&str] = &[
+    "snapshot:after-intent",
+    "snapshot:after-overlay-image",
+    "snapshot:after-overlay-node",
+    "snapshot:after-head-record",
+];
+
 /// One run: the driver killed at `point` during its call, restarted, the call retried.
 /// `attached`: the source volume is staged, published and holds a file first.
-async fn killed_in(point: &str, call: Call, attached: bool, shared: bool) {
+/// `daemon_too`: the daemon dies after the driver (a node losing power): the next start has a
+/// fresh daemon that knows nothing of the operation; where the filesystem is not frozen, a
+/// file written and synced between the two deaths must survive too.
+async fn killed_in(point: &str, call: Call, attached: bool, shared: bool, daemon_too: bool) {
     let mut d = Driver::start_armed(point, shared).await;
     let volume = match call {
         Call::Create => None,
@@ -177,18 +189,44 @@ async fn killed_in(point: &str, call: Call, attached: bool, shared: bool) {
     if point == "stage:after-format" {
         half_made_filesystem(&d);
     }
+    let mut late = None;
+    if daemon_too {
+        if let Some(file) = written.as_ref().filter(|_| !FROZEN.contains(&point)) {
+            let after = file.with_file_name("after-the-kill");
+            std::fs::write(&after, point.as_bytes()).expect("write after the driver died");
+            common::sync_fs(file.parent().expect("mount"));
+            late = Some(after);
+        }
+        let pid = std::fs::read_to_string(d.path("state/run/qsd.pid")).expect("daemon pid");
+        let killed = std::process::Command::new("kill").args(["-KILL", pid.trim()]).status();
+        assert!(killed.is_ok_and(|s| s.success()), "kill the daemon");
+        let proc = std::path::PathBuf::from(format!("/proc/{}", pid.trim()));
+        common::wait_until("the daemon to die", || !proc.exists());
+    }
     let took = d.restart_after_crash().await;
     assert!(took < BACK_WITHIN, "{point}: back after {took:?}");
+    if let (true, Some(v)) = (daemon_too && attached, volume.as_ref()) {
+        // The kernel device of a FUSE export does not outlive its daemon: as after a reboot,
+        // the volume is staged again before anything uses it.
+        d.unpublish_and_unstage(&v.volume_id).await;
+        d.stage_and_publish(v, &mount_cap("ext4"), false).await.expect("publish again");
+    }
     issue(&mut d, call, volume.as_ref()).await.unwrap_or_else(|e| panic!("{point}: retry: {e}"));
     tidy::assert_pool_consistent(&d);
     tidy::assert_daemon_tidy(&d).await;
-    if let Some(file) = written {
-        let read = std::fs::read(&file).unwrap_or_else(|e| panic!("{point}: read back: {e}"));
-        assert_eq!(read, point.as_bytes(), "{point}: data written before the kill");
+    for file in written.iter().chain(late.iter()) {
+        let read = std::fs::read(file).unwrap_or_else(|e| panic!("{point}: read back: {e}"));
+        assert_eq!(
+            read,
+            point.as_bytes(),
+            "{point}: {} written before the daemon died",
+            file.display()
+        );
     }
     tidy::delete_everything(&mut d).await;
     let pool = if shared { "shared" } else { "local" };
-    eprintln!("crash: {point} in {call:?} ({pool} pool, attached: {attached}): back in {took:?}, retry ok, tidy");
+    let deaths = if daemon_too { "driver and daemon" } else { "driver" };
+    eprintln!("crash: {point} in {call:?} ({pool} pool, attached: {attached}, {deaths} killed): back in {took:?}, retry ok, tidy");
 }
 
 /// Leaves on the staged device what a mkfs killed half-way leaves: its superblock written,
@@ -218,6 +256,15 @@ async fn a_create_killed_at_any_step_is_undone_and_its_retry_succeeds() {
 async fn a_snapshot_of_a_mounted_volume_killed_at_any_step_is_completed_or_undone() {
     for point in points(Call::Snapshot) {
         killed_at(point, true).await;
+    }
+}
+
+#[tokio::test]
+async fn a_snapshot_whose_node_lost_power_midway_keeps_every_write_the_daemon_took() {
+    for point in points(Call::Snapshot) {
+        for shared in [false, true] {
+            killed_in(point, Call::Snapshot, true, shared, true).await;
+        }
     }
 }
 

@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::graph::{self, Names};
 use crate::pool::{header, store, LayerId, Pool, SnapshotRecord, VolumeRecord};
 use crate::qmp::block_graph::BlockGraph;
+use crate::qsd::Origin;
 
 /// One volume moving onto a new overlay, as a snapshot intent records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,7 +161,11 @@ impl EngineCore {
     /// Completes or undoes every operation a killed process left. Jobs must be settled first
     /// (a cancelled job changed nothing). Returns what could not be recovered: those intents
     /// stay for the next reconcile.
-    pub(super) async fn recover_operations(&self, graph: &BlockGraph) -> Vec<(String, Error)> {
+    pub(super) async fn recover_operations(
+        &self,
+        graph: &BlockGraph,
+        origin: Origin,
+    ) -> Vec<(String, Error)> {
         let intents = match self.operations.all() {
             Ok(all) => all,
             Err(e) => return vec![("operation journal".into(), e)],
@@ -168,7 +173,7 @@ impl EngineCore {
         let mut failed = Vec::new();
         for (file, op) in intents {
             tracing::warn!(?op, "recovering an operation interrupted by a restart");
-            match self.recover(graph, &op).await {
+            match self.recover(graph, origin, &op).await {
                 Ok(()) => {
                     if let Err(e) = store::remove(&self.operations.dir, &file) {
                         failed.push((file, e));
@@ -183,10 +188,10 @@ impl EngineCore {
         failed
     }
 
-    async fn recover(&self, graph: &BlockGraph, op: &Operation) -> Result<()> {
+    async fn recover(&self, graph: &BlockGraph, origin: Origin, op: &Operation) -> Result<()> {
         match op {
             Operation::Snapshot { group, items } => {
-                self.recover_snapshot(graph, group, items).await
+                self.recover_snapshot(graph, origin, group, items).await
             }
             Operation::NewVolume { pool, name, head } => {
                 let pool = self.pool(pool)?;
@@ -225,6 +230,7 @@ impl EngineCore {
     async fn recover_snapshot(
         &self,
         graph: &BlockGraph,
+        origin: Origin,
         group: &Option<String>,
         items: &[SwitchIntent],
     ) -> Result<()> {
@@ -240,7 +246,7 @@ impl EngineCore {
             .map(|(item, (_, record))| {
                 let names = Names::new(item.uid.to_string());
                 SwitchSeen {
-                    attached: item.attached,
+                    in_daemon: item.attached && origin == Origin::Adopted,
                     switched: graph.child(&names.format(item.overlay), "backing")
                         == Some(names.format(item.head)),
                     head_recorded: record.as_ref().is_some_and(|r| r.head == item.overlay),
@@ -291,21 +297,26 @@ impl EngineCore {
 /// What recovery sees of one volume of an interrupted snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SwitchSeen {
-    /// It was attached: the switch happens in the daemon.
-    attached: bool,
+    /// It was attached and the daemon that ran the operation still runs: whether it switched
+    /// is in that daemon's graph. (A daemon started afresh knows nothing of it.)
+    in_daemon: bool,
     /// The daemon's graph has its overlay over its old head.
     switched: bool,
     /// Its record names the overlay as its head.
     head_recorded: bool,
 }
 
-/// Whether an interrupted snapshot passed its point of no return. With attached volumes, the
-/// daemon decides: their one `transaction` switched all or none (the head records are written
-/// just before it, so a recorded head alone proves nothing). With none attached, the head
-/// records are the switch, and only all of them complete it.
+/// Whether an interrupted snapshot passed its point of no return. Where the daemon that ran it
+/// still runs, its graph decides for the attached volumes: their one `transaction` switched all
+/// or none (the head records are written just before it, so a recorded head alone proves
+/// nothing, and completing an unswitched volume would leave it writing to its snapshot). Else
+/// the head records decide, and only all of them complete it: written before the transaction,
+/// they name overlays that either received every write since the switch or, never switched
+/// to, are empty and read the same as the old heads — completing is safe either way, and
+/// undoing could drop writes a dead daemon took after the switch.
 fn snapshot_passed_its_point(seen: &[SwitchSeen]) -> bool {
-    if seen.iter().any(|s| s.attached) {
-        seen.iter().any(|s| s.attached && s.switched)
+    if seen.iter().any(|s| s.in_daemon) {
+        seen.iter().any(|s| s.in_daemon && s.switched)
     } else {
         seen.iter().all(|s| s.head_recorded)
     }
@@ -351,8 +362,14 @@ mod tests {
     #[test]
     fn a_snapshot_is_completed_only_past_its_point_of_no_return() {
         let seen =
-            |attached, switched, head_recorded| SwitchSeen { attached, switched, head_recorded };
-        let table: [(&str, Vec<SwitchSeen>, bool); 7] = [
+            |in_daemon, switched, head_recorded| SwitchSeen { in_daemon, switched, head_recorded };
+        let table: [(&str, Vec<SwitchSeen>, bool); 9] = [
+            ("attached, the daemon died too, heads recorded", vec![seen(false, false, true)], true),
+            (
+                "attached, the daemon died too, before the records",
+                vec![seen(false, false, false)],
+                false,
+            ),
             ("attached, switched", vec![seen(true, true, true)], true),
             (
                 "attached, heads recorded but killed before the transaction",

@@ -76,7 +76,7 @@ impl EngineCore {
             other.push(format!("block job {job}: {}", e.with_causes()));
         }
         let before = graph::block_graph(&qmp).await?;
-        for (what, e) in self.recover_operations(&before).await {
+        for (what, e) in self.recover_operations(&before, origin).await {
             other.push(format!("operation {what}: {}", e.with_causes()));
         }
         let now = graph::block_graph(&qmp).await?;
