@@ -238,16 +238,22 @@ impl Engine {
     }
 }
 
-/// How long the supervisor waits before reconciling again what a reconcile left untidied.
+/// How long the supervisor waits before reconciling again what a reconcile left untidied; the
+/// wait doubles, up to [`RETRY_RECONCILE_MAX`], while something stays untidied.
 const RETRY_RECONCILE: Duration = Duration::from_secs(5);
+const RETRY_RECONCILE_MAX: Duration = Duration::from_secs(60);
 
 async fn supervise(core: Weak<EngineCore>, mut events: mpsc::UnboundedReceiver<Event>) {
+    let mut retry_in = RETRY_RECONCILE;
     loop {
         loop {
             let retry = core.upgrade().is_some_and(|c| !c.unreconciled.is_empty());
+            if !retry {
+                retry_in = RETRY_RECONCILE;
+            }
             let next = async {
                 if retry {
-                    tokio::time::timeout(RETRY_RECONCILE, events.recv()).await.ok()
+                    tokio::time::timeout(retry_in, events.recv()).await.ok()
                 } else {
                     Some(events.recv().await)
                 }
@@ -263,6 +269,7 @@ async fn supervise(core: Weak<EngineCore>, mut events: mpsc::UnboundedReceiver<E
                     if let Err(e) = core.reconcile(Origin::Adopted).await {
                         tracing::error!(error = %e.with_causes(), "reconciling again failed");
                     }
+                    retry_in = (retry_in * 2).min(RETRY_RECONCILE_MAX);
                 }
             }
         }
