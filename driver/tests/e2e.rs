@@ -239,7 +239,8 @@ async fn a_raw_block_volume_is_published_as_a_device_that_keeps_its_bytes() {
 async fn a_read_only_publish_refuses_writes_and_staging_never_reformats() {
     let mut d = Driver::start().await;
     let cap = mount_cap("ext4");
-    let vol = d.create("ro", 64 * MIB, &cap, None).await.expect("create");
+    // Large enough for xfs, so that the last stage is refused for what the volume holds.
+    let vol = d.create("ro", 320 * MIB, &cap, None).await.expect("create");
     let rw = d.stage_and_publish(&vol, &cap, false).await.expect("publish");
     std::fs::write(rw.join("keep.txt"), b"kept").expect("write");
     sync_fs(&rw);
