@@ -309,6 +309,13 @@ YAML
     { echo "the clone never started"; return 1; }
   kubectl -n qsd delete pod "${old% *}" --grace-period=0 --force >/dev/null 2>&1
   plugin_ready_after "${old#* }" || return 1
+  # It died mid-copy: the new plugin cancelled the copy job the daemon still ran and undid the
+  # new volume's half-made image.
+  local new; new=$(plugin_pod) || return 1
+  kubectl -n qsd logs "${new% *}" -c qsd-csi | grep -q "cancelling a block job left by a restart" ||
+    { echo "no copy job was left to cancel: the plugin was not deleted during the copy"; return 1; }
+  kubectl -n qsd logs "${new% *}" -c qsd-csi | grep -q "recovering an operation interrupted by a restart" ||
+    { echo "no interrupted operation was recovered"; return 1; }
   kubectl wait --for=jsonpath='{.status.readyToUse}'=true volumesnapshot/src-snap --timeout=180s || return 1
   succeeded copycheck && gone copycheck filler || return 1
   pvc src-restored 64Mi Filesystem "dataSource: {name: src-snap, kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io}" qsd-slow-clone || return 1
