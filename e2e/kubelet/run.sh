@@ -277,7 +277,7 @@ plugin_deleted() {
 }
 check "the node plugin pod deleted under a writer with fsync: back by its DaemonSet, no I/O error, data verifies" plugin_deleted
 
-interrupted() {
+interrupted_steps() {
   # The node plugin's pod deleted, with no grace period, while it copies a claim in use into a
   # new claim (the class limits the copy to 8 MiB/s) and while a VolumeSnapshot of that claim
   # waits its turn (the copy holds the claim; the snapshotter retries). The DaemonSet brings
@@ -304,13 +304,16 @@ kind: VolumeSnapshot
 metadata: {name: src-snap}
 spec: {volumeSnapshotClassName: qsd-snapshots, source: {persistentVolumeClaimName: src}}
 YAML
-  # The copy runs (the plugin logs each full clone it starts): delete the plugin's pod now.
+  # The copy runs (the plugin logs each full clone it starts): kill the plugin there and then
+  # (a deletion alone lets its graceful shutdown finish the copy), and delete its pod.
   wait_until 60 bash -c "'$tools/kubectl' -n qsd logs '${old% *}' -c qsd-csi | grep -q 'full clone started'" ||
     { echo "the clone never started"; return 1; }
+  local pid; pid=$(pgrep -f -- "node --state-dir=$work/state") || { echo "no node plugin process"; return 1; }
+  kill -KILL $pid
   kubectl -n qsd delete pod "${old% *}" --grace-period=0 --force >/dev/null 2>&1
   plugin_ready_after "${old#* }" || return 1
-  # It died mid-copy: the new plugin cancelled the copy job the daemon still ran and undid the
-  # new volume's half-made image.
+  # It died mid-copy: the new plugin cancelled the copy job the daemon still ran (its own pod)
+  # and undid the new volume's half-made image.
   local new; new=$(plugin_pod) || return 1
   kubectl -n qsd logs "${new% *}" -c qsd-csi | grep -q "cancelling a block job left by a restart" ||
     { echo "no copy job was left to cancel: the plugin was not deleted during the copy"; return 1; }
@@ -320,6 +323,14 @@ YAML
   succeeded copycheck && gone copycheck filler || return 1
   pvc src-restored 64Mi Filesystem "dataSource: {name: src-snap, kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io}" qsd-slow-clone || return 1
   pod snapcheck src-restored 'cd /data && md5sum -c big.md5' && succeeded snapcheck && gone snapcheck
+}
+interrupted() {
+  interrupted_steps; local status=$?
+  # What the check made goes, pass or fail: later checks find only their own pods' mounts.
+  kubectl delete pod filler copycheck snapcheck --ignore-not-found --wait --timeout=90s >/dev/null
+  kubectl delete volumesnapshot src-snap --ignore-not-found --wait --timeout=90s >/dev/null
+  kubectl delete pvc src src-copy src-restored --ignore-not-found --wait --timeout=90s >/dev/null
+  return $status
 }
 check "the node plugin pod deleted during a clone and a snapshot of a claim in use: back Ready, both complete with the claim's data" interrupted
 
