@@ -37,15 +37,21 @@ test_daemon_nbd_export_through_the_kernel() {
     --export type=nbd,id=x,node-name=q,name=vol,writable=on \
     --chardev "socket,id=c,path=$qmp,server=on,wait=off" --monitor chardev=c \
     --pidfile "$work/qsd.pid" --daemonize || return 1
-  nbd-client -unix "$sock" /dev/nbd0 -N vol -b 4096 >/dev/null || return 1
-  mkfs.ext4 -q /dev/nbd0 || return 1
-  mkdir -p "$work/mnt" && mount /dev/nbd0 "$work/mnt" || return 1
+  # Its own device, the last: when nbd-client's ioctl loop ends after -d it clears the
+  # device's sockets (NBD_CLEAR_SOCK), which on nbd0 could land on the connection the next
+  # test's driver has just made there over netlink.
+  local dev=/dev/nbd15
+  nbd-client -unix "$sock" $dev -N vol -b 4096 >/dev/null || return 1
+  mkfs.ext4 -q $dev || return 1
+  mkdir -p "$work/mnt" && mount $dev "$work/mnt" || return 1
   head -c 16M /dev/urandom >"$work/data"
   cp "$work/data" "$work/mnt/data" && sync
-  umount "$work/mnt" && mount /dev/nbd0 "$work/mnt" || return 1
+  umount "$work/mnt" && mount $dev "$work/mnt" || return 1
   cmp -s "$work/data" "$work/mnt/data"
   local ok=$?
-  umount "$work/mnt"; nbd-client -d /dev/nbd0 >/dev/null
+  umount "$work/mnt"; nbd-client -d $dev >/dev/null
+  # The client has let go of the device once the kernel lists no pid for it.
+  for _ in $(seq 100); do [[ -e /sys/block/nbd15/pid ]] || break; sleep 0.1; done
   kill "$(cat "$work/qsd.pid")"
   return $ok
 }
