@@ -44,8 +44,6 @@ pub use attach::{AttachmentInfo, ThresholdState};
 pub use changes::{ByteRange, ChangeStream, DEFAULT_BATCH};
 pub use clone::{CloneTask, CLONE_PROGRESS_PERIOD};
 pub use journal::{AttachmentRecord, ThresholdRecord};
-pub use ops::{Operation, SwitchIntent};
-pub use reconcile::Unreconciled;
 pub use snapshot::{Quiesce, SnapshotBatch, SnapshotInfo};
 pub use volume::{CloneMode, CreateVolume, Format, Preallocation, Qos, VolumeInfo, VolumeSource};
 
@@ -160,7 +158,7 @@ pub struct EngineCore {
     /// Multi-command operations in flight (completed or undone after a kill).
     operations: ops::Operations,
     /// What the last reconcile could not tidy (retried by the supervisor).
-    unreconciled: Unreconciled,
+    unreconciled: reconcile::Unreconciled,
     busy: Claims,
     graph: GraphGate,
     events: broadcast::Sender<EngineEvent>,
@@ -225,7 +223,7 @@ impl Engine {
             pools,
             journal,
             operations,
-            unreconciled: Unreconciled::default(),
+            unreconciled: reconcile::Unreconciled::default(),
             busy: Claims::default(),
             graph: GraphGate::default(),
             events,
