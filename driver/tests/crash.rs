@@ -26,6 +26,8 @@ enum Call {
     Expand,
     Shorten,
     Stage,
+    /// NodeUnstageVolume of the published source volume, unpublished first.
+    Unstage,
 }
 
 fn call_of(point: &str) -> Call {
@@ -36,6 +38,7 @@ fn call_of(point: &str) -> Call {
         Some("expand") => Call::Expand,
         Some("shorten") => Call::Shorten,
         Some("stage") => Call::Stage,
+        Some("unstage" | "undo-stage") => Call::Unstage,
         _ => panic!("no scenario reaches fault point {point}"),
     }
 }
@@ -118,6 +121,7 @@ async fn issue(
             };
             d.controller.controller_expand_volume(req).await.map(drop)
         }
+        Call::Unstage => unreachable!("an unstage has its own scenario"),
         Call::Stage => {
             let volume = volume.expect("a volume");
             let req = csi::NodeStageVolumeRequest {
@@ -299,6 +303,58 @@ async fn an_expansion_and_a_chain_shortening_killed_midway_are_completed_or_undo
         for point in points(call) {
             killed_at(point, true).await;
         }
+    }
+}
+
+/// NodeUnstageVolume for `volume`, at the staging path `Driver::stage_and_publish` used.
+async fn unstage(d: &mut Driver, volume: &csi::Volume) -> Result<(), tonic::Status> {
+    let id = &volume.volume_id;
+    let req = csi::NodeUnstageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: d
+            .path(&format!("staging-{}", common::short(id)))
+            .display()
+            .to_string(),
+    };
+    d.node.node_unstage_volume(req).await.map(drop)
+}
+
+/// An unstage killed at each of its steps: the restart finishes it. Before the CO's retry a
+/// second volume is staged, and takes the loop device the first one let go of (the kernel
+/// hands out the lowest free number): the retry succeeds, and leaves that device, its mount
+/// and its data alone. (Before unstaging was journaled, a kill after the device was detached
+/// left a complete record naming it, and the retry found the second volume's mount on "its"
+/// device: FAILED_PRECONDITION until that volume went away, then a detach of its device.)
+#[tokio::test]
+async fn an_unstage_killed_at_any_step_is_finished_and_leaves_the_next_volumes_device_alone() {
+    let cap = mount_cap("ext4");
+    for point in points(Call::Unstage) {
+        let mut d = Driver::start_armed(point, false).await;
+        let first = source_volume(&mut d).await;
+        d.stage_and_publish(&first, &cap, false).await.expect("publish");
+        let target = d.path(&format!("target-{}", common::short(&first.volume_id)));
+        let req = csi::NodeUnpublishVolumeRequest {
+            volume_id: first.volume_id.clone(),
+            target_path: target.display().to_string(),
+        };
+        d.node.node_unpublish_volume(req).await.expect("unpublish");
+        let died = unstage(&mut d, &first).await;
+        assert!(died.is_err(), "{point}: the unstage should have died with the driver");
+        let took = d.restart_after_crash().await;
+        assert!(took < BACK_WITHIN, "{point}: back after {took:?}");
+
+        let second = d.create("second", 64 * MIB, &cap, None).await.expect("second volume");
+        let mounted = d.stage_and_publish(&second, &cap, false).await.expect("publish second");
+        std::fs::write(mounted.join("data"), point.as_bytes()).expect("write");
+        unstage(&mut d, &first).await.unwrap_or_else(|e| panic!("{point}: retry: {e}"));
+        common::sync_fs(&mounted);
+        let read = std::fs::read(mounted.join("data")).expect("the second volume still reads");
+        assert_eq!(read, point.as_bytes(), "{point}: the second volume's data");
+        d.unpublish_and_unstage(&second.volume_id).await;
+        tidy::assert_pool_consistent(&d);
+        tidy::assert_daemon_tidy(&d).await;
+        tidy::delete_everything(&mut d).await;
+        eprintln!("crash: {point} in an unstage: back in {took:?}, retry ok, tidy");
     }
 }
 

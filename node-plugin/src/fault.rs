@@ -36,6 +36,8 @@ pub const POINTS: &[&str] = &[
     "stage:after-format-start",
     "stage:after-format",
     "stage:after-mount",
+    "unstage:after-record",
+    "undo-stage:after-devices",
 ];
 
 /// Arms the points named in [`ENV`]: reaching one kills this process with SIGKILL. Unknown

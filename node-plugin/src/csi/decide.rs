@@ -38,7 +38,7 @@ pub enum StageStep {
     Done,
     /// Attach, format if empty, mount.
     Stage,
-    /// Undo what a stage killed half-way left, then stage.
+    /// Undo what is left of an earlier stage (killed half-way, or its mount gone), then stage.
     Redo,
 }
 
@@ -96,7 +96,9 @@ pub fn stage_step(
     if existing.fs_type.is_none() || staging_mounted {
         return Ok(StageStep::Done);
     }
-    Ok(StageStep::Stage)
+    // Its mount gone (a reboot, or unmounted behind the plugin's back): take apart whatever of
+    // it is left before staging again, not leave its device attached beside a new one.
+    Ok(StageStep::Redo)
 }
 
 /// The options a staging mount gets: the capability's, plus `nouuid` for xfs (a restored
@@ -138,7 +140,7 @@ pub fn publish_step(
     target_mounted: bool,
 ) -> Result<PublishStep> {
     use csi::volume_capability::access_mode::Mode;
-    let record = staged.ok_or_else(|| {
+    let record = staged.filter(|r| r.complete).ok_or_else(|| {
         Error::FailedPrecondition(format!("volume {id} is not staged on this node"))
     })?;
     if record.staging_path != staging {
@@ -319,11 +321,11 @@ mod tests {
             ("not staged yet", None, at, false, Ok(StageStep::Stage)),
             ("staged and mounted: idempotent", Some(&mounted), at, true, Ok(StageStep::Done)),
             (
-                "record but mount gone (reboot): stage again",
+                "record but mount gone (reboot): undo what is left, then stage",
                 Some(&mounted),
                 at,
                 false,
-                Ok(StageStep::Stage),
+                Ok(StageStep::Redo),
             ),
             ("a block volume has no staging mount", Some(&block), at, false, Ok(StageStep::Done)),
             (
@@ -384,8 +386,17 @@ mod tests {
         let bind_dev = PublishStep::Bind { source: "/dev/nbd3".into(), block: true };
         type Case<'a> =
             (&'a str, Option<&'a Staged>, &'a Path, &'a Path, bool, Result<PublishStep, ErrorKind>);
+        let half = Staged { complete: false, ..fresh.clone() };
         let cases: Vec<Case> = vec![
             ("not staged", None, stage, t1, false, Err(ErrorKind::FailedPrecondition)),
+            (
+                "staged half-way, or being unstaged",
+                Some(&half),
+                stage,
+                t1,
+                false,
+                Err(ErrorKind::FailedPrecondition),
+            ),
             (
                 "staged at another path",
                 Some(&fs),

@@ -130,25 +130,46 @@ impl NodeService {
         self.engine.set_write_threshold(id, size / 100 * percent, step).await
     }
 
+    /// Unstages as the undo of a stage: once nothing but the staging path uses the volume, the
+    /// record is marked unfinished and [`undo_stage`](Self::undo_stage) takes it apart, so a
+    /// plugin killed half-way leaves a record the start-up undo finishes (a retry never meets
+    /// a complete record naming a device already detached, and perhaps reused).
     async fn unstage(&self, id: &str, staging: &Path) -> Result<()> {
-        if let Some(record) = self.staged(id)?.filter(|r| !r.complete) {
-            return self.undo_stage(&record).await;
-        }
-        if let Some(record) = self.staged(id)? {
+        let Some(mut record) = self.staged(id)? else {
+            self.mounter.unmount(staging).await?;
+            return match self.engine.detach(id).await {
+                Err(e) if e.kind() != crate::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        };
+        if record.complete {
             // Detach only after unmount: a bind mount still using the device would lose it.
-            let mut users = self.mounter.mounts_of(&record.device)?;
+            let mut users = if self.serves(&record) {
+                self.mounter.mounts_of(&record.device)?
+            } else {
+                Vec::new()
+            };
             users.extend(record.targets.iter().filter(|t| self.mounter.is_mountpoint(t)).cloned());
             decide::unstage_blocker(id, &record, &users)?;
-            self.mounter.unmount(&record.staging_path).await?;
-            device::detach(record.backend, &record.device).await?;
+            record.complete = false;
+            self.journal.put(&record)?;
+            crate::fault_point!("unstage:after-record");
+            let undone = self.undo_stage(&record).await;
+            if undone.is_err() && self.mounter.is_mountpoint(&record.staging_path) {
+                // Nothing was taken apart (the staging path would not unmount): still staged.
+                record.complete = true;
+                self.journal.put(&record)?;
+            }
+            return undone;
         }
-        self.mounter.unmount(staging).await?;
-        match self.engine.detach(id).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        self.journal.remove(id)
+        self.undo_stage(&record).await
+    }
+
+    /// Whether the record's device still serves its volume (see [`device::serves`]).
+    fn serves(&self, record: &Staged) -> bool {
+        let endpoint = self.engine.attachment(&record.volume_id).ok().flatten().map(|a| a.endpoint);
+        !record.device.as_os_str().is_empty()
+            && device::serves(record.backend, &record.device, endpoint.as_ref(), &record.volume_id)
     }
 
     async fn publish(&self, req: &csi::NodePublishVolumeRequest) -> Result<()> {

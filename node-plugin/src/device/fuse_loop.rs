@@ -29,6 +29,15 @@ pub async fn detach(device: &Path) -> Result<()> {
     }
 }
 
+/// The file a loop device reads (`/sys/block/loopN/loop/backing_file`); `None` when the
+/// device is unbound or not a loop device.
+pub fn backing_file(device: &Path) -> Option<PathBuf> {
+    let name = device.file_name()?;
+    let path = Path::new("/sys/block").join(name).join("loop/backing_file");
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(PathBuf::from(text.trim_end_matches('\n')))
+}
+
 /// The loop devices over `file` (`losetup --associated`).
 pub async fn over_file(file: &Path) -> Result<Vec<PathBuf>> {
     if !file.exists() {

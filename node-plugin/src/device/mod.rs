@@ -166,6 +166,26 @@ pub async fn over_export(
     }
 }
 
+/// Whether the recorded `device` still serves the volume `id` over its export (`endpoint`, if
+/// still attached). A device number is the kernel's to reuse once it is detached: a plugin
+/// killed between detaching a device and forgetting its record leaves a record naming a
+/// device that another volume may hold by the time the record is read again. FUSE: the loop
+/// device reads the export file; NBD: its backend identifier is `id`; ublk devices are
+/// created and deleted by this plugin alone.
+pub fn serves(
+    backend: Backend,
+    device: &Path,
+    endpoint: Option<&ExportEndpoint>,
+    id: &str,
+) -> bool {
+    match backend {
+        Backend::Fuse => endpoint
+            .is_some_and(|e| fuse_loop::backing_file(device).is_some_and(|file| file == e.path)),
+        Backend::Nbd => nbd::backend_of(device).is_some_and(|b| b == id),
+        Backend::Ublk => true,
+    }
+}
+
 /// Makes the kernel see the export's current size after a resize (NBD: reconnect to the
 /// re-created export with RECONFIGURE; ublk: UPDATE_SIZE where the driver has it).
 pub async fn refresh_size(

@@ -90,10 +90,13 @@ pub fn family() -> Option<u16> {
     id
 }
 
-fn common_attrs(request: &mut Vec<u8>, conn: &Connection) {
+fn size_attrs(request: &mut Vec<u8>, conn: &Connection) {
     let export = conn.export();
     attr(request, NBD_ATTR_SIZE_BYTES, &export.size.to_ne_bytes());
     attr(request, NBD_ATTR_SERVER_FLAGS, &u64::from(export.flags).to_ne_bytes());
+}
+
+fn socket_attrs(request: &mut Vec<u8>, conn: &Connection) {
     attr(request, NBD_ATTR_TIMEOUT, &IO_TIMEOUT_S.to_ne_bytes());
     attr(request, NBD_ATTR_DEAD_CONN_TIMEOUT, &DEAD_CONN_TIMEOUT_S.to_ne_bytes());
     let mut fd = Vec::new();
@@ -120,7 +123,8 @@ pub async fn attach(endpoint: &ExportEndpoint, backend_id: &str) -> Result<PathB
         .ok_or_else(|| Error::FailedPrecondition("the nbd kernel module is not loaded".into()))?;
     let conn = Connection::open(&endpoint.path, &endpoint.name).await?;
     let mut request = Vec::new();
-    common_attrs(&mut request, &conn);
+    size_attrs(&mut request, &conn);
+    socket_attrs(&mut request, &conn);
     attr(&mut request, NBD_ATTR_BLOCK_SIZE_BYTES, &4096u64.to_ne_bytes());
     backend_attr(&mut request, backend_id);
     let replies = GenericNetlink::open()
@@ -144,18 +148,35 @@ pub async fn attach(endpoint: &ExportEndpoint, backend_id: &str) -> Result<PathB
 /// Gives a connected device a fresh socket (after the daemon restarted or the export was
 /// re-created) and the export's current size.
 /// `backend_id` must be the identifier the device was connected with (the kernel insists).
+///
+/// Two requests, the socket first: since Linux 6.9 a size change freezes the device's queue,
+/// which waits for every request in flight, and requests queued while the old connection was
+/// dead complete only over the new one. Both in one RECONFIGURE (the kernel applies the size
+/// first) held the device until the dead-connection timeout failed those requests.
 pub async fn reconnect(endpoint: &ExportEndpoint, device: &Path, backend_id: &str) -> Result<()> {
     let family = family()
         .ok_or_else(|| Error::FailedPrecondition("the nbd kernel module is not loaded".into()))?;
     let conn = Connection::open(&endpoint.path, &endpoint.name).await?;
-    let mut request = Vec::new();
-    attr(&mut request, NBD_ATTR_INDEX, &index_of(device)?.to_ne_bytes());
-    common_attrs(&mut request, &conn);
-    backend_attr(&mut request, backend_id);
-    GenericNetlink::open()
-        .and_then(|mut nl| nl.request(family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION, &request))
-        .map_err(netlink_error("NBD_CMD_RECONFIGURE"))?;
+    let index = index_of(device)?;
+    let reconfigure = |fill: &dyn Fn(&mut Vec<u8>)| {
+        let mut request = Vec::new();
+        attr(&mut request, NBD_ATTR_INDEX, &index.to_ne_bytes());
+        fill(&mut request);
+        backend_attr(&mut request, backend_id);
+        GenericNetlink::open()
+            .and_then(|mut nl| nl.request(family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION, &request))
+            .map_err(netlink_error("NBD_CMD_RECONFIGURE"))
+    };
+    reconfigure(&|r| socket_attrs(r, &conn))?;
+    reconfigure(&|r| size_attrs(r, &conn))?;
     Ok(())
+}
+
+/// A connected NBD device's backend identifier (`/sys/block/nbdN/backend`).
+pub fn backend_of(device: &Path) -> Option<String> {
+    let name = device.file_name()?;
+    let text = std::fs::read_to_string(Path::new("/sys/block").join(name).join("backend")).ok()?;
+    Some(text.trim().to_owned())
 }
 
 /// The NBD devices whose backend identifier (`/sys/block/nbdN/backend`) is `backend_id`.
@@ -164,10 +185,8 @@ pub fn with_backend(backend_id: &str) -> Vec<PathBuf> {
     entries
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("nbd"))
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("backend")).is_ok_and(|b| b.trim() == backend_id)
-        })
         .map(|e| Path::new("/dev").join(e.file_name()))
+        .filter(|dev| backend_of(dev).is_some_and(|b| b == backend_id))
         .collect()
 }
 

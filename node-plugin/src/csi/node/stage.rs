@@ -44,7 +44,7 @@ impl NodeService {
             StageStep::Stage => {}
             StageStep::Redo => {
                 if let Some(half) = &existing {
-                    tracing::warn!(volume = id, "undoing a stage that was interrupted");
+                    tracing::warn!(volume = id, "undoing what is left of an earlier stage");
                     self.undo_stage(half).await?;
                 }
             }
@@ -125,8 +125,11 @@ impl NodeService {
     pub(super) async fn undo_stage(&self, record: &Staged) -> Result<()> {
         let id = &record.volume_id;
         self.mounter.unmount(&record.staging_path).await?;
+        // The recorded device only while it still serves this volume: a kill after detaching
+        // it leaves the record naming a number the kernel may have given to another volume.
+        let recorded = self.serves(record);
         let mut devices = Vec::new();
-        if !record.device.as_os_str().is_empty() {
+        if recorded {
             devices.push(record.device.clone());
         }
         if let Some(attachment) = self.engine.attachment(id).ok().flatten() {
@@ -136,7 +139,7 @@ impl NodeService {
                 }
             }
         }
-        if record.formatting && !record.device.as_os_str().is_empty() {
+        if record.formatting && recorded {
             // Our mkfs started on this device when it held nothing: leave it holding nothing,
             // not a half-made filesystem the next stage would take for a whole one.
             self.mounter.wipe(&record.device).await?;
@@ -144,13 +147,14 @@ impl NodeService {
         for dev in &devices {
             device::detach(record.backend, dev).await?;
         }
+        crate::fault_point!("undo-stage:after-devices");
         match self.engine.detach(id).await {
             Ok(()) => {}
             Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
         self.journal.remove(id)?;
-        tracing::info!(volume = %id, ?devices, "undid an unfinished stage");
+        tracing::info!(volume = %id, ?devices, "took the stage apart");
         Ok(())
     }
 
