@@ -62,11 +62,26 @@ fn expected(status: &tonic::Status) -> bool {
 }
 
 /// The connection closed under a call in flight: the client's own transport reports it
-/// (tonic says UNKNOWN or CANCELLED, with the transport error as the source); no status ever
-/// came from the driver. A CO's gRPC client sees it as UNAVAILABLE.
+/// (tonic says UNKNOWN or CANCELLED, with the transport's error as the source: tonic's own,
+/// or hyper's with the socket's reset under it when the kill lands while a response body is
+/// being read); no status ever came from the driver. A CO's gRPC client sees it as UNAVAILABLE.
 fn cut_by_the_kill(status: &tonic::Status) -> bool {
     use std::error::Error as _;
-    status.source().is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some())
+    use std::io::ErrorKind;
+    let mut cause = status.source();
+    while let Some(e) = cause {
+        if e.downcast_ref::<tonic::transport::Error>().is_some() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof
+            );
+        }
+        cause = e.source();
+    }
+    false
 }
 
 impl Storm {

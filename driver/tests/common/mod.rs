@@ -267,6 +267,19 @@ impl Drop for Driver {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if std::thread::panicking() {
+            // A failing test shows what the driver said last, and keeps the whole log.
+            let log =
+                std::fs::read_to_string(self.dir.path().join("driver.log")).unwrap_or_default();
+            let kept =
+                std::env::temp_dir().join(format!("qsd-csi-failed-{}.log", std::process::id()));
+            let _ = std::fs::write(&kept, &log);
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("the driver's last words (whole log kept at {}):", kept.display());
+            for line in tail.into_iter().rev() {
+                eprintln!("  {line}");
+            }
+        }
         let mounted: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
             .into_iter()
             .flatten()
