@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::engine_args::{AgentTlsArgs, EngineArgs, TlsFileArgs};
 use clap::{Parser, Subcommand};
-use qsd_node::engine::EngineArgs;
 
 use crate::output::Output;
 
@@ -195,7 +195,7 @@ pub struct NodeMode {
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9443")]
     pub agent_listen: std::net::SocketAddr,
     #[command(flatten)]
-    pub tls: qsd_node::tls::AgentTlsArgs,
+    pub tls: AgentTlsArgs,
     #[command(flatten)]
     pub health: HealthArgs,
 }
@@ -244,7 +244,7 @@ pub struct ControllerMode {
     #[arg(long, env = "POD_NAME", default_value_t = qsd_node::pool::id::host_node_name())]
     pub identity: String,
     #[command(flatten)]
-    pub tls: qsd_csi_proto::tls::TlsFiles,
+    pub tls: TlsFileArgs,
     /// Sign the node agents' certificate requests (Kubernetes CSRs, signer
     /// qsd.csi.dev/node-agent) with this CA key, after checking each comes from a node plugin
     /// pod (--node-pod-selector) running on the node it names.

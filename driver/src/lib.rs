@@ -8,10 +8,12 @@
 //!        └──────────► qsd-csi-node ─────────┘
 //! ```
 //! [`modes`] has an entry point per serving mode; [`client`] runs the client commands;
-//! [`args`] is the command line and [`output`] how results print.
+//! [`args`] is the command line ([`engine_args`] its settings for the node library) and
+//! [`output`] how results print.
 
 pub mod args;
 pub mod calls;
 pub mod client;
+pub mod engine_args;
 pub mod modes;
 pub mod output;

@@ -17,6 +17,17 @@ use qsd_csi::args::{CertsCmd, Cli, Command};
 use qsd_csi::{client, modes};
 use qsd_csi_proto::transport::socket_path;
 
+/// Logs to standard error, filtered by `RUST_LOG` (default: info, libublk's chatter at warn).
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,libublk=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Resolves on SIGINT or SIGTERM.
 async fn stop_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -28,7 +39,7 @@ async fn stop_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    qsd_node::init_logging();
+    init_logging();
     let cli = Cli::parse();
     let socket = || socket_path(&cli.endpoint).map_err(anyhow::Error::msg);
     match cli.command {

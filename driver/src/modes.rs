@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::engine_args::AgentTlsArgs;
 use anyhow::Context;
 use qsd_csi_controller::agents::Agents;
 use qsd_csi_controller::run::{AgentSource, ControllerConfig};
@@ -25,7 +26,6 @@ use qsd_csi_proto::csi::node_server::NodeServer;
 use qsd_node::agent::AgentService;
 use qsd_node::csi::{NodeConfig, NodeService};
 use qsd_node::engine::{Engine, EngineConfig, EngineCore};
-use qsd_node::tls::AgentTlsArgs;
 
 use crate::args;
 
@@ -220,7 +220,7 @@ pub async fn controller(
         default_node: args.default_node.clone(),
         agents,
         agent_server_name: args.agent_server_name.clone(),
-        tls: args.tls.clone(),
+        tls: args.tls.files(),
         lease: args.leader_elect.then(|| LeaseConfig {
             namespace: args.namespace.clone(),
             name: args.lease_name.clone(),
@@ -246,6 +246,7 @@ pub async fn controller(
                     .context("loading the CA that signs node agent certificates")?;
             let identity = args
                 .tls
+                .files()
                 .common_name()?
                 .context("the controller's certificate has no common name (its identity)")?;
             let config = SignerConfig {

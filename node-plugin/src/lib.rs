@@ -30,15 +30,3 @@ pub mod tls;
 
 pub use error::{Error, ErrorKind, Result};
 pub use sys::has_cap_sys_resource;
-
-/// Logs to standard error, filtered by `RUST_LOG` (default: info, libublk's chatter at warn).
-/// For the binaries of the project.
-pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,libublk=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-}

@@ -46,16 +46,13 @@ pub enum TlsError {
 }
 
 /// This side's certificate and key, and the CA that signs the other side's, all PEM files.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct TlsFiles {
     /// This side's certificate (PEM).
-    #[arg(long = "tls-cert", value_name = "FILE")]
     pub cert: PathBuf,
     /// This side's private key (PEM).
-    #[arg(long = "tls-key", value_name = "FILE")]
     pub key: PathBuf,
     /// The cluster's CA certificate (PEM): the other side's certificate must chain to it.
-    #[arg(long = "tls-ca", value_name = "FILE")]
     pub ca: PathBuf,
 }
 

@@ -12,7 +12,6 @@
 //! daemon dies it is restarted (or re-adopted) and every attached volume's graph is rebuilt; write
 //! threshold events are turned into [`EngineEvent`]s and re-armed higher.
 
-mod args;
 mod attach;
 mod changes;
 mod clone;
@@ -39,7 +38,6 @@ use crate::pool::{NodeName, ObjectName, Pool, PoolKind, PoolName, VolumeRecord};
 use crate::qmp::Event;
 use crate::qsd::{Daemon, DaemonConfig, Origin};
 
-pub use args::EngineArgs;
 pub use attach::{AttachmentInfo, ThresholdState};
 pub use changes::{ByteRange, ChangeStream, DEFAULT_BATCH};
 pub use clone::{CloneTask, CLONE_PROGRESS_PERIOD};

@@ -141,20 +141,21 @@ pub fn with_l2_cache(mut options: BlockdevOptions, size: Option<u64>) -> Blockde
 /// The nested `blockdev-add` definition of a chain (top first). The bottom layer gets an
 /// explicit `backing: null`, so the records, not the image headers, define the graph. Only the
 /// top can be opened read-only on request; lower layers are read-only as backing children.
-///
-/// `chain` must not be empty.
+/// An empty chain (no record names one) is an error, not a panic.
 pub fn chain_options(
     pool: &Pool,
     names: &Names,
     chain: &[LayerId],
     read_only: bool,
-) -> BlockdevOptions {
-    let (top, below) = chain.split_first().expect("a chain has a head");
+) -> Result<BlockdevOptions> {
+    let (top, below) = chain.split_first().ok_or_else(|| {
+        Error::Inconsistent(format!("opening {}: an empty layer chain", names.tag))
+    })?;
     let backing = below
         .iter()
         .rev()
         .fold(None, |under, layer| Some(layer_options(pool, names, *layer, false, under)));
-    layer_options(pool, names, *top, read_only, backing)
+    Ok(layer_options(pool, names, *top, read_only, backing))
 }
 
 /// Opens a chain as nodes named by `names`; returns the top qcow2 node's name.
@@ -165,7 +166,7 @@ pub async fn open_chain(
     chain: &[LayerId],
     read_only: bool,
 ) -> Result<String> {
-    add_definition(qmp, chain_options(pool, names, chain, read_only)).await
+    add_definition(qmp, chain_options(pool, names, chain, read_only)?).await
 }
 
 /// Adds a nested node definition; returns its top node's name.
@@ -355,7 +356,7 @@ pub async fn attach(
             },
         )
         .await?;
-        let head = with_l2_cache(chain_options(pool, names, chain, false), l2_cache_size);
+        let head = with_l2_cache(chain_options(pool, names, chain, false)?, l2_cache_size);
         let top = add_definition(qmp, head).await?;
         call(
             qmp,
@@ -494,16 +495,20 @@ mod tests {
         .expect("pool");
         let (top, bottom) = (LayerId::random(), LayerId::random());
         let names = Names::new("aaaaaaaaaaaa");
-        let json = serde_json::to_value(chain_options(&pool, &names, &[top, bottom], false))
-            .expect("json");
+        let json = serde_json::to_value(
+            chain_options(&pool, &names, &[top, bottom], false).expect("a chain"),
+        )
+        .expect("json");
         assert_eq!(json["node-name"], names.format(top));
         assert_eq!(json["backing"]["node-name"], names.format(bottom));
         assert!(json["backing"]["backing"].is_null());
         assert!(json["backing"].as_object().is_some_and(|o| o.contains_key("backing")));
         assert_eq!(json["file"]["filename"], pool.layer_path(top).display().to_string());
         assert!(json.get("l2-cache-size").is_none(), "QEMU's default cache unless asked");
-        let tuned =
-            with_l2_cache(chain_options(&pool, &names, &[top, bottom], false), Some(4 << 20));
+        let tuned = with_l2_cache(
+            chain_options(&pool, &names, &[top, bottom], false).expect("a chain"),
+            Some(4 << 20),
+        );
         let json = serde_json::to_value(tuned).expect("json");
         assert_eq!(json["l2-cache-size"], 4 << 20, "the head's cache");
         assert!(json["backing"].get("l2-cache-size").is_none(), "lower layers keep the default");

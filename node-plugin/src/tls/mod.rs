@@ -16,8 +16,6 @@
 pub mod bootstrap;
 mod server;
 
-use std::path::PathBuf;
-
 pub use qsd_csi_proto::tls::{
     common_name, connect_agent, read_certificates, read_key, TlsError, TlsFiles,
 };
@@ -34,32 +32,4 @@ pub fn agent_from_files(files: &TlsFiles, controller_identity: &str) -> Result<A
         client_ca: read_certificates(&files.ca)?,
         controller_identity: controller_identity.to_owned(),
     })
-}
-
-/// How a node agent gets its certificate, and whom it obeys.
-#[derive(Debug, Clone, clap::Args)]
-pub struct AgentTlsArgs {
-    /// The cluster's CA certificate(s) (PEM): the controller's certificate must chain to it.
-    #[arg(long = "tls-ca", value_name = "FILE")]
-    pub ca: PathBuf,
-    /// This node's certificate (PEM), its DNS name the node's name; unless --tls-bootstrap.
-    #[arg(
-        long = "tls-cert",
-        value_name = "FILE",
-        requires = "key",
-        required_unless_present = "bootstrap"
-    )]
-    pub cert: Option<PathBuf>,
-    /// This node's private key (PEM).
-    #[arg(long = "tls-key", value_name = "FILE", requires = "cert")]
-    pub key: Option<PathBuf>,
-    /// Obtain this node's certificate from the controller, and renew it before it expires,
-    /// through a Kubernetes CertificateSigningRequest (signer qsd.csi.dev/node-agent) made with
-    /// the node plugin pod's service account. Key and certificate are kept in
-    /// <state-dir>/tls.
-    #[arg(long = "tls-bootstrap", conflicts_with_all = ["cert", "key"])]
-    pub bootstrap: bool,
-    /// The only identity (client certificate CN) the agent serves.
-    #[arg(long, value_name = "NAME", default_value = qsd_csi_proto::identity::DEFAULT_CONTROLLER_IDENTITY)]
-    pub controller_identity: String,
 }
