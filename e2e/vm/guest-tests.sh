@@ -391,6 +391,7 @@ run_rust_tests() {
   done <"$work/rust-verdicts" # (no process substitution: the guest's /dev lacks /dev/fd)
   if [[ $rc -ne 0 || $n -eq 0 ]]; then
     sed -n '/^failures:$/,/^failures:$/p' "$log" | head -40 | sed 's/^/QSD-VM-LOG /'
+    dmesg | tail -25 | sed 's/^/QSD-VM-LOG kernel: /'
     if [[ $n -eq 0 ]]; then
       head -20 "$log" | sed 's/^/QSD-VM-LOG /'
       echo "QSD-VM-RESULT fail rust_kernel_devices (no results, exit $rc)"

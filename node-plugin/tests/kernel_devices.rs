@@ -304,3 +304,99 @@ async fn nbd_a_daemon_slower_than_the_request_timeout_delays_io_without_failing_
 async fn ublk_a_daemon_slower_than_the_request_timeout_delays_io_without_failing_it() {
     a_daemon_slower_than_the_request_timeout(Backend::Ublk).await;
 }
+
+/// Whether a thread of this process is in uninterruptible sleep (a request it submitted is
+/// waiting on the device).
+fn a_thread_waits_on_io() -> bool {
+    std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| rest.starts_with('D')))
+            .unwrap_or(false)
+    })
+}
+
+/// Kernel log records from now on (`/dev/kmsg`, read without blocking).
+struct KernelLog(std::fs::File);
+
+impl KernelLog {
+    fn from_now() -> KernelLog {
+        use std::io::Seek;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/kmsg")
+            .expect("open /dev/kmsg");
+        f.seek(std::io::SeekFrom::End(0)).expect("seek to the log's end");
+        KernelLog(f)
+    }
+
+    /// Waits until the kernel logs a record containing `text`.
+    async fn wait_for(&mut self, text: &str) {
+        use std::io::Read;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut record = vec![0u8; 8192];
+        loop {
+            match self.0.read(&mut record) {
+                Ok(n) if String::from_utf8_lossy(&record[..n]).contains(text) => return,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue, // records overwritten
+                Err(e) => panic!("read /dev/kmsg: {e}"),
+            }
+            assert!(std::time::Instant::now() < deadline, "the kernel never logged {text:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await; // poll the log
+        }
+    }
+}
+
+/// An expand re-creates the NBD export, which closes the kernel's connection: a write issued
+/// once the kernel knows the connection is dead waits for a new socket, and the reconnect
+/// (socket, then the larger size) must let it through. Since Linux 6.9 a size change freezes
+/// the queue, so a reconnect that set the size first waited for that write, which waited for
+/// the socket: both held until the dead-connection timeout (120 s) failed the write with EIO.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs nbd.ko: runs inside the guest (e2e/vm/run.sh)"]
+async fn nbd_a_write_waiting_across_an_expand_completes_once_reconnected() {
+    let env = Env::new().await;
+    let core = env.core();
+    let (vol, dev) = staged_device(&core, Backend::Nbd).await;
+    // Opened while connected: the first open's partition scan reads the device.
+    let f = open_direct(&dev);
+    let name = dev.file_name().expect("name").to_string_lossy().into_owned();
+    let mut log = KernelLog::from_now();
+    assert_eq!(core.expand_volume(&vol.id, 32 * MIB as i64).await.expect("expand"), 32 * MIB);
+    log.wait_for(&format!("{name}: Receive control failed")).await;
+    let data = pattern(4, BLOCK);
+    let written = data.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        f.write_all_at(Aligned::from(&written).as_ref(), MIB).map(|_| f)
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !a_thread_waits_on_io() {
+        if writer.is_finished() {
+            let done = writer.await.expect("writer joins").map(drop);
+            panic!("the write completed with the connection closed: {done:?}");
+        }
+        assert!(std::time::Instant::now() < deadline, "the write never waited on the device");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await; // poll the task states
+    }
+    let endpoint = core.attachment(&vol.id).expect("lookup").expect("attached").endpoint;
+    // Well inside the 120 s the kernel would keep the write before failing it.
+    let within = std::time::Duration::from_secs(60);
+    tokio::time::timeout(within, device::refresh_size(Backend::Nbd, &dev, &endpoint, &vol.id, 0))
+        .await
+        .expect("the reconnect does not wait for the write it must carry")
+        .expect("reconnect");
+    let f = tokio::time::timeout(within, writer)
+        .await
+        .expect("the write completes once reconnected")
+        .expect("writer joins")
+        .expect("the write succeeds");
+    assert_eq!(device_size(&dev), 32 * MIB, "the device shows the larger size");
+    let mut back = Aligned::zeroed(BLOCK);
+    f.read_exact_at(back.as_mut(), MIB).expect("read back");
+    assert!(back.as_ref() == data.as_slice(), "the write reached the volume");
+    drop(f);
+    device::detach(Backend::Nbd, &dev).await.expect("detach");
+}
