@@ -136,15 +136,22 @@ impl ControllerService {
         Ok(node)
     }
 
-    /// Every volume on every node, in ID order.
-    async fn all_volumes(&self) -> Result<Vec<agent::Volume>, Status> {
+    /// Every volume on every node, in ID order, each with the node it is attached on: the
+    /// node whose agent reports its export. (A shared pool's volume is listed by every node
+    /// that mounts the pool, exported by at most one; its ID names none.)
+    async fn all_volumes(&self) -> Result<Vec<(agent::Volume, Option<String>)>, Status> {
         let mut all = Vec::new();
-        for (_, a) in self.agents.nodes() {
-            all.extend(a.list_volumes(agent::Empty {}).await?.volumes);
+        for (node, a) in self.agents.nodes() {
+            for v in a.list_volumes(agent::Empty {}).await?.volumes {
+                let exported = v.export != agent::ExportKind::ExportNone as i32;
+                all.push((v, exported.then(|| node.clone())));
+            }
         }
-        all.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
-        // A shared pool's volumes are listed by every node that mounts it.
-        all.dedup_by(|a, b| a.volume_id == b.volume_id);
+        // By ID, the exported listing first: it is the one the dedup keeps.
+        all.sort_by(|(a, a_node), (b, b_node)| {
+            a.volume_id.cmp(&b.volume_id).then(b_node.is_some().cmp(&a_node.is_some()))
+        });
+        all.dedup_by(|later, kept| later.0.volume_id == kept.0.volume_id);
         Ok(all)
     }
 
@@ -274,17 +281,12 @@ impl Controller for ControllerService {
         let all = self.all_volumes().await?;
         let (page, next_token) = params::page(all, req.max_entries, &req.starting_token)?;
         let entries = page
-            .iter()
-            .map(|v| {
-                let exported = v.export != agent::ExportKind::ExportNone as i32;
-                let node = location(IdKind::Volume, &v.volume_id)
-                    .and_then(|(_, node)| node.or_else(|| self.agents.default_node().ok()));
-                csi::list_volumes_response::Entry {
-                    volume: Some(Self::volume(v, &HashMap::new())),
-                    status: Some(csi::list_volumes_response::VolumeStatus {
-                        published_node_ids: node.filter(|_| exported).into_iter().collect(),
-                    }),
-                }
+            .into_iter()
+            .map(|(v, attached_on)| csi::list_volumes_response::Entry {
+                volume: Some(Self::volume(&v, &HashMap::new())),
+                status: Some(csi::list_volumes_response::VolumeStatus {
+                    published_node_ids: attached_on.into_iter().collect(),
+                }),
             })
             .collect();
         Ok(Response::new(csi::ListVolumesResponse { entries, next_token }))
@@ -458,8 +460,13 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         required("volume_id", &req.volume_id)?;
-        let range =
-            req.capacity_range.as_ref().ok_or(ControllerError::Required("capacity_range"))?;
+        // CSI: the range is required, and at least one of its bounds (an empty one would grow
+        // the volume to whatever default this driver has).
+        let range = req
+            .capacity_range
+            .as_ref()
+            .filter(|r| r.required_bytes != 0 || r.limit_bytes != 0)
+            .ok_or(ControllerError::Required("capacity_range"))?;
         let size = params::size(Some(range), false)?.unwrap_or(qsd_csi_model::params::DEFAULT_SIZE);
         let grown = self
             .agents

@@ -1,0 +1,370 @@
+//! The Controller service's handlers as a table, against fake node agents (in memory: no
+//! daemon, no network): what each request becomes, and which gRPC code the CO hears for each
+//! answer an agent can give. The real agents are exercised end to end by the driver's tests;
+//! here each decision is pinned down on its own, so changing one fails a named row.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use qsd_csi_controller::agents::{Agents, NodeAgent};
+use qsd_csi_controller::controller::ControllerService;
+use qsd_csi_proto::agent::{self, agent_server::Agent, ChangesStream, EventStream};
+use qsd_csi_proto::csi::{self, controller_server::Controller};
+use tonic::{Code, Request, Response, Status};
+
+/// One node's agent: the volumes it lists, and an answer forced for a method by name.
+#[derive(Default)]
+struct FakeAgent {
+    node: String,
+    volumes: Mutex<Vec<agent::Volume>>,
+    fail: Mutex<HashMap<&'static str, Code>>,
+    calls: Mutex<Vec<String>>,
+}
+
+impl FakeAgent {
+    fn on(node: &str) -> Arc<FakeAgent> {
+        Arc::new(FakeAgent { node: node.to_owned(), ..Default::default() })
+    }
+
+    fn failing(self: Arc<Self>, method: &'static str, code: Code) -> Arc<Self> {
+        self.fail.lock().expect("fake").insert(method, code);
+        self
+    }
+
+    fn holding(self: Arc<Self>, volume_id: &str, export: agent::ExportKind) -> Arc<Self> {
+        self.volumes.lock().expect("fake").push(agent::Volume {
+            volume_id: volume_id.to_owned(),
+            size_bytes: 1 << 30,
+            export: export as i32,
+            ..Default::default()
+        });
+        self
+    }
+
+    /// Records the call; the forced answer, if any.
+    fn call(&self, method: &'static str) -> Result<(), Status> {
+        self.calls.lock().expect("fake").push(method.to_owned());
+        match self.fail.lock().expect("fake").get(method) {
+            Some(code) => Err(Status::new(*code, format!("{method} forced to fail"))),
+            None => Ok(()),
+        }
+    }
+
+    fn called(&self, method: &str) -> bool {
+        self.calls.lock().expect("fake").iter().any(|c| c == method)
+    }
+}
+
+type Answer<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl Agent for FakeAgent {
+    type WatchEventsStream = EventStream;
+    type SnapshotChangesStream = ChangesStream;
+
+    async fn create_volume(&self, r: Request<agent::CreateVolumeRequest>) -> Answer<agent::Volume> {
+        self.call("create_volume")?;
+        let r = r.into_inner();
+        Ok(Response::new(agent::Volume {
+            volume_id: format!("vol:{}@{}:{}", r.pool, self.node, r.name),
+            size_bytes: r.size_bytes.unwrap_or(1 << 30) as u64,
+            ..Default::default()
+        }))
+    }
+    async fn delete_volume(&self, _: Request<agent::VolumeRef>) -> Answer<agent::Empty> {
+        self.call("delete_volume").map(|_| Response::new(agent::Empty {}))
+    }
+    async fn get_volume(&self, r: Request<agent::VolumeRef>) -> Answer<agent::Volume> {
+        self.call("get_volume")?;
+        let id = r.into_inner().volume_id;
+        let volumes = self.volumes.lock().expect("fake");
+        let found = volumes.iter().find(|v| v.volume_id == id).cloned();
+        found.map(Response::new).ok_or_else(|| Status::not_found(id))
+    }
+    async fn locate_volume(&self, _: Request<agent::VolumeRef>) -> Answer<agent::VolumeLocation> {
+        self.call("locate_volume")?;
+        Ok(Response::new(agent::VolumeLocation::default()))
+    }
+    async fn locate_snapshot(
+        &self,
+        _: Request<agent::SnapshotRef>,
+    ) -> Answer<agent::VolumeLocation> {
+        self.call("locate_snapshot")?;
+        Ok(Response::new(agent::VolumeLocation::default()))
+    }
+    async fn list_volumes(&self, _: Request<agent::Empty>) -> Answer<agent::VolumeList> {
+        self.call("list_volumes")?;
+        Ok(Response::new(agent::VolumeList { volumes: self.volumes.lock().expect("fake").clone() }))
+    }
+    async fn expand_volume(&self, r: Request<agent::ExpandVolumeRequest>) -> Answer<agent::Volume> {
+        self.call("expand_volume")?;
+        let r = r.into_inner();
+        Ok(Response::new(agent::Volume {
+            volume_id: r.volume_id,
+            size_bytes: r.size_bytes as u64,
+            ..Default::default()
+        }))
+    }
+    async fn modify_volume(&self, _: Request<agent::ModifyVolumeRequest>) -> Answer<agent::Empty> {
+        self.call("modify_volume").map(|_| Response::new(agent::Empty {}))
+    }
+    async fn create_snapshots(
+        &self,
+        _: Request<agent::CreateSnapshotsRequest>,
+    ) -> Answer<agent::SnapshotList> {
+        self.call("create_snapshots")?;
+        Ok(Response::new(agent::SnapshotList::default()))
+    }
+    async fn delete_snapshot(&self, _: Request<agent::SnapshotRef>) -> Answer<agent::Empty> {
+        self.call("delete_snapshot").map(|_| Response::new(agent::Empty {}))
+    }
+    async fn list_snapshots(&self, _: Request<agent::Empty>) -> Answer<agent::SnapshotList> {
+        self.call("list_snapshots")?;
+        Ok(Response::new(agent::SnapshotList::default()))
+    }
+    async fn get_snapshot_group(
+        &self,
+        _: Request<agent::SnapshotGroupRef>,
+    ) -> Answer<agent::SnapshotList> {
+        self.call("get_snapshot_group")?;
+        Ok(Response::new(agent::SnapshotList::default()))
+    }
+    async fn delete_snapshot_group(
+        &self,
+        _: Request<agent::SnapshotGroupRef>,
+    ) -> Answer<agent::Empty> {
+        self.call("delete_snapshot_group").map(|_| Response::new(agent::Empty {}))
+    }
+    async fn snapshot_changes(
+        &self,
+        _: Request<agent::ChangesRequest>,
+    ) -> Answer<Self::SnapshotChangesStream> {
+        self.call("snapshot_changes")?;
+        Ok(Response::new(Box::pin(tokio_stream::empty())))
+    }
+    async fn get_volume_health(&self, r: Request<agent::VolumeRef>) -> Answer<agent::VolumeHealth> {
+        self.call("get_volume_health")?;
+        let volume_id = r.into_inner().volume_id;
+        Ok(Response::new(agent::VolumeHealth { volume_id, findings: Vec::new() }))
+    }
+    async fn list_volume_health(
+        &self,
+        _: Request<agent::Empty>,
+    ) -> Answer<agent::VolumeHealthList> {
+        self.call("list_volume_health")?;
+        Ok(Response::new(agent::VolumeHealthList::default()))
+    }
+    async fn get_capacity(&self, _: Request<agent::PoolRef>) -> Answer<agent::Capacity> {
+        self.call("get_capacity")?;
+        Ok(Response::new(agent::Capacity { available_bytes: 1 << 40 }))
+    }
+    async fn watch_events(&self, _: Request<agent::Empty>) -> Answer<Self::WatchEventsStream> {
+        self.call("watch_events")?;
+        Ok(Response::new(Box::pin(tokio_stream::empty())))
+    }
+}
+
+/// A controller over `agents` (the first is the default node), placing in pool `default`.
+fn controller(agents: &[&Arc<FakeAgent>]) -> ControllerService {
+    let nodes: BTreeMap<String, NodeAgent> =
+        agents.iter().map(|a| (a.node.clone(), NodeAgent::Local((*a).clone() as _))).collect();
+    let default = agents.first().map(|a| a.node.clone());
+    ControllerService::new(Agents::new(nodes, default), "default".into())
+}
+
+fn code<T>(answer: Answer<T>) -> Code {
+    answer.err().map(|s| s.code()).unwrap_or(Code::Ok)
+}
+
+fn mount_capability() -> csi::VolumeCapability {
+    use csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
+    csi::VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+    }
+}
+
+fn create_request(name: &str, requisite_node: Option<&str>) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: 1 << 30, limit_bytes: 0 }),
+        volume_capabilities: vec![mount_capability()],
+        accessibility_requirements: requisite_node.map(|n| csi::TopologyRequirement {
+            requisite: vec![csi::Topology {
+                segments: [(qsd_csi_model::params::TOPOLOGY_KEY.to_owned(), n.to_owned())].into(),
+            }],
+            preferred: Vec::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn delete_volume_answers_by_what_the_agent_says() {
+    // (row, agent's answer to delete_volume, volume ID, code the CO hears)
+    let rows: &[(&str, Option<Code>, &str, Code)] = &[
+        ("deleted", None, "vol:default@n1:a", Code::Ok),
+        (
+            "already gone: the CO's retry succeeds",
+            Some(Code::NotFound),
+            "vol:default@n1:a",
+            Code::Ok,
+        ),
+        ("an ID that cannot be ours is gone", None, "not-an-id", Code::Ok),
+        ("a node no agent serves holds nothing", None, "vol:default@elsewhere:a", Code::Ok),
+        ("busy with another call", Some(Code::Aborted), "vol:default@n1:a", Code::Aborted),
+        (
+            "a layer still needed",
+            Some(Code::FailedPrecondition),
+            "vol:default@n1:a",
+            Code::FailedPrecondition,
+        ),
+        (
+            "the node's agent unreachable",
+            Some(Code::Unavailable),
+            "vol:default@n1:a",
+            Code::Unavailable,
+        ),
+        ("no ID", None, "", Code::InvalidArgument),
+    ];
+    for (row, answer, id, expected) in rows {
+        let mut agent = FakeAgent::on("n1");
+        if let Some(c) = answer {
+            agent = agent.failing("delete_volume", *c);
+        }
+        let c = controller(&[&agent]);
+        let req = csi::DeleteVolumeRequest { volume_id: (*id).into(), ..Default::default() };
+        assert_eq!(code(c.delete_volume(Request::new(req)).await), *expected, "{row}");
+    }
+}
+
+#[tokio::test]
+async fn create_volume_places_and_maps_the_agents_answers() {
+    // (row, agent's answer to create_volume, request, code the CO hears)
+    type Row<'a> = (&'a str, Option<Code>, csi::CreateVolumeRequest, Code);
+    let rows: Vec<Row> = vec![
+        ("created", None, create_request("a", None), Code::Ok),
+        ("no name", None, create_request("", None), Code::InvalidArgument),
+        (
+            "the pool is full",
+            Some(Code::ResourceExhausted),
+            create_request("a", None),
+            Code::ResourceExhausted,
+        ),
+        (
+            "same name, other size",
+            Some(Code::AlreadyExists),
+            create_request("a", None),
+            Code::AlreadyExists,
+        ),
+        (
+            "only on a node the driver has no agent for",
+            None,
+            create_request("a", Some("n9")),
+            Code::ResourceExhausted,
+        ),
+        ("only on the second node", None, create_request("a", Some("n2")), Code::Ok),
+    ];
+    for (row, answer, req, expected) in rows {
+        let (mut first, second) = (FakeAgent::on("n1"), FakeAgent::on("n2"));
+        if let Some(c) = answer {
+            first = first.failing("create_volume", c);
+        }
+        let c = controller(&[&first, &second]);
+        let requisite = req.accessibility_requirements.is_some();
+        let answer = c.create_volume(Request::new(req)).await;
+        if let (Ok(created), true) = (&answer, requisite) {
+            let volume = created.get_ref().volume.clone().expect("volume");
+            assert!(volume.volume_id.contains("@n2:"), "{row}: placed on {}", volume.volume_id);
+            assert!(second.called("create_volume") && !first.called("create_volume"), "{row}");
+        }
+        assert_eq!(code(answer), expected, "{row}");
+    }
+}
+
+#[tokio::test]
+async fn list_volumes_pages_and_names_the_node_each_volume_is_published_on() {
+    use agent::ExportKind::{ExportNbd, ExportNone};
+    // A shared pool's volume is listed by every node that mounts the pool; only the node it
+    // is attached on reports an export, and that node is where it is published.
+    let first = FakeAgent::on("n1")
+        .holding("vol:default@n1:local", ExportNbd)
+        .holding("vol:shared:attached-on-n2", ExportNone)
+        .holding("vol:shared:detached", ExportNone);
+    let second = FakeAgent::on("n2")
+        .holding("vol:shared:attached-on-n2", ExportNbd)
+        .holding("vol:shared:detached", ExportNone);
+    let c = controller(&[&first, &second]);
+    let listed = c
+        .list_volumes(Request::new(csi::ListVolumesRequest::default()))
+        .await
+        .expect("list")
+        .into_inner();
+    let published: BTreeMap<String, Vec<String>> = listed
+        .entries
+        .iter()
+        .map(|e| {
+            let id = e.volume.as_ref().expect("volume").volume_id.clone();
+            (id, e.status.as_ref().expect("status").published_node_ids.clone())
+        })
+        .collect();
+    let expected: BTreeMap<String, Vec<String>> = [
+        ("vol:default@n1:local", vec!["n1"]),
+        ("vol:shared:attached-on-n2", vec!["n2"]),
+        ("vol:shared:detached", vec![]),
+    ]
+    .into_iter()
+    .map(|(id, nodes)| (id.to_owned(), nodes.into_iter().map(str::to_owned).collect()))
+    .collect();
+    assert_eq!(published, expected, "each volume once, published where it is attached");
+
+    // (row, max_entries, starting_token, code, entries)
+    let rows: &[(&str, i32, &str, Code, usize)] = &[
+        ("a first page", 2, "", Code::Ok, 2),
+        ("the rest", 2, "2", Code::Ok, 1),
+        ("a token never handed out", 0, "garbage", Code::Aborted, 0),
+        ("a negative page size", -1, "", Code::InvalidArgument, 0),
+    ];
+    for (row, max, token, expected, entries) in rows {
+        let req = csi::ListVolumesRequest { max_entries: *max, starting_token: (*token).into() };
+        let answer = c.list_volumes(Request::new(req)).await;
+        let got = answer.as_ref().map(|r| r.get_ref().entries.len()).unwrap_or(0);
+        assert_eq!((code(answer), got), (*expected, *entries), "{row}");
+    }
+}
+
+#[tokio::test]
+async fn expand_and_validate_map_the_agents_answers() {
+    // (row, agent method forced, its answer, code the CO hears from ControllerExpandVolume)
+    let rows: &[(&str, Option<Code>, i64, Code)] = &[
+        ("grown", None, 2 << 30, Code::Ok),
+        ("no such volume", Some(Code::NotFound), 2 << 30, Code::NotFound),
+        ("cannot shrink", Some(Code::OutOfRange), 2 << 30, Code::OutOfRange),
+        ("no capacity asked", None, 0, Code::InvalidArgument),
+    ];
+    for (row, answer, size, expected) in rows {
+        let mut agent = FakeAgent::on("n1");
+        if let Some(c) = answer {
+            agent = agent.failing("expand_volume", *c);
+        }
+        let c = controller(&[&agent]);
+        let req = csi::ControllerExpandVolumeRequest {
+            volume_id: "vol:default@n1:a".into(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: *size, limit_bytes: 0 }),
+            ..Default::default()
+        };
+        assert_eq!(code(c.controller_expand_volume(Request::new(req)).await), *expected, "{row}");
+    }
+    let agent = FakeAgent::on("n1").holding("vol:default@n1:a", agent::ExportKind::ExportNone);
+    let c = controller(&[&agent]);
+    let validate = |id: &str| csi::ValidateVolumeCapabilitiesRequest {
+        volume_id: id.into(),
+        volume_capabilities: vec![mount_capability()],
+        ..Default::default()
+    };
+    let confirmed =
+        c.validate_volume_capabilities(Request::new(validate("vol:default@n1:a"))).await;
+    assert!(confirmed.expect("validate").into_inner().confirmed.is_some(), "a mount is confirmed");
+    let missing = c.validate_volume_capabilities(Request::new(validate("vol:default@n1:b"))).await;
+    assert_eq!(code(missing), Code::NotFound, "validating a volume that does not exist");
+}
