@@ -179,8 +179,12 @@ pub fn serves(
     id: &str,
 ) -> bool {
     match backend {
-        Backend::Fuse => endpoint
-            .is_some_and(|e| fuse_loop::backing_file(device).is_some_and(|file| file == e.path)),
+        // The kernel names the backing file by its resolved path.
+        Backend::Fuse => endpoint.is_some_and(|e| {
+            fuse_loop::backing_file(device).is_some_and(|file| {
+                file == e.path || std::fs::canonicalize(&e.path).is_ok_and(|p| p == file)
+            })
+        }),
         Backend::Nbd => nbd::backend_of(device).is_some_and(|b| b == id),
         Backend::Ublk => true,
     }
