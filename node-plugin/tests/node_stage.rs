@@ -122,6 +122,7 @@ async fn a_stage_that_fails_at_any_filesystem_step_leaves_the_volume_detached_an
         let seams = Seams {
             mounter: Arc::new(FailingMounter(fail_at)),
             probes: Probes { ublk: false, ublk_resize: false, nbd: false },
+            ublk_served: |_| false,
         };
         let config = NodeConfig { device: Choice::Fixed(Backend::Fuse), max_volumes: 16 };
         let node = NodeService::with_seams(core.clone(), config, seams).expect("node service");
@@ -155,6 +156,7 @@ async fn a_bad_stage_parameter_or_a_filesystem_too_big_for_its_volume_is_refused
     let seams = Seams {
         mounter: Arc::new(FailingMounter(FailAt::Mount)),
         probes: Probes { ublk: false, ublk_resize: false, nbd: false },
+        ublk_served: |_| false,
     };
     let config = NodeConfig { device: Choice::Fixed(Backend::Fuse), max_volumes: 16 };
     let node = NodeService::with_seams(core.clone(), config, seams).expect("node service");

@@ -61,6 +61,7 @@ pub struct NodeService {
     busy: Claims,
     mounter: Arc<dyn Mounter>,
     probes: Probes,
+    ublk_served: fn(&Path) -> bool,
 }
 
 /// What the Node service does to the host through, handed over when it is built.
@@ -70,12 +71,18 @@ pub struct Seams {
     pub mounter: Arc<dyn Mounter>,
     /// Which kernel device backends the host has.
     pub probes: Probes,
+    /// Whether this process serves a ublk device (its health depends on it).
+    pub ublk_served: fn(&Path) -> bool,
 }
 
 impl Seams {
-    /// This host's mounts and kernel.
+    /// This host's mounts and kernel, and this process's ublk servers.
     pub fn host() -> Self {
-        Seams { mounter: Arc::new(HostMounter), probes: Probes::host() }
+        Seams {
+            mounter: Arc::new(HostMounter),
+            probes: Probes::host(),
+            ublk_served: device::ublk::serves,
+        }
     }
 }
 
@@ -91,13 +98,13 @@ impl NodeService {
         let journal = Journal::open(engine.config().state_dir.join("staging"))?;
         tokio::spawn(reattach_after_rebuilds(Arc::downgrade(&engine), journal.clone()));
         tokio::spawn(recover_ublk_devices(engine.clone(), journal.clone()));
-        let Seams { mounter, probes } = seams;
+        let Seams { mounter, probes, ublk_served } = seams;
         let busy = Claims::default();
         let freezer =
             Freezer::new(journal.clone(), busy.clone(), engine.config().state_dir.join("frozen"))?;
         freezer.thaw_leftovers()?;
         engine.set_quiesce(Arc::new(freezer));
-        Ok(NodeService { engine, config, journal, busy, mounter, probes })
+        Ok(NodeService { engine, config, journal, busy, mounter, probes, ublk_served })
     }
 
     fn claim(&self, id: &str) -> Result<Claim, Status> {
@@ -277,7 +284,7 @@ impl NodeService {
             device_exists: record.as_ref().is_some_and(|r| r.device.exists()),
             ublk_unserved: record
                 .as_ref()
-                .is_some_and(|r| r.backend == Backend::Ublk && !device::ublk::serves(&r.device)),
+                .is_some_and(|r| r.backend == Backend::Ublk && !(self.ublk_served)(&r.device)),
         };
         found.extend(decide::node_findings(record.is_some(), seen));
         Ok(normalize(found))
