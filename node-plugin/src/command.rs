@@ -9,18 +9,33 @@ use crate::error::{Error, Result};
 /// How long any helper command may take.
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Runs `program` with `args`; returns its stdout, or an error carrying its stderr.
-pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Result<String> {
+/// The command as every helper runs: `LC_ALL=C`, no stdin, killed when dropped and when this
+/// process dies.
+fn command<S: AsRef<OsStr>>(program: &str, args: &[S]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(program);
     command.args(args).env("LC_ALL", "C").kill_on_drop(true).stdin(std::process::Stdio::null());
     crate::sys::die_with_parent(&mut command);
-    let output = tokio::time::timeout(TIMEOUT, command.output())
+    command
+}
+
+/// Runs `program` with `args` within the timeout; how it exited and what it printed, whatever
+/// the exit status (for programs whose status is an answer: e2fsck's 1 is "errors corrected").
+pub async fn run_for_status<S: AsRef<OsStr>>(
+    program: &str,
+    args: &[S],
+) -> Result<std::process::Output> {
+    tokio::time::timeout(TIMEOUT, command(program, args).output())
         .await
         .map_err(|_| Error::Command {
             program: program.into(),
             stderr: format!("timed out after {} s", TIMEOUT.as_secs()),
         })?
-        .map_err(|source| Error::Spawn { program: program.into(), source })?;
+        .map_err(|source| Error::Spawn { program: program.into(), source })
+}
+
+/// Runs `program` with `args`; returns its stdout, or an error carrying its stderr.
+pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Result<String> {
+    let output = run_for_status(program, args).await?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
         let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
@@ -30,6 +45,16 @@ pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Result<String> {
         });
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Starts `program` with `args`, its stdout and stderr piped, for a caller that streams what
+/// it prints: no timeout (the caller reads as long as it needs); dropping the child kills it.
+pub fn spawn_piped<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Result<tokio::process::Child> {
+    command(program, args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|source| Error::Spawn { program: program.into(), source })
 }
 
 #[cfg(test)]

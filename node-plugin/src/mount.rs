@@ -171,20 +171,17 @@ pub async fn grow_unmounted_ext(device: &Path, fs_type: &str) -> Result<bool> {
         return Ok(false);
     }
     // -p repairs only what is safe unattended; exit status 1 means "errors corrected".
-    let status = tokio::process::Command::new("e2fsck")
-        .args(["-f", "-p"])
-        .arg(device)
-        .env("LC_ALL", "C")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .await
-        .map_err(|source| Error::Spawn { program: "e2fsck".into(), source })?;
-    if status.code().is_none_or(|c| c > 1) {
+    let checked = crate::command::run_for_status(
+        "e2fsck",
+        &["-f".as_ref(), "-p".as_ref(), device.as_os_str()],
+    )
+    .await?;
+    if checked.status.code().is_none_or(|c| c > 1) {
         return Err(Error::FailedPrecondition(format!(
-            "{} needs a filesystem check before it can grow (e2fsck -f -p: {status})",
-            device.display()
+            "{} needs a filesystem check before it can grow (e2fsck -f -p: {}: {})",
+            device.display(),
+            checked.status,
+            String::from_utf8_lossy(&checked.stderr).trim()
         )));
     }
     run("resize2fs", &[device.as_os_str()]).await?;

@@ -136,17 +136,19 @@ impl EngineCore {
             });
         }
         let path = pool.layer_path(record.layer);
-        let mut child = tokio::process::Command::new("qemu-img")
-            .args(["map", "-U", "-f", "qcow2", "--output=json"])
-            .arg(format!("--start-offset={start}"))
-            .arg(&path)
-            .env("LC_ALL", "C")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| Error::Spawn { program: "qemu-img".into(), source })?;
+        let start_at = format!("--start-offset={start}");
+        let mut child = crate::command::spawn_piped(
+            "qemu-img",
+            &[
+                "map".as_ref(),
+                "-U".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "--output=json".as_ref(),
+                start_at.as_ref(),
+                path.as_os_str(),
+            ],
+        )?;
         let stdout = child.stdout.take().expect("piped");
         let (tx, batches) = mpsc::channel(4);
         let per_batch = per_batch.max(1);
