@@ -85,7 +85,7 @@ impl ControllerError {
         match self {
             E::Required(_) | E::Unsupported(_) => Code::InvalidArgument,
             E::Ungroupable(_) => Code::FailedPrecondition,
-            E::Model(e) if e.is_malformed_id() => Code::NotFound,
+            E::Model(qsd_csi_model::Error::MalformedId { .. }) => Code::NotFound,
             E::Model(qsd_csi_model::Error::InvalidArgument { .. }) => Code::InvalidArgument,
             E::Model(qsd_csi_model::Error::OutOfRange { .. }) | E::OutOfRange(_) => {
                 Code::OutOfRange

@@ -142,6 +142,15 @@ pub enum IdKind {
 }
 
 impl IdKind {
+    /// What an ID of this kind is called in messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            IdKind::Volume => "volume ID",
+            IdKind::Snapshot => "snapshot ID",
+            IdKind::Group => "group snapshot ID",
+        }
+    }
+
     /// The ID prefix: `vol`, `snap` or `group`.
     pub fn prefix(self) -> &'static str {
         match self {
@@ -177,21 +186,23 @@ impl ObjectId {
         Ok(id)
     }
 
-    /// Parses an ID of the expected kind.
+    /// Parses an ID of the expected kind; anything that does not parse, whatever part of it,
+    /// is [`Error::MalformedId`].
     pub fn parse(kind: IdKind, s: &str) -> Result<Self> {
-        let field = match kind {
-            IdKind::Volume => "volume ID",
-            IdKind::Snapshot => "snapshot ID",
-            IdKind::Group => "group snapshot ID",
-        };
+        Self::parse_parts(kind, s).map_err(|e| match e {
+            Error::MalformedId { .. } => e,
+            other => Error::MalformedId { kind, reason: format!("{s:?}: {other}") },
+        })
+    }
+
+    fn parse_parts(kind: IdKind, s: &str) -> Result<Self> {
         if s.len() > MAX_ID_LEN {
-            return Err(Error::invalid(field, format!("longer than {MAX_ID_LEN} bytes")));
+            let reason = format!("longer than {MAX_ID_LEN} bytes");
+            return Err(Error::MalformedId { kind, reason });
         }
-        let bad = || {
-            Error::invalid(
-                field,
-                format!("{s:?} is not of the form {}:<pool>[@<node>]:<name>", kind.prefix()),
-            )
+        let bad = || Error::MalformedId {
+            kind,
+            reason: format!("{s:?} is not of the form {}:<pool>[@<node>]:<name>", kind.prefix()),
         };
         let mut parts = s.splitn(3, ':');
         let (Some(prefix), Some(place), Some(name)) = (parts.next(), parts.next(), parts.next())
@@ -252,6 +263,7 @@ mod tests {
     fn kind(e: &Error) -> &'static str {
         match e {
             Error::InvalidArgument { .. } => "invalid",
+            Error::MalformedId { .. } => "malformed",
             Error::OutOfRange { .. } => "range",
         }
     }
@@ -267,7 +279,7 @@ mod tests {
     }
 
     #[test]
-    fn malformed_ids_are_invalid_arguments() {
+    fn malformed_ids_are_malformed_ids_whatever_part_is_wrong() {
         let long = format!("vol:p:{}", "a".repeat(130));
         let cases = [
             "",
@@ -292,7 +304,8 @@ mod tests {
         ];
         for s in cases {
             let result = ObjectId::parse(IdKind::Volume, s);
-            assert_eq!(result.err().map(|e| kind(&e)), Some("invalid"), "{s:?}");
+            // Typed, whatever part is wrong: the kind decides NOT_FOUND, not the message.
+            assert_eq!(result.err().map(|e| kind(&e)), Some("malformed"), "{s:?}");
         }
     }
 

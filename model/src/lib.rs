@@ -28,6 +28,15 @@ pub enum Error {
         /// Why it was rejected.
         reason: String,
     },
+    /// An object ID that does not parse: it names nothing this driver holds (CSI's NOT_FOUND
+    /// for an unknown ID, decided by this variant, not by the text).
+    #[error("invalid {}: {reason}", kind.noun())]
+    MalformedId {
+        /// What kind of ID was expected.
+        kind: id::IdKind,
+        /// Why it does not parse.
+        reason: String,
+    },
     /// A size outside the supported range.
     #[error("size {requested} out of range: {reason}")]
     OutOfRange {
@@ -42,11 +51,6 @@ impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidArgument { field, reason: reason.into() }
-    }
-
-    /// True when a volume or snapshot ID failed to parse: such an ID names nothing we hold.
-    pub fn is_malformed_id(&self) -> bool {
-        matches!(self, Error::InvalidArgument { field, .. } if field.ends_with(" ID"))
     }
 }
 

@@ -45,6 +45,14 @@ pub enum Error {
         /// Why it was rejected.
         reason: String,
     },
+    /// An object ID that does not parse: it names nothing this node holds (NOT_FOUND).
+    #[error("invalid {}: {reason}", kind.noun())]
+    MalformedId {
+        /// What kind of ID was expected.
+        kind: qsd_csi_model::id::IdKind,
+        /// Why it does not parse.
+        reason: String,
+    },
     /// No such object.
     #[error("{what} {id} not found")]
     NotFound {
@@ -171,6 +179,9 @@ impl From<qsd_csi_model::Error> for Error {
             qsd_csi_model::Error::InvalidArgument { field, reason } => {
                 Error::InvalidArgument { field, reason }
             }
+            qsd_csi_model::Error::MalformedId { kind, reason } => {
+                Error::MalformedId { kind, reason }
+            }
             qsd_csi_model::Error::OutOfRange { requested, reason } => {
                 Error::OutOfRange { requested, reason }
             }
@@ -211,7 +222,7 @@ impl Error {
         }
         match self {
             Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
-            Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::NotFound { .. } | Error::MalformedId { .. } => ErrorKind::NotFound,
             Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             Error::OutOfRange { .. } => ErrorKind::OutOfRange,
             Error::Busy { .. } => ErrorKind::Aborted,
@@ -269,11 +280,6 @@ impl Error {
         }
     }
 
-    /// True when a volume or snapshot ID failed to parse: such an ID names nothing we hold.
-    pub fn is_malformed_id(&self) -> bool {
-        matches!(self, Error::InvalidArgument { field, .. } if field.ends_with(" ID"))
-    }
-
     /// True when the error is a QMP command error whose description contains `needle`.
     pub fn qmp_desc_contains(&self, needle: &str) -> bool {
         matches!(self, Error::Qmp { source: QmpError::Command { desc, .. }, .. } if desc.contains(needle))
@@ -315,6 +321,13 @@ mod tests {
             (Error::Command { program: "p".into(), stderr: "e".into() }, ErrorKind::Internal),
             (Error::Spawn { program: "p".into(), source: io() }, ErrorKind::Internal),
             (Error::Inconsistent("x".into()), ErrorKind::Internal),
+            (
+                Error::from(
+                    qsd_csi_model::id::ObjectId::parse(qsd_csi_model::id::IdKind::Volume, "v")
+                        .expect_err("malformed"),
+                ),
+                ErrorKind::NotFound,
+            ),
             (Error::Transport(io().into()), ErrorKind::Unavailable),
             (Error::tls("x", io()), ErrorKind::Unavailable),
         ];

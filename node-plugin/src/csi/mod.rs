@@ -28,11 +28,10 @@ pub fn code(kind: ErrorKind) -> tonic::Code {
     }
 }
 
-/// Turns an error into a status whose message is the whole cause chain. An ID that cannot be
-/// ours names no volume or snapshot, which CSI reports as NOT_FOUND.
+/// Turns an error into a status whose message is the whole cause chain; its code is its kind's
+/// (an ID that cannot be ours is of kind NOT_FOUND: it names nothing held here).
 pub fn status(error: Error) -> tonic::Status {
-    let code = if error.is_malformed_id() { tonic::Code::NotFound } else { code(error.kind()) };
-    tonic::Status::new(code, error.with_causes())
+    tonic::Status::new(code(error.kind()), error.with_causes())
 }
 
 /// A required request field.

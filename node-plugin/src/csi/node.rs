@@ -331,7 +331,7 @@ impl Node for NodeService {
         match self.unstage(id, Path::new(staging)).await {
             Ok(()) => Ok(Response::new(csi::NodeUnstageVolumeResponse {})),
             // Unknown or malformed volume: nothing is staged, so nothing to undo.
-            Err(e) if e.kind() == crate::ErrorKind::NotFound || e.is_malformed_id() => {
+            Err(e) if e.kind() == crate::ErrorKind::NotFound => {
                 Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
             }
             Err(e) => Err(status(e)),
