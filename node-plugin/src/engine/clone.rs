@@ -19,7 +19,7 @@ use super::{EngineCore, EngineEvent, Guard};
 use crate::error::{Error, Result};
 use crate::graph::{self, Names, NewImage};
 use crate::pool::id::{parse_size, IdKind};
-use crate::pool::{LayerId, LayerRecord, Pool, VolumeRecord};
+use crate::pool::{LayerId, LayerRecord, Pool, RecordedSource, VolumeRecord};
 use crate::qmp::Job;
 
 impl EngineCore {
@@ -274,7 +274,7 @@ struct PreparedClone {
     pool: Arc<Pool>,
     source_record: VolumeRecord,
     size: u64,
-    source: Option<String>,
+    source: Option<RecordedSource>,
     max_chain_depth: u32,
     guard: Guard,
 }

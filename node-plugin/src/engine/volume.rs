@@ -7,7 +7,7 @@ use super::EngineCore;
 use crate::error::{Error, Result};
 use crate::graph::{self, ExportKind, Names, NewImage};
 use crate::pool::id::{parse_size, IdKind};
-use crate::pool::{LayerId, LayerRecord, Pool, VolumeRecord};
+use crate::pool::{LayerId, LayerRecord, Pool, RecordedSource, VolumeRecord};
 pub use qsd_csi_model::volume::{
     CloneMode, CreateVolume, Format, Preallocation, Qos, VolumeSource,
 };
@@ -40,19 +40,18 @@ pub struct VolumeInfo {
     pub labels: BTreeMap<String, String>,
 }
 
+/// What a volume's record keeps of the source a request names: its name in the pool.
 pub(super) fn source_label(
     source: &Option<VolumeSource>,
     engine: &EngineCore,
-) -> Result<Option<String>> {
+) -> Result<Option<RecordedSource>> {
     Ok(match source {
         None => None,
         Some(VolumeSource::Snapshot(id)) => {
-            let (_, parsed) = engine.resolve(IdKind::Snapshot, id)?;
-            Some(format!("snapshot:{}", parsed.name.as_str()))
+            Some(RecordedSource::Snapshot(engine.resolve(IdKind::Snapshot, id)?.1.name))
         }
         Some(VolumeSource::Volume(id)) => {
-            let (_, parsed) = engine.resolve(IdKind::Volume, id)?;
-            Some(format!("volume:{}", parsed.name.as_str()))
+            Some(RecordedSource::Volume(engine.resolve(IdKind::Volume, id)?.1.name))
         }
     })
 }
@@ -63,26 +62,26 @@ impl EngineCore {
             id: self.object_id(IdKind::Volume, pool, &record.name)?.to_string(),
             size: record.size,
             chain_depth: pool.chain(record.head)?.len(),
-            source: self.recorded_source(pool, record.source.as_deref())?,
+            source: self.recorded_source(pool, record.source.as_ref())?,
             export: self.journal.get(record.uid).map(|a| a.endpoint.kind),
             labels: record.labels.clone(),
         })
     }
 
-    /// A volume record's source (`snapshot:<name>` or `volume:<name>`, in the same pool) as
-    /// the source's ID.
-    fn recorded_source(&self, pool: &Pool, recorded: Option<&str>) -> Result<Option<VolumeSource>> {
-        let Some((kind, name)) = recorded.and_then(|s| s.split_once(':')) else {
-            return Ok(None);
-        };
-        Ok(match kind {
-            "snapshot" => Some(VolumeSource::Snapshot(
-                self.object_id(IdKind::Snapshot, pool, name)?.to_string(),
+    /// A volume record's source (a snapshot or volume in the same pool) as the source's ID.
+    fn recorded_source(
+        &self,
+        pool: &Pool,
+        recorded: Option<&RecordedSource>,
+    ) -> Result<Option<VolumeSource>> {
+        Ok(match recorded {
+            Some(RecordedSource::Snapshot(name)) => Some(VolumeSource::Snapshot(
+                self.object_id(IdKind::Snapshot, pool, name.as_str())?.to_string(),
             )),
-            "volume" => {
-                Some(VolumeSource::Volume(self.object_id(IdKind::Volume, pool, name)?.to_string()))
-            }
-            _ => None,
+            Some(RecordedSource::Volume(name)) => Some(VolumeSource::Volume(
+                self.object_id(IdKind::Volume, pool, name.as_str())?.to_string(),
+            )),
+            Some(RecordedSource::Unknown(_)) | None => None,
         })
     }
 
@@ -102,7 +101,7 @@ impl EngineCore {
         existing: &VolumeRecord,
         request: &CreateVolume,
         size: u64,
-        source: &Option<String>,
+        source: &Option<RecordedSource>,
     ) -> Result<VolumeInfo> {
         let mut differences = Vec::new();
         if !capacity_satisfies(existing.size, size, request.limit) {
@@ -171,7 +170,7 @@ impl EngineCore {
         request: &CreateVolume,
         head: NewHead,
         max_chain_depth: u32,
-        source: Option<String>,
+        source: Option<RecordedSource>,
     ) -> Result<VolumeInfo> {
         let id = LayerId::random();
         let _intent = self.operations.begin(super::ops::Operation::NewVolume {

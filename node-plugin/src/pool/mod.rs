@@ -24,6 +24,7 @@
 
 pub mod header;
 pub mod id;
+pub mod source;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -35,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 pub use id::{LayerId, NodeName, ObjectName, PoolName};
 use qsd_csi_model::volume::{Format, Preallocation, Qos};
+pub use source::RecordedSource;
 
 /// Whether a pool lives on one node or on storage every node mounts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,9 +85,9 @@ pub struct VolumeRecord {
     pub qos: Qos,
     /// Longest chain allowed; longer chains are shortened by stream / commit.
     pub max_chain_depth: u32,
-    /// Where the content came from ("snapshot:<name>", "volume:<name>"), if anywhere.
+    /// Where the content came from (recorded as "snapshot:<name>" or "volume:<name>").
     #[serde(default)]
-    pub source: Option<String>,
+    pub source: Option<RecordedSource>,
     /// The orchestrator's labels, kept for it and echoed in events (in a cluster: the claim's
     /// namespace and name, so events about the volume reach the PVC).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
