@@ -335,6 +335,50 @@ async fn qos_limits_change_live_on_an_attached_volume() {
     assert_eq!((limits.bps_total, limits.iops_read), (0, 300));
 }
 
+/// A group snapshot checks every member before changing any: here the second member's
+/// snapshot name is already taken from another volume, and the first member sits at its chain
+/// limit (its snapshot would first merge the layer a deleted snapshot left). The refusal leaves
+/// the first member's chain as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_group_snapshot_changes_no_member() {
+    let env = Env::new().await;
+    let core = env.core();
+    let mut at_limit = CreateVolume::new("local", "full", 8 * MIB as i64);
+    at_limit.max_chain_depth = Some(2);
+    let full = core.create_volume(&at_limit).await.expect("create");
+    // A snapshot taken and deleted: its layer stays in the chain, free to be merged.
+    let first = [(full.id.as_str(), "s1")];
+    let s1 = core
+        .create_snapshot_group(SnapshotBatch { items: &first, group: None, freeze: false })
+        .await
+        .expect("snapshot");
+    core.delete_snapshot(&s1[0].id).await.expect("delete the snapshot");
+    assert_eq!(core.get_volume(&full.id).expect("volume").chain_depth, 2, "at its limit");
+    let other = core
+        .create_volume(&CreateVolume::new("local", "other", 8 * MIB as i64))
+        .await
+        .expect("create");
+    let third = core
+        .create_volume(&CreateVolume::new("local", "third", 8 * MIB as i64))
+        .await
+        .expect("create");
+    let taken = [(other.id.as_str(), "taken")];
+    core.create_snapshot_group(SnapshotBatch { items: &taken, group: None, freeze: false })
+        .await
+        .expect("the name taken from another volume");
+    let items = [(full.id.as_str(), "s2"), (third.id.as_str(), "taken")];
+    let refused = core
+        .create_snapshot_group(SnapshotBatch { items: &items, group: None, freeze: false })
+        .await
+        .expect_err("the second name is taken");
+    assert_eq!(refused.kind(), qsd_node::ErrorKind::AlreadyExists, "{refused}");
+    assert_eq!(
+        core.get_volume(&full.id).expect("volume").chain_depth,
+        2,
+        "the first member's chain was not shortened for a snapshot that was refused"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_snapshot_captures_every_volume_at_one_instant() {
     let env = Env::new().await;

@@ -48,6 +48,22 @@ pub struct SnapshotBatch<'a> {
     pub freeze: bool,
 }
 
+/// A snapshot of this name exists: the same request again (taken from `volume`, in `group`)
+/// is answered by it; anything else is ALREADY_EXISTS, naming the difference.
+fn same_snapshot(existing: &SnapshotRecord, volume: &str, group: Option<&str>) -> Result<()> {
+    if existing.source_volume == volume && existing.group.as_deref() == group {
+        return Ok(());
+    }
+    Err(Error::AlreadyExists {
+        what: "snapshot",
+        name: existing.name.clone(),
+        difference: match &existing.group {
+            Some(g) => format!("it is a member of group snapshot {g}"),
+            None => format!("it was taken from volume {}", existing.source_volume),
+        },
+    })
+}
+
 /// Freezes the filesystems mounted on volumes around a snapshot. The Node service provides
 /// it: it knows where each volume is mounted.
 pub trait Quiesce: Send + Sync + std::fmt::Debug {
@@ -161,28 +177,24 @@ impl EngineCore {
             }
         }
         let _graph = self.graph.change().await;
+        // Every item is checked before any is changed: an item refused (its name taken, its
+        // volume held elsewhere) must not leave another's chain shortened.
         let mut done = Vec::new();
-        let mut planned = Vec::new();
+        let mut to_take = Vec::new();
         for (pool, parsed, name) in resolved {
             let record = pool
                 .volume(parsed.name.as_str())
                 .ok_or_else(|| Error::NotFound { what: "volume", id: parsed.to_string() })?;
             if let Some(existing) = pool.snapshot(name) {
-                if existing.source_volume != record.name || existing.group.as_deref() != batch.group
-                {
-                    return Err(Error::AlreadyExists {
-                        what: "snapshot",
-                        name: name.to_owned(),
-                        difference: match &existing.group {
-                            Some(g) => format!("it is a member of group snapshot {g}"),
-                            None => format!("it was taken from volume {}", existing.source_volume),
-                        },
-                    });
-                }
+                same_snapshot(&existing, &record.name, batch.group)?;
                 done.push(self.snapshot_info(&pool, &existing)?);
                 continue;
             }
             self.held_here(&pool, &record, &parsed.to_string())?;
+            to_take.push((pool, parsed, record, name));
+        }
+        let mut planned = Vec::new();
+        for (pool, parsed, record, name) in to_take {
             // Make room for one more layer.
             while pool.chain(record.head)?.len() + 1 > record.max_chain_depth as usize {
                 if !self.shorten_once(&pool, &record.name).await? {
@@ -397,5 +409,48 @@ impl EngineCore {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn a_snapshot_name_taken_answers_the_same_request_and_refuses_any_other() {
+        let taken = |volume: &str, group: Option<&str>| SnapshotRecord {
+            name: "s".into(),
+            source_volume: volume.into(),
+            layer: LayerId::random(),
+            size: 1 << 30,
+            created_unix: 0,
+            group: group.map(str::to_owned),
+        };
+        // (row, the existing snapshot, the request's volume and group, the answer)
+        type Row<'a> = (&'a str, SnapshotRecord, &'a str, Option<&'a str>, Result<(), ErrorKind>);
+        let rows: [Row; 5] = [
+            ("the same snapshot again", taken("v", None), "v", None, Ok(())),
+            ("the same group member again", taken("v", Some("g")), "v", Some("g"), Ok(())),
+            ("of another volume", taken("w", None), "v", None, Err(ErrorKind::AlreadyExists)),
+            (
+                "in another group",
+                taken("v", Some("h")),
+                "v",
+                Some("g"),
+                Err(ErrorKind::AlreadyExists),
+            ),
+            (
+                "a group member, asked alone",
+                taken("v", Some("g")),
+                "v",
+                None,
+                Err(ErrorKind::AlreadyExists),
+            ),
+        ];
+        for (row, existing, volume, group, expected) in rows {
+            let got = same_snapshot(&existing, volume, group).map_err(|e| e.kind());
+            assert_eq!(got, expected, "{row}");
+        }
     }
 }
