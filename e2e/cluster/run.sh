@@ -92,10 +92,10 @@ controller() { # IDENTITY SOCKET
     --signing-ca-cert "$work/tls/ca.crt" --signing-ca-key "$work/tls/ca.key" \
     --tls-cert "$work/tls/tls.crt" --tls-key "$work/tls/tls.key" --tls-ca "$work/tls/ca.crt"
 }
-holder() { kubectl -n qsd get lease qsd-csi-controller -o jsonpath='{.spec.holderIdentity}'; }
+holder() { field lease/qsd-csi-controller '{.spec.holderIdentity}' -n qsd; }
 controller ctl-1 "$work/ctl1.sock"
 wait_until 60 test -S "$work/ctl1.sock" || fail_start "the first controller" ctl-1
-wait_until 30 bash -c "[[ \$('$tools/kubectl' -n qsd get lease qsd-csi-controller -o jsonpath='{.spec.holderIdentity}') == ctl-1 ]]" \
+wait_field 30 lease/qsd-csi-controller '{.spec.holderIdentity}' ctl-1 -n qsd \
   || fail_start "the first controller's leadership" ctl-1
 ctl1_pid=${pids[-1]}
 controller ctl-2 "$work/ctl.sock"
@@ -115,7 +115,7 @@ agent_certificate() {
   openssl x509 -in "$crt" -noout -ext subjectAltName | grep -qx ' *DNS:w1' || return 1
   [[ $(openssl x509 -in "$crt" -noout -ext extendedKeyUsage | tail -1 | tr -d ' ') == TLSWebServerAuthentication ]] || return 1
   [[ $(stat -c %a "$work/state/tls/agent.key") == 600 ]] || return 1
-  kubectl get csr -o jsonpath='{range .items[*]}{.spec.signerName} {.status.conditions[0].type} {.status.conditions[0].reason}{"\n"}{end}' \
+  field csr '{range .items[*]}{.spec.signerName} {.status.conditions[0].type} {.status.conditions[0].reason}{"\n"}{end}' \
     | grep -qx 'qsd.csi.dev/node-agent Approved NodePluginVerified' || return 1
   grep -q "signed a node agent certificate" "$work/ctl-1.log"
 }
@@ -135,12 +135,12 @@ forged() {
       | "$tools/kubectl" --kubeconfig "$config" create -f - || return 1
   done
   for who in node admin; do
-    wait_until 30 bash -c "[[ \$('$tools/kubectl' get csr forged-by-$who -o jsonpath='{.status.conditions[0].type}') == Denied ]]" \
+    wait_field 30 "csr/forged-by-$who" '{.status.conditions[0].type}' Denied \
       || { kubectl get csr forged-by-$who -o yaml; return 1; }
   done
-  kubectl get csr forged-by-node -o jsonpath='{.status.conditions[0].message}' | grep -q 'must be exactly CN="w1"' || return 1
-  kubectl get csr forged-by-admin -o jsonpath='{.status.conditions[0].message}' | grep -q 'requested by "admin"' || return 1
-  [[ -z $(kubectl get csr forged-by-node forged-by-admin -o jsonpath='{.items[*].status.certificate}') ]]
+  field csr/forged-by-node '{.status.conditions[0].message}' | grep -q 'must be exactly CN="w1"' || return 1
+  field csr/forged-by-admin '{.status.conditions[0].message}' | grep -q 'requested by "admin"' || return 1
+  [[ -z $(field csr '{.items[*].status.certificate}' forged-by-node forged-by-admin) ]]
 }
 check "a node asking for another node's name, and a user asking at all, are denied" forged
 pvc() { # NAME [SIZE] [DATA SOURCE YAML] [CLASS]
@@ -159,19 +159,20 @@ spec:
   ${3:-}
 EOF
 }
-bound() { kubectl wait --for=jsonpath='{.status.phase}'=Bound "pvc/$1" --timeout=90s; }
-handle() { kubectl get pv "$(kubectl get pvc "$1" -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}'; }
+bound() { wait_for "pvc/$1" '{.status.phase}' Bound 90; }
+handle() { field "pv/$(field "pvc/$1" '{.spec.volumeName}')" '{.spec.csi.volumeHandle}'; }
 # Stage + publish through the node plugin's socket, as the kubelet would.
 publish() {
-  local pv context=(); pv=$(kubectl get pvc "$1" -o jsonpath='{.spec.volumeName}')
+  local pv context=(); pv=$(field "pvc/$1" '{.spec.volumeName}')
   # The PV's volumeAttributes are the volume context the kubelet passes.
+  # shellcheck disable=SC2016 # a Go template, not shell: kubectl expands it
   mapfile -t context < <(kubectl get pv "$pv" -o go-template='{{range $k, $v := .spec.csi.volumeAttributes}}--context={{$k}}={{$v}}{{"\n"}}{{end}}')
   "$qsd_csi" --endpoint "unix://$work/node.sock" publish "$(handle "$1")" "$work/mnt-$1" --staging-dir "$work/staging" "${context[@]}"
 }
 # The Events on a claim with a reason, one line each: "<reporting instance> <note>".
 events() { # CLAIM REASON
-  kubectl get events -n default --field-selector "involvedObject.name=$1,reason=$2" \
-    -o jsonpath='{range .items[*]}{.reportingInstance} {.message}{"\n"}{end}'
+  field events '{range .items[*]}{.reportingInstance} {.message}{"\n"}{end}' \
+    -n default --field-selector "involvedObject.name=$1,reason=$2"
 }
 has_event() { [[ -n $(events "$@") ]]; }
 # Waits until an Event with REASON on CLAIM was reported by INSTANCE.
@@ -198,7 +199,7 @@ kind: VolumeSnapshot
 metadata: {name: snap, namespace: default}
 spec: {volumeSnapshotClassName: qsd-snapshots, source: {persistentVolumeClaimName: data}}
 EOF
-  kubectl wait --for=jsonpath='{.status.readyToUse}'=true volumesnapshot/snap --timeout=90s || return 1
+  wait_for volumesnapshot/snap '{.status.readyToUse}' true 90 || return 1
   echo after >"$work/mnt-data/after" && sync
   # Posted by ctl-2, the replica that served the call.
   event_from data SnapshotTaken ctl-2 || return 1
@@ -226,12 +227,13 @@ check "pvc cloned from the first: its files present; a CloneCompleted event on t
 folded() {
   # The same failure twice (a snapshot name already taken by another volume's snapshot): one
   # SnapshotFailed Event on the claim, counted twice.
-  local taken; taken=$(kubectl get volumesnapshotcontent -o jsonpath='{.items[0].status.snapshotHandle}')
+  local taken; taken=$(field volumesnapshotcontent '{.items[0].status.snapshotHandle}')
   for _ in 1 2; do
     "$qsd_csi" --endpoint "unix://$work/ctl.sock" snapshot create "$(handle cloned)" "${taken##*:}" \
       && { echo "the snapshot name was not refused"; return 1; }
   done
-  wait_until 30 bash -c "[[ \$('$tools/kubectl' get events -n default --field-selector involvedObject.name=cloned,reason=SnapshotFailed -o jsonpath='{.items[*].series.count}') == 2 ]]" \
+  wait_field 30 events '{.items[*].series.count}' 2 \
+    -n default --field-selector involvedObject.name=cloned,reason=SnapshotFailed \
     || { kubectl get events -n default --field-selector involvedObject.name=cloned -o yaml; return 1; }
   events cloned SnapshotFailed | grep -q "^ctl-2 snapshot \"${taken##*:}\" failed (AlreadyExists)"
 }
@@ -239,8 +241,8 @@ check "the same failure twice is one SnapshotFailed event on the claim, counted 
 
 expand() {
   kubectl patch pvc data --type=merge -p '{"spec":{"resources":{"requests":{"storage":"128Mi"}}}}' || return 1
-  local pv; pv=$(kubectl get pvc data -o jsonpath='{.spec.volumeName}')
-  kubectl wait --for=jsonpath='{.spec.capacity.storage}'=128Mi "pv/$pv" --timeout=90s || return 1
+  local pv; pv=$(field pvc/data '{.spec.volumeName}')
+  wait_for "pv/$pv" '{.spec.capacity.storage}' 128Mi 90 || return 1
   # Node expansion is the kubelet's: the claim waits for it.
   kubectl wait --for=condition=FileSystemResizePending pvc/data --timeout=60s
 }
@@ -269,7 +271,7 @@ failover() {
   [[ $(holder) == ctl-1 ]] || { echo "holder $(holder)"; return 1; }
   kill -9 "$ctl1_pid"
   # The Lease runs out (15 s without renewal); ctl-2 takes it and starts relaying.
-  wait_until 40 bash -c "[[ \$('$tools/kubectl' -n qsd get lease qsd-csi-controller -o jsonpath='{.spec.holderIdentity}') == ctl-2 ]]" \
+  wait_field 40 lease/qsd-csi-controller '{.spec.holderIdentity}' ctl-2 -n qsd \
     || { echo "holder $(holder)"; return 1; }
   wait_until 30 grep -q "watching the node's volume events" "$work/ctl-2.log" || return 1
   dd if=/dev/urandom of="$work/mnt-alert/b" bs=1M count=16 conv=fsync status=none || return 1
@@ -294,25 +296,25 @@ spec:
   volumeGroupSnapshotClassName: qsd-group-snapshots
   source: {selector: {matchLabels: {qsd-group: pair}}}
 EOF
-  kubectl wait --for=jsonpath='{.status.readyToUse}'=true volumegroupsnapshot/pair --timeout=90s \
+  wait_for volumegroupsnapshot/pair '{.status.readyToUse}' true 90 \
     || { kubectl get volumegroupsnapshot pair -o yaml; return 1; }
   for c in g1 g2; do echo after >"$work/mnt-$c/after" || return 1; done
   sync
-  content=$(kubectl get volumegroupsnapshot pair -o jsonpath='{.status.boundVolumeGroupSnapshotContentName}')
-  handle=$(kubectl get volumegroupsnapshotcontent "$content" -o jsonpath='{.status.volumeGroupSnapshotHandle}')
+  content=$(field volumegroupsnapshot/pair '{.status.boundVolumeGroupSnapshotContentName}')
+  handle=$(field "volumegroupsnapshotcontent/$content" '{.status.volumeGroupSnapshotHandle}')
   [[ $handle == group:default@w1:* ]] || { echo "group handle: $handle"; return 1; }
   # snapshot-controller makes the member VolumeSnapshots after the group is ready.
   local deadline=$((SECONDS + 60))
   while :; do
-    mapfile -t members < <(kubectl get volumesnapshot -n default \
-      -o jsonpath='{range .items[?(@.status.volumeGroupSnapshotName=="pair")]}{.metadata.name}{"\n"}{end}')
+    mapfile -t members < <(field volumesnapshot \
+      '{range .items[?(@.status.volumeGroupSnapshotName=="pair")]}{.metadata.name}{"\n"}{end}' -n default)
     ((${#members[@]} == 2)) && break
     ((SECONDS < deadline)) || { echo "members: ${members[*]}"; kubectl get volumesnapshot -o wide; return 1; }
     sleep 0.2
   done
   for m in "${members[@]}"; do
     i=$((i + 1))
-    kubectl wait --for=jsonpath='{.status.readyToUse}'=true "volumesnapshot/$m" --timeout=60s || return 1
+    wait_for "volumesnapshot/$m" '{.status.readyToUse}' true 60 || return 1
     pvc "gr$i" 64Mi "dataSource: {name: $m, kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io}" \
       && bound "gr$i" && publish "gr$i" || return 1
     [[ ! -e $work/mnt-gr$i/after ]] || { echo "gr$i holds a file written after the group"; return 1; }
@@ -337,7 +339,7 @@ check "deleting claims and snapshot removes the volumes and their layers" delete
 
 release() {
   kill -TERM "$ctl2_pid"
-  wait_until 30 bash -c "[[ -z \$('$tools/kubectl' -n qsd get lease qsd-csi-controller -o jsonpath='{.spec.holderIdentity}') ]]" \
+  wait_field 30 lease/qsd-csi-controller '{.spec.holderIdentity}' '' -n qsd \
     || { echo "holder $(holder)"; return 1; }
 }
 check "a controller stopped with SIGTERM releases the Lease at once" release

@@ -78,8 +78,9 @@ echo 'server = "http://127.0.0.1:9"' >"$work/registries/_default/hosts.toml"
 # loopback node address): the kubelet serves there, and the controller reaches the node agent
 # there.
 node_ip=10.88.0.1
-ip link add qsdk0 type bridge && ip addr add "$node_ip/24" dev qsdk0 && ip link set qsdk0 up ||
+if ! { ip link add qsdk0 type bridge && ip addr add "$node_ip/24" dev qsdk0 && ip link set qsdk0 up; }; then
   fail_start "the bridge qsdk0" containerd
+fi
 cat >"$work/cni/10-qsd.conflist" <<JSON
 {"cniVersion": "1.0.0", "name": "qsd-kubelet", "plugins": [
   {"type": "bridge", "bridge": "qsdk0", "isGateway": true, "ipMasq": false,
@@ -121,7 +122,7 @@ kubelet() {
   echo $! >"$work/kubelet.pid"
 }
 kubelet
-node_ready() { wait_until "$1" bash -c "[[ \$('$tools/kubectl' get node w1 -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}') == True ]]"; }
+node_ready() { wait_field "$1" node/w1 '{.status.conditions[?(@.type=="Ready")].status}' True; }
 node_ready 90 || fail_start "the kubelet (node Ready)" kubelet
 
 # --- qsd-csi: helm install ---------------------------------------------------------------------------
@@ -142,9 +143,9 @@ installed() {
   wait_until 60 test -s "$work/state/tls/agent.crt" || return 1
   # The kubelet found the registrar's socket, asked it, then asked the node plugin: CSINode lists
   # the driver with its topology key, and the node carries its topology label.
-  wait_until 60 bash -c "[[ \$('$tools/kubectl' get csinode w1 -o jsonpath='{.spec.drivers[0].name}') == qsd.csi.dev ]]" || return 1
-  [[ $(kubectl get csinode w1 -o jsonpath='{.spec.drivers[0].nodeID} {.spec.drivers[0].topologyKeys[0]}') == "w1 topology.qsd.csi.dev/node" ]] || return 1
-  [[ $(kubectl get node w1 -o jsonpath='{.metadata.labels.topology\.qsd\.csi\.dev/node}') == w1 ]]
+  wait_field 60 csinode/w1 '{.spec.drivers[0].name}' qsd.csi.dev || return 1
+  field_is csinode/w1 '{.spec.drivers[0].nodeID} {.spec.drivers[0].topologyKeys[0]}' "w1 topology.qsd.csi.dev/node" || return 1
+  field_is node/w1 '{.metadata.labels.topology\.qsd\.csi\.dev/node}' w1
 }
 check "helm install: the chart's pods Ready, its agent certified, the driver registered (CSINode)" installed
 if ((failed)); then
@@ -198,7 +199,7 @@ spec:
   volumes: [{name: v, persistentVolumeClaim: {claimName: $2}}]
 YAML
 }
-succeeded() { kubectl wait --for=jsonpath='{.status.phase}'=Succeeded "pod/$1" --timeout=120s || { kubectl describe pod "$1" | tail -15; return 1; }; }
+succeeded() { wait_for "pod/$1" '{.status.phase}' Succeeded 120 || { kubectl describe pod "$1" | tail -15; return 1; }; }
 running() { kubectl wait --for=condition=Ready "pod/$1" --timeout=120s || { kubectl describe pod "$1" | tail -15; return 1; }; }
 gone() { kubectl delete pod "$@" --wait --timeout=60s >/dev/null; }
 
@@ -223,7 +224,7 @@ kind: VolumeSnapshot
 metadata: {name: snap}
 spec: {volumeSnapshotClassName: qsd-snapshots, source: {persistentVolumeClaimName: data}}
 YAML
-  kubectl wait --for=jsonpath='{.status.readyToUse}'=true volumesnapshot/snap --timeout=90s || return 1
+  wait_for volumesnapshot/snap '{.status.readyToUse}' true 90 || return 1
   pod later data 'echo later >/data/later && sync' && succeeded later && gone later || return 1
   pvc restored 64Mi Filesystem "dataSource: {name: snap, kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io}" || return 1
   pod checker restored 'grep -qx written-by-a-pod /data/f && test ! -e /data/later' && succeeded checker && gone checker
@@ -244,7 +245,7 @@ grow() {
   local before; before=$(kubectl exec grower -- df -k /data | awk 'NR==2 {print $2}') || return 1
   kubectl patch pvc big -p '{"spec":{"resources":{"requests":{"storage":"640Mi"}}}}' >/dev/null || return 1
   # The kubelet grows a mounted filesystem on its next sync of the pod (syncFrequency).
-  wait_until 180 bash -c "[[ \$('$tools/kubectl' get pvc big -o jsonpath='{.status.capacity.storage}') == 640Mi ]]" ||
+  wait_field 180 pvc/big '{.status.capacity.storage}' 640Mi ||
     { kubectl describe pvc big | tail -8; return 1; }
   local after; after=$(kubectl exec grower -- df -k /data | awk 'NR==2 {print $2}') || return 1
   echo "df in the pod: ${before} KiB before, ${after} KiB after"
@@ -252,15 +253,21 @@ grow() {
 }
 check "kubectl patch grows a claim while its pod runs; df in the pod shows the new size (xfs)" grow
 
-plugin_pod() { kubectl -n qsd get pods -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.name} {.items[0].metadata.uid}'; }
+plugin_pod() { field pods '{.items[0].metadata.name} {.items[0].metadata.uid}' -n qsd -l app.kubernetes.io/component=node; }
+plugin_replaced() { # OLD_UID: whether a node plugin pod other than OLD_UID runs, every container Ready
+  local p; p=$(field pods '{.items[0].metadata.uid} {.items[0].status.containerStatuses[*].ready}' \
+    -n qsd -l app.kubernetes.io/component=node)
+  [[ ${p%% *} != "$1" && $p != *false* && $p == *true* ]]
+}
 plugin_ready_after() { # OLD_UID: a node plugin pod other than OLD_UID runs, every container Ready
-  wait_until 120 bash -c "p=\$('$tools/kubectl' -n qsd get pods -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.uid} {.items[0].status.containerStatuses[*].ready}'); [[ \${p%% *} != $1 && \$p != *false* && \$p == *true* ]]" ||
+  wait_until 120 plugin_replaced "$1" ||
     { kubectl -n qsd get pods; return 1; }
 }
 plugin_deleted() {
   # A pod appends numbered lines with fsync while the node plugin's pod is deleted; the
   # DaemonSet brings it back. The daemon (its own pod) keeps serving: no I/O error, and every
   # line verifies afterwards.
+  # shellcheck disable=SC2016 # the pod's shell expands these
   pod steady data 'i=0; while true; do i=$((i+1)); echo $i >>/data/seq || exit 1; sync /data/seq || exit 1; sleep 0.1; done' &&
     running steady || return 1
   local old; old=$(plugin_pod) || return 1
@@ -270,8 +277,9 @@ plugin_deleted() {
   local n; n=$(kubectl exec steady -- wc -l /data/seq | cut -d' ' -f1) || return 1
   wait_until 30 bash -c "(( \$('$tools/kubectl' exec steady -- wc -l /data/seq | cut -d' ' -f1) > $n + 10 ))" ||
     { echo "the writer stopped"; return 1; }
-  [[ $(kubectl get pod steady -o jsonpath='{.status.phase}') == Running ]] || { echo "the writer failed"; return 1; }
+  field_is pod/steady '{.status.phase}' Running || { echo "the writer failed"; return 1; }
   gone steady || return 1
+  # shellcheck disable=SC2016 # the pod's shell expands these
   pod verify data 'awk "\$1 != NR { print \"line \" NR \": \" \$0; bad = 1 } END { exit bad || NR < 20 }" /data/seq' &&
     succeeded verify && gone verify
 }
@@ -308,8 +316,9 @@ YAML
   # (a deletion alone lets its graceful shutdown finish the copy), and delete its pod.
   wait_until 60 bash -c "'$tools/kubectl' -n qsd logs '${old% *}' -c qsd-csi | grep -q 'full clone started'" ||
     { echo "the clone never started"; return 1; }
-  local pid; pid=$(pgrep -f -- "node --state-dir=$work/state") || { echo "no node plugin process"; return 1; }
-  kill -KILL $pid
+  local pids; mapfile -t pids < <(pgrep -f -- "node --state-dir=$work/state")
+  ((${#pids[@]})) || { echo "no node plugin process"; return 1; }
+  kill -KILL "${pids[@]}"
   kubectl -n qsd delete pod "${old% *}" --grace-period=0 --force >/dev/null 2>&1
   plugin_ready_after "${old#* }" || return 1
   # It died mid-copy: the new plugin cancelled the copy job the daemon still ran (its own pod)
@@ -319,7 +328,7 @@ YAML
     { echo "no copy job was left to cancel: the plugin was not deleted during the copy"; return 1; }
   kubectl -n qsd logs "${new% *}" -c qsd-csi | grep -q "recovering an operation interrupted by a restart" ||
     { echo "no interrupted operation was recovered"; return 1; }
-  kubectl wait --for=jsonpath='{.status.readyToUse}'=true volumesnapshot/src-snap --timeout=180s || return 1
+  wait_for volumesnapshot/src-snap '{.status.readyToUse}' true 180 || return 1
   succeeded copycheck && gone copycheck filler || return 1
   pvc src-restored 64Mi Filesystem "dataSource: {name: src-snap, kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io}" qsd-slow-clone || return 1
   pod snapcheck src-restored 'cd /data && md5sum -c big.md5' && succeeded snapcheck && gone snapcheck
@@ -336,11 +345,12 @@ check "the node plugin pod deleted during a clone and a snapshot of a claim in u
 
 restart() {
   # A pod keeps writing while the kubelet is killed and started again.
+  # shellcheck disable=SC2016 # the pod's shell expands these
   pod keeper data 'i=0; while true; do i=$((i+1)); echo $i >/data/beat; sync; sleep 0.2; done' && running keeper || return 1
   local mnt; mnt=$(findmnt -rn -o TARGET | grep "$work/kubelet/pods/.*/volumes/kubernetes.io~csi/.*/mount$" | head -1)
   [[ -n $mnt ]] || { echo "no published mount"; return 1; }
   kill -9 "$(cat "$work/kubelet.pid")"; kubelet
-  wait_until 60 bash -c "[[ \$('$tools/kubectl' get node w1 -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}') == True ]]" || return 1
+  node_ready 60 || return 1
   local before; before=$(cat "$mnt/beat")
   wait_until 30 bash -c "(( \$(cat '$mnt/beat') > $before + 5 ))" || { echo "the pod stopped writing"; return 1; }
   findmnt "$mnt" >/dev/null && gone keeper
@@ -407,7 +417,7 @@ claims_deleted() {
   local pool=$work/state/pools/default
   local records; records=$(find "$pool/volumes" "$pool/snapshots" "$pool/layers" -mindepth 1)
   [[ -z $records ]] || { echo "left in the pool: $records"; return 1; }
-  [[ -z $(losetup -a | grep "$work") ]] || { losetup -a | grep "$work"; return 1; }
+  ! losetup -a | grep -q "$work" || { losetup -a | grep "$work"; return 1; }
 }
 check "pods, snapshot and claims deleted: no volume, snapshot, layer, mount or device left" claims_deleted
 if ((failed)); then
@@ -421,7 +431,7 @@ uninstalled() {
   # helm uninstall: the chart's pods go, the daemon with them, and the driver is unregistered.
   "$helm" uninstall qsd --namespace qsd --wait --timeout 2m >/dev/null || return 1
   wait_until 90 bash -c "out=\$('$tools/kubectl' -n qsd get pods -o name) && [[ -z \$out ]]" || { kubectl -n qsd get pods; return 1; }
-  wait_until 60 bash -c "out=\$('$tools/kubectl' get csinode w1 -o jsonpath='{.spec.drivers[*].name}') && [[ -z \$out ]]" ||
+  wait_field 60 csinode/w1 '{.spec.drivers[*].name}' '' ||
     { echo "the driver is still registered"; return 1; }
   ! pgrep -f "qemu-storage-daemon.*$work" >/dev/null || { echo "a daemon still runs"; return 1; }
   local left; left=$(findmnt -rn -o TARGET | grep -E "^$work/(kubelet|state)/")

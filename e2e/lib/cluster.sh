@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the suites that run a local control plane (e2e/cluster, e2e/kubelet); sourced.
 # The sourcing script sets: top (the checkout), tools (the built control plane), suite (its name
 # in messages) and failed_line (its summary line for a run that could not start). It may define
@@ -36,6 +37,19 @@ wait_until() { # SECONDS COMMAND...: polls (0.2 s) until COMMAND succeeds
   until "$@" >/dev/null 2>&1; do ((SECONDS < deadline)) || return 1; sleep 0.2; done
 }
 kubectl() { "$tools/kubectl" "$@"; }
+# The one way the suites read and wait on objects: a JSONPath template over `kubectl get`.
+field() { # OBJECT TEMPLATE [kubectl get args...]: prints the template's fields
+  kubectl get "$1" -o "jsonpath=$2" "${@:3}"
+}
+field_is() { # OBJECT TEMPLATE VALUE [kubectl get args...]: whether the fields read VALUE
+  [[ $(field "$1" "$2" "${@:4}") == "$3" ]]
+}
+wait_field() { # SECONDS OBJECT TEMPLATE VALUE [kubectl get args...]: until the fields read VALUE
+  wait_until "$1" field_is "${@:2}"
+}
+wait_for() { # OBJECT TEMPLATE VALUE SECONDS [kubectl wait args...]: kubectl wait for a field
+  kubectl wait --for="jsonpath=$2=$3" "$1" --timeout="$4s" "${@:5}"
+}
 
 # This run's cluster CA ($work/pki/ca.crt, what pods find in kube-root-ca.crt), the API server's
 # serving certificate (127.0.0.1 and the kubernetes Service's names) and its client certificate
