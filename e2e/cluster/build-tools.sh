@@ -140,7 +140,7 @@ sidecar() { # MODULE VERSION NAME CMD...
     for cmd in "$@"; do printf '\t_ "%s/cmd/%s"\n' "$module" "$cmd"; done
     printf ')\n'
   } >"$dir/tools.go"
-  (cd "$dir" && GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
+  (cd "$dir" && { GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true; }
    # Static: the same binaries run as host processes and, in images of their own, as the
    # chart's sidecar containers.
    for cmd in "$@"; do CGO_ENABLED=0 GOFLAGS=-mod=mod go build -o "$out/$cmd" "$module/cmd/$cmd"; done)

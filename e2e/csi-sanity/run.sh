@@ -40,7 +40,7 @@ for access in mount block; do
   kill "$driver" 2>/dev/null || true
   wait "$driver" 2>/dev/null || true
   pid=$(cat "$work/state/run/qsd.pid" 2>/dev/null || true)
-  [[ -n $pid ]] && kill -KILL "$pid" 2>/dev/null || true
+  if [[ -n $pid ]]; then kill -KILL "$pid" 2>/dev/null || true; fi
   line=$(grep -E '^(SUCCESS|FAIL)! -- ' "$work/sanity.out" | tail -1 || true)
   echo "csi-sanity ($access): ${line:-no result (exit $rc)}"
   if [[ $rc -ne 0 || -z $line ]]; then

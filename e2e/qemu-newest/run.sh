@@ -7,7 +7,7 @@
 # "qemu-newest: N passed, N failed".
 set -uo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$top"
+cd "$top" || exit 1
 if ! bin=$(scripts/qemu-newest); then
   echo "qemu-newest: could not make the newest QEMU's root"
   echo "qemu-newest: 0 passed, 1 failed"

@@ -138,7 +138,7 @@ writer_verified() {
   local log=$1 rc
   wait "$writer"; rc=$?
   grep -E "err=|verify" "$log" | head -5
-  [[ $rc -eq 0 ]] && grep -q "err= 0" "$log" || { echo "fio failed ($rc)"; return 1; }
+  if ! { [[ $rc -eq 0 ]] && grep -q "err= 0" "$log"; }; then echo "fio failed ($rc)"; return 1; fi
 }
 
 # qemu-storage-daemon SIGKILLed under a verifying writer: the engine restarts it and rebuilds the
@@ -197,8 +197,10 @@ test_qsd_csi_ublk_backend() {
   [[ $size -gt 400000000 ]] || { echo "df shows $size bytes"; return 1; }
   cmp "$work/data3" "$m/data3" || return 1
   "$bin" --endpoint "$ep" unpublish "$id" "$m" --staging-dir "$st" || return 1
-  ls /sys/block | grep -q '^ublkb' && { echo "a ublk device is left: $(ls /sys/block | grep ublk)"; return 1; }
-  ls /dev | grep -q '^ublkc' && { echo "a ublk char device is left"; return 1; }
+  if compgen -G '/sys/block/ublkb*' >/dev/null; then
+    echo "a ublk device is left: $(cd /sys/block && echo ublkb*)"; return 1
+  fi
+  if compgen -G '/dev/ublkc*' >/dev/null; then echo "a ublk char device is left"; return 1; fi
   "$bin" --endpoint "$ep" volume delete "$id" || return 1
   kill "$driver"; wait "$driver" 2>/dev/null
   kill "$(cat "$dir/state/run/qsd.pid")"
@@ -282,7 +284,7 @@ test_ublk_server_killed_under_a_verifying_writer() {
   grep -q "recovered the ublk device" "$dir/driver.log" || { echo "no recovery logged"; tail "$dir/driver.log"; return 1; }
   [[ $(cat "$dir/state/run/qsd.pid") == "$qsd" ]] || { echo "the daemon was restarted"; return 1; }
   "$bin" --endpoint "$ep" unpublish "$id" "$m" --staging-dir "$st" || return 1
-  ls /sys/block | grep -q '^ublkb' && { echo "a ublk device is left"; return 1; }
+  if compgen -G '/sys/block/ublkb*' >/dev/null; then echo "a ublk device is left"; return 1; fi
   "$bin" --endpoint "$ep" volume delete "$id" || return 1
   kill "$driver"; wait "$driver" 2>/dev/null
   kill "$qsd"
@@ -381,7 +383,7 @@ bench_datapath() {
 run_rust_tests() {
   local log=$work/rust-tests.log
   QSD_TEST_TMPDIR=$work RUST_BACKTRACE=0 "$QSD_VM_RUST_TESTS" --ignored --test-threads=1 \
-    ${QSD_VM_RUST_FILTER:-} >"$log" 2>&1
+    "${QSD_VM_RUST_FILTER:-}" >"$log" 2>&1
   local rc=$?
   local n=0
   grep -E '^test .* \.\.\. (ok|FAILED)$' "$log" >"$work/rust-verdicts"
@@ -425,8 +427,8 @@ for t in ${QSD_VM_TESTS:-test_kernel_devices rust_kernel_devices test_daemon_nbd
   fi
   if [[ $rc -ne 0 ]]; then
     sed 's/^/QSD-VM-LOG /' "$work/$t.log" | tail -20
-    for l in $(find "$work" -name driver.log -newer "$work/.started"); do
-      tail -8 "$l" | sed "s|^|QSD-VM-LOG ${l#$work/}: |"
+    find "$work" -name driver.log -newer "$work/.started" | while read -r l; do
+      tail -8 "$l" | sed "s|^|QSD-VM-LOG ${l#"$work"/}: |"
     done
     dmesg | tail -15 | sed 's/^/QSD-VM-LOG kernel: /'
   fi

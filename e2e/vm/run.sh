@@ -65,6 +65,7 @@ prepare_bookworm() {
     cp "$kb/linux-source-6.1/drivers/block/ublk_drv.c" "$kb/src/"
     mkdir -p "$kb/src/include/uapi/linux"
     cp "$kb/linux-source-6.1/include/uapi/linux/ublk_cmd.h" "$kb/src/include/uapi/linux/"
+    # shellcheck disable=SC2016 # make expands $(src)
     printf 'obj-m := ublk_drv.o\nccflags-y := -I$(src)/include\n' >"$kb/src/Kbuild"
     # The headers' Makefile includes the common headers by their installed path: point it at ours.
     headers=$kb/root/usr/src/linux-headers-$abi
@@ -195,6 +196,7 @@ for kernel in ${QSD_CSI_VM_KERNELS:-bookworm newest}; do
     newest) prepare_newest >&2 ;;
     *) echo "vm: unknown kernel $kernel (bookworm or newest)" >&2; exit 1 ;;
   esac
+  # shellcheck disable=SC2012 # one directory, named by the kernel's version
   version=$(basename "$(cd "$assets" && ls -d root/usr/lib/modules/* root/lib/modules/* 2>/dev/null | head -1)")
   boot "$(echo "$version" | grep -oE '^[0-9]+\.[0-9]+')" "$assets"
 done
