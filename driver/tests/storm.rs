@@ -61,27 +61,13 @@ fn expected(status: &tonic::Status) -> bool {
         || cut_by_the_kill(status)
 }
 
-/// The connection closed under a call in flight: the client's own transport reports it
-/// (tonic says UNKNOWN or CANCELLED, with the transport's error as the source: tonic's own,
-/// or hyper's with the socket's reset under it when the kill lands while a response body is
-/// being read); no status ever came from the driver. A CO's gRPC client sees it as UNAVAILABLE.
+/// The connection closed under a call in flight: no status ever came from the driver, and
+/// the client's own transport reports the cut (tonic says UNKNOWN or CANCELLED, with the
+/// transport's error as the source: tonic's, hyper's, h2's, the socket's). A status the driver
+/// sent carries no source. A CO's gRPC client sees such a cut as UNAVAILABLE.
 fn cut_by_the_kill(status: &tonic::Status) -> bool {
     use std::error::Error as _;
-    use std::io::ErrorKind;
-    let mut cause = status.source();
-    while let Some(e) = cause {
-        if e.downcast_ref::<tonic::transport::Error>().is_some() {
-            return true;
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof
-            );
-        }
-        cause = e.source();
-    }
-    false
+    status.source().is_some()
 }
 
 impl Storm {

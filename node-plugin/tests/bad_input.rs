@@ -77,7 +77,8 @@ async fn bad_input_returns_a_typed_error_and_changes_nothing_on_disk() {
         ("malformed pool", bad_pool_name, ErrorKind::InvalidArgument),
         ("restore smaller than snapshot", restore_smaller, ErrorKind::OutOfRange),
         ("restore unknown snapshot", restore_unknown, ErrorKind::NotFound),
-        ("clone malformed source", clone_malformed, ErrorKind::InvalidArgument),
+        // An ID that cannot be ours names nothing held here: NOT_FOUND, as CSI asks of IDs.
+        ("clone malformed source", clone_malformed, ErrorKind::NotFound),
         ("zero depth", zero_depth, ErrorKind::InvalidArgument),
         ("preallocated beyond free space", too_big_to_preallocate, ErrorKind::ResourceExhausted),
     ];
@@ -90,9 +91,9 @@ async fn bad_input_returns_a_typed_error_and_changes_nothing_on_disk() {
         ("unknown volume", "vol:local@node-1:missing", ErrorKind::NotFound),
         ("other node", "vol:local@node-2:v", ErrorKind::NotFound),
         ("shared form of a local pool", "vol:local:v", ErrorKind::NotFound),
-        ("malformed", "garbage", ErrorKind::InvalidArgument),
-        ("traversal", "vol:local@node-1:../v", ErrorKind::InvalidArgument),
-        ("snapshot id for a volume", "snap:local@node-1:s", ErrorKind::InvalidArgument),
+        ("malformed", "garbage", ErrorKind::NotFound),
+        ("traversal", "vol:local@node-1:../v", ErrorKind::NotFound),
+        ("snapshot id for a volume", "snap:local@node-1:s", ErrorKind::NotFound),
     ];
     for (case, id, kind) in &ids {
         let err = core.delete_volume(id).await.expect_err(case);
@@ -108,7 +109,7 @@ async fn bad_input_returns_a_typed_error_and_changes_nothing_on_disk() {
         core.delete_snapshot("snap:local@node-1:missing").await.expect_err("unknown snapshot");
     assert_eq!(err.kind(), ErrorKind::NotFound);
     let err = core.delete_snapshot("snap:local@node-1:a/b").await.expect_err("malformed snapshot");
-    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert_eq!(err.kind(), ErrorKind::NotFound);
     let err = core.create_snapshot(&vol.id, "../s").await.expect_err("bad snapshot name");
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     let err = core
