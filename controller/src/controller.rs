@@ -5,9 +5,8 @@
 
 use std::collections::HashMap;
 
-use qsd_csi_model::id::{IdKind, ObjectId, MAX_SIZE, SIZE_ALIGN};
+use qsd_csi_model::id::{IdKind, MAX_SIZE, SIZE_ALIGN};
 use qsd_csi_model::params::TOPOLOGY_KEY;
-use qsd_csi_model::volume::VolumeSource;
 use qsd_csi_proto::csi::{self, controller_server::Controller};
 use qsd_csi_proto::{agent, convert};
 use tonic::{Code, Request, Response, Status};
@@ -16,6 +15,7 @@ use crate::agents::{Agents, NodeAgent};
 use crate::error::{required, ControllerError};
 use crate::events::{Events, Notice};
 use crate::params;
+use crate::shapes::{self, location, node_topology, ok_if_gone};
 
 /// The Controller service.
 #[derive(Debug, Clone)]
@@ -23,19 +23,6 @@ pub struct ControllerService {
     agents: Agents,
     default_pool: String,
     events: Events,
-}
-
-/// The pool and (local pools) node an ID names; `None` for an ID that cannot be ours.
-fn location(kind: IdKind, id: &str) -> Option<(String, Option<String>)> {
-    let parsed = ObjectId::parse(kind, id).ok()?;
-    Some((
-        parsed.location.pool.as_str().to_owned(),
-        parsed.location.node.map(|n| n.as_str().to_owned()),
-    ))
-}
-
-fn node_topology(node: &str) -> csi::Topology {
-    csi::Topology { segments: [(TOPOLOGY_KEY.to_owned(), node.to_owned())].into() }
 }
 
 impl ControllerService {
@@ -62,50 +49,6 @@ impl ControllerService {
             };
             events.report(&labels, &notice).await;
         });
-    }
-
-    fn volume(info: &agent::Volume, parameters: &HashMap<String, String>) -> csi::Volume {
-        use csi::volume_content_source::{SnapshotSource, Type};
-        let (pool, node) = location(IdKind::Volume, &info.volume_id).unwrap_or_default();
-        let content_source = info.content_source().map(|source| match source {
-            VolumeSource::Snapshot(snapshot_id) => Type::Snapshot(SnapshotSource { snapshot_id }),
-            VolumeSource::Volume(volume_id) => {
-                Type::Volume(csi::volume_content_source::VolumeSource { volume_id })
-            }
-        });
-        let mut context = HashMap::from([("pool".to_owned(), pool)]);
-        for key in params::CONTEXT_KEYS {
-            if let Some(value) = parameters.get(key) {
-                context.insert(key.to_owned(), value.clone());
-            }
-        }
-        csi::Volume {
-            capacity_bytes: info.size_bytes as i64,
-            volume_id: info.volume_id.clone(),
-            volume_context: context,
-            content_source: content_source.map(|t| csi::VolumeContentSource { r#type: Some(t) }),
-            // A local pool's volume is reachable from its node only; a shared pool's from any.
-            accessible_topology: node.iter().map(|n| node_topology(n)).collect(),
-        }
-    }
-
-    /// An agent's snapshot as CSI's: a local pool's restores on its node only.
-    pub(crate) fn snapshot(info: &agent::Snapshot) -> csi::Snapshot {
-        csi::Snapshot {
-            size_bytes: info.size_bytes as i64,
-            snapshot_id: info.snapshot_id.clone(),
-            source_volume_id: info.source_volume_id.clone(),
-            creation_time: Some(prost_types::Timestamp {
-                seconds: info.created_unix as i64,
-                nanos: 0,
-            }),
-            ready_to_use: true,
-            group_snapshot_id: info.group_snapshot_id.clone(),
-            accessible_topology: (!info.node.is_empty())
-                .then(|| node_topology(&info.node))
-                .into_iter()
-                .collect(),
-        }
     }
 
     /// The node a new volume goes to: its source's node, else the first preferred, else the
@@ -175,17 +118,6 @@ impl ControllerService {
     }
 }
 
-/// Deleting what does not exist (or cannot exist) succeeds: the CO may retry.
-pub(crate) fn ok_if_gone<T: Default>(
-    result: Result<agent::Empty, Status>,
-) -> Result<Response<T>, Status> {
-    match result {
-        Ok(_) => Ok(Response::new(T::default())),
-        Err(e) if e.code() == Code::NotFound => Ok(Response::new(T::default())),
-        Err(e) => Err(e),
-    }
-}
-
 #[tonic::async_trait]
 impl Controller for ControllerService {
     async fn create_volume(
@@ -205,7 +137,7 @@ impl Controller for ControllerService {
             }
         }
         Ok(Response::new(csi::CreateVolumeResponse {
-            volume: Some(Self::volume(&info, &req.parameters)),
+            volume: Some(shapes::volume(&info, &req.parameters)),
         }))
     }
 
@@ -283,7 +215,7 @@ impl Controller for ControllerService {
         let entries = page
             .into_iter()
             .map(|(v, attached_on)| csi::list_volumes_response::Entry {
-                volume: Some(Self::volume(&v, &HashMap::new())),
+                volume: Some(shapes::volume(&v, &HashMap::new())),
                 status: Some(csi::list_volumes_response::VolumeStatus {
                     published_node_ids: attached_on.into_iter().collect(),
                 }),
@@ -399,7 +331,7 @@ impl Controller for ControllerService {
             .snapshots
             .first()
             .ok_or_else(|| ControllerError::Internal("the agent took no snapshot".into()))?;
-        Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(Self::snapshot(info)) }))
+        Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(shapes::snapshot(info)) }))
     }
 
     async fn delete_snapshot(
@@ -432,7 +364,7 @@ impl Controller for ControllerService {
         let (page, next_token) = params::page(all, req.max_entries, &req.starting_token)?;
         let entries = page
             .iter()
-            .map(|s| csi::list_snapshots_response::Entry { snapshot: Some(Self::snapshot(s)) })
+            .map(|s| csi::list_snapshots_response::Entry { snapshot: Some(shapes::snapshot(s)) })
             .collect();
         Ok(Response::new(csi::ListSnapshotsResponse { entries, next_token }))
     }
@@ -451,7 +383,7 @@ impl Controller for ControllerService {
             .ok_or_else(|| {
                 Status::not_found(format!("snapshot {} does not exist", req.snapshot_id))
             })?;
-        Ok(Response::new(csi::GetSnapshotResponse { snapshot: Some(Self::snapshot(&found)) }))
+        Ok(Response::new(csi::GetSnapshotResponse { snapshot: Some(shapes::snapshot(&found)) }))
     }
 
     async fn controller_expand_volume(

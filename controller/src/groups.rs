@@ -17,9 +17,9 @@ use qsd_csi_proto::csi::{self, group_controller_server::GroupController};
 use tonic::{Request, Response, Status};
 
 use crate::agents::Agents;
-use crate::controller::{ok_if_gone, ControllerService};
 use crate::error::{required, ControllerError};
 use crate::params;
+use crate::shapes::{self, ok_if_gone};
 
 /// The GroupController service.
 #[derive(Debug, Clone)]
@@ -42,7 +42,7 @@ fn group(members: &agent::SnapshotList) -> Result<csi::VolumeGroupSnapshot, Stat
         .ok_or_else(|| ControllerError::Internal("the agent returned an empty group".into()))?;
     Ok(csi::VolumeGroupSnapshot {
         group_snapshot_id: first.group_snapshot_id.clone(),
-        snapshots: members.snapshots.iter().map(ControllerService::snapshot).collect(),
+        snapshots: members.snapshots.iter().map(shapes::snapshot).collect(),
         creation_time: Some(prost_types::Timestamp {
             seconds: members.snapshots.iter().map(|s| s.created_unix).min().unwrap_or(0) as i64,
             nanos: 0,

@@ -25,6 +25,7 @@ pub mod params;
 pub mod relay;
 pub mod run;
 pub mod serve;
+pub mod shapes;
 pub mod signer;
 
 pub use controller::ControllerService;
