@@ -21,146 +21,29 @@
 //! then its backing layer is considered in turn. Records are written after the file they describe
 //! exists and removed before it, so a crash leaves at worst an unreferenced layer, which
 //! [`Pool::open`] collects.
+//!
+//! By job: `records.rs` is the schema on disk, `index.rs` the in-memory index and the one
+//! derivation of reference counts, `shared.rs` the coordination of nodes writing one pool
+//! (generation, refresh, owner records), and this file the pool's operations over them.
 
 pub mod header;
 pub mod id;
+mod index;
+mod records;
+mod shared;
 pub mod source;
 pub mod store;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
 pub use id::{LayerId, NodeName, ObjectName, PoolName};
-use qsd_csi_model::volume::{Format, Preallocation, Qos};
+use index::Index;
+pub use index::Referrers;
+pub use records::{LayerRecord, OwnerRecord, PoolInfo, PoolKind, SnapshotRecord, VolumeRecord};
+use shared::{Scans, GENERATION};
 pub use source::RecordedSource;
-
-/// Whether a pool lives on one node or on storage every node mounts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PoolKind {
-    /// On this node's disk; volumes are pinned to the node.
-    Local,
-    /// On a filesystem every node mounts; one writer at a time via QEMU's image locks.
-    Shared,
-}
-
-/// `pool.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PoolInfo {
-    /// The pool's name.
-    pub name: String,
-    /// Local or shared.
-    pub kind: PoolKind,
-}
-
-/// One layer: a qcow2 file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LayerRecord {
-    /// The layer's id (and file stem).
-    pub id: LayerId,
-    /// The layer below it, if any.
-    pub backing: Option<LayerId>,
-}
-
-/// A volume: a writable head layer over a chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VolumeRecord {
-    /// The volume's name.
-    pub name: String,
-    /// Short random id used to name the volume's QEMU nodes, export and throttle group.
-    pub uid: LayerId,
-    /// Virtual size in bytes.
-    pub size: u64,
-    /// The active layer.
-    pub head: LayerId,
-    /// How the head was allocated.
-    #[serde(default)]
-    pub preallocation: Preallocation,
-    /// I/O limits.
-    #[serde(default)]
-    pub qos: Qos,
-    /// Longest chain allowed; longer chains are shortened by stream / commit.
-    pub max_chain_depth: u32,
-    /// Where the content came from (recorded as "snapshot:<name>" or "volume:<name>").
-    #[serde(default)]
-    pub source: Option<RecordedSource>,
-    /// The orchestrator's labels, kept for it and echoed in events (in a cluster: the claim's
-    /// namespace and name, so events about the volume reach the PVC).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-    /// The qcow2 layout its new layers get and its head's cache (absent: QEMU's defaults).
-    #[serde(default, skip_serializing_if = "Format::is_default")]
-    pub format: Format,
-}
-
-/// A snapshot: an immutable layer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotRecord {
-    /// The snapshot's name.
-    pub name: String,
-    /// The volume it was taken from.
-    pub source_volume: String,
-    /// The layer it pins.
-    pub layer: LayerId,
-    /// The volume's size when the snapshot was taken.
-    pub size: u64,
-    /// Seconds since the epoch.
-    pub created_unix: u64,
-    /// The group snapshot it belongs to (taken at one instant with the group's other members;
-    /// deleted with them only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-}
-
-/// `owners/<volume>.json` in a shared pool.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OwnerRecord {
-    /// The node whose daemon has the volume attached.
-    pub node: String,
-}
-
-#[derive(Debug, Default)]
-struct Index {
-    layers: BTreeMap<LayerId, LayerRecord>,
-    volumes: BTreeMap<String, VolumeRecord>,
-    snapshots: BTreeMap<String, SnapshotRecord>,
-}
-
-impl Index {
-    /// Who refers to `layer`: the one derivation of a layer's reference count.
-    fn referrers(&self, layer: LayerId) -> Referrers {
-        Referrers {
-            volumes: self.volumes.values().filter(|v| v.head == layer).count(),
-            snapshots: self.snapshots.values().filter(|s| s.layer == layer).count(),
-            children: self
-                .layers
-                .values()
-                .filter(|l| l.backing == Some(layer))
-                .map(|l| l.id)
-                .collect(),
-        }
-    }
-
-    fn refcount(&self, layer: LayerId) -> usize {
-        let r = self.referrers(layer);
-        r.volumes + r.snapshots + r.children.len()
-    }
-}
-
-/// Who refers to a layer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Referrers {
-    /// Volumes whose head it is.
-    pub volumes: usize,
-    /// Snapshots that pin it.
-    pub snapshots: usize,
-    /// Layers backed by it.
-    pub children: Vec<LayerId>,
-}
 
 /// An open pool.
 #[derive(Debug)]
@@ -177,38 +60,6 @@ pub struct Pool {
     /// refresh, so a refresh never applies a listing taken before one of this process's writes
     /// over that write.
     writes: RwLock<()>,
-}
-
-/// `<pool>/generation` in a shared pool: a counter every record write bumps, under an
-/// exclusive `flock` on the file held until the record is written. A node whose index matched
-/// the generation before its own write still matches after it, so a refresh that finds the
-/// generation it knows skips the scan: a pool only this node writes is never rescanned, and a
-/// scan happens once per change by another node.
-const GENERATION: &str = "generation";
-
-#[derive(Debug, Default)]
-struct Scans {
-    volumes: store::DirScan,
-    snapshots: store::DirScan,
-    layers: store::DirScan,
-}
-
-/// Applies a scan's changes to one map of the index, keyed as `key` reads a file stem.
-fn apply<K: Ord, V>(
-    map: &mut BTreeMap<K, V>,
-    changes: store::Changes<V>,
-    key: impl Fn(&str) -> Option<K>,
-) {
-    for stem in changes.removed {
-        if let Some(k) = key(&stem) {
-            map.remove(&k);
-        }
-    }
-    for (stem, record) in changes.changed {
-        if let Some(k) = key(&stem) {
-            map.insert(k, record);
-        }
-    }
 }
 
 impl Pool {
@@ -284,143 +135,6 @@ impl Pool {
             index.snapshots.insert(snapshot.name.clone(), snapshot);
         }
         Ok(index)
-    }
-
-    /// Shared pools: takes in what other nodes wrote since the last refresh. Nothing is read
-    /// when the pool's generation is the one the index matches; otherwise each record
-    /// directory is listed and only records whose file changed are read ([`store::DirScan`]).
-    /// Volumes and snapshots are scanned before layers: writers record a layer before what
-    /// refers to it, so a new volume's head is found in the same refresh. Local pools have one
-    /// writer, this engine, and keep their index.
-    pub fn refresh(&self) -> Result<()> {
-        if self.kind == PoolKind::Local {
-            return Ok(());
-        }
-        let _exclusive = self.writes.write().unwrap_or_else(|p| p.into_inner());
-        // Read before the scan: a write during the scan bumps it again and the next refresh
-        // scans once more.
-        let current = {
-            let file = self.generation_file()?;
-            file.lock_shared().map_err(|e| Error::io("lock", self.root.join(GENERATION), e))?;
-            self.read_generation(&file)?
-        };
-        let mut known = self.generation.lock().unwrap_or_else(|p| p.into_inner());
-        if *known == Some(current) {
-            return Ok(());
-        }
-        let mut scans = self.scans.lock().unwrap_or_else(|p| p.into_inner());
-        let volumes = scans.volumes.scan::<VolumeRecord>(&self.root.join("volumes"))?;
-        let snapshots = scans.snapshots.scan::<SnapshotRecord>(&self.root.join("snapshots"))?;
-        let layers = scans.layers.scan::<LayerRecord>(&self.layers_dir())?;
-        // Records are stored under their key: a volume's or snapshot's name, a layer's id.
-        let mut index = self.index();
-        apply(&mut index.volumes, volumes, |stem| Some(stem.to_owned()));
-        apply(&mut index.snapshots, snapshots, |stem| Some(stem.to_owned()));
-        apply(&mut index.layers, layers, |stem| LayerId::parse(stem).ok());
-        *known = Some(current);
-        Ok(())
-    }
-
-    /// Opened for each use: `flock` excludes open files, so threads of this process exclude
-    /// each other only through files of their own.
-    fn generation_file(&self) -> Result<std::fs::File> {
-        let path = self.root.join(GENERATION);
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io("open", &path, e))
-    }
-
-    /// The counter in the generation file (0 while it is empty or unreadable as a number, which
-    /// a writer then replaces).
-    fn read_generation(&self, file: &std::fs::File) -> Result<u64> {
-        use std::os::unix::fs::FileExt;
-        let mut bytes = [0u8; 20];
-        let n = file
-            .read_at(&mut bytes, 0)
-            .map_err(|e| Error::io("read", self.root.join(GENERATION), e))?;
-        Ok(std::str::from_utf8(&bytes[..n]).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0))
-    }
-
-    /// Runs `write` (a record's file and its index entry) as one write to the pool: under this
-    /// process's shared write lock and, for shared pools, with the generation bumped under an
-    /// exclusive lock on its file held until `write` is done.
-    fn write_record<R>(&self, write: impl FnOnce() -> Result<R>) -> Result<R> {
-        let _local = self.writes.read().unwrap_or_else(|p| p.into_inner());
-        if self.kind == PoolKind::Local {
-            return write();
-        }
-        use std::os::unix::fs::FileExt;
-        let path = self.root.join(GENERATION);
-        let file = self.generation_file()?;
-        file.lock().map_err(|e| Error::io("lock", &path, e))?;
-        let before = self.read_generation(&file)?;
-        let after = before.wrapping_add(1);
-        // Fixed width, so the counter is rewritten in place without a truncation.
-        file.write_all_at(format!("{after:020}").as_bytes(), 0)
-            .and_then(|_| file.sync_data())
-            .map_err(|e| Error::io("write", &path, e))?;
-        let result = write();
-        let mut known = self.generation.lock().unwrap_or_else(|p| p.into_inner());
-        if result.is_ok() && *known == Some(before) {
-            *known = Some(after);
-        }
-        result
-    }
-
-    /// Shared pools: records that `node` holds volume `name` attached.
-    pub fn set_owner(&self, name: &str, node: &str) -> Result<()> {
-        if self.kind == PoolKind::Local {
-            return Ok(());
-        }
-        let record = OwnerRecord { node: node.to_owned() };
-        store::write_json(&self.root.join("owners"), &format!("{name}.json"), &record)
-    }
-
-    /// Shared pools: removes the owner record of volume `name` if it names `node`.
-    pub fn clear_owner(&self, name: &str, node: &str) -> Result<()> {
-        if self.owner(name)?.is_some_and(|owner| owner == node) {
-            store::remove(&self.root.join("owners"), &format!("{name}.json"))?;
-        }
-        Ok(())
-    }
-
-    /// Shared pools: the volumes whose owner record names `node`.
-    pub fn owned_by(&self, node: &str) -> Result<Vec<String>> {
-        if self.kind == PoolKind::Local {
-            return Ok(Vec::new());
-        }
-        let dir = self.root.join("owners");
-        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
-        let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
-            let file = entry.file_name().to_string_lossy().into_owned();
-            if let Some(name) = file.strip_suffix(".json").filter(|_| !file.starts_with('.')) {
-                if self.owner(name)?.is_some_and(|owner| owner == node) {
-                    names.push(name.to_owned());
-                }
-            }
-        }
-        Ok(names)
-    }
-
-    /// Shared pools: the node volume `name` is attached on, read from disk now.
-    pub fn owner(&self, name: &str) -> Result<Option<String>> {
-        if self.kind == PoolKind::Local {
-            return Ok(None);
-        }
-        let path = self.root.join("owners").join(format!("{name}.json"));
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let record: OwnerRecord = serde_json::from_slice(&bytes)
-                    .map_err(|source| Error::Metadata { path, source })?;
-                Ok(Some(record.node))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io("read", &path, e)),
-        }
     }
 
     /// The pool's name.
@@ -651,6 +365,8 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qsd_csi_model::volume::{Format, Preallocation, Qos};
+    use std::collections::BTreeMap;
 
     #[test]
     fn a_volume_record_written_before_the_model_types_loads_and_writes_back_the_same() {
