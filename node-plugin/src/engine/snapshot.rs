@@ -17,7 +17,7 @@ use super::volume::Preallocation;
 use super::EngineCore;
 use crate::error::{Error, Result};
 use crate::graph::{self, Names, NewImage, OverlaySwitch};
-use crate::pool::id::IdKind;
+use crate::pool::id::{IdKind, ObjectId};
 use crate::pool::{LayerId, LayerRecord, Pool, SnapshotRecord, VolumeRecord};
 
 /// What callers see of a snapshot.
@@ -47,6 +47,11 @@ pub struct SnapshotBatch<'a> {
     /// Freeze mounted filesystems around the switch.
     pub freeze: bool,
 }
+
+/// A batch item resolved: the volume's pool and ID, and the snapshot's name.
+type Resolved<'a> = (Arc<Pool>, ObjectId, &'a str);
+/// A member to take: its pool, ID and record, and the snapshot's name.
+type Member<'a> = (Arc<Pool>, ObjectId, VolumeRecord, &'a str);
 
 /// A snapshot of this name exists: the same request again (taken from `volume`, in `group`)
 /// is answered by it; anything else is ALREADY_EXISTS, naming the difference.
@@ -130,108 +135,15 @@ impl EngineCore {
         &self,
         batch: SnapshotBatch<'_>,
     ) -> Result<Vec<SnapshotInfo>> {
-        let mut keys = Vec::new();
-        let mut resolved = Vec::new();
-        for (volume_id, name) in batch.items {
-            let (pool, parsed) = self.resolve(IdKind::Volume, volume_id)?;
-            self.object_id(IdKind::Snapshot, &pool, name)?;
-            keys.push(Self::key(IdKind::Volume, &pool, parsed.name.as_str()));
-            keys.push(Self::key(IdKind::Snapshot, &pool, name));
-            resolved.push((pool, parsed, *name));
-        }
-        let unique: std::collections::HashSet<_> = keys.iter().collect();
-        if unique.len() != keys.len() {
-            return Err(Error::invalid("snapshots", "a volume or snapshot name appears twice"));
-        }
-        if let Some(group) = batch.group {
-            let Some((first, ..)) = resolved.first() else {
-                return Err(Error::invalid("snapshots", "a group needs at least one volume"));
-            };
-            if let Some((other, ..)) = resolved.iter().find(|(p, ..)| p.name() != first.name()) {
-                return Err(Error::FailedPrecondition(format!(
-                    "a group snapshot's volumes must share one pool; these are in {} and {}",
-                    first.name().as_str(),
-                    other.name().as_str()
-                )));
-            }
-            self.object_id(IdKind::Group, first, group)?;
-            keys.push(Self::key(IdKind::Group, first, group));
-        }
+        let (resolved, keys) = self.resolve_batch(&batch)?;
         let _guard = self.lock(keys)?;
-        if let (Some(group), Some((pool, ..))) = (batch.group, resolved.first()) {
-            let members = pool.group_members(group);
-            if !members.is_empty() {
-                let mut had: Vec<&str> = members.iter().map(|m| m.source_volume.as_str()).collect();
-                let mut asked: Vec<&str> =
-                    resolved.iter().map(|(_, v, _)| v.name.as_str()).collect();
-                had.sort_unstable();
-                asked.sort_unstable();
-                if had != asked {
-                    return Err(Error::AlreadyExists {
-                        what: "group snapshot",
-                        name: group.to_owned(),
-                        difference: format!("it holds snapshots of {}", had.join(", ")),
-                    });
-                }
-                return members.iter().map(|m| self.snapshot_info(pool, m)).collect();
-            }
+        if let Some(members) = self.group_taken_before(&batch, &resolved)? {
+            return Ok(members);
         }
         let _graph = self.graph.change().await;
-        // Every item is checked before any is changed: an item refused (its name taken, its
-        // volume held elsewhere) must not leave another's chain shortened.
-        let mut done = Vec::new();
-        let mut to_take = Vec::new();
-        for (pool, parsed, name) in resolved {
-            let record = pool
-                .volume(parsed.name.as_str())
-                .ok_or_else(|| Error::NotFound { what: "volume", id: parsed.to_string() })?;
-            if let Some(existing) = pool.snapshot(name) {
-                same_snapshot(&existing, &record.name, batch.group)?;
-                done.push(self.snapshot_info(&pool, &existing)?);
-                continue;
-            }
-            self.held_here(&pool, &record, &parsed.to_string())?;
-            to_take.push((pool, parsed, record, name));
-        }
-        let mut planned = Vec::new();
-        for (pool, parsed, record, name) in to_take {
-            // Make room for one more layer.
-            while pool.chain(record.head)?.len() + 1 > record.max_chain_depth as usize {
-                if !self.shorten_once(&pool, &record.name).await? {
-                    return Err(Error::ResourceExhausted(format!(
-                        "volume {} already has {} layers, its limit; delete snapshots of it first",
-                        parsed,
-                        pool.chain(record.head)?.len()
-                    )));
-                }
-            }
-            let record = pool.volume(&record.name).unwrap_or(record);
-            planned.push(Planned {
-                pool,
-                record,
-                snapshot_name: name.to_owned(),
-                overlay: LayerId::random(),
-            });
-        }
-        let frozen = match (&planned[..], batch.freeze, self.quiesce.get()) {
-            ([_, ..], true, Some(quiesce)) => {
-                let quiesce = quiesce.clone();
-                let ids: Vec<String> = planned
-                    .iter()
-                    .map(|p| {
-                        self.object_id(IdKind::Volume, &p.pool, &p.record.name)
-                            .map(|i| i.to_string())
-                    })
-                    .collect::<Result<_>>()?;
-                let freeze = tokio::task::spawn_blocking(move || quiesce.freeze(&ids));
-                Some(
-                    freeze
-                        .await
-                        .map_err(|e| Error::Inconsistent(format!("freeze task: {e}")))??,
-                )
-            }
-            _ => None,
-        };
+        let (mut done, to_take) = self.check_members(&batch, resolved)?;
+        let planned = self.make_room(to_take).await?;
+        let frozen = self.freeze(&planned, batch.freeze).await?;
         let result = self.switch_to_overlays(&planned, batch.group).await;
         drop(frozen);
         let intent = match result {
@@ -261,6 +173,135 @@ impl EngineCore {
         crate::fault_point!("snapshot:after-snapshot-record");
         drop(intent);
         Ok(done)
+    }
+
+    /// Validate: each item's volume and snapshot name resolved, none twice, a group's volumes
+    /// in one pool; and the locks the batch takes.
+    fn resolve_batch<'a>(
+        &self,
+        batch: &SnapshotBatch<'a>,
+    ) -> Result<(Vec<Resolved<'a>>, Vec<String>)> {
+        let mut keys = Vec::new();
+        let mut resolved = Vec::new();
+        for (volume_id, name) in batch.items {
+            let (pool, parsed) = self.resolve(IdKind::Volume, volume_id)?;
+            self.object_id(IdKind::Snapshot, &pool, name)?;
+            keys.push(Self::key(IdKind::Volume, &pool, parsed.name.as_str()));
+            keys.push(Self::key(IdKind::Snapshot, &pool, name));
+            resolved.push((pool, parsed, *name));
+        }
+        let unique: std::collections::HashSet<_> = keys.iter().collect();
+        if unique.len() != keys.len() {
+            return Err(Error::invalid("snapshots", "a volume or snapshot name appears twice"));
+        }
+        if let Some(group) = batch.group {
+            let Some((first, ..)) = resolved.first() else {
+                return Err(Error::invalid("snapshots", "a group needs at least one volume"));
+            };
+            if let Some((other, ..)) = resolved.iter().find(|(p, ..)| p.name() != first.name()) {
+                return Err(Error::FailedPrecondition(format!(
+                    "a group snapshot's volumes must share one pool; these are in {} and {}",
+                    first.name().as_str(),
+                    other.name().as_str()
+                )));
+            }
+            self.object_id(IdKind::Group, first, group)?;
+            keys.push(Self::key(IdKind::Group, first, group));
+        }
+        Ok((resolved, keys))
+    }
+
+    /// A named group taken before answers the same request again (the same volumes), and
+    /// refuses another.
+    fn group_taken_before(
+        &self,
+        batch: &SnapshotBatch<'_>,
+        resolved: &[Resolved<'_>],
+    ) -> Result<Option<Vec<SnapshotInfo>>> {
+        let (Some(group), Some((pool, ..))) = (batch.group, resolved.first()) else {
+            return Ok(None);
+        };
+        let members = pool.group_members(group);
+        if members.is_empty() {
+            return Ok(None);
+        }
+        let mut had: Vec<&str> = members.iter().map(|m| m.source_volume.as_str()).collect();
+        let mut asked: Vec<&str> = resolved.iter().map(|(_, v, _)| v.name.as_str()).collect();
+        had.sort_unstable();
+        asked.sort_unstable();
+        if had != asked {
+            return Err(Error::AlreadyExists {
+                what: "group snapshot",
+                name: group.to_owned(),
+                difference: format!("it holds snapshots of {}", had.join(", ")),
+            });
+        }
+        members.iter().map(|m| self.snapshot_info(pool, m)).collect::<Result<_>>().map(Some)
+    }
+
+    /// Every member checked before any is changed: an item refused (its name taken, its volume
+    /// held elsewhere) must not leave another's chain shortened. Returns the snapshots already
+    /// taken (the same request again) and the members to take.
+    fn check_members<'a>(
+        &self,
+        batch: &SnapshotBatch<'_>,
+        resolved: Vec<Resolved<'a>>,
+    ) -> Result<(Vec<SnapshotInfo>, Vec<Member<'a>>)> {
+        let mut done = Vec::new();
+        let mut to_take = Vec::new();
+        for (pool, parsed, name) in resolved {
+            let record = pool
+                .volume(parsed.name.as_str())
+                .ok_or_else(|| Error::NotFound { what: "volume", id: parsed.to_string() })?;
+            if let Some(existing) = pool.snapshot(name) {
+                same_snapshot(&existing, &record.name, batch.group)?;
+                done.push(self.snapshot_info(&pool, &existing)?);
+                continue;
+            }
+            self.held_here(&pool, &record, &parsed.to_string())?;
+            to_take.push((pool, parsed, record, name));
+        }
+        Ok((done, to_take))
+    }
+
+    /// Makes room for one more layer in each member's chain (shortening it where it is at its
+    /// limit); the plan of each switch.
+    async fn make_room(&self, to_take: Vec<Member<'_>>) -> Result<Vec<Planned>> {
+        let mut planned = Vec::new();
+        for (pool, parsed, record, name) in to_take {
+            while pool.chain(record.head)?.len() + 1 > record.max_chain_depth as usize {
+                if !self.shorten_once(&pool, &record.name).await? {
+                    return Err(Error::ResourceExhausted(format!(
+                        "volume {} already has {} layers, its limit; delete snapshots of it first",
+                        parsed,
+                        pool.chain(record.head)?.len()
+                    )));
+                }
+            }
+            let record = pool.volume(&record.name).unwrap_or(record);
+            planned.push(Planned {
+                pool,
+                record,
+                snapshot_name: name.to_owned(),
+                overlay: LayerId::random(),
+            });
+        }
+        Ok(planned)
+    }
+
+    /// Freezes the filesystems mounted on the planned volumes, when asked and a node service
+    /// provides the freezing; the guard thaws them.
+    async fn freeze(&self, planned: &[Planned], asked: bool) -> Result<Option<Box<dyn Send>>> {
+        let (true, false, Some(quiesce)) = (asked, planned.is_empty(), self.quiesce.get()) else {
+            return Ok(None);
+        };
+        let quiesce = quiesce.clone();
+        let ids: Vec<String> = planned
+            .iter()
+            .map(|p| self.object_id(IdKind::Volume, &p.pool, &p.record.name).map(|i| i.to_string()))
+            .collect::<Result<_>>()?;
+        let freeze = tokio::task::spawn_blocking(move || quiesce.freeze(&ids));
+        Ok(Some(freeze.await.map_err(|e| Error::Inconsistent(format!("freeze task: {e}")))??))
     }
 
     /// Creates each overlay, records it as the new head, and switches attached volumes to it.
