@@ -20,6 +20,8 @@
 //! batches through a bounded channel, so memory stays bounded for any volume size, and a
 //! caller that hangs up kills the process.
 
+use std::path::PathBuf;
+
 use serde::Deserialize;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
@@ -27,6 +29,7 @@ use tokio::sync::mpsc;
 use super::EngineCore;
 use crate::error::{Error, Result};
 use crate::pool::id::IdKind;
+use crate::pool::{LayerId, Pool};
 
 /// One range of bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,28 +106,7 @@ impl EngineCore {
         let chain = pool.chain(record.layer)?;
         let depth = match base {
             None => None,
-            Some(base_id) => {
-                if base_id == target {
-                    return Err(Error::invalid(
-                        "base_snapshot_id",
-                        "is the target itself; the base must be an older snapshot",
-                    ));
-                }
-                let (base_pool, base_parsed) = self.resolve(IdKind::Snapshot, base_id)?;
-                let base_record = base_pool
-                    .snapshot(base_parsed.name.as_str())
-                    .ok_or_else(|| Error::NotFound { what: "snapshot", id: base_id.to_owned() })?;
-                let position = (base_pool.name() == pool.name())
-                    .then(|| chain.iter().position(|l| *l == base_record.layer))
-                    .flatten();
-                Some(position.ok_or_else(|| {
-                    Error::FailedPrecondition(format!(
-                        "{base_id} is not an older snapshot in the chain of {target} (taken of \
-                         another volume, of a copy, or later): the chain has no record of what \
-                         changed between them; take a full backup"
-                    ))
-                })? as u32)
-            }
+            Some(base_id) => Some(self.base_depth(&pool, &chain, base_id, target)?),
         };
         if start > record.size {
             return Err(Error::OutOfRange {
@@ -135,77 +117,117 @@ impl EngineCore {
                 ),
             });
         }
-        let path = pool.layer_path(record.layer);
-        let start_at = format!("--start-offset={start}");
-        let mut child = crate::command::spawn_piped(
-            "qemu-img",
-            &[
-                "map".as_ref(),
-                "-U".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                "--output=json".as_ref(),
-                start_at.as_ref(),
-                path.as_os_str(),
-            ],
-        )?;
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, batches) = mpsc::channel(4);
-        let per_batch = per_batch.max(1);
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stdout).lines();
-            let mut pending: Vec<ByteRange> = Vec::new();
-            let mut sent = false;
-            let result: Result<()> = async {
-                while let Some(line) =
-                    lines.next_line().await.map_err(|e| Error::io("read qemu-img map", &path, e))?
-                {
-                    let Some(entry) = map_entry(&line)? else { continue };
-                    let changed = entry.present && depth.is_none_or(|d| entry.depth < d);
-                    if !changed || entry.length == 0 {
-                        continue;
-                    }
-                    push_joined(
-                        &mut pending,
-                        ByteRange { offset: entry.start, length: entry.length },
-                    );
-                    // The last range may still grow: send all but it.
-                    if pending.len() > per_batch {
-                        let rest = pending.split_off(per_batch);
-                        let full = std::mem::replace(&mut pending, rest);
-                        if tx.send(Ok(full)).await.is_err() {
-                            return Ok(()); // the caller hung up: the child is killed on drop
-                        }
-                        sent = true;
-                    }
-                }
-                let output = child
-                    .wait_with_output()
-                    .await
-                    .map_err(|e| Error::io("wait for qemu-img", &path, e))?;
-                if !output.status.success() {
-                    return Err(Error::Command {
-                        program: "qemu-img map".into(),
-                        stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-                    });
-                }
-                Ok(())
-            }
-            .await;
-            match result {
-                // The last ranges; or, when nothing changed, one empty batch, so that the
-                // caller still learns the volume's size.
-                Ok(()) if !pending.is_empty() || !sent => {
-                    let _ = tx.send(Ok(pending)).await;
-                }
-                Ok(()) => {}
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                }
-            }
-        });
+        let batches = stream_map(pool.layer_path(record.layer), start, depth, per_batch)?;
         Ok(ChangeStream { volume_size: record.size, batches })
     }
+
+    /// How deep in `chain` (the target's, in `pool`) the older snapshot `base_id` sits: what
+    /// changed since it is what the layers above it hold.
+    fn base_depth(
+        &self,
+        pool: &Pool,
+        chain: &[LayerId],
+        base_id: &str,
+        target: &str,
+    ) -> Result<u32> {
+        if base_id == target {
+            return Err(Error::invalid(
+                "base_snapshot_id",
+                "is the target itself; the base must be an older snapshot",
+            ));
+        }
+        let (base_pool, base_parsed) = self.resolve(IdKind::Snapshot, base_id)?;
+        let base_record = base_pool
+            .snapshot(base_parsed.name.as_str())
+            .ok_or_else(|| Error::NotFound { what: "snapshot", id: base_id.to_owned() })?;
+        let position = (base_pool.name() == pool.name())
+            .then(|| chain.iter().position(|l| *l == base_record.layer))
+            .flatten();
+        Ok(position.ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "{base_id} is not an older snapshot in the chain of {target} (taken of \
+                 another volume, of a copy, or later): the chain has no record of what \
+                 changed between them; take a full backup"
+            ))
+        })? as u32)
+    }
+}
+
+/// Streams `qemu-img map` of the image at `path` from `start`, in batches of `per_batch`
+/// joined ranges: those present above `depth` (every present range without one). The reading
+/// task ends, and the child with it, when the receiver is dropped.
+fn stream_map(
+    path: PathBuf,
+    start: u64,
+    depth: Option<u32>,
+    per_batch: usize,
+) -> Result<mpsc::Receiver<Result<Vec<ByteRange>>>> {
+    let start_at = format!("--start-offset={start}");
+    let mut child = crate::command::spawn_piped(
+        "qemu-img",
+        &[
+            "map".as_ref(),
+            "-U".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "--output=json".as_ref(),
+            start_at.as_ref(),
+            path.as_os_str(),
+        ],
+    )?;
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, batches) = mpsc::channel(4);
+    let per_batch = per_batch.max(1);
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut pending: Vec<ByteRange> = Vec::new();
+        let mut sent = false;
+        let result: Result<()> = async {
+            while let Some(line) =
+                lines.next_line().await.map_err(|e| Error::io("read qemu-img map", &path, e))?
+            {
+                let Some(entry) = map_entry(&line)? else { continue };
+                let changed = entry.present && depth.is_none_or(|d| entry.depth < d);
+                if !changed || entry.length == 0 {
+                    continue;
+                }
+                push_joined(&mut pending, ByteRange { offset: entry.start, length: entry.length });
+                // The last range may still grow: send all but it.
+                if pending.len() > per_batch {
+                    let rest = pending.split_off(per_batch);
+                    let full = std::mem::replace(&mut pending, rest);
+                    if tx.send(Ok(full)).await.is_err() {
+                        return Ok(()); // the caller hung up: the child is killed on drop
+                    }
+                    sent = true;
+                }
+            }
+            let output = child
+                .wait_with_output()
+                .await
+                .map_err(|e| Error::io("wait for qemu-img", &path, e))?;
+            if !output.status.success() {
+                return Err(Error::Command {
+                    program: "qemu-img map".into(),
+                    stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+                });
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            // The last ranges; or, when nothing changed, one empty batch, so that the
+            // caller still learns the volume's size.
+            Ok(()) if !pending.is_empty() || !sent => {
+                let _ = tx.send(Ok(pending)).await;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+            }
+        }
+    });
+    Ok(batches)
 }
 
 #[cfg(test)]
