@@ -197,44 +197,14 @@ impl EngineCore {
         };
         graph::create_image(&qmp, image).await?;
         crate::fault_point!("clone:after-target-image");
-        let chain = pool.chain(source_record.head)?;
-        let source_names = match self.journal.get(source_record.uid) {
-            Some(_) => None,
-            None => Some(Names::new(graph::fresh_tag())),
-        };
-        let target_names = Names::new(graph::fresh_tag());
-        let mut open = OpenNodes { source: None, target: None };
-        let started = async {
-            let source_node = match &source_names {
-                Some(names) => {
-                    let top = graph::open_chain(&qmp, &pool, names, &chain, true).await?;
-                    open.source = Some((names.clone(), chain.clone()));
-                    top
-                }
-                None => Names::new(source_record.uid.to_string()).format(source_record.head),
-            };
-            let target_node = graph::open_copy_target(&qmp, &pool, &target_names, target).await?;
-            open.target = Some(target_names.clone());
-            graph::start_backup(&qmp, &target_names, source_node, target_node, speed).await
-        }
-        .await;
-        let job = match started {
-            Ok(job) => {
-                tracing::info!(
-                    volume = request.name,
-                    source = request.source_id(),
-                    speed,
-                    "full clone started"
-                );
-                crate::fault_point!("clone:after-job-start");
-                job
-            }
-            Err(e) => {
-                open.close(&qmp, target).await;
-                let _ = std::fs::remove_file(pool.layer_path(target));
-                return Err(e);
-            }
-        };
+        let (job, open) = self.start_copy(&pool, &source_record, target, speed).await?;
+        tracing::info!(
+            volume = request.name,
+            source = request.source_id(),
+            speed,
+            "full clone started"
+        );
+        crate::fault_point!("clone:after-job-start");
         let record = VolumeRecord {
             name: request.name.clone(),
             uid: LayerId::random(),
@@ -262,6 +232,48 @@ impl EngineCore {
             })),
             report_every: CLONE_PROGRESS_PERIOD,
         })
+    }
+
+    /// Opens the clone's source (the attached volume's own graph, or its chain under a fresh
+    /// tag) and its target image, and starts the copy job; on failure closes what it opened
+    /// and removes the target image.
+    async fn start_copy(
+        &self,
+        pool: &Pool,
+        source_record: &VolumeRecord,
+        target: LayerId,
+        speed: Option<u64>,
+    ) -> Result<(Job, OpenNodes)> {
+        let qmp = self.daemon.qmp();
+        let chain = pool.chain(source_record.head)?;
+        let source_names = match self.journal.get(source_record.uid) {
+            Some(_) => None,
+            None => Some(Names::new(graph::fresh_tag())),
+        };
+        let target_names = Names::new(graph::fresh_tag());
+        let mut open = OpenNodes { source: None, target: None };
+        let started = async {
+            let source_node = match &source_names {
+                Some(names) => {
+                    let top = graph::open_chain(&qmp, pool, names, &chain, true).await?;
+                    open.source = Some((names.clone(), chain.clone()));
+                    top
+                }
+                None => Names::new(source_record.uid.to_string()).format(source_record.head),
+            };
+            let target_node = graph::open_copy_target(&qmp, pool, &target_names, target).await?;
+            open.target = Some(target_names.clone());
+            graph::start_backup(&qmp, &target_names, source_node, target_node, speed).await
+        }
+        .await;
+        match started {
+            Ok(job) => Ok((job, open)),
+            Err(e) => {
+                open.close(&qmp, target).await;
+                let _ = std::fs::remove_file(pool.layer_path(target));
+                Err(e)
+            }
+        }
     }
 }
 
