@@ -316,37 +316,38 @@ fn a_thread_waits_on_io() -> bool {
     })
 }
 
-/// Kernel log records from now on (`/dev/kmsg`, read without blocking).
+/// Kernel log records from now on (`/dev/kmsg`).
 struct KernelLog(std::fs::File);
 
 impl KernelLog {
     fn from_now() -> KernelLog {
         use std::io::Seek;
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open("/dev/kmsg")
-            .expect("open /dev/kmsg");
+        let mut f = std::fs::File::open("/dev/kmsg").expect("open /dev/kmsg");
         f.seek(std::io::SeekFrom::End(0)).expect("seek to the log's end");
         KernelLog(f)
     }
 
-    /// Waits until the kernel logs a record containing `text`.
-    async fn wait_for(&mut self, text: &str) {
-        use std::io::Read;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let mut record = vec![0u8; 8192];
-        loop {
-            match self.0.read(&mut record) {
-                Ok(n) if String::from_utf8_lossy(&record[..n]).contains(text) => return,
-                Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue, // records overwritten
-                Err(e) => panic!("read /dev/kmsg: {e}"),
+    /// Waits until the kernel logs a record containing `text`: a blocking read of `/dev/kmsg`
+    /// returns each record as it is logged.
+    async fn wait_for(self, text: &str) {
+        let text = text.to_owned();
+        let mut file = self.0;
+        let reader = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut record = vec![0u8; 8192];
+            loop {
+                match file.read(&mut record) {
+                    Ok(n) if String::from_utf8_lossy(&record[..n]).contains(&text) => return,
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {} // records overwritten
+                    Err(e) => panic!("read /dev/kmsg: {e}"),
+                }
             }
-            assert!(std::time::Instant::now() < deadline, "the kernel never logged {text:?}");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await; // poll the log
-        }
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(30), reader)
+            .await
+            .expect("the kernel logged the dead connection")
+            .expect("the log reader");
     }
 }
 
@@ -364,7 +365,7 @@ async fn nbd_a_write_waiting_across_an_expand_completes_once_reconnected() {
     // Opened while connected: the first open's partition scan reads the device.
     let f = open_direct(&dev);
     let name = dev.file_name().expect("name").to_string_lossy().into_owned();
-    let mut log = KernelLog::from_now();
+    let log = KernelLog::from_now();
     assert_eq!(core.expand_volume(&vol.id, 32 * MIB as i64).await.expect("expand"), 32 * MIB);
     log.wait_for(&format!("{name}: Receive control failed")).await;
     let data = pattern(4, BLOCK);
