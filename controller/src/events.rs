@@ -270,6 +270,7 @@ mod tests {
                 missed: false,
                 rearmed_at_bytes: 89 << 20,
                 size_bytes: 100 << 20,
+                ..Default::default()
             },
         )))
         .expect("notice");

@@ -18,6 +18,7 @@ pub mod discovery;
 pub mod error;
 pub mod events;
 pub mod groups;
+pub mod grow;
 pub mod identity;
 pub mod lease;
 pub mod metadata;

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use qsd_csi_model::grow::{AutoExpand, AUTO_EXPAND, AUTO_EXPAND_LIMIT, AUTO_EXPAND_STEP};
 use qsd_csi_model::id::{ObjectName, SIZE_ALIGN};
 use qsd_csi_model::params::{
     self as keys, qos_key, CLAIM_LABELS, DEFAULT_SIZE, PROVISIONER_PREFIX, XFS_MIN_SIZE,
@@ -128,10 +129,13 @@ pub fn create_volume(
             keys::WRITE_THRESHOLD_PERCENT => {
                 keys::threshold_percent(value)?;
             }
+            AUTO_EXPAND | AUTO_EXPAND_STEP | AUTO_EXPAND_LIMIT => {}
             _ => return Err(ControllerError::Unsupported(format!("unknown parameter {key:?}"))),
         }
     }
     out.format.check()?;
+    out.auto_expand =
+        AutoExpand::from_parameters(|key| req.parameters.get(key).map(String::as_str))?;
     // A VolumeAttributesClass arrives as mutable parameters: QoS limits that win over parameters.
     for (key, value) in &req.mutable_parameters {
         if !qos_key(&mut out.qos, key, value)? {
@@ -158,6 +162,13 @@ pub fn create_volume(
         || req.volume_capabilities.iter().any(|c| {
             matches!(&c.access_type, Some(csi::volume_capability::AccessType::Mount(m)) if m.fs_type == "xfs")
         });
+    if let (Some(limit), Some(size)) = (out.auto_expand.and_then(|a| a.limit), out.size) {
+        if limit < size.max(0) as u64 {
+            return Err(ControllerError::Unsupported(format!(
+                "autoExpandLimit {limit} is below the requested size {size}: the volume could never grow"
+            )));
+        }
+    }
     if let Some(size) = out.size.filter(|s| xfs && out.source.is_none() && *s < XFS_MIN_SIZE) {
         return Err(ControllerError::OutOfRange(format!(
             "an xfs volume needs at least {} MiB (mkfs.xfs refuses smaller filesystems); {} MiB was asked for",
@@ -342,10 +353,29 @@ mod tests {
             &[("extendedL2", "true"), ("clusterSize", "4Ki")],
             &[("extendedL2", "on")],
             &[("l2CacheSize", "64Ki")],
+            &[("autoExpand", "maybe")],
+            &[("autoExpandStep", "25%")],
+            &[("autoExpand", "true"), ("autoExpandStep", "a lot")],
+            &[("autoExpand", "true"), ("autoExpandLimit", "1Mi")],
         ] {
             let err = create_volume(&request(bad), "default").err().map(|s| s.code());
             assert_eq!(err, Some(tonic::Code::InvalidArgument), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_auto_expanding_class_gives_its_volumes_a_policy() {
+        use qsd_csi_model::grow::{AutoExpand, Step};
+        let r = create_volume(
+            &request(&[("autoExpand", "true"), ("autoExpandLimit", "3Gi")]),
+            "default",
+        )
+        .expect("valid");
+        let policy =
+            AutoExpand { step: Step::Percent(25), limit: Some(3 << 30), threshold_percent: 80 };
+        assert_eq!(r.auto_expand, Some(policy));
+        let plain = create_volume(&request(&[]), "default").expect("valid");
+        assert_eq!(plain.auto_expand, None);
     }
 
     #[test]

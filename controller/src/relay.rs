@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!   leading ─► one watcher per known node ─► agent.WatchEvents ─► Notice ─► Events (PVC)
-//!              (re-synced with the agent set every SYNC; a broken stream reconnects)
+//!              (re-synced with the agent set every SYNC;    └─► AutoGrow (auto-expanding
+//!               a broken stream reconnects)                      volumes' crossings)
 //!   not leading ─► no watchers
 //! ```
 //! Events a node reports while nobody watches are not replayed; the log of the node plugin
@@ -20,6 +21,7 @@ use tokio_stream::StreamExt;
 
 use crate::agents::Agents;
 use crate::events::{Events, Notice};
+use crate::grow::AutoGrow;
 
 /// How often the watchers are matched against the known nodes.
 pub const SYNC: Duration = Duration::from_secs(5);
@@ -43,7 +45,7 @@ fn worth_posting(tenths: &mut HashMap<String, u64>, event: &agent::VolumeEvent) 
     }
 }
 
-async fn watch_node(node: String, agents: Agents, events: Events) {
+async fn watch_node(node: String, agents: Agents, events: Events, grow: Option<AutoGrow>) {
     let mut tenths = HashMap::new();
     loop {
         let Ok(agent) = agents.node(&node) else {
@@ -61,6 +63,9 @@ async fn watch_node(node: String, agents: Agents, events: Events) {
                             if let Some(notice) = Notice::from_volume_event(&event) {
                                 events.report(&event.labels, &notice).await;
                             }
+                            if let Some(grow) = &grow {
+                                grow.on_event(&event);
+                            }
                         }
                         Err(status) => {
                             tracing::debug!(node, %status, "a node's event stream broke");
@@ -75,8 +80,14 @@ async fn watch_node(node: String, agents: Agents, events: Events) {
     }
 }
 
-/// Runs for the life of the controller: watches every node's events while `leading` is true.
-pub async fn run(agents: Agents, events: Events, mut leading: watch::Receiver<bool>) {
+/// Runs for the life of the controller: watches every node's events while `leading` is true,
+/// and hands auto-expanding volumes' crossings to `grow`.
+pub async fn run(
+    agents: Agents,
+    events: Events,
+    grow: Option<AutoGrow>,
+    mut leading: watch::Receiver<bool>,
+) {
     let mut watchers: BTreeMap<String, JoinHandle<()>> = BTreeMap::new();
     let mut sync = tokio::time::interval(SYNC);
     loop {
@@ -92,7 +103,7 @@ pub async fn run(agents: Agents, events: Events, mut leading: watch::Receiver<bo
             });
             for node in nodes {
                 watchers.entry(node.clone()).or_insert_with(|| {
-                    tokio::spawn(watch_node(node, agents.clone(), events.clone()))
+                    tokio::spawn(watch_node(node, agents.clone(), events.clone(), grow.clone()))
                 });
             }
         } else {

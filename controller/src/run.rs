@@ -25,6 +25,7 @@ use crate::agents::{self, Agents, NodeAgent};
 use crate::discovery::{self, Discovery};
 use crate::error::ControllerError;
 use crate::events::{Events, Reporter};
+use crate::grow::{AutoGrow, GrowMetrics};
 use crate::identity::{AlwaysReady, IdentityService};
 use crate::lease::{Election, LeaseConfig};
 use crate::serve::Latch;
@@ -61,6 +62,24 @@ pub struct ControllerConfig {
     pub identity: String,
     /// Where to serve the gRPC health service, if anywhere.
     pub health_listen: Option<SocketAddr>,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// The controller's metrics: every gRPC call, and auto-expansions.
+#[derive(Debug, Clone, Default)]
+pub struct ControllerMetrics {
+    /// Auto-expansions made and refused.
+    pub grow: GrowMetrics,
+}
+
+impl ControllerMetrics {
+    /// A registry with every family of the controller.
+    pub fn registry(&self) -> Result<prometheus::Registry, RunError> {
+        let registry = qsd_csi_proto::metrics::registry();
+        self.grow.register(&registry).map_err(|e| RunError::Metrics(e.to_string()))?;
+        Ok(registry)
+    }
 }
 
 impl ControllerConfig {
@@ -143,15 +162,45 @@ impl Background {
         rx
     }
 
-    /// Relays node events to `events` while `leading`.
-    pub fn relay(&mut self, agents: Agents, events: Events, leading: watch::Receiver<bool>) {
+    /// Relays node events to `events` (and auto-expanding volumes' crossings to `grow`) while
+    /// `leading`.
+    pub fn relay(
+        &mut self,
+        agents: Agents,
+        events: Events,
+        grow: Option<AutoGrow>,
+        leading: watch::Receiver<bool>,
+    ) {
         let stop = self.stop.wait();
         self.spawn("relay", async move {
             tokio::select! {
-                () = relay::run(agents, events, leading) => {}
+                () = relay::run(agents, events, grow, leading) => {}
                 () = stop => {}
             }
         });
+    }
+
+    /// Serves `registry` at `GET /metrics` on `addr` until stopped.
+    pub async fn serve_metrics(
+        &mut self,
+        addr: SocketAddr,
+        registry: prometheus::Registry,
+    ) -> Result<(), RunError> {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| {
+            qsd_csi_proto::transport::TransportError::Io {
+                op: "listen for metrics scrapes on",
+                path: addr.to_string().into(),
+                source,
+            }
+        })?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        let stop = self.stop.wait();
+        self.spawn("metrics", async move {
+            if let Err(e) = qsd_csi_proto::metrics::serve(listener, registry, stop).await {
+                tracing::error!(error = %e, "the metrics server failed");
+            }
+        });
+        Ok(())
     }
 
     /// Signs node agent certificates while `leading`.
@@ -192,6 +241,7 @@ pub async fn run(
     signer: Option<Signer>,
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
+    let metrics = ControllerMetrics::default();
     let connect: Connect = Arc::new(config.connector());
     let agents = Agents::new(BTreeMap::new(), config.default_node.clone());
     let mut background = Background::new();
@@ -233,7 +283,14 @@ pub async fn run(
     if let Some(signer) = signer {
         background.sign(signer, leading.clone());
     }
-    background.relay(agents.clone(), events.clone(), leading);
+    let grow = client.as_ref().map(|client| {
+        let grower = Arc::new(crate::grow::ClaimGrower::new(client.clone()));
+        AutoGrow::new(grower, events.clone(), metrics.grow.clone())
+    });
+    background.relay(agents.clone(), events.clone(), grow, leading);
+    if let Some(addr) = config.metrics_listen {
+        background.serve_metrics(addr, metrics.registry()?).await?;
+    }
     tracing::info!(nodes = ?agents.nodes().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(), "controller ready");
     let identity = IdentityService::new(Arc::new(AlwaysReady), true);
     let router =
@@ -260,4 +317,7 @@ pub enum RunError {
     /// A server failed.
     #[error(transparent)]
     Transport(#[from] qsd_csi_proto::transport::TransportError),
+    /// The metrics could not be registered.
+    #[error("registering metrics: {0}")]
+    Metrics(String),
 }

@@ -42,6 +42,12 @@ pub fn volume(info: &agent::Volume, parameters: &HashMap<String, String>) -> csi
             context.insert(key.to_owned(), value.clone());
         }
     }
+    // An auto-expanding volume is staged with its threshold armed, named or not by the class.
+    if let Some(policy) = info.auto_expand {
+        context
+            .entry(qsd_csi_model::params::WRITE_THRESHOLD_PERCENT.to_owned())
+            .or_insert_with(|| policy.threshold_percent.to_string());
+    }
     csi::Volume {
         capacity_bytes: info.size_bytes as i64,
         volume_id: info.volume_id.clone(),

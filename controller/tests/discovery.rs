@@ -140,7 +140,7 @@ async fn background_work_is_owned_runs_until_stopped_and_is_joined() {
     let mut background = Background::new();
     background.discover(discovery(), client, agents.clone(), BTreeMap::new(), connect);
     let leading = background.lead_alone();
-    background.relay(agents.clone(), Events::log_only(), leading);
+    background.relay(agents.clone(), Events::log_only(), None, leading);
     assert_eq!(background.running(), ["discovery", "relay"]);
     assert!(agents.nodes().is_empty(), "nothing listed before the first refresh");
     // The refresh finds w1 (its agent is connected during the refresh)...

@@ -179,6 +179,10 @@ pub enum SnapshotCmd {
 pub struct Standalone {
     #[command(flatten)]
     pub engine: EngineArgs,
+    /// Serve Prometheus metrics (GET /metrics, text format) here: volumes, pools, the daemon,
+    /// every gRPC call.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Kernel device backend: auto, ublk, nbd or fuse.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -262,6 +266,10 @@ pub struct ControllerMode {
     pub node_pod_selector: Option<String>,
     #[command(flatten)]
     pub health: HealthArgs,
+    /// Serve Prometheus metrics (GET /metrics, text format) here: every gRPC call,
+    /// auto-expansions.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]

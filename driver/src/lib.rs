@@ -15,5 +15,6 @@ pub mod args;
 pub mod calls;
 pub mod client;
 pub mod engine_args;
+pub mod grow;
 pub mod modes;
 pub mod output;

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use crate::engine_args::AgentTlsArgs;
 use anyhow::Context;
 use qsd_csi_controller::agents::Agents;
-use qsd_csi_controller::run::{AgentSource, ControllerConfig};
+use qsd_csi_controller::events::Events;
+use qsd_csi_controller::grow::{AutoGrow, GrowMetrics};
+use qsd_csi_controller::run::{AgentSource, Background, ControllerConfig};
 use qsd_csi_controller::serve::Latch;
 use qsd_csi_controller::{ControllerService, IdentityService, Probe};
 use qsd_csi_proto::csi::identity_server::IdentityServer;
@@ -28,6 +30,7 @@ use qsd_node::csi::{NodeConfig, NodeService};
 use qsd_node::engine::{Engine, EngineConfig, EngineCore};
 
 use crate::args;
+use crate::grow::InPlaceGrower;
 
 /// Readiness of a process that runs the engine: the daemon answers on its monitor.
 #[derive(Debug, Clone)]
@@ -51,6 +54,8 @@ pub struct NodePart {
     pub engine: EngineConfig,
     /// The Node service.
     pub node: NodeConfig,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl NodePart {
@@ -59,15 +64,46 @@ impl NodePart {
         Ok(NodePart {
             engine: args.engine.config()?,
             node: NodeConfig { device: args.device.parse()?, max_volumes: args.max_volumes },
+            metrics_listen: args.metrics_listen,
         })
     }
 
-    async fn open(self) -> anyhow::Result<(Engine, NodeService)> {
+    async fn open(self) -> anyhow::Result<(Engine, Arc<NodeService>)> {
         let engine = Engine::open(self.engine).await.context("starting the block-graph engine")?;
         let node = NodeService::new(engine.core_arc(), self.node)?;
         node.undo_unfinished_stages().await;
         tracing::info!(node = engine.config().node.as_str(), "engine ready");
-        Ok((engine, node))
+        Ok((engine, Arc::new(node)))
+    }
+}
+
+/// The node's metrics registry: every gRPC call, the engine's volumes, pools and daemon, and
+/// (standalone) `grow`'s auto-expansions. The collector's catalog is kept refreshed while it
+/// lives.
+fn node_registry(
+    core: &Arc<EngineCore>,
+    grow: Option<&GrowMetrics>,
+) -> anyhow::Result<prometheus::Registry> {
+    let registry = qsd_csi_proto::metrics::registry();
+    let collector = qsd_node::metrics::NodeMetrics::new(core.clone())?;
+    collector.keep_refreshed();
+    registry.register(Box::new(ArcCollector(collector)))?;
+    if let Some(grow) = grow {
+        grow.register(&registry)?;
+    }
+    Ok(registry)
+}
+
+/// The node collector, shared with its refresh task.
+struct ArcCollector(Arc<qsd_node::metrics::NodeMetrics>);
+
+impl prometheus::core::Collector for ArcCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.0.collect()
     }
 }
 
@@ -80,23 +116,38 @@ pub struct StandaloneConfig {
     pub node: NodePart,
 }
 
-/// Serves Identity, Controller and Node on one socket with the engine in-process.
+/// Serves Identity, Controller and Node on one socket with the engine in-process; relays the
+/// engine's events (auto-expanding volumes grow here) and serves metrics when asked.
 pub async fn standalone(
     config: StandaloneConfig,
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let default_pool = config.node.engine.pools[0].name.as_str().to_owned();
+    let metrics_listen = config.node.metrics_listen;
     let (engine, node) = config.node.open().await?;
     let core = engine.core_arc();
     let agents =
         Agents::local(core.config().node.as_str(), Arc::new(AgentService::new(core.clone())));
+    let controller = ControllerService::new(agents.clone(), default_pool);
+    let mut background = Background::new();
+    let grow_metrics = GrowMetrics::new();
+    let grower = InPlaceGrower { controller: controller.clone(), node: node.clone() };
+    let grow = AutoGrow::new(Arc::new(grower), Events::log_only(), grow_metrics.clone());
+    let leading = background.lead_alone();
+    background.relay(agents.clone(), Events::log_only(), Some(grow), leading);
+    if let Some(addr) = metrics_listen {
+        background.serve_metrics(addr, node_registry(&core, Some(&grow_metrics))?).await?;
+    }
     let identity = IdentityService::new(Arc::new(EngineProbe(core)), true);
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity.clone()))
-        .add_service(qsd_csi_proto::failures::logged(NodeServer::new(node)));
-    let controller = ControllerService::new(agents.clone(), default_pool);
+        .add_service(qsd_csi_proto::failures::logged(NodeServer::from_arc(node)));
     let router = qsd_csi_controller::serve::controller_services(router, controller, agents);
-    qsd_csi_controller::serve::csi_and_health(&config.socket, router, None, identity, stop).await?;
+    let served =
+        qsd_csi_controller::serve::csi_and_health(&config.socket, router, None, identity, stop)
+            .await;
+    background.stop().await;
+    served?;
     tracing::info!("stopped; qemu-storage-daemon and staged volumes keep running");
     Ok(())
 }
@@ -123,6 +174,7 @@ pub async fn node(
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let tls_dir = config.node.engine.state_dir.join("tls");
+    let metrics_listen = config.node.metrics_listen;
     let (engine, node) = config.node.open().await?;
     let core = engine.core_arc();
     let listener = tokio::net::TcpListener::bind(config.agent_listen)
@@ -144,10 +196,14 @@ pub async fn node(
             anyhow::Ok(())
         }
     };
+    let mut background = Background::new();
+    if let Some(addr) = metrics_listen {
+        background.serve_metrics(addr, node_registry(&core, None)?).await?;
+    }
     let identity = IdentityService::new(Arc::new(EngineProbe(core)), false);
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity.clone()))
-        .add_service(qsd_csi_proto::failures::logged(NodeServer::new(node)));
+        .add_service(qsd_csi_proto::failures::logged(NodeServer::from_arc(node)));
     let csi = qsd_csi_controller::serve::csi_and_health(
         &config.socket,
         router,
@@ -160,6 +216,7 @@ pub async fn node(
         latch.on_end(agent),
         latch.follow(stop),
     );
+    background.stop().await;
     csi.and(agent)
 }
 
@@ -228,6 +285,7 @@ pub async fn controller(
         }),
         identity: args.identity.clone(),
         health_listen: args.health.health_listen,
+        metrics_listen: args.metrics_listen,
     };
     // The API server is needed for discovery, the Lease and signing; with it, notices
     // become Events.

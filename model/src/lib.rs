@@ -12,6 +12,7 @@
 //! Errors are [`Error`]: a request that is malformed ([`Error::InvalidArgument`]) or asks for a
 //! size outside what the driver supports ([`Error::OutOfRange`]).
 
+pub mod grow;
 pub mod health;
 pub mod id;
 pub mod params;

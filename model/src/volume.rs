@@ -198,6 +198,8 @@ pub struct CreateVolume {
     pub labels: BTreeMap<String, String>,
     /// qcow2 layout and cache.
     pub format: Format,
+    /// Grows itself when its write threshold is crossed (the class's `autoExpand*`).
+    pub auto_expand: Option<crate::grow::AutoExpand>,
 }
 
 impl CreateVolume {
@@ -216,6 +218,7 @@ impl CreateVolume {
             clone_bandwidth: None,
             labels: BTreeMap::new(),
             format: Format::default(),
+            auto_expand: None,
         }
     }
 

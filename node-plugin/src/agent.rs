@@ -47,6 +47,7 @@ fn volume(v: VolumeInfo) -> agent::Volume {
         source: convert::volume_source(v.source),
         export: export as i32,
         labels: v.labels,
+        auto_expand: v.auto_expand.map(agent::AutoExpand::from),
     }
 }
 
@@ -78,6 +79,9 @@ pub fn volume_event(event: EngineEvent) -> Option<agent::VolumeEvent> {
             rearmed_at,
             size,
             labels,
+            auto_expand,
+            filesystem,
+            pool_free,
         } => (
             volume,
             labels,
@@ -87,6 +91,10 @@ pub fn volume_event(event: EngineEvent) -> Option<agent::VolumeEvent> {
                 missed,
                 rearmed_at_bytes: rearmed_at,
                 size_bytes: size,
+                auto_expand: auto_expand.map(agent::AutoExpand::from),
+                filesystem_used_bytes: filesystem.map(|f| f.used),
+                filesystem_size_bytes: filesystem.map(|f| f.total),
+                pool_free_bytes: pool_free,
             }),
         ),
         EngineEvent::CloneProgress { volume, source, done, total, labels } => (

@@ -21,6 +21,7 @@ pub mod engine;
 pub mod error;
 pub mod fault;
 pub mod graph;
+pub mod metrics;
 pub mod mount;
 pub mod pool;
 pub mod qmp;

@@ -2,6 +2,7 @@
 //! encodes or decodes them. The controller encodes, the node's agent decodes; a round trip is
 //! the identity (tested below), so what the controller validated is what the engine runs.
 
+use qsd_csi_model::grow::{AutoExpand, Step};
 use qsd_csi_model::health::{Finding, Severity};
 use qsd_csi_model::volume::{CloneMode, CreateVolume, Format, Preallocation, Qos, VolumeSource};
 use qsd_csi_model::Error;
@@ -147,6 +148,7 @@ impl From<&CreateVolume> for agent::CreateVolumeRequest {
                 extended_l2: c.format.extended_l2,
                 l2_cache_size: c.format.l2_cache_size,
             }),
+            auto_expand: c.auto_expand.map(agent::AutoExpand::from),
         }
     }
 }
@@ -185,7 +187,45 @@ impl TryFrom<agent::CreateVolumeRequest> for CreateVolume {
                     l2_cache_size: f.l2_cache_size,
                 })
                 .unwrap_or_default(),
+            auto_expand: r.auto_expand.map(AutoExpand::try_from).transpose()?,
         })
+    }
+}
+
+impl From<AutoExpand> for agent::AutoExpand {
+    fn from(a: AutoExpand) -> Self {
+        use agent::auto_expand::Step as Wire;
+        agent::AutoExpand {
+            step: Some(match a.step {
+                Step::Percent(p) => Wire::StepPercent(p),
+                Step::Bytes(n) => Wire::StepBytes(n),
+            }),
+            limit_bytes: a.limit,
+            threshold_percent: a.threshold_percent,
+        }
+    }
+}
+
+impl TryFrom<agent::AutoExpand> for AutoExpand {
+    type Error = Error;
+
+    /// Refuses a policy that could not have come from a class's parameters.
+    fn try_from(a: agent::AutoExpand) -> Result<Self, Error> {
+        use agent::auto_expand::Step as Wire;
+        let step = match a.step {
+            Some(Wire::StepPercent(p)) if (1..=1000).contains(&p) => Step::Percent(p),
+            Some(Wire::StepBytes(n)) if n > 0 => Step::Bytes(n),
+            other => {
+                return Err(Error::invalid("autoExpandStep", format!("{other:?} is not a step")))
+            }
+        };
+        if !(1..=99).contains(&a.threshold_percent) {
+            return Err(Error::invalid(
+                "writeThresholdPercent",
+                format!("{} is not a whole percentage from 1 to 99", a.threshold_percent),
+            ));
+        }
+        Ok(AutoExpand { step, limit: a.limit_bytes, threshold_percent: a.threshold_percent })
     }
 }
 
@@ -232,6 +272,30 @@ mod tests {
             c.source = source;
             let wire = agent::CreateVolumeRequest::from(&c);
             assert_eq!(CreateVolume::try_from(wire), Ok(c.clone()));
+        }
+        for step in [Step::Percent(25), Step::Bytes(1 << 30)] {
+            c.auto_expand = Some(AutoExpand { step, limit: Some(3 << 30), threshold_percent: 80 });
+            let wire = agent::CreateVolumeRequest::from(&c);
+            assert_eq!(CreateVolume::try_from(wire), Ok(c.clone()));
+        }
+    }
+
+    #[test]
+    fn an_auto_expand_policy_no_class_could_give_is_refused() {
+        let good = agent::AutoExpand::from(AutoExpand {
+            step: Step::Percent(25),
+            limit: None,
+            threshold_percent: 80,
+        });
+        use agent::auto_expand::Step as Wire;
+        for bad in [
+            agent::AutoExpand { step: None, ..good },
+            agent::AutoExpand { step: Some(Wire::StepPercent(0)), ..good },
+            agent::AutoExpand { step: Some(Wire::StepBytes(0)), ..good },
+            agent::AutoExpand { threshold_percent: 0, ..good },
+            agent::AutoExpand { threshold_percent: 100, ..good },
+        ] {
+            assert!(AutoExpand::try_from(bad).is_err());
         }
     }
 

@@ -1,5 +1,5 @@
-//! Every failed call logged once, where it is answered: a tower service around each gRPC
-//! service of a server.
+//! Every failed call logged once, and every call timed ([`crate::metrics`]), where it is
+//! answered: a tower service around each gRPC service of a server.
 //!
 //! ```text
 //!   request ─► read the method (path) and the object it names (decoded request) ─► service
@@ -58,6 +58,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
+            let started = std::time::Instant::now();
             let method = request.uri().path().to_owned();
             let (parts, body) = request.into_parts();
             // Requests are small (one message); read it to name the object, then pass it on.
@@ -73,9 +74,12 @@ where
             let object = object_of(&method, &bytes);
             let body = Body::new(http_body_util::Full::new(bytes));
             let response = inner.call(http::Request::from_parts(parts, body)).await?;
-            if let Some(status) = tonic::Status::from_header_map(response.headers()) {
-                log_failure(&method, object.as_deref(), &status);
+            let status = tonic::Status::from_header_map(response.headers());
+            if let Some(status) = &status {
+                log_failure(&method, object.as_deref(), status);
             }
+            let code = status.map_or(Code::Ok, |s| s.code());
+            crate::metrics::observe_call(&method, code, started.elapsed());
             Ok(response)
         })
     }

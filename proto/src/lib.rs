@@ -33,6 +33,7 @@ pub mod agent {
 
 pub mod convert;
 pub mod failures;
+pub mod metrics;
 pub mod tls;
 pub mod transport;
 

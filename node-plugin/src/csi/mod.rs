@@ -4,7 +4,7 @@ mod decide;
 mod freeze;
 mod node;
 mod recovery;
-mod staging;
+pub(crate) mod staging;
 
 pub use node::{
     parse_threshold_percent, NodeConfig, NodeService, Seams, TOPOLOGY_KEY, WRITE_THRESHOLD_PERCENT,

@@ -11,7 +11,7 @@
 //! Staged volumes are journaled under `<state>/staging/` before any mount, so a restarted plugin
 //! knows each volume's device and can still unpublish and unstage it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -38,10 +38,6 @@ pub use qsd_csi_model::params::{TOPOLOGY_KEY, WRITE_THRESHOLD_PERCENT};
 pub fn parse_threshold_percent(value: &str) -> Result<u64> {
     Ok(qsd_csi_model::params::threshold_percent(value)?)
 }
-
-/// After an alert, the threshold is re-armed this percentage of the size above the highest
-/// write (at least 1 MiB).
-pub const WRITE_THRESHOLD_STEP_PERCENT: u64 = 5;
 
 /// Node service settings.
 #[derive(Debug, Clone)]
@@ -104,6 +100,7 @@ impl NodeService {
             Freezer::new(journal.clone(), busy.clone(), engine.config().state_dir.join("frozen"))?;
         freezer.thaw_leftovers()?;
         engine.set_quiesce(Arc::new(freezer));
+        engine.set_mounts(Arc::new(journal.clone()));
         Ok(NodeService { engine, config, journal, busy, mounter, probes, ublk_served })
     }
 
@@ -111,6 +108,11 @@ impl NodeService {
         self.busy
             .take(vec![id.to_owned()])
             .map_err(|_| Status::aborted(format!("an operation on {id} is already in progress")))
+    }
+
+    /// Where a volume is staged, once its stage finished.
+    pub fn staging_path(&self, id: &str) -> Option<PathBuf> {
+        self.journal.get(id).ok().flatten().filter(|s| s.complete).map(|s| s.staging_path)
     }
 
     fn staged(&self, id: &str) -> Result<Option<Staged>> {
@@ -124,17 +126,11 @@ impl NodeService {
         }
     }
 
-    /// Arms the thin-provisioning alert of a freshly attached volume at `percent` of its size,
-    /// re-arming in steps of [`WRITE_THRESHOLD_STEP_PERCENT`]. A threshold already armed (the
-    /// journal keeps it across restarts, re-armed higher each time it fired) is left alone.
+    /// Arms the thin-provisioning alert of a freshly attached volume at `percent` of its size
+    /// (the engine keeps it armed across restarts and growth).
     async fn arm_write_threshold(&self, id: &str, percent: &str) -> Result<()> {
         let percent = parse_threshold_percent(percent)?;
-        if self.engine.write_threshold(id).await?.armed_at.is_some() {
-            return Ok(());
-        }
-        let size = self.engine.get_volume(id)?.size;
-        let step = (size / 100 * WRITE_THRESHOLD_STEP_PERCENT).max(1 << 20);
-        self.engine.set_write_threshold(id, size / 100 * percent, step).await
+        self.engine.arm_write_threshold_percent(id, percent).await
     }
 
     /// Unstages as the undo of a stage: once nothing but the staging path uses the volume, the

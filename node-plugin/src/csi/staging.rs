@@ -92,6 +92,22 @@ impl Journal {
     }
 }
 
+/// The filesystems staged on volumes, for the engine's threshold events: an auto-expanding
+/// filesystem grows only once its own usage says it fills.
+impl crate::engine::MountedFilesystems for Journal {
+    fn filesystem_usage(&self, volume_id: &str) -> Option<qsd_csi_model::grow::FsUsage> {
+        let staged = self.get(volume_id).ok()??;
+        let mounted = staged.complete
+            && staged.fs_type.is_some()
+            && crate::mount::is_mountpoint(&staged.staging_path);
+        if !mounted {
+            return None;
+        }
+        let usage = crate::mount::usage(&staged.staging_path).ok()?;
+        Some(qsd_csi_model::grow::FsUsage { used: usage.bytes_used, total: usage.bytes_total })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

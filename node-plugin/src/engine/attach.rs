@@ -5,8 +5,9 @@ use super::{EngineCore, EngineEvent};
 use crate::error::{Error, Result};
 use crate::graph::{self, ExportEndpoint, ExportKind, Names};
 use crate::pool::id::IdKind;
-use crate::pool::LayerId;
+use crate::pool::{LayerId, VolumeRecord};
 use crate::qmp::Event;
+use qsd_csi_model::grow::FsUsage;
 
 /// An attached volume as callers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,6 +182,33 @@ impl EngineCore {
     /// when host allocation passes `bytes`, an event fires once and the threshold is re-armed
     /// `step` bytes above the highest write.
     pub async fn set_write_threshold(&self, volume_id: &str, bytes: u64, step: u64) -> Result<()> {
+        if bytes > 0 && step == 0 {
+            return Err(Error::invalid("step", "must be greater than zero"));
+        }
+        let armed = (bytes > 0).then_some(ThresholdRecord { armed_at: bytes, step, percent: None });
+        self.arm(volume_id, armed, false).await
+    }
+
+    /// Arms the thin-provisioning alert of an attached volume at `percent` of its size, kept
+    /// across restarts, re-armed higher each time it fires and at the same percentage of the
+    /// new size when the volume grows. A threshold already armed is left alone. A head that
+    /// already holds more than the threshold (it filled while nobody listened: detached, or
+    /// during a restart) is reported as crossed now, so an auto-expanding volume is grown at
+    /// its next attach at the latest.
+    pub async fn arm_write_threshold_percent(&self, volume_id: &str, percent: u64) -> Result<()> {
+        if self.write_threshold(volume_id).await?.armed_at.is_some() {
+            return Ok(());
+        }
+        let size = self.get_volume(volume_id)?.size;
+        self.arm(volume_id, Some(ThresholdRecord::at_percent(size, percent)), true).await
+    }
+
+    async fn arm(
+        &self,
+        volume_id: &str,
+        armed: Option<ThresholdRecord>,
+        report: bool,
+    ) -> Result<()> {
         let (pool, parsed, _) = self.resolve_volume(volume_id)?;
         let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
         let record = pool
@@ -189,14 +217,17 @@ impl EngineCore {
         let mut attachment = self.journal.get(record.uid).ok_or_else(|| {
             Error::FailedPrecondition(format!("volume {volume_id} is not attached"))
         })?;
-        if bytes > 0 && step == 0 {
-            return Err(Error::invalid("step", "must be greater than zero"));
-        }
         let _graph = self.graph.change().await;
         let names = Names::new(record.uid.to_string());
+        let bytes = armed.map_or(0, |a| a.armed_at);
         graph::arm_write_threshold(&self.daemon.qmp(), &names, record.head, bytes).await?;
-        attachment.threshold = (bytes > 0).then_some(ThresholdRecord { armed_at: bytes, step });
-        self.journal.put(attachment)
+        attachment.threshold = armed;
+        self.journal.put(attachment)?;
+        let allocated = head_length(&pool.layer_path(record.head));
+        if report && bytes > 0 && allocated > bytes {
+            self.threshold_crossed(record.uid, bytes, allocated - bytes, true).await?;
+        }
+        Ok(())
     }
 
     /// The threshold of an attached volume, as journaled and as the daemon has it.
@@ -253,6 +284,9 @@ impl EngineCore {
         attachment.threshold = Some(ThresholdRecord { armed_at: rearm, ..armed });
         self.journal.put(attachment.clone())?;
         tracing::warn!(volume = %attachment.volume_id, threshold, exceeded, missed, rearm, "write threshold crossed");
+        self.metrics.crossed(&attachment.volume_id);
+        let filesystem = self.mounts.get().and_then(|m| m.filesystem_usage(&attachment.volume_id));
+        let pool_free = super::health::pool_free(&pool);
         let _ = self.events.send(EngineEvent::WriteThresholdCrossed {
             volume: attachment.volume_id,
             threshold,
@@ -261,7 +295,46 @@ impl EngineCore {
             rearmed_at: rearm,
             size: record.size,
             labels: record.labels.clone(),
+            auto_expand: record.auto_expand,
+            filesystem,
+            pool_free,
         });
         Ok(())
     }
+
+    /// After a volume grew to `size`: a threshold armed at a percentage of the size moves to
+    /// that percentage of the new size (never lower), so the alert — and auto-expansion —
+    /// repeats as the volume fills again. The caller holds the volume and the graph.
+    pub(super) async fn rearm_for_size(&self, record: &VolumeRecord, size: u64) -> Result<()> {
+        let Some(mut attachment) = self.journal.get(record.uid) else {
+            return Ok(());
+        };
+        let Some(armed) = attachment.threshold else {
+            return Ok(());
+        };
+        let Some(percent) = armed.percent else {
+            return Ok(());
+        };
+        let grown = ThresholdRecord::at_percent(size, percent);
+        if grown.armed_at <= armed.armed_at {
+            return Ok(());
+        }
+        let names = Names::new(record.uid.to_string());
+        graph::arm_write_threshold(&self.daemon.qmp(), &names, record.head, grown.armed_at).await?;
+        attachment.threshold = Some(grown);
+        self.journal.put(attachment)
+    }
+}
+
+/// The length of a head image's file: how far the daemon has written into it, which is what
+/// its write threshold is compared with.
+fn head_length(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// The usage of the filesystem mounted on a volume, if one is: the Node service knows where
+/// volumes are mounted, and provides this.
+pub trait MountedFilesystems: Send + Sync + std::fmt::Debug {
+    /// The filesystem staged on `volume_id`, if there is one.
+    fn filesystem_usage(&self, volume_id: &str) -> Option<FsUsage>;
 }

@@ -216,6 +216,7 @@ impl EngineCore {
             source,
             labels: request.labels.clone(),
             format: request.format,
+            auto_expand: request.auto_expand,
         };
         Ok(CloneTask {
             engine: self.clone(),

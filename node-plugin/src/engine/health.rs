@@ -143,6 +143,11 @@ impl EngineCore {
 
 /// What a pool's filesystem says now: full, nearly full, or nothing; an error when it cannot
 /// be read.
+/// Free bytes (for unprivileged writers) in a pool's filesystem, if it answers.
+pub(super) fn pool_free(pool: &Pool) -> Option<u64> {
+    crate::mount::usage(pool.root()).ok().map(|u| u.bytes_available)
+}
+
 fn pool_space_of(pool: &Pool) -> Result<Option<Finding>> {
     let u = crate::mount::usage(pool.root())?;
     Ok(pool_space(pool.name().as_str(), u.bytes_available, u.bytes_total))

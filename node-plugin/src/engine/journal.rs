@@ -21,7 +21,27 @@ pub struct ThresholdRecord {
     pub armed_at: u64,
     /// How far above the highest written offset to re-arm after it fires.
     pub step: u64,
+    /// Armed at this percentage of the volume's size (`None`: at a number of bytes), and so
+    /// re-armed at the same percentage of the new size when the volume grows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u64>,
 }
+
+impl ThresholdRecord {
+    /// Armed at `percent` of `size`, re-armed in steps of [`STEP_PERCENT`] of it (at least
+    /// 1 MiB).
+    pub fn at_percent(size: u64, percent: u64) -> Self {
+        ThresholdRecord {
+            armed_at: size / 100 * percent,
+            step: (size / 100 * STEP_PERCENT).max(1 << 20),
+            percent: Some(percent),
+        }
+    }
+}
+
+/// After an alert, the threshold is re-armed this percentage of the size above the highest
+/// write, so a volume that keeps filling alerts again.
+pub const STEP_PERCENT: u64 = 5;
 
 /// One attached volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -38,12 +38,17 @@ use crate::pool::{NodeName, ObjectName, Pool, PoolKind, PoolName, VolumeRecord};
 use crate::qmp::Event;
 use crate::qsd::{Daemon, DaemonConfig, Origin};
 
-pub use attach::{AttachmentInfo, ThresholdState};
+pub use attach::{AttachmentInfo, MountedFilesystems, ThresholdState};
 pub use changes::{ByteRange, ChangeStream, DEFAULT_BATCH};
 pub use clone::{CloneTask, CLONE_PROGRESS_PERIOD};
+pub use journal::STEP_PERCENT as WRITE_THRESHOLD_STEP_PERCENT;
 pub use journal::{AttachmentRecord, ThresholdRecord};
+use qsd_csi_model::grow::{AutoExpand, FsUsage};
 pub use snapshot::{Quiesce, SnapshotBatch, SnapshotInfo};
-pub use volume::{CloneMode, CreateVolume, Format, Preallocation, Qos, VolumeInfo, VolumeSource};
+pub use volume::{
+    CloneMode, CreateVolume, Format, PoolFacts, Preallocation, Qos, VolumeFacts, VolumeInfo,
+    VolumeSource,
+};
 
 /// Default longest chain (layers, head included) before stream / commit shorten it.
 pub const DEFAULT_MAX_CHAIN_DEPTH: u32 = 16;
@@ -110,6 +115,12 @@ pub enum EngineEvent {
         size: u64,
         /// The volume's labels.
         labels: BTreeMap<String, String>,
+        /// Its policy, if it grows itself.
+        auto_expand: Option<AutoExpand>,
+        /// The filesystem staged on it, if any.
+        filesystem: Option<FsUsage>,
+        /// Free bytes in its pool, if known.
+        pool_free: Option<u64>,
     },
     /// A full clone is copying (reported every [`CloneTask::report_every`] period).
     CloneProgress {
@@ -146,6 +157,24 @@ pub enum EngineEvent {
     },
 }
 
+/// What the engine counts for its metrics, since it started.
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    crossings: Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl EngineCounters {
+    fn crossed(&self, volume: &str) {
+        let mut crossings = self.crossings.lock().unwrap_or_else(|p| p.into_inner());
+        *crossings.entry(volume.to_owned()).or_default() += 1;
+    }
+
+    /// Write threshold crossings, by volume ID.
+    pub fn crossings(&self) -> std::collections::HashMap<String, u64> {
+        self.crossings.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// Shared engine state; [`Engine`] derefs to it.
 #[derive(Debug)]
 pub struct EngineCore {
@@ -165,6 +194,10 @@ pub struct EngineCore {
     first_events: Mutex<Option<broadcast::Receiver<EngineEvent>>>,
     /// Freezes mounted filesystems around snapshots (set by the Node service).
     quiesce: std::sync::OnceLock<Arc<dyn Quiesce>>,
+    /// Knows the filesystems mounted on volumes (set by the Node service).
+    mounts: std::sync::OnceLock<Arc<dyn MountedFilesystems>>,
+    /// What the engine counts for its metrics.
+    metrics: EngineCounters,
 }
 
 /// The engine. Dropping it stops supervision but leaves the daemon, its graph and every export
@@ -227,6 +260,8 @@ impl Engine {
             events,
             first_events: Mutex::new(Some(first_events)),
             quiesce: std::sync::OnceLock::new(),
+            mounts: std::sync::OnceLock::new(),
+            metrics: EngineCounters::default(),
         });
         core.reconcile(origin).await?;
         let supervisor = tokio::spawn(supervise(Arc::downgrade(&core), events_rx));
@@ -342,6 +377,17 @@ impl EngineCore {
     /// which knows the mounts). Only the first call counts.
     pub fn set_quiesce(&self, quiesce: Arc<dyn Quiesce>) {
         let _ = self.quiesce.set(quiesce);
+    }
+
+    /// Hands the engine what knows the filesystems mounted on volumes (the Node service). Only
+    /// the first call counts.
+    pub fn set_mounts(&self, mounts: Arc<dyn MountedFilesystems>) {
+        let _ = self.mounts.set(mounts);
+    }
+
+    /// What the engine has counted since it started.
+    pub fn counters(&self) -> &EngineCounters {
+        &self.metrics
     }
 
     /// Whether the daemon answers on our monitor now (false while it is being recovered).

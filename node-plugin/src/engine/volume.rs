@@ -38,6 +38,45 @@ pub struct VolumeInfo {
     pub export: Option<ExportKind>,
     /// The labels it was created with.
     pub labels: BTreeMap<String, String>,
+    /// How it grows itself, if it does.
+    pub auto_expand: Option<qsd_csi_model::grow::AutoExpand>,
+}
+
+/// What the metrics report of a volume, read from the pool's index and the attachment journal
+/// only (no QMP, no volume lock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeFacts {
+    /// The volume's ID.
+    pub id: String,
+    /// Its pool.
+    pub pool: String,
+    /// The labels it was created with (the claim's namespace and name).
+    pub labels: BTreeMap<String, String>,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Layers in its chain, head included.
+    pub chain_depth: usize,
+    /// Its head image's file.
+    pub head: std::path::PathBuf,
+    /// Its export, if attached here.
+    pub export: Option<ExportKind>,
+    /// Where its write threshold is armed (host bytes of the head), if it is.
+    pub threshold: Option<u64>,
+}
+
+/// What the metrics report of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolFacts {
+    /// Its name.
+    pub name: String,
+    /// Its directory.
+    pub root: std::path::PathBuf,
+    /// Volumes, snapshots and layers in its index.
+    pub volumes: usize,
+    /// Snapshots.
+    pub snapshots: usize,
+    /// Layers (qcow2 images).
+    pub layers: usize,
 }
 
 /// What a volume's record keeps of the source a request names: its name in the pool.
@@ -65,6 +104,7 @@ impl EngineCore {
             source: self.recorded_source(pool, record.source.as_ref())?,
             export: self.journal.get(record.uid).map(|a| a.endpoint.kind),
             labels: record.labels.clone(),
+            auto_expand: record.auto_expand,
         })
     }
 
@@ -198,6 +238,7 @@ impl EngineCore {
             source,
             labels: request.labels.clone(),
             format: request.format,
+            auto_expand: request.auto_expand,
         };
         self.commit_new_volume(pool, LayerRecord { id, backing: head.backing }, record)
     }
@@ -255,6 +296,40 @@ impl EngineCore {
         Ok(all)
     }
 
+    /// Every pool's and volume's facts for the metrics: local pools' volumes all, shared
+    /// pools' those attached here (the node holding one reports it).
+    pub fn facts(&self) -> (Vec<PoolFacts>, Vec<VolumeFacts>) {
+        let (mut pools, mut volumes) = (Vec::new(), Vec::new());
+        for pool in self.pools.values() {
+            let records = pool.volumes();
+            pools.push(PoolFacts {
+                name: pool.name().as_str().to_owned(),
+                root: pool.root().to_owned(),
+                volumes: records.len(),
+                snapshots: pool.snapshots().len(),
+                layers: pool.layer_ids().len(),
+            });
+            for record in records {
+                let attachment = self.journal.get(record.uid);
+                if pool.kind() == crate::pool::PoolKind::Shared && attachment.is_none() {
+                    continue;
+                }
+                let Ok(id) = self.object_id(IdKind::Volume, pool, &record.name) else { continue };
+                volumes.push(VolumeFacts {
+                    id: id.to_string(),
+                    pool: pool.name().as_str().to_owned(),
+                    size: record.size,
+                    chain_depth: pool.chain(record.head).map_or(0, |c| c.len()),
+                    head: pool.layer_path(record.head),
+                    export: attachment.as_ref().map(|a| a.endpoint.kind),
+                    threshold: attachment.and_then(|a| a.threshold).map(|t| t.armed_at),
+                    labels: record.labels,
+                });
+            }
+        }
+        (pools, volumes)
+    }
+
     /// Grows a volume (online through the export, or offline). Returns the new size.
     pub async fn expand_volume(&self, id: &str, requested: i64) -> Result<u64> {
         let size = parse_size(requested)?;
@@ -282,6 +357,9 @@ impl EngineCore {
         if let Some(attachment) = self.journal.get(record.uid) {
             let names = Names::new(record.uid.to_string());
             graph::resize_attached(&qmp, &names, &attachment.endpoint, size).await?;
+            if let Err(e) = self.rearm_for_size(&record, size).await {
+                tracing::warn!(volume = id, error = %e, "moving the write threshold to the new size failed");
+            }
         } else {
             graph::resize_offline(&qmp, &pool, record.head, size).await?;
         }

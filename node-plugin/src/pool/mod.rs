@@ -406,6 +406,7 @@ mod tests {
             source: None,
             labels: BTreeMap::new(),
             format: Format::default(),
+            auto_expand: None,
         }
     }
 

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::{LayerId, RecordedSource};
+use qsd_csi_model::grow::AutoExpand;
 use qsd_csi_model::volume::{Format, Preallocation, Qos};
 
 /// Whether a pool lives on one node or on storage every node mounts.
@@ -66,6 +67,9 @@ pub struct VolumeRecord {
     /// The qcow2 layout its new layers get and its head's cache (absent: QEMU's defaults).
     #[serde(default, skip_serializing_if = "Format::is_default")]
     pub format: Format,
+    /// How it grows itself when its write threshold is crossed (absent: it does not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_expand: Option<AutoExpand>,
 }
 
 /// A snapshot: an immutable layer.

@@ -42,6 +42,8 @@ struct Inner {
     next_id: AtomicU64,
     closed_tx: watch::Sender<bool>,
     version: VersionInfo,
+    /// Where each command's round trip is recorded, by command name.
+    latency: std::sync::OnceLock<prometheus::HistogramVec>,
 }
 
 /// A connected QMP client. Cheap to clone; all clones share the connection.
@@ -83,11 +85,17 @@ impl QmpClient {
             next_id: AtomicU64::new(1),
             closed_tx,
             version: greeting.qmp.version,
+            latency: std::sync::OnceLock::new(),
         });
         tokio::spawn(read_loop(lines, Arc::downgrade(&inner)));
         let client = QmpClient { inner };
         client.call(&QmpCapabilities {}).await?;
         Ok(client)
+    }
+
+    /// Records every command's round trip from now on in `histogram` (labelled by command).
+    pub fn record_latency(&self, histogram: prometheus::HistogramVec) {
+        let _ = self.inner.latency.set(histogram);
     }
 
     /// The daemon's version, from the greeting.
@@ -151,7 +159,10 @@ impl QmpClient {
             lock(&self.inner.shared).pending.remove(&id);
             return Err(QmpError::Disconnected);
         }
-        rx.await.unwrap_or(Err(QmpError::Disconnected))
+        let timer = self.inner.latency.get().map(|h| h.with_label_values(&[name]).start_timer());
+        let reply = rx.await.unwrap_or(Err(QmpError::Disconnected));
+        drop(timer);
+        reply
     }
 }
 

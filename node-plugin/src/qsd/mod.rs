@@ -103,6 +103,11 @@ pub struct Daemon {
     config: DaemonConfig,
     client: Mutex<QmpClient>,
     version: Mutex<VersionInfo>,
+    /// Each QMP command's round trip, by command (`qsd_csi_qmp_command_duration_seconds`).
+    latency: prometheus::HistogramVec,
+    /// Times the connection was lost and made again: the daemon died (or its container
+    /// restarted) and was restarted or waited for.
+    restarts: std::sync::atomic::AtomicU64,
 }
 
 /// How long we wait for the greeting; a monitor busy with another client never sends one.
@@ -119,7 +124,26 @@ impl Daemon {
             ?origin,
             "connected to qemu-storage-daemon"
         );
-        let daemon = Daemon { config, client: Mutex::new(client), version: Mutex::new(version) };
+        let latency = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "qsd_csi_qmp_command_duration_seconds",
+                "Round trip of a QMP command to qemu-storage-daemon, by command.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                5.0,
+            ]),
+            &["command"],
+        )
+        .map_err(|e| Error::Inconsistent(format!("the QMP latency histogram: {e}")))?;
+        client.record_latency(latency.clone());
+        let daemon = Daemon {
+            config,
+            client: Mutex::new(client),
+            version: Mutex::new(version),
+            latency,
+            restarts: Default::default(),
+        };
         Ok((daemon, origin))
     }
 
@@ -128,14 +152,31 @@ impl Daemon {
     pub async fn reconnect(&self) -> Result<Origin> {
         let (client, origin) = establish_or_wait(&self.config).await?;
         let version = query_version(&client).await?;
+        client.record_latency(self.latency.clone());
         *lock(&self.version) = version;
         *lock(&self.client) = client;
+        self.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(origin)
     }
 
     /// The current QMP client.
     pub fn qmp(&self) -> QmpClient {
         lock(&self.client).clone()
+    }
+
+    /// The QMP round-trip histogram.
+    pub fn latency(&self) -> &prometheus::HistogramVec {
+        &self.latency
+    }
+
+    /// How often the connection was lost and made again since this process started.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the connection to the daemon is up now.
+    pub fn is_up(&self) -> bool {
+        !lock(&self.client).is_closed()
     }
 
     /// The daemon's version.
