@@ -36,7 +36,7 @@ impl Grower for InPlaceGrower {
             .await
             .map_err(|s| format!("ControllerExpandVolume: {}", s.message()))?
             .into_inner();
-        let Some(path) = self.node.staging_path(&volume_id) else {
+        let Some(path) = self.node.expansion_path(&volume_id) else {
             return Ok(Grown::Done(format!(
                 "grown to {} (not staged here: its filesystem grows when it is next staged)",
                 size(expanded.capacity_bytes as u64)

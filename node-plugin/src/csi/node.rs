@@ -110,9 +110,11 @@ impl NodeService {
             .map_err(|_| Status::aborted(format!("an operation on {id} is already in progress")))
     }
 
-    /// Where a volume is staged, once its stage finished.
-    pub fn staging_path(&self, id: &str) -> Option<PathBuf> {
-        self.journal.get(id).ok().flatten().filter(|s| s.complete).map(|s| s.staging_path)
+    /// The path NodeExpandVolume takes for a volume staged here (its filesystem's staging
+    /// mount; a block volume's device), once its stage finished.
+    pub fn expansion_path(&self, id: &str) -> Option<PathBuf> {
+        let staged = self.journal.get(id).ok().flatten().filter(|s| s.complete)?;
+        Some(if staged.fs_type.is_some() { staged.staging_path } else { staged.device })
     }
 
     fn staged(&self, id: &str) -> Result<Option<Staged>> {

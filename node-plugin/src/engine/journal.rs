@@ -31,9 +31,10 @@ impl ThresholdRecord {
     /// Armed at `percent` of `size`, re-armed in steps of [`STEP_PERCENT`] of it (at least
     /// 1 MiB).
     pub fn at_percent(size: u64, percent: u64) -> Self {
+        let part = |p: u64| (u128::from(size) * u128::from(p) / 100) as u64;
         ThresholdRecord {
-            armed_at: size / 100 * percent,
-            step: (size / 100 * STEP_PERCENT).max(1 << 20),
+            armed_at: part(percent),
+            step: part(STEP_PERCENT).max(1 << 20),
             percent: Some(percent),
         }
     }
