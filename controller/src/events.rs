@@ -120,6 +120,22 @@ impl Notice {
     }
 }
 
+/// The API server refuses an Event whose note is longer than this (bytes).
+pub const NOTE_MAX: usize = 1024;
+
+/// `note` cut to [`NOTE_MAX`] bytes at a character boundary, marked with "…" when cut (the
+/// whole sentence stays in the log).
+pub fn fit_note(note: &str) -> String {
+    if note.len() <= NOTE_MAX {
+        return note.to_owned();
+    }
+    let mut end = NOTE_MAX - '…'.len_utf8();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &note[..end])
+}
+
 /// Who posts: the `reportingController` and `reportingInstance` of our Events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reporter {
@@ -231,7 +247,7 @@ impl Events {
                     type_: Some(if notice.warning { "Warning" } else { "Normal" }.to_owned()),
                     reason: Some(notice.reason.to_owned()),
                     action: Some(notice.action.to_owned()),
-                    note: Some(notice.note.clone()),
+                    note: Some(fit_note(&notice.note)),
                     regarding: Some(regarding),
                     reporting_controller: Some(k.reporter.controller.clone()),
                     reporting_instance: Some(k.reporter.instance.clone()),
@@ -259,6 +275,14 @@ mod tests {
             labels: BTreeMap::new(),
             kind: Some(kind),
         }
+    }
+
+    #[test]
+    fn a_long_note_is_cut_to_what_the_api_server_takes() {
+        let long = "é".repeat(NOTE_MAX);
+        let cut = fit_note(&long);
+        assert!(cut.len() <= NOTE_MAX && cut.ends_with('…'), "{}", cut.len());
+        assert_eq!(fit_note("short"), "short");
     }
 
     #[test]

@@ -290,6 +290,72 @@ fn pace(started: Instant, written: u64) {
     }
 }
 
+/// The queries of the chart's dashboard (panel targets and template variables).
+fn dashboard_queries() -> Vec<String> {
+    fn walk(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, v) in map {
+                    match (key.as_str(), v) {
+                        ("expr" | "definition" | "query", serde_json::Value::String(q)) => {
+                            out.push(q.clone())
+                        }
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/qsd-csi/dashboards/qsd-csi.json");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("the dashboard")).expect("JSON");
+    let mut queries = Vec::new();
+    walk(&json, &mut queries);
+    queries.retain(|q| q != "prometheus"); // the data source variable's type
+    queries
+}
+
+/// What the dashboard asks for that `scrape` does not have: queries naming no qsd-csi series,
+/// and series names no sample of the scrape carries.
+fn dashboard_gaps(scrape: &str) -> Vec<String> {
+    let exported: std::collections::HashSet<&str> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 15, "the dashboard's queries were found: {queries:?}");
+    let mut gaps = Vec::new();
+    for query in queries {
+        let names: Vec<&str> = query
+            .match_indices("qsd_csi_")
+            .map(|(at, _)| {
+                let rest = &query[at..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .collect();
+        if names.is_empty() {
+            gaps.push(format!("{query:?} names no qsd-csi series"));
+        }
+        gaps.extend(names.into_iter().filter(|n| !exported.contains(n)).map(str::to_owned));
+    }
+    gaps
+}
+
+#[test]
+fn the_dashboard_check_finds_a_query_for_a_series_nobody_exports() {
+    let scrape = "qsd_csi_volume_size_bytes{claim=\"a\"} 1\n";
+    let gaps = dashboard_gaps(scrape);
+    assert!(gaps.iter().any(|g| g == "qsd_csi_volume_allocated_bytes"), "{gaps:?}");
+    assert!(!gaps.iter().any(|g| g == "qsd_csi_volume_size_bytes"), "{gaps:?}");
+}
+
 /// The driver's log lines that contain `needle`, without terminal colours.
 fn log_lines(d: &Driver, needle: &str) -> Vec<String> {
     let log = std::fs::read_to_string(d.path("driver.log")).unwrap_or_default();
@@ -378,6 +444,10 @@ async fn volumes_of_an_auto_expanding_class_grow_under_a_steady_writer_until_the
         worst,
         block_writer.stalled.as_secs_f64()
     );
+    // Every series the chart's Grafana dashboard asks for is one the driver exports (all of
+    // them have samples now: growths, crossings and a refusal at the limit happened).
+    let missing = dashboard_gaps(&scrape(port));
+    assert!(missing.is_empty(), "the dashboard asks for series no scrape has: {missing:?}");
     for id in [&fs_vol.volume_id, &block_vol.volume_id] {
         d.unpublish_and_unstage(id).await;
     }

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import yaml
 
@@ -78,6 +79,7 @@ def main():
     os.makedirs(shared)
     port = free_port()
     health_ports = (free_port(), free_port())
+    metrics_ports = (free_port(), free_port())
 
     def local(arg, who):
         arg = arg.replace(state_mount, state).replace("/mnt/qsd-shared", shared)
@@ -88,6 +90,7 @@ def main():
         arg = arg.replace("unix:///csi/csi.sock", f"unix://{work}/{who}.sock")
         arg = arg.replace("=/registration", f"={work}/registration").replace("=/csi/csi.sock", f"={work}/node.sock")
         arg = arg.replace(":9809", f":{health_ports[0]}").replace(":9808", f":{health_ports[1]}")
+        arg = arg.replace(":9810", f":{metrics_ports[0]}").replace(":9811", f":{metrics_ports[1]}")
         arg = arg.replace("0.0.0.0:", "127.0.0.1:").replace(":9443", f":{port}")
         return arg.replace("10.0.0.1:", "127.0.0.1:")
 
@@ -132,6 +135,7 @@ def main():
         # (its own health port: a port already taken is fatal to any qsd-csi mode)
         impostor = [a.replace(f"unix://{work}/controller.sock", f"unix://{work}/impostor.sock")
                     .replace(f":{health_ports[1]}", f":{free_port()}").replace(f":{health_ports[0]}", f":{free_port()}")
+                    .replace(f":{metrics_ports[1]}", f":{free_port()}")
                     for a in controller_args(ctl["args"], cert="worker-1")]
         procs.append(subprocess.Popen([binary] + impostor, stdout=logs, stderr=logs))
         wait_for(os.path.join(work, "impostor.sock"), procs, "impostor controller")
@@ -160,6 +164,12 @@ def main():
         cli("controller", "volume", "delete", volume)
         assert volume not in cli("controller", "volume", "list")
         print(f"volume {volume}: created by the controller, written through the node, deleted")
+        # Both rendered metrics ports answer: the node's daemon and the controller's calls.
+        for who, port_, family in (("node", metrics_ports[0], "qsd_csi_daemon_up 1"),
+                                   ("controller", metrics_ports[1], "qsd_csi_grpc_request_duration_seconds_count")):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port_}/metrics", timeout=10).read().decode()
+            assert family in text, f"{who} metrics lack {family}"
+        print("the node's and the controller's metrics answer on their rendered ports")
         # The shared pool the rendered arguments give the node plugin.
         volume = cli("controller", "volume", "create", "pvc-2", "--size", "16M",
                      "--pool", "shared").split()[0]

@@ -30,9 +30,12 @@ suite=cluster failed_line="0 passed, 1 failed"
 # shellcheck source=../lib/cluster.sh
 . "$top/e2e/lib/cluster.sh"
 agent_port=$(port)
+# Prometheus metrics: the node plugin's and each controller's.
+node_metrics=$(port) ctl1_metrics=$(port) ctl2_metrics=$(port)
+promtool=$("$top/scripts/build-prometheus")/promtool || { echo "cluster: building promtool failed" >&2; echo "0 passed, 1 failed"; exit 1; }
 
 # --- control plane ---------------------------------------------------------------------------
-start_control_plane persistentvolume-binder-controller,persistentvolume-expander-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller
+start_control_plane persistentvolume-binder-controller,persistentvolume-expander-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,resourcequota-controller
 
 # --- the chart's cluster objects -------------------------------------------------------------
 kubectl create namespace qsd >/dev/null
@@ -75,7 +78,7 @@ node_token=$(kubectl -n qsd create token qsd-qsd-csi-node --bound-object-kind Po
 sed "s/$admin_token/$node_token/" "$KUBECONFIG" >"$work/node.kubeconfig"
 KUBECONFIG=$work/node.kubeconfig start node "$qsd_csi" --endpoint "unix://$work/node.sock" node \
   --state-dir "$work/state" --node w1 --device fuse --agent-listen "127.0.0.1:$agent_port" \
-  --tls-bootstrap --tls-ca "$work/tls/bundle.crt"
+  --tls-bootstrap --tls-ca "$work/tls/bundle.crt" --metrics-listen "127.0.0.1:$node_metrics"
 wait_until 60 test -S "$work/node.sock" || fail_start "the node plugin" node
 # The controller and the sidecars use the chart's service account (a token from the
 # TokenRequest API), so the chart's RBAC is what they are allowed: nothing more.
@@ -84,21 +87,21 @@ sa_token=$(kubectl -n qsd create token qsd-qsd-csi-controller --duration=2h) \
 sed "s/$admin_token/$sa_token/" "$KUBECONFIG" >"$work/sa.kubeconfig"
 # Two controller replicas with leader election: ctl-1 starts first and holds the Lease (it
 # relays the node's events); the sidecars talk to ctl-2, which serves CSI as a follower.
-controller() { # IDENTITY SOCKET
+controller() { # IDENTITY SOCKET METRICS-PORT
   KUBECONFIG=$work/sa.kubeconfig POD_NAMESPACE=qsd POD_NAME=$1 start "$1" "$qsd_csi" \
-    --endpoint "unix://$2" controller --leader-elect \
+    --endpoint "unix://$2" controller --leader-elect --metrics-listen "127.0.0.1:$3" \
     --discover-agents app.kubernetes.io/instance=qsd,app.kubernetes.io/component=node \
     --agent-port "$agent_port" --node-service-account qsd-qsd-csi-node \
     --signing-ca-cert "$work/tls/ca.crt" --signing-ca-key "$work/tls/ca.key" \
     --tls-cert "$work/tls/tls.crt" --tls-key "$work/tls/tls.key" --tls-ca "$work/tls/ca.crt"
 }
 holder() { field lease/qsd-csi-controller '{.spec.holderIdentity}' -n qsd; }
-controller ctl-1 "$work/ctl1.sock"
+controller ctl-1 "$work/ctl1.sock" "$ctl1_metrics"
 wait_until 60 test -S "$work/ctl1.sock" || fail_start "the first controller" ctl-1
 wait_field 30 lease/qsd-csi-controller '{.spec.holderIdentity}' ctl-1 -n qsd \
   || fail_start "the first controller's leadership" ctl-1
 ctl1_pid=${pids[-1]}
-controller ctl-2 "$work/ctl.sock"
+controller ctl-2 "$work/ctl.sock" "$ctl2_metrics"
 wait_until 60 test -S "$work/ctl.sock" || fail_start "the second controller" ctl-2
 ctl2_pid=${pids[-1]}
 start_sidecars "$work/sa.kubeconfig" "$work/ctl.sock"
@@ -267,6 +270,72 @@ EOF
 }
 check "a thin volume's allocation past writeThresholdPercent: a WriteThresholdCrossed event on the claim" alert
 
+grow() {
+  # A claim of an auto-expanding class whose filesystem fills past its threshold: the leader
+  # raises the claim's request by the step, csi-resizer grows the volume, and an AutoExpanded
+  # Event says from what to what. (The filesystem's own growth is the kubelet's: the kubelet
+  # suite has one.)
+  kubectl apply -f - <<EOF || return 1
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: qsd-grow}
+provisioner: qsd.csi.dev
+volumeBindingMode: WaitForFirstConsumer
+allowVolumeExpansion: true
+parameters: {pool: default, fsType: ext4, writeThresholdPercent: "50", autoExpand: "true", autoExpandStep: 64Mi, autoExpandLimit: 256Mi}
+EOF
+  pvc grow 64Mi "" qsd-grow && bound grow && publish grow || return 1
+  dd if=/dev/urandom of="$work/mnt-grow/a" bs=1M count=40 conv=fsync status=none || return 1
+  wait_field 60 pvc/grow '{.spec.resources.requests.storage}' 128Mi || return 1
+  wait_for "pv/$(field pvc/grow '{.spec.volumeName}')" '{.spec.capacity.storage}' 128Mi 90 || return 1
+  event_from grow AutoExpanded ctl-1 || return 1
+  events grow AutoExpanded | grep -q "^ctl-1 volume vol:default@w1:.* grows from 64.0 MiB to 128.0 MiB (step 64.0 MiB, limit 256.0 MiB): .*; claim default/grow's request raised from 64.0 MiB to 128.0 MiB (128Mi)" \
+    || { events grow AutoExpanded; return 1; }
+}
+check "a filling claim of an auto-expanding class: the leader raises its request, csi-resizer grows it, an AutoExpanded event says so" grow
+
+quota() {
+  # A ResourceQuota on the class's storage: the next growth would pass it, so the API server
+  # refuses the raised request. A Warning Event says so (repeats fold into it), the claim keeps
+  # its size, and the volume keeps working.
+  kubectl apply -f - <<EOF || return 1
+apiVersion: v1
+kind: ResourceQuota
+metadata: {name: grow-quota, namespace: default}
+spec: {hard: {qsd-grow.storageclass.storage.k8s.io/requests.storage: 200Mi}}
+EOF
+  pvc capped 64Mi "" qsd-grow && bound capped && publish capped || return 1
+  dd if=/dev/urandom of="$work/mnt-capped/a" bs=1M count=44 conv=fsync status=none || return 1
+  event_from capped AutoExpandFailed ctl-1 || return 1
+  events capped AutoExpandFailed | grep -q "^ctl-1 volume vol:default@w1:.* could not grow from 64.0 MiB to 128.0 MiB: the API server refused .*exceeded quota: grow-quota" \
+    || { events capped AutoExpandFailed; return 1; }
+  [[ $(field pvc/capped '{.spec.resources.requests.storage}') == 64Mi ]] || return 1
+  dd if=/dev/urandom of="$work/mnt-capped/b" bs=1M count=4 conv=fsync status=none || return 1
+  local posted; posted=$(events capped AutoExpandFailed | wc -l)
+  ((posted == 1)) || { echo "$posted AutoExpandFailed events"; return 1; }
+}
+check "a growth a ResourceQuota refuses: a Warning event says so, once; the claim keeps its size and works" quota
+
+scrape() { python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' "http://127.0.0.1:$1/metrics"; }
+metrics() {
+  # Every scrape passes promtool; the node's shows the grown claim's size, the leader's its
+  # growth, and both controllers' the CSI calls they served.
+  local who text
+  for who in node:$node_metrics ctl-1:$ctl1_metrics ctl-2:$ctl2_metrics; do
+    text=$(scrape "${who#*:}") || return 1
+    "$promtool" check metrics <<<"$text" || { echo "promtool check metrics failed on ${who%%:*}"; return 1; }
+  done
+  local deadline=$((SECONDS + 30))
+  until scrape "$node_metrics" | grep -q '^qsd_csi_volume_size_bytes{claim="grow",namespace="default",pool="default",volume="vol:default@w1:[^"]*"} 134217728$'; do
+    ((SECONDS < deadline)) || { scrape "$node_metrics" | grep '^qsd_csi_volume_size_bytes'; return 1; }
+    sleep 0.2
+  done
+  scrape "$ctl1_metrics" | grep -q '^qsd_csi_volume_auto_expansions_total{claim="grow",namespace="default",.*} 1$' \
+    || { scrape "$ctl1_metrics" | grep auto_exp; return 1; }
+  scrape "$ctl2_metrics" | grep -q '^qsd_csi_grpc_request_duration_seconds_count{code="Ok",method="CreateVolume",service="csi.v1.Controller"}'
+}
+check "the node plugin's and the controllers' metrics pass promtool check metrics and show the claims" metrics
+
 failover() {
   [[ $(holder) == ctl-1 ]] || { echo "holder $(holder)"; return 1; }
   kill -9 "$ctl1_pid"
@@ -325,10 +394,10 @@ EOF
 check "a VolumeGroupSnapshot of two claims restores each claim as it was at that instant" group
 
 delete_all() {
-  for c in data restored cloned alert g1 g2 gr1 gr2; do unpublish "$c" || return 1; done
+  for c in data restored cloned alert grow capped g1 g2 gr1 gr2; do unpublish "$c" || return 1; done
   kubectl delete volumesnapshot snap --wait --timeout=90s && \
     kubectl delete volumegroupsnapshot pair --wait --timeout=90s && \
-    kubectl delete pvc data restored cloned alert g1 g2 gr1 gr2 --wait --timeout=90s || return 1
+    kubectl delete pvc data restored cloned alert grow capped g1 g2 gr1 gr2 --wait --timeout=90s || return 1
   wait_until 90 bash -c "[[ -z \$('$tools/kubectl' get pv -o name) ]]" || { kubectl get pv; return 1; }
   local left; left=$("$qsd_csi" --endpoint "unix://$work/ctl.sock" volume list | grep '^vol:')
   [[ -z $left ]] || { echo "volumes left: $left"; return 1; }

@@ -56,11 +56,25 @@ impl Grower for ClaimGrower {
         claims
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .map_err(|e| format!("the API server refused to raise claim {namespace}/{name}'s request to {storage}: {e}"))?;
+            .map_err(|e| {
+                format!(
+                    "the API server refused to raise claim {namespace}/{name}'s request to {storage}: {}",
+                    said(&e)
+                )
+            })?;
         Ok(Grown::Done(format!(
-            "claim {namespace}/{name}'s request raised from {} to {storage}; Kubernetes' resizer and the kubelet grow the volume",
-            requested.map_or_else(|| size(from), size),
+            "claim {namespace}/{name}'s request raised from {} to {} ({storage}); Kubernetes' resizer and the kubelet grow the volume",
+            size(requested.unwrap_or(from)),
+            size(to),
         )))
+    }
+}
+
+/// What the API server said (its message alone), or the client's error.
+fn said(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) if !status.message.is_empty() => status.message.clone(),
+        other => other.to_string(),
     }
 }
 
