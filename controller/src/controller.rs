@@ -409,13 +409,11 @@ impl Controller for ControllerService {
                 size_bytes: size,
             })
             .await?;
-        let block = matches!(
-            req.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()),
-            Some(csi::volume_capability::AccessType::Block(_))
-        );
+        // Block volumes too: the node's kernel device (a loop device's capacity, NBD's size,
+        // ublk's) learns the new size only from NodeExpandVolume.
         Ok(Response::new(csi::ControllerExpandVolumeResponse {
             capacity_bytes: grown.size_bytes as i64,
-            node_expansion_required: !block,
+            node_expansion_required: true,
         }))
     }
 

@@ -217,6 +217,7 @@ impl Agent for AgentService {
     ) -> Result<Response<agent::Volume>, Status> {
         let r = request.into_inner();
         self.engine.expand_volume(&r.volume_id, r.size_bytes).await.map_err(status)?;
+        self.engine.grow_staged(&r.volume_id).await;
         let info = self.engine.get_volume(&r.volume_id).map_err(status)?;
         Ok(Response::new(volume(info)))
     }

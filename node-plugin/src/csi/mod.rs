@@ -2,6 +2,7 @@
 
 mod decide;
 mod freeze;
+mod grown;
 mod node;
 mod recovery;
 pub(crate) mod staging;

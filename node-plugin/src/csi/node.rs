@@ -21,6 +21,7 @@ mod stage;
 use super::csi::{self, node_server::Node};
 use super::decide::{self, PublishStep, Seen, StageStep};
 use super::freeze::Freezer;
+use super::grown::{grow_staged, StagedVolumes};
 use super::recovery::{reattach_after_rebuilds, recover_ublk_devices};
 use super::staging::{Journal, Staged};
 use super::{required, status};
@@ -100,7 +101,12 @@ impl NodeService {
             Freezer::new(journal.clone(), busy.clone(), engine.config().state_dir.join("frozen"))?;
         freezer.thaw_leftovers()?;
         engine.set_quiesce(Arc::new(freezer));
-        engine.set_mounts(Arc::new(journal.clone()));
+        engine.set_mounts(Arc::new(StagedVolumes {
+            journal: journal.clone(),
+            mounter: mounter.clone(),
+            engine: Arc::downgrade(&engine),
+            busy: busy.clone(),
+        }));
         Ok(NodeService { engine, config, journal, busy, mounter, probes, ublk_served })
     }
 
@@ -108,6 +114,16 @@ impl NodeService {
         self.busy
             .take(vec![id.to_owned()])
             .map_err(|_| Status::aborted(format!("an operation on {id} is already in progress")))
+    }
+
+    /// The volumes this node can hold: `--max-volumes`, or fewer when the kernel driver of the
+    /// backend it stages with has fewer devices (NodeGetInfo; the scheduler places no more).
+    fn max_volumes(&self) -> i64 {
+        let configured = self.config.max_volumes;
+        match self.config.device.resolve(self.probes) {
+            Ok(backend) => self.probes.limits.volumes(backend, configured),
+            Err(_) => configured,
+        }
     }
 
     /// The path NodeExpandVolume takes for a volume staged here (its filesystem's staging
@@ -183,6 +199,10 @@ impl NodeService {
         let mut record = self.staged(id)?;
         let staging = Path::new(&req.staging_target_path);
         let mounted = self.mounter.is_mountpoint(target);
+        if let Some(capability) = &req.volume_capability {
+            let staged = record.as_ref().and_then(|r| r.selinux_context.as_deref());
+            decide::context_conflict(id, staged, decide::selinux_context(capability).as_deref())?;
+        }
         let (source, block) =
             match decide::publish_step(id, record.as_ref(), staging, target, mounted)? {
                 PublishStep::Done => return Ok(()),
@@ -224,20 +244,7 @@ impl NodeService {
     }
 
     async fn expand(&self, id: &str, path: &Path) -> Result<u64> {
-        let record = self
-            .staged(id)?
-            .ok_or_else(|| Error::NotFound { what: "staged volume", id: id.to_owned() })?;
-        let endpoint = self
-            .engine
-            .attachment(id)?
-            .ok_or_else(|| Error::FailedPrecondition(format!("volume {id} is not attached")))?
-            .endpoint;
-        let expected = self.engine.get_volume(id)?.size;
-        device::refresh_size(record.backend, &record.device, &endpoint, id, expected).await?;
-        if record.fs_type.is_some() {
-            self.mounter.grow_fs(&record.device, path).await?;
-        }
-        self.mounter.device_size(&record.device).await
+        grow_staged(&self.engine, &self.journal, self.mounter.as_ref(), id, Some(path)).await
     }
 
     async fn stats(&self, id: &str, path: &Path) -> Result<csi::NodeGetVolumeStatsResponse> {
@@ -456,7 +463,7 @@ impl Node for NodeService {
     ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
         Ok(Response::new(csi::NodeGetInfoResponse {
             node_id: self.engine.config().node.as_str().to_owned(),
-            max_volumes_per_node: self.config.max_volumes,
+            max_volumes_per_node: self.max_volumes(),
             accessible_topology: Some(self.topology()),
         }))
     }

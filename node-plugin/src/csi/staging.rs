@@ -39,6 +39,10 @@ pub struct Staged {
     /// a killed mkfs left on it, so the retry formats it whole.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub formatting: bool,
+    /// The SELinux context its filesystem was mounted with (`context=`, the kubelet's
+    /// SELinuxMount); every bind of it carries that label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selinux_context: Option<String>,
 }
 
 fn finished() -> bool {
@@ -89,22 +93,6 @@ impl Journal {
     /// Every record that reads (others are skipped).
     pub fn all(&self) -> Vec<Staged> {
         store::read_all::<Staged>(&self.dir, true).unwrap_or_default()
-    }
-}
-
-/// The filesystems staged on volumes, for the engine's threshold events: an auto-expanding
-/// filesystem grows only once its own usage says it fills.
-impl crate::engine::MountedFilesystems for Journal {
-    fn filesystem_usage(&self, volume_id: &str) -> Option<qsd_csi_model::grow::FsUsage> {
-        let staged = self.get(volume_id).ok()??;
-        let mounted = staged.complete
-            && staged.fs_type.is_some()
-            && crate::mount::is_mountpoint(&staged.staging_path);
-        if !mounted {
-            return None;
-        }
-        let usage = crate::mount::usage(&staged.staging_path).ok()?;
-        Some(qsd_csi_model::grow::FsUsage { used: usage.bytes_used, total: usage.bytes_total })
     }
 }
 

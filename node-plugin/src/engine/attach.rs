@@ -302,6 +302,15 @@ impl EngineCore {
         Ok(())
     }
 
+    /// After a volume grew: its kernel device and filesystem, if it is staged here, grow now
+    /// (best effort: the orchestrator's NodeExpandVolume does it too, later).
+    pub async fn grow_staged(&self, volume_id: &str) {
+        let Some(mounts) = self.mounts.get() else { return };
+        if let Err(e) = mounts.grown(volume_id).await {
+            tracing::warn!(volume = volume_id, error = %e, "growing the staged device and filesystem failed; NodeExpandVolume will try again");
+        }
+    }
+
     /// After a volume grew to `size`: a threshold armed at a percentage of the size moves to
     /// that percentage of the new size (never lower), so the alert — and auto-expansion —
     /// repeats as the volume fills again. The caller holds the volume and the graph.
@@ -332,9 +341,11 @@ fn head_length(path: &std::path::Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
-/// The usage of the filesystem mounted on a volume, if one is: the Node service knows where
-/// volumes are mounted, and provides this.
+/// The volumes staged on this node, as the Node service (which stages them) provides them.
+#[tonic::async_trait]
 pub trait MountedFilesystems: Send + Sync + std::fmt::Debug {
     /// The filesystem staged on `volume_id`, if there is one.
     fn filesystem_usage(&self, volume_id: &str) -> Option<FsUsage>;
+    /// `volume_id` grew: its kernel device and filesystem, if staged here, grow now.
+    async fn grown(&self, volume_id: &str) -> Result<()>;
 }
