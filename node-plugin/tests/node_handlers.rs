@@ -22,6 +22,8 @@ use tonic::Code;
 #[derive(Debug, Default)]
 struct RecordingMounter {
     mounts: Mutex<BTreeMap<PathBuf, PathBuf>>,
+    /// The options each filesystem mount was made with.
+    options: Mutex<BTreeMap<PathBuf, Vec<String>>>,
 }
 
 impl RecordingMounter {
@@ -56,8 +58,9 @@ impl Mounter for RecordingMounter {
         device: &Path,
         target: &Path,
         _: Option<&str>,
-        _: &[String],
+        options: &[String],
     ) -> Result<()> {
+        self.options.lock().expect("options").insert(target.to_owned(), options.to_vec());
         self.add(device, target);
         Ok(())
     }
@@ -84,10 +87,16 @@ impl Mounter for RecordingMounter {
 }
 
 fn capability() -> Option<csi::VolumeCapability> {
+    labelled(&[])
+}
+
+/// An ext4 mount capability with these mount flags.
+fn labelled(flags: &[&str]) -> Option<csi::VolumeCapability> {
     use csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
     Some(csi::VolumeCapability {
         access_type: Some(AccessType::Mount(MountVolume {
             fs_type: "ext4".into(),
+            mount_flags: flags.iter().map(|f| f.to_string()).collect(),
             ..Default::default()
         })),
         access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
@@ -147,7 +156,7 @@ async fn the_node_service_answers_each_call_of_a_volumes_life_with_the_right_cod
     let core = env.core();
     let seams = Seams {
         mounter: Arc::new(RecordingMounter::default()),
-        probes: Probes { ublk: false, ublk_resize: false, nbd: false },
+        probes: Probes { ublk: false, ublk_resize: false, nbd: false, limits: Default::default() },
         ublk_served: |_| false,
     };
     let config = NodeConfig { device: Choice::Fixed(Backend::Fuse), max_volumes: 16 };
@@ -203,4 +212,81 @@ async fn the_node_service_answers_each_call_of_a_volumes_life_with_the_right_cod
     }
     assert_eq!(core.attachment(&id).expect("attachment"), None, "unstaged means detached");
     core.delete_volume(&id).await.expect("delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_selinux_label_is_mounted_at_stage_and_a_publish_asking_for_another_is_refused() {
+    // The kubelet's SELinuxMount passes `context="…"` to NodeStage and NodePublish (the CSIDriver
+    // says seLinuxMount: true): the staging mount gets it, and every bind of it carries it.
+    let env = Env::new().await;
+    let core = env.core();
+    let mounter = Arc::new(RecordingMounter::default());
+    let seams = Seams {
+        mounter: mounter.clone(),
+        probes: Probes { ublk: false, ublk_resize: false, nbd: false, limits: Default::default() },
+        ublk_served: |_| false,
+    };
+    let config = NodeConfig { device: Choice::Fixed(Backend::Fuse), max_volumes: 16 };
+    let node = NodeService::with_seams(core.clone(), config, seams).expect("node service");
+    let id = core
+        .create_volume(&CreateVolume::new("local", "labelled", 64 * MIB as i64))
+        .await
+        .expect("create")
+        .id;
+    let label = r#"context="system_u:object_r:container_file_t:s0:c1,c2""#;
+    let other = r#"context="system_u:object_r:container_file_t:s0:c7,c9""#;
+    let (staging, target) = (env.dir.path().join("staging"), env.dir.path().join("target"));
+    let stage = csi::NodeStageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: labelled(&[label]),
+        ..Default::default()
+    };
+    node.node_stage_volume(tonic::Request::new(stage)).await.expect("stage");
+    let options = mounter.options.lock().expect("options").get(&staging).cloned();
+    assert_eq!(options, Some(vec![label.to_owned()]), "the staging mount carries the label");
+    let publish = |flags: &[&str]| csi::NodePublishVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: labelled(flags),
+        ..Default::default()
+    };
+    let refused = node.node_publish_volume(tonic::Request::new(publish(&[other]))).await;
+    assert_eq!(refused.err().map(|s| s.code()), Some(Code::FailedPrecondition));
+    node.node_publish_volume(tonic::Request::new(publish(&[label]))).await.expect("same label");
+    let unpublish = csi::NodeUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        target_path: target.display().to_string(),
+    };
+    node.node_unpublish_volume(tonic::Request::new(unpublish)).await.expect("unpublish");
+    let unstage = csi::NodeUnstageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.display().to_string(),
+    };
+    node.node_unstage_volume(tonic::Request::new(unstage)).await.expect("unstage");
+    core.delete_volume(&id).await.expect("delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_get_info_says_no_more_volumes_than_the_backends_kernel_driver_has_devices() {
+    let env = Env::new().await;
+    let limits = qsd_node::device::DeviceLimits { nbd: Some(16), ublk: Some(64), fuse: None };
+    let info = |device: Backend, max_volumes: i64| {
+        let seams = Seams {
+            mounter: Arc::new(RecordingMounter::default()),
+            probes: Probes { ublk: true, ublk_resize: true, nbd: true, limits },
+            ublk_served: |_| false,
+        };
+        let config = NodeConfig { device: Choice::Fixed(device), max_volumes };
+        let node = NodeService::with_seams(env.core(), config, seams).expect("node service");
+        async move {
+            let req = tonic::Request::new(csi::NodeGetInfoRequest {});
+            node.node_get_info(req).await.expect("info").into_inner().max_volumes_per_node
+        }
+    };
+    assert_eq!(info(Backend::Nbd, 256).await, 16, "nbds_max");
+    assert_eq!(info(Backend::Ublk, 256).await, 64, "ublks_max");
+    assert_eq!(info(Backend::Ublk, 32).await, 32, "--max-volumes below the devices");
+    assert_eq!(info(Backend::Fuse, 256).await, 256, "loop devices are made on demand");
 }

@@ -121,7 +121,12 @@ async fn a_stage_that_fails_at_any_filesystem_step_leaves_the_volume_detached_an
     for (i, (what, fail_at, code)) in table.into_iter().enumerate() {
         let seams = Seams {
             mounter: Arc::new(FailingMounter(fail_at)),
-            probes: Probes { ublk: false, ublk_resize: false, nbd: false },
+            probes: Probes {
+                ublk: false,
+                ublk_resize: false,
+                nbd: false,
+                limits: Default::default(),
+            },
             ublk_served: |_| false,
         };
         let config = NodeConfig { device: Choice::Fixed(Backend::Fuse), max_volumes: 16 };
@@ -155,7 +160,7 @@ async fn a_bad_stage_parameter_or_a_filesystem_too_big_for_its_volume_is_refused
     let core = env.core();
     let seams = Seams {
         mounter: Arc::new(FailingMounter(FailAt::Mount)),
-        probes: Probes { ublk: false, ublk_resize: false, nbd: false },
+        probes: Probes { ublk: false, ublk_resize: false, nbd: false, limits: Default::default() },
         ublk_served: |_| false,
     };
     let config = NodeConfig { device: Choice::Fixed(Backend::Fuse), max_volumes: 16 };

@@ -115,6 +115,31 @@ pub fn mount_flags(capability: &csi::VolumeCapability, fs: &str) -> Vec<String> 
     flags
 }
 
+/// The SELinux label a mount capability asks for (`context="…"` among its mount flags: what
+/// the kubelet passes with SELinuxMount), without its quotes.
+pub fn selinux_context(capability: &csi::VolumeCapability) -> Option<String> {
+    use csi::volume_capability::AccessType;
+    let Some(AccessType::Mount(m)) = &capability.access_type else { return None };
+    m.mount_flags
+        .iter()
+        .find_map(|f| f.strip_prefix("context="))
+        .map(|c| c.trim_matches(|q| q == '"' || q == '\'').to_owned())
+}
+
+/// A publish's label against its staging mount's: a bind carries the label the filesystem was
+/// mounted with, so a publish asking for another one (or for one when the stage set none) is
+/// refused rather than handed a differently labelled mount.
+pub fn context_conflict(id: &str, staged: Option<&str>, wanted: Option<&str>) -> Result<()> {
+    match (staged, wanted) {
+        (_, None) => Ok(()),
+        (Some(s), Some(w)) if s == w => Ok(()),
+        (staged, Some(wanted)) => Err(Error::FailedPrecondition(format!(
+            "volume {id} is mounted with SELinux context {}; a publish asks for {wanted:?} (a volume's pods on one node share its label)",
+            staged.map_or("none".to_owned(), |s| format!("{s:?}"))
+        ))),
+    }
+}
+
 /// What publishing has left to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublishStep {
@@ -252,6 +277,33 @@ mod tests {
             targets: targets.iter().map(PathBuf::from).collect(),
             complete: true,
             formatting: false,
+            selinux_context: None,
+        }
+    }
+
+    #[test]
+    fn the_selinux_label_is_read_from_the_mount_flags_and_a_publish_must_match_the_stage() {
+        let label = "system_u:object_r:container_file_t:s0:c1,c2";
+        let quoted = format!("context=\"{label}\"");
+        assert_eq!(
+            selinux_context(&mount_cap("xfs", &["noatime", &quoted])).as_deref(),
+            Some(label)
+        );
+        assert_eq!(selinux_context(&mount_cap("xfs", &["noatime"])), None);
+        assert_eq!(selinux_context(&block_cap()), None);
+        let table = [
+            ("no label asked", Some(label), None, Ok(())),
+            ("the same label", Some(label), Some(label), Ok(())),
+            (
+                "another label",
+                Some(label),
+                Some("system_u:object_r:container_file_t:s0:c3,c4"),
+                Err(ErrorKind::FailedPrecondition),
+            ),
+            ("a label, none at stage", None, Some(label), Err(ErrorKind::FailedPrecondition)),
+        ];
+        for (what, staged, wanted, expected) in table {
+            assert_eq!(kind(context_conflict("v", staged, wanted)), expected, "{what}");
         }
     }
 

@@ -67,13 +67,58 @@ pub struct Probes {
     pub ublk_resize: bool,
     /// The generic netlink family `nbd` resolves (the module is loaded).
     pub nbd: bool,
+    /// How many devices each backend's kernel driver has (its module parameter).
+    pub limits: DeviceLimits,
+}
+
+/// How many volumes each backend can hold at once on this host: its kernel driver's device
+/// count (`None`: no fixed count).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceLimits {
+    /// `nbd`'s `nbds_max` (16 unless the module was loaded with more).
+    pub nbd: Option<u64>,
+    /// `ublk_drv`'s `ublks_max`.
+    pub ublk: Option<u64>,
+    /// `loop`'s `max_loop` when set (0: devices are made on demand, no fixed count).
+    pub fuse: Option<u64>,
+}
+
+impl DeviceLimits {
+    /// Reads the module parameters of this host.
+    pub fn host() -> Self {
+        let read = |module: &str, parameter: &str| {
+            let path = format!("/sys/module/{module}/parameters/{parameter}");
+            std::fs::read_to_string(path).ok()?.trim().parse::<u64>().ok().filter(|n| *n > 0)
+        };
+        DeviceLimits {
+            nbd: read("nbd", "nbds_max"),
+            ublk: read("ublk_drv", "ublks_max"),
+            fuse: read("loop", "max_loop"),
+        }
+    }
+
+    /// The volumes a node using `backend` can hold: `configured` (`--max-volumes`), or fewer
+    /// when the backend has fewer devices.
+    pub fn volumes(&self, backend: Backend, configured: i64) -> i64 {
+        let devices = match backend {
+            Backend::Nbd => self.nbd,
+            Backend::Ublk => self.ublk,
+            Backend::Fuse => self.fuse,
+        };
+        devices.map_or(configured, |n| configured.min(i64::try_from(n).unwrap_or(i64::MAX)))
+    }
 }
 
 impl Probes {
     /// Reads the probes from this host.
     pub fn host() -> Self {
         let ublk = Path::new("/dev/ublk-control").exists();
-        Probes { ublk, ublk_resize: ublk && ublk::can_resize(), nbd: nbd::family().is_some() }
+        Probes {
+            ublk,
+            ublk_resize: ublk && ublk::can_resize(),
+            nbd: nbd::family().is_some(),
+            limits: DeviceLimits::host(),
+        }
     }
 }
 
@@ -212,8 +257,13 @@ mod tests {
 
     #[test]
     fn auto_resolves_to_a_backend_this_build_drives_and_missing_ones_are_refused() {
-        let none = Probes { ublk: false, ublk_resize: false, nbd: false };
-        let all = Probes { ublk: true, ublk_resize: true, nbd: true };
+        let limits = DeviceLimits { nbd: Some(16), ublk: Some(64), fuse: None };
+        assert_eq!(limits.volumes(Backend::Nbd, 256), 16, "the kernel has 16 NBD devices");
+        assert_eq!(limits.volumes(Backend::Ublk, 32), 32, "fewer configured than devices");
+        assert_eq!(limits.volumes(Backend::Fuse, 256), 256, "loop devices are made on demand");
+        let none =
+            Probes { ublk: false, ublk_resize: false, nbd: false, limits: Default::default() };
+        let all = Probes { ublk: true, ublk_resize: true, nbd: true, limits: Default::default() };
         let old_ublk = Probes { ublk_resize: false, ..all };
         assert_eq!(Choice::Auto.resolve(none).ok(), Some(Backend::Fuse));
         assert_eq!(Choice::Auto.resolve(all).ok(), Some(Backend::Ublk));

@@ -60,6 +60,7 @@ impl NodeService {
             targets: Default::default(),
             complete: false,
             formatting: false,
+            selinux_context: decide::selinux_context(capability),
         };
         self.journal.put(&record)?;
         let staged = self.stage_steps(&mut record, capability, context).await;
