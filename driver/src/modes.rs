@@ -87,24 +87,11 @@ fn node_registry(
     let registry = qsd_csi_proto::metrics::registry();
     let collector = qsd_node::metrics::NodeMetrics::new(core.clone())?;
     collector.keep_refreshed();
-    registry.register(Box::new(ArcCollector(collector)))?;
+    registry.register(collector.collector())?;
     if let Some(grow) = grow {
         grow.register(&registry)?;
     }
     Ok(registry)
-}
-
-/// The node collector, shared with its refresh task.
-struct ArcCollector(Arc<qsd_node::metrics::NodeMetrics>);
-
-impl prometheus::core::Collector for ArcCollector {
-    fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        self.0.desc()
-    }
-
-    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        self.0.collect()
-    }
 }
 
 /// `qsd-csi standalone`.

@@ -251,6 +251,19 @@ expand() {
 }
 check "kubectl patch grows the volume through csi-resizer" expand
 
+recover() {
+  # An expansion the driver refuses (past its 64 TiB maximum) is retried by the user with a
+  # smaller size (Kubernetes' RecoverVolumeExpansionFailure, GA): accepted, and the claim's
+  # volume grows to it.
+  pvc recover 64Mi && bound recover || return 1
+  kubectl patch pvc recover --type=merge -p '{"spec":{"resources":{"requests":{"storage":"100Ti"}}}}' || return 1
+  wait_field 60 pvc/recover '{.status.allocatedResourceStatuses.storage}' ControllerResizeInfeasible \
+    || { kubectl get pvc recover -o yaml | tail -20; return 1; }
+  kubectl patch pvc recover --type=merge -p '{"spec":{"resources":{"requests":{"storage":"96Mi"}}}}' || return 1
+  wait_for "pv/$(field pvc/recover '{.spec.volumeName}')" '{.spec.capacity.storage}' 96Mi 90
+}
+check "an expansion refused as too large, retried smaller by the user, is accepted (RecoverVolumeExpansionFailure)" recover
+
 alert() {
   kubectl apply -f - <<EOF || return 1
 apiVersion: storage.k8s.io/v1
@@ -397,7 +410,7 @@ delete_all() {
   for c in data restored cloned alert grow capped g1 g2 gr1 gr2; do unpublish "$c" || return 1; done
   kubectl delete volumesnapshot snap --wait --timeout=90s && \
     kubectl delete volumegroupsnapshot pair --wait --timeout=90s && \
-    kubectl delete pvc data restored cloned alert grow capped g1 g2 gr1 gr2 --wait --timeout=90s || return 1
+    kubectl delete pvc data restored cloned recover alert grow capped g1 g2 gr1 gr2 --wait --timeout=90s || return 1
   wait_until 90 bash -c "[[ -z \$('$tools/kubectl' get pv -o name) ]]" || { kubectl get pv; return 1; }
   local left; left=$("$qsd_csi" --endpoint "unix://$work/ctl.sock" volume list | grep '^vol:')
   [[ -z $left ]] || { echo "volumes left: $left"; return 1; }

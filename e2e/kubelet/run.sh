@@ -33,6 +33,8 @@ cleanup_more() { ip link delete qsdk0 2>/dev/null; }
 # shellcheck source=../lib/cluster.sh
 . "$top/e2e/lib/cluster.sh"
 agent_port=$(port) kubelet_port=$(port)
+metrics_node=$(port) metrics_controller=$(port) prom_port=$(port)
+prometheus=$("$top/scripts/build-prometheus") || { echo "kubelet: building Prometheus failed" >&2; summary 0 1; exit 1; }
 
 # --- control plane -----------------------------------------------------------------------------
 start_control_plane '*'
@@ -130,7 +132,7 @@ node_ready 90 || fail_start "the kubelet (node Ready)" kubelet
 helm_values=(--set "node.kubeletDir=$work/kubelet" --set "node.stateDir=$work/state" --set node.device=fuse
   --set "node.agentPort=$agent_port" --set "node.healthPort=$(port)" --set controller.hostNetwork=true
   --set "controller.healthPort=$(port)" --set kubernetesAPI.host=127.0.0.1 --set "kubernetesAPI.port=$api_port"
-  --set image.pullPolicy=Never)
+  --set image.pullPolicy=Never --set "metrics.nodePort=$metrics_node" --set "metrics.controllerPort=$metrics_controller")
 # Pods of the default namespace need its service account (and the e2e suite its own).
 wait_until 60 kubectl get serviceaccount default || fail_start "the default service account" kube-controller-manager
 installed() {
@@ -252,6 +254,113 @@ grow() {
   (( after > before + 250 * 1024 )) && gone grower
 }
 check "kubectl patch grows a claim while its pod runs; df in the pod shows the new size (xfs)" grow
+
+# --- thin provisioning: Prometheus, and claims that grow themselves --------------------------------
+# A real Prometheus (built from the module proxy) finds the chart's metrics Services through
+# the API server and scrapes the node plugin and the controller on the run's network.
+cat >"$work/prometheus.yml" <<YAML
+global: {scrape_interval: 2s, scrape_timeout: 2s}
+scrape_configs:
+  - job_name: qsd-csi
+    kubernetes_sd_configs: [{role: endpointslice, kubeconfig_file: "$KUBECONFIG", namespaces: {names: [qsd]}}]
+    relabel_configs:
+      - {source_labels: [__meta_kubernetes_service_label_qsd_csi_dev_metrics], regex: "true", action: keep}
+      - {source_labels: [__meta_kubernetes_endpointslice_port_name], regex: metrics, action: keep}
+YAML
+start prometheus "$prometheus/prometheus" --config.file="$work/prometheus.yml" \
+  --storage.tsdb.path="$work/prometheus" --web.listen-address="127.0.0.1:$prom_port"
+# One PromQL query's first value ("" when it has none).
+promql() {
+  python3 - "$prom_port" "$1" <<'PY'
+import json, sys, urllib.parse, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/api/v1/query?" + urllib.parse.urlencode({"query": sys.argv[2]})
+result = json.load(urllib.request.urlopen(url, timeout=10))["data"]["result"]
+print(result[0]["value"][1] if result else "")
+PY
+}
+promql_above() { # QUERY VALUE: whether the query's first value is above VALUE
+  local v; v=$(promql "$1") && [[ -n $v ]] && python3 -c 'import sys; sys.exit(not float(sys.argv[1]) > float(sys.argv[2]))' "$v" "$2"
+}
+scraped() {
+  # Both of the chart's metrics endpoints are up in Prometheus, and a pod's writes show up as
+  # its claim's write bytes and allocation.
+  wait_until 60 promql_above 'count(up{job="qsd-csi"} == 1)' 1 || { promql 'up'; tail -5 "$work/prometheus.log"; return 1; }
+  pvc watched 256Mi || return 1
+  pod watcher watched 'dd if=/dev/zero of=/data/f bs=1M count=96 conv=fsync 2>/dev/null' && succeeded watcher && gone watcher || return 1
+  local claim='namespace="default",claim="watched"'
+  wait_until 60 promql_above "qsd_csi_volume_write_bytes_total{$claim}" $((96 << 20)) ||
+    { echo "write bytes: $(promql "qsd_csi_volume_write_bytes_total{$claim}")"; return 1; }
+  wait_until 60 promql_above "qsd_csi_volume_allocated_bytes{$claim}" $((96 << 20)) ||
+    { echo "allocated: $(promql "qsd_csi_volume_allocated_bytes{$claim}")"; return 1; }
+  promql_above "sum(qsd_csi_grpc_request_duration_seconds_count{method=\"CreateVolume\",code=\"Ok\"})" 0
+}
+check "Prometheus scrapes the chart's metrics Services; a pod's writes show as its claim's write bytes and allocation" scraped
+
+autogrow() {
+  # A pod writes steadily into a 1 GiB claim of an auto-expanding class (limit 3 GiB) well past
+  # 1 GiB, a second into a raw block claim (waiting at the device's end for it to grow). The
+  # leader raises each claim's request as it fills, Kubernetes grows it, and neither writer
+  # sees an I/O error; each claim ends at the limit with one AutoExpanded Event per growth.
+  # Each writer prints the size it sees when it changes, with the host's uptime.
+  kubectl apply -f - >/dev/null <<YAML || return 1
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: qsd-auto}
+provisioner: qsd.csi.dev
+volumeBindingMode: WaitForFirstConsumer
+allowVolumeExpansion: true
+parameters: {csi.storage.k8s.io/fstype: xfs, writeThresholdPercent: "70", autoExpand: "true", autoExpandStep: "25%", autoExpandLimit: 3Gi}
+YAML
+  pvc autofs 1Gi Filesystem "" qsd-auto && pvc autoblk 1Gi Block "" qsd-auto || return 1
+  # shellcheck disable=SC2016 # the pods' shells expand these
+  pod autofs-writer autofs 'i=0; last=0
+    while [ $i -lt 2560 ]; do
+      dd if=/dev/zero of=/data/f bs=1M count=20 seek=$i conv=notrunc,fsync 2>/dev/null || { echo "write failed at ${i} MiB"; exit 1; }
+      i=$((i + 20)); s=$(df -k /data | awk "NR == 2 { print \$2 * 1024 }")
+      [ "$s" = "$last" ] || { echo "size $s at $(cut -d" " -f1 /proc/uptime)"; last=$s; }
+      sleep 1
+    done' || return 1
+  # shellcheck disable=SC2016 # the pods' shells expand these
+  pod autoblk-writer autoblk 'i=0; last=0
+    while [ $i -lt 2560 ]; do
+      s=$(blockdev --getsize64 /dev/qsd)
+      [ "$s" = "$last" ] || { echo "size $s at $(cut -d" " -f1 /proc/uptime)"; last=$s; }
+      if [ $(( (i + 20) * 1048576 )) -gt "$s" ]; then sleep 0.2; continue; fi
+      dd if=/dev/zero of=/dev/qsd bs=1M count=20 seek=$i conv=fsync 2>/dev/null || { echo "write failed at ${i} MiB"; exit 1; }
+      i=$((i + 20)); sleep 1
+    done' block || return 1
+  local w c
+  for w in autofs-writer autoblk-writer; do
+    wait_for "pod/$w" '{.status.phase}' Succeeded 420 || { kubectl logs "$w" | tail -5; kubectl describe pod "$w" | tail -8; return 1; }
+  done
+  for c in autofs autoblk; do
+    wait_field 120 "pvc/$c" '{.status.capacity.storage}' 3Gi || { kubectl describe pvc "$c" | tail -12; return 1; }
+    local grown; grown=$(events_on "$c" AutoExpanded | wc -l)
+    ((grown == 5)) || { echo "$c: $grown AutoExpanded events"; events_on "$c" AutoExpanded; return 1; }
+    [[ -z $(events_on "$c" AutoExpandFailed) ]] || { events_on "$c" AutoExpandFailed; return 1; }
+  done
+  growth_latency autofs autofs-writer && growth_latency autoblk autoblk-writer
+}
+# The Events with REASON on CLAIM, oldest first: "<eventTime> <note>".
+events_on() { # CLAIM REASON
+  field events '{range .items[*]}{.eventTime} {.message}{"\n"}{end}' \
+    --field-selector "involvedObject.name=$1,reason=$2" | sort
+}
+growth_latency() { # CLAIM WRITER: each growth seen in the pod, and how long after its Event
+  python3 - "$(cut -d' ' -f1 /proc/uptime)" "$(date +%s.%N)" "$1" <(kubectl logs "$2") \
+    <(events_on "$1" AutoExpanded) <<'PY'
+import datetime, sys
+uptime_now, wall_now, claim, log, events = float(sys.argv[1]), float(sys.argv[2]), *sys.argv[3:]
+offset = wall_now - uptime_now
+seen = [float(l.split()[-1]) + offset for l in open(log) if l.startswith("size ")][1:]
+asked = [datetime.datetime.fromisoformat(l.split()[0].replace("Z", "+00:00")).timestamp() for l in open(events)]
+lat = [s - a for s, a in zip(seen, asked)]
+print(f"{claim}: {len(seen)} growths seen in the pod; AutoExpanded event -> new size seen: "
+      + ", ".join(f"{x:.1f} s" for x in lat) + (f" (mean {sum(lat) / len(lat):.1f} s)" if lat else ""))
+sys.exit(0 if len(seen) == len(asked) == 5 else 1)
+PY
+}
+check "claims of an auto-expanding class (xfs and block) grow under steady writers from 1 GiB to their 3 GiB limit: no I/O error, one event per growth" autogrow
 
 plugin_pod() { field pods '{.items[0].metadata.name} {.items[0].metadata.uid}' -n qsd -l app.kubernetes.io/component=node; }
 plugin_replaced() { # OLD_UID: whether a node plugin pod other than OLD_UID runs, every container Ready

@@ -4,7 +4,8 @@
 //! snapshot, restore and expand (online through an NBD export, and offline), with the ratio of
 //! the 1 TiB case to the 1 GiB case (the goal is O(1): ratio ≈ 1, p50 < 50 ms). Then attaches
 //! [`ATTACHED`] volumes with NBD exports to one daemon and prints the daemon's RSS per attached
-//! volume and the attach latency (goals: ≤ 1 MiB each, p99 ≤ 50 ms). Run with `cargo bench -p qsd-csi-node --bench engine` (root, QEMU ≥ 7.2).
+//! volume and the attach latency (goals: ≤ 1 MiB each, p99 ≤ 50 ms), and the time of a metrics
+//! scrape at 64 and at 1,024 attached volumes (goal: O(volumes), the per-volume ratio about 1). Run with `cargo bench -p qsd-csi-node --bench engine` (root, QEMU ≥ 7.2).
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,26 @@ const GIB: u64 = 1 << 30;
 const ITERATIONS: usize = 20;
 /// Volumes attached at once to one daemon in the footprint part.
 const ATTACHED: usize = 1024;
+/// The metrics scrape is measured at this many attached volumes too: its baseline.
+const SCRAPE_BASELINE: usize = 64;
+
+/// The median time of a scrape of `registry` (the catalog rebuilt first, as its refresh task
+/// would), over [`ITERATIONS`].
+fn scrape_p50(
+    metrics: &qsd_node::metrics::NodeMetrics,
+    registry: &prometheus::Registry,
+) -> Duration {
+    metrics.refresh();
+    let mut samples: Vec<Duration> = (0..ITERATIONS)
+        .map(|_| {
+            let start = Instant::now();
+            let body = qsd_csi_proto::metrics::encode(registry);
+            assert!(!body.is_empty());
+            start.elapsed()
+        })
+        .collect();
+    percentile(&mut samples, 0.5)
+}
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();
@@ -166,7 +187,14 @@ async fn main() {
     let core = engine.core_arc();
     let before = rss_kib(pid);
     let mut attach = Vec::new();
+    let metrics = qsd_node::metrics::NodeMetrics::new(core.clone()).expect("metrics");
+    let registry = qsd_csi_proto::metrics::registry();
+    registry.register(metrics.collector()).expect("register");
+    let mut scrapes = Vec::new();
     for i in 0..ATTACHED {
+        if i == SCRAPE_BASELINE {
+            scrapes.push((i, scrape_p50(&metrics, &registry)));
+        }
         let vol = core
             .create_volume(&CreateVolume::new("bench", &format!("many-{i}"), (64 << 20) as i64))
             .await
@@ -176,6 +204,7 @@ async fn main() {
         attach.push(start.elapsed());
     }
     let after = rss_kib(pid);
+    scrapes.push((ATTACHED, scrape_p50(&metrics, &registry)));
     let per_volume = (after.saturating_sub(before)) as f64 / ATTACHED as f64 / 1024.0;
     println!("\n{ATTACHED} volumes attached with NBD exports in one daemon:");
     println!("| daemon RSS before | after | per attached volume | attach p50 | attach p99 |");
@@ -187,6 +216,18 @@ async fn main() {
         per_volume,
         ms(percentile(&mut attach.clone(), 0.5)),
         ms(percentile(&mut attach, 0.99))
+    );
+    let [(few, base), (many, big)] = [scrapes[0], scrapes[1]];
+    println!("\nA metrics scrape (every family, text format; a stat of each head image, no QMP):");
+    println!("| attached volumes | scrape p50 | per volume |");
+    println!("|---|---|---|");
+    for (n, d) in [(few, base), (many, big)] {
+        println!("| {n} | {:.2} ms | {:.1} µs |", ms(d), d.as_secs_f64() * 1e6 / n as f64);
+    }
+    println!(
+        "metrics scrape {many} attached: {:.2} ms; ratio per volume against {few} attached = {:.2} (O(volumes): about 1)",
+        ms(big),
+        (big.as_secs_f64() / many as f64) / (base.as_secs_f64() / few as f64)
     );
     drop(engine);
     let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();

@@ -91,7 +91,13 @@ impl NodeMetrics {
         })
     }
 
-    fn refresh(&self) {
+    /// A collector to register (the catalog's refresh task keeps its own handle).
+    pub fn collector(self: &Arc<Self>) -> Box<dyn Collector> {
+        Box::new(Shared(self.clone()))
+    }
+
+    /// Rebuilds the catalog now (the refresh task does it every [`REFRESH`]).
+    pub fn refresh(&self) {
         let (pools, facts) = self.engine.facts();
         let staged: HashMap<String, staging::Staged> =
             self.staging.all().into_iter().map(|s| (s.volume_id.clone(), s)).collect();
@@ -342,6 +348,20 @@ impl Families {
         {
             self.pool_objects.with_label_values(&[name, kind]).set(n as i64);
         }
+    }
+}
+
+/// The collector, shared with its refresh task.
+#[derive(Debug)]
+struct Shared(Arc<NodeMetrics>);
+
+impl Collector for Shared {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
     }
 }
 
