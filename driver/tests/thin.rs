@@ -452,3 +452,38 @@ async fn volumes_of_an_auto_expanding_class_grow_under_a_steady_writer_until_the
         d.unpublish_and_unstage(id).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_that_filled_while_nobody_watched_grows_at_its_next_stage() {
+    // Staged once without its threshold (as a plugin that crashed before arming it would have),
+    // filled past it, unstaged; staged again with it: the head already holds more than the
+    // threshold, so the crossing is reported at once and the volume grows.
+    let port = free_port();
+    let mut d =
+        Driver::start_with(vec!["--metrics-listen".into(), format!("127.0.0.1:{port}")]).await;
+    let cap = mount_cap("xfs");
+    let class =
+        [("autoExpand", "true"), ("autoExpandStep", "128Mi"), ("writeThresholdPercent", "60")];
+    let mut vol = create_with(&mut d, "filled-unwatched", 320 * MIB, &cap, &class).await;
+    let context = vol.volume_context.clone();
+    vol.volume_context.remove("writeThresholdPercent");
+    let mount = d.stage_and_publish(&vol, &cap, false).await.expect("publish unwatched");
+    let unwatched = common::df_size(&mount);
+    write_file(&mount.join("data"), 224 * MIB as usize);
+    d.unpublish_and_unstage(&vol.volume_id).await;
+    let me = [("volume", vol.volume_id.as_str())];
+    let before =
+        scrape_until(port, "qsd_csi_volume_write_threshold_crossings_total", &me, |_| true);
+    assert_eq!(sample(&before, "qsd_csi_volume_write_threshold_crossings_total", &me), Some(0.0));
+    assert_eq!(sample(&before, "qsd_csi_volume_size_bytes", &me), Some(320.0 * MIB as f64));
+
+    vol.volume_context = context;
+    let mount = d.stage_and_publish(&vol, &cap, false).await.expect("publish watched");
+    scrape_until(port, "qsd_csi_volume_size_bytes", &me, |s| s == 448.0 * MIB as f64);
+    wait_until("the filesystem to grow by the step", || {
+        common::df_size(&mount) >= unwatched + (120 * MIB) as u64
+    });
+    let missed = log_lines(&d, "write threshold crossed");
+    assert!(missed.iter().any(|l| l.contains("missed=true")), "{missed:?}");
+    d.unpublish_and_unstage(&vol.volume_id).await;
+}

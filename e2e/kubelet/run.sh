@@ -285,14 +285,17 @@ scraped() {
   # Both of the chart's metrics endpoints are up in Prometheus, and a pod's writes show up as
   # its claim's write bytes and allocation.
   wait_until 60 promql_above 'count(up{job="qsd-csi"} == 1)' 1 || { promql 'up'; tail -5 "$work/prometheus.log"; return 1; }
+  # The pod stays after writing: a volume's I/O series exist while it is staged.
   pvc watched 256Mi || return 1
-  pod watcher watched 'dd if=/dev/zero of=/data/f bs=1M count=96 conv=fsync 2>/dev/null' && succeeded watcher && gone watcher || return 1
+  pod watcher watched 'dd if=/dev/zero of=/data/f bs=1M count=96 conv=fsync 2>/dev/null && while true; do sleep 1; done' &&
+    running watcher || return 1
   local claim='namespace="default",claim="watched"'
   wait_until 60 promql_above "qsd_csi_volume_write_bytes_total{$claim}" $((96 << 20)) ||
     { echo "write bytes: $(promql "qsd_csi_volume_write_bytes_total{$claim}")"; return 1; }
   wait_until 60 promql_above "qsd_csi_volume_allocated_bytes{$claim}" $((96 << 20)) ||
     { echo "allocated: $(promql "qsd_csi_volume_allocated_bytes{$claim}")"; return 1; }
-  promql_above "sum(qsd_csi_grpc_request_duration_seconds_count{method=\"CreateVolume\",code=\"Ok\"})" 0
+  promql_above "sum(qsd_csi_grpc_request_duration_seconds_count{method=\"CreateVolume\",code=\"Ok\"})" 0 &&
+    gone watcher
 }
 check "Prometheus scrapes the chart's metrics Services; a pod's writes show as its claim's write bytes and allocation" scraped
 
@@ -339,7 +342,8 @@ YAML
     ((grown == 5)) || { echo "$c: $grown AutoExpanded events"; events_on "$c" AutoExpanded; return 1; }
     [[ -z $(events_on "$c" AutoExpandFailed) ]] || { events_on "$c" AutoExpandFailed; return 1; }
   done
-  growth_latency autofs autofs-writer && growth_latency autoblk autoblk-writer
+  growth_latency autofs autofs-writer >"$work/autogrow.txt" &&
+    growth_latency autoblk autoblk-writer >>"$work/autogrow.txt"
 }
 # The Events with REASON on CLAIM, oldest first: "<eventTime> <note>".
 events_on() { # CLAIM REASON
@@ -361,6 +365,7 @@ sys.exit(0 if len(seen) == len(asked) == 5 else 1)
 PY
 }
 check "claims of an auto-expanding class (xfs and block) grow under steady writers from 1 GiB to their 3 GiB limit: no I/O error, one event per growth" autogrow
+sed 's/^/  /' "$work/autogrow.txt" 2>/dev/null
 
 plugin_pod() { field pods '{.items[0].metadata.name} {.items[0].metadata.uid}' -n qsd -l app.kubernetes.io/component=node; }
 plugin_replaced() { # OLD_UID: whether a node plugin pod other than OLD_UID runs, every container Ready

@@ -186,29 +186,40 @@ impl EngineCore {
             return Err(Error::invalid("step", "must be greater than zero"));
         }
         let armed = (bytes > 0).then_some(ThresholdRecord { armed_at: bytes, step, percent: None });
-        self.arm(volume_id, armed, false).await
+        self.arm(volume_id, armed).await
     }
 
     /// Arms the thin-provisioning alert of an attached volume at `percent` of its size, kept
     /// across restarts, re-armed higher each time it fires and at the same percentage of the
-    /// new size when the volume grows. A threshold already armed is left alone. A head that
-    /// already holds more than the threshold (it filled while nobody listened: detached, or
-    /// during a restart) is reported as crossed now, so an auto-expanding volume is grown at
-    /// its next attach at the latest.
+    /// new size when the volume grows. A threshold already armed is left alone.
     pub async fn arm_write_threshold_percent(&self, volume_id: &str, percent: u64) -> Result<()> {
         if self.write_threshold(volume_id).await?.armed_at.is_some() {
             return Ok(());
         }
         let size = self.get_volume(volume_id)?.size;
-        self.arm(volume_id, Some(ThresholdRecord::at_percent(size, percent)), true).await
+        self.arm(volume_id, Some(ThresholdRecord::at_percent(size, percent))).await
     }
 
-    async fn arm(
-        &self,
-        volume_id: &str,
-        armed: Option<ThresholdRecord>,
-        report: bool,
-    ) -> Result<()> {
+    /// Reports a crossing when an attached volume's head already holds more than its armed
+    /// threshold — it filled while nobody listened (detached, or while a plugin was down) and
+    /// the daemon fires only on a write past it — so an auto-expanding volume grows at its
+    /// next stage at the latest. Best effort: a failure is logged.
+    pub async fn report_past_threshold(&self, volume_id: &str) {
+        let found = self.resolve_volume(volume_id).map(|(pool, _, record)| {
+            let armed = self.journal.get(record.uid).and_then(|a| a.threshold).map(|t| t.armed_at);
+            (record.uid, armed, head_length(&pool.layer_path(record.head)))
+        });
+        let Ok((uid, Some(armed), allocated)) = found else { return };
+        if allocated <= armed {
+            return;
+        }
+        let _graph = self.graph.change().await;
+        if let Err(e) = self.threshold_crossed(uid, armed, allocated - armed, true).await {
+            tracing::warn!(volume = volume_id, error = %e, "reporting a threshold crossed while nobody watched failed");
+        }
+    }
+
+    async fn arm(&self, volume_id: &str, armed: Option<ThresholdRecord>) -> Result<()> {
         let (pool, parsed, _) = self.resolve_volume(volume_id)?;
         let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
         let record = pool
@@ -222,12 +233,7 @@ impl EngineCore {
         let bytes = armed.map_or(0, |a| a.armed_at);
         graph::arm_write_threshold(&self.daemon.qmp(), &names, record.head, bytes).await?;
         attachment.threshold = armed;
-        self.journal.put(attachment)?;
-        let allocated = head_length(&pool.layer_path(record.head));
-        if report && bytes > 0 && allocated > bytes {
-            self.threshold_crossed(record.uid, bytes, allocated - bytes, true).await?;
-        }
-        Ok(())
+        self.journal.put(attachment)
     }
 
     /// The threshold of an attached volume, as journaled and as the daemon has it.

@@ -70,6 +70,11 @@ impl NodeService {
             }
             return Err(e);
         }
+        // A head that filled past its threshold while nobody watched is reported now that the
+        // volume is staged (its filesystem's usage known, a growth able to reach it).
+        if context.contains_key(WRITE_THRESHOLD_PERCENT) {
+            self.engine.report_past_threshold(id).await;
+        }
         Ok(())
     }
 
