@@ -265,14 +265,7 @@ recover() {
 check "an expansion refused as too large, retried smaller by the user, is accepted (RecoverVolumeExpansionFailure)" recover
 
 alert() {
-  kubectl apply -f - <<EOF || return 1
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {name: qsd-alerts}
-provisioner: qsd.csi.dev
-volumeBindingMode: WaitForFirstConsumer
-parameters: {pool: default, fsType: ext4, writeThresholdPercent: "20"}
-EOF
+  storage_class qsd-alerts '{pool: default, fsType: ext4, writeThresholdPercent: "20"}' || return 1
   pvc alert 128Mi "" qsd-alerts && bound alert && publish alert || return 1
   # 40 MiB of data: allocation passes 20 % of 128 MiB.
   dd if=/dev/urandom of="$work/mnt-alert/a" bs=1M count=40 conv=fsync status=none || return 1
@@ -288,15 +281,7 @@ grow() {
   # raises the claim's request by the step, csi-resizer grows the volume, and an AutoExpanded
   # Event says from what to what. (The filesystem's own growth is the kubelet's: the kubelet
   # suite has one.)
-  kubectl apply -f - <<EOF || return 1
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {name: qsd-grow}
-provisioner: qsd.csi.dev
-volumeBindingMode: WaitForFirstConsumer
-allowVolumeExpansion: true
-parameters: {pool: default, fsType: ext4, writeThresholdPercent: "50", autoExpand: "true", autoExpandStep: 64Mi, autoExpandLimit: 256Mi}
-EOF
+  storage_class qsd-grow '{pool: default, fsType: ext4, writeThresholdPercent: "50", autoExpand: "true", autoExpandStep: 64Mi, autoExpandLimit: 256Mi}' || return 1
   pvc grow 64Mi "" qsd-grow && bound grow && publish grow || return 1
   dd if=/dev/urandom of="$work/mnt-grow/a" bs=1M count=40 conv=fsync status=none || return 1
   wait_field 60 pvc/grow '{.spec.resources.requests.storage}' 128Mi || return 1

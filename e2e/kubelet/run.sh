@@ -155,15 +155,7 @@ if ((failed)); then
   summary "$passed" "$failed"; exit 1
 fi
 # An xfs class, for online growth (growing a mounted ext4 needs CAP_SYS_RESOURCE, withheld here).
-kubectl apply -f - >/dev/null <<YAML
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {name: qsd-xfs}
-provisioner: qsd.csi.dev
-volumeBindingMode: WaitForFirstConsumer
-allowVolumeExpansion: true
-parameters: {csi.storage.k8s.io/fstype: xfs}
-YAML
+storage_class qsd-xfs '{csi.storage.k8s.io/fstype: xfs}'
 
 # --- the tests ---------------------------------------------------------------------------------------
 busybox="registry.k8s.io/e2e-test-images/busybox:$("$versions" images.busybox)"
@@ -304,15 +296,7 @@ autogrow() {
   # leader raises each claim's request as it fills, Kubernetes grows it, and neither writer
   # sees an I/O error; each claim ends at the limit with one AutoExpanded Event per growth.
   # Each writer prints the size it sees when it changes, with the host's uptime.
-  kubectl apply -f - >/dev/null <<YAML || return 1
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {name: qsd-auto}
-provisioner: qsd.csi.dev
-volumeBindingMode: WaitForFirstConsumer
-allowVolumeExpansion: true
-parameters: {csi.storage.k8s.io/fstype: xfs, writeThresholdPercent: "70", autoExpand: "true", autoExpandStep: "25%", autoExpandLimit: 3Gi}
-YAML
+  storage_class qsd-auto '{csi.storage.k8s.io/fstype: xfs, writeThresholdPercent: "70", autoExpand: "true", autoExpandStep: "25%", autoExpandLimit: 3Gi}' || return 1
   pvc autofs 1Gi Filesystem "" qsd-auto && pvc autoblk 1Gi Block "" qsd-auto || return 1
   # shellcheck disable=SC2016 # the pods' shells expand these
   pod autofs-writer autofs 'i=0; last=0
@@ -413,14 +397,7 @@ interrupted_steps() {
   # waits its turn (the copy holds the claim; the snapshotter retries). The DaemonSet brings
   # the plugin back Ready; its start completes or undoes what was in flight; the sidecars'
   # retries finish both, and each holds the claim's data.
-  kubectl apply -f - >/dev/null <<YAML || return 1
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {name: qsd-slow-clone}
-provisioner: qsd.csi.dev
-volumeBindingMode: WaitForFirstConsumer
-parameters: {cloneBandwidth: 8Mi}
-YAML
+  storage_class qsd-slow-clone '{cloneBandwidth: 8Mi}' || return 1
   pvc src 64Mi Filesystem "" qsd-slow-clone || return 1
   pod filler src 'dd if=/dev/urandom of=/data/big bs=1M count=40 conv=fsync 2>/dev/null && md5sum /data/big >/data/big.md5 && sync && touch /data/done; while true; do sleep 1; done' &&
     running filler || return 1

@@ -4,7 +4,7 @@
 # in messages) and failed_line (its summary line for a run that could not start). It may define
 # cleanup_more, run before the work directory goes.
 # Provides: work (this run's directory, removed at exit unless QSD_CSI_KEEP_CLUSTER is set), port,
-# start, wait_until, fail_start, kubectl, and start_control_plane.
+# start, wait_until, fail_start, kubectl, storage_class, and start_control_plane.
 
 work=$(mktemp -d "/tmp/qsd-$suite-XXXX")
 pids=()
@@ -154,6 +154,19 @@ start_sidecars() { # KUBECONFIG SOCKET
     start "csi-$name" "$tools/csi-$name" --kubeconfig "$1" --csi-address "$2" \
       --leader-election=false $extra
   done
+}
+
+# A WaitForFirstConsumer, expandable StorageClass of the driver with PARAMETERS (a YAML flow map).
+storage_class() { # NAME PARAMETERS
+  kubectl apply -f - >/dev/null <<YAML
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: $1}
+provisioner: qsd.csi.dev
+volumeBindingMode: WaitForFirstConsumer
+allowVolumeExpansion: true
+parameters: $2
+YAML
 }
 
 # Runs a check: "SUITE: ok NAME", or "SUITE: FAIL NAME" and the end of its output. Counts both.

@@ -103,6 +103,20 @@ fn labelled(flags: &[&str]) -> Option<csi::VolumeCapability> {
     })
 }
 
+/// A Node service over `core` staging with FUSE, reaching the host through `mounter`.
+fn fuse_node(
+    core: &Arc<qsd_node::engine::EngineCore>,
+    mounter: Arc<RecordingMounter>,
+) -> NodeService {
+    let seams = Seams {
+        mounter,
+        probes: Probes { ublk: false, ublk_resize: false, nbd: false, limits: Default::default() },
+        ublk_served: |_| false,
+    };
+    let config = NodeConfig { device: Choice::Fixed(Backend::Fuse), max_volumes: 16 };
+    NodeService::with_seams(core.clone(), config, seams).expect("node service")
+}
+
 /// One CSI call of the table.
 enum Call {
     Stage { id: String, staging: PathBuf, capability: Option<csi::VolumeCapability> },
@@ -154,13 +168,7 @@ async fn answer(node: &NodeService, call: Call) -> Code {
 async fn the_node_service_answers_each_call_of_a_volumes_life_with_the_right_code() {
     let env = Env::new().await;
     let core = env.core();
-    let seams = Seams {
-        mounter: Arc::new(RecordingMounter::default()),
-        probes: Probes { ublk: false, ublk_resize: false, nbd: false, limits: Default::default() },
-        ublk_served: |_| false,
-    };
-    let config = NodeConfig { device: Choice::Fixed(Backend::Fuse), max_volumes: 16 };
-    let node = NodeService::with_seams(core.clone(), config, seams).expect("node service");
+    let node = fuse_node(&core, Arc::new(RecordingMounter::default()));
     let volume = core
         .create_volume(&CreateVolume::new("local", "v", 64 * MIB as i64))
         .await
@@ -221,13 +229,7 @@ async fn an_selinux_label_is_mounted_at_stage_and_a_publish_asking_for_another_i
     let env = Env::new().await;
     let core = env.core();
     let mounter = Arc::new(RecordingMounter::default());
-    let seams = Seams {
-        mounter: mounter.clone(),
-        probes: Probes { ublk: false, ublk_resize: false, nbd: false, limits: Default::default() },
-        ublk_served: |_| false,
-    };
-    let config = NodeConfig { device: Choice::Fixed(Backend::Fuse), max_volumes: 16 };
-    let node = NodeService::with_seams(core.clone(), config, seams).expect("node service");
+    let node = fuse_node(&core, mounter.clone());
     let id = core
         .create_volume(&CreateVolume::new("local", "labelled", 64 * MIB as i64))
         .await
