@@ -297,6 +297,10 @@ autogrow() {
   # sees an I/O error; each claim ends at the limit with one AutoExpanded Event per growth.
   # Each writer prints the size it sees when it changes, with the host's uptime.
   storage_class qsd-auto '{csi.storage.k8s.io/fstype: xfs, writeThresholdPercent: "70", autoExpand: "true", autoExpandStep: "25%", autoExpandLimit: 3Gi}' || return 1
+  # A round of its own: nothing of an earlier round's claims is left.
+  kubectl delete pod autofs-writer autoblk-writer --ignore-not-found --wait --timeout=60s >/dev/null
+  kubectl delete pvc autofs autoblk --ignore-not-found --wait --timeout=90s >/dev/null
+  : >"$work/autogrow.txt"
   pvc autofs 1Gi Filesystem "" qsd-auto && pvc autoblk 1Gi Block "" qsd-auto || return 1
   # shellcheck disable=SC2016 # the pods' shells expand these
   pod autofs-writer autofs 'i=0; last=0
@@ -305,7 +309,7 @@ autogrow() {
       i=$((i + 20)); s=$(df -k /data | awk "NR == 2 { print \$2 * 1024 }")
       [ "$s" = "$last" ] || { echo "size $s at $(cut -d" " -f1 /proc/uptime)"; last=$s; }
       sleep 1
-    done' || return 1
+    done; echo done; while true; do sleep 1; done' || return 1
   # shellcheck disable=SC2016 # the pods' shells expand these
   pod autoblk-writer autoblk 'i=0; last=0
     while [ $i -lt 2560 ]; do
@@ -314,10 +318,12 @@ autogrow() {
       if [ $(( (i + 20) * 1048576 )) -gt "$s" ]; then sleep 0.2; continue; fi
       dd if=/dev/zero of=/dev/qsd bs=1M count=20 seek=$i conv=fsync 2>/dev/null || { echo "write failed at ${i} MiB"; exit 1; }
       i=$((i + 20)); sleep 1
-    done' block || return 1
+    done; echo done; while true; do sleep 1; done' block || return 1
   local w c
+  # Each writer says "done" and stays: the kubelet finishes a claim's last resize (its status)
+  # only while a pod uses it.
   for w in autofs-writer autoblk-writer; do
-    wait_for "pod/$w" '{.status.phase}' Succeeded 420 || { kubectl logs "$w" | tail -5; kubectl describe pod "$w" | tail -8; return 1; }
+    wait_until 420 writer_done "$w" || { kubectl logs "$w" | tail -5; kubectl describe pod "$w" | tail -8; return 1; }
   done
   for c in autofs autoblk; do
     wait_field 120 "pvc/$c" '{.status.capacity.storage}' 3Gi || { kubectl describe pvc "$c" | tail -12; return 1; }
@@ -328,6 +334,9 @@ autogrow() {
   growth_latency autofs autofs-writer >"$work/autogrow.txt" &&
     growth_latency autoblk autoblk-writer >>"$work/autogrow.txt" || return 1
   gone autofs-writer autoblk-writer && kubectl delete pvc autofs autoblk --wait --timeout=90s >/dev/null
+}
+writer_done() { # POD: whether it wrote everything ("done") and still runs (a failed writer never says done)
+  [[ $(field "pod/$1" '{.status.phase}') == Running ]] && kubectl logs "$1" | grep -qx 'done'
 }
 # The Events with REASON on CLAIM, oldest first: "<eventTime> <note>".
 events_on() { # CLAIM REASON (this claim's, by uid: an earlier claim of the name had its own)
