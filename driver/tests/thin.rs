@@ -504,7 +504,17 @@ async fn a_volume_that_filled_while_nobody_watched_grows_at_its_next_stage() {
     assert_eq!(sample(&before, "qsd_csi_volume_size_bytes", &me), Some(320.0 * MIB as f64));
 
     vol.volume_context = context;
-    let mount = d.stage_and_publish(&vol, &cap, false).await.expect("publish watched");
+    // The growth the stage set off holds the volume for a moment: a publish then is ABORTED,
+    // and retried, as a CO does.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mount = loop {
+        match d.stage_and_publish(&vol, &cap, false).await {
+            Err(s) if s.code() == tonic::Code::Aborted && Instant::now() < deadline => {
+                tokio::time::sleep(common::POLL_INTERVAL).await; // the growth ends
+            }
+            other => break other.expect("publish watched"),
+        }
+    };
     scrape_until(port, "qsd_csi_volume_size_bytes", &me, |s| s == 448.0 * MIB as f64);
     wait_until("the filesystem to grow by the step", || {
         common::df_size(&mount) >= unwatched + (120 * MIB) as u64
