@@ -157,26 +157,37 @@ pub fn create_volume(
     };
     out.size = size(req.capacity_range.as_ref(), out.source.is_some())?;
     out.limit = req.capacity_range.as_ref().map(|r| r.limit_bytes).filter(|l| *l > 0);
+    check_sizes(req, &out)?;
+    Ok(out)
+}
+
+/// Sizes a request may not ask for, said now rather than as a failed NodeStage or a growth
+/// that can never happen.
+fn check_sizes(
+    req: &csi::CreateVolumeRequest,
+    volume: &CreateVolume,
+) -> Result<(), ControllerError> {
     // mkfs.xfs refuses filesystems under 300 MiB: say so now, not as a failed NodeStage.
     let xfs = req.parameters.get(keys::FS_TYPE).is_some_and(|f| f == "xfs")
         || req.volume_capabilities.iter().any(|c| {
             matches!(&c.access_type, Some(csi::volume_capability::AccessType::Mount(m)) if m.fs_type == "xfs")
         });
-    if let (Some(limit), Some(size)) = (out.auto_expand.and_then(|a| a.limit), out.size) {
+    if let (Some(limit), Some(size)) = (volume.auto_expand.and_then(|a| a.limit), volume.size) {
         if limit < size.max(0) as u64 {
             return Err(ControllerError::Unsupported(format!(
                 "autoExpandLimit {limit} is below the requested size {size}: the volume could never grow"
             )));
         }
     }
-    if let Some(size) = out.size.filter(|s| xfs && out.source.is_none() && *s < XFS_MIN_SIZE) {
+    if let Some(size) = volume.size.filter(|s| xfs && volume.source.is_none() && *s < XFS_MIN_SIZE)
+    {
         return Err(ControllerError::OutOfRange(format!(
             "an xfs volume needs at least {} MiB (mkfs.xfs refuses smaller filesystems); {} MiB was asked for",
             XFS_MIN_SIZE >> 20,
             size >> 20
         )));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Why a capability is not supported, if it is not.

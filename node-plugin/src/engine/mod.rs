@@ -15,6 +15,8 @@
 mod attach;
 mod changes;
 mod clone;
+mod config;
+mod counters;
 mod health;
 mod journal;
 mod ops;
@@ -25,7 +27,6 @@ mod volume;
 
 use std::collections::BTreeMap;
 use std::ops::Deref;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -34,13 +35,15 @@ use tokio::sync::{broadcast, mpsc, RwLock};
 use crate::claims::Claims;
 use crate::error::{Error, Result};
 use crate::pool::id::{IdKind, Location, ObjectId};
-use crate::pool::{NodeName, ObjectName, Pool, PoolKind, PoolName, VolumeRecord};
+use crate::pool::{ObjectName, Pool, PoolKind, PoolName, VolumeRecord};
 use crate::qmp::Event;
-use crate::qsd::{Daemon, DaemonConfig, Origin};
+use crate::qsd::{Daemon, Origin};
 
 pub use attach::{AttachmentInfo, MountedFilesystems, ThresholdState};
 pub use changes::{ByteRange, ChangeStream, DEFAULT_BATCH};
 pub use clone::{CloneTask, CLONE_PROGRESS_PERIOD};
+pub use config::{EngineConfig, PoolConfig};
+pub use counters::EngineCounters;
 pub use journal::STEP_PERCENT as WRITE_THRESHOLD_STEP_PERCENT;
 pub use journal::{AttachmentRecord, ThresholdRecord};
 use qsd_csi_model::grow::{AutoExpand, FsUsage};
@@ -52,49 +55,6 @@ pub use volume::{
 
 /// Default longest chain (layers, head included) before stream / commit shorten it.
 pub const DEFAULT_MAX_CHAIN_DEPTH: u32 = 16;
-
-/// One pool the engine serves.
-#[derive(Debug, Clone)]
-pub struct PoolConfig {
-    /// Its name (part of every ID).
-    pub name: PoolName,
-    /// Its directory.
-    pub path: PathBuf,
-    /// Local or shared.
-    pub kind: PoolKind,
-}
-
-impl PoolConfig {
-    /// Parses `NAME=PATH` (a local pool) or `NAME=PATH,shared`.
-    pub fn parse_spec(spec: &str) -> Result<PoolConfig> {
-        let (name, rest) = spec
-            .split_once('=')
-            .ok_or_else(|| Error::invalid("pool", format!("{spec:?} is not NAME=PATH[,shared]")))?;
-        let (path, kind) = match rest.strip_suffix(",shared") {
-            Some(path) => (path, PoolKind::Shared),
-            None => (rest, PoolKind::Local),
-        };
-        if path.is_empty() {
-            return Err(Error::invalid("pool", format!("{spec:?} has no path")));
-        }
-        Ok(PoolConfig { name: PoolName::parse(name)?, path: PathBuf::from(path), kind })
-    }
-}
-
-/// Everything the engine needs to start.
-#[derive(Debug, Clone)]
-pub struct EngineConfig {
-    /// This node's name (part of local volumes' IDs).
-    pub node: NodeName,
-    /// Node-local state: the attachment journal and export files. Created 0700.
-    pub state_dir: PathBuf,
-    /// The daemon.
-    pub daemon: DaemonConfig,
-    /// The pools.
-    pub pools: Vec<PoolConfig>,
-    /// Default chain-depth limit for new volumes.
-    pub default_max_chain_depth: u32,
-}
 
 /// Something the engine noticed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,24 +115,6 @@ pub enum EngineEvent {
         /// How many attached volumes had to be rebuilt.
         rebuilt: usize,
     },
-}
-
-/// What the engine counts for its metrics, since it started.
-#[derive(Debug, Default)]
-pub struct EngineCounters {
-    crossings: Mutex<std::collections::HashMap<String, u64>>,
-}
-
-impl EngineCounters {
-    fn crossed(&self, volume: &str) {
-        let mut crossings = self.crossings.lock().unwrap_or_else(|p| p.into_inner());
-        *crossings.entry(volume.to_owned()).or_default() += 1;
-    }
-
-    /// Write threshold crossings, by volume ID.
-    pub fn crossings(&self) -> std::collections::HashMap<String, u64> {
-        self.crossings.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
 }
 
 /// Shared engine state; [`Engine`] derefs to it.
@@ -528,7 +470,7 @@ mod tests {
         let p = PoolConfig::parse_spec("fast=/srv/fast").expect("local");
         assert_eq!((p.name.as_str(), p.kind), ("fast", PoolKind::Local));
         let p = PoolConfig::parse_spec("nfs=/mnt/nfs/qsd,shared").expect("shared");
-        assert_eq!((p.path, p.kind), (PathBuf::from("/mnt/nfs/qsd"), PoolKind::Shared));
+        assert_eq!((p.path, p.kind), (std::path::PathBuf::from("/mnt/nfs/qsd"), PoolKind::Shared));
         for bad in ["no-equals", "Bad=/x", "p=", "p=,shared"] {
             assert!(PoolConfig::parse_spec(bad).is_err(), "{bad}");
         }
