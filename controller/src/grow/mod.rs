@@ -157,15 +157,11 @@ impl AutoGrow {
             other => {
                 tracing::info!(volume, decision = ?other, "write threshold crossed; no growth");
                 if let Some(note) = other.refusal(volume) {
-                    refuse(if matches!(other, Growth::AtLimit { .. }) {
-                        "limit"
-                    } else {
-                        "no_room"
-                    });
-                    let reason = match other {
-                        Growth::AtLimit { .. } => "AutoExpandLimitReached",
-                        _ => "AutoExpandNoRoom",
+                    let (label, reason) = match other {
+                        Growth::AtLimit { .. } => ("limit", "AutoExpandLimitReached"),
+                        _ => ("no_room", "AutoExpandNoRoom"),
                     };
+                    refuse(label);
                     let notice = Notice { warning: true, reason, action: "AutoExpand", note };
                     self.events.report(&event.labels, &notice).await;
                 }
