@@ -16,7 +16,8 @@ use std::sync::{Arc, RwLock};
 
 use qsd_csi_model::id::{IdKind, ObjectId};
 use qsd_csi_proto::agent::{
-    self, agent_client::AgentClient, agent_server::Agent, ChangesStream, EventStream,
+    self, agent_client::AgentClient, agent_server::Agent, ChangesStream, CopyExportStream,
+    EventStream,
 };
 use qsd_csi_proto::tls::TlsFiles;
 use tonic::transport::Channel;
@@ -25,8 +26,13 @@ use tonic::{Request, Response, Status};
 use crate::error::ControllerError;
 
 /// An agent in this process: anything that serves `agent.proto`.
-pub type LocalAgent =
-    Arc<dyn Agent<WatchEventsStream = EventStream, SnapshotChangesStream = ChangesStream>>;
+pub type LocalAgent = Arc<
+    dyn Agent<
+        WatchEventsStream = EventStream,
+        SnapshotChangesStream = ChangesStream,
+        ExportForCopyStream = CopyExportStream,
+    >,
+>;
 
 /// One node's agent.
 #[derive(Clone)]
@@ -116,6 +122,28 @@ impl NodeAgent {
                     .map_err(unreachable_is_unavailable)?
                     .into_inner();
                 Ok(Box::pin(stream) as EventStream)
+            }
+        }
+    }
+
+    /// The agent's `ExportForCopy`: the export's address and key first; it lives until the
+    /// stream is dropped.
+    pub async fn export_for_copy(
+        &self,
+        request: agent::ExportForCopyRequest,
+    ) -> Result<CopyExportStream, Status> {
+        match self {
+            NodeAgent::Local(service) => {
+                service.export_for_copy(Request::new(request)).await.map(Response::into_inner)
+            }
+            NodeAgent::Remote(client) => {
+                let stream = client
+                    .clone()
+                    .export_for_copy(request)
+                    .await
+                    .map_err(unreachable_is_unavailable)?
+                    .into_inner();
+                Ok(Box::pin(stream) as CopyExportStream)
             }
         }
     }

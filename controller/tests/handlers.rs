@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use qsd_csi_controller::agents::{Agents, NodeAgent};
 use qsd_csi_controller::controller::ControllerService;
-use qsd_csi_proto::agent::{self, agent_server::Agent, ChangesStream, EventStream};
+use qsd_csi_proto::agent::{
+    self, agent_server::Agent, ChangesStream, CopyExportStream, EventStream,
+};
 use qsd_csi_proto::csi::{self, controller_server::Controller};
 use tonic::{Code, Request, Response, Status};
 
@@ -61,10 +63,15 @@ type Answer<T> = Result<Response<T>, Status>;
 impl Agent for FakeAgent {
     type WatchEventsStream = EventStream;
     type SnapshotChangesStream = ChangesStream;
+    type ExportForCopyStream = CopyExportStream;
 
     async fn create_volume(&self, r: Request<agent::CreateVolumeRequest>) -> Answer<agent::Volume> {
         self.call("create_volume")?;
         let r = r.into_inner();
+        if let Some(remote) = &r.remote {
+            // A copy from another node: the export that node's agent made (host = its name).
+            self.calls.lock().expect("fake").push(format!("copy_from:{}", remote.host));
+        }
         Ok(Response::new(agent::Volume {
             volume_id: format!("vol:{}@{}:{}", r.pool, self.node, r.name),
             size_bytes: r.size_bytes.unwrap_or(1 << 30) as u64,
@@ -157,6 +164,22 @@ impl Agent for FakeAgent {
     async fn get_capacity(&self, _: Request<agent::PoolRef>) -> Answer<agent::Capacity> {
         self.call("get_capacity")?;
         Ok(Response::new(agent::Capacity { available_bytes: 1 << 40 }))
+    }
+    async fn export_for_copy(
+        &self,
+        _: Request<agent::ExportForCopyRequest>,
+    ) -> Answer<Self::ExportForCopyStream> {
+        self.call("export_for_copy")?;
+        let export = agent::CopyExport {
+            host: self.node.clone(),
+            port: 10809,
+            export_name: "copy".into(),
+            psk_identity: "id".into(),
+            psk_key: vec![7; 32],
+            size_bytes: 1 << 30,
+            allocated_bytes: 0,
+        };
+        Ok(Response::new(Box::pin(tokio_stream::iter([Ok(export)]))))
     }
     async fn watch_events(&self, _: Request<agent::Empty>) -> Answer<Self::WatchEventsStream> {
         self.call("watch_events")?;
@@ -279,6 +302,59 @@ async fn create_volume_places_and_maps_the_agents_answers() {
             assert!(second.called("create_volume") && !first.called("create_volume"), "{row}");
         }
         assert_eq!(code(answer), expected, "{row}");
+    }
+}
+
+fn topology(nodes: &[&str]) -> Vec<csi::Topology> {
+    let key = qsd_csi_model::params::TOPOLOGY_KEY;
+    nodes
+        .iter()
+        .map(|n| csi::Topology { segments: [(key.to_owned(), (*n).to_owned())].into() })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_sourced_volume_goes_where_the_scheduler_picked_copied_across_when_that_is_another_node() {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    // (row, source, preferred, requisite, exporter's answer, code, node it lands on, exporter)
+    type Row<'a> = (&'a str, Type, &'a [&'a str], &'a [&'a str], Option<Code>, Code, &'a str, Option<&'a str>);
+    let snap = |id: &str| Type::Snapshot(SnapshotSource { snapshot_id: id.into() });
+    let vol = |id: &str| Type::Volume(VolumeSource { volume_id: id.into() });
+    let rows: Vec<Row> = vec![
+        ("no topology: on the source's node", snap("snap:default@n1:s"), &[], &[], None, Code::Ok, "n1", None),
+        ("picked the source's node", snap("snap:default@n1:s"), &["n1", "n2"], &["n1", "n2"], None, Code::Ok, "n1", None),
+        ("picked another node: copied from the source's", snap("snap:default@n1:s"), &["n2", "n1"], &["n1", "n2"], None, Code::Ok, "n2", Some("n1")),
+        ("a clone onto another node", vol("vol:default@n1:v"), &["n2"], &["n1", "n2"], None, Code::Ok, "n2", Some("n1")),
+        ("only another node allowed", snap("snap:default@n1:s"), &[], &["n2"], None, Code::Ok, "n2", Some("n1")),
+        ("a shared pool's source: where it is served", snap("snap:shared:s"), &["n2"], &[], None, Code::Ok, "n1", None),
+        ("the source's node cannot export", snap("snap:default@n1:s"), &["n2"], &[], Some(Code::Unavailable), Code::Unavailable, "", Some("n1")),
+        ("picked a node without an agent: the source's", snap("snap:default@n1:s"), &["n9"], &[], None, Code::Ok, "n1", None),
+    ];
+    for (row, source, preferred, requisite, export_answer, expected, lands, exporter) in rows {
+        let (mut first, second) = (FakeAgent::on("n1"), FakeAgent::on("n2"));
+        if let Some(c) = export_answer {
+            first = first.failing("export_for_copy", c);
+        }
+        let c = controller(&[&first, &second]);
+        let mut req = create_request("a", None);
+        req.volume_content_source = Some(csi::VolumeContentSource { r#type: Some(source) });
+        if !preferred.is_empty() || !requisite.is_empty() {
+            req.accessibility_requirements = Some(csi::TopologyRequirement {
+                requisite: topology(requisite),
+                preferred: topology(preferred),
+            });
+        }
+        let answer = c.create_volume(Request::new(req)).await;
+        let got = answer.as_ref().err().map_or(Code::Ok, |s| s.code());
+        assert_eq!(got, expected, "{row}");
+        assert_eq!(first.called("export_for_copy"), exporter == Some("n1"), "{row}: export");
+        if let Ok(created) = answer {
+            let id = created.into_inner().volume.expect("volume").volume_id;
+            assert!(id.contains(&format!("@{lands}:")), "{row}: placed as {id}");
+            let target = if lands == "n1" { &first } else { &second };
+            let copied = exporter.map(|e| format!("copy_from:{e}"));
+            assert_eq!(copied.is_some_and(|c| target.called(&c)), exporter.is_some(), "{row}: copy");
+        }
     }
 }
 

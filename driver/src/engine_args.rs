@@ -30,6 +30,11 @@ pub struct EngineArgs {
     /// Default chain-depth limit for new volumes.
     #[arg(long, default_value_t = DEFAULT_MAX_CHAIN_DEPTH)]
     pub max_chain_depth: u32,
+    /// The address other nodes reach this node at, where copies of its volumes are served
+    /// (the Kubernetes node's IP). Default: the agent's listen address when it names one;
+    /// standalone: 127.0.0.1.
+    #[arg(long, env = "QSD_CSI_COPY_ADDRESS", value_name = "IP")]
+    pub copy_address: Option<std::net::IpAddr>,
 }
 
 impl EngineArgs {
@@ -55,6 +60,7 @@ impl EngineArgs {
             },
             pools,
             default_max_chain_depth: self.max_chain_depth,
+            copy_address: self.copy_address,
         })
     }
 }

@@ -111,7 +111,9 @@ pub async fn standalone(
 ) -> anyhow::Result<()> {
     let default_pool = config.node.engine.pools[0].name.as_str().to_owned();
     let metrics_listen = config.node.metrics_listen;
-    let (engine, node) = config.node.open().await?;
+    let mut part = config.node;
+    part.engine.copy_address.get_or_insert(std::net::Ipv4Addr::LOCALHOST.into());
+    let (engine, node) = part.open().await?;
     let core = engine.core_arc();
     let agents =
         Agents::local(core.config().node.as_str(), Arc::new(AgentService::new(core.clone())));
@@ -162,7 +164,11 @@ pub async fn node(
 ) -> anyhow::Result<()> {
     let tls_dir = config.node.engine.state_dir.join("tls");
     let metrics_listen = config.node.metrics_listen;
-    let (engine, node) = config.node.open().await?;
+    let mut part = config.node;
+    if part.engine.copy_address.is_none() && !config.agent_listen.ip().is_unspecified() {
+        part.engine.copy_address = Some(config.agent_listen.ip());
+    }
+    let (engine, node) = part.open().await?;
     let core = engine.core_arc();
     let listener = tokio::net::TcpListener::bind(config.agent_listen)
         .await

@@ -58,6 +58,7 @@ async fn node(dir: &std::path::Path, name: &str, ca: &certs::Ca) -> (Node, std::
             },
         ],
         default_max_chain_depth: 8,
+        copy_address: Some(std::net::Ipv4Addr::LOCALHOST.into()),
     };
     let engine = Engine::open(config).await.expect("engine opens");
     let files = ca.leaf(dir, name, ca);
@@ -441,4 +442,226 @@ async fn group_snapshots_stay_on_one_node_and_snapshot_metadata_streams_over_mut
     groups.delete_volume_group_snapshot(Request::new(delete)).await.expect("again: gone is fine");
     let gone = groups.get_volume_group_snapshot(Request::new(get)).await;
     assert_eq!(gone.err().map(|s| s.code()), Some(Code::NotFound));
+}
+
+/// Blocks a writer stamps, 1 MiB each, 3 MiB apart: scattered data with holes between.
+const BLOCKS: u64 = 16;
+const STRIDE: u64 = 3 << 20;
+
+/// Each block's stamp (its first byte, after checking the whole block carries it) in `image`
+/// (a qcow2 chain read with qemu-img), in write order.
+fn stamps(image: &std::path::Path) -> Vec<u8> {
+    let raw = image.with_extension("raw");
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(image)
+        .arg(&raw)
+        .output()
+        .expect("qemu-img runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(&raw).expect("read the copy");
+    let _ = std::fs::remove_file(&raw);
+    (0..BLOCKS)
+        .map(|b| {
+            let block = &bytes[(b * STRIDE) as usize..(b * STRIDE + (1 << 20)) as usize];
+            assert!(block.iter().all(|x| *x == block[0]), "block {b} is torn");
+            block[0]
+        })
+        .collect()
+}
+
+/// Whether `stamps` is what one sequential writer leaves at an instant: a prefix of blocks
+/// at generation g + 1, the rest at g.
+fn is_a_cut(stamps: &[u8]) -> bool {
+    let last = stamps[stamps.len() - 1];
+    let split = stamps.iter().position(|s| *s == last).unwrap_or(0);
+    stamps[..split].iter().all(|s| *s == last.wrapping_add(1)) && stamps[split..].iter().all(|s| *s == last)
+}
+
+/// Stamps every block with `generation` through a FUSE export.
+fn stamp(export: &std::path::Path, generation: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(export).expect("open export");
+    for b in 0..BLOCKS {
+        f.write_all_at(&vec![generation; 1 << 20], b * STRIDE).expect("write");
+    }
+    f.sync_data().expect("fsync");
+}
+
+/// Writes generation after generation of stamps through a FUSE export, from generation 3 on
+/// (after `stamp`'s 1 and 2), until told to stop; the last generation written.
+fn stamping(export: std::path::PathBuf, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<u8> {
+    use std::os::unix::fs::FileExt;
+    std::thread::spawn(move || {
+        let f = std::fs::OpenOptions::new().write(true).open(&export).expect("open export");
+        let mut generation = 2u8;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            generation = generation.wrapping_add(1);
+            for b in 0..BLOCKS {
+                f.write_all_at(&vec![generation; 1 << 20], b * STRIDE).expect("write");
+                f.sync_data().expect("fsync");
+            }
+        }
+        generation
+    })
+}
+
+/// The head layer of `volume_id` on `node`.
+fn head_image(node: &Node, volume_id: &str) -> std::path::PathBuf {
+    let core = node.engine.as_ref().expect("engine").core_arc();
+    let (pool, chain) = core.volume_chain(volume_id).expect("volume");
+    pool.layer_path(chain[0])
+}
+
+/// Files left in every node's copy directories and pools' layer directories.
+fn copy_leftovers(dir: &std::path::Path) -> Vec<String> {
+    let mut left = Vec::new();
+    for node in ["node-1", "node-2"] {
+        if let Ok(entries) = std::fs::read_dir(dir.join(node).join("run/copies")) {
+            left.extend(entries.flatten().map(|e| e.path().display().to_string()));
+        }
+    }
+    left
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_and_clone_onto_another_node_copy_over_nbd_with_tls_at_a_point_in_time() {
+    use qsd_node::graph::ExportKind;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::Builder::new().prefix("qsd-across-").tempdir_in("/tmp").expect("dir");
+    let (n1, n2, c, _) = two_nodes(dir.path(), "local").await;
+    let e1 = n1.engine.as_ref().expect("engine").core_arc();
+    let mut e2_events = n2.engine.as_ref().expect("engine").subscribe();
+    let mut request = create("src", &["node-1"], &[]);
+    request.capacity_range = Some(csi::CapacityRange { required_bytes: 64 * MIB, limit_bytes: 0 });
+    let src = c.create_volume(Request::new(request)).await.expect("create").into_inner();
+    let src = src.volume.expect("volume").volume_id;
+    let export = e1.attach(&src, ExportKind::Fuse).await.expect("attach on node-1").endpoint.path;
+
+    // Generation 1 everywhere, then a snapshot, then generation 2: a restore onto node-2
+    // holds generation 1.
+    stamp(&export, 1);
+    let snap = snapshot(&c, &src, "s").await.expect("snapshot");
+    stamp(&export, 2);
+    let mut restore = restore_request("r", &snap.snapshot_id);
+    restore.capacity_range = None;
+    restore.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: Vec::new(),
+        preferred: vec![csi::Topology { segments: [(KEY.to_owned(), "node-2".to_owned())].into() }],
+    });
+    let r = c.create_volume(Request::new(restore)).await.expect("restore across").into_inner();
+    let r = r.volume.expect("volume");
+    assert!(r.volume_id.contains("@node-2:"), "{}", r.volume_id);
+    assert_eq!(r.accessible_topology[0].segments[KEY], "node-2");
+    let source = r.content_source.and_then(|s| s.r#type);
+    assert!(
+        matches!(&source, Some(csi::volume_content_source::Type::Snapshot(s)) if s.snapshot_id == snap.snapshot_id),
+        "the restore names its source: {source:?}"
+    );
+    assert_eq!(stamps(&head_image(&n2, &r.volume_id)), vec![1; BLOCKS as usize]);
+
+    // A clone onto node-2 while a writer stamps generation after generation on node-1
+    // (the copy held to 8 MiB/s so that it overlaps many writes): the copy is one instant.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = stamping(export.clone(), stop.clone());
+    let mut clone = create("k", &["node-2"], &[]);
+    clone.capacity_range = None;
+    clone.parameters.insert("cloneBandwidth".into(), "8Mi".into());
+    clone.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Volume(
+            csi::volume_content_source::VolumeSource { volume_id: src.clone() },
+        )),
+    });
+    let k = c.create_volume(Request::new(clone)).await.expect("clone across").into_inner();
+    stop.store(true, Ordering::SeqCst);
+    let written = writer.join().expect("writer");
+    let k = k.volume.expect("volume").volume_id;
+    assert!(k.contains("@node-2:"), "{k}");
+    let copied = stamps(&head_image(&n2, &k));
+    assert!(is_a_cut(&copied), "not one instant of the writer: {copied:?}");
+    assert!(copied[0] >= 3, "the copy began after the writer: {copied:?}");
+    assert!(written > copied[0] + 1, "the writer went on during the copy: wrote {written}, copied {copied:?}");
+
+    // The copy reached node-2's events as a clone's outcome; nothing of it is left: no
+    // export directory or server, no point-in-time snapshot on node-1.
+    let finished = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            if let Ok(qsd_node::engine::EngineEvent::CloneFinished { volume, error, .. }) = e2_events.recv().await {
+                if volume == k {
+                    return error;
+                }
+            }
+        }
+    })
+    .await
+    .expect("a CloneFinished event for the copy");
+    assert_eq!(finished, None);
+    assert!(copy_leftovers(dir.path()).is_empty(), "{:?}", copy_leftovers(dir.path()));
+    let snapshots: Vec<String> = e1.list_snapshots().expect("list").into_iter().map(|s| s.id).collect();
+    assert_eq!(snapshots, vec![snap.snapshot_id.clone()], "only the user's snapshot on node-1");
+    let servers = std::process::Command::new("pgrep").args(["-f", "tls-creds-psk"]).output().expect("pgrep");
+    let servers = String::from_utf8_lossy(&servers.stdout).into_owned();
+    assert!(servers.trim().is_empty(), "copy servers still run: {servers}");
+    e1.detach(&src).await.expect("detach");
+}
+
+/// `qemu-img info` of an NBD export over TCP, with a PSK identity and key (or without TLS).
+fn nbd_info(port: u32, export: &str, psk: Option<(&str, &[u8])>, dir: &std::path::Path) -> std::process::Output {
+    let mut command = std::process::Command::new("qemu-img");
+    command.arg("info");
+    let mut opts = format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export={export}");
+    if let Some((identity, key)) = psk {
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::create_dir_all(dir).expect("key dir");
+        std::fs::write(dir.join("keys.psk"), format!("{identity}:{hex}\n")).expect("key");
+        command.arg("--object").arg(format!("tls-creds-psk,id=t,endpoint=client,dir={},username={identity}", dir.display()));
+        opts.push_str(",tls-creds=t");
+    }
+    command.args(["--image-opts", &opts]).output().expect("qemu-img runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copys_export_reads_only_with_its_own_key_and_ends_with_the_copy() {
+    let dir = tempfile::Builder::new().prefix("qsd-export-").tempdir_in("/tmp").expect("dir");
+    let (_n1, _n2, c, agents) = two_nodes(dir.path(), "local").await;
+    let v = c.create_volume(Request::new(create("v", &["node-1"], &[]))).await.expect("create");
+    let v = v.into_inner().volume.expect("volume").volume_id;
+    let snap = snapshot(&c, &v, "s").await.expect("snapshot");
+    let node1 = agents.node("node-1").expect("agent");
+    let request = qsd_csi_proto::agent::ExportForCopyRequest {
+        source: Some(qsd_csi_proto::agent::export_for_copy_request::Source::SnapshotId(snap.snapshot_id.clone())),
+        reader_node: "node-2".into(),
+    };
+    let mut stream = node1.export_for_copy(request).await.expect("export");
+    let served = tokio_stream::StreamExt::next(&mut stream).await.expect("a message").expect("served");
+    assert_eq!(served.host, "127.0.0.1");
+    assert_eq!(served.size_bytes, 16 * MIB as u64);
+    let keys = dir.path().join("client-keys");
+    let port = served.port;
+    let export = served.export_name.clone();
+
+    // Without TLS, with the right identity and another key, with another identity: refused.
+    let plain = nbd_info(port, &export, None, &keys);
+    assert!(!plain.status.success(), "read without TLS");
+    let wrong_key = nbd_info(port, &export, Some((&served.psk_identity, &[0u8; 32])), &keys);
+    assert!(!wrong_key.status.success(), "read with another key");
+    let wrong_id = nbd_info(port, &export, Some(("someone-else", &served.psk_key)), &keys);
+    assert!(!wrong_id.status.success(), "read as another identity");
+    // With the copy's key: the export is there (so the refusals above were the credentials').
+    let right = nbd_info(port, &export, Some((&served.psk_identity, &served.psk_key)), &keys);
+    assert!(right.status.success(), "{}", String::from_utf8_lossy(&right.stderr));
+    assert!(String::from_utf8_lossy(&right.stdout).contains("16 MiB"));
+
+    // The caller hangs up: the export goes, and its key with it.
+    drop(stream);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while nbd_info(port, &export, Some((&served.psk_identity, &served.psk_key)), &keys).status.success() {
+        assert!(std::time::Instant::now() < deadline, "the export outlived its copy");
+        tokio::task::yield_now().await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !copy_leftovers(dir.path()).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "left: {:?}", copy_leftovers(dir.path()));
+        tokio::task::yield_now().await;
+    }
 }

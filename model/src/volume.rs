@@ -169,6 +169,39 @@ impl VolumeSource {
     }
 }
 
+/// A copy's source served by another node: where its read-only NBD export listens and the TLS
+/// pre-shared key made for this copy (the Debug form leaves the key out).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RemoteSource {
+    /// The exporting node's address.
+    pub host: String,
+    /// Its TCP port.
+    pub port: u16,
+    /// The NBD export's name.
+    pub export: String,
+    /// The PSK identity (TLS user name).
+    pub identity: String,
+    /// The pre-shared key.
+    pub key: Vec<u8>,
+    /// The source's virtual size.
+    pub size: u64,
+    /// Bytes of it that hold data.
+    pub allocated: u64,
+}
+
+impl std::fmt::Debug for RemoteSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteSource")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("export", &self.export)
+            .field("identity", &self.identity)
+            .field("key", &"<withheld>")
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
 /// A request to create a volume, validated where it is used (the pool and name by the engine
 /// that holds the pool).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +233,8 @@ pub struct CreateVolume {
     pub format: Format,
     /// Grows itself when its write threshold is crossed (the class's `autoExpand*`).
     pub auto_expand: Option<crate::grow::AutoExpand>,
+    /// The source lives on another node, which serves it here: a full copy over the network.
+    pub remote: Option<RemoteSource>,
 }
 
 impl CreateVolume {
@@ -219,6 +254,7 @@ impl CreateVolume {
             labels: BTreeMap::new(),
             format: Format::default(),
             auto_expand: None,
+            remote: None,
         }
     }
 

@@ -150,6 +150,7 @@ async fn main() {
             kind: PoolKind::Local,
         }],
         default_max_chain_depth: 64,
+        copy_address: Some(std::net::Ipv4Addr::LOCALHOST.into()),
     };
     let engine = Engine::open(config).await.expect("engine");
     let pid = engine.daemon().pid().expect("daemon pid");

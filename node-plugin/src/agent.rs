@@ -15,7 +15,8 @@ use tonic::{Request, Response, Status};
 
 use crate::csi::status;
 use crate::engine::{
-    CreateVolume, EngineCore, EngineEvent, SnapshotBatch, SnapshotInfo, VolumeInfo, DEFAULT_BATCH,
+    CreateVolume, EngineCore, EngineEvent, SnapshotBatch, SnapshotInfo, VolumeInfo, VolumeSource,
+    DEFAULT_BATCH,
 };
 use crate::graph::ExportKind;
 use tokio_stream::StreamExt;
@@ -120,7 +121,7 @@ pub fn volume_event(event: EngineEvent) -> Option<agent::VolumeEvent> {
     Some(agent::VolumeEvent { volume_id, labels, kind: Some(kind) })
 }
 
-pub use qsd_csi_proto::agent::{ChangesStream, EventStream};
+pub use qsd_csi_proto::agent::{ChangesStream, CopyExportStream, EventStream};
 
 fn snapshot_list(taken: Vec<SnapshotInfo>) -> agent::SnapshotList {
     agent::SnapshotList { snapshots: taken.into_iter().map(snapshot).collect() }
@@ -130,6 +131,33 @@ fn snapshot_list(taken: Vec<SnapshotInfo>) -> agent::SnapshotList {
 impl Agent for AgentService {
     type WatchEventsStream = EventStream;
     type SnapshotChangesStream = ChangesStream;
+    type ExportForCopyStream = CopyExportStream;
+
+    async fn export_for_copy(
+        &self,
+        request: Request<agent::ExportForCopyRequest>,
+    ) -> Result<Response<CopyExportStream>, Status> {
+        use agent::export_for_copy_request::Source;
+        let request = request.into_inner();
+        let source = match request.source {
+            Some(Source::SnapshotId(id)) => VolumeSource::Snapshot(id),
+            Some(Source::VolumeId(id)) => VolumeSource::Volume(id),
+            None => return Err(Status::invalid_argument("a copy needs a source")),
+        };
+        let export = self.engine.export_for_copy(&source, &request.reader_node).await;
+        let export = export.map_err(status)?;
+        let first = agent::CopyExport::from(export.remote());
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        // The export lives in a task of its own until the caller hangs up, so it is closed
+        // (its snapshot deleted) whatever becomes of this request.
+        tokio::spawn(async move {
+            if tx.send(Ok(first)).await.is_ok() {
+                tx.closed().await;
+            }
+            export.close().await;
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
 
     async fn watch_events(
         &self,

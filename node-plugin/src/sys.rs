@@ -40,6 +40,30 @@ pub fn die_with_parent(command: &mut tokio::process::Command) {
     }
 }
 
+/// Hands the command the open descriptor `fd` as its descriptor `target` (without
+/// close-on-exec there): a listening socket made here, served by the child.
+pub fn pass_fd(
+    command: &mut tokio::process::Command,
+    fd: std::os::fd::RawFd,
+    target: std::os::fd::RawFd,
+) {
+    // SAFETY: runs in the child between fork and exec; dup2 and fcntl are plain system calls.
+    // `fd` stays open in the parent until the child is spawned (the caller owns it).
+    unsafe {
+        command.pre_exec(move || {
+            if fd == target {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags == -1 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, target) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// `prctl` option that marks a task as part of the I/O path (Linux 5.6+).
 const PR_SET_IO_FLUSHER: libc::c_int = 57;
 

@@ -44,6 +44,7 @@ fn external_config(dir: &std::path::Path, run: &std::path::Path) -> EngineConfig
             kind: PoolKind::Local,
         }],
         default_max_chain_depth: 8,
+        copy_address: Some(std::net::Ipv4Addr::LOCALHOST.into()),
     }
 }
 

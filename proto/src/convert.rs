@@ -4,7 +4,9 @@
 
 use qsd_csi_model::grow::{AutoExpand, Step};
 use qsd_csi_model::health::{Finding, Severity};
-use qsd_csi_model::volume::{CloneMode, CreateVolume, Format, Preallocation, Qos, VolumeSource};
+use qsd_csi_model::volume::{
+    CloneMode, CreateVolume, Format, Preallocation, Qos, RemoteSource, VolumeSource,
+};
 use qsd_csi_model::Error;
 
 use crate::{agent, csi};
@@ -149,7 +151,48 @@ impl From<&CreateVolume> for agent::CreateVolumeRequest {
                 l2_cache_size: c.format.l2_cache_size,
             }),
             auto_expand: c.auto_expand.map(agent::AutoExpand::from),
+            remote: c.remote.as_ref().map(agent::CopyExport::from),
         }
+    }
+}
+
+impl From<&RemoteSource> for agent::CopyExport {
+    fn from(r: &RemoteSource) -> Self {
+        agent::CopyExport {
+            host: r.host.clone(),
+            port: r.port.into(),
+            export_name: r.export.clone(),
+            psk_identity: r.identity.clone(),
+            psk_key: r.key.clone(),
+            size_bytes: r.size,
+            allocated_bytes: r.allocated,
+        }
+    }
+}
+
+impl TryFrom<agent::CopyExport> for RemoteSource {
+    type Error = Error;
+
+    fn try_from(e: agent::CopyExport) -> Result<Self, Error> {
+        let port = u16::try_from(e.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| Error::invalid("remote port", format!("{} is not a port", e.port)))?;
+        if e.host.is_empty() || e.export_name.is_empty() || e.psk_identity.is_empty() {
+            return Err(Error::invalid("remote", "host, export name and identity are required"));
+        }
+        if e.psk_key.len() < 16 {
+            return Err(Error::invalid("remote key", "shorter than 16 bytes"));
+        }
+        Ok(RemoteSource {
+            host: e.host,
+            port,
+            export: e.export_name,
+            identity: e.psk_identity,
+            key: e.psk_key,
+            size: e.size_bytes,
+            allocated: e.allocated_bytes,
+        })
     }
 }
 
@@ -188,6 +231,7 @@ impl TryFrom<agent::CreateVolumeRequest> for CreateVolume {
                 })
                 .unwrap_or_default(),
             auto_expand: r.auto_expand.map(AutoExpand::try_from).transpose()?,
+            remote: r.remote.map(RemoteSource::try_from).transpose()?,
         })
     }
 }

@@ -29,6 +29,12 @@ pub mod agent {
     pub type ChangesStream = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<ChangedRanges, tonic::Status>> + Send>,
     >;
+
+    /// A copy's export as `ExportForCopy` streams it: one message, then open until the caller
+    /// hangs up (the one stream type of every implementation, like [`EventStream`]).
+    pub type CopyExportStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<CopyExport, tonic::Status>> + Send>,
+    >;
 }
 
 pub mod convert;

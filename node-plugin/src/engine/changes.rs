@@ -89,6 +89,16 @@ fn push_joined(ranges: &mut Vec<ByteRange>, next: ByteRange) {
     }
 }
 
+/// How many bytes of the chain topped by `top` hold data.
+pub(super) async fn allocated_bytes(top: PathBuf) -> Result<u64> {
+    let mut batches = stream_map(top, 0, None, DEFAULT_BATCH)?;
+    let mut total = 0;
+    while let Some(batch) = batches.recv().await {
+        total += batch?.iter().map(|r| r.length).sum::<u64>();
+    }
+    Ok(total)
+}
+
 impl EngineCore {
     /// The ranges of snapshot `target` holding data (`base` = `None`), or written after
     /// `base` (an older snapshot of the same chain), from `start` on.

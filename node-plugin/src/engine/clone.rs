@@ -170,13 +170,7 @@ impl EngineCore {
         speed: Option<u64>,
     ) -> Result<CloneTask> {
         let prepared = match self.prepare_clone(request)? {
-            ClonePlan::Exists(info) => {
-                return Ok(CloneTask {
-                    engine: self.clone(),
-                    state: CloneState::Done(info),
-                    report_every: CLONE_PROGRESS_PERIOD,
-                })
-            }
+            ClonePlan::Exists(info) => return Ok(CloneTask::done(self.clone(), info)),
             ClonePlan::New(p) => p,
         };
         let PreparedClone { pool, source_record, size, source, max_chain_depth, guard } = prepared;
@@ -218,21 +212,18 @@ impl EngineCore {
             format: request.format,
             auto_expand: request.auto_expand,
         };
-        Ok(CloneTask {
-            engine: self.clone(),
-            state: CloneState::Running(Box::new(Running {
-                job,
-                volume_id: self.object_id(IdKind::Volume, &pool, &request.name)?.to_string(),
-                source_id: request.source_id().to_owned(),
-                pool,
-                record,
-                open,
-                _intent: intent,
-                _guard: guard,
-                _graph: graph_guard,
-            })),
-            report_every: CLONE_PROGRESS_PERIOD,
-        })
+        let running = Running {
+            job,
+            volume_id: self.object_id(IdKind::Volume, &pool, &request.name)?.to_string(),
+            source_id: request.source_id().to_owned(),
+            pool,
+            record,
+            open,
+            intents: vec![intent],
+            _guard: guard,
+            _graph: graph_guard,
+        };
+        Ok(CloneTask::running(self.clone(), running, CLONE_PROGRESS_PERIOD))
     }
 
     /// Opens the clone's source (the attached volume's own graph, or its chain under a fresh
@@ -252,7 +243,7 @@ impl EngineCore {
             None => Some(Names::new(graph::fresh_tag())),
         };
         let target_names = Names::new(graph::fresh_tag());
-        let mut open = OpenNodes { source: None, target: None };
+        let mut open = OpenNodes::default();
         let started = async {
             let source_node = match &source_names {
                 Some(names) => {
@@ -292,32 +283,49 @@ struct PreparedClone {
     guard: Guard,
 }
 
-struct OpenNodes {
+/// What a copy opened in the daemon: a local source chain under a fresh tag, a remote source
+/// (its `nbd` node, TLS object and key directory), the target image.
+#[derive(Default)]
+pub(super) struct OpenNodes {
     source: Option<(Names, Vec<LayerId>)>,
-    target: Option<Names>,
+    remote: Option<(String, std::path::PathBuf)>,
+    pub(super) target: Option<Names>,
 }
 
 impl OpenNodes {
-    async fn close(&self, qmp: &crate::qmp::QmpClient, target: LayerId) {
+    /// A copy whose source is another node's export, tagged `tag`, its key in `dir`.
+    pub(super) fn remote(tag: String, dir: std::path::PathBuf) -> Self {
+        OpenNodes { remote: Some((tag, dir)), ..OpenNodes::default() }
+    }
+
+    pub(super) async fn close(&self, qmp: &crate::qmp::QmpClient, target: LayerId) {
         if let Some(names) = &self.target {
             let _ = graph::close_chain(qmp, names, &[target]).await;
         }
         if let Some((names, chain)) = &self.source {
             let _ = graph::close_chain(qmp, names, chain).await;
         }
+        if let Some((tag, dir)) = &self.remote {
+            if let Err(e) = super::copy::close_remote(qmp, tag).await {
+                tracing::warn!(error = %e.with_causes(), "closing a copy's remote source");
+            }
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
-struct Running {
-    job: Job,
-    volume_id: String,
-    source_id: String,
-    pool: Arc<Pool>,
-    record: VolumeRecord,
-    open: OpenNodes,
-    _intent: super::ops::Intent,
-    _guard: Guard,
-    _graph: super::GraphChange,
+/// A copy in progress: the job, what it will record, and what it holds until it ends.
+pub(super) struct Running {
+    pub(super) job: Job,
+    pub(super) volume_id: String,
+    pub(super) source_id: String,
+    pub(super) pool: Arc<Pool>,
+    pub(super) record: VolumeRecord,
+    pub(super) open: OpenNodes,
+    /// Removed when the copy ends (finished, or undone).
+    pub(super) intents: Vec<super::ops::Intent>,
+    pub(super) _guard: Guard,
+    pub(super) _graph: super::GraphChange,
 }
 
 enum CloneState {
@@ -346,6 +354,16 @@ impl std::fmt::Debug for CloneTask {
 }
 
 impl CloneTask {
+    /// A clone that needs no copy: the volume exists.
+    pub(super) fn done(engine: Arc<EngineCore>, info: VolumeInfo) -> Self {
+        CloneTask { engine, state: CloneState::Done(info), report_every: CLONE_PROGRESS_PERIOD }
+    }
+
+    /// A copy under way.
+    pub(super) fn running(engine: Arc<EngineCore>, running: Running, every: Duration) -> Self {
+        CloneTask { engine, state: CloneState::Running(Box::new(running)), report_every: every }
+    }
+
     /// The copy job, while it runs (`None` for a clone that already existed).
     pub fn job(&mut self) -> Option<&mut Job> {
         match &mut self.state {
@@ -375,7 +393,7 @@ impl CloneTask {
             pool,
             record,
             open,
-            _intent: intent,
+            intents,
             _guard,
             _graph,
         } = running;
@@ -424,7 +442,7 @@ impl CloneTask {
                 Err(e)
             }
         };
-        drop(intent);
+        drop(intents);
         let _ = engine.events.send(EngineEvent::CloneFinished {
             volume: volume_id,
             source: source_id,

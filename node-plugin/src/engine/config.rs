@@ -47,4 +47,7 @@ pub struct EngineConfig {
     pub pools: Vec<PoolConfig>,
     /// Default chain-depth limit for new volumes.
     pub default_max_chain_depth: u32,
+    /// The address other nodes reach this node at for copies of its volumes (their copy
+    /// servers listen there); `None`: this node serves no copies.
+    pub copy_address: Option<std::net::IpAddr>,
 }

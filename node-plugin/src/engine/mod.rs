@@ -16,6 +16,7 @@ mod attach;
 mod changes;
 mod clone;
 mod config;
+mod copy;
 mod counters;
 mod health;
 mod journal;
@@ -43,6 +44,7 @@ pub use attach::{AttachmentInfo, MountedFilesystems, ThresholdState};
 pub use changes::{ByteRange, ChangeStream, DEFAULT_BATCH};
 pub use clone::{CloneTask, CLONE_PROGRESS_PERIOD};
 pub use config::{EngineConfig, PoolConfig};
+pub use copy::CopyExport;
 pub use counters::EngineCounters;
 pub use journal::STEP_PERCENT as WRITE_THRESHOLD_STEP_PERCENT;
 pub use journal::{AttachmentRecord, ThresholdRecord};
@@ -206,6 +208,7 @@ impl Engine {
             metrics: EngineCounters::default(),
         });
         core.reconcile(origin).await?;
+        core.sweep_copies();
         let supervisor = tokio::spawn(supervise(Arc::downgrade(&core), events_rx));
         Ok(Engine { core, supervisor })
     }

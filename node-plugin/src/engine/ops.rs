@@ -16,6 +16,7 @@
 //! | new volume (empty, restore, clone) | its volume record written | the record |
 //! | expansion | the image header grown | the header |
 //! | chain shortening | the child's header rewritten onto the new base | the header |
+//! | a copy between nodes (either side) | none: always undone | — |
 //!
 //! Intents live in `<state>/operations/`, one JSON file each, written atomically. An operation
 //! that fails in-process undoes its own work and drops its intent; only a killed one leaves it.
@@ -94,6 +95,8 @@ pub enum Operation {
         /// What `child` is backed by afterwards.
         base: Option<LayerId>,
     },
+    /// One side of a copy between nodes: what it made outside the pool's records.
+    Copy(super::copy::CopyLeftovers),
 }
 
 /// The journal's directory.
@@ -193,6 +196,7 @@ impl EngineCore {
             Operation::Snapshot { group, items } => {
                 self.recover_snapshot(graph, origin, group, items).await
             }
+            Operation::Copy(leftovers) => self.recover_copy(leftovers).await,
             Operation::NewVolume { pool, name, head } => {
                 let pool = self.pool(pool)?;
                 if pool.volume(name).is_some_and(|v| v.head == *head) {

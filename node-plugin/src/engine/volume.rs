@@ -9,7 +9,7 @@ use crate::graph::{self, ExportKind, Names, NewImage};
 use crate::pool::id::{parse_size, IdKind};
 use crate::pool::{LayerId, LayerRecord, Pool, RecordedSource, VolumeRecord};
 pub use qsd_csi_model::volume::{
-    CloneMode, CreateVolume, Format, Preallocation, Qos, VolumeSource,
+    CloneMode, CreateVolume, Format, Preallocation, Qos, RemoteSource, VolumeSource,
 };
 
 /// The head image of a new volume.
@@ -121,6 +121,7 @@ impl EngineCore {
             Some(RecordedSource::Volume(name)) => Some(VolumeSource::Volume(
                 self.object_id(IdKind::Volume, pool, name.as_str())?.to_string(),
             )),
+            Some(RecordedSource::Copied(source)) => Some(source.clone()),
             Some(RecordedSource::Unknown(_)) | None => None,
         })
     }
@@ -166,6 +167,9 @@ impl EngineCore {
     /// Idempotent by name.
     pub async fn create_volume(self: &Arc<Self>, request: &CreateVolume) -> Result<VolumeInfo> {
         request.format.check()?;
+        if request.remote.is_some() {
+            return self.start_remote_copy(request).await?.finish().await;
+        }
         match &request.source {
             Some(VolumeSource::Snapshot(_)) => self.restore_snapshot(request).await,
             Some(VolumeSource::Volume(_)) if request.clone_mode == CloneMode::Linked => {

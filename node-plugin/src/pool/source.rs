@@ -6,6 +6,8 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use qsd_csi_model::volume::VolumeSource;
+
 use super::ObjectName;
 
 /// A volume record's source.
@@ -15,6 +17,9 @@ pub enum RecordedSource {
     Snapshot(ObjectName),
     /// Cloned from this volume.
     Volume(ObjectName),
+    /// Copied from another node's snapshot or volume, by its full ID; written as
+    /// `copy:<id>`.
+    Copied(VolumeSource),
     /// A form this version does not know (written by another): kept as written, and read as
     /// no source.
     Unknown(String),
@@ -27,9 +32,22 @@ impl RecordedSource {
         match text.split_once(':') {
             Some(("snapshot", name)) => named(name).map(RecordedSource::Snapshot),
             Some(("volume", name)) => named(name).map(RecordedSource::Volume),
+            Some(("copy", id)) => copied(id).map(RecordedSource::Copied),
             _ => None,
         }
         .unwrap_or_else(|| RecordedSource::Unknown(text.to_owned()))
+    }
+}
+
+/// A copied source's full ID, by its kind.
+fn copied(id: &str) -> Option<VolumeSource> {
+    use qsd_csi_model::id::{IdKind, ObjectId};
+    if ObjectId::parse(IdKind::Snapshot, id).is_ok() {
+        Some(VolumeSource::Snapshot(id.to_owned()))
+    } else if ObjectId::parse(IdKind::Volume, id).is_ok() {
+        Some(VolumeSource::Volume(id.to_owned()))
+    } else {
+        None
     }
 }
 
@@ -38,6 +56,7 @@ impl fmt::Display for RecordedSource {
         match self {
             RecordedSource::Snapshot(name) => write!(f, "snapshot:{}", name.as_str()),
             RecordedSource::Volume(name) => write!(f, "volume:{}", name.as_str()),
+            RecordedSource::Copied(source) => write!(f, "copy:{}", source.id()),
             RecordedSource::Unknown(text) => f.write_str(text),
         }
     }
@@ -70,6 +89,15 @@ mod tests {
             ("volume:pvc-1234", RecordedSource::Volume(name("pvc-1234"))),
             ("snapshot:../x", RecordedSource::Unknown("snapshot:../x".into())),
             ("image:base", RecordedSource::Unknown("image:base".into())),
+            (
+                "copy:snap:local@node-1:s1",
+                RecordedSource::Copied(VolumeSource::Snapshot("snap:local@node-1:s1".into())),
+            ),
+            (
+                "copy:vol:local@node-2:v",
+                RecordedSource::Copied(VolumeSource::Volume("vol:local@node-2:v".into())),
+            ),
+            ("copy:vol:../x", RecordedSource::Unknown("copy:vol:../x".into())),
             ("", RecordedSource::Unknown(String::new())),
         ];
         for (text, expected) in table {

@@ -14,6 +14,8 @@
 //! from its pidfile and socket. In [`Mode::External`] something else (the Kubernetes sidecar
 //! container) runs it and we only connect.
 
+pub mod copy_server;
+
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;

@@ -39,6 +39,7 @@ impl Env {
                 kind: PoolKind::Local,
             }],
             default_max_chain_depth: depth,
+            copy_address: Some(std::net::Ipv4Addr::LOCALHOST.into()),
         };
         let engine = Engine::open(config.clone()).await.expect("engine opens");
         Env { dir, engine: Some(engine), config }

@@ -61,6 +61,41 @@ pub enum BlockdevOptions {
         #[serde(skip_serializing_if = "Option::is_none")]
         discard: Option<&'static str>,
     },
+    /// The `nbd` protocol driver: an NBD client.
+    Nbd {
+        /// Node name.
+        #[serde(rename = "node-name")]
+        node_name: String,
+        /// The server.
+        server: InetServer,
+        /// The export's name.
+        export: String,
+        /// The TLS credentials object.
+        #[serde(rename = "tls-creds")]
+        tls_creds: String,
+        /// Open read-only.
+        #[serde(rename = "read-only", skip_serializing_if = "Option::is_none")]
+        read_only: Option<bool>,
+    },
+}
+
+/// A TCP server address (`SocketAddress` of type `inet`; QAPI spells the port as a string).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InetServer {
+    /// Always `inet`.
+    #[serde(rename = "type")]
+    kind: &'static str,
+    /// Host name or address.
+    host: String,
+    /// The port.
+    port: String,
+}
+
+impl InetServer {
+    /// `host`:`port`.
+    pub fn new(host: &str, port: u16) -> Self {
+        InetServer { kind: "inet", host: host.to_owned(), port: port.to_string() }
+    }
 }
 
 /// `BlockdevCacheOptions` of a file node.
@@ -76,7 +111,8 @@ impl BlockdevOptions {
         match self {
             BlockdevOptions::File { node_name, .. }
             | BlockdevOptions::Qcow2 { node_name, .. }
-            | BlockdevOptions::Throttle { node_name, .. } => node_name,
+            | BlockdevOptions::Throttle { node_name, .. }
+            | BlockdevOptions::Nbd { node_name, .. } => node_name,
         }
     }
 }

@@ -42,6 +42,23 @@ pub struct ObjectAddThrottleGroup {
 }
 command!(ObjectAddThrottleGroup, "object-add", IgnoredAny);
 
+/// `object-add` of TLS credentials from a pre-shared key file (`dir/keys.psk`).
+#[derive(Debug, Serialize)]
+pub struct ObjectAddTlsPsk {
+    /// Always `tls-creds-psk`.
+    #[serde(rename = "qom-type")]
+    pub qom_type: &'static str,
+    /// Object id.
+    pub id: String,
+    /// `client` or `server`.
+    pub endpoint: &'static str,
+    /// The directory holding `keys.psk`.
+    pub dir: String,
+    /// The identity (a client's).
+    pub username: String,
+}
+command!(ObjectAddTlsPsk, "object-add", IgnoredAny);
+
 /// `object-del`.
 #[derive(Debug, Serialize)]
 pub struct ObjectDel {

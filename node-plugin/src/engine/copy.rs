@@ -1,0 +1,373 @@
+//! Volumes copied between nodes. The node holding the source serves it read-only over NBD
+//! with TLS (a pre-shared key made for this copy); the node receiving it opens that export as
+//! an `nbd` node in its own daemon and pulls it into a new image with the same backup job a
+//! local copy clone uses: block status travels with the data, so holes stay holes and only
+//! allocated data crosses the wire.
+//!
+//! ```text
+//!   source node                                    target node
+//!   snapshot S (or a volume's point-in-time        daemon: nbd node ══ backup job ══► [K]
+//!   snapshot, taken for this copy)                   ▲ TLS-PSK, read-only
+//!   copy server (qemu-storage-daemon) ── NBD/TCP ────┘
+//! ```
+//! The export lives while its [`CopyExport`] does (the agent keeps it for as long as the
+//! controller holds the `ExportForCopy` stream). A killed plugin's copy server dies with it;
+//! the intents below let the next start remove what either side left: the server's directory
+//! and a point-in-time snapshot on the source, the `nbd` node, TLS object and key on the
+//! target (its half-copied image goes with the `NewVolume` intent, as a local clone's does).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::clone::{CloneTask, OpenNodes, Running, CLONE_PROGRESS_PERIOD};
+use super::ops::{Intent, Operation};
+use super::snapshot::SnapshotBatch;
+use super::volume::{CreateVolume, RemoteSource, VolumeSource};
+use super::{EngineCore, Guard};
+use crate::error::{Error, Result};
+use crate::graph::{self, Names, NewImage};
+use crate::pool::id::{parse_size, IdKind};
+use crate::pool::{LayerId, ObjectName, Pool, PoolKind, RecordedSource, VolumeRecord};
+use crate::qmp::commands::{BlockdevAdd, BlockdevOptions, InetServer, ObjectAddTlsPsk, ObjectDel};
+use crate::qsd::copy_server::{self, CopyServer, CopyServerConfig};
+
+/// Bytes of key made for each copy.
+const KEY_BYTES: usize = 32;
+
+/// What a killed copy leaves, by side; recovery removes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyLeftovers {
+    /// The copy's directory (key, server pidfile).
+    pub dir: PathBuf,
+    /// Source side: the pool and the point-in-time snapshot taken for the copy.
+    pub snapshot: Option<(String, String)>,
+    /// Target side: the tag naming the `nbd` node and TLS object in the daemon.
+    pub daemon_tag: Option<String>,
+}
+
+/// A source served for one copy; the export, and any snapshot taken for it, go with
+/// [`CopyExport::close`].
+#[derive(Debug)]
+pub struct CopyExport {
+    remote: RemoteSource,
+    server: Option<CopyServer>,
+    temporary: Option<String>,
+    engine: Arc<EngineCore>,
+    guard: Option<Guard>,
+    intent: Option<Intent>,
+}
+
+impl CopyExport {
+    /// Where and how to read it.
+    pub fn remote(&self) -> &RemoteSource {
+        &self.remote
+    }
+
+    /// Stops serving, and deletes the snapshot taken for the copy.
+    pub async fn close(mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await;
+        }
+        drop(self.guard.take());
+        if let Some(id) = self.temporary.take() {
+            if let Err(e) = self.engine.delete_snapshot(&id).await {
+                tracing::warn!(snapshot = id, error = %e.with_causes(), "removing a copy's snapshot; it goes at the next start");
+                std::mem::forget(self.intent.take()); // the intent stays for the next start
+            }
+        }
+        tracing::info!(export = self.remote.export, "a copy's export ended");
+    }
+}
+
+fn random_key() -> Result<Vec<u8>> {
+    let mut key = vec![0u8; KEY_BYTES];
+    getrandom::getrandom(&mut key)
+        .map_err(|e| Error::Inconsistent(format!("no random bytes for a copy's key: {e}")))?;
+    Ok(key)
+}
+
+impl EngineCore {
+    /// The directory of the copy tagged `tag`.
+    fn copy_dir(&self, tag: &str) -> PathBuf {
+        self.config.daemon.run_dir.join("copies").join(tag)
+    }
+
+    /// Serves `source` (a snapshot, or a volume as of now) of a local pool read-only for a
+    /// copy onto node `reader`.
+    pub async fn export_for_copy(
+        self: &Arc<Self>,
+        source: &VolumeSource,
+        reader: &str,
+    ) -> Result<CopyExport> {
+        let host = self.config.copy_address.ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "node {} has no address for copies to other nodes (--copy-address)",
+                self.config.node.as_str()
+            ))
+        })?;
+        let (pool, parsed) = self.resolve(source.kind(), source.id())?;
+        if pool.kind() == PoolKind::Shared {
+            return Err(Error::FailedPrecondition(format!(
+                "{} is in shared pool {}, which every node reads: nothing to copy",
+                source.id(),
+                pool.name().as_str()
+            )));
+        }
+        let tag = LayerId::random().to_string();
+        let temporary = matches!(source, VolumeSource::Volume(_)).then(|| format!("xcopy-{tag}"));
+        let dir = self.copy_dir(&tag);
+        let intent = self.operations.begin(Operation::Copy(CopyLeftovers {
+            dir: dir.clone(),
+            snapshot: temporary.clone().map(|s| (pool.name().as_str().to_owned(), s)),
+            daemon_tag: None,
+        }))?;
+        let snapshot = match &temporary {
+            Some(name) => {
+                let batch =
+                    SnapshotBatch { items: &[(source.id(), name)], group: None, freeze: false };
+                self.create_snapshot_group(batch).await?;
+                ObjectName::parse(name)?
+            }
+            None => parsed.name,
+        };
+        let mut export = CopyExport {
+            remote: RemoteSource {
+                host: host.to_string(),
+                port: 0,
+                export: format!("copy-{tag}"),
+                identity: format!("qsd-csi-{tag}"),
+                key: random_key()?,
+                size: 0,
+                allocated: 0,
+            },
+            server: None,
+            temporary: temporary
+                .map(|name| self.object_id(IdKind::Snapshot, &pool, &name))
+                .transpose()?
+                .map(|id| id.to_string()),
+            engine: self.clone(),
+            guard: None,
+            intent: Some(intent),
+        };
+        match self.serve_copy(&mut export, &pool, &snapshot, host, dir).await {
+            Ok(()) => {
+                tracing::info!(source = source.id(), reader, port = export.remote.port, "serving a copy to another node");
+                Ok(export)
+            }
+            Err(e) => {
+                export.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the copy server of `snapshot` for `export`, holding the snapshot meanwhile.
+    async fn serve_copy(
+        &self,
+        export: &mut CopyExport,
+        pool: &Pool,
+        snapshot: &ObjectName,
+        host: IpAddr,
+        dir: PathBuf,
+    ) -> Result<()> {
+        export.guard = Some(self.lock(vec![Self::key(IdKind::Snapshot, pool, snapshot.as_str())])?);
+        let record = pool.snapshot(snapshot.as_str()).ok_or_else(|| Error::NotFound {
+            what: "snapshot",
+            id: self.object_id(IdKind::Snapshot, pool, snapshot.as_str()).map_or_else(
+                |_| snapshot.as_str().to_owned(),
+                |id| id.to_string(),
+            ),
+        })?;
+        let chain = pool.chain(record.layer)?;
+        let options = graph::chain_options(pool, &Names::new("copy"), &chain, true)?;
+        let node = options.node_name().to_owned();
+        export.remote.size = record.size;
+        export.remote.allocated = super::changes::allocated_bytes(pool.layer_path(record.layer)).await?;
+        let blockdev = serde_json::to_value(&options)
+            .map_err(|e| Error::Inconsistent(format!("a copy's node definition: {e}")))?;
+        let server = CopyServer::start(CopyServerConfig {
+            binary: &self.config.daemon.binary,
+            dir,
+            blockdev,
+            node: &node,
+            listen: host,
+            export: &export.remote.export,
+            identity: &export.remote.identity,
+            key: &export.remote.key,
+        })
+        .await?;
+        export.remote.port = server.port();
+        export.server = Some(server);
+        Ok(())
+    }
+
+    /// Starts a copy of a volume or snapshot another node serves ([`CreateVolume::remote`])
+    /// into a new volume here; [`CloneTask::finish`] completes it, as for a local clone.
+    pub async fn start_remote_copy(self: &Arc<Self>, request: &CreateVolume) -> Result<CloneTask> {
+        let remote = request
+            .remote
+            .as_ref()
+            .ok_or_else(|| Error::invalid("remote", "a remote copy needs the source's export"))?;
+        let source = request
+            .source
+            .clone()
+            .ok_or_else(|| Error::invalid("source", "a remote copy names its source"))?;
+        let pool = self.requested_pool(&request.pool)?;
+        let max_chain_depth = self.max_depth(request.max_chain_depth)?;
+        self.object_id(IdKind::Volume, &pool, &request.name)?;
+        let size = request.size.map(parse_size).transpose()?.unwrap_or(remote.size);
+        let recorded = Some(RecordedSource::Copied(source.clone()));
+        let guard = self.lock(vec![Self::key(IdKind::Volume, &pool, &request.name)])?;
+        if let Some(existing) = pool.volume(&request.name) {
+            let info = self.check_recreate(&pool, &existing, request, size, &recorded)?;
+            return Ok(CloneTask::done(self.clone(), info));
+        }
+        if size < remote.size {
+            return Err(Error::OutOfRange {
+                requested: request.size.unwrap_or_default(),
+                reason: format!("the source holds {} bytes", remote.size),
+            });
+        }
+        let graph_guard = self.graph.change().await;
+        let target = LayerId::random();
+        let tag = graph::fresh_tag();
+        let new_volume = self.operations.begin(Operation::NewVolume {
+            pool: pool.name().as_str().to_owned(),
+            name: request.name.clone(),
+            head: target,
+        })?;
+        let dir = self.copy_dir(&tag);
+        let leftovers = self.operations.begin(Operation::Copy(CopyLeftovers {
+            dir: dir.clone(),
+            snapshot: None,
+            daemon_tag: Some(tag.clone()),
+        }))?;
+        let qmp = self.daemon.qmp();
+        let image = NewImage {
+            path: &pool.layer_path(target),
+            size: remote.size,
+            backing: None,
+            preallocation: request.preallocation,
+            format: request.format,
+        };
+        graph::create_image(&qmp, image).await?;
+        let mut open = OpenNodes::remote(tag.clone(), dir.clone());
+        let started = async {
+            let source_node = self.open_remote(remote, &tag, &dir).await?;
+            let names = Names::new(graph::fresh_tag());
+            let target_node = graph::open_copy_target(&qmp, &pool, &names, target).await?;
+            open.target = Some(names.clone());
+            graph::start_backup(&qmp, &names, source_node, target_node, request.clone_bandwidth)
+                .await
+        }
+        .await;
+        let job = match started {
+            Ok(job) => job,
+            Err(e) => {
+                open.close(&qmp, target).await;
+                let _ = std::fs::remove_file(pool.layer_path(target));
+                return Err(e);
+            }
+        };
+        tracing::info!(volume = request.name, source = source.id(), from = remote.host, "copy from another node started");
+        let record = VolumeRecord {
+            name: request.name.clone(),
+            uid: LayerId::random(),
+            size,
+            head: target,
+            preallocation: request.preallocation,
+            qos: request.qos,
+            max_chain_depth,
+            source: recorded,
+            labels: request.labels.clone(),
+            format: request.format,
+            auto_expand: request.auto_expand,
+        };
+        Ok(CloneTask::running(
+            self.clone(),
+            Running {
+                job,
+                volume_id: self.object_id(IdKind::Volume, &pool, &request.name)?.to_string(),
+                source_id: source.id().to_owned(),
+                pool,
+                record,
+                open,
+                intents: vec![new_volume, leftovers],
+                _guard: guard,
+                _graph: graph_guard,
+            },
+            CLONE_PROGRESS_PERIOD,
+        ))
+    }
+
+    /// Adds the TLS credentials and the read-only `nbd` node of a remote source; returns the
+    /// node's name.
+    async fn open_remote(&self, remote: &RemoteSource, tag: &str, dir: &std::path::Path) -> Result<String> {
+        let qmp = self.daemon.qmp();
+        copy_server::write_key(dir, &remote.identity, &remote.key)?;
+        graph::call(
+            &qmp,
+            &ObjectAddTlsPsk {
+                qom_type: "tls-creds-psk",
+                id: format!("tls-{tag}"),
+                endpoint: "client",
+                dir: dir.display().to_string(),
+                username: remote.identity.clone(),
+            },
+        )
+        .await?;
+        let node = format!("n-{tag}");
+        graph::call(
+            &qmp,
+            &BlockdevAdd(BlockdevOptions::Nbd {
+                node_name: node.clone(),
+                server: InetServer::new(&remote.host, remote.port),
+                export: remote.export.clone(),
+                tls_creds: format!("tls-{tag}"),
+                read_only: Some(true),
+            }),
+        )
+        .await?;
+        Ok(node)
+    }
+
+    /// Removes every copy directory a killed plugin left (at start, after recovery: nothing
+    /// copies yet), and stops any copy server still running from one.
+    pub(super) fn sweep_copies(&self) {
+        let root = self.config.daemon.run_dir.join("copies");
+        let Ok(entries) = std::fs::read_dir(&root) else { return };
+        for entry in entries.flatten() {
+            copy_server::sweep(&entry.path());
+        }
+    }
+
+    /// Removes what a killed copy left on this side.
+    pub(super) async fn recover_copy(&self, leftovers: &CopyLeftovers) -> Result<()> {
+        if let Some(tag) = &leftovers.daemon_tag {
+            close_remote(&self.daemon.qmp(), tag).await?;
+        }
+        copy_server::sweep(&leftovers.dir);
+        if let Some((pool, name)) = &leftovers.snapshot {
+            let pool = self.pool(pool)?;
+            if pool.snapshot(name).is_some() {
+                // Its record only: the layer stays in the volume's chain, as an unpinned layer
+                // the next shortening may merge.
+                pool.remove_snapshot(name)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes a remote source's `nbd` node and TLS object (either may be gone already).
+pub(super) async fn close_remote(qmp: &crate::qmp::QmpClient, tag: &str) -> Result<()> {
+    graph::delete_node_if_owned(qmp, &format!("n-{tag}")).await?;
+    match graph::call(qmp, &ObjectDel { id: format!("tls-{tag}") }).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.qmp_desc_contains("not found") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
