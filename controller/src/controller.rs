@@ -186,7 +186,14 @@ impl Controller for ControllerService {
         let message = agent::CreateVolumeRequest::from(&command);
         let info = match from {
             None => self.agents.node(&node)?.create_volume(message).await?,
-            Some(from) => self.copy_across(&node, &from, message).await?,
+            Some(from) => {
+                // In a task of its own: the copy (and the source's export it needs) goes on
+                // if the CO stops waiting; its retry finds the volume busy, then made.
+                let this = self.clone();
+                tokio::spawn(async move { this.copy_across(&node, &from, message).await })
+                    .await
+                    .map_err(|e| Status::internal(format!("a copy across nodes ended: {e}")))??
+            }
         };
         if let (Some(range), true) = (req.capacity_range.as_ref(), source.is_some()) {
             if range.limit_bytes > 0 && info.size_bytes as i64 > range.limit_bytes {

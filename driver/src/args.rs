@@ -135,6 +135,33 @@ pub enum VolumeCmd {
         /// The volume's ID.
         volume: String,
     },
+    /// Copy a volume (as of now, while it stays in use) or a snapshot onto another node:
+    /// only its allocated data crosses the network (NBD with TLS).
+    Copy {
+        /// The volume's or snapshot's ID.
+        source: String,
+        /// The node to copy it to.
+        #[arg(long)]
+        to: String,
+        /// The copy's name (default: the source's name; IDs name their node).
+        #[arg(long)]
+        name: Option<String>,
+        /// Output format: table (default), wide, json, yaml or name (the bare ID).
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Move a volume that is not published onto another node: copy it, then delete the
+    /// original (kept, and said so, if that fails).
+    Move {
+        /// The volume's ID.
+        volume: String,
+        /// The node to move it to.
+        #[arg(long)]
+        to: String,
+        /// Output format: table (default), wide, json, yaml or name (the bare ID).
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -121,6 +121,8 @@ pub struct NewVolume {
     pub parameters: HashMap<String, String>,
     /// Content source.
     pub source: Option<csi::volume_content_source::Type>,
+    /// The node it must be on (a local pool's), if any.
+    pub node: Option<String>,
 }
 
 /// Creates a volume; while a clone copies, a spinner on a terminal shows it working.
@@ -137,9 +139,16 @@ pub async fn create_volume(
             .source
             .clone()
             .map(|t| csi::VolumeContentSource { r#type: Some(t) }),
+        accessibility_requirements: new.node.as_ref().map(|node| {
+            let topology = csi::Topology {
+                segments: [(qsd_csi_model::params::TOPOLOGY_KEY.to_owned(), node.clone())].into(),
+            };
+            csi::TopologyRequirement { requisite: vec![topology.clone()], preferred: vec![topology] }
+        }),
         ..Default::default()
     };
-    let is_clone = matches!(new.source, Some(csi::volume_content_source::Type::Volume(_)));
+    let is_clone = matches!(new.source, Some(csi::volume_content_source::Type::Volume(_)))
+        || new.node.is_some();
     let mut controller = clients.controller.clone();
     let call = controller.create_volume(req);
     let response = match is_clone {

@@ -12,6 +12,27 @@ use qsd_csi_proto::csi::volume_content_source::{SnapshotSource, Type, VolumeSour
 use crate::args::{Command, SnapshotCmd, VolumeCmd};
 use crate::output::{self, Output, SnapshotView, VolumeView};
 
+/// A copy of the volume or snapshot `source` onto node `to`, named `name` (default: the
+/// source's own name) in the source's pool.
+fn copy_onto(source: &str, to: &str, name: Option<String>) -> Result<NewVolume, String> {
+    use qsd_csi_model::id::{IdKind, ObjectId};
+    let (kind, parsed) = [IdKind::Volume, IdKind::Snapshot]
+        .into_iter()
+        .find_map(|kind| ObjectId::parse(kind, source).ok().map(|p| (kind, p)))
+        .ok_or_else(|| format!("{source:?} is not a volume or snapshot ID"))?;
+    let source_type = match kind {
+        IdKind::Snapshot => Type::Snapshot(SnapshotSource { snapshot_id: source.to_owned() }),
+        _ => Type::Volume(VolumeSource { volume_id: source.to_owned() }),
+    };
+    Ok(NewVolume {
+        name: name.unwrap_or_else(|| parsed.name.as_str().to_owned()),
+        size: None,
+        parameters: [("pool".to_owned(), parsed.location.pool.as_str().to_owned())].into(),
+        source: Some(source_type),
+        node: Some(to.to_owned()),
+    })
+}
+
 /// `qsd-csi certs sign-node`: the signer's certificate for a node, its key made here.
 pub fn sign_node(
     node: &str,
@@ -70,11 +91,18 @@ pub async fn run(endpoint: &str, command: Command) -> Result<(), String> {
             parameters.extend(pool.map(|p| ("pool".to_owned(), p)));
             parameters.extend(preallocation.map(|p| ("preallocation".to_owned(), p)));
             let source = from_snapshot.map(|id| Type::Snapshot(SnapshotSource { snapshot_id: id }));
-            let new = NewVolume { name, size: Some(cli::parse_size(&size)?), parameters, source };
+            let size = Some(cli::parse_size(&size)?);
+            let new = NewVolume { name, size, parameters, source, node: None };
             s.create(new, "volume create", output).await
         }
         Command::Volume(VolumeCmd::List { output }) => s.volume_list(output).await,
         Command::Volume(VolumeCmd::Delete { volume }) => s.volume_delete(volume).await,
+        Command::Volume(VolumeCmd::Copy { source, to, name, output }) => {
+            s.create(copy_onto(&source, &to, name)?, "volume copy", output).await
+        }
+        Command::Volume(VolumeCmd::Move { volume, to, output }) => {
+            s.move_volume(volume, to, output).await
+        }
         Command::Snapshot(SnapshotCmd::Create { volume, name, output }) => {
             s.snapshot_create(volume, name, output).await
         }
@@ -89,7 +117,7 @@ pub async fn run(endpoint: &str, command: Command) -> Result<(), String> {
         Command::Clone { source, name, size, output } => {
             let size = size.as_deref().map(cli::parse_size).transpose()?;
             let source = Some(Type::Volume(VolumeSource { volume_id: source }));
-            let new = NewVolume { name, size, parameters: Default::default(), source };
+            let new = NewVolume { name, size, parameters: Default::default(), source, node: None };
             s.create(new, "clone", output).await
         }
         Command::Expand { volume, size, staging_dir } => {
@@ -228,6 +256,36 @@ impl Session<'_> {
             token = page.next_token;
         }
         print_volumes(&views, output, true)
+    }
+
+    /// Copies `volume` onto node `to`, then deletes it; refused while it is published (its
+    /// writes after the copy would be lost).
+    async fn move_volume(&mut self, volume: String, to: String, output: Output) -> Result<(), String> {
+        let listed = self.c.controller.list_volumes(csi::ListVolumesRequest::default()).await;
+        let listed = listed.map_err(self.fail("volume move"))?.into_inner();
+        let entry = listed
+            .entries
+            .iter()
+            .find(|e| e.volume.as_ref().is_some_and(|v| v.volume_id == volume))
+            .ok_or_else(|| format!("volume move: no volume {volume}"))?;
+        let published = entry.status.as_ref().map(|s| s.published_node_ids.clone());
+        if let Some(nodes) = published.filter(|n| !n.is_empty()) {
+            return Err(format!(
+                "volume move: {volume} is published on {}; unpublish it first (or `volume copy` it)",
+                nodes.join(", ")
+            ));
+        }
+        let copy = cli::create_volume(&mut self.c, copy_onto(&volume, &to, None)?).await;
+        let copy = copy.map_err(self.fail("volume move"))?;
+        let request = csi::DeleteVolumeRequest { volume_id: volume.clone(), ..Default::default() };
+        if let Err(e) = self.c.controller.delete_volume(request).await {
+            return Err(format!(
+                "volume move: copied to {}, but {volume} could not be deleted ({}): both exist",
+                copy.volume_id,
+                e.message()
+            ));
+        }
+        print_volumes(&[VolumeView::new(&copy, Vec::new())], output, false)
     }
 
     async fn volume_delete(&mut self, volume: String) -> Result<(), String> {

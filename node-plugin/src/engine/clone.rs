@@ -378,6 +378,15 @@ impl CloneTask {
         self
     }
 
+    /// [`CloneTask::finish`] in a task of its own: a caller that stops waiting (a CO's
+    /// request timing out) leaves the copy to complete and be recorded (its retry meanwhile
+    /// finds the volume busy, then made), never a job copying into an image nobody records.
+    pub async fn finish_detached(self) -> Result<VolumeInfo> {
+        tokio::spawn(self.finish())
+            .await
+            .map_err(|e| Error::Inconsistent(format!("a copy's task ended: {e}")))?
+    }
+
     /// Waits for the copy (reporting its progress as events), grows the new volume if a larger
     /// size was asked for, records it, and reports the outcome. On failure the new image is
     /// removed.

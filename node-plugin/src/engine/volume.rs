@@ -168,7 +168,7 @@ impl EngineCore {
     pub async fn create_volume(self: &Arc<Self>, request: &CreateVolume) -> Result<VolumeInfo> {
         request.format.check()?;
         if request.remote.is_some() {
-            return self.start_remote_copy(request).await?.finish().await;
+            return self.start_remote_copy(request).await?.finish_detached().await;
         }
         match &request.source {
             Some(VolumeSource::Snapshot(_)) => self.restore_snapshot(request).await,
@@ -176,7 +176,8 @@ impl EngineCore {
                 self.linked_clone(request).await
             }
             Some(VolumeSource::Volume(_)) => {
-                self.start_clone_with_speed(request, request.clone_bandwidth).await?.finish().await
+                let task = self.start_clone_with_speed(request, request.clone_bandwidth).await?;
+                task.finish_detached().await
             }
             None => self.create_empty(request).await,
         }
