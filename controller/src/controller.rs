@@ -70,9 +70,10 @@ impl ControllerService {
         let allowed = |node: &str| {
             requirement.is_none_or(|req| {
                 req.requisite.is_empty()
-                    || req.requisite.iter().any(|t| {
-                        t.segments.get(TOPOLOGY_KEY).is_none_or(|n| n == node)
-                    })
+                    || req
+                        .requisite
+                        .iter()
+                        .any(|t| t.segments.get(TOPOLOGY_KEY).is_none_or(|n| n == node))
             })
         };
         let (node, from) = match (source, requirement) {

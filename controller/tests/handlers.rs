@@ -314,21 +314,95 @@ fn topology(nodes: &[&str]) -> Vec<csi::Topology> {
 }
 
 #[tokio::test]
-async fn a_sourced_volume_goes_where_the_scheduler_picked_copied_across_when_that_is_another_node() {
+async fn a_sourced_volume_goes_where_the_scheduler_picked_copied_across_when_that_is_another_node()
+{
     use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
     // (row, source, preferred, requisite, exporter's answer, code, node it lands on, exporter)
-    type Row<'a> = (&'a str, Type, &'a [&'a str], &'a [&'a str], Option<Code>, Code, &'a str, Option<&'a str>);
+    type Row<'a> =
+        (&'a str, Type, &'a [&'a str], &'a [&'a str], Option<Code>, Code, &'a str, Option<&'a str>);
     let snap = |id: &str| Type::Snapshot(SnapshotSource { snapshot_id: id.into() });
     let vol = |id: &str| Type::Volume(VolumeSource { volume_id: id.into() });
     let rows: Vec<Row> = vec![
-        ("no topology: on the source's node", snap("snap:default@n1:s"), &[], &[], None, Code::Ok, "n1", None),
-        ("picked the source's node", snap("snap:default@n1:s"), &["n1", "n2"], &["n1", "n2"], None, Code::Ok, "n1", None),
-        ("picked another node: copied from the source's", snap("snap:default@n1:s"), &["n2", "n1"], &["n1", "n2"], None, Code::Ok, "n2", Some("n1")),
-        ("a clone onto another node", vol("vol:default@n1:v"), &["n2"], &["n1", "n2"], None, Code::Ok, "n2", Some("n1")),
-        ("only another node allowed", snap("snap:default@n1:s"), &[], &["n2"], None, Code::Ok, "n2", Some("n1")),
-        ("a shared pool's source: where it is served", snap("snap:shared:s"), &["n2"], &[], None, Code::Ok, "n1", None),
-        ("the source's node cannot export", snap("snap:default@n1:s"), &["n2"], &[], Some(Code::Unavailable), Code::Unavailable, "", Some("n1")),
-        ("picked a node without an agent: the source's", snap("snap:default@n1:s"), &["n9"], &[], None, Code::Ok, "n1", None),
+        (
+            "no topology: on the source's node",
+            snap("snap:default@n1:s"),
+            &[],
+            &[],
+            None,
+            Code::Ok,
+            "n1",
+            None,
+        ),
+        (
+            "picked the source's node",
+            snap("snap:default@n1:s"),
+            &["n1", "n2"],
+            &["n1", "n2"],
+            None,
+            Code::Ok,
+            "n1",
+            None,
+        ),
+        (
+            "picked another node: copied from the source's",
+            snap("snap:default@n1:s"),
+            &["n2", "n1"],
+            &["n1", "n2"],
+            None,
+            Code::Ok,
+            "n2",
+            Some("n1"),
+        ),
+        (
+            "a clone onto another node",
+            vol("vol:default@n1:v"),
+            &["n2"],
+            &["n1", "n2"],
+            None,
+            Code::Ok,
+            "n2",
+            Some("n1"),
+        ),
+        (
+            "only another node allowed",
+            snap("snap:default@n1:s"),
+            &[],
+            &["n2"],
+            None,
+            Code::Ok,
+            "n2",
+            Some("n1"),
+        ),
+        (
+            "a shared pool's source: where it is served",
+            snap("snap:shared:s"),
+            &["n2"],
+            &[],
+            None,
+            Code::Ok,
+            "n1",
+            None,
+        ),
+        (
+            "the source's node cannot export",
+            snap("snap:default@n1:s"),
+            &["n2"],
+            &[],
+            Some(Code::Unavailable),
+            Code::Unavailable,
+            "",
+            Some("n1"),
+        ),
+        (
+            "picked a node without an agent: the source's",
+            snap("snap:default@n1:s"),
+            &["n9"],
+            &[],
+            None,
+            Code::Ok,
+            "n1",
+            None,
+        ),
     ];
     for (row, source, preferred, requisite, export_answer, expected, lands, exporter) in rows {
         let (mut first, second) = (FakeAgent::on("n1"), FakeAgent::on("n2"));
@@ -353,7 +427,11 @@ async fn a_sourced_volume_goes_where_the_scheduler_picked_copied_across_when_tha
             assert!(id.contains(&format!("@{lands}:")), "{row}: placed as {id}");
             let target = if lands == "n1" { &first } else { &second };
             let copied = exporter.map(|e| format!("copy_from:{e}"));
-            assert_eq!(copied.is_some_and(|c| target.called(&c)), exporter.is_some(), "{row}: copy");
+            assert_eq!(
+                copied.is_some_and(|c| target.called(&c)),
+                exporter.is_some(),
+                "{row}: copy"
+            );
         }
     }
 }

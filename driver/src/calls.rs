@@ -143,7 +143,10 @@ pub async fn create_volume(
             let topology = csi::Topology {
                 segments: [(qsd_csi_model::params::TOPOLOGY_KEY.to_owned(), node.clone())].into(),
             };
-            csi::TopologyRequirement { requisite: vec![topology.clone()], preferred: vec![topology] }
+            csi::TopologyRequirement {
+                requisite: vec![topology.clone()],
+                preferred: vec![topology],
+            }
         }),
         ..Default::default()
     };

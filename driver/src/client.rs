@@ -260,7 +260,12 @@ impl Session<'_> {
 
     /// Copies `volume` onto node `to`, then deletes it; refused while it is published (its
     /// writes after the copy would be lost).
-    async fn move_volume(&mut self, volume: String, to: String, output: Output) -> Result<(), String> {
+    async fn move_volume(
+        &mut self,
+        volume: String,
+        to: String,
+        output: Output,
+    ) -> Result<(), String> {
         let listed = self.c.controller.list_volumes(csi::ListVolumesRequest::default()).await;
         let listed = listed.map_err(self.fail("volume move"))?.into_inner();
         let entry = listed

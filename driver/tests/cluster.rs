@@ -475,7 +475,8 @@ fn stamps(image: &std::path::Path) -> Vec<u8> {
 fn is_a_cut(stamps: &[u8]) -> bool {
     let last = stamps[stamps.len() - 1];
     let split = stamps.iter().position(|s| *s == last).unwrap_or(0);
-    stamps[..split].iter().all(|s| *s == last.wrapping_add(1)) && stamps[split..].iter().all(|s| *s == last)
+    stamps[..split].iter().all(|s| *s == last.wrapping_add(1))
+        && stamps[split..].iter().all(|s| *s == last)
 }
 
 /// Stamps every block with `generation` through a FUSE export.
@@ -490,7 +491,10 @@ fn stamp(export: &std::path::Path, generation: u8) {
 
 /// Writes generation after generation of stamps through a FUSE export, from generation 3 on
 /// (after `stamp`'s 1 and 2), until told to stop; the last generation written.
-fn stamping(export: std::path::PathBuf, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<u8> {
+fn stamping(
+    export: std::path::PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u8> {
     use std::os::unix::fs::FileExt;
     std::thread::spawn(move || {
         let f = std::fs::OpenOptions::new().write(true).open(&export).expect("open export");
@@ -580,13 +584,18 @@ async fn restore_and_clone_onto_another_node_copy_over_nbd_with_tls_at_a_point_i
     let copied = stamps(&head_image(&n2, &k));
     assert!(is_a_cut(&copied), "not one instant of the writer: {copied:?}");
     assert!(copied[0] >= 3, "the copy began after the writer: {copied:?}");
-    assert!(written > copied[0] + 1, "the writer went on during the copy: wrote {written}, copied {copied:?}");
+    assert!(
+        written > copied[0] + 1,
+        "the writer went on during the copy: wrote {written}, copied {copied:?}"
+    );
 
     // The copy reached node-2's events as a clone's outcome; nothing of it is left: no
     // export directory or server, no point-in-time snapshot on node-1.
     let finished = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         loop {
-            if let Ok(qsd_node::engine::EngineEvent::CloneFinished { volume, error, .. }) = e2_events.recv().await {
+            if let Ok(qsd_node::engine::EngineEvent::CloneFinished { volume, error, .. }) =
+                e2_events.recv().await
+            {
                 if volume == k {
                     return error;
                 }
@@ -597,24 +606,36 @@ async fn restore_and_clone_onto_another_node_copy_over_nbd_with_tls_at_a_point_i
     .expect("a CloneFinished event for the copy");
     assert_eq!(finished, None);
     assert!(copy_leftovers(dir.path()).is_empty(), "{:?}", copy_leftovers(dir.path()));
-    let snapshots: Vec<String> = e1.list_snapshots().expect("list").into_iter().map(|s| s.id).collect();
+    let snapshots: Vec<String> =
+        e1.list_snapshots().expect("list").into_iter().map(|s| s.id).collect();
     assert_eq!(snapshots, vec![snap.snapshot_id.clone()], "only the user's snapshot on node-1");
-    let servers = std::process::Command::new("pgrep").args(["-f", "tls-creds-psk"]).output().expect("pgrep");
+    let servers =
+        std::process::Command::new("pgrep").args(["-f", "tls-creds-psk"]).output().expect("pgrep");
     let servers = String::from_utf8_lossy(&servers.stdout).into_owned();
     assert!(servers.trim().is_empty(), "copy servers still run: {servers}");
     e1.detach(&src).await.expect("detach");
 }
 
 /// `qemu-img info` of an NBD export over TCP, with a PSK identity and key (or without TLS).
-fn nbd_info(port: u32, export: &str, psk: Option<(&str, &[u8])>, dir: &std::path::Path) -> std::process::Output {
+fn nbd_info(
+    port: u32,
+    export: &str,
+    psk: Option<(&str, &[u8])>,
+    dir: &std::path::Path,
+) -> std::process::Output {
     let mut command = std::process::Command::new("qemu-img");
     command.arg("info");
-    let mut opts = format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export={export}");
+    let mut opts = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export={export}"
+    );
     if let Some((identity, key)) = psk {
         let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
         std::fs::create_dir_all(dir).expect("key dir");
         std::fs::write(dir.join("keys.psk"), format!("{identity}:{hex}\n")).expect("key");
-        command.arg("--object").arg(format!("tls-creds-psk,id=t,endpoint=client,dir={},username={identity}", dir.display()));
+        command.arg("--object").arg(format!(
+            "tls-creds-psk,id=t,endpoint=client,dir={},username={identity}",
+            dir.display()
+        ));
         opts.push_str(",tls-creds=t");
     }
     command.args(["--image-opts", &opts]).output().expect("qemu-img runs")
@@ -629,11 +650,14 @@ async fn a_copys_export_reads_only_with_its_own_key_and_ends_with_the_copy() {
     let snap = snapshot(&c, &v, "s").await.expect("snapshot");
     let node1 = agents.node("node-1").expect("agent");
     let request = qsd_csi_proto::agent::ExportForCopyRequest {
-        source: Some(qsd_csi_proto::agent::export_for_copy_request::Source::SnapshotId(snap.snapshot_id.clone())),
+        source: Some(qsd_csi_proto::agent::export_for_copy_request::Source::SnapshotId(
+            snap.snapshot_id.clone(),
+        )),
         reader_node: "node-2".into(),
     };
     let mut stream = node1.export_for_copy(request).await.expect("export");
-    let served = tokio_stream::StreamExt::next(&mut stream).await.expect("a message").expect("served");
+    let served =
+        tokio_stream::StreamExt::next(&mut stream).await.expect("a message").expect("served");
     assert_eq!(served.host, "127.0.0.1");
     assert_eq!(served.size_bytes, 16 * MIB as u64);
     let keys = dir.path().join("client-keys");
@@ -655,7 +679,10 @@ async fn a_copys_export_reads_only_with_its_own_key_and_ends_with_the_copy() {
     // The caller hangs up: the export goes, and its key with it.
     drop(stream);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while nbd_info(port, &export, Some((&served.psk_identity, &served.psk_key)), &keys).status.success() {
+    while nbd_info(port, &export, Some((&served.psk_identity, &served.psk_key)), &keys)
+        .status
+        .success()
+    {
         assert!(std::time::Instant::now() < deadline, "the export outlived its copy");
         tokio::task::yield_now().await;
     }

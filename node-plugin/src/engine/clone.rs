@@ -395,17 +395,8 @@ impl CloneTask {
             CloneState::Done(info) => return Ok(info),
             CloneState::Running(running) => *running,
         };
-        let Running {
-            job,
-            volume_id,
-            source_id,
-            pool,
-            record,
-            open,
-            intents,
-            _guard,
-            _graph,
-        } = running;
+        let Running { job, volume_id, source_id, pool, record, open, intents, _guard, _graph } =
+            running;
         let engine = self.engine;
         let qmp = engine.daemon.qmp();
         let started = tokio::time::Instant::now();

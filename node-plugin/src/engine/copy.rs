@@ -154,7 +154,12 @@ impl EngineCore {
         };
         match self.serve_copy(&mut export, &pool, &snapshot, host, dir).await {
             Ok(()) => {
-                tracing::info!(source = source.id(), reader, port = export.remote.port, "serving a copy to another node");
+                tracing::info!(
+                    source = source.id(),
+                    reader,
+                    port = export.remote.port,
+                    "serving a copy to another node"
+                );
                 Ok(export)
             }
             Err(e) => {
@@ -173,19 +178,20 @@ impl EngineCore {
         host: IpAddr,
         dir: PathBuf,
     ) -> Result<()> {
-        export.guard = Some(self.lock(vec![Self::key(IdKind::Snapshot, pool, snapshot.as_str())])?);
+        export.guard =
+            Some(self.lock(vec![Self::key(IdKind::Snapshot, pool, snapshot.as_str())])?);
         let record = pool.snapshot(snapshot.as_str()).ok_or_else(|| Error::NotFound {
             what: "snapshot",
-            id: self.object_id(IdKind::Snapshot, pool, snapshot.as_str()).map_or_else(
-                |_| snapshot.as_str().to_owned(),
-                |id| id.to_string(),
-            ),
+            id: self
+                .object_id(IdKind::Snapshot, pool, snapshot.as_str())
+                .map_or_else(|_| snapshot.as_str().to_owned(), |id| id.to_string()),
         })?;
         let chain = pool.chain(record.layer)?;
         let options = graph::chain_options(pool, &Names::new("copy"), &chain, true)?;
         let node = options.node_name().to_owned();
         export.remote.size = record.size;
-        export.remote.allocated = super::changes::allocated_bytes(pool.layer_path(record.layer)).await?;
+        export.remote.allocated =
+            super::changes::allocated_bytes(pool.layer_path(record.layer)).await?;
         let blockdev = serde_json::to_value(&options)
             .map_err(|e| Error::Inconsistent(format!("a copy's node definition: {e}")))?;
         let server = CopyServer::start(CopyServerConfig {
@@ -272,7 +278,12 @@ impl EngineCore {
                 return Err(e);
             }
         };
-        tracing::info!(volume = request.name, source = source.id(), from = remote.host, "copy from another node started");
+        tracing::info!(
+            volume = request.name,
+            source = source.id(),
+            from = remote.host,
+            "copy from another node started"
+        );
         let record = VolumeRecord {
             name: request.name.clone(),
             uid: LayerId::random(),
@@ -305,7 +316,12 @@ impl EngineCore {
 
     /// Adds the TLS credentials and the read-only `nbd` node of a remote source; returns the
     /// node's name.
-    async fn open_remote(&self, remote: &RemoteSource, tag: &str, dir: &std::path::Path) -> Result<String> {
+    async fn open_remote(
+        &self,
+        remote: &RemoteSource,
+        tag: &str,
+        dir: &std::path::Path,
+    ) -> Result<String> {
         let qmp = self.daemon.qmp();
         copy_server::write_key(dir, &remote.identity, &remote.key)?;
         graph::call(

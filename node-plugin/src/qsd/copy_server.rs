@@ -82,7 +82,8 @@ impl CopyServer {
         let port = listener.local_addr().map_err(|e| Error::io("listen", &config.dir, e))?.port();
         let pidfile = config.dir.join("qsd.pid");
         let log_path = config.dir.join("qsd.log");
-        let log = std::fs::File::create(&log_path).map_err(|e| Error::io("create", &log_path, e))?;
+        let log =
+            std::fs::File::create(&log_path).map_err(|e| Error::io("create", &log_path, e))?;
         let mut command = tokio::process::Command::new(config.binary);
         command
             .arg("--object")
