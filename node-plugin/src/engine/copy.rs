@@ -332,6 +332,7 @@ impl EngineCore {
                 endpoint: "client",
                 dir: dir.display().to_string(),
                 username: remote.identity.clone(),
+                priority: copy_server::TLS_PRIORITY,
             },
         )
         .await?;

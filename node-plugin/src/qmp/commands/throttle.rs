@@ -56,6 +56,8 @@ pub struct ObjectAddTlsPsk {
     pub dir: String,
     /// The identity (a client's).
     pub username: String,
+    /// gnutls priority string: the TLS versions and ciphers allowed.
+    pub priority: &'static str,
 }
 command!(ObjectAddTlsPsk, "object-add", IgnoredAny);
 
