@@ -160,6 +160,19 @@ async fn call_everything(c: &mut AgentClient<Channel>) -> Vec<(&'static str, Cod
         ("ListSnapshots", code(c.list_snapshots(Empty {}).await.map(drop))),
         ("GetCapacity", code(c.get_capacity(PoolRef { pool: "local".into() }).await.map(drop))),
         ("WatchEvents", code(c.watch_events(Empty {}).await.map(drop))),
+        (
+            "ExportForCopy",
+            code(
+                c.export_for_copy(agent::ExportForCopyRequest {
+                    source: Some(agent::export_for_copy_request::Source::SnapshotId(
+                        "snap:local:x".into(),
+                    )),
+                    reader_node: "node-2".into(),
+                })
+                .await
+                .map(drop),
+            ),
+        ),
     ]
 }
 
@@ -176,7 +189,7 @@ async fn a_nodes_certificate_is_refused_permission_denied_on_every_rpc_unary_and
     let node_2 = cluster.leaf_for(dir, "node-2", &cluster, &[ServerAuth, ClientAuth]);
     let mut client = tls::connect_agent(served.addr, "node-1", &node_2).await.expect("connect");
     let answered = call_everything(&mut client).await;
-    assert_eq!(answered.len(), 13, "every RPC of agent.proto");
+    assert_eq!(answered.len(), 14, "every RPC of agent.proto");
     for (rpc, code) in &answered {
         assert_eq!(*code, Code::PermissionDenied, "{rpc} answered a node's certificate");
     }
