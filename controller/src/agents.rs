@@ -229,6 +229,11 @@ impl Agents {
         self.read().iter().map(|(n, a)| (n.clone(), a.clone())).collect()
     }
 
+    /// The names of the nodes with an agent, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+
     /// The node requests without a node go to; UNAVAILABLE while no agent is known.
     pub fn default_node(&self) -> Result<String, ControllerError> {
         match &self.default_node {

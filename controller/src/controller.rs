@@ -344,12 +344,14 @@ impl Controller for ControllerService {
         required("source_volume_id", &req.source_volume_id)?;
         required("name", &req.name)?;
         let freeze = params::snapshot_freeze(&req.parameters)?;
-        // A local pool's snapshot is reachable from its volume's node only.
+        // A local pool's snapshot is restorable on every node with an agent (on others by a
+        // copy): a requisite must name one of them.
         if let (Some(required), Some((_, Some(node)))) = (
             req.accessibility_requirements.as_ref().filter(|r| !r.requisite.is_empty()),
             location(IdKind::Volume, &req.source_volume_id),
         ) {
-            if !required.requisite.contains(&node_topology(&node)) {
+            let served = self.agents.names();
+            if !served.iter().any(|n| required.requisite.contains(&node_topology(n))) {
                 return Err(ControllerError::Unplaceable(node).into());
             }
         }
@@ -397,7 +399,8 @@ impl Controller for ControllerService {
             .snapshots
             .first()
             .ok_or_else(|| ControllerError::Internal("the agent took no snapshot".into()))?;
-        Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(shapes::snapshot(info)) }))
+        let snapshot = shapes::snapshot(info, &self.agents.names());
+        Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(snapshot) }))
     }
 
     async fn delete_snapshot(
@@ -428,9 +431,12 @@ impl Controller for ControllerService {
             })
             .collect();
         let (page, next_token) = params::page(all, req.max_entries, &req.starting_token)?;
+        let nodes = self.agents.names();
         let entries = page
             .iter()
-            .map(|s| csi::list_snapshots_response::Entry { snapshot: Some(shapes::snapshot(s)) })
+            .map(|s| csi::list_snapshots_response::Entry {
+                snapshot: Some(shapes::snapshot(s, &nodes)),
+            })
             .collect();
         Ok(Response::new(csi::ListSnapshotsResponse { entries, next_token }))
     }
@@ -449,7 +455,8 @@ impl Controller for ControllerService {
             .ok_or_else(|| {
                 Status::not_found(format!("snapshot {} does not exist", req.snapshot_id))
             })?;
-        Ok(Response::new(csi::GetSnapshotResponse { snapshot: Some(shapes::snapshot(&found)) }))
+        let snapshot = shapes::snapshot(&found, &self.agents.names());
+        Ok(Response::new(csi::GetSnapshotResponse { snapshot: Some(snapshot) }))
     }
 
     async fn controller_expand_volume(

@@ -35,14 +35,17 @@ impl GroupService {
 }
 
 /// The CSI group of an agent's members (which all carry the group's ID).
-fn group(members: &agent::SnapshotList) -> Result<csi::VolumeGroupSnapshot, Status> {
+fn group(
+    members: &agent::SnapshotList,
+    nodes: &[String],
+) -> Result<csi::VolumeGroupSnapshot, Status> {
     let first = members
         .snapshots
         .first()
         .ok_or_else(|| ControllerError::Internal("the agent returned an empty group".into()))?;
     Ok(csi::VolumeGroupSnapshot {
         group_snapshot_id: first.group_snapshot_id.clone(),
-        snapshots: members.snapshots.iter().map(shapes::snapshot).collect(),
+        snapshots: members.snapshots.iter().map(|s| shapes::snapshot(s, nodes)).collect(),
         creation_time: Some(prost_types::Timestamp {
             seconds: members.snapshots.iter().map(|s| s.created_unix).min().unwrap_or(0) as i64,
             nanos: 0,
@@ -111,7 +114,7 @@ impl GroupController for GroupService {
             })
             .await?;
         Ok(Response::new(csi::CreateVolumeGroupSnapshotResponse {
-            group_snapshot: Some(group(&taken)?),
+            group_snapshot: Some(group(&taken, &self.agents.names())?),
         }))
     }
 
@@ -146,7 +149,7 @@ impl GroupController for GroupService {
                 group_snapshot_id: req.group_snapshot_id.clone(),
             })
             .await?;
-        let group = group(&members)?;
+        let group = group(&members, &self.agents.names())?;
         if !req.snapshot_ids.is_empty() {
             let mut asked = req.snapshot_ids.clone();
             let mut have: Vec<String> =

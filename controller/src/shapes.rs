@@ -58,8 +58,10 @@ pub fn volume(info: &agent::Volume, parameters: &HashMap<String, String>) -> csi
     }
 }
 
-/// An agent's snapshot as CSI's: a local pool's restores on its node only.
-pub fn snapshot(info: &agent::Snapshot) -> csi::Snapshot {
+/// An agent's snapshot as CSI's. A local pool's snapshot is accessible where a volume can be
+/// restored from it: its own node first (a linked overlay, O(1)), then every other node in
+/// `nodes` (a copy across); a shared pool's from any node (no topology).
+pub fn snapshot(info: &agent::Snapshot, nodes: &[String]) -> csi::Snapshot {
     csi::Snapshot {
         size_bytes: info.size_bytes as i64,
         snapshot_id: info.snapshot_id.clone(),
@@ -67,10 +69,13 @@ pub fn snapshot(info: &agent::Snapshot) -> csi::Snapshot {
         creation_time: Some(prost_types::Timestamp { seconds: info.created_unix as i64, nanos: 0 }),
         ready_to_use: true,
         group_snapshot_id: info.group_snapshot_id.clone(),
-        accessible_topology: (!info.node.is_empty())
-            .then(|| node_topology(&info.node))
-            .into_iter()
-            .collect(),
+        accessible_topology: match info.node.as_str() {
+            "" => Vec::new(),
+            own => std::iter::once(own)
+                .chain(nodes.iter().map(String::as_str).filter(|n| *n != own))
+                .map(node_topology)
+                .collect(),
+        },
     }
 }
 

@@ -546,6 +546,9 @@ async fn restore_and_clone_onto_another_node_copy_over_nbd_with_tls_at_a_point_i
     // holds generation 1.
     stamp(&export, 1);
     let snap = snapshot(&c, &src, "s").await.expect("snapshot");
+    let accessible: Vec<&str> =
+        snap.accessible_topology.iter().map(|t| t.segments[KEY].as_str()).collect();
+    assert_eq!(accessible, ["node-1", "node-2"], "restorable on its node, then by a copy");
     stamp(&export, 2);
     let mut restore = restore_request("r", &snap.snapshot_id);
     restore.capacity_range = None;

@@ -190,21 +190,25 @@ impl EngineCore {
         let options = graph::chain_options(pool, &Names::new("copy"), &chain, true)?;
         let node = options.node_name().to_owned();
         export.remote.size = record.size;
-        export.remote.allocated =
-            super::changes::allocated_bytes(pool.layer_path(record.layer)).await?;
         let blockdev = serde_json::to_value(&options)
             .map_err(|e| Error::Inconsistent(format!("a copy's node definition: {e}")))?;
-        let server = CopyServer::start(CopyServerConfig {
-            binary: &self.config.daemon.binary,
-            dir,
-            blockdev,
-            node: &node,
-            listen: host,
-            export: &export.remote.export,
-            identity: &export.remote.identity,
-            key: &export.remote.key,
-        })
-        .await?;
+        // The server starts while the chain's allocation is counted (both read only the
+        // snapshot's layers).
+        let (server, allocated) = tokio::join!(
+            CopyServer::start(CopyServerConfig {
+                binary: &self.config.daemon.binary,
+                dir,
+                blockdev,
+                node: &node,
+                listen: host,
+                export: &export.remote.export,
+                identity: &export.remote.identity,
+                key: &export.remote.key,
+            }),
+            super::changes::allocated_bytes(pool.layer_path(record.layer))
+        );
+        let server = server?;
+        export.remote.allocated = allocated?;
         export.remote.port = server.port();
         export.server = Some(server);
         Ok(())
