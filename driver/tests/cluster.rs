@@ -403,17 +403,18 @@ async fn group_snapshots_stay_on_one_node_and_snapshot_metadata_streams_over_mut
     let alone = c.delete_snapshot(Request::new(alone)).await.expect_err("a member alone");
     assert_eq!(alone.code(), Code::InvalidArgument);
 
-    // A snapshot constrained to another node's topology cannot be taken.
+    // A snapshot must be restorable where its requisite says: on a node the controller serves
+    // (any: on the others by a copy); a node without an agent cannot hold it.
     let mut elsewhere = csi::CreateSnapshotRequest {
         source_volume_id: ids[0].clone(),
         name: "s".into(),
         ..Default::default()
     };
     elsewhere.accessibility_requirements = Some(csi::TopologyRequirement {
-        requisite: vec![csi::Topology { segments: [(KEY.to_owned(), "node-1".to_owned())].into() }],
+        requisite: vec![csi::Topology { segments: [(KEY.to_owned(), "node-9".to_owned())].into() }],
         preferred: vec![],
     });
-    let refused = c.create_snapshot(Request::new(elsewhere)).await.expect_err("wrong node");
+    let refused = c.create_snapshot(Request::new(elsewhere)).await.expect_err("no such node");
     assert_eq!(refused.code(), Code::ResourceExhausted);
 
     // Snapshot metadata streams from node-2's engine over the agent's TLS channel: an untouched
