@@ -697,3 +697,62 @@ async fn a_copys_export_reads_only_with_its_own_key_and_ends_with_the_copy() {
         tokio::task::yield_now().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_from_a_source_that_does_not_answer_or_with_a_malformed_export_leaves_nothing() {
+    use qsd_csi_proto::agent;
+    let dir = tempfile::Builder::new().prefix("qsd-badcopy-").tempdir_in("/tmp").expect("dir");
+    let (_n1, _n2, _c, agents) = two_nodes(dir.path(), "local").await;
+    let node2 = agents.node("node-2").expect("agent");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed); // nothing listens there now
+    let request = |export: agent::CopyExport| agent::CreateVolumeRequest {
+        pool: "local".into(),
+        name: "copy".into(),
+        source: Some(agent::create_volume_request::Source::SnapshotId(
+            "snap:local@node-1:s".into(),
+        )),
+        remote: Some(export),
+        ..Default::default()
+    };
+    let export = agent::CopyExport {
+        host: "127.0.0.1".into(),
+        port: port.into(),
+        export_name: "copy-x".into(),
+        psk_identity: "qsd-csi-x".into(),
+        psk_key: vec![1; 32],
+        size_bytes: 16 << 20,
+        allocated_bytes: 0,
+    };
+    // (row, export, code)
+    let rows = [
+        ("nobody serves the port", export.clone(), Code::Unavailable),
+        ("no port", agent::CopyExport { port: 0, ..export.clone() }, Code::InvalidArgument),
+        (
+            "a port past 65535",
+            agent::CopyExport { port: 70000, ..export.clone() },
+            Code::InvalidArgument,
+        ),
+        (
+            "a short key",
+            agent::CopyExport { psk_key: vec![1; 4], ..export.clone() },
+            Code::InvalidArgument,
+        ),
+        (
+            "no host",
+            agent::CopyExport { host: String::new(), ..export.clone() },
+            Code::InvalidArgument,
+        ),
+    ];
+    for (row, export, code) in rows {
+        let refused = node2.create_volume(request(export)).await.expect_err(row);
+        assert_eq!(refused.code(), code, "{row}: {refused:?}");
+    }
+    let layers = std::fs::read_dir(dir.path().join("node-2/pool/layers")).map_or(0, |d| d.count());
+    assert_eq!(layers, 0, "no image left");
+    assert!(copy_leftovers(dir.path()).is_empty(), "{:?}", copy_leftovers(dir.path()));
+    let intents =
+        std::fs::read_dir(dir.path().join("node-2/state/operations")).map_or(0, |d| d.count());
+    assert_eq!(intents, 0, "no intent left");
+}

@@ -34,6 +34,9 @@ use crate::pool::{LayerId, ObjectName, Pool, PoolKind, RecordedSource, VolumeRec
 use crate::qmp::commands::{BlockdevAdd, BlockdevOptions, InetServer, ObjectAddTlsPsk, ObjectDel};
 use crate::qsd::copy_server::{self, CopyServer, CopyServerConfig};
 
+/// How long the source's copy server may take to accept a connection.
+const REACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Bytes of key made for each copy.
 const KEY_BYTES: usize = 32;
 
@@ -326,6 +329,17 @@ impl EngineCore {
         tag: &str,
         dir: &std::path::Path,
     ) -> Result<String> {
+        // The daemon's connect would hold its monitor for as long as the kernel keeps trying
+        // (minutes, for an address that does not answer): try it here first, briefly.
+        let address = (remote.host.as_str(), remote.port);
+        match tokio::time::timeout(REACH_TIMEOUT, tokio::net::TcpStream::connect(address)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(Error::Transport(Box::new(e))),
+            Err(_) => {
+                let reason = format!("{}:{} did not answer in time", remote.host, remote.port);
+                return Err(Error::Transport(reason.into()));
+            }
+        }
         let qmp = self.daemon.qmp();
         copy_server::write_key(dir, &remote.identity, &remote.key)?;
         graph::call(
