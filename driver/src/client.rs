@@ -72,37 +72,7 @@ pub async fn run(endpoint: &str, command: Command) -> Result<(), String> {
         Command::Standalone(_) | Command::Node(_) | Command::Controller(_) | Command::Certs(_) => {
             Err("not a client command".into())
         }
-        Command::Volume(VolumeCmd::Create {
-            name,
-            size,
-            pool,
-            preallocation,
-            from_snapshot,
-            params,
-            output,
-        }) => {
-            let mut parameters = std::collections::HashMap::new();
-            for param in params {
-                let (key, value) = param
-                    .split_once('=')
-                    .ok_or_else(|| format!("--param {param:?}: expected KEY=VALUE"))?;
-                parameters.insert(key.to_owned(), value.to_owned());
-            }
-            parameters.extend(pool.map(|p| ("pool".to_owned(), p)));
-            parameters.extend(preallocation.map(|p| ("preallocation".to_owned(), p)));
-            let source = from_snapshot.map(|id| Type::Snapshot(SnapshotSource { snapshot_id: id }));
-            let size = Some(cli::parse_size(&size)?);
-            let new = NewVolume { name, size, parameters, source, node: None };
-            s.create(new, "volume create", output).await
-        }
-        Command::Volume(VolumeCmd::List { output }) => s.volume_list(output).await,
-        Command::Volume(VolumeCmd::Delete { volume }) => s.volume_delete(volume).await,
-        Command::Volume(VolumeCmd::Copy { source, to, name, output }) => {
-            s.create(copy_onto(&source, &to, name)?, "volume copy", output).await
-        }
-        Command::Volume(VolumeCmd::Move { volume, to, output }) => {
-            s.move_volume(volume, to, output).await
-        }
+        Command::Volume(cmd) => s.volume(cmd).await,
         Command::Snapshot(SnapshotCmd::Create { volume, name, output }) => {
             s.snapshot_create(volume, name, output).await
         }
@@ -256,6 +226,42 @@ impl Session<'_> {
             token = page.next_token;
         }
         print_volumes(&views, output, true)
+    }
+
+    /// `qsd-csi volume …`.
+    async fn volume(&mut self, cmd: VolumeCmd) -> Result<(), String> {
+        match cmd {
+            VolumeCmd::Create {
+                name,
+                size,
+                pool,
+                preallocation,
+                from_snapshot,
+                params,
+                output,
+            } => {
+                let mut parameters = std::collections::HashMap::new();
+                for param in params {
+                    let (key, value) = param
+                        .split_once('=')
+                        .ok_or_else(|| format!("--param {param:?}: expected KEY=VALUE"))?;
+                    parameters.insert(key.to_owned(), value.to_owned());
+                }
+                parameters.extend(pool.map(|p| ("pool".to_owned(), p)));
+                parameters.extend(preallocation.map(|p| ("preallocation".to_owned(), p)));
+                let source =
+                    from_snapshot.map(|id| Type::Snapshot(SnapshotSource { snapshot_id: id }));
+                let size = Some(cli::parse_size(&size)?);
+                let new = NewVolume { name, size, parameters, source, node: None };
+                self.create(new, "volume create", output).await
+            }
+            VolumeCmd::List { output } => self.volume_list(output).await,
+            VolumeCmd::Delete { volume } => self.volume_delete(volume).await,
+            VolumeCmd::Copy { source, to, name, output } => {
+                self.create(copy_onto(&source, &to, name)?, "volume copy", output).await
+            }
+            VolumeCmd::Move { volume, to, output } => self.move_volume(volume, to, output).await,
+        }
     }
 
     /// Copies `volume` onto node `to`, then deletes it; refused while it is published (its

@@ -175,21 +175,7 @@ impl EngineCore {
         };
         let PreparedClone { pool, source_record, size, source, max_chain_depth, guard } = prepared;
         let graph_guard = self.graph.change().await;
-        let qmp = self.daemon.qmp();
-        let target = LayerId::random();
-        let intent = self.operations.begin(Operation::NewVolume {
-            pool: pool.name().as_str().to_owned(),
-            name: request.name.clone(),
-            head: target,
-        })?;
-        let image = NewImage {
-            path: &pool.layer_path(target),
-            size: source_record.size,
-            backing: None,
-            preallocation: request.preallocation,
-            format: request.format,
-        };
-        graph::create_image(&qmp, image).await?;
+        let (target, intent) = self.copy_target(&pool, request, source_record.size).await?;
         crate::fault_point!("clone:after-target-image");
         let (job, open) = self.start_copy(&pool, &source_record, target, speed).await?;
         tracing::info!(
@@ -199,19 +185,7 @@ impl EngineCore {
             "full clone started"
         );
         crate::fault_point!("clone:after-job-start");
-        let record = VolumeRecord {
-            name: request.name.clone(),
-            uid: LayerId::random(),
-            size,
-            head: target,
-            preallocation: request.preallocation,
-            qos: request.qos,
-            max_chain_depth,
-            source,
-            labels: request.labels.clone(),
-            format: request.format,
-            auto_expand: request.auto_expand,
-        };
+        let record = new_record(request, size, target, max_chain_depth, source);
         let running = Running {
             job,
             volume_id: self.object_id(IdKind::Volume, &pool, &request.name)?.to_string(),
@@ -224,6 +198,30 @@ impl EngineCore {
             _graph: graph_guard,
         };
         Ok(CloneTask::running(self.clone(), running, CLONE_PROGRESS_PERIOD))
+    }
+
+    /// Records that a copy's new volume begins, and creates its image (`size`, no backing).
+    pub(super) async fn copy_target(
+        &self,
+        pool: &Pool,
+        request: &CreateVolume,
+        size: u64,
+    ) -> Result<(LayerId, super::ops::Intent)> {
+        let target = LayerId::random();
+        let intent = self.operations.begin(Operation::NewVolume {
+            pool: pool.name().as_str().to_owned(),
+            name: request.name.clone(),
+            head: target,
+        })?;
+        let image = NewImage {
+            path: &pool.layer_path(target),
+            size,
+            backing: None,
+            preallocation: request.preallocation,
+            format: request.format,
+        };
+        graph::create_image(&self.daemon.qmp(), image).await?;
+        Ok((target, intent))
     }
 
     /// Opens the clone's source (the attached volume's own graph, or its chain under a fresh
@@ -266,6 +264,29 @@ impl EngineCore {
                 Err(e)
             }
         }
+    }
+}
+
+/// The record of a copy's new volume, as `request` asks for it.
+pub(super) fn new_record(
+    request: &CreateVolume,
+    size: u64,
+    head: LayerId,
+    max_chain_depth: u32,
+    source: Option<RecordedSource>,
+) -> VolumeRecord {
+    VolumeRecord {
+        name: request.name.clone(),
+        uid: LayerId::random(),
+        size,
+        head,
+        preallocation: request.preallocation,
+        qos: request.qos,
+        max_chain_depth,
+        source,
+        labels: request.labels.clone(),
+        format: request.format,
+        auto_expand: request.auto_expand,
     }
 }
 

@@ -22,15 +22,15 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::clone::{CloneTask, OpenNodes, Running, CLONE_PROGRESS_PERIOD};
+use super::clone::{new_record, CloneTask, OpenNodes, Running, CLONE_PROGRESS_PERIOD};
 use super::ops::{Intent, Operation};
 use super::snapshot::SnapshotBatch;
 use super::volume::{CreateVolume, RemoteSource, VolumeSource};
 use super::{EngineCore, Guard};
 use crate::error::{Error, Result};
-use crate::graph::{self, Names, NewImage};
+use crate::graph::{self, Names};
 use crate::pool::id::{parse_size, IdKind};
-use crate::pool::{LayerId, ObjectName, Pool, PoolKind, RecordedSource, VolumeRecord};
+use crate::pool::{LayerId, ObjectName, Pool, PoolKind, RecordedSource};
 use crate::qmp::commands::{BlockdevAdd, BlockdevOptions, InetServer, ObjectAddTlsPsk, ObjectDel};
 use crate::qsd::copy_server::{self, CopyServer, CopyServerConfig};
 
@@ -245,28 +245,15 @@ impl EngineCore {
             });
         }
         let graph_guard = self.graph.change().await;
-        let target = LayerId::random();
         let tag = graph::fresh_tag();
-        let new_volume = self.operations.begin(Operation::NewVolume {
-            pool: pool.name().as_str().to_owned(),
-            name: request.name.clone(),
-            head: target,
-        })?;
         let dir = self.copy_dir(&tag);
         let leftovers = self.operations.begin(Operation::Copy(CopyLeftovers {
             dir: dir.clone(),
             snapshot: None,
             daemon_tag: Some(tag.clone()),
         }))?;
+        let (target, new_volume) = self.copy_target(&pool, request, remote.size).await?;
         let qmp = self.daemon.qmp();
-        let image = NewImage {
-            path: &pool.layer_path(target),
-            size: remote.size,
-            backing: None,
-            preallocation: request.preallocation,
-            format: request.format,
-        };
-        graph::create_image(&qmp, image).await?;
         let mut open = OpenNodes::remote(tag.clone(), dir.clone());
         let started = async {
             let source_node = self.open_remote(remote, &tag, &dir).await?;
@@ -291,19 +278,7 @@ impl EngineCore {
             from = remote.host,
             "copy from another node started"
         );
-        let record = VolumeRecord {
-            name: request.name.clone(),
-            uid: LayerId::random(),
-            size,
-            head: target,
-            preallocation: request.preallocation,
-            qos: request.qos,
-            max_chain_depth,
-            source: recorded,
-            labels: request.labels.clone(),
-            format: request.format,
-            auto_expand: request.auto_expand,
-        };
+        let record = new_record(request, size, target, max_chain_depth, recorded);
         Ok(CloneTask::running(
             self.clone(),
             Running {

@@ -1,0 +1,96 @@
+//! Where a new volume goes, and copying it there from another node when its source lives
+//! on one.
+
+use qsd_csi_model::id::IdKind;
+use qsd_csi_model::params::TOPOLOGY_KEY;
+use qsd_csi_proto::{agent, csi};
+use tonic::Status;
+
+use super::ControllerService;
+use crate::error::ControllerError;
+use crate::shapes::location;
+
+impl ControllerService {
+    /// The node a new volume goes to, and for a source in another node's local pool, that
+    /// node (the volume is then copied across).
+    ///
+    /// Without a source: the first preferred, else the first requisite topology naming a node
+    /// with an agent, else the default node. With a source in a local pool: the first
+    /// preferred node (the scheduler's pick, under WaitForFirstConsumer), else the source's
+    /// node, else the first requisite one. A shared pool's source is served where it is. A
+    /// node outside the requisite topologies is RESOURCE_EXHAUSTED.
+    pub(super) async fn placement(
+        &self,
+        requirement: Option<&csi::TopologyRequirement>,
+        source: Option<&(IdKind, String)>,
+    ) -> Result<(String, Option<String>), Status> {
+        let known = |t: &csi::Topology| {
+            t.segments.get(TOPOLOGY_KEY).filter(|n| self.agents.node(n).is_ok()).cloned()
+        };
+        let allowed = |node: &str| {
+            requirement.is_none_or(|req| {
+                req.requisite.is_empty()
+                    || req
+                        .requisite
+                        .iter()
+                        .any(|t| t.segments.get(TOPOLOGY_KEY).is_none_or(|n| n == node))
+            })
+        };
+        let (node, from) = match (source, requirement) {
+            (Some((kind, id)), _) => {
+                let held_by = self.agents.node_of(*kind, id).await?;
+                let local = location(*kind, id).is_some_and(|(_, node)| node.is_some());
+                let picked = requirement.and_then(|r| r.preferred.first()).and_then(known);
+                let target = match picked.filter(|n| local && allowed(n)) {
+                    Some(n) => n,
+                    None if allowed(&held_by) || !local => held_by.clone(),
+                    None => requirement
+                        .and_then(|r| r.requisite.iter().find_map(known))
+                        .unwrap_or_else(|| held_by.clone()),
+                };
+                let from = (target != held_by).then_some(held_by);
+                (target, from)
+            }
+            (None, Some(req)) => match req.preferred.iter().chain(&req.requisite).find_map(known) {
+                Some(node) => (node, None),
+                None => (self.agents.default_node()?, None),
+            },
+            (None, None) => (self.agents.default_node()?, None),
+        };
+        if !allowed(&node) {
+            return Err(ControllerError::Unplaceable(node).into());
+        }
+        Ok((node, from))
+    }
+
+    /// Creates the volume `message` describes on `node` as a copy of its source, which node
+    /// `from` serves for the copy's duration (`ExportForCopy`, held until the copy ends).
+    pub(super) async fn copy_across(
+        &self,
+        node: &str,
+        from: &str,
+        mut message: agent::CreateVolumeRequest,
+    ) -> Result<agent::Volume, Status> {
+        use agent::create_volume_request::Source;
+        use agent::export_for_copy_request::Source as Exported;
+        let source = match &message.source {
+            Some(Source::SnapshotId(id)) => Exported::SnapshotId(id.clone()),
+            Some(Source::VolumeId(id)) => Exported::VolumeId(id.clone()),
+            None => return Err(Status::internal("a copy across nodes without a source")),
+        };
+        let target = self.agents.node(node)?;
+        let request =
+            agent::ExportForCopyRequest { source: Some(source), reader_node: node.to_owned() };
+        let mut export = self.agents.node(from)?.export_for_copy(request).await?;
+        let served = tokio_stream::StreamExt::next(&mut export).await.ok_or_else(|| {
+            ControllerError::Unreachable(Status::unavailable(format!(
+                "node {from} ended the copy's export before serving it"
+            )))
+        })??;
+        tracing::info!(from, to = node, name = message.name, "copying a volume across nodes");
+        message.remote = Some(served);
+        let created = target.create_volume(message).await;
+        drop(export); // the source node stops serving
+        created
+    }
+}
