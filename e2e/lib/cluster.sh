@@ -66,14 +66,15 @@ make_pki() {
         -extfile <(printf '%s\n' "$3" 'basicConstraints=CA:FALSE') -out "$d/$1.crt" 2>/dev/null
   }
   issue apiserver /CN=kube-apiserver "$(printf '%s\n' \
-    'subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc' \
+    'subjectAltName=IP:127.0.0.1,IP:10.96.0.1,IP:10.88.0.1,IP:10.89.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc' \
     'extendedKeyUsage=serverAuth')" &&
     issue kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" 'extendedKeyUsage=clientAuth'
 }
 
 # etcd, kube-apiserver (admin token in $work/kubeconfig, exported as KUBECONFIG),
 # kube-controller-manager with CONTROLLERS (comma-separated), the snapshot CRDs and
-# snapshot-controller. Sets api_port.
+# snapshot-controller. Sets api_port. The API server listens on 127.0.0.1, or where api_bind
+# says (the kubelet suite's second node reaches it at the host's end of its link).
 start_control_plane() { # CONTROLLERS
   local etcd_port peer_port token
   etcd_port=$(port) peer_port=$(port) api_port=$(port)
@@ -85,7 +86,7 @@ start_control_plane() { # CONTROLLERS
   token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
   echo "$token,admin,admin,system:masters" >"$work/tokens.csv"
   start kube-apiserver "$tools/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --secure-port "$api_port" --cert-dir "$work/apiserver" \
+    --bind-address "${api_bind:-127.0.0.1}" --secure-port "$api_port" --cert-dir "$work/apiserver" \
     --token-auth-file "$work/tokens.csv" --authorization-mode RBAC \
     --service-account-key-file "$work/sa.key" --service-account-signing-key-file "$work/sa.key" \
     --service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.96.0.0/24 \
