@@ -34,6 +34,10 @@ if ((nodes == 2)); then api_bind=0.0.0.0 api_host=10.89.0.1; fi
 # This run's bridge, and w2's namespaces and link. (The containers' shims name the run's
 # directory in their command lines, so the shared cleanup kills them with everything else.)
 cleanup_more() {
+  # The pods' own processes (a killed shim leaves its container running): every process in
+  # the kubelets' pod cgroups (w1's /kubepods, w2's /qsd-w2/kubepods; cgroup v1 here).
+  find /sys/fs/cgroup/memory/kubepods /sys/fs/cgroup/memory/qsd-w2 -name cgroup.procs \
+    -exec cat {} + 2>/dev/null | xargs -r kill -9 2>/dev/null
   ip link delete qsdk0 2>/dev/null
   declare -F stop_second_node >/dev/null && stop_second_node
   losetup -a 2>/dev/null | grep -F "$work/" | cut -d: -f1 | xargs -r -n1 losetup -d 2>/dev/null

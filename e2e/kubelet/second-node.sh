@@ -35,7 +35,10 @@ start_second_node() {
     fail_start "w2's mount namespace" containerd
   # Its runtime's state (runc's root is under /run/containerd) a tmpfs of its own.
   mkdir -p /run/containerd
+  # (w1's shared bind mounts of those paths came along as private copies: unmounted first, so
+  # that the one mount at each path is w2's, shared, as containerd requires.)
   nsenter --mount="$w2_mnt" -- sh -c "
+    umount -l '$work/kubelet' && umount -l '$work/state' &&
     mount --bind '$d/kubelet' '$work/kubelet' && mount --make-rshared '$work/kubelet' &&
     mount --bind '$d/state' '$work/state' && mount --make-rshared '$work/state' &&
     mount -t tmpfs -o mode=0711 tmpfs /run/containerd" ||
@@ -83,5 +86,5 @@ stop_second_node() {
   ip netns delete "$w2_ns" 2>/dev/null
   umount "$work/w2/mnt.ns" 2>/dev/null
   # Its cgroups, deepest first (their processes are gone).
-  find /sys/fs/cgroup/*/qsd-w2 -depth -type d -exec rmdir {} + 2>/dev/null
+  find /sys/fs/cgroup/*/qsd-w2 -depth -type d -exec rmdir {} \; 2>/dev/null
 }
