@@ -522,3 +522,32 @@ async fn expand_and_validate_map_the_agents_answers() {
     let missing = c.validate_volume_capabilities(Request::new(validate("vol:default@n1:b"))).await;
     assert_eq!(code(missing), Code::NotFound, "validating a volume that does not exist");
 }
+
+#[tokio::test]
+async fn the_schedulers_node_without_its_agent_now_is_unavailable_not_another_node() {
+    // (row, first preferred node, code, node the volume lands on)
+    let rows: &[(&str, &str, Code, &str)] = &[
+        ("the picked node's plugin is restarting: retry", "n2", Code::Unavailable, ""),
+        ("a node the cluster does not have: the next choice", "n9", Code::Ok, "n1"),
+        ("the picked node is up", "n1", Code::Ok, "n1"),
+    ];
+    for (row, picked, expected, lands) in rows {
+        let only = FakeAgent::on("n1");
+        let nodes: BTreeMap<String, NodeAgent> =
+            [("n1".to_owned(), NodeAgent::Local(only.clone() as _))].into();
+        let agents = Agents::new(nodes, Some("n1".into()));
+        agents.set_cluster_nodes(["n1".to_owned(), "n2".to_owned()].into());
+        let c = ControllerService::new(agents, "default".into());
+        let mut req = create_request("a", None);
+        req.accessibility_requirements = Some(csi::TopologyRequirement {
+            requisite: topology(&["n1", "n2"]),
+            preferred: topology(&[picked, "n1"]),
+        });
+        let answer = c.create_volume(Request::new(req)).await;
+        assert_eq!(answer.as_ref().err().map_or(Code::Ok, |s| s.code()), *expected, "{row}");
+        if let Ok(created) = answer {
+            let id = created.into_inner().volume.expect("volume").volume_id;
+            assert!(id.contains(&format!("@{lands}:")), "{row}: {id}");
+        }
+    }
+}

@@ -18,7 +18,10 @@ impl ControllerService {
     /// with an agent, else the default node. With a source in a local pool: the first
     /// preferred node (the scheduler's pick, under WaitForFirstConsumer), else the source's
     /// node, else the first requisite one. A shared pool's source is served where it is. A
-    /// node outside the requisite topologies is RESOURCE_EXHAUSTED.
+    /// node outside the requisite topologies is RESOURCE_EXHAUSTED. The first preferred node
+    /// is the scheduler's choice when the class waits for the first consumer: if the cluster
+    /// has it but its agent is not up now (its node plugin restarting), the answer is
+    /// UNAVAILABLE, so the CO retries, rather than a volume on a node its pod cannot use.
     pub(super) async fn placement(
         &self,
         requirement: Option<&csi::TopologyRequirement>,
@@ -36,6 +39,13 @@ impl ControllerService {
                         .any(|t| t.segments.get(TOPOLOGY_KEY).is_none_or(|n| n == node))
             })
         };
+        if let Some(first) = requirement.and_then(|r| r.preferred.first()) {
+            if let Some(node) = first.segments.get(TOPOLOGY_KEY) {
+                if let Err(e @ ControllerError::AgentDown(_)) = self.agents.node(node) {
+                    return Err(e.into());
+                }
+            }
+        }
         let (node, from) = match (source, requirement) {
             (Some((kind, id)), _) => {
                 let held_by = self.agents.node_of(*kind, id).await?;
