@@ -114,12 +114,12 @@ agent_certificate() {
   wait_until 60 grep -q "serving the node agent over mutual TLS" "$work/node.log" || return 1
   local crt=$work/state/tls/agent.crt
   openssl verify -CAfile "$work/tls/ca.crt" "$crt" || return 1
-  openssl x509 -in "$crt" -noout -subject | grep -qx 'subject=CN = w1' || return 1
-  openssl x509 -in "$crt" -noout -ext subjectAltName | grep -qx ' *DNS:w1' || return 1
+  openssl x509 -in "$crt" -noout -subject | has -x 'subject=CN = w1' || return 1
+  openssl x509 -in "$crt" -noout -ext subjectAltName | has -x ' *DNS:w1' || return 1
   [[ $(openssl x509 -in "$crt" -noout -ext extendedKeyUsage | tail -1 | tr -d ' ') == TLSWebServerAuthentication ]] || return 1
   [[ $(stat -c %a "$work/state/tls/agent.key") == 600 ]] || return 1
   field csr '{range .items[*]}{.spec.signerName} {.status.conditions[0].type} {.status.conditions[0].reason}{"\n"}{end}' \
-    | grep -qx 'qsd.csi.dev/node-agent Approved NodePluginVerified' || return 1
+    | has -x 'qsd.csi.dev/node-agent Approved NodePluginVerified' || return 1
   grep -q "signed a node agent certificate" "$work/ctl-1.log"
 }
 check "the node's agent certificate: asked for with its pod's token, signed by the leader for w1 only" agent_certificate
@@ -141,8 +141,8 @@ forged() {
     wait_field 30 "csr/forged-by-$who" '{.status.conditions[0].type}' Denied \
       || { kubectl get csr forged-by-$who -o yaml; return 1; }
   done
-  field csr/forged-by-node '{.status.conditions[0].message}' | grep -q 'must be exactly CN="w1"' || return 1
-  field csr/forged-by-admin '{.status.conditions[0].message}' | grep -q 'requested by "admin"' || return 1
+  field csr/forged-by-node '{.status.conditions[0].message}' | has 'must be exactly CN="w1"' || return 1
+  field csr/forged-by-admin '{.status.conditions[0].message}' | has 'requested by "admin"' || return 1
   [[ -z $(field csr '{.items[*].status.certificate}' forged-by-node forged-by-admin) ]]
 }
 check "a node asking for another node's name, and a user asking at all, are denied" forged
@@ -181,7 +181,7 @@ has_event() { [[ -n $(events "$@") ]]; }
 # Waits until an Event with REASON on CLAIM was reported by INSTANCE.
 event_from() { # CLAIM REASON INSTANCE
   local deadline=$((SECONDS + 30))
-  until events "$1" "$2" | grep -q "^$3 "; do
+  until events "$1" "$2" | has "^$3 "; do
     ((SECONDS < deadline)) || { echo "no $2 event from $3 on $1:"; events "$1" "$2"; return 1; }
     sleep 0.2
   done
@@ -206,7 +206,7 @@ EOF
   echo after >"$work/mnt-data/after" && sync
   # Posted by ctl-2, the replica that served the call.
   event_from data SnapshotTaken ctl-2 || return 1
-  events data SnapshotTaken | grep -q "^ctl-2 VolumeSnapshot default/snap taken as snap:default@w1:"
+  events data SnapshotTaken | has "^ctl-2 VolumeSnapshot default/snap taken as snap:default@w1:"
 }
 check "volumesnapshot ready to use; a SnapshotTaken event on the claim" snapshot
 
@@ -223,7 +223,7 @@ clone() {
   [[ -f $work/mnt-cloned/before && -f $work/mnt-cloned/after ]] || { ls "$work/mnt-cloned"; return 1; }
   # Reported by the node's engine, relayed by the leader ctl-1.
   event_from cloned CloneCompleted ctl-1 || return 1
-  events cloned CloneCompleted | grep -q "^ctl-1 volume vol:default@w1:.* is a complete point-in-time copy of vol:default@w1:"
+  events cloned CloneCompleted | has "^ctl-1 volume vol:default@w1:.* is a complete point-in-time copy of vol:default@w1:"
 }
 check "pvc cloned from the first: its files present; a CloneCompleted event on the claim" clone
 
@@ -238,7 +238,7 @@ folded() {
   wait_field 30 events '{.items[*].series.count}' 2 \
     -n default --field-selector involvedObject.name=cloned,reason=SnapshotFailed \
     || { kubectl get events -n default --field-selector involvedObject.name=cloned -o yaml; return 1; }
-  events cloned SnapshotFailed | grep -q "^ctl-2 snapshot \"${taken##*:}\" failed (AlreadyExists)"
+  events cloned SnapshotFailed | has "^ctl-2 snapshot \"${taken##*:}\" failed (AlreadyExists)"
 }
 check "the same failure twice is one SnapshotFailed event on the claim, counted twice" folded
 
@@ -270,7 +270,7 @@ alert() {
   # 40 MiB of data: allocation passes 20 % of 128 MiB.
   dd if=/dev/urandom of="$work/mnt-alert/a" bs=1M count=40 conv=fsync status=none || return 1
   event_from alert WriteThresholdCrossed ctl-1 || return 1
-  events alert WriteThresholdCrossed | grep -q "^ctl-1 volume vol:default@w1:.* has allocated .* of 128.0 MiB" || return 1
+  events alert WriteThresholdCrossed | has "^ctl-1 volume vol:default@w1:.* has allocated .* of 128.0 MiB" || return 1
   # Only the leader relays: the follower posted nothing.
   ! events alert WriteThresholdCrossed | grep '^ctl-2 '
 }
@@ -287,7 +287,7 @@ grow() {
   wait_field 60 pvc/grow '{.spec.resources.requests.storage}' 128Mi || return 1
   wait_for "pv/$(field pvc/grow '{.spec.volumeName}')" '{.spec.capacity.storage}' 128Mi 90 || return 1
   event_from grow AutoExpanded ctl-1 || return 1
-  events grow AutoExpanded | grep -q "^ctl-1 volume vol:default@w1:.* grows from 64.0 MiB to 128.0 MiB (step 64.0 MiB, limit 256.0 MiB): .*; claim default/grow's request raised from 64.0 MiB to 128.0 MiB (128Mi)" \
+  events grow AutoExpanded | has "^ctl-1 volume vol:default@w1:.* grows from 64.0 MiB to 128.0 MiB (step 64.0 MiB, limit 256.0 MiB): .*; claim default/grow's request raised from 64.0 MiB to 128.0 MiB (128Mi)" \
     || { events grow AutoExpanded; return 1; }
 }
 check "a filling claim of an auto-expanding class: the leader raises its request, csi-resizer grows it, an AutoExpanded event says so" grow
@@ -305,7 +305,7 @@ EOF
   pvc capped 64Mi "" qsd-grow && bound capped && publish capped || return 1
   dd if=/dev/urandom of="$work/mnt-capped/a" bs=1M count=44 conv=fsync status=none || return 1
   event_from capped AutoExpandFailed ctl-1 || return 1
-  events capped AutoExpandFailed | grep -q "^ctl-1 volume vol:default@w1:.* could not grow from 64.0 MiB to 128.0 MiB: the API server refused .*exceeded quota: grow-quota" \
+  events capped AutoExpandFailed | has "^ctl-1 volume vol:default@w1:.* could not grow from 64.0 MiB to 128.0 MiB: the API server refused .*exceeded quota: grow-quota" \
     || { events capped AutoExpandFailed; return 1; }
   [[ $(field pvc/capped '{.spec.resources.requests.storage}') == 64Mi ]] || return 1
   dd if=/dev/urandom of="$work/mnt-capped/b" bs=1M count=4 conv=fsync status=none || return 1
@@ -324,13 +324,13 @@ metrics() {
     "$promtool" check metrics <<<"$text" || { echo "promtool check metrics failed on ${who%%:*}"; return 1; }
   done
   local deadline=$((SECONDS + 30))
-  until scrape "$node_metrics" | grep -q '^qsd_csi_volume_size_bytes{claim="grow",namespace="default",pool="default",volume="vol:default@w1:[^"]*"} 134217728$'; do
+  until scrape "$node_metrics" | has '^qsd_csi_volume_size_bytes{claim="grow",namespace="default",pool="default",volume="vol:default@w1:[^"]*"} 134217728$'; do
     ((SECONDS < deadline)) || { scrape "$node_metrics" | grep '^qsd_csi_volume_size_bytes'; return 1; }
     sleep 0.2
   done
-  scrape "$ctl1_metrics" | grep -q '^qsd_csi_volume_auto_expansions_total{claim="grow",namespace="default",.*} 1$' \
+  scrape "$ctl1_metrics" | has '^qsd_csi_volume_auto_expansions_total{claim="grow",namespace="default",.*} 1$' \
     || { scrape "$ctl1_metrics" | grep auto_exp; return 1; }
-  scrape "$ctl2_metrics" | grep -q '^qsd_csi_grpc_request_duration_seconds_count{code="Ok",method="CreateVolume",service="csi.v1.Controller"}'
+  scrape "$ctl2_metrics" | has '^qsd_csi_grpc_request_duration_seconds_count{code="Ok",method="CreateVolume",service="csi.v1.Controller"}'
 }
 check "the node plugin's and the controllers' metrics pass promtool check metrics and show the claims" metrics
 

@@ -36,8 +36,10 @@ if ((nodes == 2)); then api_bind=0.0.0.0 api_host=10.89.0.1; fi
 cleanup_more() {
   # The pods' own processes (a killed shim leaves its container running): every process in
   # the kubelets' pod cgroups (w1's /kubepods, w2's /qsd-w2/kubepods; cgroup v1 here).
-  find /sys/fs/cgroup/memory/kubepods /sys/fs/cgroup/memory/qsd-w2 -name cgroup.procs \
-    -exec cat {} + 2>/dev/null | xargs -r kill -9 2>/dev/null
+  local procs
+  procs=$(find /sys/fs/cgroup/memory/kubepods /sys/fs/cgroup/memory/qsd-w2 -name cgroup.procs \
+    -exec cat {} + 2>/dev/null)
+  xargs -r kill -9 <<<"$procs" 2>/dev/null
   ip link delete qsdk0 2>/dev/null
   declare -F stop_second_node >/dev/null && stop_second_node
   losetup -a 2>/dev/null | grep -F "$work/" | cut -d: -f1 | xargs -r -n1 losetup -d 2>/dev/null
@@ -410,7 +412,7 @@ autogrow() {
   gone autofs-writer autoblk-writer && kubectl delete pvc autofs autoblk --wait --timeout=90s >/dev/null
 }
 writer_done() { # POD: whether it wrote everything ("done") and still runs (a failed writer never says done)
-  [[ $(field "pod/$1" '{.status.phase}') == Running ]] && kubectl logs "$1" | grep -qx 'done'
+  [[ $(field "pod/$1" '{.status.phase}') == Running ]] && kubectl logs "$1" | has -x 'done'
 }
 growth_latency() { # CLAIM WRITER: each growth seen in the pod, and how long after its Event
   python3 - "$(cut -d' ' -f1 /proc/uptime)" "$(date +%s.%N)" "$1" <(kubectl logs "$2") \
@@ -503,9 +505,9 @@ YAML
   # It died mid-copy: the new plugin cancelled the copy job the daemon still ran (its own pod)
   # and undid the new volume's half-made image.
   local new; new=$(plugin_pod) || return 1
-  kubectl -n qsd logs "${new% *}" -c qsd-csi | grep -q "cancelling a block job left by a restart" ||
+  kubectl -n qsd logs "${new% *}" -c qsd-csi | has "cancelling a block job left by a restart" ||
     { echo "no copy job was left to cancel: the plugin was not deleted during the copy"; return 1; }
-  kubectl -n qsd logs "${new% *}" -c qsd-csi | grep -q "recovering an operation interrupted by a restart" ||
+  kubectl -n qsd logs "${new% *}" -c qsd-csi | has "recovering an operation interrupted by a restart" ||
     { echo "no interrupted operation was recovered"; return 1; }
   wait_for volumesnapshot/src-snap '{.status.readyToUse}' true 180 || return 1
   succeeded copycheck && gone copycheck filler || return 1
@@ -599,7 +601,7 @@ claims_deleted() {
     records=$(find "$pool/volumes" "$pool/snapshots" "$pool/layers" -mindepth 1)
     [[ -z $records ]] || { echo "left in the pool: $records"; return 1; }
   done
-  ! losetup -a | grep -q "$work" || { losetup -a | grep "$work"; return 1; }
+  ! losetup -a | has "$work" || { losetup -a | grep "$work"; return 1; }
 }
 check "pods, snapshot and claims deleted: no volume, snapshot, layer, mount or device left" claims_deleted
 if ((failed)); then

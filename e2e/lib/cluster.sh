@@ -37,6 +37,9 @@ wait_until() { # SECONDS COMMAND...: polls (0.2 s) until COMMAND succeeds
   until "$@" >/dev/null 2>&1; do ((SECONDS < deadline)) || return 1; sleep 0.2; done
 }
 kubectl() { "$tools/kubectl" "$@"; }
+# `grep -q` for the end of a pipeline: reads its whole input, so the writer never gets SIGPIPE
+# (which pipefail would count as the pipeline failing: a match reported as a failure).
+has() { grep "$@" >/dev/null; }
 # The one way the suites read and wait on objects: a JSONPath template over `kubectl get`.
 field() { # OBJECT TEMPLATE [kubectl get args...]: prints the template's fields
   kubectl get "$1" -o "jsonpath=$2" "${@:3}"
