@@ -270,7 +270,8 @@ alert() {
   # 40 MiB of data: allocation passes 20 % of 128 MiB.
   dd if=/dev/urandom of="$work/mnt-alert/a" bs=1M count=40 conv=fsync status=none || return 1
   event_from alert WriteThresholdCrossed ctl-1 || return 1
-  events alert WriteThresholdCrossed | has "^ctl-1 volume vol:default@w1:.* has allocated .* of 128.0 MiB" || return 1
+  events alert WriteThresholdCrossed | has "^ctl-1 volume vol:default@w1:.* has allocated .* of 128.0 MiB" ||
+    { echo "the events:"; events alert WriteThresholdCrossed; return 1; }
   # Only the leader relays: the follower posted nothing.
   ! events alert WriteThresholdCrossed | grep '^ctl-2 '
 }
