@@ -62,9 +62,11 @@ pub(super) fn file_name(volume_id: &str) -> String {
 }
 
 impl Journal {
-    /// The journal in `dir`, created if missing.
+    /// The journal in `dir`, created if missing; the temp files of writes a killed process
+    /// left are removed (here only: later, a temp file is a write in progress).
     pub fn open(dir: PathBuf) -> Result<Self> {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create staging journal", &dir, e))?;
+        let _ = store::read_all::<Staged>(&dir, true);
         Ok(Journal { dir })
     }
 
@@ -90,9 +92,11 @@ impl Journal {
         store::remove(&self.dir, &file_name(id))
     }
 
-    /// Every record that reads (others are skipped).
+    /// Every record that reads (others are skipped). Temp files are left alone: another
+    /// request's write may be in progress (the metrics catalog lists the journal every 5 s,
+    /// and sweeping here once removed a NodeStage's record before its rename).
     pub fn all(&self) -> Vec<Staged> {
-        store::read_all::<Staged>(&self.dir, true).unwrap_or_default()
+        store::read_all::<Staged>(&self.dir, false).unwrap_or_default()
     }
 }
 

@@ -21,18 +21,26 @@ pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<()>
 pub fn write_bytes(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let target = dir.join(name);
-    let temp = dir.join(format!(".{name}.tmp"));
-    let _ = std::fs::remove_file(&temp);
+    // A temp name of this write's own: two writes of one record never share (and remove) each
+    // other's temp file; the last rename wins, whole.
+    let temp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(&temp)
         .map_err(|e| Error::io("create", &temp, e))?;
-    file.write_all(bytes).map_err(|e| Error::io("write", &temp, e))?;
-    file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
-    drop(file);
-    std::fs::rename(&temp, &target).map_err(|e| Error::io("rename into place", &target, e))?;
+    let written = file
+        .write_all(bytes)
+        .map_err(|e| Error::io("write", &temp, e))
+        .and_then(|()| file.sync_all().map_err(|e| Error::io("fsync", &temp, e)))
+        .and_then(|()| {
+            std::fs::rename(&temp, &target).map_err(|e| Error::io("rename into place", &target, e))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp); // (a full disk must not keep the space)
+    }
+    written?;
     sync_dir(dir)
 }
 
@@ -209,6 +217,30 @@ mod tests {
             .filter_map(|e| e.ok().map(|e| e.file_name()))
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("a.json")]);
+    }
+
+    #[test]
+    fn concurrent_writes_of_one_record_and_a_reader_listing_it_all_succeed() {
+        // Writers of one record used to share a temp name (one removed the other's before its
+        // rename), and a listing swept temp files in progress: both failed writes.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::thread::scope(|scope| {
+            for writer in 0..4u32 {
+                let dir = dir.path();
+                scope.spawn(move || {
+                    for i in 0..100 {
+                        write_json(dir, "r.json", &(writer * 1000 + i)).expect("every write lands");
+                    }
+                });
+            }
+            scope.spawn(|| {
+                for _ in 0..200 {
+                    let _ = read_all::<u32>(dir.path(), false);
+                }
+            });
+        });
+        let all: Vec<u32> = read_all(dir.path(), true).expect("read");
+        assert_eq!(all.len(), 1, "one record, whole");
     }
 
     #[test]
