@@ -232,19 +232,8 @@ impl EngineCore {
         };
         graph::create_image(&self.daemon.qmp(), image).await?;
         crate::fault_point!("create:after-image");
-        let record = VolumeRecord {
-            name: request.name.clone(),
-            uid: LayerId::random(),
-            size: head.size,
-            head: id,
-            preallocation: head.preallocation,
-            qos: request.qos,
-            max_chain_depth,
-            source,
-            labels: request.labels.clone(),
-            format: request.format,
-            auto_expand: request.auto_expand,
-        };
+        let mut record = super::clone::new_record(request, head.size, id, max_chain_depth, source);
+        record.preallocation = head.preallocation;
         self.commit_new_volume(pool, LayerRecord { id, backing: head.backing }, record)
     }
 
