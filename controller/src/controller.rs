@@ -110,7 +110,11 @@ impl Controller for ControllerService {
                 // In a task of its own: the copy (and the source's export it needs) goes on
                 // if the CO stops waiting; its retry finds the volume busy, then made.
                 let this = self.clone();
-                tokio::spawn(async move { this.copy_across(&node, &from, message).await })
+                let copied = command
+                    .source
+                    .clone()
+                    .ok_or_else(|| Status::internal("a copy across nodes without a source"))?;
+                tokio::spawn(async move { this.copy_across(&node, &from, &copied, message).await })
                     .await
                     .map_err(|e| Status::internal(format!("a copy across nodes ended: {e}")))??
             }

@@ -137,13 +137,11 @@ impl Agent for AgentService {
         &self,
         request: Request<agent::ExportForCopyRequest>,
     ) -> Result<Response<CopyExportStream>, Status> {
-        use agent::export_for_copy_request::Source;
         let request = request.into_inner();
-        let source = match request.source {
-            Some(Source::SnapshotId(id)) => VolumeSource::Snapshot(id),
-            Some(Source::VolumeId(id)) => VolumeSource::Volume(id),
-            None => return Err(Status::invalid_argument("a copy needs a source")),
-        };
+        let source = request
+            .source
+            .map(VolumeSource::from)
+            .ok_or_else(|| Status::invalid_argument("a copy needs a source"))?;
         let export = self.engine.export_for_copy(&source, &request.reader_node).await;
         let export = export.map_err(status)?;
         let first = agent::CopyExport::from(export.remote());

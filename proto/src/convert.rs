@@ -156,6 +156,26 @@ impl From<&CreateVolume> for agent::CreateVolumeRequest {
     }
 }
 
+impl From<&VolumeSource> for agent::export_for_copy_request::Source {
+    fn from(s: &VolumeSource) -> Self {
+        use agent::export_for_copy_request::Source;
+        match s {
+            VolumeSource::Snapshot(id) => Source::SnapshotId(id.clone()),
+            VolumeSource::Volume(id) => Source::VolumeId(id.clone()),
+        }
+    }
+}
+
+impl From<agent::export_for_copy_request::Source> for VolumeSource {
+    fn from(s: agent::export_for_copy_request::Source) -> Self {
+        use agent::export_for_copy_request::Source;
+        match s {
+            Source::SnapshotId(id) => VolumeSource::Snapshot(id),
+            Source::VolumeId(id) => VolumeSource::Volume(id),
+        }
+    }
+}
+
 impl From<&RemoteSource> for agent::CopyExport {
     fn from(r: &RemoteSource) -> Self {
         agent::CopyExport {
@@ -354,6 +374,16 @@ mod tests {
         wire.preallocation = 0;
         wire.clone_mode = 5;
         assert!(CreateVolume::try_from(wire).is_err());
+    }
+
+    #[test]
+    fn a_copys_source_round_trips_by_kind() {
+        for source in
+            [VolumeSource::Snapshot("snap:p@n:s".into()), VolumeSource::Volume("vol:p@n:v".into())]
+        {
+            let wire = agent::export_for_copy_request::Source::from(&source);
+            assert_eq!(VolumeSource::from(wire), source);
+        }
     }
 
     #[test]

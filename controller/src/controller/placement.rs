@@ -3,6 +3,7 @@
 
 use qsd_csi_model::id::IdKind;
 use qsd_csi_model::params::TOPOLOGY_KEY;
+use qsd_csi_model::volume::VolumeSource;
 use qsd_csi_proto::{agent, csi};
 use tonic::Status;
 
@@ -79,18 +80,14 @@ impl ControllerService {
         &self,
         node: &str,
         from: &str,
+        source: &VolumeSource,
         mut message: agent::CreateVolumeRequest,
     ) -> Result<agent::Volume, Status> {
-        use agent::create_volume_request::Source;
-        use agent::export_for_copy_request::Source as Exported;
-        let source = match &message.source {
-            Some(Source::SnapshotId(id)) => Exported::SnapshotId(id.clone()),
-            Some(Source::VolumeId(id)) => Exported::VolumeId(id.clone()),
-            None => return Err(Status::internal("a copy across nodes without a source")),
-        };
         let target = self.agents.node(node)?;
-        let request =
-            agent::ExportForCopyRequest { source: Some(source), reader_node: node.to_owned() };
+        let request = agent::ExportForCopyRequest {
+            source: Some(source.into()),
+            reader_node: node.to_owned(),
+        };
         let mut export = self.agents.node(from)?.export_for_copy(request).await?;
         let served = tokio_stream::StreamExt::next(&mut export).await.ok_or_else(|| {
             ControllerError::Unreachable(Status::unavailable(format!(
