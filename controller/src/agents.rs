@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use qsd_csi_model::id::{IdKind, ObjectId};
 use qsd_csi_proto::agent::{
     self, agent_client::AgentClient, agent_server::Agent, ChangesStream, CopyExportStream,
-    EventStream,
+    EventStream, HeldStream,
 };
 use qsd_csi_proto::tls::TlsFiles;
 use tonic::transport::Channel;
@@ -31,6 +31,7 @@ pub type LocalAgent = Arc<
         WatchEventsStream = EventStream,
         SnapshotChangesStream = ChangesStream,
         ExportForCopyStream = CopyExportStream,
+        HoldWritesStream = HeldStream,
     >,
 >;
 
@@ -148,6 +149,31 @@ impl NodeAgent {
         }
     }
 
+    /// The agent's `HoldWrites`: returns once the writes are held; they stay held until the
+    /// stream is dropped.
+    pub async fn hold_writes(&self, volume_ids: Vec<String>) -> Result<HeldStream, Status> {
+        let request = agent::HoldWritesRequest { volume_ids };
+        let mut held = match self {
+            NodeAgent::Local(service) => {
+                service.hold_writes(Request::new(request)).await.map(Response::into_inner)?
+            }
+            NodeAgent::Remote(client) => {
+                let stream = client
+                    .clone()
+                    .hold_writes(request)
+                    .await
+                    .map_err(unreachable_is_unavailable)?
+                    .into_inner();
+                Box::pin(stream) as HeldStream
+            }
+        };
+        match tokio_stream::StreamExt::next(&mut held).await {
+            Some(Ok(agent::Held {})) => Ok(held),
+            Some(Err(e)) => Err(unreachable_is_unavailable(e)),
+            None => Err(Status::unavailable("the node let go of the writes before holding them")),
+        }
+    }
+
     /// The agent's `SnapshotChanges`: a snapshot's changed ranges, streamed.
     pub async fn snapshot_changes(
         &self,
@@ -193,6 +219,9 @@ pub struct Agents {
     /// upgraded): its volumes exist, and requests for them must be retried, not answered.
     cluster_nodes: Arc<RwLock<Option<BTreeSet<String>>>>,
     default_node: Option<String>,
+    /// Volumes moved off the node their ID names (they keep the ID): where they are routed.
+    /// Found by [`Agents::find_moved`]; a move records its own at once.
+    moves: crate::moves::Moves,
 }
 
 impl Agents {
@@ -203,6 +232,7 @@ impl Agents {
             nodes: Arc::new(RwLock::new(nodes)),
             cluster_nodes: Arc::new(RwLock::new(None)),
             default_node,
+            moves: Default::default(),
         }
     }
 
@@ -268,12 +298,39 @@ impl Agents {
         }
     }
 
-    /// The node an object ID lives on. A local pool's ID names it. A shared pool's volume
+    /// Records that volume `id` now lives on `node` (this controller moved it there, keeping
+    /// its ID).
+    pub fn moved_to(&self, id: &str, node: &str) {
+        self.moves.made(id, node);
+    }
+
+    /// The node a moved volume is routed to, if `id` names one that was moved.
+    pub fn moved(&self, id: &str) -> Option<String> {
+        self.moves.routed(id)
+    }
+
+    /// Every ID some node lists under another node's ID, with those nodes, as they said
+    /// (unchecked: for removing copies of moves cut short, never for routing).
+    pub fn move_claims(&self) -> Vec<(String, Vec<String>)> {
+        self.moves.claims()
+    }
+
+    /// Asks every agent which volumes it holds under another node's ID, and routes those IDs
+    /// where the checks of [`crate::moves`] allow.
+    pub async fn find_moved(&self) {
+        self.moves.refresh(&self.nodes()).await;
+    }
+
+    /// The node an object ID lives on. A local pool's ID names it, unless the volume was
+    /// moved (it keeps its ID): then the node it was moved to. A shared pool's volume
     /// goes to the node its owner record names (where it is attached, so the daemon holding it
     /// open does the work), and a shared pool's snapshot to where its source volume is
     /// attached, as the default node's agent reports; otherwise the default node.
     pub async fn node_of(&self, kind: IdKind, id: &str) -> Result<String, Status> {
         let parsed = ObjectId::parse(kind, id).map_err(ControllerError::from)?;
+        if let Some(node) = self.moved(id).filter(|_| kind == IdKind::Volume) {
+            return Ok(node);
+        }
         if let Some(n) = parsed.location.node {
             return Ok(n.as_str().to_owned());
         }

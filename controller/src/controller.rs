@@ -55,21 +55,27 @@ impl ControllerService {
 
     /// Every volume on every node, in ID order, each with the node it is attached on: the
     /// node whose agent reports its export. (A shared pool's volume is listed by every node
-    /// that mounts the pool, exported by at most one; its ID names none.)
+    /// that mounts the pool, exported by at most one; its ID names none. A volume moved to
+    /// another node is listed there and, until its old copy is removed, on its old node: the
+    /// node its ID is routed to wins.)
     async fn all_volumes(&self) -> Result<Vec<(agent::Volume, Option<String>)>, Status> {
         let mut all = Vec::new();
         for (node, a) in self.agents.nodes() {
             for v in a.list_volumes(agent::Empty {}).await?.volumes {
                 let exported = v.export != agent::ExportKind::ExportNone as i32;
-                all.push((v, exported.then(|| node.clone())));
+                let routed = self.agents.moved(&v.volume_id).is_none_or(|to| to == node);
+                all.push((v, exported.then(|| node.clone()), routed));
             }
         }
-        // By ID, the exported listing first: it is the one the dedup keeps.
-        all.sort_by(|(a, a_node), (b, b_node)| {
-            a.volume_id.cmp(&b.volume_id).then(b_node.is_some().cmp(&a_node.is_some()))
+        // By ID, the exported listing first, then the routed one: the dedup keeps it.
+        all.sort_by(|(a, a_node, a_routed), (b, b_node, b_routed)| {
+            a.volume_id
+                .cmp(&b.volume_id)
+                .then(b_node.is_some().cmp(&a_node.is_some()))
+                .then(b_routed.cmp(a_routed))
         });
         all.dedup_by(|later, kept| later.0.volume_id == kept.0.volume_id);
-        Ok(all)
+        Ok(all.into_iter().map(|(v, node, _)| (v, node)).collect())
     }
 
     /// Every snapshot on every node (or on the node `snapshot_id` names), in ID order.
@@ -100,7 +106,7 @@ impl Controller for ControllerService {
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
         let req = request.into_inner();
         let command = params::create_volume(&req, &self.default_pool)?;
-        let source = command.source.as_ref().map(|s| (s.kind(), s.id().to_owned()));
+        let source = command.source.as_ref().map(|s| (s.kind(), s.id().to_string()));
         let requirement = req.accessibility_requirements.as_ref();
         let (node, from) = self.placement(requirement, source.as_ref()).await?;
         let message = agent::CreateVolumeRequest::from(&command);

@@ -135,6 +135,14 @@ pub fn required<'a>(field: &'static str, value: &'a str) -> Result<&'a str, Cont
     Ok(value)
 }
 
+/// What the API server said (its message alone), or the client's error.
+pub fn said(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) if !status.message.is_empty() => status.message.clone(),
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

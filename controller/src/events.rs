@@ -64,60 +64,78 @@ impl Notice {
     pub fn from_volume_event(event: &agent::VolumeEvent) -> Option<Notice> {
         let volume = &event.volume_id;
         Some(match event.kind.as_ref()? {
-            Kind::WriteThresholdCrossed(t) => {
-                let allocated = t.threshold_bytes + t.exceeded_bytes;
-                let missed = if t.missed {
-                    " (it fired while the node plugin was reconnecting)"
-                } else {
-                    ""
-                };
-                Notice {
-                    warning: true,
-                    reason: "WriteThresholdCrossed",
-                    action: "WriteThreshold",
-                    note: format!(
-                        "volume {volume} has allocated {} of {} ({}%), past its threshold at {}{missed}; next alert at {}",
-                        mib(allocated),
-                        mib(t.size_bytes),
-                        percent(allocated, t.size_bytes),
-                        mib(t.threshold_bytes),
-                        mib(t.rearmed_at_bytes),
-                    ),
-                }
-            }
-            Kind::CloneProgress(p) => Notice {
-                warning: false,
-                reason: "CloneProgress",
-                action: "CloneVolume",
-                note: format!(
-                    "copying volume {} into {volume}: {} of {} ({}%)",
-                    p.source_volume_id,
-                    mib(p.done_bytes),
-                    mib(p.total_bytes),
-                    percent(p.done_bytes, p.total_bytes),
-                ),
-            },
-            Kind::CloneFinished(f) if f.error.is_empty() => Notice {
-                warning: false,
-                reason: "CloneCompleted",
-                action: "CloneVolume",
-                note: format!(
-                    "volume {volume} is a complete point-in-time copy of {} ({:.1} s)",
-                    f.source_volume_id,
-                    f.elapsed_millis as f64 / 1000.0
-                ),
-            },
-            Kind::CloneFinished(f) => Notice {
-                warning: true,
-                reason: "CloneFailed",
-                action: "CloneVolume",
-                note: format!(
-                    "copying volume {} into {volume} failed: {}",
-                    f.source_volume_id, f.error
-                ),
-            },
+            Kind::WriteThresholdCrossed(t) => threshold_crossed(volume, t),
+            Kind::CloneProgress(p) => copy_progress(volume, p),
+            Kind::CloneFinished(f) => copy_finished(volume, f),
         })
     }
+}
+
+fn threshold_crossed(volume: &str, t: &agent::WriteThresholdCrossed) -> Notice {
+    let allocated = t.threshold_bytes + t.exceeded_bytes;
+    let missed = if t.missed { " (it fired while the node plugin was reconnecting)" } else { "" };
+    Notice {
+        warning: true,
+        reason: "WriteThresholdCrossed",
+        action: "WriteThreshold",
+        note: format!(
+            "volume {volume} has allocated {} of {} ({}%), past its threshold at {}{missed}; next alert at {}",
+            mib(allocated),
+            mib(t.size_bytes),
+            percent(allocated, t.size_bytes),
+            mib(t.threshold_bytes),
+            mib(t.rearmed_at_bytes),
+        ),
+    }
+}
+
+/// A copy's progress: a move copies a volume onto another node under its own ID, a clone
+/// into a new one.
+fn copy_progress(volume: &str, p: &agent::CloneProgress) -> Notice {
+    let (done, total) = (mib(p.done_bytes), mib(p.total_bytes));
+    let share = percent(p.done_bytes, p.total_bytes);
+    let (action, note) = if p.source_volume_id == volume {
+        (
+            "MoveVolume",
+            format!("moving volume {volume} to another node: {done} of {total} copied ({share}%)"),
+        )
+    } else {
+        let source = &p.source_volume_id;
+        (
+            "CloneVolume",
+            format!("copying volume {source} into {volume}: {done} of {total} ({share}%)"),
+        )
+    };
+    Notice { warning: false, reason: "CloneProgress", action, note }
+}
+
+fn copy_finished(volume: &str, f: &agent::CloneFinished) -> Notice {
+    let (source, error) = (&f.source_volume_id, &f.error);
+    let seconds = f.elapsed_millis as f64 / 1000.0;
+    let (action, note) = match (source == volume, error.is_empty()) {
+        (true, true) => (
+            "MoveVolume",
+            format!("volume {volume} is copied whole onto its new node ({seconds:.1} s)"),
+        ),
+        (true, false) => (
+            "MoveVolume",
+            format!(
+                "moving volume {volume} to another node failed: {error}; it stays where it was"
+            ),
+        ),
+        (false, true) => (
+            "CloneVolume",
+            format!(
+                "volume {volume} is a complete point-in-time copy of {source} ({seconds:.1} s)"
+            ),
+        ),
+        (false, false) => {
+            ("CloneVolume", format!("copying volume {source} into {volume} failed: {error}"))
+        }
+    };
+    let (warning, reason) =
+        if error.is_empty() { (false, "CloneCompleted") } else { (true, "CloneFailed") };
+    Notice { warning, reason, action, note }
 }
 
 /// The API server refuses an Event whose note is longer than this (bytes).
@@ -327,6 +345,24 @@ mod tests {
         let failed = done("no space left");
         assert_eq!((failed.warning, failed.reason), (true, "CloneFailed"));
         assert!(failed.note.ends_with("failed: no space left"), "{}", failed.note);
+        // A move copies the volume onto another node under its own ID: said as a move.
+        let moved = |error: &str| {
+            Notice::from_volume_event(&event(Kind::CloneFinished(agent::CloneFinished {
+                source_volume_id: "vol:default@w1:pvc-1".into(),
+                error: error.into(),
+                elapsed_millis: 1500,
+            })))
+            .expect("finished")
+        };
+        let done = moved("");
+        assert_eq!((done.reason, done.action), ("CloneCompleted", "MoveVolume"));
+        assert!(done.note.contains("is copied whole onto its new node (1.5 s)"), "{}", done.note);
+        let failed = moved("no space left");
+        assert!(
+            failed.warning && failed.note.ends_with("it stays where it was"),
+            "{}",
+            failed.note
+        );
     }
 
     #[test]

@@ -10,18 +10,21 @@
 //! `agent.proto` — in standalone mode an agent the composition hands it in-process.
 //! In a cluster it also talks to Kubernetes: [`discovery`] finds the agents, [`events`] tells
 //! claims about their volumes, [`lease`] elects the replica that [`relay`]s node events and
-//! [`signer`] signs the node agents' certificates.
+//! [`signer`] signs the node agents' certificates; the leader also moves volumes that
+//! [`follow`] their pods off cordoned nodes.
 
 pub mod agents;
 pub mod controller;
 pub mod discovery;
 pub mod error;
 pub mod events;
+pub mod follow;
 pub mod groups;
 pub mod grow;
 pub mod identity;
 pub mod lease;
 pub mod metadata;
+pub mod moves;
 pub mod params;
 pub mod relay;
 pub mod run;

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use qsd_csi_model::grow::{AutoExpand, AUTO_EXPAND, AUTO_EXPAND_LIMIT, AUTO_EXPAND_STEP};
-use qsd_csi_model::id::{ObjectName, SIZE_ALIGN};
+use qsd_csi_model::id::{IdKind, ObjectId, ObjectName, PoolName, SIZE_ALIGN};
 use qsd_csi_model::params::{
     self as keys, qos_key, CLAIM_LABELS, DEFAULT_SIZE, PROVISIONER_PREFIX, XFS_MIN_SIZE,
 };
@@ -29,12 +29,20 @@ pub fn object_name(csi_name: &str) -> String {
 }
 
 /// What a VolumeSnapshotClass or VolumeGroupSnapshotClass may set: whether to freeze mounted
-/// filesystems (the default) — plus the sidecars' own `csi.storage.k8s.io/` keys.
+/// filesystems (the default) — plus the sidecars' own `csi.storage.k8s.io/` keys, and
+/// `deletionPolicy`, the class's own field, which Kubernetes' storage test framework also
+/// copies into a group snapshot class's parameters (checked, then ignored here).
 pub fn snapshot_freeze(parameters: &HashMap<String, String>) -> Result<bool, ControllerError> {
     let mut freeze = true;
     for (key, value) in parameters {
         if key == qsd_csi_model::params::FREEZE {
             freeze = qsd_csi_model::params::freeze(value)?;
+        } else if key == "deletionPolicy" {
+            if !matches!(value.as_str(), "Delete" | "Retain") {
+                return Err(ControllerError::Unsupported(format!(
+                    "deletionPolicy {value:?} is neither Delete nor Retain"
+                )));
+            }
         } else if !key.starts_with(qsd_csi_model::params::PROVISIONER_PREFIX) {
             return Err(ControllerError::Unsupported(format!(
                 "unknown snapshot parameter {key:?} (known: {})",
@@ -104,7 +112,8 @@ pub fn create_volume(
             return Err(ControllerError::Unsupported(reason));
         }
     }
-    let mut out = CreateVolume::new(default_pool, &object_name(&req.name), 0);
+    let name = ObjectName::parse(&object_name(&req.name))?;
+    let mut out = CreateVolume::new(PoolName::parse(default_pool)?, name, 0);
     let mut clone_mode = CloneMode::Copy;
     for (key, value) in &req.parameters {
         if CLAIM_LABELS.contains(&key.as_str()) {
@@ -118,11 +127,14 @@ pub fn create_volume(
             continue;
         }
         match key.as_str() {
-            keys::POOL => out.pool = value.clone(),
+            keys::POOL => out.pool = PoolName::parse(value)?,
             keys::FS_TYPE => keys::fs_type(keys::FS_TYPE, value)?,
             keys::PREALLOCATION => out.preallocation = keys::preallocation(value)?,
             keys::MAX_CHAIN_DEPTH => out.max_chain_depth = Some(keys::max_chain_depth(value)?),
             keys::CLONE_MODE => clone_mode = keys::clone_mode(value)?,
+            keys::FOLLOW_POD => {
+                keys::boolean(keys::FOLLOW_POD, value)?;
+            }
             keys::CLONE_BANDWIDTH => {
                 out.clone_bandwidth = Some(keys::bytes(keys::CLONE_BANDWIDTH, value)?)
             }
@@ -149,43 +161,51 @@ pub fn create_volume(
     use csi::volume_content_source::Type;
     out.source = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
         None => None,
-        Some(Type::Snapshot(s)) => Some(VolumeSource::Snapshot(s.snapshot_id.clone())),
+        Some(Type::Snapshot(s)) => {
+            Some(VolumeSource::Snapshot(ObjectId::parse(IdKind::Snapshot, &s.snapshot_id)?))
+        }
         Some(Type::Volume(v)) => {
             out.clone_mode = clone_mode;
-            Some(VolumeSource::Volume(v.volume_id.clone()))
+            Some(VolumeSource::Volume(ObjectId::parse(IdKind::Volume, &v.volume_id)?))
         }
     };
     out.size = size(req.capacity_range.as_ref(), out.source.is_some())?;
     out.limit = req.capacity_range.as_ref().map(|r| r.limit_bytes).filter(|l| *l > 0);
-    check_sizes(req, &out)?;
+    fit_sizes(req, &mut out)?;
     Ok(out)
 }
 
 /// Sizes a request may not ask for, said now rather than as a failed NodeStage or a growth
-/// that can never happen.
-fn check_sizes(
+/// that can never happen; an xfs volume smaller than mkfs.xfs makes is made at its minimum.
+fn fit_sizes(
     req: &csi::CreateVolumeRequest,
-    volume: &CreateVolume,
+    volume: &mut CreateVolume,
 ) -> Result<(), ControllerError> {
-    // mkfs.xfs refuses filesystems under 300 MiB: say so now, not as a failed NodeStage.
+    // mkfs.xfs refuses filesystems under 300 MiB: a smaller request gets 300 MiB (CSI lets a
+    // volume be larger than required, up to limit_bytes), or, when its limit is lower, the
+    // refusal now rather than a failed NodeStage.
     let xfs = req.parameters.get(keys::FS_TYPE).is_some_and(|f| f == "xfs")
         || req.volume_capabilities.iter().any(|c| {
             matches!(&c.access_type, Some(csi::volume_capability::AccessType::Mount(m)) if m.fs_type == "xfs")
         });
+    if let Some(size) = volume.size.filter(|s| xfs && volume.source.is_none() && *s < XFS_MIN_SIZE)
+    {
+        if volume.limit.is_some_and(|limit| limit < XFS_MIN_SIZE) {
+            return Err(ControllerError::OutOfRange(format!(
+                "an xfs volume needs at least {} MiB (mkfs.xfs refuses smaller filesystems); {} MiB was asked for, at most {} MiB",
+                XFS_MIN_SIZE >> 20,
+                size >> 20,
+                volume.limit.unwrap_or_default() >> 20
+            )));
+        }
+        volume.size = Some(XFS_MIN_SIZE);
+    }
     if let (Some(limit), Some(size)) = (volume.auto_expand.and_then(|a| a.limit), volume.size) {
         if limit < size.max(0) as u64 {
             return Err(ControllerError::Unsupported(format!(
                 "autoExpandLimit {limit} is below the requested size {size}: the volume could never grow"
             )));
         }
-    }
-    if let Some(size) = volume.size.filter(|s| xfs && volume.source.is_none() && *s < XFS_MIN_SIZE)
-    {
-        return Err(ControllerError::OutOfRange(format!(
-            "an xfs volume needs at least {} MiB (mkfs.xfs refuses smaller filesystems); {} MiB was asked for",
-            XFS_MIN_SIZE >> 20,
-            size >> 20
-        )));
     }
     Ok(())
 }
@@ -293,20 +313,38 @@ mod tests {
     }
 
     #[test]
-    fn an_xfs_volume_under_300_mib_is_refused_out_of_range_at_creation() {
-        let sized = |fs_param: Option<&str>, fs_cap: &str, mib: i64| {
+    fn snapshot_classes_set_freezing_and_may_carry_their_deletion_policy() {
+        let params = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        };
+        assert_eq!(snapshot_freeze(&params(&[])).ok(), Some(true));
+        assert_eq!(snapshot_freeze(&params(&[("freezeFilesystem", "false")])).ok(), Some(false));
+        let policy = params(&[("deletionPolicy", "Retain"), ("csi.storage.k8s.io/x", "y")]);
+        assert_eq!(snapshot_freeze(&policy).ok(), Some(true), "ignored");
+        for bad in [&[("deletionPolicy", "Keep")][..], &[("colour", "blue")]] {
+            let code = snapshot_freeze(&params(bad)).err().map(|e| tonic::Status::from(e).code());
+            assert_eq!(code, Some(tonic::Code::InvalidArgument), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_xfs_volume_under_300_mib_is_made_at_300_mib_unless_its_limit_is_lower() {
+        let sized = |fs_param: Option<&str>, fs_cap: &str, mib: i64, limit_mib: i64| {
             let mut r = request(&fs_param.map(|f| vec![("fsType", f)]).unwrap_or_default());
             r.volume_capabilities = vec![cap(Mode::SingleNodeWriter, fs_cap)];
-            r.capacity_range =
-                Some(csi::CapacityRange { required_bytes: mib << 20, limit_bytes: 0 });
+            r.capacity_range = Some(csi::CapacityRange {
+                required_bytes: mib << 20,
+                limit_bytes: limit_mib << 20,
+            });
             create_volume(&r, "default").map(|c| c.size).map_err(|s| (s.code(), s.to_string()))
         };
-        let (code, message) = sized(None, "xfs", 256).expect_err("256 MiB xfs");
+        assert_eq!(sized(None, "xfs", 1, 0), Ok(Some(300 << 20)), "1 MiB of xfs: 300 MiB");
+        assert_eq!(sized(Some("xfs"), "", 299, 1024), Ok(Some(300 << 20)));
+        let (code, message) = sized(None, "xfs", 256, 256).expect_err("256 MiB at most");
         assert_eq!(code, tonic::Code::OutOfRange);
         assert!(message.contains("at least 300 MiB") && message.contains("256 MiB"), "{message}");
-        assert_eq!(sized(Some("xfs"), "", 299).err().map(|e| e.0), Some(tonic::Code::OutOfRange));
-        assert_eq!(sized(None, "xfs", 300), Ok(Some(300 << 20)));
-        assert_eq!(sized(None, "ext4", 16), Ok(Some(16 << 20)), "ext4 has no such minimum");
+        assert_eq!(sized(None, "xfs", 300, 0), Ok(Some(300 << 20)));
+        assert_eq!(sized(None, "ext4", 16, 0), Ok(Some(16 << 20)), "ext4 has no such minimum");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!        └─ Background ─┬─ discovery   (list agents every REFRESH) │
 //!                       ├─ relay       (node events → Events, while leading)
 //!                       ├─ election    (the Lease; released on stop)
-//!                       └─ signer      (node agent CSRs, while leading)
+//!                       ├─ signer      (node agent CSRs, while leading)
+//!                       └─ follower    (volumes following their pods, while leading)
 //! ```
 
 use std::collections::BTreeMap;
@@ -143,6 +144,7 @@ impl Background {
                 if let Err(e) = discovery.refresh(client.clone(), &agents, &mut known, &|n: &str, a| connect(n, a)).await {
                     tracing::warn!(error = %e.with_causes(), "listing the node agents failed; keeping the last list");
                 }
+                agents.find_moved().await;
             }
         });
     }
@@ -207,6 +209,12 @@ impl Background {
     pub fn sign(&mut self, signer: Signer, leading: watch::Receiver<bool>) {
         let stop = self.stop.wait();
         self.spawn("signer", signer.run(leading, stop));
+    }
+
+    /// Moves volumes that follow their pods while `leading`.
+    pub fn follow(&mut self, follower: crate::follow::Follower, leading: watch::Receiver<bool>) {
+        let stop = self.stop.wait();
+        self.spawn("follower", follower.run(leading, stop));
     }
 
     /// The names of the tasks running.
@@ -287,7 +295,8 @@ pub async fn run(
         let grower = Arc::new(crate::grow::ClaimGrower::new(client.clone()));
         AutoGrow::new(grower, events.clone(), metrics.grow.clone())
     });
-    background.relay(agents.clone(), events.clone(), grow, leading);
+    background.relay(agents.clone(), events.clone(), grow, leading.clone());
+    agents.find_moved().await;
     if let Some(addr) = config.metrics_listen {
         background.serve_metrics(addr, metrics.registry()?).await?;
     }
@@ -295,8 +304,17 @@ pub async fn run(
     let identity = IdentityService::new(Arc::new(AlwaysReady), true);
     let router =
         tonic::transport::Server::builder().add_service(IdentityServer::new(identity.clone()));
-    let controller =
-        ControllerService::new(agents.clone(), config.default_pool.clone()).with_events(events);
+    let controller = ControllerService::new(agents.clone(), config.default_pool.clone())
+        .with_events(events.clone());
+    if let Some(client) = &client {
+        let follower = crate::follow::Follower::new(
+            client.clone(),
+            agents.clone(),
+            controller.clone(),
+            events,
+        );
+        background.follow(follower, leading);
+    }
     let router = crate::serve::controller_services(router, controller, agents);
     let served =
         crate::serve::csi_and_health(&config.socket, router, config.health_listen, identity, stop)

@@ -31,9 +31,11 @@ pub fn volume(info: &agent::Volume, parameters: &HashMap<String, String>) -> csi
     use csi::volume_content_source::{SnapshotSource, Type};
     let (pool, node) = location(IdKind::Volume, &info.volume_id).unwrap_or_default();
     let content_source = info.content_source().map(|source| match source {
-        VolumeSource::Snapshot(snapshot_id) => Type::Snapshot(SnapshotSource { snapshot_id }),
-        VolumeSource::Volume(volume_id) => {
-            Type::Volume(csi::volume_content_source::VolumeSource { volume_id })
+        VolumeSource::Snapshot(id) => {
+            Type::Snapshot(SnapshotSource { snapshot_id: id.to_string() })
+        }
+        VolumeSource::Volume(id) => {
+            Type::Volume(csi::volume_content_source::VolumeSource { volume_id: id.to_string() })
         }
     });
     let mut context = HashMap::from([("pool".to_owned(), pool)]);

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use qsd_csi_controller::agents::{Agents, NodeAgent};
 use qsd_csi_controller::controller::ControllerService;
 use qsd_csi_proto::agent::{
-    self, agent_server::Agent, ChangesStream, CopyExportStream, EventStream,
+    self, agent_server::Agent, ChangesStream, CopyExportStream, EventStream, HeldStream,
 };
 use qsd_csi_proto::csi::{self, controller_server::Controller};
 use tonic::{Code, Request, Response, Status};
@@ -64,6 +64,13 @@ impl Agent for FakeAgent {
     type WatchEventsStream = EventStream;
     type SnapshotChangesStream = ChangesStream;
     type ExportForCopyStream = CopyExportStream;
+    type HoldWritesStream = HeldStream;
+
+    async fn hold_writes(&self, _: Request<agent::HoldWritesRequest>) -> Answer<HeldStream> {
+        self.call("hold_writes")?;
+        let held: HeldStream = Box::pin(tokio_stream::iter([Ok(agent::Held {})]));
+        Ok(Response::new(held))
+    }
 
     async fn create_volume(&self, r: Request<agent::CreateVolumeRequest>) -> Answer<agent::Volume> {
         self.call("create_volume")?;
@@ -78,8 +85,11 @@ impl Agent for FakeAgent {
             ..Default::default()
         }))
     }
-    async fn delete_volume(&self, _: Request<agent::VolumeRef>) -> Answer<agent::Empty> {
-        self.call("delete_volume").map(|_| Response::new(agent::Empty {}))
+    async fn delete_volume(&self, r: Request<agent::VolumeRef>) -> Answer<agent::Empty> {
+        self.call("delete_volume")?;
+        let id = r.into_inner().volume_id;
+        self.volumes.lock().expect("fake").retain(|v| v.volume_id != id);
+        Ok(Response::new(agent::Empty {}))
     }
     async fn get_volume(&self, r: Request<agent::VolumeRef>) -> Answer<agent::Volume> {
         self.call("get_volume")?;
@@ -549,5 +559,159 @@ async fn the_schedulers_node_without_its_agent_now_is_unavailable_not_another_no
             let id = created.into_inner().volume.expect("volume").volume_id;
             assert!(id.contains(&format!("@{lands}:")), "{row}: {id}");
         }
+    }
+}
+
+/// A mock API server answering list requests for PersistentVolumes (one PV of `volume`, its
+/// node affinity naming `pv_node`), Nodes (w1 and w2, Ready) and Pods (none pending).
+fn follow_api(volume: &str, pv_node: &str) -> kube::Client {
+    use kube::client::Body;
+    let (service, handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
+    let pv = serde_json::json!({
+        "metadata": { "name": "pvc-1" },
+        "spec": {
+            "csi": { "driver": qsd_csi_controller::PLUGIN_NAME, "volumeHandle": volume },
+            "storageClassName": "follow",
+            "nodeAffinity": { "required": { "nodeSelectorTerms": [ { "matchExpressions": [
+                { "key": qsd_csi_model::params::TOPOLOGY_KEY, "operator": "In", "values": [pv_node] }
+            ] } ] } },
+        },
+    });
+    let ready = |name: &str| {
+        serde_json::json!({ "metadata": { "name": name },
+            "status": { "conditions": [ { "type": "Ready", "status": "True" } ] } })
+    };
+    tokio::spawn(async move {
+        let mut handle = std::pin::pin!(handle);
+        while let Some((request, respond)) = handle.next_request().await {
+            let (kind, items) = match request.uri().path() {
+                "/api/v1/persistentvolumes" => ("PersistentVolumeList", vec![pv.clone()]),
+                "/api/v1/nodes" => ("NodeList", vec![ready("w1"), ready("w2")]),
+                "/api/v1/pods" => ("PodList", vec![]),
+                other => panic!("the follower asked for {other}"),
+            };
+            let list = serde_json::json!({ "apiVersion": "v1", "kind": kind, "metadata": {}, "items": items });
+            let body = Body::from(serde_json::to_vec(&list).expect("json"));
+            respond.send_response(http::Response::builder().body(body).expect("response"));
+        }
+    });
+    kube::Client::new(service, "default")
+}
+
+#[tokio::test]
+async fn a_moved_volumes_two_copies_are_settled_by_what_its_pv_names_and_where_it_is_used() {
+    use agent::ExportKind::{ExportFuse, ExportNone};
+    use qsd_csi_controller::follow::Follower;
+    let id = "vol:default@w1:pvc-1";
+    // (the PV's node, the new copy's export on w2) → which copy goes, if any.
+    let cases = [
+        ("w1", ExportNone, Some("w2")), // a move cut short before the PV changed: the new copy
+        ("w1", ExportFuse, None),       // ... but in use: left alone
+        ("w2", ExportFuse, Some("w1")), // moved and in use on w2: the old copy
+        ("w2", ExportNone, None),       // moved, not in use yet: both stay
+    ];
+    for (pv_node, export, removed) in cases {
+        let w1 = FakeAgent::on("w1").holding(id, ExportNone);
+        let w2 = FakeAgent::on("w2").holding(id, export);
+        let nodes: BTreeMap<String, NodeAgent> = [&w1, &w2]
+            .iter()
+            .map(|a| (a.node.clone(), NodeAgent::Local((*a).clone() as _)))
+            .collect();
+        let agents = Agents::new(nodes, Some("w1".into()));
+        let controller = ControllerService::new(agents.clone(), "default".into());
+        let events = qsd_csi_controller::events::Events::log_only();
+        let follower = Follower::new(follow_api(id, pv_node), agents.clone(), controller, events);
+        follower.round().await.expect("a round");
+        // Routed to w2 only once w1 no longer holds it: w2's listing alone (a node's files)
+        // does not take an ID of w1's away from w1.
+        let routed = agents.node_of(qsd_csi_model::id::IdKind::Volume, id).await.expect("node");
+        let want = if removed == Some("w1") { "w2" } else { "w1" };
+        assert_eq!(routed, want, "PV on {pv_node}, new copy {export:?}");
+        let deleted: Vec<&str> = [&w1, &w2]
+            .iter()
+            .filter(|a| a.called("delete_volume"))
+            .map(|a| a.node.as_str())
+            .collect();
+        assert_eq!(
+            deleted,
+            removed.into_iter().collect::<Vec<_>>(),
+            "PV on {pv_node}, new copy {export:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_moved_id_is_routed_to_the_one_node_listing_it_once_its_home_no_longer_holds_it() {
+    use agent::ExportKind::ExportNone;
+    use qsd_csi_model::id::IdKind::Volume;
+    let id = "vol:default@w1:pvc-1";
+    // (w1 holds it, the other nodes listing it) → where the ID is routed.
+    let cases: [(bool, &[&str], &str); 4] = [
+        (true, &["w2"], "w1"),        // a node's listing does not take a held ID away
+        (false, &["w2"], "w2"),       // moved: the old copy is gone
+        (false, &["w2", "w3"], "w1"), // two claimants: neither is believed
+        (false, &[], "w1"),           // nowhere else: its home answers (NOT_FOUND)
+    ];
+    for (held, listing, want) in cases {
+        let w1 =
+            if held { FakeAgent::on("w1").holding(id, ExportNone) } else { FakeAgent::on("w1") };
+        let mut all = vec![w1];
+        for node in ["w2", "w3"] {
+            let agent = FakeAgent::on(node);
+            all.push(if listing.contains(&node) { agent.holding(id, ExportNone) } else { agent });
+        }
+        let nodes: BTreeMap<String, NodeAgent> =
+            all.iter().map(|a| (a.node.clone(), NodeAgent::Local(a.clone() as _))).collect();
+        let agents = Agents::new(nodes, Some("w1".into()));
+        agents.find_moved().await;
+        let routed = agents.node_of(Volume, id).await.expect("a node");
+        assert_eq!(routed, want, "held at home: {held}, listed by {listing:?}");
+    }
+}
+
+#[tokio::test]
+async fn group_snapshot_delete_and_get_answer_by_what_the_agents_say() {
+    use qsd_csi_controller::groups::GroupService;
+    use qsd_csi_proto::csi::group_controller_server::GroupController;
+    // (row, agent's answer, group ID, code Delete gives, code Get gives)
+    let rows: &[(&str, Option<Code>, &str, Code, Code)] = &[
+        ("an ID that cannot be ours", None, "fake-vol-id", Code::Ok, Code::NotFound),
+        ("a node no agent serves", None, "group:default@elsewhere:g", Code::Ok, Code::NotFound),
+        (
+            "gone on every node",
+            Some(Code::NotFound),
+            "group:default@n1:g",
+            Code::Ok,
+            Code::NotFound,
+        ),
+        (
+            "the agent unreachable",
+            Some(Code::Unavailable),
+            "group:default@n1:g",
+            Code::Unavailable,
+            Code::Unavailable,
+        ),
+        ("no ID", None, "", Code::InvalidArgument, Code::InvalidArgument),
+    ];
+    for (row, answer, id, deleted, got) in rows {
+        let mut agent = FakeAgent::on("n1");
+        if let Some(c) = answer {
+            agent = agent.failing("delete_snapshot_group", *c).failing("get_snapshot_group", *c);
+        }
+        let nodes: BTreeMap<String, NodeAgent> =
+            [("n1".to_owned(), NodeAgent::Local(agent.clone() as _))].into();
+        let groups = GroupService::new(Agents::new(nodes, Some("n1".into())));
+        let id = (*id).to_owned();
+        let delete = csi::DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: id.clone(),
+            ..Default::default()
+        };
+        let code_of = |e: Option<Status>| e.map(|s| s.code()).unwrap_or(Code::Ok);
+        let d = groups.delete_volume_group_snapshot(Request::new(delete)).await;
+        assert_eq!(code_of(d.err()), *deleted, "delete: {row}");
+        let get =
+            csi::GetVolumeGroupSnapshotRequest { group_snapshot_id: id, ..Default::default() };
+        let g = groups.get_volume_group_snapshot(Request::new(get)).await;
+        assert_eq!(code_of(g.err()), *got, "get: {row}");
     }
 }

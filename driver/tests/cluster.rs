@@ -11,6 +11,7 @@ use qsd_csi_controller::agents::{Agents, NodeAgent};
 use qsd_csi_controller::ControllerService;
 use qsd_csi_proto::csi::{self, controller_server::Controller};
 use qsd_node::engine::{Engine, EngineConfig, PoolConfig};
+use qsd_node::pool::id::ObjectId;
 use qsd_node::pool::{NodeName, PoolKind, PoolName};
 use qsd_node::qsd::DaemonConfig;
 use qsd_node::tls;
@@ -39,6 +40,11 @@ impl Drop for Node {
 
 /// Starts a node: its engine (a local pool, and the pool `shared` in `dir/shared` that every
 /// node of the test mounts), and its agent on a loopback port with mutual TLS.
+/// An ID a controller answered with, typed for an engine.
+fn oid(text: &str) -> ObjectId {
+    text.parse().expect("an ID")
+}
+
 async fn node(dir: &std::path::Path, name: &str, ca: &certs::Ca) -> (Node, std::net::SocketAddr) {
     let root = dir.join(name);
     let config = EngineConfig {
@@ -251,7 +257,7 @@ async fn a_shared_pools_volume_is_served_by_the_node_that_has_it_attached() {
     assert!(v.accessible_topology.is_empty(), "reachable from every node");
 
     // node-2 attaches it, as its NodeStage would: it sees what node-1 created.
-    let export = e2.attach(&v.volume_id, ExportKind::Fuse).await.expect("attach on node-2");
+    let export = e2.attach(&oid(&v.volume_id), ExportKind::Fuse).await.expect("attach on node-2");
     let export = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -262,13 +268,13 @@ async fn a_shared_pools_volume_is_served_by_the_node_that_has_it_attached() {
     let owner = || std::fs::read_to_string(dir.path().join("shared/owners/s.json")).expect("owner");
     assert!(owner().contains("node-2"), "{}", owner());
     // One writer at a time: QEMU's image lock refuses node-1, and the record stays node-2's.
-    e1.attach(&v.volume_id, ExportKind::Fuse).await.expect_err("node-2's daemon holds it");
+    e1.attach(&oid(&v.volume_id), ExportKind::Fuse).await.expect_err("node-2's daemon holds it");
     assert!(owner().contains("node-2"), "{}", owner());
 
     // node-1, the default node, refuses to change a volume node-2's daemon holds ...
-    let refused = e1.expand_volume(&v.volume_id, 32 * MIB).await.expect_err("held elsewhere");
+    let refused = e1.expand_volume(&oid(&v.volume_id), 32 * MIB).await.expect_err("held elsewhere");
     assert_eq!(refused.kind(), qsd_node::ErrorKind::FailedPrecondition, "{refused}");
-    let refused = e1.delete_volume(&v.volume_id).await.expect_err("held elsewhere");
+    let refused = e1.delete_volume(&oid(&v.volume_id)).await.expect_err("held elsewhere");
     assert_eq!(refused.kind(), qsd_node::ErrorKind::FailedPrecondition, "{refused}");
     // ... so the controller sends its requests to node-2: a snapshot and an online expand.
     let snap = snapshot(&c, &v.volume_id, "snap").await.expect("snapshot on node-2");
@@ -286,14 +292,14 @@ async fn a_shared_pools_volume_is_served_by_the_node_that_has_it_attached() {
     let restore = restore_request("r", &snap.snapshot_id);
     let r = c.create_volume(Request::new(restore)).await.expect("restore").into_inner();
     let r = r.volume.expect("volume").volume_id;
-    let restored = e1.attach(&r, ExportKind::Fuse).await.expect("attach on node-1");
+    let restored = e1.attach(&oid(&r), ExportKind::Fuse).await.expect("attach on node-1");
     let mut block = [0u8; 4096];
     std::fs::File::open(&restored.endpoint.path)
         .expect("open")
         .read_exact_at(&mut block, 0)
         .expect("read");
     assert_eq!(block, [7u8; 4096], "the restore holds the data from before the snapshot");
-    e1.detach(&r).await.expect("detach on node-1");
+    e1.detach(&oid(&r)).await.expect("detach on node-1");
 
     // Listed once although both nodes mount the pool.
     let all = c
@@ -307,7 +313,7 @@ async fn a_shared_pools_volume_is_served_by_the_node_that_has_it_attached() {
 
     // Detached, the volume goes back to the default node, which deletes it.
     drop(export);
-    e2.detach(&v.volume_id).await.expect("detach on node-2");
+    e2.detach(&oid(&v.volume_id)).await.expect("detach on node-2");
     assert!(!dir.path().join("shared/owners/s.json").exists(), "owner record removed");
     let holder = agents.node_of(qsd_node::pool::id::IdKind::Snapshot, &snap.snapshot_id).await;
     assert_eq!(holder.expect("located"), "node-1", "attached nowhere: the default node");
@@ -343,14 +349,14 @@ async fn a_shared_pools_volume_is_served_by_the_node_that_has_it_attached() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn group_snapshots_stay_on_one_node_and_snapshot_metadata_streams_over_mutual_tls() {
+async fn group_snapshots_across_nodes_hold_writes_and_snapshot_metadata_streams_over_mutual_tls() {
     use csi::group_controller_server::GroupController;
     use csi::snapshot_metadata_server::SnapshotMetadata;
     use qsd_csi_controller::groups::GroupService;
     use qsd_csi_controller::metadata::MetadataService;
     use tokio_stream::StreamExt;
     let dir = tempfile::Builder::new().prefix("qsd-cluster-").tempdir_in("/tmp").expect("dir");
-    let (_n1, _n2, c, agents) = two_nodes(dir.path(), "local").await;
+    let (n1, _n2, c, agents) = two_nodes(dir.path(), "local").await;
     let groups = GroupService::new(agents.clone());
     let metadata = MetadataService::new(agents);
     let mut ids = Vec::new();
@@ -364,13 +370,52 @@ async fn group_snapshots_stay_on_one_node_and_snapshot_metadata_streams_over_mut
         ..Default::default()
     };
 
-    // Across nodes there is no one instant: refused, and nothing is left behind.
+    // Across nodes, a group is one instant only while every node holds its members' writes:
+    // a volume attached without a filesystem to freeze (here a FUSE export; this test's nodes
+    // have no Node service to freeze with) is refused, as is a group told not to freeze, and
+    // nothing is left behind.
+    let e1 = n1.engine.as_ref().expect("engine").core_arc();
+    e1.attach(&oid(&ids[2]), qsd_node::graph::ExportKind::Fuse).await.expect("attach on node-1");
     let across = groups.create_volume_group_snapshot(Request::new(group("x", &[&ids[0], &ids[2]])));
-    let across = across.await.expect_err("volumes on two nodes");
-    assert_eq!(across.code(), Code::FailedPrecondition);
-    assert!(across.message().contains("node-1") && across.message().contains("node-2"));
+    let across = across.await.expect_err("a volume whose writes cannot be held");
+    assert_eq!(across.code(), Code::FailedPrecondition, "{across:?}");
+    assert!(across.message().contains("without a mounted filesystem"), "{}", across.message());
+    e1.detach(&oid(&ids[2])).await.expect("detach");
+    let mut unfrozen = group("x", &[&ids[0], &ids[2]]);
+    unfrozen.parameters.insert("freezeFilesystem".into(), "false".into());
+    let unfrozen = groups.create_volume_group_snapshot(Request::new(unfrozen)).await;
+    assert_eq!(unfrozen.expect_err("no freeze across nodes").code(), Code::FailedPrecondition);
     let listed = c.list_snapshots(Request::new(Default::default())).await.expect("list");
     assert!(listed.into_inner().entries.is_empty(), "no member of a refused group exists");
+
+    // Held on both nodes, then each node's part: one group, named after its first node, whose
+    // Get and Delete gather both parts.
+    let across = groups
+        .create_volume_group_snapshot(Request::new(group("x", &[&ids[0], &ids[2]])))
+        .await
+        .expect("a group across nodes")
+        .into_inner()
+        .group_snapshot
+        .expect("group");
+    assert!(across.group_snapshot_id.starts_with("group:local@node-1:"), "{across:?}");
+    let mut nodes: Vec<&str> =
+        across.snapshots.iter().map(|s| s.accessible_topology[0].segments[KEY].as_str()).collect();
+    nodes.sort();
+    assert_eq!(nodes, ["node-1", "node-2"]);
+    assert!(across.snapshots.iter().all(|s| s.group_snapshot_id == across.group_snapshot_id));
+    let get = csi::GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: across.group_snapshot_id.clone(),
+        ..Default::default()
+    };
+    let got = groups.get_volume_group_snapshot(Request::new(get)).await.expect("get");
+    assert_eq!(got.into_inner().group_snapshot.expect("group").snapshots.len(), 2);
+    let delete = csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: across.group_snapshot_id.clone(),
+        ..Default::default()
+    };
+    groups.delete_volume_group_snapshot(Request::new(delete)).await.expect("delete both parts");
+    let listed = c.list_snapshots(Request::new(Default::default())).await.expect("list");
+    assert!(listed.into_inner().entries.is_empty(), "both parts deleted");
 
     // On one node: one group, its members restorable on that node only.
     let made = groups
@@ -524,7 +569,7 @@ fn stamping(
 /// The head layer of `volume_id` on `node`.
 fn head_image(node: &Node, volume_id: &str) -> std::path::PathBuf {
     let core = node.engine.as_ref().expect("engine").core_arc();
-    let (pool, chain) = core.volume_chain(volume_id).expect("volume");
+    let (pool, chain) = core.volume_chain(&oid(volume_id)).expect("volume");
     pool.layer_path(chain[0])
 }
 
@@ -551,7 +596,8 @@ async fn restore_and_clone_onto_another_node_copy_over_nbd_with_tls_at_a_point_i
     request.capacity_range = Some(csi::CapacityRange { required_bytes: 64 * MIB, limit_bytes: 0 });
     let src = c.create_volume(Request::new(request)).await.expect("create").into_inner();
     let src = src.volume.expect("volume").volume_id;
-    let export = e1.attach(&src, ExportKind::Fuse).await.expect("attach on node-1").endpoint.path;
+    let export =
+        e1.attach(&oid(&src), ExportKind::Fuse).await.expect("attach on node-1").endpoint.path;
 
     // Generation 1 everywhere, then a snapshot, then generation 2: a restore onto node-2
     // holds generation 1.
@@ -613,7 +659,7 @@ async fn restore_and_clone_onto_another_node_copy_over_nbd_with_tls_at_a_point_i
             if let Ok(qsd_node::engine::EngineEvent::CloneFinished { volume, error, .. }) =
                 e2_events.recv().await
             {
-                if volume == k {
+                if volume.to_string() == k {
                     return error;
                 }
             }
@@ -624,13 +670,13 @@ async fn restore_and_clone_onto_another_node_copy_over_nbd_with_tls_at_a_point_i
     assert_eq!(finished, None);
     assert!(copy_leftovers(dir.path()).is_empty(), "{:?}", copy_leftovers(dir.path()));
     let snapshots: Vec<String> =
-        e1.list_snapshots().expect("list").into_iter().map(|s| s.id).collect();
+        e1.list_snapshots().expect("list").into_iter().map(|s| s.id.to_string()).collect();
     assert_eq!(snapshots, vec![snap.snapshot_id.clone()], "only the user's snapshot on node-1");
     let servers =
         std::process::Command::new("pgrep").args(["-f", "tls-creds-psk"]).output().expect("pgrep");
     let servers = String::from_utf8_lossy(&servers.stdout).into_owned();
     assert!(servers.trim().is_empty(), "copy servers still run: {servers}");
-    e1.detach(&src).await.expect("detach");
+    e1.detach(&oid(&src)).await.expect("detach");
 }
 
 /// `qemu-img info` of an NBD export over TCP, with a PSK identity and key (or without TLS).
@@ -767,4 +813,96 @@ async fn a_copy_from_a_source_that_does_not_answer_or_with_a_malformed_export_le
     let intents =
         std::fs::read_dir(dir.path().join("node-2/state/operations")).map_or(0, |d| d.count());
     assert_eq!(intents, 0, "no intent left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_moved_to_another_node_keeps_its_id_and_is_routed_there() {
+    use qsd_csi_model::id::IdKind;
+    use qsd_node::graph::ExportKind;
+    let dir = tempfile::Builder::new().prefix("qsd-move-").tempdir_in("/tmp").expect("dir");
+    let (n1, n2, c, agents) = two_nodes(dir.path(), "local").await;
+    let (e1, e2) = (n1.engine.as_ref().expect("e1").core_arc(), n2.engine.as_ref().expect("e2"));
+    let e2 = e2.core_arc();
+    let mut request = create("mv", &["node-1"], &[]);
+    request.capacity_range = Some(csi::CapacityRange { required_bytes: 64 * MIB, limit_bytes: 0 });
+    request.parameters.insert("csi.storage.k8s.io/pvc/name".into(), "data".into());
+    let id = c.create_volume(Request::new(request)).await.expect("create").into_inner();
+    let id = id.volume.expect("volume").volume_id;
+    let export =
+        e1.attach(&oid(&id), ExportKind::Fuse).await.expect("attach on node-1").endpoint.path;
+    stamp(&export, 7);
+    e1.detach(&oid(&id)).await.expect("detach");
+
+    // The move: node-2 holds a copy under the same ID; the controller routes the ID there.
+    let qos = [("iopsTotal".to_owned(), "500".to_owned())].into();
+    let moved = c.move_volume(&id, "node-1", "node-2", &qos).await.expect("move");
+    assert_eq!(moved.volume_id, id, "a moved volume keeps its ID");
+    assert_eq!(moved.labels.get("csi.storage.k8s.io/pvc/name").map(String::as_str), Some("data"));
+    assert_eq!(agents.node_of(IdKind::Volume, &id).await.expect("routed"), "node-2");
+    assert_eq!(stamps(&head_image(&n2, &id)), vec![(7, 7); BLOCKS as usize]);
+    let listed: Vec<String> =
+        e2.list_volumes().expect("list").into_iter().map(|v| v.id.to_string()).collect();
+    assert_eq!(listed, vec![id.clone()], "node-2 lists it by its ID");
+    let attached =
+        e2.attach(&oid(&id), ExportKind::Fuse).await.expect("attach on node-2 by its ID");
+    assert!(attached.endpoint.path.exists());
+    e2.detach(&oid(&id)).await.expect("detach");
+
+    // The ID reaches node-2's copy through the controller: a resize and a snapshot there.
+    assert_eq!(expand(&c, &id, 128 * MIB).await.expect("expand"), 128 * MIB);
+    assert_eq!(e1.get_volume(&oid(&id)).expect("node-1's old copy").size, 64 << 20);
+    // Listed once, as it lives where its ID is routed, while the old copy still exists.
+    let listed = c.list_volumes(Request::new(Default::default())).await.expect("list");
+    let listed: Vec<(String, i64)> = listed
+        .into_inner()
+        .entries
+        .into_iter()
+        .filter_map(|e| e.volume)
+        .map(|v| (v.volume_id, v.capacity_bytes))
+        .collect();
+    assert_eq!(listed, vec![(id.clone(), 128 * MIB)]);
+    let snap = snapshot(&c, &id, "after-move").await.expect("snapshot");
+    assert!(snap.snapshot_id.contains("@node-2:"), "{}", snap.snapshot_id);
+    assert_eq!(snap.source_volume_id, id);
+
+    // A controller that did not make the move (restarted) does not take node-2's word for an
+    // ID of node-1's while node-1 still holds the volume: it routes to node-1.
+    let fresh = Agents::new(agents.nodes().into_iter().collect(), Some("node-1".into()));
+    fresh.find_moved().await;
+    assert_eq!(fresh.node_of(IdKind::Volume, &id).await.expect("home"), "node-1");
+
+    // The old copy is removed on its node by the ID: no layer of it is left there, and the
+    // fresh controller now routes the ID to node-2.
+    let home = agents.node("node-1").expect("node-1");
+    let volume_ref = qsd_csi_proto::agent::VolumeRef { volume_id: id.clone() };
+    home.delete_volume(volume_ref).await.expect("old copy deleted");
+    fresh.find_moved().await;
+    assert_eq!(fresh.node_of(IdKind::Volume, &id).await.expect("found"), "node-2");
+    let layers = std::fs::read_dir(dir.path().join("node-1/pool/layers")).expect("layers");
+    let left: Vec<_> = layers.flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "node-1 keeps layers of the moved volume: {left:?}");
+
+    // Only a copy from another node keeps an ID, and only its source's.
+    let mut keep =
+        qsd_csi_model::volume::CreateVolume::named("local", "other", 16 << 20).expect("request");
+    keep.keep_id = Some(oid(&id.replace("@node-2:", "@node-1:")));
+    let refused = e2.create_volume(&keep).await.expect_err("keep_id without a copy");
+    assert_eq!(refused.kind(), qsd_node::error::ErrorKind::InvalidArgument, "{refused}");
+
+    // And back: on node-1 it is an ordinary volume of its own ID again, with node-2's data.
+    let back = c.move_volume(&id, "node-2", "node-1", &qos).await.expect("move back");
+    assert_eq!((back.volume_id.as_str(), back.size_bytes), (id.as_str(), 128 << 20));
+    let away = agents.node("node-2").expect("node-2");
+    let volume_ref = qsd_csi_proto::agent::VolumeRef { volume_id: id.clone() };
+    away.delete_volume(volume_ref).await.expect("node-2's copy deleted");
+    fresh.find_moved().await;
+    assert_eq!(fresh.node_of(IdKind::Volume, &id).await.expect("home"), "node-1");
+    assert_eq!(stamps(&head_image(&n1, &id)), vec![(7, 7); BLOCKS as usize]);
+
+    let gone = csi::DeleteSnapshotRequest { snapshot_id: snap.snapshot_id, ..Default::default() };
+    c.delete_snapshot(Request::new(gone)).await.expect("delete the snapshot");
+    let gone = csi::DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() };
+    c.delete_volume(Request::new(gone)).await.expect("delete through the controller");
+    assert!(e1.list_volumes().expect("list").is_empty(), "deleted where it lives");
+    assert!(e2.list_volumes().expect("list").is_empty(), "and nothing on node-2");
 }

@@ -81,9 +81,13 @@ async fn lifecycle(fs: &str, size: i64, expand: bool) {
         .into_inner()
         .volume_health
         .expect("volume health");
+    // Nothing is wrong with the volume; the host's disk may be nearly full (CI machines' often
+    // are), and then, only then, the pool says so.
+    let reasons: Vec<_> = health.health_statuses.iter().map(|h| h.reason.as_str()).collect();
+    let pool_space = d.pool_space_finding();
     assert_eq!(
-        (health.volume_id.as_str(), health.health_statuses.len()),
-        (vol.volume_id.as_str(), 0)
+        (health.volume_id.as_str(), reasons),
+        (vol.volume_id.as_str(), pool_space.iter().map(|f| f.reason.as_str()).collect())
     );
     teardown(&mut d, &[&vol.volume_id, &restored.volume_id, &clone.volume_id], &snap.snapshot_id)
         .await;

@@ -469,7 +469,7 @@ async fn volume_copy_and_move_between_two_node_processes_survive_either_being_ki
     };
     let layers_before = nodes.layers(1);
     let call = slow_copy("slow");
-    nodes.wait_log(1, r#"copy from another node started volume="slow""#);
+    nodes.wait_log(1, "copy from another node started volume=slow ");
     nodes.kill_node(1);
     let refused = call.await.expect("call").expect_err("the copy's target died");
     assert!(
@@ -492,7 +492,7 @@ async fn volume_copy_and_move_between_two_node_processes_survive_either_being_ki
     // The source killed mid-copy: its copy server dies with it, the target undoes its half
     // copy; the restarted source removes the snapshot it took for the copy.
     let call = slow_copy("slow-2");
-    nodes.wait_log(1, r#"copy from another node started volume="slow-2""#);
+    nodes.wait_log(1, "copy from another node started volume=slow-2 ");
     nodes.kill_node(0);
     let refused = call.await.expect("call").expect_err("the copy's source died");
     assert!(

@@ -13,7 +13,7 @@
 # the Node and CSINode objects the kubelet and node-driver-registrar publish, the node pod's
 # object with its address, the scheduler's selected-node annotation, and stage / publish
 # through the node plugin's CSI socket with the data checked on the mounts.
-# Ends with the plain line "N passed, N failed".
+# Ends with the summary line "cluster: N passed, N failed, N skipped".
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
@@ -21,25 +21,25 @@ k8s=${QSD_CSI_K8S_VERSION:-$("$top/scripts/versions" kubernetes)}
 tools=$top/target/tools/cluster-$k8s
 helm=$top/target/tools/helm-$("$top/scripts/versions" helm)/helm
 
-"$here/build-tools.sh" >/dev/null || { echo "cluster: building the control plane failed" >&2; echo "0 passed, 1 failed"; exit 1; }
+"$here/build-tools.sh" >/dev/null || { echo "cluster: building the control plane failed" >&2; echo "cluster: 0 passed, 1 failed, 0 skipped"; exit 1; }
 [[ -x $helm ]] || "$top/e2e/chart/run.sh" >/dev/null 2>&1 || true # builds helm
 (cd "$top" && cargo build --quiet -p qsd-csi --bin qsd-csi) || exit 1
 qsd_csi=$top/target/debug/qsd-csi
 
-suite=cluster failed_line="0 passed, 1 failed"
+suite=cluster failed_line="cluster: 0 passed, 1 failed, 0 skipped"
 # shellcheck source=../lib/cluster.sh
 . "$top/e2e/lib/cluster.sh"
 agent_port=$(port)
 # Prometheus metrics: the node plugin's and each controller's.
 node_metrics=$(port) ctl1_metrics=$(port) ctl2_metrics=$(port)
-promtool=$("$top/scripts/build-prometheus")/promtool || { echo "cluster: building promtool failed" >&2; echo "0 passed, 1 failed"; exit 1; }
+promtool=$("$top/scripts/build-prometheus")/promtool || { echo "cluster: building promtool failed" >&2; echo "cluster: 0 passed, 1 failed, 0 skipped"; exit 1; }
 
 # --- control plane ---------------------------------------------------------------------------
 start_control_plane persistentvolume-binder-controller,persistentvolume-expander-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,resourcequota-controller
 
 # --- the chart's cluster objects -------------------------------------------------------------
 kubectl create namespace qsd >/dev/null
-{ render_chart && apply_chart_objects; } || { echo "0 passed, 1 failed"; exit 1; }
+{ render_chart && apply_chart_objects; } || { echo "cluster: 0 passed, 1 failed, 0 skipped"; exit 1; }
 
 # --- the node "w1", as the kubelet and node-driver-registrar would publish it ----------------
 kubectl apply -f - >/dev/null <<EOF
@@ -68,13 +68,13 @@ spec:
 EOF
 kubectl -n qsd patch pod qsd-qsd-csi-node-w1 --subresource=status --type=merge \
   -p '{"status":{"podIP":"127.0.0.1","podIPs":[{"ip":"127.0.0.1"}]}}' >/dev/null \
-  || { echo "0 passed, 1 failed"; exit 1; }
+  || { echo "cluster: 0 passed, 1 failed, 0 skipped"; exit 1; }
 
 # --- qsd-csi: the node plugin and the controller ----------------------------------------------
 # The node plugin runs on a token of the chart's node service account bound to its pod object,
 # as the kubelet would give the pod: with it, it asks for its agent certificate.
 node_token=$(kubectl -n qsd create token qsd-qsd-csi-node --bound-object-kind Pod \
-  --bound-object-name qsd-qsd-csi-node-w1 --duration=2h) || { echo "0 passed, 1 failed"; exit 1; }
+  --bound-object-name qsd-qsd-csi-node-w1 --duration=2h) || { echo "cluster: 0 passed, 1 failed, 0 skipped"; exit 1; }
 sed "s/$admin_token/$node_token/" "$KUBECONFIG" >"$work/node.kubeconfig"
 KUBECONFIG=$work/node.kubeconfig start node "$qsd_csi" --endpoint "unix://$work/node.sock" node \
   --state-dir "$work/state" --node w1 --device fuse --agent-listen "127.0.0.1:$agent_port" \
@@ -83,7 +83,7 @@ wait_until 60 test -S "$work/node.sock" || fail_start "the node plugin" node
 # The controller and the sidecars use the chart's service account (a token from the
 # TokenRequest API), so the chart's RBAC is what they are allowed: nothing more.
 sa_token=$(kubectl -n qsd create token qsd-qsd-csi-controller --duration=2h) \
-  || { echo "0 passed, 1 failed"; exit 1; }
+  || { echo "cluster: 0 passed, 1 failed, 0 skipped"; exit 1; }
 sed "s/$admin_token/$sa_token/" "$KUBECONFIG" >"$work/sa.kubeconfig"
 # Two controller replicas with leader election: ctl-1 starts first and holds the Lease (it
 # relays the node's events); the sidecars talk to ctl-2, which serves CSI as a follower.
@@ -195,7 +195,13 @@ first_pvc() {
 }
 check "pvc bound: created by our controller on node w1, published, written" first_pvc
 
-snapshot() {
+# What later checks start from, made by the first that needs it (each check runs alone too,
+# QSD_CSI_CHECKS): claim `data` published with file `before`; snapshot `snap` of it, taken
+# before `after` was written; claim `cloned`, a clone of `data` then, published.
+seeded() { kubectl get pvc data >/dev/null 2>&1 || first_pvc; }
+snapped() {
+  seeded || return 1
+  kubectl get volumesnapshot snap >/dev/null 2>&1 && return 0
   kubectl apply -f - <<EOF || return 1
 apiVersion: snapshot.storage.k8s.io/v1
 kind: VolumeSnapshot
@@ -204,6 +210,15 @@ spec: {volumeSnapshotClassName: qsd-snapshots, source: {persistentVolumeClaimNam
 EOF
   wait_for volumesnapshot/snap '{.status.readyToUse}' true 90 || return 1
   echo after >"$work/mnt-data/after" && sync
+}
+cloned_claim() {
+  snapped || return 1
+  kubectl get pvc cloned >/dev/null 2>&1 && return 0
+  pvc cloned 64Mi "dataSource: {name: data, kind: PersistentVolumeClaim}" && bound cloned && publish cloned
+}
+
+snapshot() {
+  snapped || return 1
   # Posted by ctl-2, the replica that served the call.
   event_from data SnapshotTaken ctl-2 || return 1
   events data SnapshotTaken | has "^ctl-2 VolumeSnapshot default/snap taken as snap:default@w1:"
@@ -211,6 +226,7 @@ EOF
 check "volumesnapshot ready to use; a SnapshotTaken event on the claim" snapshot
 
 restore() {
+  snapped || return 1
   pvc restored 64Mi "dataSource: {name: snap, kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io}" \
     && bound restored && publish restored || return 1
   [[ -f $work/mnt-restored/before && ! -e $work/mnt-restored/after ]] || { ls "$work/mnt-restored"; return 1; }
@@ -218,8 +234,7 @@ restore() {
 check "pvc restored from the snapshot: earlier files present, later ones absent" restore
 
 clone() {
-  pvc cloned 64Mi "dataSource: {name: data, kind: PersistentVolumeClaim}" && bound cloned \
-    && publish cloned || return 1
+  cloned_claim || return 1
   [[ -f $work/mnt-cloned/before && -f $work/mnt-cloned/after ]] || { ls "$work/mnt-cloned"; return 1; }
   # Reported by the node's engine, relayed by the leader ctl-1.
   event_from cloned CloneCompleted ctl-1 || return 1
@@ -230,6 +245,7 @@ check "pvc cloned from the first: its files present; a CloneCompleted event on t
 folded() {
   # The same failure twice (a snapshot name already taken by another volume's snapshot): one
   # SnapshotFailed Event on the claim, counted twice.
+  cloned_claim || return 1
   local taken; taken=$(field volumesnapshotcontent '{.items[0].status.snapshotHandle}')
   for _ in 1 2; do
     "$qsd_csi" --endpoint "unix://$work/ctl.sock" snapshot create "$(handle cloned)" "${taken##*:}" \
@@ -243,6 +259,7 @@ folded() {
 check "the same failure twice is one SnapshotFailed event on the claim, counted twice" folded
 
 expand() {
+  seeded || return 1
   kubectl patch pvc data --type=merge -p '{"spec":{"resources":{"requests":{"storage":"128Mi"}}}}' || return 1
   local pv; pv=$(field pvc/data '{.spec.volumeName}')
   wait_for "pv/$pv" '{.spec.capacity.storage}' 128Mi 90 || return 1
@@ -392,11 +409,52 @@ EOF
 }
 check "a VolumeGroupSnapshot of two claims restores each claim as it was at that instant" group
 
+cannot_follow() {
+  # A claim of a followPod class, its pod unschedulable while its node w1 is cordoned. This
+  # API server keeps PersistentVolume node affinity immutable (MutablePVNodeAffinity off):
+  # the leader says so on the claim, and the volume stays where it is.
+  storage_class qsd-follow '{followPod: "true"}' && pvc follow 64Mi "" qsd-follow && bound follow || return 1
+  local volume; volume=$(handle follow)
+  kubectl apply -f - >/dev/null <<EOF || return 1
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: default, namespace: default}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: follower, namespace: default}
+spec:
+  automountServiceAccountToken: false
+  containers: [{name: c, image: registry.k8s.io/pause}]
+  volumes: [{name: v, persistentVolumeClaim: {claimName: follow}}]
+EOF
+  # What the scheduler reports of a pod it cannot place (no scheduler runs here).
+  kubectl patch pod follower --subresource=status --type=merge \
+    -p '{"status":{"conditions":[{"type":"PodScheduled","status":"False","reason":"Unschedulable"}]}}' >/dev/null &&
+    kubectl cordon w1 >/dev/null || return 1
+  local said=0
+  wait_until 30 has_event follow VolumeCannotFollow && said=1
+  kubectl uncordon w1 >/dev/null && kubectl delete pod follower --wait --timeout=60s >/dev/null || return 1
+  ((said)) || { echo "no VolumeCannotFollow event"; return 1; }
+  events follow VolumeCannotFollow | has "volume $volume cannot follow pod default/follower off node w1: the API server does not let PersistentVolume .*'s node affinity change (that needs the MutablePVNodeAffinity feature gate)" ||
+    { events follow VolumeCannotFollow; return 1; }
+  [[ $(handle follow) == "$volume" ]] && field_is "pv/$(field pvc/follow '{.spec.volumeName}')" \
+    '{.spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0].values[0]}' w1 || return 1
+  kubectl delete pvc follow --wait --timeout=90s >/dev/null
+}
+check "a followPod claim's pod unschedulable on cordoned w1, MutablePVNodeAffinity off: a VolumeCannotFollow event says why; the volume stays" cannot_follow
+
 delete_all() {
-  for c in data restored cloned alert grow capped g1 g2 gr1 gr2; do unpublish "$c" || return 1; done
-  kubectl delete volumesnapshot snap --wait --timeout=90s && \
-    kubectl delete volumegroupsnapshot pair --wait --timeout=90s && \
-    kubectl delete pvc data restored cloned recover alert grow capped g1 g2 gr1 gr2 --wait --timeout=90s || return 1
+  # Whatever the checks that ran made: every claim published here, every snapshot, every claim.
+  local c
+  for c in $(kubectl get pvc -o name -n default); do
+    c=${c#*/}
+    if findmnt "$work/mnt-$c" >/dev/null; then unpublish "$c" || return 1; fi
+  done
+  # Groups first: a group's member snapshots are kept for it until the group goes.
+  kubectl delete volumegroupsnapshot --all --wait --timeout=90s && \
+    kubectl delete volumesnapshot --all --wait --timeout=90s && \
+    kubectl delete pvc --all --wait --timeout=90s || return 1
   wait_until 90 bash -c "[[ -z \$('$tools/kubectl' get pv -o name) ]]" || { kubectl get pv; return 1; }
   local left; left=$("$qsd_csi" --endpoint "unix://$work/ctl.sock" volume list | grep '^vol:')
   [[ -z $left ]] || { echo "volumes left: $left"; return 1; }
@@ -417,5 +475,5 @@ if ((failed)); then
     echo "--- $l (last lines)"; tail -6 "$work/$l.log"
   done
 fi
-echo "$passed passed, $failed failed"
+echo "cluster: $passed passed, $failed failed, 0 skipped"
 ((failed == 0))

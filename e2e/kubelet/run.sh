@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# A real node running the real chart: `helm install` of charts/qsd-csi with images built here
-# (images.sh), run by a real kubelet with containerd and runc, and pods using its volumes. The
+# Real nodes running the real chart: `helm install` of charts/qsd-csi with images built here
+# (images.sh), run by real kubelets with containerd and runc (w1, and w2 in namespaces of its
+# own: second-node.sh), and pods using its volumes. The
 # control plane is e2e/cluster's (etcd, kube-apiserver, kube-controller-manager with every
 # default controller, kube-scheduler, snapshot-controller, built from the Go module proxy), all
 # on 127.0.0.1; pods get addresses on a bridge of this run's own (10.88.0.0/24, no masquerade,
 # no route anywhere else). The chart's pods use the host network and reach the API server at
 # 127.0.0.1 (kubernetesAPI): no kube-proxy runs.
 #
-# Our own checks end with the plain line "kubelet: N passed, N failed"; Kubernetes' own
+# Our own checks end with the plain line "kubelet: N passed, N failed, 0 skipped"; Kubernetes' own
 # external storage suite (e2e.test, driver in e2e/k8s-e2e) with "k8s-e2e: N passed, N failed,
 # N skipped" (QSD_CSI_K8S_E2E=0 leaves it out).
 set -uo pipefail
@@ -17,7 +18,7 @@ versions=$top/scripts/versions
 k8s=$("$versions" kubernetes)
 tools=$top/target/tools/cluster-$k8s
 helm=$top/target/tools/helm-$("$versions" helm)/helm
-summary() { echo "kubelet: $1 passed, $2 failed"; }
+summary() { echo "kubelet: $1 passed, $2 failed, 0 skipped"; }
 
 "$top/e2e/cluster/build-tools.sh" e2e >/dev/null || { echo "kubelet: building the cluster tools failed" >&2; summary 0 1; exit 1; }
 [[ -x $helm ]] || "$top/e2e/chart/run.sh" >/dev/null 2>&1 || true # builds helm
@@ -26,11 +27,13 @@ summary() { echo "kubelet: $1 passed, $2 failed"; }
 mapfile -t images < <(QSD_CSI_IMAGE_PROFILE=${QSD_CSI_IMAGE_PROFILE:-dev} "$here/images.sh") ||
   { echo "kubelet: building the images failed" >&2; summary 0 1; exit 1; }
 
-suite=kubelet failed_line="kubelet: 0 passed, 1 failed"
-# QSD_CSI_KUBELET_NODES=2 adds a second node, w2, in namespaces of its own (second-node.sh).
-nodes=${QSD_CSI_KUBELET_NODES:-1}
+suite=kubelet failed_line="kubelet: 0 passed, 1 failed, 0 skipped"
+# Two nodes: w2 in namespaces of its own (second-node.sh); QSD_CSI_KUBELET_NODES=1 for w1 alone.
+nodes=${QSD_CSI_KUBELET_NODES:-2}
 api_host=127.0.0.1
-if ((nodes == 2)); then api_bind=0.0.0.0 api_host=10.89.0.1; fi
+# Two nodes: the API server on w2's link too, and PersistentVolume node affinity mutable (for
+# volumes that follow their pods).
+if ((nodes == 2)); then api_bind=0.0.0.0 api_host=10.89.0.1 api_gates=MutablePVNodeAffinity=true; fi
 # This run's bridge, and w2's namespaces and link. (The containers' shims name the run's
 # directory in their command lines, so the shared cleanup kills them with everything else.)
 cleanup_more() {
@@ -126,7 +129,8 @@ readOnlyPort: 0
 healthzPort: 0
 failSwapOn: false
 resolvConf: ""
-evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%"}
+# Absolute floors: CI's disks are often nearly full, and 1% of a large one is gigabytes.
+evictionHard: {memory.available: "100Mi", nodefs.available: "256Mi", imagefs.available: "256Mi"}
 imageGCHighThresholdPercent: 100
 podLogsDir: $work/pod-logs
 # Pods are synced (and mounted filesystems grown after a resize) every 20 s, not every minute.
@@ -154,6 +158,7 @@ helm_values=(--set "node.kubeletDir=$work/kubelet" --set "node.stateDir=$work/st
   --set image.pullPolicy=Never --set "metrics.nodePort=$metrics_node" --set "metrics.controllerPort=$metrics_controller")
 # Pods of the default namespace need its service account (and the e2e suite its own).
 wait_until 60 kubectl get serviceaccount default || fail_start "the default service account" kube-controller-manager
+capacities() { (($(kubectl -n qsd get csistoragecapacities -o name | grep -c .) >= nodes)); }
 installed() {
   "$helm" install qsd "$top/charts/qsd-csi" --namespace qsd --create-namespace "${helm_values[@]}" \
     --wait --timeout 5m >/dev/null || { kubectl -n qsd get pods -o wide; return 1; }
@@ -170,7 +175,10 @@ installed() {
   # the driver with its topology key, and the node carries its topology label.
   wait_field 60 csinode/w1 '{.spec.drivers[0].name}' qsd.csi.dev || return 1
   field_is csinode/w1 '{.spec.drivers[0].nodeID} {.spec.drivers[0].topologyKeys[0]}' "w1 topology.qsd.csi.dev/node" || return 1
-  field_is node/w1 '{.metadata.labels.topology\.qsd\.csi\.dev/node}' w1
+  field_is node/w1 '{.metadata.labels.topology\.qsd\.csi\.dev/node}' w1 || return 1
+  # Storage capacity tracking: csi-provisioner published each node's space for the chart's
+  # class, so the scheduler can place pods of unbound claims.
+  wait_until 90 capacities || { kubectl -n qsd get csistoragecapacities; return 1; }
 }
 check "helm install: the chart's pods Ready, its agent certified, the driver registered (CSINode)" installed
 if ((failed)); then
@@ -235,6 +243,27 @@ persist() {
 }
 check "a pod writes and syncs a file; the pod deleted, a new pod reads the same bytes" persist
 
+# What later checks start from, made by the first that needs it (each check runs alone too):
+# claim `data` holding /data/f, and snapshot `snap` of it taken before /data/later was written.
+seeded() {
+  kubectl get pvc data >/dev/null 2>&1 && return 0
+  pvc data && pod seed data 'echo written-by-a-pod >/data/f && sync' && succeeded seed && gone seed
+}
+snapped() {
+  seeded || return 1
+  if ! kubectl get volumesnapshot snap >/dev/null 2>&1; then
+    kubectl apply -f - <<YAML || return 1
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: snap}
+spec: {volumeSnapshotClassName: qsd-snapshots, source: {persistentVolumeClaimName: data}}
+YAML
+    wait_for volumesnapshot/snap '{.status.readyToUse}' true 90 || return 1
+    pod later data 'echo later >/data/later && sync' && succeeded later && gone later || return 1
+  fi
+  wait_for volumesnapshot/snap '{.status.readyToUse}' true 90
+}
+
 block() {
   pvc raw 32Mi Block || return 1
   pod blockpod raw 'printf qsd-block-bytes | dd of=/dev/qsd bs=512 seek=100 conv=fsync 2>/dev/null && dd if=/dev/qsd bs=512 skip=100 count=1 2>/dev/null | grep -q qsd-block-bytes' block || return 1
@@ -243,20 +272,14 @@ block() {
 check "a raw block claim (volumeMode: Block) used by a pod: bytes written and read back" block
 
 restore() {
-  kubectl apply -f - <<YAML || return 1
-apiVersion: snapshot.storage.k8s.io/v1
-kind: VolumeSnapshot
-metadata: {name: snap}
-spec: {volumeSnapshotClassName: qsd-snapshots, source: {persistentVolumeClaimName: data}}
-YAML
-  wait_for volumesnapshot/snap '{.status.readyToUse}' true 90 || return 1
-  pod later data 'echo later >/data/later && sync' && succeeded later && gone later || return 1
+  snapped || return 1
   pvc restored 64Mi Filesystem "dataSource: {name: snap, kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io}" || return 1
   pod checker restored 'grep -qx written-by-a-pod /data/f && test ! -e /data/later' && succeeded checker && gone checker
 }
 check "VolumeSnapshot, then a claim restored from it: a pod reads the earlier data, not the later" restore
 
 clone() {
+  snapped || return 1
   pvc cloned 64Mi Filesystem "dataSource: {name: data, kind: PersistentVolumeClaim}" || return 1
   pod clonecheck cloned 'grep -qx written-by-a-pod /data/f && test -e /data/later' && succeeded clonecheck && gone clonecheck
 }
@@ -271,6 +294,7 @@ on_node() { # PVC NODE: whether the claim's volume lives on NODE (its ID names i
 restore_elsewhere() {
   # w1's snapshot restored into a claim whose pod must run on w2: the scheduler picks w2, the
   # controller has w1 serve the snapshot and w2 pull it, and the pod reads the earlier data.
+  snapped || return 1
   pvc restored-w2 64Mi Filesystem "dataSource: {name: snap, kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io}" || return 1
   POD_NODE=w2 pod checker-w2 restored-w2 'grep -qx written-by-a-pod /data/f && test ! -e /data/later' &&
     succeeded checker-w2 && on_node restored-w2 w2 && gone checker-w2
@@ -302,9 +326,77 @@ clone_elsewhere() {
   [[ -n $(events_on busy-w2 CloneCompleted) ]] || { echo "no CloneCompleted event"; return 1; }
   gone busy-writer busy-check && kubectl delete pvc busy busy-w2 --wait --timeout=90s >/dev/null
 }
+follow_done() { [[ -n $(events_on data-follow-0 VolumeFollowDone) ]]; }
+state_of() { if [[ $1 == w1 ]]; then echo "$work/state"; else echo "$work/w2/state"; fi; }
+follow_from=
+follow_steps() {
+  # A StatefulSet's pod writes 20 MiB and its checksum into a claim of a followPod class on
+  # the node the scheduler picks. `kubectl drain` of that node (the set's pods) cordons it and
+  # evicts the pod; its successor cannot go back, so the controller copies the volume to the
+  # other node, points the PV there, and the pod runs there with the data; the old node keeps
+  # no layer of the volume.
+  storage_class qsd-follow '{followPod: "true"}' || return 1
+  kubectl apply -f - >/dev/null <<YAML || return 1
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: follow}
+spec:
+  serviceName: follow
+  replicas: 1
+  selector: {matchLabels: {app: follow}}
+  template:
+    metadata: {labels: {app: follow}}
+    spec:
+      automountServiceAccountToken: false
+      terminationGracePeriodSeconds: 1
+      dnsPolicy: Default
+      containers:
+        - name: c
+          image: $busybox
+          env: [{name: NODE, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}]
+          command: ["/bin/sh", "-c", "cd /data && { test -e first || { dd if=/dev/urandom of=big bs=1M count=20 conv=fsync 2>/dev/null && md5sum big >big.md5 && echo \$NODE >first && sync; }; } && md5sum -c big.md5 && mkdir -p /tmp && touch /tmp/ok && exec sleep 3600"]
+          readinessProbe: {exec: {command: [test, -e, /tmp/ok]}, periodSeconds: 1}
+          volumeMounts: [{name: data, mountPath: /data}]
+  volumeClaimTemplates:
+    - metadata: {name: data}
+      spec: {storageClassName: qsd-follow, accessModes: [ReadWriteOnce], resources: {requests: {storage: 64Mi}}}
+YAML
+  kubectl rollout status statefulset/follow --timeout=180s >/dev/null || { kubectl describe pod follow-0 | tail -15; return 1; }
+  local from to pv handle head name
+  from=$(field pod/follow-0 '{.spec.nodeName}') || return 1
+  follow_from=$from
+  if [[ $from == w1 ]]; then to=w2; else to=w1; fi
+  on_node data-follow-0 "$from" || return 1
+  pv=$(field pvc/data-follow-0 '{.spec.volumeName}') && handle=$(field "pv/$pv" '{.spec.csi.volumeHandle}') || return 1
+  name=${handle##*:}
+  head=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["head"])' "$(state_of "$from")/pools/default/volumes/$name.json") || return 1
+  echo "the pod runs on $from; draining it"
+  kubectl drain "$from" --pod-selector app=follow --timeout=120s >/dev/null || return 1
+  if ! wait_field 300 pod/follow-0 '{.spec.nodeName}' "$to" || ! running follow-0; then
+    kubectl describe pod follow-0 | tail -15; events_on data-follow-0 VolumeCannotFollow; return 1
+  fi
+  # The data the pod wrote on the first node (its checksum verified by the readiness probe).
+  [[ $(kubectl exec follow-0 -- cat /data/first) == "$from" ]] || { echo "not the data written on $from"; return 1; }
+  field_is "pv/$pv" '{.spec.csi.volumeHandle} {.spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0].values[0]}' "$handle $to" || return 1
+  [[ -n $(events_on data-follow-0 VolumeFollowed) ]] || { echo "no VolumeFollowed event"; return 1; }
+  # The old copy goes once the pod uses the new one: no record or layer of it on the old node.
+  wait_until 60 follow_done || { echo "no VolumeFollowDone event"; return 1; }
+  local left; left=$(find "$(state_of "$from")/pools/default" -name "$name.json" -o -name "$head.*")
+  [[ -z $left ]] || { echo "left on $from: $left"; return 1; }
+}
+follow() {
+  # The set goes and the drained node takes pods again, pass or fail (the claim stays for
+  # claims_deleted, which deletes it through the controller, where it now lives).
+  follow_steps; local status=$?
+  [[ -n $follow_from ]] && kubectl uncordon "$follow_from" >/dev/null
+  kubectl delete statefulset follow --wait --timeout=60s >/dev/null
+  wait_until 60 bash -c "! '$tools/kubectl' get pod follow-0 >/dev/null 2>&1" || status=1
+  return $status
+}
 if ((nodes == 2)); then
   check "a claim restored from w1's snapshot for a pod on w2: copied across, the pod reads the snapshot's data" restore_elsewhere
   check "a claim in use on w1 cloned for a pod on w2 under a writer with fsync: one instant of it, the writer undisturbed" clone_elsewhere
+  check "a volume follows its pod off a drained node: kubectl drain, the StatefulSet's pod runs on the other node with its data, the old node keeps no layer of it" follow
 fi
 
 grow() {
@@ -371,8 +463,11 @@ autogrow() {
   # 1 GiB, a second into a raw block claim (waiting at the device's end for it to grow). The
   # leader raises each claim's request as it fills, Kubernetes grows it, and neither writer
   # sees an I/O error; each claim ends at the limit with one AutoExpanded Event per growth.
-  # Each writer prints the size it sees when it changes, with the host's uptime.
-  storage_class qsd-auto '{csi.storage.k8s.io/fstype: xfs, writeThresholdPercent: "70", autoExpand: "true", autoExpandStep: "25%", autoExpandLimit: 3Gi}' || return 1
+  # Each writer prints the size it sees when it changes, with the host's uptime. The threshold
+  # at 50 % leaves the growth half the filesystem's room (about 50 s of this writer): a growth
+  # takes 1 to 30 s here (the kubelet grows a filesystem on its next sync), and at 70 % the
+  # writer once filled a 1.5 GiB filesystem first on two nodes.
+  storage_class qsd-auto '{csi.storage.k8s.io/fstype: xfs, writeThresholdPercent: "50", autoExpand: "true", autoExpandStep: "25%", autoExpandLimit: 3Gi}' || return 1
   # A round of its own: nothing of an earlier round's claims is left.
   kubectl delete pod autofs-writer autoblk-writer --ignore-not-found --wait --timeout=60s >/dev/null
   kubectl delete pvc autofs autoblk --ignore-not-found --wait --timeout=90s >/dev/null
@@ -453,6 +548,7 @@ plugin_deleted() {
   # A pod appends numbered lines with fsync while the node plugin's pod is deleted; the
   # DaemonSet brings it back. The daemon (its own pod) keeps serving: no I/O error, and every
   # line verifies afterwards.
+  seeded || return 1
   # shellcheck disable=SC2016 # the pod's shell expands these
   pod steady data 'i=0; while true; do i=$((i+1)); echo $i >>/data/seq || exit 1; sync /data/seq || exit 1; sleep 0.1; done' &&
     running steady || return 1
@@ -526,6 +622,7 @@ check "the node plugin pod deleted during a clone and a snapshot of a claim in u
 
 restart() {
   # A pod keeps writing while the kubelet is killed and started again.
+  seeded || return 1
   # shellcheck disable=SC2016 # the pod's shell expands these
   pod keeper data 'i=0; while true; do i=$((i+1)); echo $i >/data/beat; sync; sleep 0.2; done' && running keeper || return 1
   local mnt; mnt=$(findmnt -rn -o TARGET | grep "$work/kubelet/pods/.*/volumes/kubernetes.io~csi/.*/mount$" | head -1)
@@ -541,19 +638,22 @@ check "the kubelet restarted while a pod writes: the volume stays mounted and wr
 # --- Kubernetes' own external storage suite ------------------------------------------------------------
 # e2e.test built from k8s.io/kubernetes at the cluster's version, with the driver as
 # e2e/k8s-e2e/driver.yaml declares it; the patterns CI runs are in e2e/k8s-e2e/focus (README
-# there). Its log stays in the work directory; failures are shown.
+# there), and with driver-ext4.yaml (ext4 by default) those of focus-ext4. Its log stays in the
+# work directory; failures are shown.
 k8s_e2e() {
-  local focus skip report=$work/k8s-e2e
-  focus=$(grep -v '^#' "$top/e2e/k8s-e2e/focus" | grep . | paste -sd'|')
-  skip=$(grep -v '^#' "$top/e2e/k8s-e2e/skip" | grep . | paste -sd'|')
+  local focus focus_ext4 skip report=$work/k8s-e2e
+  patterns() { grep -v '^#' "$top/e2e/k8s-e2e/$1" | grep . | paste -sd'|'; }
+  focus=$(patterns focus) focus_ext4=$(patterns focus-ext4) skip=$(patterns skip)
   mkdir -p "$report"
   # Specs in parallel processes (ginkgo -p): most of a spec's time is waiting for pods and
   # namespaces, not CPU.
   (cd "$top/e2e/k8s-e2e" && "$tools/ginkgo" --procs="${QSD_CSI_K8S_E2E_PROCS:-4}" --no-color \
-    --focus="External.Storage \[Driver: qsd.csi.dev\].*($focus)" --skip="$skip" --timeout=40m \
+    --focus="External.Storage \[Driver: qsd.csi.dev\].*($focus)|External.Storage \[Driver: qsd.csi.dev-ext4\].*($focus_ext4)" \
+    --skip="$skip" --timeout=40m \
     --output-dir="$report" --junit-report=junit.xml "$tools/e2e.test" -- \
     --kubeconfig "$KUBECONFIG" --kubectl-path "$tools/kubectl" --kubelet-root-dir "$work/kubelet" \
-    --storage.testdriver="$top/e2e/k8s-e2e/driver.yaml" --repo-root "$top/e2e/k8s-e2e" \
+    --storage.testdriver="$top/e2e/k8s-e2e/driver.yaml" --storage.testdriver="$top/e2e/k8s-e2e/driver-ext4.yaml" \
+    --repo-root "$top/e2e/k8s-e2e" \
     --report-dir "$report") >"$work/k8s-e2e.log" 2>&1
   local status=$?
   /usr/bin/python3 - "$report/junit.xml" <<'PY2'
@@ -567,7 +667,7 @@ for case in ET.parse(sys.argv[1]).getroot().iter("testcase"):
     if skip is not None:
         # Specs the focus filtered out are listed too ("skipped"); count the ones of this
         # driver that the suite itself skipped (a capability the driver does not declare).
-        if "[Driver: qsd.csi.dev]" in name and skip.get("message", "skipped") != "skipped":
+        if "[Driver: qsd.csi.dev" in name and skip.get("message", "skipped") != "skipped":
             skipped += 1
     elif case.find("failure") is not None or case.find("error") is not None:
         failed += 1
@@ -579,8 +679,7 @@ print(f"k8s-e2e: {passed} passed, {failed} failed, {skipped} skipped")
 PY2
   return $status
 }
-# (On two nodes, for now, only when asked: QSD_CSI_K8S_E2E=1.)
-if [[ ${QSD_CSI_K8S_E2E:-$((nodes == 1))} != 0 ]]; then
+if [[ ${QSD_CSI_K8S_E2E:-1} != 0 ]]; then
   k8s_e2e_out=$(k8s_e2e); k8s_e2e_status=$?
   echo "$k8s_e2e_out" | grep -v ' skipped$' | grep -v '^k8s-e2e: [0-9]'
   if ((k8s_e2e_status)); then grep -B2 -A20 '\[FAILED\]' "$work/k8s-e2e.log" | tail -60; fi

@@ -16,11 +16,97 @@ start_driver() {
   "${driver_bin:-$top/target/debug/qsd-csi}" standalone --endpoint "$ep" --state-dir "$dir/state" --node vm \
     --device "$device" >>"$dir/driver.log" 2>&1 &
   driver=$!
+  echo "$dir $device" >>"$work/.drivers"
   for _ in $(seq 600); do [[ -S $dir/csi.sock ]] && return 0; sleep 0.1; done
   return 1
 }
 
 result() { if [[ $2 -eq 0 ]]; then echo "QSD-VM-RESULT ok $1"; else echo "QSD-VM-RESULT fail $1"; fi; }
+
+# --- Teardown: what a test made goes once it ends, pass or fail ---------------------------------
+# start_driver lists each driver's directory and device kind in $work/.drivers. After every test,
+# `teardown` has each listed driver (started again if the test killed it or it hangs) unstage
+# what its staging journal holds — the driver's own way to take a device down, ublk's included —
+# then stops the drivers and daemons, and sweeps at the kernel's level whatever is left (mounts
+# under $work, connected nbd devices, loop devices). `leftovers` names what survives that.
+
+# Prints "VOLUME STAGING_DIR TARGET" per publish in the staging journal under $1 ("-": none).
+staged_volumes() {
+  python3 - "$1" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+    if f.endswith(".json"):
+        r = json.load(open(os.path.join(d, f)))
+        for t in r.get("targets") or ["-"]:
+            print(r["volume_id"], os.path.dirname(r["staging_path"]), t)
+PY
+}
+
+# Unstages every volume driver directory $1 (device kind $2) staged, then stops its driver and
+# daemon.
+tear_driver() {
+  local dir=$1 device=$2 bin=$top/target/debug/qsd-csi ep=unix://$1/csi.sock
+  staged_volumes "$dir/state/staging" >"$work/.staged"
+  # Only a driver with something staged is needed (and started again if the test killed it).
+  if [[ -s $work/.staged ]] && ! timeout 10 "$bin" --endpoint "$ep" volume list >/dev/null 2>&1; then
+    pkill -KILL -f -- "--state-dir $dir/state"
+    start_driver "$dir" "$device" || echo "teardown: the driver in $dir did not start again"
+  fi
+  local id staging target
+  while read -r id staging target; do
+    [[ $target == - ]] && target=$staging/.none
+    timeout 60 "$bin" --endpoint "$ep" unpublish "$id" "$target" --staging-dir "$staging" ||
+      echo "teardown: unpublishing $id from $target failed"
+  done <"$work/.staged" # (no process substitution: the guest's /dev lacks /dev/fd)
+  pkill -TERM -f -- "--state-dir $dir/state"
+  local qsd; qsd=$(cat "$dir/state/run/qsd.pid" 2>/dev/null) && kill "$qsd" 2>/dev/null
+}
+
+teardown() {
+  # Nothing stays stopped: a SIGSTOPped daemon or plugin would hang every step below.
+  pkill -CONT -f qemu-storage-daemon; pkill -CONT -f "qsd-csi standalone"
+  pkill -KILL -x fio
+  for _ in $(seq 100); do pgrep -x fio >/dev/null || break; sleep 0.1; done
+  local dir device
+  if [[ -e $work/.drivers ]]; then
+    sort -u "$work/.drivers" >"$work/.drivers.torn"
+    while read -r dir device; do tear_driver "$dir" "$device"; done <"$work/.drivers.torn"
+    rm -f "$work/.drivers" "$work/.drivers.torn"
+  fi
+  for _ in $(seq 100); do pgrep -f "qsd-csi standalone|qemu-storage-daemon" >/dev/null || break; sleep 0.1; done
+  pkill -KILL -f "qsd-csi standalone|qemu-storage-daemon"
+  wait 2>/dev/null # the drivers this shell started again, reaped
+  local m
+  findmnt -rn -o TARGET | grep "^$work/" | sort -r >"$work/.mounts"
+  while read -r m; do umount -l "$m"; done <"$work/.mounts"
+  local pid
+  for pid in /sys/block/nbd*/pid; do
+    [[ -e $pid ]] && nbd-client -d "/dev/$(basename "$(dirname "$pid")")" >/dev/null
+  done
+  losetup -D
+  pkill -KILL -x nbd-client
+  for _ in $(seq 100); do [[ -z $(leftovers) ]] && break; sleep 0.1; done
+}
+
+# Prints each line of $2 with $1 in front.
+lines() { echo "$1${2//$'\n'/$'\n'$1}"; }
+
+# What is left on the guest that a test made: processes, mounts under $work, nbd and ublk
+# devices, loop devices. Prints one line per kind; nothing when clean.
+leftovers() {
+  local p; p=$(pgrep -f "qsd-csi standalone|qemu-storage-daemon|nbd-client" | paste -sd' ')
+  [[ -z $p ]] || echo "processes: $p"
+  pgrep -x fio >/dev/null && echo "fio: $(pgrep -x fio | paste -sd' ')"
+  local m; m=$(findmnt -rn -o TARGET | grep "^$work/" | paste -sd' ')
+  [[ -z $m ]] || echo "mounts: $m"
+  local nbd=() f
+  for f in /sys/block/nbd*/pid; do [[ -e $f ]] && nbd+=("$(basename "$(dirname "$f")")"); done
+  ((${#nbd[@]} == 0)) || echo "nbd devices connected: ${nbd[*]}"
+  compgen -G '/dev/ublkc*' >/dev/null && echo "ublk devices: $(cd /dev && echo ublkc*)"
+  local loops; loops=$(losetup -n -O NAME | paste -sd' ')
+  [[ -z $loops ]] || echo "loop devices: $loops"
+}
 
 # The kernel offers the devices the project targets.
 test_kernel_devices() {
@@ -291,6 +377,39 @@ test_ublk_server_killed_under_a_verifying_writer() {
   return 0
 }
 
+# The harness itself: a test made to fail half-way leaves nothing behind once torn down. It
+# leaves a driver on each backend with a volume staged, a writer on one with that daemon
+# SIGSTOPped under it, the other's ublk server SIGKILLed with its device waiting for it, and an
+# ext4 on a loop device mounted besides.
+fails_half_way() {
+  local bin=$top/target/debug/qsd-csi dir=$work/half id
+  start_driver "$dir/nbd" nbd || return 1
+  id=$("$bin" --endpoint "$ep" volume create half-nbd --size 64M) || return 1
+  "$bin" --endpoint "$ep" publish "$id" "$dir/nbd/vol" --staging-dir "$dir/nbd/staging" || return 1
+  start_writer "$dir/nbd/vol/data" "$dir/fio.log" || return 1
+  kill -STOP "$(cat "$dir/nbd/state/run/qsd.pid")" || return 1
+  start_driver "$dir/ublk" ublk || return 1
+  id=$("$bin" --endpoint "$ep" volume create half-ublk --size 64M) || return 1
+  "$bin" --endpoint "$ep" publish "$id" "$dir/ublk/dev" --block --staging-dir "$dir/ublk/staging" || return 1
+  kill -9 "$driver" || return 1
+  truncate -s 64M "$dir/loop.img" && mkfs.ext4 -q "$dir/loop.img" && mkdir -p "$dir/mnt" || return 1
+  mount -o loop "$dir/loop.img" "$dir/mnt" || return 1
+  echo "failing half-way, as a broken test would"
+  return 1
+}
+test_a_failed_test_leaves_nothing_behind() {
+  ( fails_half_way ) >"$work/half-way.log" 2>&1 && { echo "the failing test passed"; return 1; }
+  tail -3 "$work/half-way.log"
+  local made; made=$(leftovers)
+  lines "made: " "$made"
+  for kind in processes fio mounts "nbd devices" "ublk devices" "loop devices"; do
+    grep -q "^$kind" <<<"$made" || { echo "the failing test made no $kind"; return 1; }
+  done
+  teardown
+  local left; left=$(leftovers)
+  [[ -z $left ]] || { lines "left behind: " "$left"; return 1; }
+}
+
 # One fio job on $1 for $3 seconds: prints IOPS (4 KiB jobs) or MiB/s (seqwrite-1m), then the
 # number of I/Os done. $2 is the job's name as the benchmark lines spell it.
 fio_figure() {
@@ -404,13 +523,16 @@ run_rust_tests() {
 # Tests that run but do not count yet, each with its reason (reported as skipped).
 declare -A known_broken=()
 
-for t in ${QSD_VM_TESTS:-test_kernel_devices rust_kernel_devices test_daemon_nbd_export_through_the_kernel \
+for t in ${QSD_VM_TESTS:-test_kernel_devices test_a_failed_test_leaves_nothing_behind rust_kernel_devices test_daemon_nbd_export_through_the_kernel \
   test_qsd_csi_nbd_backend test_daemon_killed_under_a_verifying_writer test_qsd_csi_ublk_backend \
   test_daemon_killed_under_a_verifying_writer_ublk test_ublk_server_killed_under_a_verifying_writer \
   test_auto_picks_the_backend_the_kernel_serves_best test_ublk_grows_a_mounted_ext4_under_a_writer \
   test_ublk_grows_a_mounted_xfs_under_a_writer}; do
   if [[ $t == rust_kernel_devices ]]; then
     run_rust_tests
+    left=$(leftovers)
+    [[ -z $left ]] || { lines "QSD-VM-LOG " "$left"; echo "QSD-VM-RESULT fail rust_tests_leave_nothing"; }
+    teardown >/dev/null 2>&1
     continue
   fi
   if [[ -n ${known_broken[$t]:-} && -z ${QSD_VM_TESTS:-} ]]; then
@@ -420,6 +542,12 @@ for t in ${QSD_VM_TESTS:-test_kernel_devices rust_kernel_devices test_daemon_nbd
   touch "$work/.started"
   ( set -o pipefail; $t ) >"$work/$t.log" 2>&1
   rc=$?
+  teardown >>"$work/$t.log" 2>&1
+  left=$(leftovers)
+  if [[ -n $left ]]; then
+    lines "left behind after ${t#test_}: " "$left" >>"$work/$t.log"
+    [[ $rc -eq 0 || $rc -eq $SKIP ]] && rc=1
+  fi
   grep -a '^QSD-VM-BENCH ' "$work/$t.log" # a benchmark's figures, to the console
   if [[ $rc -eq $SKIP ]]; then
     echo "QSD-VM-RESULT skip ${t#test_}: $(tail -1 "$work/$t.log")"

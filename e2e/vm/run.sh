@@ -6,7 +6,7 @@
 #   newest    the newest Debian kernel in trixie-backports (7.3 when written; ublk and nbd in
 #             tree), from a private apt list under the cache, never the host's sources.
 # Prints each guest result prefixed with its kernel, a line "vm (KERNEL): N passed, N failed"
-# per kernel, then "vm: N skipped" and the plain total "N passed, N failed". Set
+# per kernel, then the summary line "vm: N passed, N failed, N skipped". Set
 # QSD_CSI_VM_KERNELS="bookworm" (or "newest") to boot one; QSD_CSI_VM_TESTS=test_a,test_b to run
 # only those (known-broken ones included); QSD_CSI_VM_RUST_FILTER narrows the Rust device tests.
 #
@@ -25,7 +25,7 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
   want=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
   if [[ -n $have && $have != "$want" ]]; then
     echo "vm: qemu-utils $have is not Debian's $want; install a matching qemu-system-x86_64 first" >&2
-    echo "0 passed, 1 failed"
+    echo "vm: 0 passed, 1 failed, 0 skipped"
     exit 1
   fi
   need+=(qemu-system-x86)
@@ -200,6 +200,5 @@ for kernel in ${QSD_CSI_VM_KERNELS:-bookworm newest}; do
   version=$(basename "$(cd "$assets" && ls -d root/usr/lib/modules/* root/lib/modules/* 2>/dev/null | head -1)")
   boot "$(echo "$version" | grep -oE '^[0-9]+\.[0-9]+')" "$assets"
 done
-echo "vm: $total_skipped skipped"
-echo "$total_passed passed, $total_failed failed"
+echo "vm: $total_passed passed, $total_failed failed, $total_skipped skipped"
 [[ $total_failed -eq 0 && $total_passed -gt 0 ]]

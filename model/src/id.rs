@@ -41,7 +41,10 @@ fn check(
 }
 
 /// A pool name: lowercase letters, digits and `-`, at most 32 bytes.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct PoolName(String);
 
 impl PoolName {
@@ -62,7 +65,10 @@ impl PoolName {
 }
 
 /// A node name as Kubernetes spells it (a DNS subdomain), at most 63 bytes here.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct NodeName(String);
 
 impl NodeName {
@@ -101,7 +107,10 @@ impl NodeName {
 }
 
 /// A volume or snapshot name: letters, digits, `_`, `-`, `.`; no `..`; at most 64 bytes.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct ObjectName(String);
 
 impl ObjectName {
@@ -161,8 +170,9 @@ impl IdKind {
     }
 }
 
-/// A parsed volume or snapshot ID.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A parsed volume, snapshot or group snapshot ID (written in records as its text).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct ObjectId {
     /// Volume or snapshot.
     pub kind: IdKind,
@@ -221,6 +231,35 @@ impl ObjectId {
     }
 }
 
+impl FromStr for ObjectId {
+    type Err = Error;
+
+    /// An ID of whichever kind its prefix names.
+    fn from_str(s: &str) -> Result<Self> {
+        let kind = [IdKind::Volume, IdKind::Snapshot, IdKind::Group]
+            .into_iter()
+            .find(|k| s.strip_prefix(k.prefix()).is_some_and(|rest| rest.starts_with(':')))
+            .ok_or_else(|| Error::MalformedId {
+                kind: IdKind::Volume,
+                reason: format!("{s:?} starts with none of vol:, snap:, group:"),
+            })?;
+        ObjectId::parse(kind, s)
+    }
+}
+
+impl TryFrom<String> for ObjectId {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<ObjectId> for String {
+    fn from(id: ObjectId) -> String {
+        id.to_string()
+    }
+}
+
 impl fmt::Display for ObjectId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.kind.prefix(), self.location.pool.as_str())?;
@@ -231,12 +270,45 @@ impl fmt::Display for ObjectId {
     }
 }
 
-impl FromStr for PoolName {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        PoolName::parse(s)
-    }
+/// What every name type shares: parsed from text (and from a record's string, so a record
+/// holding a name that does not parse is an error naming its file), written as the text.
+macro_rules! name_traits {
+    ($($name:ident),*) => {$(
+        impl FromStr for $name {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self> {
+                $name::parse(s)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = Error;
+            fn try_from(s: String) -> Result<Self> {
+                $name::parse(&s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(name: $name) -> String {
+                name.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    )*};
 }
+
+name_traits!(PoolName, NodeName, ObjectName);
 
 /// Validates a requested size (CSI sizes are signed) and rounds it up to [`SIZE_ALIGN`].
 pub fn parse_size(requested: i64) -> Result<u64> {
@@ -266,6 +338,21 @@ mod tests {
             Error::MalformedId { .. } => "malformed",
             Error::OutOfRange { .. } => "range",
         }
+    }
+
+    #[test]
+    fn an_id_reads_as_the_kind_its_prefix_names_and_round_trips_through_json() {
+        for s in ["vol:p@n:a", "snap:p:s", "group:p@n:g"] {
+            let id: ObjectId = s.parse().expect(s);
+            assert_eq!(id.to_string(), s);
+            let json = serde_json::to_string(&id).expect("json");
+            assert_eq!(json, format!("{s:?}"));
+            assert_eq!(serde_json::from_str::<ObjectId>(&json).expect("back"), id);
+        }
+        for bad in ["", "volume:p:a", "vol", "x:p:a", "vol:p:a/b"] {
+            assert!(matches!(bad.parse::<ObjectId>(), Err(Error::MalformedId { .. })), "{bad}");
+        }
+        assert!(serde_json::from_str::<ObjectName>("\"a/b\"").is_err(), "a bad name in a record");
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub const CLONE_MODE: &str = "cloneMode";
 /// Parameter: the most bytes per second a full clone copies (`64Mi`; unset: as fast as the
 /// disk allows), so a clone of a large volume does not starve the node's other volumes.
 pub const CLONE_BANDWIDTH: &str = "cloneBandwidth";
+/// Parameter: `"true"` lets a volume follow its pod: when its node is cordoned or drained and
+/// the pod cannot be scheduled, the controller moves the volume to a node the pod can go to.
+pub const FOLLOW_POD: &str = "followPod";
 /// VolumeSnapshotClass / VolumeGroupSnapshotClass parameter: `"false"` snapshots a mounted
 /// filesystem without freezing it (crash-consistent only). Default `"true"`.
 pub const FREEZE: &str = "freezeFilesystem";
@@ -90,6 +93,15 @@ pub fn preallocation(value: &str) -> Result<Preallocation> {
     })
 }
 
+/// A `"true"` / `"false"` parameter.
+pub fn boolean(field: &'static str, value: &str) -> Result<bool> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(Error::invalid(field, format!("{other:?} is neither \"true\" nor \"false\""))),
+    }
+}
+
 /// `cloneMode`.
 pub fn clone_mode(value: &str) -> Result<CloneMode> {
     match value {
@@ -101,13 +113,7 @@ pub fn clone_mode(value: &str) -> Result<CloneMode> {
 
 /// Parses the [`FREEZE`] parameter.
 pub fn freeze(value: &str) -> Result<bool> {
-    match value {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        other => {
-            Err(Error::invalid(FREEZE, format!("{other:?} is neither \"true\" nor \"false\"")))
-        }
-    }
+    boolean(FREEZE, value)
 }
 
 /// `maxChainDepth`: a whole number of layers.
@@ -189,6 +195,8 @@ mod tests {
         assert_eq!(clone_mode("linked"), Ok(CloneMode::Linked));
         assert_eq!(bytes(CLONE_BANDWIDTH, "64Mi"), Ok(64 << 20));
         assert!(clone_mode("deep").is_err());
+        assert_eq!(boolean(FOLLOW_POD, "true"), Ok(true));
+        assert!(boolean(FOLLOW_POD, "yes").is_err());
         assert_eq!(max_chain_depth("7"), Ok(7));
         assert!(max_chain_depth("-7").is_err());
         for (good, n) in [("65536", 65536), ("128Ki", 128 << 10), ("2M", 2 << 20), ("1Gi", 1 << 30)]

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::id::{IdKind, ObjectId, ObjectName, PoolName};
+
 /// How much of a new image is allocated up front.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -147,24 +149,33 @@ pub enum CloneMode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VolumeSource {
     /// A snapshot: a linked overlay on its layer, O(1).
-    Snapshot(String),
+    Snapshot(ObjectId),
     /// Another volume: a point-in-time copy or a linked overlay ([`CloneMode`]).
-    Volume(String),
+    Volume(ObjectId),
 }
 
 impl VolumeSource {
+    /// A source by its ID, of the kind the ID names (a group is none).
+    pub fn new(id: ObjectId) -> Option<Self> {
+        match id.kind {
+            IdKind::Snapshot => Some(VolumeSource::Snapshot(id)),
+            IdKind::Volume => Some(VolumeSource::Volume(id)),
+            IdKind::Group => None,
+        }
+    }
+
     /// The source's ID.
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &ObjectId {
         match self {
             VolumeSource::Snapshot(id) | VolumeSource::Volume(id) => id,
         }
     }
 
     /// Which kind of ID [`VolumeSource::id`] is.
-    pub fn kind(&self) -> crate::id::IdKind {
+    pub fn kind(&self) -> IdKind {
         match self {
-            VolumeSource::Snapshot(_) => crate::id::IdKind::Snapshot,
-            VolumeSource::Volume(_) => crate::id::IdKind::Volume,
+            VolumeSource::Snapshot(_) => IdKind::Snapshot,
+            VolumeSource::Volume(_) => IdKind::Volume,
         }
     }
 }
@@ -207,9 +218,9 @@ impl std::fmt::Debug for RemoteSource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateVolume {
     /// The pool.
-    pub pool: String,
+    pub pool: PoolName,
     /// The volume's name (CSI: the request name, mapped to an object name).
-    pub name: String,
+    pub name: ObjectName,
     /// Requested bytes; for sourced volumes `None` means the source's size.
     pub size: Option<i64>,
     /// The most bytes the caller accepts: an existing volume of this name satisfies a repeated
@@ -235,14 +246,17 @@ pub struct CreateVolume {
     pub auto_expand: Option<crate::grow::AutoExpand>,
     /// The source lives on another node, which serves it here: a full copy over the network.
     pub remote: Option<RemoteSource>,
+    /// A move: the volume replaces the source volume of this ID (on another node) and keeps
+    /// the ID, so the orchestrator's handle of it stays valid. Needs [`CreateVolume::remote`].
+    pub keep_id: Option<ObjectId>,
 }
 
 impl CreateVolume {
     /// An empty thin volume with defaults.
-    pub fn new(pool: &str, name: &str, size: i64) -> Self {
+    pub fn new(pool: PoolName, name: ObjectName, size: i64) -> Self {
         CreateVolume {
-            pool: pool.into(),
-            name: name.into(),
+            pool,
+            name,
             size: Some(size),
             limit: None,
             preallocation: Preallocation::Off,
@@ -255,12 +269,19 @@ impl CreateVolume {
             format: Format::default(),
             auto_expand: None,
             remote: None,
+            keep_id: None,
         }
     }
 
-    /// The source's ID, or "" for an empty volume.
-    pub fn source_id(&self) -> &str {
-        self.source.as_ref().map_or("", VolumeSource::id)
+    /// [`CreateVolume::new`] from text: the pool and name parsed (a bad one is
+    /// [`crate::Error::InvalidArgument`]).
+    pub fn named(pool: &str, name: &str, size: i64) -> crate::Result<Self> {
+        Ok(Self::new(PoolName::parse(pool)?, ObjectName::parse(name)?, size))
+    }
+
+    /// The source's ID, or `None` for an empty volume.
+    pub fn source_id(&self) -> Option<&ObjectId> {
+        self.source.as_ref().map(VolumeSource::id)
     }
 }
 
@@ -285,12 +306,15 @@ mod tests {
 
     #[test]
     fn a_source_names_its_kind_and_id() {
-        let s = VolumeSource::Snapshot("snap:p:s".into());
-        assert_eq!((s.kind(), s.id()), (crate::id::IdKind::Snapshot, "snap:p:s"));
-        let mut c = CreateVolume::new("p", "v", 1);
-        assert_eq!(c.source_id(), "");
-        c.source = Some(VolumeSource::Volume("vol:p:a".into()));
-        assert_eq!(c.source_id(), "vol:p:a");
+        let id = |kind, s| ObjectId::parse(kind, s).expect("id");
+        let s = VolumeSource::new(id(IdKind::Snapshot, "snap:p:s")).expect("a source");
+        assert_eq!((s.kind(), s.id().to_string().as_str()), (IdKind::Snapshot, "snap:p:s"));
+        assert_eq!(VolumeSource::new(id(IdKind::Group, "group:p:g")), None);
+        let name = |s| ObjectName::parse(s).expect("name");
+        let mut c = CreateVolume::new(PoolName::parse("p").expect("pool"), name("v"), 1);
+        assert_eq!(c.source_id(), None);
+        c.source = Some(VolumeSource::Volume(id(IdKind::Volume, "vol:p:a")));
+        assert_eq!(c.source_id().map(ToString::to_string).as_deref(), Some("vol:p:a"));
         assert!(!c.qos.is_limited());
     }
 }

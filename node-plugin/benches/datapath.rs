@@ -171,8 +171,10 @@ async fn measure(
     let v = engine.daemon().version().qemu;
     let qemu = format!("{}.{}", v.major, v.minor);
     let core = engine.core_arc();
-    let vol =
-        core.create_volume(&CreateVolume::new("bench", "data", 2 << 30)).await.expect("create");
+    let vol = core
+        .create_volume(&CreateVolume::named("bench", "data", 2 << 30).expect("request"))
+        .await
+        .expect("create");
     // 1 GiB of data in the head image: reads and overwrites meet allocated clusters, as on
     // the raw baseline.
     let (pool, chain) = core.volume_chain(&vol.id).expect("chain");
@@ -183,7 +185,7 @@ async fn measure(
     // fuse, as the node stages it.
     let attached = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach fuse");
     let direct = engine.daemon().features().loop_direct_io_over_fuse;
-    let loop_dev = device::attach(Backend::Fuse, &attached.endpoint, direct, &vol.id)
+    let loop_dev = device::attach(Backend::Fuse, &attached.endpoint, direct, &vol.id.to_string())
         .await
         .expect("loop device");
     let label = format!("fuse {qemu}");
@@ -194,9 +196,10 @@ async fn measure(
     device::detach(Backend::Fuse, &loop_dev).await.expect("detach loop");
     if direct {
         // Where a direct-I/O loop is safe, the buffered one too, to keep the faster.
-        let loop_dev = device::attach(Backend::Fuse, &attached.endpoint, false, &vol.id)
-            .await
-            .expect("loop device");
+        let loop_dev =
+            device::attach(Backend::Fuse, &attached.endpoint, false, &vol.id.to_string())
+                .await
+                .expect("loop device");
         let label = format!("fuse (buffered loop) {qemu}");
         for (spec, base) in JOBS.iter().zip(baseline) {
             let value = fio_on_volume(pid, &label, &Target::Path(&loop_dev), *spec, seconds);
@@ -226,7 +229,8 @@ async fn measure(
     for i in 0..3 {
         run("sync", &[]);
         let start = Instant::now();
-        let mut request = CreateVolume::new("bench", &format!("clone-{i}"), 2 << 30);
+        let mut request =
+            CreateVolume::named("bench", &format!("clone-{i}"), 2 << 30).expect("request");
         request.source = Some(VolumeSource::Volume(vol.id.clone()));
         request.clone_mode = CloneMode::Copy;
         let task = core.start_clone(&request).await.expect("clone");

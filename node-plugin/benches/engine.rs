@@ -15,6 +15,11 @@ use qsd_node::pool::{NodeName, PoolKind, PoolName};
 use qsd_node::qsd::DaemonConfig;
 
 const GIB: u64 = 1 << 30;
+
+/// A snapshot's name.
+fn name(text: &str) -> qsd_node::pool::ObjectName {
+    qsd_node::pool::ObjectName::parse(text).expect("a name")
+}
 const ITERATIONS: usize = 20;
 /// Volumes attached at once to one daemon in the footprint part.
 const ATTACHED: usize = 1024;
@@ -70,7 +75,8 @@ async fn measure_size(
     size: u64,
 ) -> Vec<(&'static str, Vec<Duration>)> {
     let core = engine.core_arc();
-    let mut request = CreateVolume::new("bench", &format!("v-{label}"), size as i64);
+    let mut request =
+        CreateVolume::named("bench", &format!("v-{label}"), size as i64).expect("request");
     request.max_chain_depth = Some(64);
     let vol = core.create_volume(&request).await.expect("create");
     // 1 GiB of data, written offline straight into the head image.
@@ -89,7 +95,7 @@ async fn measure_size(
     let mut offline_snapshot = Vec::new();
     for i in 0..ITERATIONS {
         let start = Instant::now();
-        core.create_snapshot(&vol.id, &format!("off-{label}-{i}")).await.expect("snapshot");
+        core.create_snapshot(&vol.id, &name(&format!("off-{label}-{i}"))).await.expect("snapshot");
         timed(&mut offline_snapshot, start);
     }
     let mut offline_expand = Vec::new();
@@ -102,7 +108,7 @@ async fn measure_size(
     let mut online_snapshot = Vec::new();
     for i in 0..ITERATIONS {
         let start = Instant::now();
-        core.create_snapshot(&vol.id, &format!("on-{label}-{i}")).await.expect("snapshot");
+        core.create_snapshot(&vol.id, &name(&format!("on-{label}-{i}"))).await.expect("snapshot");
         timed(&mut online_snapshot, start);
     }
     let mut online_expand = Vec::new();
@@ -116,12 +122,12 @@ async fn measure_size(
         .list_snapshots()
         .expect("list")
         .into_iter()
-        .find(|s| s.id.ends_with(&format!("off-{label}-0")))
+        .find(|s| s.id.name.as_str() == format!("off-{label}-0"))
         .expect("snap")
         .id;
     let mut restore = Vec::new();
     for i in 0..ITERATIONS {
-        let mut r = CreateVolume::new("bench", &format!("r-{label}-{i}"), 0);
+        let mut r = CreateVolume::named("bench", &format!("r-{label}-{i}"), 0).expect("request");
         r.size = None;
         r.source = Some(VolumeSource::Snapshot(snapshot_id.clone()));
         let start = Instant::now();
@@ -197,7 +203,10 @@ async fn main() {
             scrapes.push((i, scrape_p50(&metrics, &registry)));
         }
         let vol = core
-            .create_volume(&CreateVolume::new("bench", &format!("many-{i}"), (64 << 20) as i64))
+            .create_volume(
+                &CreateVolume::named("bench", &format!("many-{i}"), (64 << 20) as i64)
+                    .expect("request"),
+            )
             .await
             .expect("create");
         let start = Instant::now();

@@ -19,6 +19,7 @@ use crate::engine::{
     DEFAULT_BATCH,
 };
 use crate::graph::ExportKind;
+use crate::pool::id::{IdKind, NodeName, ObjectId, ObjectName, PoolName};
 use tokio_stream::StreamExt;
 
 /// The agent service.
@@ -34,7 +35,7 @@ impl AgentService {
     }
 }
 
-fn volume(v: VolumeInfo) -> agent::Volume {
+fn wire_volume(v: VolumeInfo) -> agent::Volume {
     let export = match v.export {
         None => agent::ExportKind::ExportNone,
         Some(ExportKind::Nbd) => agent::ExportKind::ExportNbd,
@@ -42,7 +43,7 @@ fn volume(v: VolumeInfo) -> agent::Volume {
         Some(ExportKind::VhostUserBlk) => agent::ExportKind::ExportVhostUserBlk,
     };
     agent::Volume {
-        volume_id: v.id,
+        volume_id: v.id.to_string(),
         size_bytes: v.size,
         chain_depth: v.chain_depth as u32,
         source: convert::volume_source(v.source),
@@ -54,18 +55,29 @@ fn volume(v: VolumeInfo) -> agent::Volume {
 
 fn snapshot(s: SnapshotInfo) -> agent::Snapshot {
     agent::Snapshot {
-        snapshot_id: s.id,
-        source_volume_id: s.source_volume_id,
+        snapshot_id: s.id.to_string(),
+        source_volume_id: s.source_volume_id.to_string(),
         size_bytes: s.size,
         created_unix: s.created_unix,
-        group_snapshot_id: s.group_id.unwrap_or_default(),
-        node: s.node.unwrap_or_default(),
+        group_snapshot_id: s.group_id.map(|g| g.to_string()).unwrap_or_default(),
+        node: s.node.map(String::from).unwrap_or_default(),
     }
 }
 
 /// `CreateVolumeRequest` → the engine's request.
 fn create_request(r: agent::CreateVolumeRequest) -> Result<CreateVolume, Status> {
     CreateVolume::try_from(r).map_err(|e| status(e.into()))
+}
+
+/// An ID off the wire: one that does not parse names nothing of ours (NOT_FOUND).
+fn wire_id(kind: IdKind, s: &str) -> Result<ObjectId, Status> {
+    ObjectId::parse(kind, s).map_err(|e| status(e.into()))
+}
+
+/// A name off the wire (a snapshot's, a group's, a node's, a pool's): one that does not
+/// parse is a bad argument.
+fn name<N: std::str::FromStr<Err = qsd_csi_model::Error>>(s: &str) -> Result<N, Status> {
+    s.parse().map_err(|e: qsd_csi_model::Error| status(e.into()))
 }
 
 /// The engine's event as the agent streams it; `None` for events that concern no volume.
@@ -84,7 +96,7 @@ pub fn volume_event(event: EngineEvent) -> Option<agent::VolumeEvent> {
             filesystem,
             pool_free,
         } => (
-            volume,
+            volume.to_string(),
             labels,
             Kind::WriteThresholdCrossed(agent::WriteThresholdCrossed {
                 threshold_bytes: threshold,
@@ -99,19 +111,19 @@ pub fn volume_event(event: EngineEvent) -> Option<agent::VolumeEvent> {
             }),
         ),
         EngineEvent::CloneProgress { volume, source, done, total, labels } => (
-            volume,
+            volume.to_string(),
             labels,
             Kind::CloneProgress(agent::CloneProgress {
-                source_volume_id: source,
+                source_volume_id: source.to_string(),
                 done_bytes: done,
                 total_bytes: total,
             }),
         ),
         EngineEvent::CloneFinished { volume, source, error, elapsed, labels } => (
-            volume,
+            volume.to_string(),
             labels,
             Kind::CloneFinished(agent::CloneFinished {
-                source_volume_id: source,
+                source_volume_id: source.to_string(),
                 error: error.unwrap_or_default(),
                 elapsed_millis: elapsed.as_millis().try_into().unwrap_or(u64::MAX),
             }),
@@ -121,7 +133,10 @@ pub fn volume_event(event: EngineEvent) -> Option<agent::VolumeEvent> {
     Some(agent::VolumeEvent { volume_id, labels, kind: Some(kind) })
 }
 
-pub use qsd_csi_proto::agent::{ChangesStream, CopyExportStream, EventStream};
+pub use qsd_csi_proto::agent::{ChangesStream, CopyExportStream, EventStream, HeldStream};
+
+/// The longest a node holds writes for a caller of `HoldWrites` that does not hang up.
+pub const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn snapshot_list(taken: Vec<SnapshotInfo>) -> agent::SnapshotList {
     agent::SnapshotList { snapshots: taken.into_iter().map(snapshot).collect() }
@@ -132,17 +147,40 @@ impl Agent for AgentService {
     type WatchEventsStream = EventStream;
     type SnapshotChangesStream = ChangesStream;
     type ExportForCopyStream = CopyExportStream;
+    type HoldWritesStream = HeldStream;
+
+    async fn hold_writes(
+        &self,
+        request: Request<agent::HoldWritesRequest>,
+    ) -> Result<Response<HeldStream>, Status> {
+        let ids = request.into_inner().volume_ids;
+        let ids: Vec<ObjectId> =
+            ids.iter().map(|v| wire_id(IdKind::Volume, v)).collect::<Result<_, _>>()?;
+        let held = self.engine.hold_writes(&ids).await.map_err(status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        // Held in a task of its own until the caller hangs up, or HOLD_LIMIT at most.
+        tokio::spawn(async move {
+            if tx.send(Ok(agent::Held {})).await.is_ok()
+                && tokio::time::timeout(HOLD_LIMIT, tx.closed()).await.is_err()
+            {
+                let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+                tracing::warn!(volumes = ?ids, "writes held past the limit; letting go");
+            }
+            drop(held);
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
 
     async fn export_for_copy(
         &self,
         request: Request<agent::ExportForCopyRequest>,
     ) -> Result<Response<CopyExportStream>, Status> {
         let request = request.into_inner();
-        let source = request
-            .source
-            .map(VolumeSource::from)
-            .ok_or_else(|| Status::invalid_argument("a copy needs a source"))?;
-        let export = self.engine.export_for_copy(&source, &request.reader_node).await;
+        let source =
+            request.source.ok_or_else(|| Status::invalid_argument("a copy needs a source"))?;
+        let source = VolumeSource::try_from(source).map_err(|e| status(e.into()))?;
+        let reader: NodeName = name(&request.reader_node)?;
+        let export = self.engine.export_for_copy(&source, &reader).await;
         let export = export.map_err(status)?;
         let first = agent::CopyExport::from(export.remote());
         let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -193,14 +231,15 @@ impl Agent for AgentService {
     ) -> Result<Response<agent::Volume>, Status> {
         let command = create_request(request.into_inner())?;
         let info = self.engine.create_volume(&command).await.map_err(status)?;
-        Ok(Response::new(volume(info)))
+        Ok(Response::new(wire_volume(info)))
     }
 
     async fn delete_volume(
         &self,
         request: Request<agent::VolumeRef>,
     ) -> Result<Response<agent::Empty>, Status> {
-        self.engine.delete_volume(&request.into_inner().volume_id).await.map_err(status)?;
+        let volume = wire_id(IdKind::Volume, &request.into_inner().volume_id)?;
+        self.engine.delete_volume(&volume).await.map_err(status)?;
         Ok(Response::new(agent::Empty {}))
     }
 
@@ -208,32 +247,37 @@ impl Agent for AgentService {
         &self,
         request: Request<agent::VolumeRef>,
     ) -> Result<Response<agent::Volume>, Status> {
-        let info = self.engine.get_volume(&request.into_inner().volume_id).map_err(status)?;
-        Ok(Response::new(volume(info)))
+        let volume = wire_id(IdKind::Volume, &request.into_inner().volume_id)?;
+        let info = self.engine.get_volume(&volume).map_err(status)?;
+        Ok(Response::new(wire_volume(info)))
     }
 
     async fn locate_volume(
         &self,
         request: Request<agent::VolumeRef>,
     ) -> Result<Response<agent::VolumeLocation>, Status> {
-        let node = self.engine.attached_node(&request.into_inner().volume_id).map_err(status)?;
-        Ok(Response::new(agent::VolumeLocation { attached_node: node.unwrap_or_default() }))
+        let volume = wire_id(IdKind::Volume, &request.into_inner().volume_id)?;
+        let node = self.engine.attached_node(&volume).map_err(status)?;
+        let attached_node = node.map(String::from).unwrap_or_default();
+        Ok(Response::new(agent::VolumeLocation { attached_node }))
     }
 
     async fn locate_snapshot(
         &self,
         request: Request<agent::SnapshotRef>,
     ) -> Result<Response<agent::VolumeLocation>, Status> {
-        let id = request.into_inner().snapshot_id;
-        let node = self.engine.snapshot_source_node(&id).map_err(status)?;
-        Ok(Response::new(agent::VolumeLocation { attached_node: node.unwrap_or_default() }))
+        let snapshot = wire_id(IdKind::Snapshot, &request.into_inner().snapshot_id)?;
+        let node = self.engine.snapshot_source_node(&snapshot).map_err(status)?;
+        let attached_node = node.map(String::from).unwrap_or_default();
+        Ok(Response::new(agent::VolumeLocation { attached_node }))
     }
 
     async fn list_volumes(
         &self,
         _: Request<agent::Empty>,
     ) -> Result<Response<agent::VolumeList>, Status> {
-        let volumes = self.engine.list_volumes().map_err(status)?.into_iter().map(volume).collect();
+        let volumes =
+            self.engine.list_volumes().map_err(status)?.into_iter().map(wire_volume).collect();
         Ok(Response::new(agent::VolumeList { volumes }))
     }
 
@@ -242,10 +286,11 @@ impl Agent for AgentService {
         request: Request<agent::ExpandVolumeRequest>,
     ) -> Result<Response<agent::Volume>, Status> {
         let r = request.into_inner();
-        self.engine.expand_volume(&r.volume_id, r.size_bytes).await.map_err(status)?;
-        self.engine.grow_staged(&r.volume_id).await;
-        let info = self.engine.get_volume(&r.volume_id).map_err(status)?;
-        Ok(Response::new(volume(info)))
+        let volume = wire_id(IdKind::Volume, &r.volume_id)?;
+        self.engine.expand_volume(&volume, r.size_bytes).await.map_err(status)?;
+        self.engine.grow_staged(&volume).await;
+        let info = self.engine.get_volume(&volume).map_err(status)?;
+        Ok(Response::new(wire_volume(info)))
     }
 
     async fn modify_volume(
@@ -253,10 +298,8 @@ impl Agent for AgentService {
         request: Request<agent::ModifyVolumeRequest>,
     ) -> Result<Response<agent::Empty>, Status> {
         let r = request.into_inner();
-        self.engine
-            .set_qos(&r.volume_id, r.qos.unwrap_or_default().into())
-            .await
-            .map_err(status)?;
+        let volume = wire_id(IdKind::Volume, &r.volume_id)?;
+        self.engine.set_qos(&volume, r.qos.unwrap_or_default().into()).await.map_err(status)?;
         Ok(Response::new(agent::Empty {}))
     }
 
@@ -268,13 +311,14 @@ impl Agent for AgentService {
         if r.snapshots.is_empty() {
             return Err(Status::invalid_argument("no snapshots requested"));
         }
-        let items: Vec<(&str, &str)> =
-            r.snapshots.iter().map(|s| (s.volume_id.as_str(), s.name.as_str())).collect();
-        let batch = SnapshotBatch {
-            items: &items,
-            group: (!r.group.is_empty()).then_some(r.group.as_str()),
-            freeze: !r.no_freeze,
-        };
+        let items: Vec<(ObjectId, ObjectName)> = r
+            .snapshots
+            .iter()
+            .map(|s| Ok((wire_id(IdKind::Volume, &s.volume_id)?, name(&s.name)?)))
+            .collect::<Result<_, Status>>()?;
+        let group: Option<ObjectName> =
+            (!r.group.is_empty()).then(|| name(&r.group)).transpose()?;
+        let batch = SnapshotBatch { items: &items, group: group.as_ref(), freeze: !r.no_freeze };
         let taken = self.engine.create_snapshot_group(batch).await.map_err(status)?;
         Ok(Response::new(snapshot_list(taken)))
     }
@@ -283,15 +327,16 @@ impl Agent for AgentService {
         &self,
         request: Request<agent::SnapshotGroupRef>,
     ) -> Result<Response<agent::SnapshotList>, Status> {
-        let id = request.into_inner().group_snapshot_id;
-        Ok(Response::new(snapshot_list(self.engine.group_snapshots(&id).map_err(status)?)))
+        let group = wire_id(IdKind::Group, &request.into_inner().group_snapshot_id)?;
+        Ok(Response::new(snapshot_list(self.engine.group_snapshots(&group).map_err(status)?)))
     }
 
     async fn delete_snapshot_group(
         &self,
         request: Request<agent::SnapshotGroupRef>,
     ) -> Result<Response<agent::Empty>, Status> {
-        self.engine.delete_group(&request.into_inner().group_snapshot_id).await.map_err(status)?;
+        let group = wire_id(IdKind::Group, &request.into_inner().group_snapshot_id)?;
+        self.engine.delete_group(&group).await.map_err(status)?;
         Ok(Response::new(agent::Empty {}))
     }
 
@@ -300,14 +345,17 @@ impl Agent for AgentService {
         request: Request<agent::ChangesRequest>,
     ) -> Result<Response<ChangesStream>, Status> {
         let r = request.into_inner();
-        let base = (!r.base_snapshot_id.is_empty()).then_some(r.base_snapshot_id.as_str());
+        let base = (!r.base_snapshot_id.is_empty())
+            .then(|| wire_id(IdKind::Snapshot, &r.base_snapshot_id))
+            .transpose()?;
+        let target = wire_id(IdKind::Snapshot, &r.target_snapshot_id)?;
         let per_batch = match r.max_results {
             0 => DEFAULT_BATCH,
             n => n as usize,
         };
         let changes = self
             .engine
-            .snapshot_changes(base, &r.target_snapshot_id, r.starting_offset, per_batch)
+            .snapshot_changes(base.as_ref(), &target, r.starting_offset, per_batch)
             .await
             .map_err(status)?;
         let size = changes.volume_size;
@@ -331,7 +379,8 @@ impl Agent for AgentService {
         request: Request<agent::VolumeRef>,
     ) -> Result<Response<agent::VolumeHealth>, Status> {
         let volume_id = request.into_inner().volume_id;
-        let found = self.engine.volume_health(&volume_id).await.map_err(status)?;
+        let volume = wire_id(IdKind::Volume, &volume_id)?;
+        let found = self.engine.volume_health(&volume).await.map_err(status)?;
         Ok(Response::new(convert::agent_volume_health(volume_id, &found)))
     }
 
@@ -340,8 +389,10 @@ impl Agent for AgentService {
         _: Request<agent::Empty>,
     ) -> Result<Response<agent::VolumeHealthList>, Status> {
         let all = self.engine.list_volume_health().await.map_err(status)?;
-        let volumes =
-            all.into_iter().map(|(id, found)| convert::agent_volume_health(id, &found)).collect();
+        let volumes = all
+            .into_iter()
+            .map(|(v, found)| convert::agent_volume_health(v.to_string(), &found))
+            .collect();
         Ok(Response::new(agent::VolumeHealthList { volumes }))
     }
 
@@ -349,7 +400,8 @@ impl Agent for AgentService {
         &self,
         request: Request<agent::SnapshotRef>,
     ) -> Result<Response<agent::Empty>, Status> {
-        self.engine.delete_snapshot(&request.into_inner().snapshot_id).await.map_err(status)?;
+        let snapshot = wire_id(IdKind::Snapshot, &request.into_inner().snapshot_id)?;
+        self.engine.delete_snapshot(&snapshot).await.map_err(status)?;
         Ok(Response::new(agent::Empty {}))
     }
 
@@ -366,7 +418,8 @@ impl Agent for AgentService {
         &self,
         request: Request<agent::PoolRef>,
     ) -> Result<Response<agent::Capacity>, Status> {
-        let pool = self.engine.requested_pool(&request.into_inner().pool).map_err(status)?;
+        let pool: PoolName = name(&request.into_inner().pool)?;
+        let pool = self.engine.requested_pool(&pool).map_err(status)?;
         let usage = crate::mount::usage(pool.root()).map_err(status)?;
         Ok(Response::new(agent::Capacity { available_bytes: usage.bytes_available }))
     }

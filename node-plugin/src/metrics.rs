@@ -109,7 +109,7 @@ impl NodeMetrics {
                     label(qsd_csi_model::params::CLAIM_LABELS[1]),
                     label(qsd_csi_model::params::CLAIM_LABELS[0]),
                 );
-                let staged = staged.get(&facts.id).filter(|_| facts.export.is_some());
+                let staged = staged.get(&facts.id.to_string()).filter(|_| facts.export.is_some());
                 let backend = match (staged.map(|s| s.backend), facts.export) {
                     (Some(Backend::Fuse), _) => Some("loop"),
                     (Some(Backend::Nbd), _) => Some("nbd"),
@@ -312,8 +312,9 @@ impl Families {
 
     fn volume(&self, volume: &Volume, crossings: u64) {
         let f = &volume.facts;
+        let id = f.id.to_string();
         let labels =
-            [f.id.as_str(), f.pool.as_str(), volume.claim.0.as_str(), volume.claim.1.as_str()];
+            [id.as_str(), f.pool.as_str(), volume.claim.0.as_str(), volume.claim.1.as_str()];
         self.size.with_label_values(&labels).set(f.size as f64);
         if let Some(bytes) = allocated(&f.head) {
             self.allocated.with_label_values(&labels).set(bytes as f64);

@@ -179,8 +179,13 @@ async fn watch_events_streams_clone_outcomes_and_crossed_thresholds_with_the_vol
     assert_eq!((f.source_volume_id.as_str(), f.error.as_str()), (src.volume_id.as_str(), ""));
 
     let core = env.core();
-    let export = core.attach(&src.volume_id, ExportKind::Fuse).await.expect("attach").endpoint.path;
-    core.set_write_threshold(&src.volume_id, 2 * MIB, MIB).await.expect("arm");
+    let export = core
+        .attach(&common::id(&src.volume_id), ExportKind::Fuse)
+        .await
+        .expect("attach")
+        .endpoint
+        .path;
+    core.set_write_threshold(&common::id(&src.volume_id), 2 * MIB, MIB).await.expect("arm");
     write_at(&export, 0, &pattern(9, 3 * MIB as usize));
     let crossed = next_event(&mut stream).await;
     assert_eq!(

@@ -112,6 +112,7 @@ async fn call_everything(c: &mut AgentClient<Channel>) -> Vec<(&'static str, Cod
     let code = |r: Result<(), tonic::Status>| r.err().map_or(Code::Ok, |s| s.code());
     let volume = || VolumeRef { volume_id: "vol:local:x".into() };
     let snapshot = || SnapshotRef { snapshot_id: "snap:local:x".into() };
+    let group = || SnapshotGroupRef { group_snapshot_id: "group:local:x".into() };
     let create = CreateVolumeRequest {
         pool: "local".into(),
         name: "stolen".into(),
@@ -173,6 +174,29 @@ async fn call_everything(c: &mut AgentClient<Channel>) -> Vec<(&'static str, Cod
                 .map(drop),
             ),
         ),
+        (
+            "HoldWrites",
+            code(
+                c.hold_writes(HoldWritesRequest { volume_ids: vec!["vol:local:x".into()] })
+                    .await
+                    .map(drop),
+            ),
+        ),
+        ("GetSnapshotGroup", code(c.get_snapshot_group(group()).await.map(drop))),
+        ("DeleteSnapshotGroup", code(c.delete_snapshot_group(group()).await.map(drop))),
+        ("GetVolumeHealth", code(c.get_volume_health(volume()).await.map(drop))),
+        ("ListVolumeHealth", code(c.list_volume_health(Empty {}).await.map(drop))),
+        (
+            "SnapshotChanges",
+            code(
+                c.snapshot_changes(ChangesRequest {
+                    target_snapshot_id: "snap:local:x".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            ),
+        ),
     ]
 }
 
@@ -189,7 +213,11 @@ async fn a_nodes_certificate_is_refused_permission_denied_on_every_rpc_unary_and
     let node_2 = cluster.leaf_for(dir, "node-2", &cluster, &[ServerAuth, ClientAuth]);
     let mut client = tls::connect_agent(served.addr, "node-1", &node_2).await.expect("connect");
     let answered = call_everything(&mut client).await;
-    assert_eq!(answered.len(), 14, "every RPC of agent.proto");
+    let rpcs = include_str!("../../proto/proto/agent.proto")
+        .lines()
+        .filter(|l| l.trim_start().starts_with("rpc "))
+        .count();
+    assert_eq!(answered.len(), rpcs, "every RPC of agent.proto");
     for (rpc, code) in &answered {
         assert_eq!(*code, Code::PermissionDenied, "{rpc} answered a node's certificate");
     }

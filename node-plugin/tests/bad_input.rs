@@ -8,6 +8,8 @@ use std::path::Path;
 use common::*;
 use qsd_node::engine::{CreateVolume, VolumeSource};
 use qsd_node::graph::ExportKind;
+use qsd_node::pool::id::{IdKind, ObjectId};
+use qsd_node::pool::{ObjectName, PoolName};
 use qsd_node::ErrorKind;
 
 /// Every file under `dir` with its contents.
@@ -32,35 +34,39 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 async fn bad_input_returns_a_typed_error_and_changes_nothing_on_disk() {
     let env = Env::new().await;
     let core = env.core();
-    let vol =
-        core.create_volume(&CreateVolume::new("local", "v", 8 * MIB as i64)).await.expect("create");
-    let snap = core.create_snapshot(&vol.id, "s").await.expect("snapshot");
+    let vol = core
+        .create_volume(&CreateVolume::named("local", "v", 8 * MIB as i64).expect("request"))
+        .await
+        .expect("create");
+    let snap = core.create_snapshot(&vol.id, &name("s")).await.expect("snapshot");
     let attached = core
-        .create_volume(&CreateVolume::new("local", "busy", 8 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "busy", 8 * MIB as i64).expect("request"))
         .await
         .expect("create");
     core.attach(&attached.id, ExportKind::Nbd).await.expect("attach");
     let before = tree(&env.pool_dir());
 
-    let create = |name: &str, size: i64| CreateVolume::new("local", name, size);
-    let mut in_other_pool = create("x", MIB as i64);
-    in_other_pool.pool = "nope".into();
-    let mut bad_pool_name = create("x", MIB as i64);
-    bad_pool_name.pool = "../etc".into();
-    let mut restore_smaller = create("r", MIB as i64);
+    // Requests as the wire decoders make them: a name or ID that does not parse is refused
+    // there (and never reaches the engine); the rest by the engine. Either way, a typed error.
+    let create = |name: &str, size: i64| CreateVolume::named("local", name, size);
+    let valid = |name: &str, size: i64| create(name, size).expect("request");
+    let mut in_other_pool = valid("x", MIB as i64);
+    in_other_pool.pool = PoolName::parse("nope").expect("pool");
+    let bad_pool_name = CreateVolume::named("../etc", "x", MIB as i64);
+    let mut restore_smaller = valid("r", MIB as i64);
     restore_smaller.source = Some(VolumeSource::Snapshot(snap.id.clone()));
-    let mut restore_unknown = create("r", MIB as i64);
-    restore_unknown.source = Some(VolumeSource::Snapshot("snap:local@node-1:missing".into()));
-    let mut clone_malformed = create("r", MIB as i64);
-    clone_malformed.source = Some(VolumeSource::Volume("vol:local@node-1:../v".into()));
+    let mut restore_unknown = valid("r", MIB as i64);
+    restore_unknown.source = Some(VolumeSource::Snapshot(id("snap:local@node-1:missing")));
+    let clone_malformed = ObjectId::parse(IdKind::Volume, "vol:local@node-1:../v");
     let free = qsd_node::mount::usage(&env.pool_dir()).expect("statvfs").bytes_available;
     let beyond_free = (free + (1 << 30)).min(qsd_node::pool::id::MAX_SIZE);
-    let mut too_big_to_preallocate = create("p", beyond_free as i64);
+    let mut too_big_to_preallocate = valid("p", beyond_free as i64);
     too_big_to_preallocate.preallocation = qsd_node::engine::Preallocation::Full;
-    let mut zero_depth = create("d", MIB as i64);
+    let mut zero_depth = valid("d", MIB as i64);
     zero_depth.max_chain_depth = Some(0);
 
-    let creates: Vec<(&str, CreateVolume, ErrorKind)> = vec![
+    type Decoded = Result<CreateVolume, qsd_csi_model::Error>;
+    let creates: Vec<(&str, Decoded, ErrorKind)> = vec![
         ("dot-dot name", create("..", MIB as i64), ErrorKind::InvalidArgument),
         ("slash in name", create("a/b", MIB as i64), ErrorKind::InvalidArgument),
         ("traversal name", create("../../etc/passwd", MIB as i64), ErrorKind::InvalidArgument),
@@ -71,19 +77,26 @@ async fn bad_input_returns_a_typed_error_and_changes_nothing_on_disk() {
         ("re-create, other size", create("v", 16 * MIB as i64), ErrorKind::AlreadyExists),
         (
             "unknown pool (a bad parameter, not a missing object)",
-            in_other_pool,
+            Ok(in_other_pool),
             ErrorKind::InvalidArgument,
         ),
         ("malformed pool", bad_pool_name, ErrorKind::InvalidArgument),
-        ("restore smaller than snapshot", restore_smaller, ErrorKind::OutOfRange),
-        ("restore unknown snapshot", restore_unknown, ErrorKind::NotFound),
+        ("restore smaller than snapshot", Ok(restore_smaller), ErrorKind::OutOfRange),
+        ("restore unknown snapshot", Ok(restore_unknown), ErrorKind::NotFound),
         // An ID that cannot be ours names nothing held here: NOT_FOUND, as CSI asks of IDs.
-        ("clone malformed source", clone_malformed, ErrorKind::NotFound),
-        ("zero depth", zero_depth, ErrorKind::InvalidArgument),
-        ("preallocated beyond free space", too_big_to_preallocate, ErrorKind::ResourceExhausted),
+        ("clone malformed source", clone_malformed.map(|_| valid("r", 1)), ErrorKind::NotFound),
+        ("zero depth", Ok(zero_depth), ErrorKind::InvalidArgument),
+        (
+            "preallocated beyond free space",
+            Ok(too_big_to_preallocate),
+            ErrorKind::ResourceExhausted,
+        ),
     ];
     for (case, request, kind) in creates {
-        let err = core.create_volume(&request).await.expect_err(case);
+        let err = match request {
+            Err(refused) => qsd_node::Error::from(refused),
+            Ok(request) => core.create_volume(&request).await.expect_err(case),
+        };
         assert_eq!(err.kind(), kind, "{case}: {err}");
     }
 
@@ -95,25 +108,38 @@ async fn bad_input_returns_a_typed_error_and_changes_nothing_on_disk() {
         ("traversal", "vol:local@node-1:../v", ErrorKind::NotFound),
         ("snapshot id for a volume", "snap:local@node-1:s", ErrorKind::NotFound),
     ];
-    for (case, id, kind) in &ids {
-        let err = core.delete_volume(id).await.expect_err(case);
+    for (case, text, kind) in &ids {
+        let id = match ObjectId::parse(IdKind::Volume, text) {
+            Err(refused) => {
+                assert_eq!(qsd_node::Error::from(refused).kind(), *kind, "{case}");
+                continue;
+            }
+            Ok(id) => id,
+        };
+        let err = core.delete_volume(&id).await.expect_err(case);
         assert_eq!(err.kind(), *kind, "delete {case}: {err}");
-        let err = core.expand_volume(id, 64 * MIB as i64).await.expect_err(case);
+        let err = core.expand_volume(&id, 64 * MIB as i64).await.expect_err(case);
         assert_eq!(err.kind(), *kind, "expand {case}: {err}");
-        let err = core.create_snapshot(id, "s2").await.expect_err(case);
+        let err = core.create_snapshot(&id, &name("s2")).await.expect_err(case);
         assert_eq!(err.kind(), *kind, "snapshot {case}: {err}");
-        let err = core.attach(id, ExportKind::Fuse).await.expect_err(case);
+        let err = core.attach(&id, ExportKind::Fuse).await.expect_err(case);
         assert_eq!(err.kind(), *kind, "attach {case}: {err}");
     }
+    // An ID of the wrong kind never resolves, whatever it names.
+    let as_snapshot = core.delete_snapshot(&vol.id).await.expect_err("a volume's ID");
+    assert_eq!(as_snapshot.kind(), ErrorKind::NotFound);
     let err =
-        core.delete_snapshot("snap:local@node-1:missing").await.expect_err("unknown snapshot");
+        core.delete_snapshot(&id("snap:local@node-1:missing")).await.expect_err("unknown snapshot");
     assert_eq!(err.kind(), ErrorKind::NotFound);
-    let err = core.delete_snapshot("snap:local@node-1:a/b").await.expect_err("malformed snapshot");
-    assert_eq!(err.kind(), ErrorKind::NotFound);
-    let err = core.create_snapshot(&vol.id, "../s").await.expect_err("bad snapshot name");
-    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    let malformed = ObjectId::parse(IdKind::Snapshot, "snap:local@node-1:a/b");
+    assert_eq!(
+        qsd_node::Error::from(malformed.expect_err("malformed")).kind(),
+        ErrorKind::NotFound
+    );
+    let bad_name = ObjectName::parse("../s").expect_err("bad snapshot name");
+    assert_eq!(qsd_node::Error::from(bad_name).kind(), ErrorKind::InvalidArgument);
     let err = core
-        .create_snapshot(&attached.id, "s")
+        .create_snapshot(&attached.id, &name("s"))
         .await
         .expect_err("snapshot name taken by another volume");
     assert_eq!(err.kind(), ErrorKind::AlreadyExists);

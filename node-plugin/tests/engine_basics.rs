@@ -11,7 +11,7 @@ async fn snapshot_keeps_data_written_before_it_and_hides_later_writes() {
     let env = Env::new().await;
     let core = env.core();
     let vol = core
-        .create_volume(&CreateVolume::new("local", "v1", 64 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "v1", 64 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
@@ -19,7 +19,7 @@ async fn snapshot_keeps_data_written_before_it_and_hides_later_writes() {
     write_at(&export, 0, &before);
     write_at(&export, 40 * MIB, &before);
 
-    let snap = core.create_snapshot(&vol.id, "s1").await.expect("snapshot while attached");
+    let snap = core.create_snapshot(&vol.id, &name("s1")).await.expect("snapshot while attached");
     let after = pattern(2, MIB as usize);
     write_at(&export, 0, &after);
 
@@ -38,10 +38,10 @@ async fn snapshot_keeps_data_written_before_it_and_hides_later_writes() {
 
     // The same holds for a snapshot taken while the volume is detached.
     core.detach(&vol.id).await.expect("detach");
-    let snap2 = core.create_snapshot(&vol.id, "s2").await.expect("offline snapshot");
+    let snap2 = core.create_snapshot(&vol.id, &name("s2")).await.expect("offline snapshot");
     let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("reattach").endpoint.path;
     write_at(&export, 0, &before);
-    restore.name = "r2".into();
+    restore.name = name("r2");
     restore.source = Some(VolumeSource::Snapshot(snap2.id));
     let r2 = core.create_volume(&restore).await.expect("restore 2");
     let r2export = core.attach(&r2.id, ExportKind::Fuse).await.expect("attach r2").endpoint.path;
@@ -53,15 +53,17 @@ async fn restore_and_create_are_idempotent_by_name_and_refuse_a_different_size()
     let env = Env::new().await;
     let core = env.core();
     let a = core
-        .create_volume(&CreateVolume::new("local", "v", 10 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "v", 10 * MIB as i64).expect("request"))
         .await
         .expect("create");
-    let b =
-        core.create_volume(&CreateVolume::new("local", "v", 10 * MIB as i64)).await.expect("again");
+    let b = core
+        .create_volume(&CreateVolume::named("local", "v", 10 * MIB as i64).expect("request"))
+        .await
+        .expect("again");
     assert_eq!(a, b);
     let files = env.layer_files();
     let err = core
-        .create_volume(&CreateVolume::new("local", "v", 20 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "v", 20 * MIB as i64).expect("request"))
         .await
         .expect_err("size differs");
     assert_eq!(err.kind(), qsd_node::ErrorKind::AlreadyExists);
@@ -73,8 +75,10 @@ async fn clone_matches_its_source_at_the_start_while_the_source_keeps_being_writ
     let env = Env::new().await;
     let core = env.core();
     let size = 32 * MIB;
-    let vol =
-        core.create_volume(&CreateVolume::new("local", "src", size as i64)).await.expect("create");
+    let vol = core
+        .create_volume(&CreateVolume::named("local", "src", size as i64).expect("request"))
+        .await
+        .expect("create");
     let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
     for i in 0..8 {
         write_at(&export, i * 4 * MIB, &pattern(i as u8, MIB as usize));
@@ -127,7 +131,7 @@ async fn expand_grows_the_virtual_size_online_and_offline_and_keeps_every_byte()
     // Online through a FUSE export and through an NBD export (which must be re-created).
     for (name, kind) in [("fuse", ExportKind::Fuse), ("nbd", ExportKind::Nbd)] {
         let vol = core
-            .create_volume(&CreateVolume::new("local", name, 16 * MIB as i64))
+            .create_volume(&CreateVolume::named("local", name, 16 * MIB as i64).expect("request"))
             .await
             .expect("create");
         let attached = core.attach(&vol.id, kind).await.expect("attach").endpoint;
@@ -152,13 +156,13 @@ async fn expand_grows_the_virtual_size_online_and_offline_and_keeps_every_byte()
     }
     // Offline, on a volume with a snapshot in its chain.
     let vol = core
-        .create_volume(&CreateVolume::new("local", "off", 16 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "off", 16 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
     write_at(&export, 15 * MIB, &data);
     core.detach(&vol.id).await.expect("detach");
-    core.create_snapshot(&vol.id, "before-expand").await.expect("snapshot");
+    core.create_snapshot(&vol.id, &name("before-expand")).await.expect("snapshot");
     core.expand_volume(&vol.id, 32 * MIB as i64).await.expect("offline expand");
     let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
     assert_eq!(std::fs::metadata(&export).expect("stat").len(), 32 * MIB);
@@ -184,7 +188,7 @@ async fn a_vhost_user_blk_export_listens_on_a_private_socket_until_detached() {
     let env = Env::new().await;
     let core = env.core();
     let vol = core
-        .create_volume(&CreateVolume::new("local", "vm", 16 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "vm", 16 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let endpoint = core.attach(&vol.id, ExportKind::VhostUserBlk).await.expect("attach").endpoint;
@@ -215,7 +219,7 @@ async fn preallocation_modes_allocate_what_they_promise_and_thin_allocates_almos
         ("falloc", Preallocation::Falloc),
         ("full", Preallocation::Full),
     ] {
-        let mut request = CreateVolume::new("local", name, size as i64);
+        let mut request = CreateVolume::named("local", name, size as i64).expect("request");
         request.preallocation = mode;
         let vol = core.create_volume(&request).await.expect("create");
         let (pool, chain) = core.volume_chain(&vol.id).expect("chain");
@@ -237,7 +241,7 @@ async fn a_linked_clone_shares_the_sources_data_as_of_now_and_diverges_afterward
     let env = Env::new().await;
     let core = env.core();
     let src = core
-        .create_volume(&CreateVolume::new("local", "src", 16 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "src", 16 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let export = core.attach(&src.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
@@ -277,7 +281,7 @@ async fn a_clone_reports_its_progress_then_its_outcome_with_the_new_volumes_labe
     let env = Env::new().await;
     let core = env.core();
     let vol = core
-        .create_volume(&CreateVolume::new("local", "src", 8 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "src", 8 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
@@ -297,10 +301,7 @@ async fn a_clone_reports_its_progress_then_its_outcome_with_the_new_volumes_labe
     let EngineEvent::CloneProgress { volume, source, done, total, labels } = progress else {
         unreachable!()
     };
-    assert_eq!(
-        (source.as_str(), labels.get("claim").map(String::as_str)),
-        (vol.id.as_str(), Some("ns/c"))
-    );
+    assert_eq!((&source, labels.get("claim").map(String::as_str)), (&vol.id, Some("ns/c")));
     assert!(done < total && total >= 8 * MIB, "reported while copying: {done} of {total}");
     let finished =
         wait_event(&mut events, |e| matches!(e, EngineEvent::CloneFinished { .. })).await;
@@ -327,7 +328,7 @@ async fn a_volume_s_qcow2_layout_holds_for_its_snapshot_overlays_and_its_cache_f
     use qsd_node::engine::Format;
     let env = Env::new().await;
     let core = env.core();
-    let mut request = CreateVolume::new("local", "tuned", 64 * MIB as i64);
+    let mut request = CreateVolume::named("local", "tuned", 64 * MIB as i64).expect("request");
     request.format =
         Format { cluster_size: Some(128 << 10), extended_l2: true, l2_cache_size: Some(4 << 20) };
     let vol = core.create_volume(&request).await.expect("create");
@@ -337,7 +338,7 @@ async fn a_volume_s_qcow2_layout_holds_for_its_snapshot_overlays_and_its_cache_f
     // layout under the same cache option; the data stays readable through the export.
     let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
     write_at(&export, 4096, &pattern(7, 4096));
-    core.create_snapshot(&vol.id, "s1").await.expect("snapshot");
+    core.create_snapshot(&vol.id, &name("s1")).await.expect("snapshot");
     write_at(&export, 8192, &pattern(8, 4096));
     let (pool, chain) = core.volume_chain(&vol.id).expect("chain");
     assert_eq!(chain.len(), 2);
@@ -353,7 +354,7 @@ async fn a_volume_s_qcow2_layout_holds_for_its_snapshot_overlays_and_its_cache_f
 
     // A layout QEMU would refuse is refused before any image exists.
     let files = env.layer_files();
-    let mut bad = CreateVolume::new("local", "bad", 64 * MIB as i64);
+    let mut bad = CreateVolume::named("local", "bad", 64 * MIB as i64).expect("request");
     bad.format = Format { cluster_size: Some(8 << 10), extended_l2: true, l2_cache_size: None };
     let err = core.create_volume(&bad).await.expect_err("extended L2 needs 16 KiB clusters");
     assert!(err.to_string().contains("extendedL2"), "{err}");

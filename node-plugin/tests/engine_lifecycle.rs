@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use qsd_node::engine::{CreateVolume, Engine, EngineEvent, SnapshotBatch};
 use qsd_node::graph::{ExportEndpoint, ExportKind};
+use qsd_node::pool::{id::ObjectId, ObjectName};
 use qsd_node::qmp::commands::{QomGetLimits, QomList, QueryBlockExports, QueryNamedBlockNodes};
 use qsd_node::qsd::Origin;
 use qsd_node::ErrorKind;
@@ -15,13 +16,13 @@ async fn deleting_a_snapshot_that_backs_a_live_volume_keeps_its_data_and_its_lay
     let env = Env::new().await;
     let core = env.core();
     let vol = core
-        .create_volume(&CreateVolume::new("local", "v", 16 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "v", 16 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
     let data = pattern(9, MIB as usize);
     write_at(&export, 3 * MIB, &data);
-    let snap = core.create_snapshot(&vol.id, "s").await.expect("snapshot");
+    let snap = core.create_snapshot(&vol.id, &name("s")).await.expect("snapshot");
     let restored = core.create_volume(&restore_request("r", &snap.id)).await.expect("restore");
     let (pool, chain) = core.volume_chain(&vol.id).expect("chain");
     let snapshot_layer = pool.layer_path(chain[1]);
@@ -46,11 +47,13 @@ async fn deleting_a_snapshot_that_backs_a_live_volume_keeps_its_data_and_its_lay
 async fn cycle_snapshots(kind: Option<ExportKind>, keep_first_snapshot: bool) {
     let env = Env::with_depth(3).await;
     let core = env.core();
-    let vol =
-        core.create_volume(&CreateVolume::new("local", "v", 8 * MIB as i64)).await.expect("create");
+    let vol = core
+        .create_volume(&CreateVolume::named("local", "v", 8 * MIB as i64).expect("request"))
+        .await
+        .expect("create");
     let mut latest = [0u8; 8];
     if keep_first_snapshot {
-        core.create_snapshot(&vol.id, "keep").await.expect("kept snapshot");
+        core.create_snapshot(&vol.id, &name("keep")).await.expect("kept snapshot");
     }
     let mut endpoint = match kind {
         Some(k) => Some(core.attach(&vol.id, k).await.expect("attach").endpoint),
@@ -72,7 +75,7 @@ async fn cycle_snapshots(kind: Option<ExportKind>, keep_first_snapshot: bool) {
             }
         }
         latest[slot as usize] = value;
-        let snap = core.create_snapshot(&vol.id, &format!("s{i}")).await.expect("snapshot");
+        let snap = core.create_snapshot(&vol.id, &name(&format!("s{i}"))).await.expect("snapshot");
         core.delete_snapshot(&snap.id).await.expect("delete snapshot");
         let depth = core.get_volume(&vol.id).expect("volume").chain_depth;
         assert!(depth <= 3, "cycle {i}: depth {depth}");
@@ -95,7 +98,7 @@ async fn cycle_snapshots(kind: Option<ExportKind>, keep_first_snapshot: bool) {
             .list_snapshots()
             .expect("list")
             .into_iter()
-            .find(|s| s.id.ends_with(":keep"))
+            .find(|s| s.id.name.as_str() == "keep")
             .expect("kept");
         let r = core.create_volume(&restore_request("r", &kept.id)).await.expect("restore kept");
         let re = core.attach(&r.id, ExportKind::Fuse).await.expect("attach").endpoint;
@@ -130,12 +133,14 @@ async fn chains_stay_within_their_depth_through_50_snapshot_cycles_offline() {
 async fn a_snapshot_beyond_the_depth_limit_that_cannot_be_merged_is_refused_cleanly() {
     let env = Env::with_depth(3).await;
     let core = env.core();
-    let vol =
-        core.create_volume(&CreateVolume::new("local", "v", 8 * MIB as i64)).await.expect("create");
-    core.create_snapshot(&vol.id, "a").await.expect("a");
-    core.create_snapshot(&vol.id, "b").await.expect("b");
+    let vol = core
+        .create_volume(&CreateVolume::named("local", "v", 8 * MIB as i64).expect("request"))
+        .await
+        .expect("create");
+    core.create_snapshot(&vol.id, &name("a")).await.expect("a");
+    core.create_snapshot(&vol.id, &name("b")).await.expect("b");
     let files = env.layer_files();
-    let err = core.create_snapshot(&vol.id, "c").await.expect_err("every layer is pinned");
+    let err = core.create_snapshot(&vol.id, &name("c")).await.expect_err("every layer is pinned");
     assert_eq!(err.kind(), ErrorKind::ResourceExhausted);
     assert_eq!(env.layer_files(), files, "no half-created overlay left behind");
 }
@@ -146,7 +151,7 @@ async fn a_write_threshold_fires_once_per_arming_and_a_missed_one_is_found_after
     let core = env.core();
     let mut events = core.subscribe();
     let vol = core
-        .create_volume(&CreateVolume::new("local", "v", 64 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "v", 64 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let export = core.attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
@@ -202,15 +207,15 @@ async fn a_daemon_killed_with_sigkill_is_restarted_and_every_attached_graph_rebu
     let mut events = core.subscribe();
     let data = pattern(5, 2 * MIB as usize);
     let fuse = core
-        .create_volume(&CreateVolume::new("local", "f", 16 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "f", 16 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let fuse_path = core.attach(&fuse.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
     write_at(&fuse_path, MIB, &data);
-    core.create_snapshot(&fuse.id, "chain").await.expect("snapshot: a two-layer chain");
+    core.create_snapshot(&fuse.id, &name("chain")).await.expect("snapshot: a two-layer chain");
     write_at(&fuse_path, 8 * MIB, &data);
     let nbd = core
-        .create_volume(&CreateVolume::new("local", "n", 16 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "n", 16 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let nbd_ep = core.attach(&nbd.id, ExportKind::Nbd).await.expect("attach").endpoint;
@@ -233,7 +238,7 @@ async fn a_daemon_killed_with_sigkill_is_restarted_and_every_attached_graph_rebu
         .daemon()
         .qmp()
         .call(&QomGetLimits {
-            path: "g-".to_owned() + &group_tag(&env, &fuse.id),
+            path: "g-".to_owned() + &group_tag(&env, &fuse.id.to_string()),
             property: "limits",
         })
         .await
@@ -257,7 +262,7 @@ async fn a_restarted_plugin_adopts_the_running_daemon_and_its_exports() {
     let mut env = Env::new().await;
     let vol = env
         .core()
-        .create_volume(&CreateVolume::new("local", "v", 16 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "v", 16 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let path = env.core().attach(&vol.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
@@ -279,12 +284,14 @@ async fn five_hundred_create_snapshot_delete_cycles_leave_nothing_behind() {
     let core = env.core();
     for i in 0..500 {
         let vol = core
-            .create_volume(&CreateVolume::new("local", &format!("v{i}"), 4 * MIB as i64))
+            .create_volume(
+                &CreateVolume::named("local", &format!("v{i}"), 4 * MIB as i64).expect("request"),
+            )
             .await
             .expect("create");
         let kind = if i % 2 == 0 { ExportKind::Nbd } else { ExportKind::Fuse };
         core.attach(&vol.id, kind).await.expect("attach");
-        let snap = core.create_snapshot(&vol.id, &format!("s{i}")).await.expect("snapshot");
+        let snap = core.create_snapshot(&vol.id, &name(&format!("s{i}"))).await.expect("snapshot");
         if i % 10 == 0 {
             let r = core
                 .create_volume(&restore_request(&format!("r{i}"), &snap.id))
@@ -320,11 +327,11 @@ async fn five_hundred_create_snapshot_delete_cycles_leave_nothing_behind() {
 async fn qos_limits_change_live_on_an_attached_volume() {
     let env = Env::new().await;
     let core = env.core();
-    let mut request = CreateVolume::new("local", "v", 8 * MIB as i64);
+    let mut request = CreateVolume::named("local", "v", 8 * MIB as i64).expect("request");
     request.qos = qsd_node::engine::Qos { bps_total: 10 << 20, ..Default::default() };
     let vol = core.create_volume(&request).await.expect("create");
     core.attach(&vol.id, ExportKind::Nbd).await.expect("attach");
-    let group = format!("g-{}", group_tag(&env, &vol.id));
+    let group = format!("g-{}", group_tag(&env, &vol.id.to_string()));
     let qmp = core.daemon().qmp();
     let query = QomGetLimits { path: group.clone(), property: "limits" };
     assert_eq!(qmp.call(&query).await.expect("limits").bps_total, 10 << 20);
@@ -343,11 +350,11 @@ async fn qos_limits_change_live_on_an_attached_volume() {
 async fn a_refused_group_snapshot_changes_no_member() {
     let env = Env::new().await;
     let core = env.core();
-    let mut at_limit = CreateVolume::new("local", "full", 8 * MIB as i64);
+    let mut at_limit = CreateVolume::named("local", "full", 8 * MIB as i64).expect("request");
     at_limit.max_chain_depth = Some(2);
     let full = core.create_volume(&at_limit).await.expect("create");
     // A snapshot taken and deleted: its layer stays in the chain, free to be merged.
-    let first = [(full.id.as_str(), "s1")];
+    let first = [(full.id.clone(), name("s1"))];
     let s1 = core
         .create_snapshot_group(SnapshotBatch { items: &first, group: None, freeze: false })
         .await
@@ -355,18 +362,18 @@ async fn a_refused_group_snapshot_changes_no_member() {
     core.delete_snapshot(&s1[0].id).await.expect("delete the snapshot");
     assert_eq!(core.get_volume(&full.id).expect("volume").chain_depth, 2, "at its limit");
     let other = core
-        .create_volume(&CreateVolume::new("local", "other", 8 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "other", 8 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let third = core
-        .create_volume(&CreateVolume::new("local", "third", 8 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "third", 8 * MIB as i64).expect("request"))
         .await
         .expect("create");
-    let taken = [(other.id.as_str(), "taken")];
+    let taken = [(other.id.clone(), name("taken"))];
     core.create_snapshot_group(SnapshotBatch { items: &taken, group: None, freeze: false })
         .await
         .expect("the name taken from another volume");
-    let items = [(full.id.as_str(), "s2"), (third.id.as_str(), "taken")];
+    let items = [(full.id.clone(), name("s2")), (third.id.clone(), name("taken"))];
     let refused = core
         .create_snapshot_group(SnapshotBatch { items: &items, group: None, freeze: false })
         .await
@@ -387,7 +394,7 @@ async fn a_group_snapshot_captures_every_volume_at_one_instant() {
     let mut ids = Vec::new();
     for name in ["a", "b", "c"] {
         let v = core
-            .create_volume(&CreateVolume::new("local", name, 8 * MIB as i64))
+            .create_volume(&CreateVolume::named("local", name, 8 * MIB as i64).expect("request"))
             .await
             .expect("create");
         let p = core.attach(&v.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
@@ -395,8 +402,8 @@ async fn a_group_snapshot_captures_every_volume_at_one_instant() {
         paths.push(p);
         ids.push(v.id);
     }
-    let items: Vec<(&str, &str)> =
-        ids.iter().zip(["sa", "sb", "sc"]).map(|(v, s)| (v.as_str(), s)).collect();
+    let items: Vec<(ObjectId, ObjectName)> =
+        ids.iter().zip(["sa", "sb", "sc"]).map(|(v, s)| (v.clone(), name(s))).collect();
     let batch = SnapshotBatch { items: &items, group: None, freeze: true };
     let snaps = core.create_snapshot_group(batch).await.expect("group snapshot");
     for p in &paths {
@@ -415,7 +422,7 @@ async fn a_second_operation_on_a_busy_volume_is_aborted_while_others_proceed() {
     let env = Env::new().await;
     let core = env.core();
     let src = core
-        .create_volume(&CreateVolume::new("local", "src", 16 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "src", 16 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let export = core.attach(&src.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
@@ -423,16 +430,16 @@ async fn a_second_operation_on_a_busy_volume_is_aborted_while_others_proceed() {
     let request = clone_request("copy", &src.id);
     let mut task = core.start_clone_with_speed(&request, Some(1)).await.expect("clone");
     task.job().expect("job").running().await.expect("running");
-    let busy = core.create_snapshot(&src.id, "s").await.expect_err("source is busy");
+    let busy = core.create_snapshot(&src.id, &name("s")).await.expect_err("source is busy");
     assert_eq!(busy.kind(), ErrorKind::Aborted);
     let busy = core.expand_volume(&src.id, 32 * MIB as i64).await.expect_err("source is busy");
     assert_eq!(busy.kind(), ErrorKind::Aborted);
-    core.create_volume(&CreateVolume::new("local", "other", 4 * MIB as i64))
+    core.create_volume(&CreateVolume::named("local", "other", 4 * MIB as i64).expect("request"))
         .await
         .expect("other volumes proceed");
     task.job().expect("job").set_speed(0).await.expect("unthrottle");
     task.finish().await.expect("clone finishes");
-    core.create_snapshot(&src.id, "s").await.expect("free again");
+    core.create_snapshot(&src.id, &name("s")).await.expect("free again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,11 +447,11 @@ async fn a_volume_that_cannot_be_rebuilt_is_reported_and_retried_while_the_other
     let mut env = Env::new().await;
     let core = env.core();
     let broken = core
-        .create_volume(&CreateVolume::new("local", "broken", 16 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "broken", 16 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let fine = core
-        .create_volume(&CreateVolume::new("local", "fine", 16 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "fine", 16 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let broken_ep = core.attach(&broken.id, ExportKind::Nbd).await.expect("attach").endpoint;
@@ -473,12 +480,16 @@ async fn a_volume_that_cannot_be_rebuilt_is_reported_and_retried_while_the_other
     nbd_io(&fine_ep, "read -P 0x5a 0 1M");
     let findings = core.volume_health(&broken.id).await.expect("health");
     assert!(findings.iter().any(|f| f.reason == "NotReconciled"), "{findings:?}");
-    assert!(core.volume_health(&fine.id).await.expect("health").is_empty());
+    let reasons = |f: Vec<qsd_csi_model::health::Finding>| -> Vec<String> {
+        f.into_iter().map(|f| f.reason).collect()
+    };
+    let fine_health = core.volume_health(&fine.id).await.expect("health");
+    assert_eq!(reasons(fine_health), env.pool_space_reasons());
 
     std::fs::rename(&aside, &image).expect("the head is back");
     let _ = wait_event(&mut events, is_rebuilt).await; // the supervisor's retry
     let findings = core.volume_health(&broken.id).await.expect("health");
-    assert!(findings.is_empty(), "{findings:?}");
+    assert_eq!(reasons(findings), env.pool_space_reasons(), "rebuilt: nothing of its own");
     nbd_io(&broken_ep, "read -P 0x6b 0 1M");
     core.detach(&broken.id).await.expect("detach");
     core.detach(&fine.id).await.expect("detach");

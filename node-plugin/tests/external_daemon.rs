@@ -81,8 +81,10 @@ async fn an_externally_managed_daemon_is_reconnected_and_rebuilt_after_its_resta
         Some((Origin::Adopted, 0))
     );
     let core = engine.core_arc();
-    let vol =
-        core.create_volume(&CreateVolume::new("local", "v", 8 * MIB as i64)).await.expect("create");
+    let vol = core
+        .create_volume(&CreateVolume::named("local", "v", 8 * MIB as i64).expect("request"))
+        .await
+        .expect("create");
     let ep = core.attach(&vol.id, ExportKind::Nbd).await.expect("attach").endpoint;
     nbd_io(&ep, "write -P 0x77 0 1M");
     nbd_io(&ep, "flush");
@@ -116,8 +118,10 @@ async fn the_node_plugin_started_before_its_external_daemon_waits_for_it() {
         .expect("task")
         .expect("connects to the late daemon");
     let core = engine.core_arc();
-    let vol =
-        core.create_volume(&CreateVolume::new("local", "w", 8 * MIB as i64)).await.expect("create");
+    let vol = core
+        .create_volume(&CreateVolume::named("local", "w", 8 * MIB as i64).expect("request"))
+        .await
+        .expect("create");
     core.delete_volume(&vol.id).await.expect("delete");
     drop(engine);
     sidecar.kill().expect("stop sidecar");

@@ -69,11 +69,13 @@ async fn round_trip(backend: Backend) {
     let env = Env::new().await;
     let core = env.core();
     let vol = core
-        .create_volume(&CreateVolume::new("local", "dev", 64 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "dev", 64 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let endpoint = core.attach(&vol.id, ExportKind::Nbd).await.expect("attach").endpoint;
-    let dev = device::attach(backend, &endpoint, false, &vol.id).await.expect("device attaches");
+    let dev = device::attach(backend, &endpoint, false, &vol.id.to_string())
+        .await
+        .expect("device attaches");
     assert_eq!(device_size(&dev), 64 * MIB, "{} size", dev.display());
 
     // O_DIRECT writes at the start, in the middle and in the last block; flushed; read back
@@ -112,7 +114,8 @@ async fn round_trip(backend: Backend) {
     // Resize: the engine grows the volume, the device follows where the kernel can.
     assert_eq!(core.expand_volume(&vol.id, 96 * MIB as i64).await.expect("expand"), 96 * MIB);
     let endpoint = core.attachment(&vol.id).expect("lookup").expect("attached").endpoint;
-    let refreshed = device::refresh_size(backend, &dev, &endpoint, &vol.id, 96 * MIB).await;
+    let refreshed =
+        device::refresh_size(backend, &dev, &endpoint, &vol.id.to_string(), 96 * MIB).await;
     if backend == Backend::Ublk && !device::ublk::can_resize() {
         let e = refreshed.expect_err("an old ublk driver cannot resize");
         assert!(e.to_string().contains("UBLK_F_UPDATE_SIZE"), "{e}");
@@ -156,11 +159,12 @@ async fn ublk_requests_wait_for_a_restarted_daemon_instead_of_failing() {
     let env = Env::new().await;
     let core = env.core();
     let vol = core
-        .create_volume(&CreateVolume::new("local", "dev", 16 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "dev", 16 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let endpoint = core.attach(&vol.id, ExportKind::Nbd).await.expect("attach").endpoint;
-    let dev = device::attach(Backend::Ublk, &endpoint, false, &vol.id).await.expect("attach");
+    let dev =
+        device::attach(Backend::Ublk, &endpoint, false, &vol.id.to_string()).await.expect("attach");
     let data = pattern(5, BLOCK);
     let f = open_direct(&dev);
     f.write_all_at(Aligned::from(&data).as_ref(), 0).expect("write");
@@ -190,13 +194,15 @@ async fn staged_device(
     backend: Backend,
 ) -> (qsd_node::engine::VolumeInfo, PathBuf) {
     let vol = core
-        .create_volume(&CreateVolume::new("local", "dev", 16 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "dev", 16 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let writethrough = device::Choice::writethrough(backend);
     let endpoint =
         core.attach_with(&vol.id, ExportKind::Nbd, writethrough).await.expect("attach").endpoint;
-    let dev = device::attach(backend, &endpoint, false, &vol.id).await.expect("device attaches");
+    let dev = device::attach(backend, &endpoint, false, &vol.id.to_string())
+        .await
+        .expect("device attaches");
     (vol, dev)
 }
 
@@ -220,7 +226,9 @@ async fn flush_after_the_daemons_death(backend: Backend) {
     if backend == Backend::Nbd {
         // What the node service does on a rebuild: a fresh socket for the kernel.
         let endpoint = core.attachment(&vol.id).expect("lookup").expect("attached").endpoint;
-        device::refresh_size(backend, &dev, &endpoint, &vol.id, 0).await.expect("reconnect");
+        device::refresh_size(backend, &dev, &endpoint, &vol.id.to_string(), 0)
+            .await
+            .expect("reconnect");
     }
     f.sync_all().expect("the flush succeeds on the new daemon");
     let mut back = Aligned::zeroed(data.len());
@@ -385,10 +393,13 @@ async fn nbd_a_write_waiting_across_an_expand_completes_once_reconnected() {
     let endpoint = core.attachment(&vol.id).expect("lookup").expect("attached").endpoint;
     // Well inside the 120 s the kernel would keep the write before failing it.
     let within = std::time::Duration::from_secs(60);
-    tokio::time::timeout(within, device::refresh_size(Backend::Nbd, &dev, &endpoint, &vol.id, 0))
-        .await
-        .expect("the reconnect does not wait for the write it must carry")
-        .expect("reconnect");
+    tokio::time::timeout(
+        within,
+        device::refresh_size(Backend::Nbd, &dev, &endpoint, &vol.id.to_string(), 0),
+    )
+    .await
+    .expect("the reconnect does not wait for the write it must carry")
+    .expect("reconnect");
     let f = tokio::time::timeout(within, writer)
         .await
         .expect("the write completes once reconnected")

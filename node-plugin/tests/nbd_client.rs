@@ -13,7 +13,7 @@ async fn the_client_negotiates_an_export_and_its_bytes_round_trip() {
     let env = Env::new().await;
     let core = env.core();
     let vol = core
-        .create_volume(&CreateVolume::new("local", "v", 32 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "v", 32 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let ep = core.attach(&vol.id, ExportKind::Nbd).await.expect("attach").endpoint;
@@ -64,7 +64,7 @@ async fn after_an_online_resize_a_reconnecting_client_sees_the_new_size_and_the_
     let env = Env::new().await;
     let core = env.core();
     let vol = core
-        .create_volume(&CreateVolume::new("local", "v", 16 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "v", 16 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let ep = core.attach(&vol.id, ExportKind::Nbd).await.expect("attach").endpoint;
@@ -93,7 +93,7 @@ async fn only_a_writethrough_export_keeps_unflushed_writes_when_the_daemon_dies(
     let mut volumes = Vec::new();
     for (name, writethrough) in [("cached", false), ("writethrough", true)] {
         let vol = core
-            .create_volume(&CreateVolume::new("local", name, 16 * MIB as i64))
+            .create_volume(&CreateVolume::named("local", name, 16 * MIB as i64).expect("request"))
             .await
             .expect("create");
         let ep = core.attach_with(&vol.id, ExportKind::Nbd, writethrough).await.expect("attach");

@@ -170,10 +170,10 @@ async fn the_node_service_answers_each_call_of_a_volumes_life_with_the_right_cod
     let core = env.core();
     let node = fuse_node(&core, Arc::new(RecordingMounter::default()));
     let volume = core
-        .create_volume(&CreateVolume::new("local", "v", 64 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "v", 64 * MIB as i64).expect("request"))
         .await
         .expect("create");
-    let id = volume.id.clone();
+    let id = volume.id.to_string();
     let dir = env.dir.path();
     let (staging, other) = (dir.join("staging"), dir.join("staging-2"));
     let target = dir.join("target");
@@ -202,24 +202,28 @@ async fn the_node_service_answers_each_call_of_a_volumes_life_with_the_right_cod
             Code::NotFound,
         ),
         ("stage an ID that cannot be ours", stage("garbage", &staging), Code::NotFound),
-        ("stage", stage(&id, &staging), Code::Ok),
-        ("stage again, same path", stage(&id, &staging), Code::Ok),
-        ("stage again, another path", stage(&id, &other), Code::AlreadyExists),
+        ("stage", stage(&id.to_string(), &staging), Code::Ok),
+        ("stage again, same path", stage(&id.to_string(), &staging), Code::Ok),
+        ("stage again, another path", stage(&id.to_string(), &other), Code::AlreadyExists),
         ("publish from another staging path", publish(&other), Code::FailedPrecondition),
         ("publish", publish(&staging), Code::Ok),
         ("publish again", publish(&staging), Code::Ok),
-        ("unstage while published", unstage(&id), Code::FailedPrecondition),
+        ("unstage while published", unstage(&id.to_string()), Code::FailedPrecondition),
         ("unpublish", unpublish(), Code::Ok),
         ("unpublish again", unpublish(), Code::Ok),
-        ("unstage", unstage(&id), Code::Ok),
-        ("unstage again", unstage(&id), Code::Ok),
+        ("unstage", unstage(&id.to_string()), Code::Ok),
+        ("unstage again", unstage(&id.to_string()), Code::Ok),
         ("unstage an ID that cannot be ours", unstage("garbage"), Code::Ok),
     ];
     for (row, call, expected) in rows {
         assert_eq!(answer(&node, call).await, expected, "{row}");
     }
-    assert_eq!(core.attachment(&id).expect("attachment"), None, "unstaged means detached");
-    core.delete_volume(&id).await.expect("delete");
+    assert_eq!(
+        core.attachment(&common::id(&id)).expect("attachment"),
+        None,
+        "unstaged means detached"
+    );
+    core.delete_volume(&common::id(&id)).await.expect("delete");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,10 +235,11 @@ async fn an_selinux_label_is_mounted_at_stage_and_a_publish_asking_for_another_i
     let mounter = Arc::new(RecordingMounter::default());
     let node = fuse_node(&core, mounter.clone());
     let id = core
-        .create_volume(&CreateVolume::new("local", "labelled", 64 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "labelled", 64 * MIB as i64).expect("request"))
         .await
         .expect("create")
-        .id;
+        .id
+        .to_string();
     let label = r#"context="system_u:object_r:container_file_t:s0:c1,c2""#;
     let other = r#"context="system_u:object_r:container_file_t:s0:c7,c9""#;
     let (staging, target) = (env.dir.path().join("staging"), env.dir.path().join("target"));
@@ -267,7 +272,7 @@ async fn an_selinux_label_is_mounted_at_stage_and_a_publish_asking_for_another_i
         staging_target_path: staging.display().to_string(),
     };
     node.node_unstage_volume(tonic::Request::new(unstage)).await.expect("unstage");
-    core.delete_volume(&id).await.expect("delete");
+    core.delete_volume(&common::id(&id)).await.expect("delete");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

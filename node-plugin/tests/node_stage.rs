@@ -132,11 +132,14 @@ async fn a_stage_that_fails_at_any_filesystem_step_leaves_the_volume_detached_an
         let config = NodeConfig { device: Choice::Fixed(Backend::Fuse), max_volumes: 16 };
         let node = NodeService::with_seams(core.clone(), config, seams).expect("node service");
         let volume = core
-            .create_volume(&CreateVolume::new("local", &format!("v{i}"), 16 * MIB as i64))
+            .create_volume(
+                &CreateVolume::named("local", &format!("v{i}"), 16 * MIB as i64).expect("request"),
+            )
             .await
             .expect("create");
         let staging = env.dir.path().join(format!("staging-{i}"));
-        let request = stage_request(&volume.id, &staging, &[("writeThresholdPercent", "80")]);
+        let request =
+            stage_request(&volume.id.to_string(), &staging, &[("writeThresholdPercent", "80")]);
         let status = node.node_stage_volume(tonic::Request::new(request)).await.expect_err(what);
         assert_eq!(status.code(), code, "{what}: {status:?}");
         assert!(status.message().contains("refused by the test's mounter"), "{what}: {status:?}");
@@ -166,14 +169,14 @@ async fn a_bad_stage_parameter_or_a_filesystem_too_big_for_its_volume_is_refused
     let config = NodeConfig { device: Choice::Fixed(Backend::Fuse), max_volumes: 16 };
     let node = NodeService::with_seams(core.clone(), config, seams).expect("node service");
     let volume = core
-        .create_volume(&CreateVolume::new("local", "small", 64 * MIB as i64))
+        .create_volume(&CreateVolume::named("local", "small", 64 * MIB as i64).expect("request"))
         .await
         .expect("create");
     let staging = env.dir.path().join("staging");
-    let bad = stage_request(&volume.id, &staging, &[("writeThresholdPercent", "150")]);
+    let bad = stage_request(&volume.id.to_string(), &staging, &[("writeThresholdPercent", "150")]);
     let status = node.node_stage_volume(tonic::Request::new(bad)).await.expect_err("150 %");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    let mut xfs = stage_request(&volume.id, &staging, &[]);
+    let mut xfs = stage_request(&volume.id.to_string(), &staging, &[]);
     if let Some(csi::volume_capability::AccessType::Mount(m)) =
         xfs.volume_capability.as_mut().and_then(|c| c.access_type.as_mut())
     {

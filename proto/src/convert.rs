@@ -4,6 +4,7 @@
 
 use qsd_csi_model::grow::{AutoExpand, Step};
 use qsd_csi_model::health::{Finding, Severity};
+use qsd_csi_model::id::{IdKind, ObjectId, ObjectName, PoolName};
 use qsd_csi_model::volume::{
     CloneMode, CreateVolume, Format, Preallocation, Qos, RemoteSource, VolumeSource,
 };
@@ -131,8 +132,8 @@ impl From<&CreateVolume> for agent::CreateVolumeRequest {
     fn from(c: &CreateVolume) -> Self {
         use agent::create_volume_request::Source;
         agent::CreateVolumeRequest {
-            pool: c.pool.clone(),
-            name: c.name.clone(),
+            pool: c.pool.to_string(),
+            name: c.name.to_string(),
             size_bytes: c.size,
             limit_bytes: c.limit,
             clone_bytes_per_second: c.clone_bandwidth,
@@ -140,8 +141,8 @@ impl From<&CreateVolume> for agent::CreateVolumeRequest {
             qos: Some(c.qos.into()),
             max_chain_depth: c.max_chain_depth,
             source: c.source.as_ref().map(|s| match s {
-                VolumeSource::Snapshot(id) => Source::SnapshotId(id.clone()),
-                VolumeSource::Volume(id) => Source::VolumeId(id.clone()),
+                VolumeSource::Snapshot(id) => Source::SnapshotId(id.to_string()),
+                VolumeSource::Volume(id) => Source::VolumeId(id.to_string()),
             }),
             clone_mode: agent::CloneMode::from(c.clone_mode) as i32,
             labels: c.labels.clone(),
@@ -152,6 +153,7 @@ impl From<&CreateVolume> for agent::CreateVolumeRequest {
             }),
             auto_expand: c.auto_expand.map(agent::AutoExpand::from),
             remote: c.remote.as_ref().map(agent::CopyExport::from),
+            keep_id: c.keep_id.as_ref().map(ToString::to_string).unwrap_or_default(),
         }
     }
 }
@@ -160,19 +162,24 @@ impl From<&VolumeSource> for agent::export_for_copy_request::Source {
     fn from(s: &VolumeSource) -> Self {
         use agent::export_for_copy_request::Source;
         match s {
-            VolumeSource::Snapshot(id) => Source::SnapshotId(id.clone()),
-            VolumeSource::Volume(id) => Source::VolumeId(id.clone()),
+            VolumeSource::Snapshot(id) => Source::SnapshotId(id.to_string()),
+            VolumeSource::Volume(id) => Source::VolumeId(id.to_string()),
         }
     }
 }
 
-impl From<agent::export_for_copy_request::Source> for VolumeSource {
-    fn from(s: agent::export_for_copy_request::Source) -> Self {
+impl TryFrom<agent::export_for_copy_request::Source> for VolumeSource {
+    type Error = Error;
+
+    /// An ID that does not parse is [`Error::MalformedId`] (nothing of ours has it).
+    fn try_from(s: agent::export_for_copy_request::Source) -> Result<Self, Error> {
         use agent::export_for_copy_request::Source;
-        match s {
-            Source::SnapshotId(id) => VolumeSource::Snapshot(id),
-            Source::VolumeId(id) => VolumeSource::Volume(id),
-        }
+        Ok(match s {
+            Source::SnapshotId(id) => {
+                VolumeSource::Snapshot(ObjectId::parse(IdKind::Snapshot, &id)?)
+            }
+            Source::VolumeId(id) => VolumeSource::Volume(ObjectId::parse(IdKind::Volume, &id)?),
+        })
     }
 }
 
@@ -227,19 +234,33 @@ impl TryFrom<agent::CreateVolumeRequest> for CreateVolume {
         })?;
         let clone_mode = agent::CloneMode::try_from(r.clone_mode)
             .map_err(|_| Error::invalid("clone mode", format!("unknown value {}", r.clone_mode)))?;
+        let keep_id = Some(r.keep_id)
+            .filter(|id| !id.is_empty())
+            .map(|id| {
+                ObjectId::parse(IdKind::Volume, &id).map_err(|e| {
+                    Error::invalid("keep_id", format!("{id:?} is not a volume ID: {e}"))
+                })
+            })
+            .transpose()?;
+        let source = match r.source {
+            Some(Source::SnapshotId(id)) => {
+                Some(VolumeSource::Snapshot(ObjectId::parse(IdKind::Snapshot, &id)?))
+            }
+            Some(Source::VolumeId(id)) => {
+                Some(VolumeSource::Volume(ObjectId::parse(IdKind::Volume, &id)?))
+            }
+            None => None,
+        };
         Ok(CreateVolume {
-            pool: r.pool,
-            name: r.name,
+            pool: PoolName::parse(&r.pool)?,
+            name: ObjectName::parse(&r.name)?,
             size: r.size_bytes,
             limit: r.limit_bytes.filter(|l| *l > 0),
             clone_bandwidth: r.clone_bytes_per_second.filter(|b| *b > 0),
             preallocation: preallocation.into(),
             qos: r.qos.unwrap_or_default().into(),
             max_chain_depth: r.max_chain_depth,
-            source: r.source.map(|s| match s {
-                Source::SnapshotId(id) => VolumeSource::Snapshot(id),
-                Source::VolumeId(id) => VolumeSource::Volume(id),
-            }),
+            source,
             clone_mode: clone_mode.into(),
             labels: r.labels,
             format: r
@@ -252,6 +273,7 @@ impl TryFrom<agent::CreateVolumeRequest> for CreateVolume {
                 .unwrap_or_default(),
             auto_expand: r.auto_expand.map(AutoExpand::try_from).transpose()?,
             remote: r.remote.map(RemoteSource::try_from).transpose()?,
+            keep_id,
         })
     }
 }
@@ -296,18 +318,23 @@ impl TryFrom<agent::AutoExpand> for AutoExpand {
 /// A volume's source as `agent.Volume` carries it.
 pub fn volume_source(source: Option<VolumeSource>) -> Option<agent::volume::Source> {
     source.map(|s| match s {
-        VolumeSource::Snapshot(id) => agent::volume::Source::SourceSnapshotId(id),
-        VolumeSource::Volume(id) => agent::volume::Source::SourceVolumeId(id),
+        VolumeSource::Snapshot(id) => agent::volume::Source::SourceSnapshotId(id.to_string()),
+        VolumeSource::Volume(id) => agent::volume::Source::SourceVolumeId(id.to_string()),
     })
 }
 
 impl agent::Volume {
-    /// Where the volume's content came from.
+    /// Where the volume's content came from (a source ID that does not parse is none: the
+    /// node reports only IDs it made).
     pub fn content_source(&self) -> Option<VolumeSource> {
-        self.source.as_ref().map(|s| match s {
-            agent::volume::Source::SourceSnapshotId(id) => VolumeSource::Snapshot(id.clone()),
-            agent::volume::Source::SourceVolumeId(id) => VolumeSource::Volume(id.clone()),
-        })
+        match self.source.as_ref()? {
+            agent::volume::Source::SourceSnapshotId(id) => {
+                ObjectId::parse(IdKind::Snapshot, id).ok().map(VolumeSource::Snapshot)
+            }
+            agent::volume::Source::SourceVolumeId(id) => {
+                ObjectId::parse(IdKind::Volume, id).ok().map(VolumeSource::Volume)
+            }
+        }
     }
 }
 
@@ -315,9 +342,21 @@ impl agent::Volume {
 mod tests {
     use super::*;
 
+    fn request(pool: &str, name: &str, size: i64) -> CreateVolume {
+        CreateVolume::named(pool, name, size).expect("request")
+    }
+
+    fn snapshot(id: &str) -> VolumeSource {
+        VolumeSource::Snapshot(ObjectId::parse(IdKind::Snapshot, id).expect("snapshot ID"))
+    }
+
+    fn volume(id: &str) -> VolumeSource {
+        VolumeSource::Volume(ObjectId::parse(IdKind::Volume, id).expect("volume ID"))
+    }
+
     #[test]
     fn a_create_request_survives_the_wire_unchanged() {
-        let mut c = CreateVolume::new("fast", "pvc-1", 5 << 20);
+        let mut c = request("fast", "pvc-1", 5 << 20);
         c.preallocation = Preallocation::Falloc;
         c.qos = Qos { iops_total: 10, bps_read: 20, ..Qos::default() };
         c.max_chain_depth = Some(3);
@@ -328,11 +367,7 @@ mod tests {
             extended_l2: true,
             l2_cache_size: Some(4 << 20),
         };
-        for source in [
-            None,
-            Some(VolumeSource::Snapshot("snap:fast@n:s".into())),
-            Some(VolumeSource::Volume("vol:fast@n:v".into())),
-        ] {
+        for source in [None, Some(snapshot("snap:fast@n:s")), Some(volume("vol:fast@n:v"))] {
             c.source = source;
             let wire = agent::CreateVolumeRequest::from(&c);
             assert_eq!(CreateVolume::try_from(wire), Ok(c.clone()));
@@ -365,7 +400,7 @@ mod tests {
 
     #[test]
     fn unknown_enum_values_from_a_newer_peer_are_refused() {
-        let mut wire = agent::CreateVolumeRequest::from(&CreateVolume::new("p", "v", 1));
+        let mut wire = agent::CreateVolumeRequest::from(&request("p", "v", 1));
         wire.preallocation = 9;
         assert!(matches!(
             CreateVolume::try_from(wire.clone()),
@@ -377,18 +412,65 @@ mod tests {
     }
 
     #[test]
-    fn a_copys_source_round_trips_by_kind() {
-        for source in
-            [VolumeSource::Snapshot("snap:p@n:s".into()), VolumeSource::Volume("vol:p@n:v".into())]
-        {
-            let wire = agent::export_for_copy_request::Source::from(&source);
-            assert_eq!(VolumeSource::from(wire), source);
+    fn names_and_ids_are_typed_as_they_come_off_the_wire() {
+        let good = agent::CreateVolumeRequest::from(&request("p", "v", 1));
+        use agent::create_volume_request::Source;
+        let rows: [(&str, agent::CreateVolumeRequest, &str); 5] = [
+            (
+                "bad pool",
+                agent::CreateVolumeRequest { pool: "P/..".into(), ..good.clone() },
+                "invalid",
+            ),
+            (
+                "bad name",
+                agent::CreateVolumeRequest { name: "a/b".into(), ..good.clone() },
+                "invalid",
+            ),
+            (
+                "bad keep_id",
+                agent::CreateVolumeRequest { keep_id: "x".into(), ..good.clone() },
+                "invalid",
+            ),
+            (
+                "a snapshot ID as a volume source",
+                agent::CreateVolumeRequest {
+                    source: Some(Source::VolumeId("snap:p:s".into())),
+                    ..good.clone()
+                },
+                "malformed",
+            ),
+            (
+                "garbage as a snapshot source",
+                agent::CreateVolumeRequest {
+                    source: Some(Source::SnapshotId("\u{0}".into())),
+                    ..good
+                },
+                "malformed",
+            ),
+        ];
+        for (row, wire, expected) in rows {
+            let kind = match CreateVolume::try_from(wire) {
+                Err(Error::InvalidArgument { .. }) => "invalid",
+                Err(Error::MalformedId { .. }) => "malformed",
+                other => panic!("{row}: {other:?}"),
+            };
+            assert_eq!(kind, expected, "{row}");
         }
     }
 
     #[test]
+    fn a_copys_source_round_trips_by_kind() {
+        for source in [snapshot("snap:p@n:s"), volume("vol:p@n:v")] {
+            let wire = agent::export_for_copy_request::Source::from(&source);
+            assert_eq!(VolumeSource::try_from(wire), Ok(source));
+        }
+        let bad = agent::export_for_copy_request::Source::VolumeId("snap:p@n:s".into());
+        assert!(matches!(VolumeSource::try_from(bad), Err(Error::MalformedId { .. })));
+    }
+
+    #[test]
     fn a_volume_names_its_source_by_full_id() {
-        let snap = VolumeSource::Snapshot("snap:p@n:s1".into());
+        let snap = snapshot("snap:p@n:s1");
         let v = agent::Volume { source: volume_source(Some(snap.clone())), ..Default::default() };
         assert_eq!(v.content_source(), Some(snap));
         assert_eq!(agent::Volume::default().content_source(), None);

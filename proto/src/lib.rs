@@ -35,6 +35,11 @@ pub mod agent {
     pub type CopyExportStream = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<CopyExport, tonic::Status>> + Send>,
     >;
+
+    /// Writes held as `HoldWrites` streams it: one message, then held until the caller hangs
+    /// up (the one stream type of every implementation, like [`EventStream`]).
+    pub type HeldStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Held, tonic::Status>> + Send>>;
 }
 
 pub mod convert;

@@ -1,7 +1,9 @@
 //! Where a new volume goes, and copying it there from another node when its source lives
 //! on one.
 
-use qsd_csi_model::id::IdKind;
+use std::collections::HashMap;
+
+use qsd_csi_model::id::{IdKind, ObjectId};
 use qsd_csi_model::params::TOPOLOGY_KEY;
 use qsd_csi_model::volume::VolumeSource;
 use qsd_csi_proto::{agent, csi};
@@ -9,6 +11,7 @@ use tonic::Status;
 
 use super::ControllerService;
 use crate::error::ControllerError;
+use crate::params;
 use crate::shapes::location;
 
 impl ControllerService {
@@ -99,5 +102,54 @@ impl ControllerService {
         let created = target.create_volume(message).await;
         drop(export); // the source node stops serving
         created
+    }
+
+    /// Moves volume `id` from node `from` to node `to`, keeping its ID: a copy across that
+    /// replaces it, of its size, labels and growth policy, with the QoS and layout its class's
+    /// `parameters` give. The original stays on `from` until the caller deletes it.
+    pub async fn move_volume(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        parameters: &HashMap<String, String>,
+    ) -> Result<agent::Volume, Status> {
+        let parsed = ObjectId::parse(IdKind::Volume, id).map_err(ControllerError::from)?;
+        let volume_ref = agent::VolumeRef { volume_id: id.to_owned() };
+        let held = self.agents.node(from)?.get_volume(volume_ref).await?;
+        use csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume};
+        let request = csi::CreateVolumeRequest {
+            name: parsed.name.as_str().to_owned(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: held.size_bytes as i64,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![csi::VolumeCapability {
+                access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+                access_type: Some(AccessType::Block(BlockVolume {})),
+            }],
+            parameters: parameters.clone(),
+            volume_content_source: Some(csi::VolumeContentSource {
+                r#type: Some(csi::volume_content_source::Type::Volume(
+                    csi::volume_content_source::VolumeSource { volume_id: id.to_owned() },
+                )),
+            }),
+            ..Default::default()
+        };
+        let mut command = params::create_volume(&request, &self.default_pool)?;
+        command.pool = parsed.location.pool.clone();
+        command.name = parsed.name.clone();
+        command.labels = held.labels.into_iter().collect();
+        command.auto_expand = held
+            .auto_expand
+            .map(qsd_csi_model::grow::AutoExpand::try_from)
+            .transpose()
+            .map_err(ControllerError::from)?;
+        command.keep_id = Some(parsed.clone());
+        let source = VolumeSource::Volume(parsed.clone());
+        let message = agent::CreateVolumeRequest::from(&command);
+        let moved = self.copy_across(to, from, &source, message).await?;
+        self.agents.moved_to(id, to);
+        Ok(moved)
     }
 }

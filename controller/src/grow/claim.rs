@@ -8,6 +8,7 @@ use qsd_csi_model::grow::size;
 use qsd_csi_proto::agent;
 
 use super::{Grower, Grown};
+use crate::error::said;
 use crate::events::{PVC_NAME, PVC_NAMESPACE};
 
 /// Raises claims' requests through the API server.
@@ -67,14 +68,6 @@ impl Grower for ClaimGrower {
             size(requested.unwrap_or(from)),
             size(to),
         )))
-    }
-}
-
-/// What the API server said (its message alone), or the client's error.
-fn said(e: &kube::Error) -> String {
-    match e {
-        kube::Error::Api(status) if !status.message.is_empty() => status.message.clone(),
-        other => other.to_string(),
     }
 }
 

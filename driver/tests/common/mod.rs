@@ -166,6 +166,13 @@ impl Driver {
         self.dir.path().join(name)
     }
 
+    /// What the default pool's filesystem warrants saying in a health answer now (full, nearly
+    /// full or nothing): the host's disk, not the driver, decides it.
+    pub fn pool_space_finding(&self) -> Option<qsd_csi_model::health::Finding> {
+        let u = qsd_node::mount::usage(&self.path("state/pools/default")).expect("statvfs");
+        qsd_csi_model::health::pool_space("default", u.bytes_available, u.bytes_total)
+    }
+
     pub async fn create(
         &mut self,
         name: &str,

@@ -21,6 +21,7 @@ use super::staging::{file_name, Journal};
 use crate::claims::{Claim, Claims};
 use crate::engine::Quiesce;
 use crate::error::{Error, Result};
+use crate::pool::id::ObjectId;
 use crate::pool::store;
 
 /// How long FIFREEZE may take (it waits for in-flight writes and flushes the journal).
@@ -91,13 +92,31 @@ impl Drop for Frozen {
 }
 
 impl Quiesce for Freezer {
-    fn freeze(&self, volume_ids: &[String]) -> Result<Box<dyn Send>> {
+    fn holds(&self, volume_id: &ObjectId) -> Result<bool> {
+        self.holds_staged(&volume_id.to_string())
+    }
+
+    fn freeze(&self, volume_ids: &[ObjectId]) -> Result<Box<dyn Send>> {
+        // The staging journal and the claims go by the ID as the CO sent it.
+        let volume_ids: Vec<String> = volume_ids.iter().map(ToString::to_string).collect();
+        self.freeze_staged(&volume_ids)
+    }
+}
+
+impl Freezer {
+    fn holds_staged(&self, volume_id: &str) -> Result<bool> {
+        Ok(self.staging.get(volume_id)?.is_some_and(|staged| {
+            staged.fs_type.is_some() && crate::mount::is_mountpoint(&staged.staging_path)
+        }))
+    }
+
+    fn freeze_staged(&self, volume_ids: &[String]) -> Result<Box<dyn Send>> {
         let claim = self.busy.take(volume_ids.to_vec()).map_err(|id| Error::Busy { id })?;
         let mut frozen =
             Frozen { markers: self.markers.clone(), frozen: Vec::new(), _claim: claim };
         for id in volume_ids {
             let Some(staged) = self.staging.get(id)? else { continue };
-            if staged.fs_type.is_none() || !crate::mount::is_mountpoint(&staged.staging_path) {
+            if !self.holds_staged(id)? {
                 continue;
             }
             let marker = Marker { volume_id: id.clone(), mount: staged.staging_path.clone() };

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Weak};
 
 use qsd_csi_model::grow::FsUsage;
+use qsd_csi_model::id::ObjectId;
 
 use super::staging::Journal;
 use crate::claims::Claims;
@@ -39,11 +40,12 @@ pub(super) async fn grow_staged(
     let record = journal
         .get(id)?
         .ok_or_else(|| Error::NotFound { what: "staged volume", id: id.to_owned() })?;
+    let volume = super::volume_id(id)?;
     let endpoint = engine
-        .attachment(id)?
+        .attachment(&volume)?
         .ok_or_else(|| Error::FailedPrecondition(format!("volume {id} is not attached")))?
         .endpoint;
-    let expected = engine.get_volume(id)?.size;
+    let expected = engine.get_volume(&volume)?.size;
     device::refresh_size(record.backend, &record.device, &endpoint, id, expected).await?;
     if record.fs_type.is_some() {
         let at = mountpoint.unwrap_or(&record.staging_path);
@@ -54,8 +56,8 @@ pub(super) async fn grow_staged(
 
 #[tonic::async_trait]
 impl MountedFilesystems for StagedVolumes {
-    fn filesystem_usage(&self, volume_id: &str) -> Option<FsUsage> {
-        let staged = self.journal.get(volume_id).ok()??;
+    fn filesystem_usage(&self, volume_id: &ObjectId) -> Option<FsUsage> {
+        let staged = self.journal.get(&volume_id.to_string()).ok()??;
         let mounted = staged.complete
             && staged.fs_type.is_some()
             && self.mounter.is_mountpoint(&staged.staging_path);
@@ -66,7 +68,8 @@ impl MountedFilesystems for StagedVolumes {
         Some(FsUsage { used: usage.bytes_used, total: usage.bytes_total })
     }
 
-    async fn grown(&self, volume_id: &str) -> Result<()> {
+    async fn grown(&self, volume_id: &ObjectId) -> Result<()> {
+        let volume_id = &volume_id.to_string();
         let Some(engine) = self.engine.upgrade() else { return Ok(()) };
         let staged = self.journal.get(volume_id)?.filter(|s| s.complete);
         if staged.is_none() {

@@ -35,6 +35,13 @@ pub fn status(error: Error) -> tonic::Status {
     tonic::Status::new(code(error.kind()), error.with_causes())
 }
 
+/// A volume ID as the CO sent it, typed for the engine: one that does not parse names
+/// nothing held here (NOT_FOUND). The staging journal and the claims keep the CO's text.
+pub fn volume_id(id: &str) -> Result<crate::pool::id::ObjectId, Error> {
+    let kind = crate::pool::id::IdKind::Volume;
+    crate::pool::id::ObjectId::parse(kind, id).map_err(Error::from)
+}
+
 /// A required request field.
 pub fn required<'a>(field: &'static str, value: &'a str) -> Result<&'a str, tonic::Status> {
     if value.is_empty() {

@@ -24,7 +24,7 @@ use super::freeze::Freezer;
 use super::grown::{grow_staged, StagedVolumes};
 use super::recovery::{reattach_after_rebuilds, recover_ublk_devices};
 use super::staging::{Journal, Staged};
-use super::{required, status};
+use super::{required, status, volume_id};
 use crate::claims::{Claim, Claims};
 use crate::device::{self, Backend, Choice, Probes};
 use crate::engine::EngineCore;
@@ -148,7 +148,7 @@ impl NodeService {
     /// (the engine keeps it armed across restarts and growth).
     async fn arm_write_threshold(&self, id: &str, percent: &str) -> Result<()> {
         let percent = parse_threshold_percent(percent)?;
-        self.engine.arm_write_threshold_percent(id, percent).await
+        self.engine.arm_write_threshold_percent(&volume_id(id)?, percent).await
     }
 
     /// Unstages as the undo of a stage: once nothing but the staging path uses the volume, the
@@ -158,7 +158,7 @@ impl NodeService {
     async fn unstage(&self, id: &str, staging: &Path) -> Result<()> {
         let Some(mut record) = self.staged(id)? else {
             self.mounter.unmount(staging).await?;
-            return match self.engine.detach(id).await {
+            return match self.engine.detach(&volume_id(id)?).await {
                 Err(e) if e.kind() != crate::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
             };
@@ -188,7 +188,9 @@ impl NodeService {
 
     /// Whether the record's device still serves its volume (see [`device::serves`]).
     fn serves(&self, record: &Staged) -> bool {
-        let endpoint = self.engine.attachment(&record.volume_id).ok().flatten().map(|a| a.endpoint);
+        let volume = volume_id(&record.volume_id).ok();
+        let attachment = volume.and_then(|v| self.engine.attachment(&v).ok().flatten());
+        let endpoint = attachment.map(|a| a.endpoint);
         !record.device.as_os_str().is_empty()
             && device::serves(record.backend, &record.device, endpoint.as_ref(), &record.volume_id)
     }
@@ -249,7 +251,7 @@ impl NodeService {
 
     async fn stats(&self, id: &str, path: &Path) -> Result<csi::NodeGetVolumeStatsResponse> {
         use csi::volume_usage::Unit;
-        self.engine.get_volume(id)?;
+        self.engine.get_volume(&volume_id(id)?)?;
         if !path.exists() {
             return Err(Error::NotFound { what: "volume path", id: path.display().to_string() });
         }
@@ -282,10 +284,11 @@ impl NodeService {
     /// The volume's health from this node: what the kernel shows of its staging, and what the
     /// engine sees of its chain, export and pool.
     async fn health(&self, id: &str) -> Result<Vec<Finding>> {
-        let mut found = self.engine.volume_health(id).await?;
+        let volume = volume_id(id)?;
+        let mut found = self.engine.volume_health(&volume).await?;
         let record = self.staged(id)?;
         let seen = Seen {
-            attached: self.engine.attachment(id)?.is_some(),
+            attached: self.engine.attachment(&volume)?.is_some(),
             device_exists: record.as_ref().is_some_and(|r| r.device.exists()),
             ublk_unserved: record
                 .as_ref()
@@ -353,7 +356,7 @@ impl Node for NodeService {
         required("staging_target_path", &req.staging_target_path)?;
         capability(&req.volume_capability)?;
         let _busy = self.claim(id)?;
-        self.engine.get_volume(id).map_err(status)?;
+        self.engine.get_volume(&volume_id(id).map_err(status)?).map_err(status)?;
         self.publish(&req).await.map_err(status)?;
         Ok(Response::new(csi::NodePublishVolumeResponse {}))
     }
@@ -388,7 +391,7 @@ impl Node for NodeService {
         let id = required("volume_id", &req.volume_id)?;
         let path = required("volume_path", &req.volume_path)?;
         let _busy = self.claim(id)?;
-        self.engine.get_volume(id).map_err(status)?;
+        self.engine.get_volume(&volume_id(id).map_err(status)?).map_err(status)?;
         if !Path::new(path).exists() {
             return Err(Status::not_found(format!("volume path {path} does not exist")));
         }

@@ -23,7 +23,7 @@ async fn for_each_staged<F, Fut>(
     let staged = journal.all();
     for record in staged.into_iter().filter(|r| r.backend == backend) {
         let (id, device) = (record.volume_id.clone(), record.device.clone());
-        let result = match engine.attachment(&id) {
+        let result = match super::volume_id(&id).and_then(|v| engine.attachment(&v)) {
             Ok(Some(a)) => action(record, a.endpoint).await,
             Ok(None) => Err(Error::FailedPrecondition(format!("{id} is not exported"))),
             Err(e) => Err(e),

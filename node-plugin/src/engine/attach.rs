@@ -4,7 +4,7 @@ use super::journal::{AttachmentRecord, ThresholdRecord};
 use super::{EngineCore, EngineEvent};
 use crate::error::{Error, Result};
 use crate::graph::{self, ExportEndpoint, ExportKind, Names};
-use crate::pool::id::IdKind;
+use crate::pool::id::{IdKind, NodeName, ObjectId};
 use crate::pool::{LayerId, VolumeRecord};
 use crate::qmp::Event;
 use qsd_csi_model::grow::FsUsage;
@@ -13,7 +13,7 @@ use qsd_csi_model::grow::FsUsage;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachmentInfo {
     /// The volume's ID.
-    pub volume_id: String,
+    pub volume_id: ObjectId,
     /// Where to reach the export.
     pub endpoint: ExportEndpoint,
 }
@@ -40,7 +40,7 @@ impl EngineCore {
     }
 
     /// Opens a volume in the daemon and exports it. Idempotent for the same export kind.
-    pub async fn attach(&self, volume_id: &str, kind: ExportKind) -> Result<AttachmentInfo> {
+    pub async fn attach(&self, volume_id: &ObjectId, kind: ExportKind) -> Result<AttachmentInfo> {
         self.attach_with(volume_id, kind, false).await
     }
 
@@ -48,15 +48,15 @@ impl EngineCore {
     /// acknowledging it (see [`ExportEndpoint::writethrough`]).
     pub async fn attach_with(
         &self,
-        volume_id: &str,
+        volume_id: &ObjectId,
         kind: ExportKind,
         writethrough: bool,
     ) -> Result<AttachmentInfo> {
         let (pool, parsed, _) = self.resolve_volume(volume_id)?;
-        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
+        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, &parsed.name)])?;
         let record = pool
-            .volume(parsed.name.as_str())
-            .ok_or_else(|| Error::NotFound { what: "volume", id: volume_id.to_owned() })?;
+            .volume(&parsed.name)
+            .ok_or_else(|| Error::NotFound { what: "volume", id: volume_id.to_string() })?;
         if let Some(existing) = self.journal.get(record.uid) {
             if existing.endpoint.kind != kind || existing.endpoint.writethrough != writethrough {
                 return Err(Error::FailedPrecondition(format!(
@@ -66,29 +66,29 @@ impl EngineCore {
                 )));
             }
             return Ok(AttachmentInfo {
-                volume_id: volume_id.to_owned(),
+                volume_id: volume_id.clone(),
                 endpoint: existing.endpoint,
             });
         }
         let _graph = self.graph.change().await;
         let endpoint = ExportEndpoint { writethrough, ..self.endpoint_for(record.uid, kind) };
         let attachment = AttachmentRecord {
-            volume_id: volume_id.to_owned(),
-            pool: pool.name().as_str().to_owned(),
+            volume_id: volume_id.clone(),
+            pool: pool.name().clone(),
             name: record.name.clone(),
             uid: record.uid,
             endpoint: endpoint.clone(),
             threshold: None,
         };
         self.journal.put(attachment)?;
-        let node = self.config.node.as_str();
+        let node = &self.config.node;
         let previous = pool.owner(&record.name)?.filter(|owner| owner != node);
         if let Some(previous) = &previous {
             // QEMU's image lock refuses a second writer (and the record is put back); a record
             // left by a node that died with the volume attached is taken over.
             tracing::warn!(
-                volume = volume_id,
-                previous,
+                volume = %volume_id,
+                previous = %previous,
                 "the owner record names another node; taking it over"
             );
         }
@@ -122,17 +122,17 @@ impl EngineCore {
             self.journal.remove(record.uid)?;
             return Err(e);
         }
-        tracing::info!(volume = volume_id, ?kind, "attached");
-        Ok(AttachmentInfo { volume_id: volume_id.to_owned(), endpoint })
+        tracing::info!(volume = %volume_id, ?kind, "attached");
+        Ok(AttachmentInfo { volume_id: volume_id.clone(), endpoint })
     }
 
     /// Removes a volume's export and nodes. Idempotent.
-    pub async fn detach(&self, volume_id: &str) -> Result<()> {
+    pub async fn detach(&self, volume_id: &ObjectId) -> Result<()> {
         let (pool, parsed, _) = self.resolve_volume(volume_id)?;
-        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
+        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, &parsed.name)])?;
         let record = pool
-            .volume(parsed.name.as_str())
-            .ok_or_else(|| Error::NotFound { what: "volume", id: volume_id.to_owned() })?;
+            .volume(&parsed.name)
+            .ok_or_else(|| Error::NotFound { what: "volume", id: volume_id.to_string() })?;
         let Some(attachment) = self.journal.get(record.uid) else {
             return Ok(());
         };
@@ -143,14 +143,14 @@ impl EngineCore {
             let _ = std::fs::remove_file(&attachment.endpoint.path);
         }
         self.journal.remove(record.uid)?;
-        pool.clear_owner(&record.name, self.config.node.as_str())?;
-        tracing::info!(volume = volume_id, "detached");
+        pool.clear_owner(&record.name, &self.config.node)?;
+        tracing::info!(volume = %volume_id, "detached");
         Ok(())
     }
 
     /// The node a volume is attached on: this one if attached here; in a shared pool, the node
     /// its owner record names (read from disk now); `None` if attached nowhere.
-    pub fn attached_node(&self, volume_id: &str) -> Result<Option<String>> {
+    pub fn attached_node(&self, volume_id: &ObjectId) -> Result<Option<NodeName>> {
         let (pool, _, record) = self.resolve_volume(volume_id)?;
         self.node_holding(&pool, &record)
     }
@@ -158,11 +158,11 @@ impl EngineCore {
     /// Where a snapshot's source volume is attached (see [`attached_node`](Self::attached_node)):
     /// deleting the snapshot may shorten that volume's chain, which is the holder's work.
     /// `None` when the source is attached nowhere or no longer exists.
-    pub fn snapshot_source_node(&self, snapshot_id: &str) -> Result<Option<String>> {
+    pub fn snapshot_source_node(&self, snapshot_id: &ObjectId) -> Result<Option<NodeName>> {
         let (pool, parsed) = self.resolve(IdKind::Snapshot, snapshot_id)?;
         let snapshot = pool
-            .snapshot(parsed.name.as_str())
-            .ok_or_else(|| Error::NotFound { what: "snapshot", id: snapshot_id.to_owned() })?;
+            .snapshot(&parsed.name)
+            .ok_or_else(|| Error::NotFound { what: "snapshot", id: snapshot_id.to_string() })?;
         match pool.volume(&snapshot.source_volume) {
             Some(record) => self.node_holding(&pool, &record),
             None => Ok(None),
@@ -170,7 +170,7 @@ impl EngineCore {
     }
 
     /// The attachment of a volume, if attached.
-    pub fn attachment(&self, volume_id: &str) -> Result<Option<AttachmentInfo>> {
+    pub fn attachment(&self, volume_id: &ObjectId) -> Result<Option<AttachmentInfo>> {
         let (_, _, record) = self.resolve_volume(volume_id)?;
         Ok(self
             .journal
@@ -181,7 +181,12 @@ impl EngineCore {
     /// Arms (bytes > 0) or disarms (0) the write threshold on an attached volume's head file:
     /// when host allocation passes `bytes`, an event fires once and the threshold is re-armed
     /// `step` bytes above the highest write.
-    pub async fn set_write_threshold(&self, volume_id: &str, bytes: u64, step: u64) -> Result<()> {
+    pub async fn set_write_threshold(
+        &self,
+        volume_id: &ObjectId,
+        bytes: u64,
+        step: u64,
+    ) -> Result<()> {
         if bytes > 0 && step == 0 {
             return Err(Error::invalid("step", "must be greater than zero"));
         }
@@ -192,7 +197,11 @@ impl EngineCore {
     /// Arms the thin-provisioning alert of an attached volume at `percent` of its size, kept
     /// across restarts, re-armed higher each time it fires and at the same percentage of the
     /// new size when the volume grows. A threshold already armed is left alone.
-    pub async fn arm_write_threshold_percent(&self, volume_id: &str, percent: u64) -> Result<()> {
+    pub async fn arm_write_threshold_percent(
+        &self,
+        volume_id: &ObjectId,
+        percent: u64,
+    ) -> Result<()> {
         if self.write_threshold(volume_id).await?.armed_at.is_some() {
             return Ok(());
         }
@@ -204,7 +213,7 @@ impl EngineCore {
     /// threshold — it filled while nobody listened (detached, or while a plugin was down) and
     /// the daemon fires only on a write past it — so an auto-expanding volume grows at its
     /// next stage at the latest. Best effort: a failure is logged.
-    pub async fn report_past_threshold(&self, volume_id: &str) {
+    pub async fn report_past_threshold(&self, volume_id: &ObjectId) {
         let found = self.resolve_volume(volume_id).map(|(pool, _, record)| {
             let armed = self.journal.get(record.uid).and_then(|a| a.threshold).map(|t| t.armed_at);
             (record.uid, armed, head_length(&pool.layer_path(record.head)))
@@ -215,16 +224,16 @@ impl EngineCore {
         }
         let _graph = self.graph.change().await;
         if let Err(e) = self.threshold_crossed(uid, armed, allocated - armed, true).await {
-            tracing::warn!(volume = volume_id, error = %e, "reporting a threshold crossed while nobody watched failed");
+            tracing::warn!(volume = %volume_id, error = %e, "reporting a threshold crossed while nobody watched failed");
         }
     }
 
-    async fn arm(&self, volume_id: &str, armed: Option<ThresholdRecord>) -> Result<()> {
+    async fn arm(&self, volume_id: &ObjectId, armed: Option<ThresholdRecord>) -> Result<()> {
         let (pool, parsed, _) = self.resolve_volume(volume_id)?;
-        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
+        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, &parsed.name)])?;
         let record = pool
-            .volume(parsed.name.as_str())
-            .ok_or_else(|| Error::NotFound { what: "volume", id: volume_id.to_owned() })?;
+            .volume(&parsed.name)
+            .ok_or_else(|| Error::NotFound { what: "volume", id: volume_id.to_string() })?;
         let mut attachment = self.journal.get(record.uid).ok_or_else(|| {
             Error::FailedPrecondition(format!("volume {volume_id} is not attached"))
         })?;
@@ -237,11 +246,11 @@ impl EngineCore {
     }
 
     /// The threshold of an attached volume, as journaled and as the daemon has it.
-    pub async fn write_threshold(&self, volume_id: &str) -> Result<ThresholdState> {
+    pub async fn write_threshold(&self, volume_id: &ObjectId) -> Result<ThresholdState> {
         let (pool, parsed, _) = self.resolve_volume(volume_id)?;
         let record = pool
-            .volume(parsed.name.as_str())
-            .ok_or_else(|| Error::NotFound { what: "volume", id: volume_id.to_owned() })?;
+            .volume(&parsed.name)
+            .ok_or_else(|| Error::NotFound { what: "volume", id: volume_id.to_string() })?;
         let armed_at = self.journal.get(record.uid).and_then(|a| a.threshold).map(|t| t.armed_at);
         let file = Names::new(record.uid.to_string()).file(record.head);
         let nodes = graph::named_nodes(&self.daemon.qmp()).await?;
@@ -310,10 +319,10 @@ impl EngineCore {
 
     /// After a volume grew: its kernel device and filesystem, if it is staged here, grow now
     /// (best effort: the orchestrator's NodeExpandVolume does it too, later).
-    pub async fn grow_staged(&self, volume_id: &str) {
+    pub async fn grow_staged(&self, volume_id: &ObjectId) {
         let Some(mounts) = self.mounts.get() else { return };
         if let Err(e) = mounts.grown(volume_id).await {
-            tracing::warn!(volume = volume_id, error = %e, "growing the staged device and filesystem failed; NodeExpandVolume will try again");
+            tracing::warn!(volume = %volume_id, error = %e, "growing the staged device and filesystem failed; NodeExpandVolume will try again");
         }
     }
 
@@ -351,7 +360,7 @@ fn head_length(path: &std::path::Path) -> u64 {
 #[tonic::async_trait]
 pub trait MountedFilesystems: Send + Sync + std::fmt::Debug {
     /// The filesystem staged on `volume_id`, if there is one.
-    fn filesystem_usage(&self, volume_id: &str) -> Option<FsUsage>;
+    fn filesystem_usage(&self, volume_id: &ObjectId) -> Option<FsUsage>;
     /// `volume_id` grew: its kernel device and filesystem, if staged here, grow now.
-    async fn grown(&self, volume_id: &str) -> Result<()>;
+    async fn grown(&self, volume_id: &ObjectId) -> Result<()>;
 }

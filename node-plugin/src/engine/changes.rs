@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 
 use super::EngineCore;
 use crate::error::{Error, Result};
-use crate::pool::id::IdKind;
+use crate::pool::id::{IdKind, ObjectId};
 use crate::pool::{LayerId, Pool};
 
 /// One range of bytes.
@@ -91,7 +91,7 @@ fn push_joined(ranges: &mut Vec<ByteRange>, next: ByteRange) {
 
 /// How many bytes of the chain topped by `top` hold data.
 pub(super) async fn allocated_bytes(top: PathBuf) -> Result<u64> {
-    let mut batches = stream_map(top, 0, None, DEFAULT_BATCH)?;
+    let mut batches = stream_map(top, 0, None, DEFAULT_BATCH).await?;
     let mut total = 0;
     while let Some(batch) = batches.recv().await {
         total += batch?.iter().map(|r| r.length).sum::<u64>();
@@ -104,15 +104,15 @@ impl EngineCore {
     /// `base` (an older snapshot of the same chain), from `start` on.
     pub async fn snapshot_changes(
         &self,
-        base: Option<&str>,
-        target: &str,
+        base: Option<&ObjectId>,
+        target: &ObjectId,
         start: u64,
         per_batch: usize,
     ) -> Result<ChangeStream> {
         let (pool, parsed) = self.resolve(IdKind::Snapshot, target)?;
         let record = pool
-            .snapshot(parsed.name.as_str())
-            .ok_or_else(|| Error::NotFound { what: "snapshot", id: target.to_owned() })?;
+            .snapshot(&parsed.name)
+            .ok_or_else(|| Error::NotFound { what: "snapshot", id: target.to_string() })?;
         let chain = pool.chain(record.layer)?;
         let depth = match base {
             None => None,
@@ -127,7 +127,7 @@ impl EngineCore {
                 ),
             });
         }
-        let batches = stream_map(pool.layer_path(record.layer), start, depth, per_batch)?;
+        let batches = stream_map(pool.layer_path(record.layer), start, depth, per_batch).await?;
         Ok(ChangeStream { volume_size: record.size, batches })
     }
 
@@ -137,8 +137,8 @@ impl EngineCore {
         &self,
         pool: &Pool,
         chain: &[LayerId],
-        base_id: &str,
-        target: &str,
+        base_id: &ObjectId,
+        target: &ObjectId,
     ) -> Result<u32> {
         if base_id == target {
             return Err(Error::invalid(
@@ -148,8 +148,8 @@ impl EngineCore {
         }
         let (base_pool, base_parsed) = self.resolve(IdKind::Snapshot, base_id)?;
         let base_record = base_pool
-            .snapshot(base_parsed.name.as_str())
-            .ok_or_else(|| Error::NotFound { what: "snapshot", id: base_id.to_owned() })?;
+            .snapshot(&base_parsed.name)
+            .ok_or_else(|| Error::NotFound { what: "snapshot", id: base_id.to_string() })?;
         let position = (base_pool.name() == pool.name())
             .then(|| chain.iter().position(|l| *l == base_record.layer))
             .flatten();
@@ -166,7 +166,7 @@ impl EngineCore {
 /// Streams `qemu-img map` of the image at `path` from `start`, in batches of `per_batch`
 /// joined ranges: those present above `depth` (every present range without one). The reading
 /// task ends, and the child with it, when the receiver is dropped.
-fn stream_map(
+async fn stream_map(
     path: PathBuf,
     start: u64,
     depth: Option<u32>,
@@ -184,7 +184,8 @@ fn stream_map(
             start_at.as_ref(),
             path.as_os_str(),
         ],
-    )?;
+    )
+    .await?;
     let stdout = child.stdout.take().expect("piped");
     let (tx, batches) = mpsc::channel(4);
     let per_batch = per_batch.max(1);

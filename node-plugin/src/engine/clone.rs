@@ -18,7 +18,7 @@ use super::volume::{source_label, CreateVolume, NewHead, Preallocation, VolumeIn
 use super::{EngineCore, EngineEvent, Guard};
 use crate::error::{Error, Result};
 use crate::graph::{self, Names, NewImage};
-use crate::pool::id::{parse_size, IdKind};
+use crate::pool::id::{parse_size, IdKind, ObjectId};
 use crate::pool::{LayerId, LayerRecord, Pool, RecordedSource, VolumeRecord};
 use crate::qmp::Job;
 
@@ -29,7 +29,7 @@ impl EngineCore {
             return Err(Error::invalid("source", "not a snapshot"));
         };
         let (pool, snap) = self.resolve(IdKind::Snapshot, snapshot_id)?;
-        if pool.name().as_str() != request.pool {
+        if *pool.name() != request.pool {
             return Err(Error::invalid(
                 "pool",
                 "a volume restored from a snapshot lives in the snapshot's pool",
@@ -41,11 +41,11 @@ impl EngineCore {
         let source = source_label(&request.source, self)?;
         let _guard = self.lock(vec![
             Self::key(IdKind::Volume, &pool, &request.name),
-            Self::key(IdKind::Snapshot, &pool, snap.name.as_str()),
+            Self::key(IdKind::Snapshot, &pool, &snap.name),
         ])?;
         let snapshot = pool
-            .snapshot(snap.name.as_str())
-            .ok_or_else(|| Error::NotFound { what: "snapshot", id: snapshot_id.clone() })?;
+            .snapshot(&snap.name)
+            .ok_or_else(|| Error::NotFound { what: "snapshot", id: snapshot_id.to_string() })?;
         let size = requested.unwrap_or(snapshot.size);
         if let Some(existing) = pool.volume(&request.name) {
             return self.check_recreate(&pool, &existing, request, size, &source);
@@ -75,7 +75,7 @@ impl EngineCore {
             return Err(Error::invalid("source", "not a volume"));
         };
         let (pool, src) = self.resolve(IdKind::Volume, source_id)?;
-        if pool.name().as_str() != request.pool {
+        if *pool.name() != request.pool {
             return Err(Error::invalid("pool", "a clone lives in its source's pool"));
         }
         let max_chain_depth = self.max_depth(request.max_chain_depth)?;
@@ -84,17 +84,17 @@ impl EngineCore {
         let source = source_label(&request.source, self)?;
         let guard = self.lock(vec![
             Self::key(IdKind::Volume, &pool, &request.name),
-            Self::key(IdKind::Volume, &pool, src.name.as_str()),
+            Self::key(IdKind::Volume, &pool, &src.name),
         ])?;
         let source_record = pool
-            .volume(src.name.as_str())
-            .ok_or_else(|| Error::NotFound { what: "volume", id: source_id.clone() })?;
+            .volume(&src.name)
+            .ok_or_else(|| Error::NotFound { what: "volume", id: source_id.to_string() })?;
         self.held_here(&pool, &source_record, source_id)?;
         let size = requested.unwrap_or(source_record.size);
         if let Some(existing) = pool.volume(&request.name) {
             return self
                 .check_recreate(&pool, &existing, request, size, &source)
-                .map(ClonePlan::Exists);
+                .map(|info| ClonePlan::Exists(Box::new(info)));
         }
         if size < source_record.size {
             return Err(Error::OutOfRange {
@@ -102,14 +102,14 @@ impl EngineCore {
                 reason: format!("the source volume holds {} bytes", source_record.size),
             });
         }
-        Ok(ClonePlan::New(PreparedClone {
+        Ok(ClonePlan::New(Box::new(PreparedClone {
             pool,
             source_record,
             size,
             source,
             max_chain_depth,
             guard,
-        }))
+        })))
     }
 
     /// Creates a linked clone: the source moves onto a fresh overlay (as for a snapshot, online
@@ -117,12 +117,12 @@ impl EngineCore {
     /// share read-only. O(1) whatever the size; the shared layer lives while either needs it.
     pub(super) async fn linked_clone(&self, request: &CreateVolume) -> Result<VolumeInfo> {
         let prepared = match self.prepare_clone(request)? {
-            ClonePlan::Exists(info) => return Ok(info),
+            ClonePlan::Exists(info) => return Ok(*info),
             ClonePlan::New(p) => p,
         };
         let PreparedClone { pool, source_record, size, source, max_chain_depth, guard: _guard } =
-            prepared;
-        let source_id = request.source_id();
+            *prepared;
+        let source_id = &source_record.name;
         let _graph = self.graph.change().await;
         while pool.chain(source_record.head)?.len() + 1 > source_record.max_chain_depth as usize {
             if !self.shorten_once(&pool, &source_record.name).await? {
@@ -142,7 +142,7 @@ impl EngineCore {
         let planned = Planned {
             pool: pool.clone(),
             record: source_record,
-            snapshot_name: String::new(),
+            snapshot_name: None,
             overlay: LayerId::random(),
         };
         match self.switch_to_overlays(std::slice::from_ref(&planned), None).await {
@@ -170,26 +170,22 @@ impl EngineCore {
         speed: Option<u64>,
     ) -> Result<CloneTask> {
         let prepared = match self.prepare_clone(request)? {
-            ClonePlan::Exists(info) => return Ok(CloneTask::done(self.clone(), info)),
+            ClonePlan::Exists(info) => return Ok(CloneTask::done(self.clone(), *info)),
             ClonePlan::New(p) => p,
         };
-        let PreparedClone { pool, source_record, size, source, max_chain_depth, guard } = prepared;
+        let PreparedClone { pool, source_record, size, source, max_chain_depth, guard } = *prepared;
         let graph_guard = self.graph.change().await;
         let (target, intent) = self.copy_target(&pool, request, source_record.size).await?;
         crate::fault_point!("clone:after-target-image");
         let (job, open) = self.start_copy(&pool, &source_record, target, speed).await?;
-        tracing::info!(
-            volume = request.name,
-            source = request.source_id(),
-            speed,
-            "full clone started"
-        );
+        let source_id = self.volume_id(&pool, &source_record)?;
+        tracing::info!(volume = %request.name, source = %source_id, speed, "full clone started");
         crate::fault_point!("clone:after-job-start");
         let record = new_record(request, size, target, max_chain_depth, source);
         let running = Running {
             job,
-            volume_id: self.object_id(IdKind::Volume, &pool, &request.name)?.to_string(),
-            source_id: request.source_id().to_owned(),
+            volume_id: self.object_id(IdKind::Volume, &pool, &request.name)?,
+            source_id,
             pool,
             record,
             open,
@@ -209,7 +205,7 @@ impl EngineCore {
     ) -> Result<(LayerId, super::ops::Intent)> {
         let target = LayerId::random();
         let intent = self.operations.begin(Operation::NewVolume {
-            pool: pool.name().as_str().to_owned(),
+            pool: pool.name().clone(),
             name: request.name.clone(),
             head: target,
         })?;
@@ -256,14 +252,7 @@ impl EngineCore {
             graph::start_backup(&qmp, &target_names, source_node, target_node, speed).await
         }
         .await;
-        match started {
-            Ok(job) => Ok((job, open)),
-            Err(e) => {
-                open.close(&qmp, target).await;
-                let _ = std::fs::remove_file(pool.layer_path(target));
-                Err(e)
-            }
-        }
+        open.started(&qmp, pool, target, started).await
     }
 }
 
@@ -287,12 +276,13 @@ pub(super) fn new_record(
         labels: request.labels.clone(),
         format: request.format,
         auto_expand: request.auto_expand,
+        home: None,
     }
 }
 
 enum ClonePlan {
-    Exists(VolumeInfo),
-    New(PreparedClone),
+    Exists(Box<VolumeInfo>),
+    New(Box<PreparedClone>),
 }
 
 struct PreparedClone {
@@ -319,6 +309,25 @@ impl OpenNodes {
         OpenNodes { remote: Some((tag, dir)), ..OpenNodes::default() }
     }
 
+    /// A copy's start as its caller takes it: the job and what it opened, or (the start
+    /// failed) all of that closed and the target image removed.
+    pub(super) async fn started(
+        self,
+        qmp: &crate::qmp::QmpClient,
+        pool: &Pool,
+        target: LayerId,
+        started: Result<Job>,
+    ) -> Result<(Job, OpenNodes)> {
+        match started {
+            Ok(job) => Ok((job, self)),
+            Err(e) => {
+                self.close(qmp, target).await;
+                let _ = std::fs::remove_file(pool.layer_path(target));
+                Err(e)
+            }
+        }
+    }
+
     pub(super) async fn close(&self, qmp: &crate::qmp::QmpClient, target: LayerId) {
         if let Some(names) = &self.target {
             let _ = graph::close_chain(qmp, names, &[target]).await;
@@ -338,8 +347,8 @@ impl OpenNodes {
 /// A copy in progress: the job, what it will record, and what it holds until it ends.
 pub(super) struct Running {
     pub(super) job: Job,
-    pub(super) volume_id: String,
-    pub(super) source_id: String,
+    pub(super) volume_id: ObjectId,
+    pub(super) source_id: ObjectId,
     pub(super) pool: Arc<Pool>,
     pub(super) record: VolumeRecord,
     pub(super) open: OpenNodes,
@@ -350,7 +359,7 @@ pub(super) struct Running {
 }
 
 enum CloneState {
-    Done(VolumeInfo),
+    Done(Box<VolumeInfo>),
     Running(Box<Running>),
 }
 
@@ -377,7 +386,11 @@ impl std::fmt::Debug for CloneTask {
 impl CloneTask {
     /// A clone that needs no copy: the volume exists.
     pub(super) fn done(engine: Arc<EngineCore>, info: VolumeInfo) -> Self {
-        CloneTask { engine, state: CloneState::Done(info), report_every: CLONE_PROGRESS_PERIOD }
+        CloneTask {
+            engine,
+            state: CloneState::Done(Box::new(info)),
+            report_every: CLONE_PROGRESS_PERIOD,
+        }
     }
 
     /// A copy under way.
@@ -413,7 +426,7 @@ impl CloneTask {
     /// removed.
     pub async fn finish(self) -> Result<VolumeInfo> {
         let running = match self.state {
-            CloneState::Done(info) => return Ok(info),
+            CloneState::Done(info) => return Ok(*info),
             CloneState::Running(running) => *running,
         };
         let Running { job, volume_id, source_id, pool, record, open, intents, _guard, _graph } =

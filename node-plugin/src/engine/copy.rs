@@ -29,7 +29,7 @@ use super::volume::{CreateVolume, RemoteSource, VolumeSource};
 use super::{EngineCore, Guard};
 use crate::error::{Error, Result};
 use crate::graph::{self, Names};
-use crate::pool::id::{parse_size, IdKind};
+use crate::pool::id::{parse_size, IdKind, NodeName, ObjectId, PoolName};
 use crate::pool::{LayerId, ObjectName, Pool, PoolKind, RecordedSource};
 use crate::qmp::commands::{BlockdevAdd, BlockdevOptions, InetServer, ObjectAddTlsPsk, ObjectDel};
 use crate::qsd::copy_server::{self, CopyServer, CopyServerConfig};
@@ -46,7 +46,7 @@ pub struct CopyLeftovers {
     /// The copy's directory (key, server pidfile).
     pub dir: PathBuf,
     /// Source side: the pool and the point-in-time snapshot taken for the copy.
-    pub snapshot: Option<(String, String)>,
+    pub snapshot: Option<(PoolName, ObjectName)>,
     /// Target side: the tag naming the `nbd` node and TLS object in the daemon.
     pub daemon_tag: Option<String>,
 }
@@ -57,7 +57,7 @@ pub struct CopyLeftovers {
 pub struct CopyExport {
     remote: RemoteSource,
     server: Option<CopyServer>,
-    temporary: Option<String>,
+    temporary: Option<ObjectId>,
     engine: Arc<EngineCore>,
     guard: Option<Guard>,
     intent: Option<Intent>,
@@ -77,7 +77,7 @@ impl CopyExport {
         drop(self.guard.take());
         if let Some(id) = self.temporary.take() {
             if let Err(e) = self.engine.delete_snapshot(&id).await {
-                tracing::warn!(snapshot = id, error = %e.with_causes(), "removing a copy's snapshot; it goes at the next start");
+                tracing::warn!(snapshot = %id, error = %e.with_causes(), "removing a copy's snapshot; it goes at the next start");
                 std::mem::forget(self.intent.take()); // the intent stays for the next start
             }
         }
@@ -103,7 +103,7 @@ impl EngineCore {
     pub async fn export_for_copy(
         self: &Arc<Self>,
         source: &VolumeSource,
-        reader: &str,
+        reader: &NodeName,
     ) -> Result<CopyExport> {
         let host = self.config.copy_address.ok_or_else(|| {
             Error::FailedPrecondition(format!(
@@ -120,19 +120,22 @@ impl EngineCore {
             )));
         }
         let tag = LayerId::random().to_string();
-        let temporary = matches!(source, VolumeSource::Volume(_)).then(|| format!("xcopy-{tag}"));
+        let temporary = match source {
+            VolumeSource::Volume(_) => Some(ObjectName::parse(&format!("xcopy-{tag}"))?),
+            VolumeSource::Snapshot(_) => None,
+        };
         let dir = self.copy_dir(&tag);
         let intent = self.operations.begin(Operation::Copy(CopyLeftovers {
             dir: dir.clone(),
-            snapshot: temporary.clone().map(|s| (pool.name().as_str().to_owned(), s)),
+            snapshot: temporary.clone().map(|s| (pool.name().clone(), s)),
             daemon_tag: None,
         }))?;
         let snapshot = match &temporary {
             Some(name) => {
-                let batch =
-                    SnapshotBatch { items: &[(source.id(), name)], group: None, freeze: false };
+                let items = [(source.id().clone(), name.clone())];
+                let batch = SnapshotBatch { items: &items, group: None, freeze: false };
                 self.create_snapshot_group(batch).await?;
-                ObjectName::parse(name)?
+                name.clone()
             }
             None => parsed.name,
         };
@@ -149,8 +152,7 @@ impl EngineCore {
             server: None,
             temporary: temporary
                 .map(|name| self.object_id(IdKind::Snapshot, &pool, &name))
-                .transpose()?
-                .map(|id| id.to_string()),
+                .transpose()?,
             engine: self.clone(),
             guard: None,
             intent: Some(intent),
@@ -158,8 +160,8 @@ impl EngineCore {
         match self.serve_copy(&mut export, &pool, &snapshot, host, dir).await {
             Ok(()) => {
                 tracing::info!(
-                    source = source.id(),
-                    reader,
+                    source = %source.id(),
+                    reader = %reader,
                     port = export.remote.port,
                     "serving a copy to another node"
                 );
@@ -181,13 +183,12 @@ impl EngineCore {
         host: IpAddr,
         dir: PathBuf,
     ) -> Result<()> {
-        export.guard =
-            Some(self.lock(vec![Self::key(IdKind::Snapshot, pool, snapshot.as_str())])?);
-        let record = pool.snapshot(snapshot.as_str()).ok_or_else(|| Error::NotFound {
+        export.guard = Some(self.lock(vec![Self::key(IdKind::Snapshot, pool, snapshot)])?);
+        let record = pool.snapshot(snapshot).ok_or_else(|| Error::NotFound {
             what: "snapshot",
             id: self
-                .object_id(IdKind::Snapshot, pool, snapshot.as_str())
-                .map_or_else(|_| snapshot.as_str().to_owned(), |id| id.to_string()),
+                .object_id(IdKind::Snapshot, pool, snapshot)
+                .map_or_else(|_| snapshot.to_string(), |id| id.to_string()),
         })?;
         let chain = pool.chain(record.layer)?;
         let options = graph::chain_options(pool, &Names::new("copy"), &chain, true)?;
@@ -230,9 +231,10 @@ impl EngineCore {
             .ok_or_else(|| Error::invalid("source", "a remote copy names its source"))?;
         let pool = self.requested_pool(&request.pool)?;
         let max_chain_depth = self.max_depth(request.max_chain_depth)?;
-        self.object_id(IdKind::Volume, &pool, &request.name)?;
+        let (volume_id, home) = self.copy_id(&pool, request, &source)?;
         let size = request.size.map(parse_size).transpose()?.unwrap_or(remote.size);
-        let recorded = Some(RecordedSource::Copied(source.clone()));
+        // A moved volume is the same volume, not a copy of one.
+        let recorded = request.keep_id.is_none().then(|| RecordedSource::Copied(source.clone()));
         let guard = self.lock(vec![Self::key(IdKind::Volume, &pool, &request.name)])?;
         if let Some(existing) = pool.volume(&request.name) {
             let info = self.check_recreate(&pool, &existing, request, size, &recorded)?;
@@ -253,38 +255,21 @@ impl EngineCore {
             daemon_tag: Some(tag.clone()),
         }))?;
         let (target, new_volume) = self.copy_target(&pool, request, remote.size).await?;
-        let qmp = self.daemon.qmp();
-        let mut open = OpenNodes::remote(tag.clone(), dir.clone());
-        let started = async {
-            let source_node = self.open_remote(remote, &tag, &dir).await?;
-            let names = Names::new(graph::fresh_tag());
-            let target_node = graph::open_copy_target(&qmp, &pool, &names, target).await?;
-            open.target = Some(names.clone());
-            graph::start_backup(&qmp, &names, source_node, target_node, request.clone_bandwidth)
-                .await
-        }
-        .await;
-        let job = match started {
-            Ok(job) => job,
-            Err(e) => {
-                open.close(&qmp, target).await;
-                let _ = std::fs::remove_file(pool.layer_path(target));
-                return Err(e);
-            }
-        };
+        let (job, open) = self.start_pull(&pool, request, remote, target, &tag, &dir).await?;
         tracing::info!(
-            volume = request.name,
-            source = source.id(),
+            volume = %request.name,
+            source = %source.id(),
             from = remote.host,
             "copy from another node started"
         );
-        let record = new_record(request, size, target, max_chain_depth, recorded);
+        let mut record = new_record(request, size, target, max_chain_depth, recorded);
+        record.home = home;
         Ok(CloneTask::running(
             self.clone(),
             Running {
                 job,
-                volume_id: self.object_id(IdKind::Volume, &pool, &request.name)?.to_string(),
-                source_id: source.id().to_owned(),
+                volume_id,
+                source_id: source.id().clone(),
                 pool,
                 record,
                 open,
@@ -294,6 +279,75 @@ impl EngineCore {
             },
             CLONE_PROGRESS_PERIOD,
         ))
+    }
+
+    /// The new volume's ID and, for a move, the node its ID names when that is not this one
+    /// (its home). A move keeps the ID; one back to the node the ID names is an ordinary
+    /// volume there.
+    fn copy_id(
+        &self,
+        pool: &Pool,
+        request: &CreateVolume,
+        source: &VolumeSource,
+    ) -> Result<(ObjectId, Option<NodeName>)> {
+        let volume_id = self.object_id(IdKind::Volume, pool, &request.name)?;
+        let Some(kept) = &request.keep_id else { return Ok((volume_id, None)) };
+        let here = volume_id.location.node.clone();
+        let kept = self.kept_id(pool, &volume_id, kept, source)?;
+        let home = kept.location.node.clone().filter(|n| Some(n) != here.as_ref());
+        Ok((kept, home))
+    }
+
+    /// Opens the remote source and the new image `target` in the daemon and starts the job
+    /// pulling one into the other; on failure closes what it opened and removes the image.
+    async fn start_pull(
+        &self,
+        pool: &Pool,
+        request: &CreateVolume,
+        remote: &RemoteSource,
+        target: LayerId,
+        tag: &str,
+        dir: &std::path::Path,
+    ) -> Result<(crate::qmp::Job, OpenNodes)> {
+        let qmp = self.daemon.qmp();
+        let mut open = OpenNodes::remote(tag.to_owned(), dir.to_path_buf());
+        let started = async {
+            let source_node = self.open_remote(remote, tag, dir).await?;
+            let names = Names::new(graph::fresh_tag());
+            let target_node = graph::open_copy_target(&qmp, pool, &names, target).await?;
+            open.target = Some(names.clone());
+            graph::start_backup(&qmp, &names, source_node, target_node, request.clone_bandwidth)
+                .await
+        }
+        .await;
+        open.started(&qmp, pool, target, started).await
+    }
+
+    /// The ID a moved volume keeps (`kept`): its source's, a volume of the same name in a
+    /// local pool of the same name (on another node, or on this one: a move back to the node
+    /// the ID names); `own` is the ID it would get here.
+    fn kept_id(
+        &self,
+        pool: &Pool,
+        own: &ObjectId,
+        kept: &ObjectId,
+        source: &VolumeSource,
+    ) -> Result<ObjectId> {
+        let bad = |why: &str| Error::invalid("keep_id", format!("{kept} {why}"));
+        let id = kept.clone();
+        if source != &VolumeSource::Volume(kept.clone()) {
+            return Err(bad("is not the source of the copy"));
+        }
+        if pool.kind() != PoolKind::Local || id.location.pool != own.location.pool {
+            return Err(bad("is not a volume of this local pool"));
+        }
+        if id.name != own.name {
+            return Err(bad("names another volume than the request"));
+        }
+        if id.location.node.is_none() {
+            return Err(bad("is not a local pool's volume"));
+        }
+        Ok(id)
     }
 
     /// Adds the TLS credentials and the read-only `nbd` node of a remote source; returns the

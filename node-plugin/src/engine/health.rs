@@ -19,6 +19,7 @@ use qsd_csi_model::health::{normalize, pool_space, Finding, Severity};
 use super::EngineCore;
 use crate::error::Result;
 use crate::graph::{self, Names};
+use crate::pool::id::ObjectId;
 use crate::pool::{Pool, VolumeRecord};
 
 /// How long a health query waits for the daemon before calling it unreachable.
@@ -26,7 +27,7 @@ pub const DAEMON_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl EngineCore {
     /// What is wrong with a volume; empty when nothing is known to be.
-    pub async fn volume_health(&self, id: &str) -> Result<Vec<Finding>> {
+    pub async fn volume_health(&self, id: &ObjectId) -> Result<Vec<Finding>> {
         let (pool, _, record) = self.resolve_volume(id)?;
         let exports = self.exports_if_needed(std::slice::from_ref(&record)).await;
         let space = pool_space_of(&pool).ok().flatten();
@@ -34,7 +35,7 @@ impl EngineCore {
     }
 
     /// Every volume of this node's pools with a finding, by ID.
-    pub async fn list_volume_health(&self) -> Result<Vec<(String, Vec<Finding>)>> {
+    pub async fn list_volume_health(&self) -> Result<Vec<(ObjectId, Vec<Finding>)>> {
         let mut all = Vec::new();
         for pool in self.pools()? {
             let volumes = pool.volumes();
@@ -43,10 +44,7 @@ impl EngineCore {
             for record in &volumes {
                 let findings = self.findings(&pool, record, exports.as_ref(), space.as_ref());
                 if !findings.is_empty() {
-                    all.push((
-                        self.object_id(super::IdKind::Volume, &pool, &record.name)?.to_string(),
-                        findings,
-                    ));
+                    all.push((self.volume_id(&pool, record)?, findings));
                 }
             }
         }
@@ -141,13 +139,13 @@ impl EngineCore {
     }
 }
 
-/// What a pool's filesystem says now: full, nearly full, or nothing; an error when it cannot
-/// be read.
 /// Free bytes (for unprivileged writers) in a pool's filesystem, if it answers.
 pub(super) fn pool_free(pool: &Pool) -> Option<u64> {
     crate::mount::usage(pool.root()).ok().map(|u| u.bytes_available)
 }
 
+/// What a pool's filesystem says now: full, nearly full, or nothing; an error when it cannot
+/// be read.
 fn pool_space_of(pool: &Pool) -> Result<Option<Finding>> {
     let u = crate::mount::usage(pool.root())?;
     Ok(pool_space(pool.name().as_str(), u.bytes_available, u.bytes_total))

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::graph::ExportEndpoint;
-use crate::pool::{store, LayerId};
+use crate::pool::id::ObjectId;
+use crate::pool::{store, LayerId, ObjectName, PoolName};
 
 /// An armed write threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,11 +49,11 @@ pub const STEP_PERCENT: u64 = 5;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachmentRecord {
     /// The volume's ID.
-    pub volume_id: String,
+    pub volume_id: ObjectId,
     /// Its pool.
-    pub pool: String,
+    pub pool: PoolName,
     /// Its name in the pool.
-    pub name: String,
+    pub name: ObjectName,
     /// Its uid (names the nodes).
     pub uid: LayerId,
     /// How it is exported.

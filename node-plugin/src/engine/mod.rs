@@ -19,8 +19,11 @@ mod config;
 mod copy;
 mod counters;
 mod health;
+mod hold;
+mod ids;
 mod journal;
 mod ops;
+mod plan;
 mod reconcile;
 pub mod shorten;
 mod snapshot;
@@ -35,8 +38,8 @@ use tokio::sync::{broadcast, mpsc, RwLock};
 
 use crate::claims::Claims;
 use crate::error::{Error, Result};
-use crate::pool::id::{IdKind, Location, ObjectId};
-use crate::pool::{ObjectName, Pool, PoolKind, PoolName, VolumeRecord};
+use crate::pool::id::{IdKind, NodeName, ObjectId, ObjectName};
+use crate::pool::{Pool, PoolName, VolumeRecord};
 use crate::qmp::Event;
 use crate::qsd::{Daemon, Origin};
 
@@ -64,7 +67,7 @@ pub enum EngineEvent {
     /// A volume's head file grew past its write threshold (thin-provisioning alert).
     WriteThresholdCrossed {
         /// The volume's ID.
-        volume: String,
+        volume: ObjectId,
         /// The threshold that was crossed.
         threshold: u64,
         /// Bytes written past it (0 when it fired while we were disconnected).
@@ -87,9 +90,9 @@ pub enum EngineEvent {
     /// A full clone is copying (reported every [`CloneTask::report_every`] period).
     CloneProgress {
         /// The new volume's ID.
-        volume: String,
+        volume: ObjectId,
         /// The volume being copied.
-        source: String,
+        source: ObjectId,
         /// Bytes copied so far.
         done: u64,
         /// Bytes to copy in all.
@@ -100,9 +103,9 @@ pub enum EngineEvent {
     /// A full clone ended: the volume exists (`error: None`) or its image was removed.
     CloneFinished {
         /// The new volume's ID.
-        volume: String,
+        volume: ObjectId,
         /// The volume that was copied.
-        source: String,
+        source: ObjectId,
         /// Why it failed, if it did.
         error: Option<String>,
         /// How long the copy took.
@@ -347,13 +350,12 @@ impl EngineCore {
     }
 
     /// A pool by name (a shared pool with what other nodes wrote taken in).
-    pub fn pool(&self, name: &str) -> Result<Arc<Pool>> {
-        let parsed = PoolName::parse(name)?;
+    pub fn pool(&self, name: &PoolName) -> Result<Arc<Pool>> {
         let pool = self
             .pools
-            .get(&parsed)
+            .get(name)
             .cloned()
-            .ok_or_else(|| Error::NotFound { what: "pool", id: name.to_owned() })?;
+            .ok_or_else(|| Error::NotFound { what: "pool", id: name.to_string() })?;
         pool.refresh()?;
         Ok(pool)
     }
@@ -361,7 +363,7 @@ impl EngineCore {
     /// The pool a request names as a parameter (a new volume's, a capacity query's): one this
     /// node does not have is a bad argument, where a pool inside an ID names nothing we hold
     /// ([`EngineCore::pool`]: NOT_FOUND).
-    pub fn requested_pool(&self, name: &str) -> Result<Arc<Pool>> {
+    pub fn requested_pool(&self, name: &PoolName) -> Result<Arc<Pool>> {
         match self.pool(name) {
             Err(Error::NotFound { what: "pool", .. }) => {
                 let known: Vec<&str> = self.pools.keys().map(PoolName::as_str).collect();
@@ -390,71 +392,34 @@ impl EngineCore {
         self.busy.take(keys).map_err(|id| Error::Busy { id })
     }
 
-    /// The location of new objects in `pool`.
-    fn location(&self, pool: &Pool) -> Location {
-        Location {
-            pool: pool.name().clone(),
-            node: (pool.kind() == PoolKind::Local).then(|| self.config.node.clone()),
-        }
-    }
-
-    pub(super) fn object_id(&self, kind: IdKind, pool: &Pool, name: &str) -> Result<ObjectId> {
-        Ok(ObjectId::new(kind, self.location(pool), ObjectName::parse(name)?)?)
-    }
-
-    /// Resolves an ID to its pool: the pool must be ours, and so must the node for local pools.
-    fn resolve(&self, kind: IdKind, id: &str) -> Result<(Arc<Pool>, ObjectId)> {
-        let parsed = ObjectId::parse(kind, id)?;
-        let what = match kind {
-            IdKind::Volume => "volume",
-            IdKind::Snapshot => "snapshot",
-            IdKind::Group => "group snapshot",
-        };
-        let not_found = || Error::NotFound { what, id: id.to_owned() };
-        let pool = self.pools.get(&parsed.location.pool).cloned().ok_or_else(not_found)?;
-        if parsed.location != self.location(&pool) {
-            return Err(not_found());
-        }
-        pool.refresh()?;
-        Ok((pool, parsed))
-    }
-
-    fn resolve_volume(&self, id: &str) -> Result<(Arc<Pool>, ObjectId, VolumeRecord)> {
-        let (pool, parsed) = self.resolve(IdKind::Volume, id)?;
-        let record = pool
-            .volume(parsed.name.as_str())
-            .ok_or_else(|| Error::NotFound { what: "volume", id: id.to_owned() })?;
-        Ok((pool, parsed, record))
-    }
-
     /// The node a volume is attached on: this one if journaled here, else (shared pools) the
     /// node its owner record names.
-    fn node_holding(&self, pool: &Pool, record: &VolumeRecord) -> Result<Option<String>> {
+    fn node_holding(&self, pool: &Pool, record: &VolumeRecord) -> Result<Option<NodeName>> {
         if self.journal.get(record.uid).is_some() {
-            return Ok(Some(self.config.node.as_str().to_owned()));
+            return Ok(Some(self.config.node.clone()));
         }
         pool.owner(&record.name)
     }
 
     /// Refuses to change a shared pool's volume that another node has attached: that node's
     /// daemon holds it open, so the work is that node's (the controller routes it there).
-    fn held_here(&self, pool: &Pool, record: &VolumeRecord, id: &str) -> Result<()> {
+    fn held_here(&self, pool: &Pool, record: &VolumeRecord, id: &ObjectId) -> Result<()> {
         match self.node_holding(pool, record)? {
-            Some(owner) if owner != self.config.node.as_str() => Err(Error::FailedPrecondition(
-                format!("volume {id} is attached on node {owner}; that node serves it"),
-            )),
+            Some(owner) if owner != self.config.node => Err(Error::FailedPrecondition(format!(
+                "volume {id} is attached on node {owner}; that node serves it"
+            ))),
             _ => Ok(()),
         }
     }
 
     /// A volume's pool and layer chain (head first), for inspection.
-    pub fn volume_chain(&self, id: &str) -> Result<(Arc<Pool>, Vec<crate::pool::LayerId>)> {
+    pub fn volume_chain(&self, id: &ObjectId) -> Result<(Arc<Pool>, Vec<crate::pool::LayerId>)> {
         let (pool, _, record) = self.resolve_volume(id)?;
         let chain = pool.chain(record.head)?;
         Ok((pool, chain))
     }
 
-    fn key(kind: IdKind, pool: &Pool, name: &str) -> String {
+    fn key(kind: IdKind, pool: &Pool, name: &ObjectName) -> String {
         let prefix = match kind {
             IdKind::Volume => "vol",
             IdKind::Snapshot => "snap",
@@ -467,6 +432,7 @@ impl EngineCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::PoolKind;
 
     #[test]
     fn pools_parse_as_name_equals_path_with_an_optional_shared_flag() {

@@ -28,7 +28,9 @@ use serde::{Deserialize, Serialize};
 use super::EngineCore;
 use crate::error::{Error, Result};
 use crate::graph::{self, Names};
-use crate::pool::{header, store, LayerId, Pool, SnapshotRecord, VolumeRecord};
+use crate::pool::{
+    header, store, LayerId, ObjectName, Pool, PoolName, SnapshotRecord, VolumeRecord,
+};
 use crate::qmp::block_graph::BlockGraph;
 use crate::qsd::Origin;
 
@@ -36,9 +38,9 @@ use crate::qsd::Origin;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwitchIntent {
     /// The volume's pool.
-    pub pool: String,
+    pub pool: PoolName,
     /// The volume's name.
-    pub volume: String,
+    pub volume: ObjectName,
     /// The volume's uid (names its attached nodes).
     pub uid: LayerId,
     /// Its head before: the snapshot's layer.
@@ -48,7 +50,7 @@ pub struct SwitchIntent {
     /// It was attached here: the switch happens in the daemon.
     pub attached: bool,
     /// The snapshot's name; `None` for a linked clone's source.
-    pub snapshot: Option<String>,
+    pub snapshot: Option<ObjectName>,
     /// The volume's size (the snapshot's).
     pub size: u64,
 }
@@ -60,25 +62,25 @@ pub enum Operation {
     /// Snapshots taken at one instant (a group, a single snapshot, a linked clone's source).
     Snapshot {
         /// The group's name, for a group snapshot.
-        group: Option<String>,
+        group: Option<ObjectName>,
         /// The volumes.
         items: Vec<SwitchIntent>,
     },
     /// A new volume whose head image is being made (empty, restored, linked or copied).
     NewVolume {
         /// The pool.
-        pool: String,
+        pool: PoolName,
         /// The volume's name.
-        name: String,
+        name: ObjectName,
         /// Its head layer.
         head: LayerId,
     },
     /// A volume growing to `size`.
     Expand {
         /// The pool.
-        pool: String,
+        pool: PoolName,
         /// The volume's name.
-        name: String,
+        name: ObjectName,
         /// The new size.
         size: u64,
         /// Its head layer.
@@ -87,7 +89,7 @@ pub enum Operation {
     /// `layer` leaving a chain: `child` (the layer above it) is rebased onto `base`.
     Shorten {
         /// The pool.
-        pool: String,
+        pool: PoolName,
         /// The layer above the one that goes.
         child: LayerId,
         /// The layer that goes.
@@ -235,7 +237,7 @@ impl EngineCore {
         &self,
         graph: &BlockGraph,
         origin: Origin,
-        group: &Option<String>,
+        group: &Option<ObjectName>,
         items: &[SwitchIntent],
     ) -> Result<()> {
         let mut current = Vec::new();
@@ -350,12 +352,19 @@ pub(super) fn now_unix() -> u64 {
 mod tests {
     use super::*;
 
+    fn n(name: &str) -> ObjectName {
+        ObjectName::parse(name).expect("name")
+    }
+
+    fn pool(name: &str) -> PoolName {
+        PoolName::parse(name).expect("pool")
+    }
+
     #[test]
     fn an_intent_is_on_disk_while_it_lives_and_gone_once_dropped() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ops = Operations::open(dir.path().join("operations")).expect("open");
-        let op =
-            Operation::NewVolume { pool: "p".into(), name: "v".into(), head: LayerId::random() };
+        let op = Operation::NewVolume { pool: pool("p"), name: n("v"), head: LayerId::random() };
         let intent = ops.begin(op.clone()).expect("begin");
         let left = ops.all().expect("list");
         assert_eq!(left.iter().map(|(_, o)| o.clone()).collect::<Vec<_>>(), vec![op]);
@@ -402,16 +411,16 @@ mod tests {
     #[test]
     fn an_intent_reads_back_as_written() {
         let item = SwitchIntent {
-            pool: "p".into(),
-            volume: "v".into(),
+            pool: pool("p"),
+            volume: n("v"),
             uid: LayerId::random(),
             head: LayerId::random(),
             overlay: LayerId::random(),
             attached: true,
-            snapshot: Some("s".into()),
+            snapshot: Some(n("s")),
             size: 1 << 30,
         };
-        let op = Operation::Snapshot { group: Some("g".into()), items: vec![item] };
+        let op = Operation::Snapshot { group: Some(n("g")), items: vec![item] };
         let json = serde_json::to_string(&op).expect("json");
         assert!(json.contains("\"op\":\"snapshot\""), "{json}");
         assert_eq!(serde_json::from_str::<Operation>(&json).expect("parse"), op);

@@ -158,7 +158,7 @@ impl EngineCore {
     /// attached (left by a crash between a detach and its record's removal), so requests for
     /// those volumes go to the default node again.
     fn drop_stale_owner_records(&self) -> Result<()> {
-        let node = self.config.node.as_str();
+        let node = &self.config.node;
         for pool in self.pools.values() {
             pool.refresh()?;
             for name in pool.owned_by(node)? {
@@ -167,7 +167,7 @@ impl EngineCore {
                 if !attached {
                     tracing::info!(
                         pool = pool.name().as_str(),
-                        volume = name,
+                        volume = %name,
                         "removing a stale owner record"
                     );
                     pool.clear_owner(&name, node)?;

@@ -13,7 +13,7 @@
 use super::EngineCore;
 use crate::error::{Error, Result};
 use crate::graph::{self, ExportKind, Names};
-use crate::pool::{LayerId, Pool, Referrers};
+use crate::pool::{LayerId, ObjectName, Pool, Referrers};
 
 /// How a layer leaves its chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +71,7 @@ pub fn plan(chain: &[LayerId], refs: &[Referrers], fuse_head: bool) -> Option<St
 impl EngineCore {
     /// Removes one layer from a volume's chain if one can go; returns false if none can.
     /// Callers hold the volume's guard and the graph read lock.
-    pub(super) async fn shorten_once(&self, pool: &Pool, volume: &str) -> Result<bool> {
+    pub(super) async fn shorten_once(&self, pool: &Pool, volume: &ObjectName) -> Result<bool> {
         let Some(record) = pool.volume(volume) else {
             return Ok(false);
         };
@@ -85,7 +85,7 @@ impl EngineCore {
         let (child, layer, base) = (chain[i - 1], chain[i], chain.get(i + 1).copied());
         let qmp = self.daemon.qmp();
         let _intent = self.operations.begin(super::ops::Operation::Shorten {
-            pool: pool.name().as_str().to_owned(),
+            pool: pool.name().clone(),
             child,
             layer,
             base,
@@ -120,7 +120,7 @@ impl EngineCore {
         crate::fault_point!("shorten:after-merge");
         pool.set_backing(child, base)?;
         pool.release(layer)?;
-        tracing::info!(volume, layer = %layer, how = ?merge, "shortened chain");
+        tracing::info!(volume = %volume, layer = %layer, how = ?merge, "shortened chain");
         Ok(true)
     }
 }

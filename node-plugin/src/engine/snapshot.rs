@@ -17,51 +17,55 @@ use super::volume::Preallocation;
 use super::EngineCore;
 use crate::error::{Error, Result};
 use crate::graph::{self, Names, NewImage, OverlaySwitch};
-use crate::pool::id::{IdKind, ObjectId};
+use crate::pool::id::{IdKind, NodeName, ObjectId, ObjectName};
 use crate::pool::{LayerId, LayerRecord, Pool, SnapshotRecord, VolumeRecord};
 
 /// What callers see of a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotInfo {
     /// The snapshot's ID.
-    pub id: String,
+    pub id: ObjectId,
     /// The ID of the volume it was taken from.
-    pub source_volume_id: String,
+    pub source_volume_id: ObjectId,
     /// The volume's size at the time.
     pub size: u64,
     /// Seconds since the epoch.
     pub created_unix: u64,
     /// The group snapshot's ID, for a member of one.
-    pub group_id: Option<String>,
+    pub group_id: Option<ObjectId>,
     /// The node it can be restored on (a local pool's); `None`: any node.
-    pub node: Option<String>,
+    pub node: Option<NodeName>,
 }
 
 /// Snapshots to take at one instant.
 #[derive(Debug, Clone, Copy)]
 pub struct SnapshotBatch<'a> {
     /// (volume ID, snapshot name) pairs.
-    pub items: &'a [(&'a str, &'a str)],
+    pub items: &'a [(ObjectId, ObjectName)],
     /// The group they form, by name (all in one pool), if any.
-    pub group: Option<&'a str>,
+    pub group: Option<&'a ObjectName>,
     /// Freeze mounted filesystems around the switch.
     pub freeze: bool,
 }
 
 /// A batch item resolved: the volume's pool and ID, and the snapshot's name.
-type Resolved<'a> = (Arc<Pool>, ObjectId, &'a str);
+type Resolved<'a> = (Arc<Pool>, ObjectId, &'a ObjectName);
 /// A member to take: its pool, ID and record, and the snapshot's name.
-type Member<'a> = (Arc<Pool>, ObjectId, VolumeRecord, &'a str);
+type Member<'a> = (Arc<Pool>, ObjectId, VolumeRecord, &'a ObjectName);
 
 /// A snapshot of this name exists: the same request again (taken from `volume`, in `group`)
 /// is answered by it; anything else is ALREADY_EXISTS, naming the difference.
-fn same_snapshot(existing: &SnapshotRecord, volume: &str, group: Option<&str>) -> Result<()> {
-    if existing.source_volume == volume && existing.group.as_deref() == group {
+fn same_snapshot(
+    existing: &SnapshotRecord,
+    volume: &ObjectName,
+    group: Option<&ObjectName>,
+) -> Result<()> {
+    if existing.source_volume == *volume && existing.group.as_ref() == group {
         return Ok(());
     }
     Err(Error::AlreadyExists {
         what: "snapshot",
-        name: existing.name.clone(),
+        name: existing.name.to_string(),
         difference: match &existing.group {
             Some(g) => format!("it is a member of group snapshot {g}"),
             None => format!("it was taken from volume {}", existing.source_volume),
@@ -74,7 +78,11 @@ fn same_snapshot(existing: &SnapshotRecord, volume: &str, group: Option<&str>) -
 pub trait Quiesce: Send + Sync + std::fmt::Debug {
     /// Freezes whatever filesystem is mounted on `volume_ids` (volumes not mounted here are
     /// skipped), waiting a bounded time; the returned guard thaws them when dropped.
-    fn freeze(&self, volume_ids: &[String]) -> Result<Box<dyn Send>>;
+    fn freeze(&self, volume_ids: &[ObjectId]) -> Result<Box<dyn Send>>;
+
+    /// Whether [`Quiesce::freeze`] holds the writes to `volume_id`: it is staged here with a
+    /// filesystem that is mounted.
+    fn holds(&self, volume_id: &ObjectId) -> Result<bool>;
 }
 
 /// A volume about to move onto a new overlay (a snapshot, or a linked clone's source).
@@ -83,8 +91,8 @@ pub(super) struct Planned {
     pub pool: Arc<Pool>,
     /// The volume as it is now.
     pub record: VolumeRecord,
-    /// The snapshot's name (empty for a linked clone's source).
-    pub snapshot_name: String,
+    /// The snapshot's name (none for a linked clone's source).
+    pub snapshot_name: Option<ObjectName>,
     /// The new, empty head.
     pub overlay: LayerId,
 }
@@ -92,19 +100,17 @@ pub(super) struct Planned {
 impl EngineCore {
     fn snapshot_info(&self, pool: &Pool, record: &SnapshotRecord) -> Result<SnapshotInfo> {
         let group_id = match &record.group {
-            Some(g) => Some(self.object_id(IdKind::Group, pool, g)?.to_string()),
+            Some(g) => Some(self.object_id(IdKind::Group, pool, g)?),
             None => None,
         };
         let id = self.object_id(IdKind::Snapshot, pool, &record.name)?;
         Ok(SnapshotInfo {
-            source_volume_id: self
-                .object_id(IdKind::Volume, pool, &record.source_volume)?
-                .to_string(),
+            source_volume_id: self.volume_id_by_name(pool, &record.source_volume)?,
             size: record.size,
             created_unix: record.created_unix,
             group_id,
-            node: id.location.node.as_ref().map(|n| n.as_str().to_owned()),
-            id: id.to_string(),
+            node: id.location.node.clone(),
+            id,
         })
     }
 
@@ -121,8 +127,13 @@ impl EngineCore {
 
     /// Takes a snapshot of a volume, its mounted filesystem frozen around it. Idempotent by
     /// name.
-    pub async fn create_snapshot(&self, volume_id: &str, name: &str) -> Result<SnapshotInfo> {
-        let batch = SnapshotBatch { items: &[(volume_id, name)], group: None, freeze: true };
+    pub async fn create_snapshot(
+        &self,
+        volume_id: &ObjectId,
+        name: &ObjectName,
+    ) -> Result<SnapshotInfo> {
+        let items = [(volume_id.clone(), name.clone())];
+        let batch = SnapshotBatch { items: &items, group: None, freeze: true };
         let mut taken = self.create_snapshot_group(batch).await?;
         taken.pop().ok_or_else(|| Error::Inconsistent("snapshot group returned nothing".into()))
     }
@@ -159,13 +170,14 @@ impl EngineCore {
         crate::fault_point!("snapshot:after-switch");
         let now = super::ops::now_unix();
         for p in planned {
+            let Some(name) = p.snapshot_name else { continue };
             let record = SnapshotRecord {
-                name: p.snapshot_name,
+                name,
                 source_volume: p.record.name.clone(),
                 layer: p.record.head,
                 size: p.record.size,
                 created_unix: now,
-                group: batch.group.map(str::to_owned),
+                group: batch.group.cloned(),
             };
             p.pool.put_snapshot(record.clone())?;
             done.push(self.snapshot_info(&p.pool, &record)?);
@@ -186,9 +198,9 @@ impl EngineCore {
         for (volume_id, name) in batch.items {
             let (pool, parsed) = self.resolve(IdKind::Volume, volume_id)?;
             self.object_id(IdKind::Snapshot, &pool, name)?;
-            keys.push(Self::key(IdKind::Volume, &pool, parsed.name.as_str()));
+            keys.push(Self::key(IdKind::Volume, &pool, &parsed.name));
             keys.push(Self::key(IdKind::Snapshot, &pool, name));
-            resolved.push((pool, parsed, *name));
+            resolved.push((pool, parsed, name));
         }
         let unique: std::collections::HashSet<_> = keys.iter().collect();
         if unique.len() != keys.len() {
@@ -232,7 +244,7 @@ impl EngineCore {
         if had != asked {
             return Err(Error::AlreadyExists {
                 what: "group snapshot",
-                name: group.to_owned(),
+                name: group.to_string(),
                 difference: format!("it holds snapshots of {}", had.join(", ")),
             });
         }
@@ -251,14 +263,14 @@ impl EngineCore {
         let mut to_take = Vec::new();
         for (pool, parsed, name) in resolved {
             let record = pool
-                .volume(parsed.name.as_str())
+                .volume(&parsed.name)
                 .ok_or_else(|| Error::NotFound { what: "volume", id: parsed.to_string() })?;
             if let Some(existing) = pool.snapshot(name) {
                 same_snapshot(&existing, &record.name, batch.group)?;
                 done.push(self.snapshot_info(&pool, &existing)?);
                 continue;
             }
-            self.held_here(&pool, &record, &parsed.to_string())?;
+            self.held_here(&pool, &record, &parsed)?;
             to_take.push((pool, parsed, record, name));
         }
         Ok((done, to_take))
@@ -282,7 +294,7 @@ impl EngineCore {
             planned.push(Planned {
                 pool,
                 record,
-                snapshot_name: name.to_owned(),
+                snapshot_name: Some(name.clone()),
                 overlay: LayerId::random(),
             });
         }
@@ -296,10 +308,8 @@ impl EngineCore {
             return Ok(None);
         };
         let quiesce = quiesce.clone();
-        let ids: Vec<String> = planned
-            .iter()
-            .map(|p| self.object_id(IdKind::Volume, &p.pool, &p.record.name).map(|i| i.to_string()))
-            .collect::<Result<_>>()?;
+        let ids: Vec<ObjectId> =
+            planned.iter().map(|p| self.volume_id(&p.pool, &p.record)).collect::<Result<_>>()?;
         let freeze = tokio::task::spawn_blocking(move || quiesce.freeze(&ids));
         Ok(Some(freeze.await.map_err(|e| Error::Inconsistent(format!("freeze task: {e}")))??))
     }
@@ -310,22 +320,22 @@ impl EngineCore {
     pub(super) async fn switch_to_overlays(
         &self,
         planned: &[Planned],
-        group: Option<&str>,
+        group: Option<&ObjectName>,
     ) -> Result<super::ops::Intent> {
         let items = planned
             .iter()
             .map(|p| SwitchIntent {
-                pool: p.pool.name().as_str().to_owned(),
+                pool: p.pool.name().clone(),
                 volume: p.record.name.clone(),
                 uid: p.record.uid,
                 head: p.record.head,
                 overlay: p.overlay,
                 attached: self.journal.get(p.record.uid).is_some(),
-                snapshot: Some(p.snapshot_name.clone()).filter(|n| !n.is_empty()),
+                snapshot: p.snapshot_name.clone(),
                 size: p.record.size,
             })
             .collect();
-        let group = group.map(str::to_owned);
+        let group = group.cloned();
         let intent = self.operations.begin(Operation::Snapshot { group, items })?;
         crate::fault_point!("snapshot:after-intent");
         let qmp = self.daemon.qmp();
@@ -379,24 +389,24 @@ impl EngineCore {
     }
 
     /// A group snapshot's members.
-    pub fn group_snapshots(&self, group_id: &str) -> Result<Vec<SnapshotInfo>> {
+    pub fn group_snapshots(&self, group_id: &ObjectId) -> Result<Vec<SnapshotInfo>> {
         let (pool, parsed) = self.resolve(IdKind::Group, group_id)?;
         let members: Vec<_> = pool
-            .group_members(parsed.name.as_str())
+            .group_members(&parsed.name)
             .iter()
             .map(|s| self.snapshot_info(&pool, s))
             .collect::<Result<_>>()?;
         if members.is_empty() {
-            return Err(Error::NotFound { what: "group snapshot", id: group_id.to_owned() });
+            return Err(Error::NotFound { what: "group snapshot", id: group_id.to_string() });
         }
         Ok(members)
     }
 
     /// Deletes a group snapshot: every member. A group that is gone is not an error.
-    pub async fn delete_group(&self, group_id: &str) -> Result<()> {
+    pub async fn delete_group(&self, group_id: &ObjectId) -> Result<()> {
         let (pool, parsed) = self.resolve(IdKind::Group, group_id)?;
-        let _guard = self.lock(vec![Self::key(IdKind::Group, &pool, parsed.name.as_str())])?;
-        for member in pool.group_members(parsed.name.as_str()) {
+        let _guard = self.lock(vec![Self::key(IdKind::Group, &pool, &parsed.name)])?;
+        for member in pool.group_members(&parsed.name) {
             let _member = self.lock(vec![Self::key(IdKind::Snapshot, &pool, &member.name)])?;
             self.remove_snapshot(&pool, &member).await?;
         }
@@ -405,12 +415,12 @@ impl EngineCore {
 
     /// Deletes a snapshot. Its layer stays while a volume's chain needs it; chains past their
     /// depth limit are shortened. A group's member goes only with its group.
-    pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+    pub async fn delete_snapshot(&self, id: &ObjectId) -> Result<()> {
         let (pool, parsed) = self.resolve(IdKind::Snapshot, id)?;
-        let _guard = self.lock(vec![Self::key(IdKind::Snapshot, &pool, parsed.name.as_str())])?;
+        let _guard = self.lock(vec![Self::key(IdKind::Snapshot, &pool, &parsed.name)])?;
         let record = pool
-            .snapshot(parsed.name.as_str())
-            .ok_or_else(|| Error::NotFound { what: "snapshot", id: id.to_owned() })?;
+            .snapshot(&parsed.name)
+            .ok_or_else(|| Error::NotFound { what: "snapshot", id: id.to_string() })?;
         if let Some(group) = &record.group {
             let group_id = self.object_id(IdKind::Group, &pool, group)?;
             return Err(Error::invalid(
@@ -430,7 +440,7 @@ impl EngineCore {
         // The layer lives on inside one or more chains; shorten those that are too deep.
         for volume in pool.volumes() {
             if !pool.chain(volume.head)?.contains(&record.layer)
-                || pool.owner(&volume.name)?.is_some_and(|o| o != self.config.node.as_str())
+                || pool.owner(&volume.name)?.is_some_and(|o| o != self.config.node)
             {
                 // Not affected, or attached on another node of a shared pool: that node's
                 // daemon holds the chain, and its next snapshot of the volume shortens it.
@@ -460,13 +470,14 @@ mod tests {
 
     #[test]
     fn a_snapshot_name_taken_answers_the_same_request_and_refuses_any_other() {
+        let n = |name: &str| ObjectName::parse(name).expect("name");
         let taken = |volume: &str, group: Option<&str>| SnapshotRecord {
-            name: "s".into(),
-            source_volume: volume.into(),
+            name: n("s"),
+            source_volume: n(volume),
             layer: LayerId::random(),
             size: 1 << 30,
             created_unix: 0,
-            group: group.map(str::to_owned),
+            group: group.map(n),
         };
         // (row, the existing snapshot, the request's volume and group, the answer)
         type Row<'a> = (&'a str, SnapshotRecord, &'a str, Option<&'a str>, Result<(), ErrorKind>);
@@ -490,7 +501,8 @@ mod tests {
             ),
         ];
         for (row, existing, volume, group, expected) in rows {
-            let got = same_snapshot(&existing, volume, group).map_err(|e| e.kind());
+            let group = group.map(n);
+            let got = same_snapshot(&existing, &n(volume), group.as_ref()).map_err(|e| e.kind());
             assert_eq!(got, expected, "{row}");
         }
     }

@@ -3,10 +3,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::plan::{self, Growth};
 use super::EngineCore;
 use crate::error::{Error, Result};
 use crate::graph::{self, ExportKind, Names, NewImage};
-use crate::pool::id::{parse_size, IdKind};
+use crate::pool::id::{parse_size, IdKind, ObjectId, PoolName};
 use crate::pool::{LayerId, LayerRecord, Pool, RecordedSource, VolumeRecord};
 pub use qsd_csi_model::volume::{
     CloneMode, CreateVolume, Format, Preallocation, Qos, RemoteSource, VolumeSource,
@@ -27,7 +28,7 @@ pub(super) struct NewHead {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeInfo {
     /// The volume's ID.
-    pub id: String,
+    pub id: ObjectId,
     /// Virtual size in bytes.
     pub size: u64,
     /// Layers in its chain, head included.
@@ -47,9 +48,9 @@ pub struct VolumeInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeFacts {
     /// The volume's ID.
-    pub id: String,
+    pub id: ObjectId,
     /// Its pool.
-    pub pool: String,
+    pub pool: PoolName,
     /// The labels it was created with (the claim's namespace and name).
     pub labels: BTreeMap<String, String>,
     /// Virtual size in bytes.
@@ -68,7 +69,7 @@ pub struct VolumeFacts {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolFacts {
     /// Its name.
-    pub name: String,
+    pub name: PoolName,
     /// Its directory.
     pub root: std::path::PathBuf,
     /// Volumes, snapshots and layers in its index.
@@ -98,7 +99,7 @@ pub(super) fn source_label(
 impl EngineCore {
     pub(super) fn volume_info(&self, pool: &Pool, record: &VolumeRecord) -> Result<VolumeInfo> {
         Ok(VolumeInfo {
-            id: self.object_id(IdKind::Volume, pool, &record.name)?.to_string(),
+            id: self.volume_id(pool, record)?,
             size: record.size,
             chain_depth: pool.chain(record.head)?.len(),
             source: self.recorded_source(pool, record.source.as_ref())?,
@@ -115,12 +116,12 @@ impl EngineCore {
         recorded: Option<&RecordedSource>,
     ) -> Result<Option<VolumeSource>> {
         Ok(match recorded {
-            Some(RecordedSource::Snapshot(name)) => Some(VolumeSource::Snapshot(
-                self.object_id(IdKind::Snapshot, pool, name.as_str())?.to_string(),
-            )),
-            Some(RecordedSource::Volume(name)) => Some(VolumeSource::Volume(
-                self.object_id(IdKind::Volume, pool, name.as_str())?.to_string(),
-            )),
+            Some(RecordedSource::Snapshot(name)) => {
+                Some(VolumeSource::Snapshot(self.object_id(IdKind::Snapshot, pool, name)?))
+            }
+            Some(RecordedSource::Volume(name)) => {
+                Some(VolumeSource::Volume(self.volume_id_by_name(pool, name)?))
+            }
             Some(RecordedSource::Copied(source)) => Some(source.clone()),
             Some(RecordedSource::Unknown(_)) | None => None,
         })
@@ -135,7 +136,7 @@ impl EngineCore {
         }
     }
 
-    /// An existing volume satisfies a re-create only if size and source match.
+    /// An existing volume answers a re-create only if size and source match.
     pub(super) fn check_recreate(
         &self,
         pool: &Pool,
@@ -144,23 +145,8 @@ impl EngineCore {
         size: u64,
         source: &Option<RecordedSource>,
     ) -> Result<VolumeInfo> {
-        let mut differences = Vec::new();
-        if !capacity_satisfies(existing.size, size, request.limit) {
-            let limit = request.limit.map_or("no limit".to_owned(), |l| format!("at most {l}"));
-            differences
-                .push(format!("size {} (requested at least {size}, {limit})", existing.size));
-        }
-        if *source != existing.source {
-            differences.push(format!("source {:?} (requested {source:?})", existing.source));
-        }
-        if differences.is_empty() {
-            return self.volume_info(pool, existing);
-        }
-        Err(Error::AlreadyExists {
-            what: "volume",
-            name: existing.name.clone(),
-            difference: differences.join(", "),
-        })
+        plan::recreate(existing, size, request.limit, source)?;
+        self.volume_info(pool, existing)
     }
 
     /// Creates a volume: empty and thin, a linked overlay on a snapshot, or a full clone.
@@ -169,6 +155,9 @@ impl EngineCore {
         request.format.check()?;
         if request.remote.is_some() {
             return self.start_remote_copy(request).await?.finish_detached().await;
+        }
+        if request.keep_id.is_some() {
+            return Err(Error::invalid("keep_id", "only a copy from another node keeps an ID"));
         }
         match &request.source {
             Some(VolumeSource::Snapshot(_)) => self.restore_snapshot(request).await,
@@ -192,16 +181,9 @@ impl EngineCore {
         if let Some(existing) = pool.volume(&request.name) {
             return self.check_recreate(&pool, &existing, request, size, &None);
         }
-        if matches!(request.preallocation, Preallocation::Falloc | Preallocation::Full) {
-            // Thin volumes may overcommit; a preallocated one must fit now.
-            let free = crate::mount::usage(pool.root())?.bytes_available;
-            if size > free {
-                return Err(Error::ResourceExhausted(format!(
-                    "pool {} has {free} bytes free; a preallocated volume of {size} bytes does not fit",
-                    pool.name().as_str()
-                )));
-            }
-        }
+        plan::room_for(pool.name().as_str(), request.preallocation, size, || {
+            Ok(crate::mount::usage(pool.root())?.bytes_available)
+        })?;
         let _graph = self.graph.change().await;
         let head = NewHead { size, backing: None, preallocation: request.preallocation };
         self.create_with_head(&pool, request, head, max_chain_depth, None).await
@@ -219,7 +201,7 @@ impl EngineCore {
     ) -> Result<VolumeInfo> {
         let id = LayerId::random();
         let _intent = self.operations.begin(super::ops::Operation::NewVolume {
-            pool: pool.name().as_str().to_owned(),
+            pool: pool.name().clone(),
             name: request.name.clone(),
             head: id,
         })?;
@@ -258,9 +240,9 @@ impl EngineCore {
     }
 
     /// Deletes a volume. Layers that snapshots or other volumes still need stay.
-    pub async fn delete_volume(&self, id: &str) -> Result<()> {
+    pub async fn delete_volume(&self, id: &ObjectId) -> Result<()> {
         let (pool, parsed, record) = self.resolve_volume(id)?;
-        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
+        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, &parsed.name)])?;
         if let Some(attachment) = self.journal.get(record.uid) {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is attached ({:?} export); detach it first",
@@ -269,12 +251,12 @@ impl EngineCore {
         }
         self.held_here(&pool, &record, id)?;
         let deleted = pool.remove_volume(&record.name)?;
-        tracing::info!(volume = id, layers_deleted = deleted.len(), "deleted volume");
+        tracing::info!(volume = %id, layers_deleted = deleted.len(), "deleted volume");
         Ok(())
     }
 
     /// A volume by ID.
-    pub fn get_volume(&self, id: &str) -> Result<VolumeInfo> {
+    pub fn get_volume(&self, id: &ObjectId) -> Result<VolumeInfo> {
         let (pool, _, record) = self.resolve_volume(id)?;
         self.volume_info(&pool, &record)
     }
@@ -297,7 +279,7 @@ impl EngineCore {
         for pool in self.pools.values() {
             let records = pool.volumes();
             pools.push(PoolFacts {
-                name: pool.name().as_str().to_owned(),
+                name: pool.name().clone(),
                 root: pool.root().to_owned(),
                 volumes: records.len(),
                 snapshots: pool.snapshots().len(),
@@ -308,10 +290,10 @@ impl EngineCore {
                 if pool.kind() == crate::pool::PoolKind::Shared && attachment.is_none() {
                     continue;
                 }
-                let Ok(id) = self.object_id(IdKind::Volume, pool, &record.name) else { continue };
+                let Ok(id) = self.volume_id(pool, &record) else { continue };
                 volumes.push(VolumeFacts {
-                    id: id.to_string(),
-                    pool: pool.name().as_str().to_owned(),
+                    id,
+                    pool: pool.name().clone(),
                     size: record.size,
                     chain_depth: pool.chain(record.head).map_or(0, |c| c.len()),
                     head: pool.layer_path(record.head),
@@ -325,37 +307,36 @@ impl EngineCore {
     }
 
     /// Grows a volume (online through the export, or offline). Returns the new size.
-    pub async fn expand_volume(&self, id: &str, requested: i64) -> Result<u64> {
+    pub async fn expand_volume(&self, id: &ObjectId, requested: i64) -> Result<u64> {
         let size = parse_size(requested)?;
         let (pool, parsed, record) = self.resolve_volume(id)?;
-        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
+        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, &parsed.name)])?;
         let record = pool.volume(&record.name).unwrap_or(record);
-        if size < record.size {
-            return Err(Error::OutOfRange {
-                requested,
-                reason: format!("volumes cannot shrink (now {} bytes)", record.size),
-            });
-        }
-        if size == record.size {
+        // Attached or not cannot change under the volume's guard; the endpoint can (a restarted
+        // daemon's), so it is read again under the graph lock.
+        let attached = self.journal.get(record.uid).is_some();
+        let growth = plan::growth(record.size, size, requested, attached)?;
+        if growth == Growth::None {
             return Ok(size);
         }
         self.held_here(&pool, &record, id)?;
         let _graph = self.graph.change().await;
         let qmp = self.daemon.qmp();
         let _intent = self.operations.begin(super::ops::Operation::Expand {
-            pool: pool.name().as_str().to_owned(),
+            pool: pool.name().clone(),
             name: record.name.clone(),
             size,
             head: record.head,
         })?;
-        if let Some(attachment) = self.journal.get(record.uid) {
-            let names = Names::new(record.uid.to_string());
-            graph::resize_attached(&qmp, &names, &attachment.endpoint, size).await?;
-            if let Err(e) = self.rearm_for_size(&record, size).await {
-                tracing::warn!(volume = id, error = %e, "moving the write threshold to the new size failed");
+        match self.journal.get(record.uid).filter(|_| growth == Growth::Online) {
+            Some(attachment) => {
+                let names = Names::new(record.uid.to_string());
+                graph::resize_attached(&qmp, &names, &attachment.endpoint, size).await?;
+                if let Err(e) = self.rearm_for_size(&record, size).await {
+                    tracing::warn!(volume = %id, error = %e, "moving the write threshold to the new size failed");
+                }
             }
-        } else {
-            graph::resize_offline(&qmp, &pool, record.head, size).await?;
+            None => graph::resize_offline(&qmp, &pool, record.head, size).await?,
         }
         crate::fault_point!("expand:after-resize");
         pool.put_volume(VolumeRecord { size, ..record })?;
@@ -363,9 +344,9 @@ impl EngineCore {
     }
 
     /// Changes a volume's I/O limits; applied live when attached.
-    pub async fn set_qos(&self, id: &str, qos: Qos) -> Result<()> {
+    pub async fn set_qos(&self, id: &ObjectId, qos: Qos) -> Result<()> {
         let (pool, parsed, record) = self.resolve_volume(id)?;
-        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, parsed.name.as_str())])?;
+        let _guard = self.lock(vec![Self::key(IdKind::Volume, &pool, &parsed.name)])?;
         self.held_here(&pool, &record, id)?;
         let _graph = self.graph.change().await;
         if self.journal.get(record.uid).is_some() {
@@ -373,32 +354,5 @@ impl EngineCore {
             graph::set_limits(&self.daemon.qmp(), &names, qos).await?;
         }
         pool.put_volume(VolumeRecord { qos, ..record })
-    }
-}
-
-/// Whether an existing volume of `existing` bytes satisfies a repeated CreateVolume asking for
-/// at least `required` and at most `limit` bytes (CSI: "compatible with the capacity_range"):
-/// a volume grown since it was created still answers the request that made it.
-pub fn capacity_satisfies(existing: u64, required: u64, limit: Option<i64>) -> bool {
-    existing >= required && limit.is_none_or(|l| existing <= l.max(0) as u64)
-}
-
-#[cfg(test)]
-mod capacity_tests {
-    use super::capacity_satisfies;
-
-    #[test]
-    fn a_repeated_create_is_satisfied_by_any_size_between_required_and_limit() {
-        let mib = 1 << 20;
-        let table = [
-            ("same size", 64 * mib, 64 * mib, None, true),
-            ("grown since, no limit", 96 * mib, 64 * mib, None, true),
-            ("grown within the limit", 96 * mib, 64 * mib, Some(128 * mib as i64), true),
-            ("grown past the limit", 160 * mib, 64 * mib, Some(128 * mib as i64), false),
-            ("smaller than required", 32 * mib, 64 * mib, None, false),
-        ];
-        for (what, existing, required, limit, expected) in table {
-            assert_eq!(capacity_satisfies(existing, required, limit), expected, "{what}");
-        }
     }
 }

@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use super::{LayerId, LayerRecord, SnapshotRecord, VolumeRecord};
+use super::{LayerId, LayerRecord, ObjectName, SnapshotRecord, VolumeRecord};
 
 #[derive(Debug, Default)]
 pub(super) struct Index {
     pub(super) layers: BTreeMap<LayerId, LayerRecord>,
-    pub(super) volumes: BTreeMap<String, VolumeRecord>,
-    pub(super) snapshots: BTreeMap<String, SnapshotRecord>,
+    pub(super) volumes: BTreeMap<ObjectName, VolumeRecord>,
+    pub(super) snapshots: BTreeMap<ObjectName, SnapshotRecord>,
 }
 
 impl Index {

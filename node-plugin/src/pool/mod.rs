@@ -22,6 +22,20 @@
 //! exists and removed before it, so a crash leaves at worst an unreferenced layer, which
 //! [`Pool::open`] collects.
 //!
+//! Synchronisation, always taken in this order (a path may skip any, and never takes one while
+//! it holds a later one):
+//! `writes` (shared by a record write, exclusive for a rescan of a shared pool) → the
+//! generation file's `flock` (exclusive while a write bumps the counter and writes its
+//! record, shared for a moment to read it) → `generation` → `scans` → `index`, each of those
+//! three a short critical section. A refresh reads the counter under no lock of this process
+//! and compares it with `generation` before it takes anything exclusive: on a pool no other
+//! node changed, requests never queue behind one another or behind a record write of this
+//! process. The pool's file I/O is blocking (fsync, `flock`, directory scans, unlinks, possibly
+//! over NFS) and runs through [`blocking`], off the async workers: in place, the worker handing
+//! its other tasks to another thread first. A worker that blocked in place may later exit, so
+//! children tied to the plugin's life (`PR_SET_PDEATHSIG` follows the thread that started them)
+//! are started from one thread that never exits (`command::spawn_tied`).
+//!
 //! By job: `records.rs` is the schema on disk, `index.rs` the in-memory index and the one
 //! derivation of reference counts, `shared.rs` the coordination of nodes writing one pool
 //! (generation, refresh, owner records), and this file the pool's operations over them.
@@ -76,7 +90,7 @@ impl Pool {
             let bytes = std::fs::read(&info_path).map_err(|e| Error::io("read", &info_path, e))?;
             let info: PoolInfo = serde_json::from_slice(&bytes)
                 .map_err(|source| Error::Metadata { path: info_path.clone(), source })?;
-            if info.name != name.as_str() || info.kind != kind {
+            if info.name != name || info.kind != kind {
                 return Err(Error::FailedPrecondition(format!(
                     "{} holds pool {:?} ({:?}), not {:?} ({kind:?})",
                     root.display(),
@@ -86,11 +100,7 @@ impl Pool {
                 )));
             }
         } else {
-            store::write_json(
-                root,
-                "pool.json",
-                &PoolInfo { name: name.as_str().to_owned(), kind },
-            )?;
+            store::write_json(root, "pool.json", &PoolInfo { name: name.clone(), kind })?;
         }
         if kind == PoolKind::Shared {
             let generation = root.join(GENERATION);
@@ -171,19 +181,19 @@ impl Pool {
     }
 
     /// A volume's record.
-    pub fn volume(&self, name: &str) -> Option<VolumeRecord> {
+    pub fn volume(&self, name: &ObjectName) -> Option<VolumeRecord> {
         self.index().volumes.get(name).cloned()
     }
 
     /// A snapshot's record.
-    pub fn snapshot(&self, name: &str) -> Option<SnapshotRecord> {
+    pub fn snapshot(&self, name: &ObjectName) -> Option<SnapshotRecord> {
         self.index().snapshots.get(name).cloned()
     }
 
     /// The snapshots of group `group`.
-    pub fn group_members(&self, group: &str) -> Vec<SnapshotRecord> {
+    pub fn group_members(&self, group: &ObjectName) -> Vec<SnapshotRecord> {
         let mut members = self.snapshots();
-        members.retain(|s| s.group.as_deref() == Some(group));
+        members.retain(|s| s.group.as_ref() == Some(group));
         members
     }
 
@@ -233,6 +243,17 @@ impl Pool {
         self.index().referrers(layer)
     }
 
+    /// Removes a layer's record, then its image. Callers check the refcount first.
+    fn delete_layer(&self, id: LayerId) -> Result<()> {
+        let dir = self.layers_dir();
+        self.write_record(|| {
+            store::remove(&dir, &format!("{id}.json"))?;
+            self.index().layers.remove(&id);
+            Ok(())
+        })?;
+        blocking(|| store::remove(&dir, &Self::layer_file_name(id)))
+    }
+
     /// Records a layer whose image now exists.
     pub fn put_layer(&self, record: LayerRecord) -> Result<()> {
         self.write_record(|| {
@@ -263,7 +284,7 @@ impl Pool {
     }
 
     /// Removes a volume's record, then every layer nobody refers to any more.
-    pub fn remove_volume(&self, name: &str) -> Result<Vec<LayerId>> {
+    pub fn remove_volume(&self, name: &ObjectName) -> Result<Vec<LayerId>> {
         let head = self.write_record(|| {
             store::remove(&self.root.join("volumes"), &format!("{name}.json"))?;
             Ok(self.index().volumes.remove(name).map(|v| v.head))
@@ -272,7 +293,7 @@ impl Pool {
     }
 
     /// Removes a snapshot's record, then every layer nobody refers to any more.
-    pub fn remove_snapshot(&self, name: &str) -> Result<Vec<LayerId>> {
+    pub fn remove_snapshot(&self, name: &ObjectName) -> Result<Vec<LayerId>> {
         let layer = self.write_record(|| {
             store::remove(&self.root.join("snapshots"), &format!("{name}.json"))?;
             Ok(self.index().snapshots.remove(name).map(|s| s.layer))
@@ -301,17 +322,6 @@ impl Pool {
             next = backing;
         }
         Ok(deleted)
-    }
-
-    /// Removes a layer's record, then its image. Callers check the refcount first.
-    fn delete_layer(&self, id: LayerId) -> Result<()> {
-        let dir = self.layers_dir();
-        self.write_record(|| {
-            store::remove(&dir, &format!("{id}.json"))?;
-            self.index().layers.remove(&id);
-            Ok(())
-        })?;
-        store::remove(&dir, &Self::layer_file_name(id))
     }
 
     /// Replaces a layer's backing pointer (after a stream or commit rewrote its header).
@@ -362,204 +372,18 @@ impl Pool {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use qsd_csi_model::volume::{Format, Preallocation, Qos};
-    use std::collections::BTreeMap;
-
-    #[test]
-    fn a_volume_record_written_before_the_model_types_loads_and_writes_back_the_same() {
-        // Written by `serde_json::to_string_pretty` at a5d9acb, when records held QMP's types.
-        let old = include_str!("../../tests/fixtures/volume-record-a5d9acb.json");
-        let record: VolumeRecord = serde_json::from_str(old).expect("an old record loads");
-        assert_eq!(record.preallocation, Preallocation::Falloc);
-        assert_eq!(record.qos, Qos { iops_total: 500, bps_read: 10 << 20, ..Qos::default() });
-        assert_eq!(
-            record.labels.get("csi.storage.k8s.io/pvc/name").map(String::as_str),
-            Some("data")
-        );
-        let again = serde_json::to_string_pretty(&record).expect("json");
-        assert_eq!(again, old, "today's code writes the record byte for byte as before");
-    }
-
-    fn pool(dir: &Path) -> Pool {
-        Pool::open(dir, PoolName::parse("p").expect("name"), PoolKind::Local).expect("open")
-    }
-
-    fn layer(pool: &Pool, backing: Option<LayerId>) -> LayerId {
-        let id = LayerId::random();
-        std::fs::write(pool.layer_path(id), b"image").expect("image");
-        pool.put_layer(LayerRecord { id, backing }).expect("record");
-        id
-    }
-
-    fn volume(name: &str, head: LayerId) -> VolumeRecord {
-        VolumeRecord {
-            name: name.into(),
-            uid: LayerId::random(),
-            size: 1 << 20,
-            head,
-            preallocation: Preallocation::Off,
-            qos: Qos::default(),
-            max_chain_depth: 8,
-            source: None,
-            labels: BTreeMap::new(),
-            format: Format::default(),
-            auto_expand: None,
+/// Runs the pool's blocking file work off the async workers: in place on a multi-threaded
+/// runtime (the worker hands the tasks queued on it to another thread first), as a plain call
+/// anywhere else (a current-thread runtime, a blocking thread, no runtime).
+pub(crate) fn blocking<R>(work: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
         }
-    }
-
-    #[test]
-    fn a_layer_is_deleted_only_when_no_volume_snapshot_or_child_refers_to_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = pool(dir.path());
-        let base = layer(&p, None);
-        let head = layer(&p, Some(base));
-        p.put_volume(volume("v", head)).expect("volume");
-        p.put_snapshot(SnapshotRecord {
-            name: "s".into(),
-            source_volume: "v".into(),
-            layer: base,
-            size: 1 << 20,
-            created_unix: 0,
-            group: None,
-        })
-        .expect("snapshot");
-        assert_eq!(p.remove_snapshot("s").expect("remove"), vec![], "base still backs the head");
-        assert!(p.layer_path(base).exists());
-        assert_eq!(p.remove_volume("v").expect("remove"), vec![head, base]);
-        assert!(!p.layer_path(base).exists() && !p.layer_path(head).exists());
-        assert!(p.layer_ids().is_empty());
-    }
-
-    #[test]
-    fn reopening_collects_unrecorded_images_and_unreferenced_layers() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = pool(dir.path());
-        let kept = layer(&p, None);
-        p.put_volume(volume("v", kept)).expect("volume");
-        let unreferenced = layer(&p, None);
-        let stray = dir.path().join("layers").join("0123456789ab.qcow2");
-        std::fs::write(&stray, b"half-created").expect("stray");
-        drop(p);
-        let p = pool(dir.path());
-        assert_eq!(p.layer_ids(), vec![kept]);
-        assert!(!stray.exists() && !p.layer_path(unreferenced).exists());
-        assert_eq!(p.volume("v").map(|v| v.head), Some(kept));
-    }
-
-    #[test]
-    fn a_shared_pool_keeps_a_fresh_image_another_node_may_still_be_creating() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let name = PoolName::parse("s").expect("name");
-        let p = Pool::open(dir.path(), name.clone(), PoolKind::Shared).expect("open");
-        let in_progress = p.layer_path(LayerId::random());
-        std::fs::write(&in_progress, b"being created elsewhere").expect("image");
-        drop(p);
-        Pool::open(dir.path(), name, PoolKind::Shared).expect("reopen");
-        assert!(in_progress.exists());
-    }
-
-    /// One shared pool as two nodes open it.
-    fn two_nodes(dir: &Path) -> (Pool, Pool) {
-        let name = PoolName::parse("s").expect("name");
-        let here = Pool::open(dir, name.clone(), PoolKind::Shared).expect("open here");
-        let there = Pool::open(dir, name, PoolKind::Shared).expect("open there");
-        (here, there)
-    }
-
-    #[test]
-    fn a_shared_pool_takes_in_what_another_node_wrote_and_leaves_its_writes_in_progress_alone() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (here, there) = two_nodes(dir.path());
-        let head = layer(&there, None);
-        there.put_volume(volume("v", head)).expect("volume written there");
-        let in_progress = dir.path().join("volumes/.w.json.tmp");
-        std::fs::write(&in_progress, b"{").expect("another node's write in progress");
-        assert!(here.volume("v").is_none(), "not seen before a refresh");
-        here.refresh().expect("refresh");
-        assert_eq!(here.volume("v").map(|v| v.head), Some(head));
-        assert!(in_progress.exists(), "another node's temp file is not swept");
-
-        // The owner record: set by the attaching node, cleared only by the node it names.
-        assert_eq!(here.owner("v").expect("owner"), None);
-        there.set_owner("v", "node-2").expect("set");
-        assert_eq!(here.owner("v").expect("owner").as_deref(), Some("node-2"));
-        here.clear_owner("v", "node-1").expect("not ours to clear");
-        assert_eq!(here.owner("v").expect("owner").as_deref(), Some("node-2"));
-        there.clear_owner("v", "node-2").expect("clear");
-        assert_eq!(here.owner("v").expect("owner"), None);
-    }
-
-    #[test]
-    fn a_refresh_racing_this_process_s_writes_never_drops_one() {
-        // Refreshing once replaced the index with a listing that could predate a write made
-        // meanwhile: a new volume's head layer went missing ("layer … has no record").
-        let dir = tempfile::tempdir().expect("tempdir");
-        let name = PoolName::parse("s").expect("name");
-        let p = std::sync::Arc::new(Pool::open(dir.path(), name, PoolKind::Shared).expect("open"));
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let refresher = {
-            let (p, stop) = (p.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    p.refresh().expect("refresh");
-                    std::thread::yield_now(); // let the writer in between refreshes
-                }
-            })
-        };
-        for i in 0..100 {
-            let head = layer(&p, None);
-            p.put_volume(volume(&format!("v{i}"), head)).expect("volume");
-            assert_eq!(p.chain(head).expect("the head's record is there"), vec![head]);
-            assert!(p.volume(&format!("v{i}")).is_some());
-        }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        refresher.join().expect("refresher");
-        p.refresh().expect("refresh");
-        assert_eq!(p.volumes().len(), 100);
-    }
-
-    #[test]
-    fn a_shared_pool_is_rescanned_only_after_another_writer_bumps_its_generation() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (here, there) = two_nodes(dir.path());
-        let head = layer(&here, None);
-        here.put_volume(volume("mine", head)).expect("volume");
-
-        // A record changed behind the pool's back (no generation bump) is not read: the
-        // refresh trusts the generation. The garbage would fail to parse if it were read.
-        let planted = dir.path().join("volumes/planted.json");
-        std::fs::write(&planted, b"not json").expect("plant");
-        here.refresh().expect("this node's own writes leave nothing to scan");
-        assert!(here.volume("planted").is_none());
-
-        // Another writer's change bumps the generation: the next refresh scans, and reads
-        // what changed (here: the garbage too, refused as bad metadata).
-        let theirs = layer(&there, None);
-        there.put_volume(volume("theirs", theirs)).expect("volume written there");
-        assert!(matches!(here.refresh(), Err(Error::Metadata { .. })));
-        std::fs::remove_file(&planted).expect("unplant");
-        here.refresh().expect("refresh");
-        assert_eq!(here.volume("theirs").map(|v| v.head), Some(theirs));
-        assert_eq!(here.volume("mine").map(|v| v.head), Some(head));
-    }
-
-    #[test]
-    fn a_local_pool_has_no_owner_records() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = pool(dir.path());
-        p.set_owner("v", "node-1").expect("set is a no-op");
-        assert_eq!(p.owner("v").expect("owner"), None);
-        assert!(!dir.path().join("owners").exists());
-    }
-
-    #[test]
-    fn a_pool_directory_cannot_be_opened_as_another_pool() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        drop(pool(dir.path()));
-        let other = Pool::open(dir.path(), PoolName::parse("q").expect("name"), PoolKind::Local);
-        assert!(other.is_err());
+        _ => work(),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{LayerId, RecordedSource};
+use super::{LayerId, NodeName, ObjectName, PoolName, RecordedSource};
 use qsd_csi_model::grow::AutoExpand;
 use qsd_csi_model::volume::{Format, Preallocation, Qos};
 
@@ -24,7 +24,7 @@ pub enum PoolKind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PoolInfo {
     /// The pool's name.
-    pub name: String,
+    pub name: PoolName,
     /// Local or shared.
     pub kind: PoolKind,
 }
@@ -42,7 +42,7 @@ pub struct LayerRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
     /// The volume's name.
-    pub name: String,
+    pub name: ObjectName,
     /// Short random id used to name the volume's QEMU nodes, export and throttle group.
     pub uid: LayerId,
     /// Virtual size in bytes.
@@ -70,15 +70,19 @@ pub struct VolumeRecord {
     /// How it grows itself when its write threshold is crossed (absent: it does not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_expand: Option<AutoExpand>,
+    /// A volume moved here from another node keeps its ID, which names that node: the node.
+    /// Absent for a volume made here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<NodeName>,
 }
 
 /// A snapshot: an immutable layer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
     /// The snapshot's name.
-    pub name: String,
+    pub name: ObjectName,
     /// The volume it was taken from.
-    pub source_volume: String,
+    pub source_volume: ObjectName,
     /// The layer it pins.
     pub layer: LayerId,
     /// The volume's size when the snapshot was taken.
@@ -88,12 +92,12 @@ pub struct SnapshotRecord {
     /// The group snapshot it belongs to (taken at one instant with the group's other members;
     /// deleted with them only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
+    pub group: Option<ObjectName>,
 }
 
 /// `owners/<volume>.json` in a shared pool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnerRecord {
     /// The node whose daemon has the volume attached.
-    pub node: String,
+    pub node: NodeName,
 }

@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    store, LayerId, LayerRecord, OwnerRecord, Pool, PoolKind, SnapshotRecord, VolumeRecord,
+    store, LayerId, LayerRecord, NodeName, ObjectName, OwnerRecord, Pool, PoolKind, SnapshotRecord,
+    VolumeRecord,
 };
 use crate::error::{Error, Result};
 
@@ -53,17 +54,30 @@ impl Pool {
         if self.kind == PoolKind::Local {
             return Ok(());
         }
-        let _exclusive = self.writes.write().unwrap_or_else(|p| p.into_inner());
-        // Read before the scan: a write during the scan bumps it again and the next refresh
-        // scans once more.
-        let current = {
-            let file = self.generation_file()?;
-            file.lock_shared().map_err(|e| Error::io("lock", self.root.join(GENERATION), e))?;
-            self.read_generation(&file)?
-        };
-        let mut known = self.generation.lock().unwrap_or_else(|p| p.into_inner());
-        if *known == Some(current) {
+        super::blocking(|| self.refresh_shared())
+    }
+
+    fn refresh_shared(&self) -> Result<()> {
+        // Most refreshes find the generation the index already matches: that is known from
+        // the counter alone, without excluding this process's writers.
+        // The counter is read (its lock released) before the known value is locked: a record
+        // write holds the counter's lock while it takes the known value.
+        let current = self.current_generation()?;
+        if *self.known_generation() == Some(current) {
             return Ok(());
+        }
+        self.rescan()
+    }
+
+    /// The scan itself, excluding this process's record writes (see [`Pool::refresh`]).
+    fn rescan(&self) -> Result<()> {
+        let _exclusive = self.writes.write().unwrap_or_else(|p| p.into_inner());
+        // Read again under the lock, and before the scan: a write during the scan bumps it
+        // again and the next refresh scans once more.
+        let current = self.current_generation()?;
+        let mut known = self.known_generation();
+        if *known == Some(current) {
+            return Ok(()); // a refresh that held the lock before this one took it all in
         }
         let mut scans = self.scans.lock().unwrap_or_else(|p| p.into_inner());
         let volumes = scans.volumes.scan::<VolumeRecord>(&self.root.join("volumes"))?;
@@ -71,11 +85,24 @@ impl Pool {
         let layers = scans.layers.scan::<LayerRecord>(&self.layers_dir())?;
         // Records are stored under their key: a volume's or snapshot's name, a layer's id.
         let mut index = self.index();
-        apply(&mut index.volumes, volumes, |stem| Some(stem.to_owned()));
-        apply(&mut index.snapshots, snapshots, |stem| Some(stem.to_owned()));
+        apply(&mut index.volumes, volumes, |stem| ObjectName::parse(stem).ok());
+        apply(&mut index.snapshots, snapshots, |stem| ObjectName::parse(stem).ok());
         apply(&mut index.layers, layers, |stem| LayerId::parse(stem).ok());
         *known = Some(current);
         Ok(())
+    }
+
+    /// The generation the index is known to match.
+    fn known_generation(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
+        self.generation.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The pool's generation now, read under a shared `flock` (a writer rewrites it in place
+    /// under an exclusive one).
+    fn current_generation(&self) -> Result<u64> {
+        let file = self.generation_file()?;
+        file.lock_shared().map_err(|e| Error::io("lock", self.root.join(GENERATION), e))?;
+        self.read_generation(&file)
     }
 
     /// Opened for each use: `flock` excludes open files, so threads of this process exclude
@@ -104,6 +131,10 @@ impl Pool {
     /// process's shared write lock and, for shared pools, with the generation bumped under an
     /// exclusive lock on its file held until `write` is done.
     pub(super) fn write_record<R>(&self, write: impl FnOnce() -> Result<R>) -> Result<R> {
+        super::blocking(|| self.write_record_here(write))
+    }
+
+    fn write_record_here<R>(&self, write: impl FnOnce() -> Result<R>) -> Result<R> {
         let _local = self.writes.read().unwrap_or_else(|p| p.into_inner());
         if self.kind == PoolKind::Local {
             return write();
@@ -119,7 +150,7 @@ impl Pool {
             .and_then(|_| file.sync_data())
             .map_err(|e| Error::io("write", &path, e))?;
         let result = write();
-        let mut known = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let mut known = self.known_generation();
         if result.is_ok() && *known == Some(before) {
             *known = Some(after);
         }
@@ -127,49 +158,56 @@ impl Pool {
     }
 
     /// Shared pools: records that `node` holds volume `name` attached.
-    pub fn set_owner(&self, name: &str, node: &str) -> Result<()> {
+    pub fn set_owner(&self, name: &ObjectName, node: &NodeName) -> Result<()> {
         if self.kind == PoolKind::Local {
             return Ok(());
         }
-        let record = OwnerRecord { node: node.to_owned() };
-        store::write_json(&self.root.join("owners"), &format!("{name}.json"), &record)
+        let record = OwnerRecord { node: node.clone() };
+        let dir = self.root.join("owners");
+        super::blocking(|| store::write_json(&dir, &format!("{name}.json"), &record))
     }
 
     /// Shared pools: removes the owner record of volume `name` if it names `node`.
-    pub fn clear_owner(&self, name: &str, node: &str) -> Result<()> {
-        if self.owner(name)?.is_some_and(|owner| owner == node) {
-            store::remove(&self.root.join("owners"), &format!("{name}.json"))?;
+    pub fn clear_owner(&self, name: &ObjectName, node: &NodeName) -> Result<()> {
+        if self.owner(name)?.is_some_and(|owner| owner == *node) {
+            let dir = self.root.join("owners");
+            super::blocking(|| store::remove(&dir, &format!("{name}.json")))?;
         }
         Ok(())
     }
 
     /// Shared pools: the volumes whose owner record names `node`.
-    pub fn owned_by(&self, node: &str) -> Result<Vec<String>> {
+    pub fn owned_by(&self, node: &NodeName) -> Result<Vec<ObjectName>> {
         if self.kind == PoolKind::Local {
             return Ok(Vec::new());
         }
+        super::blocking(|| self.owned_here(node))
+    }
+
+    fn owned_here(&self, node: &NodeName) -> Result<Vec<ObjectName>> {
         let dir = self.root.join("owners");
         let entries = std::fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
         let mut names = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
             let file = entry.file_name().to_string_lossy().into_owned();
-            if let Some(name) = file.strip_suffix(".json").filter(|_| !file.starts_with('.')) {
-                if self.owner(name)?.is_some_and(|owner| owner == node) {
-                    names.push(name.to_owned());
-                }
+            let stem = file.strip_suffix(".json").filter(|_| !file.starts_with('.'));
+            // A file whose stem is no name is none of ours (a record is named by its volume).
+            let Some(name) = stem.and_then(|s| ObjectName::parse(s).ok()) else { continue };
+            if self.owner(&name)?.is_some_and(|owner| owner == *node) {
+                names.push(name);
             }
         }
         Ok(names)
     }
 
     /// Shared pools: the node volume `name` is attached on, read from disk now.
-    pub fn owner(&self, name: &str) -> Result<Option<String>> {
+    pub fn owner(&self, name: &ObjectName) -> Result<Option<NodeName>> {
         if self.kind == PoolKind::Local {
             return Ok(None);
         }
         let path = self.root.join("owners").join(format!("{name}.json"));
-        match std::fs::read(&path) {
+        match super::blocking(|| std::fs::read(&path)) {
             Ok(bytes) => {
                 let record: OwnerRecord = serde_json::from_slice(&bytes)
                     .map_err(|source| Error::Metadata { path, source })?;

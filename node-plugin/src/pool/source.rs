@@ -41,14 +41,7 @@ impl RecordedSource {
 
 /// A copied source's full ID, by its kind.
 fn copied(id: &str) -> Option<VolumeSource> {
-    use qsd_csi_model::id::{IdKind, ObjectId};
-    if ObjectId::parse(IdKind::Snapshot, id).is_ok() {
-        Some(VolumeSource::Snapshot(id.to_owned()))
-    } else if ObjectId::parse(IdKind::Volume, id).is_ok() {
-        Some(VolumeSource::Volume(id.to_owned()))
-    } else {
-        None
-    }
+    id.parse::<qsd_csi_model::id::ObjectId>().ok().and_then(VolumeSource::new)
 }
 
 impl fmt::Display for RecordedSource {
@@ -82,6 +75,10 @@ mod tests {
         ObjectName::parse(s).expect("name")
     }
 
+    fn id(s: &str) -> qsd_csi_model::id::ObjectId {
+        s.parse().expect("an ID")
+    }
+
     #[test]
     fn every_recorded_form_reads_as_its_kind_and_writes_back_as_it_was() {
         let table = [
@@ -91,11 +88,11 @@ mod tests {
             ("image:base", RecordedSource::Unknown("image:base".into())),
             (
                 "copy:snap:local@node-1:s1",
-                RecordedSource::Copied(VolumeSource::Snapshot("snap:local@node-1:s1".into())),
+                RecordedSource::Copied(VolumeSource::Snapshot(id("snap:local@node-1:s1"))),
             ),
             (
                 "copy:vol:local@node-2:v",
-                RecordedSource::Copied(VolumeSource::Volume("vol:local@node-2:v".into())),
+                RecordedSource::Copied(VolumeSource::Volume(id("vol:local@node-2:v"))),
             ),
             ("copy:vol:../x", RecordedSource::Unknown("copy:vol:../x".into())),
             ("", RecordedSource::Unknown(String::new())),

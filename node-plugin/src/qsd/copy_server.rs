@@ -128,7 +128,7 @@ impl CopyServer {
             .kill_on_drop(true);
         crate::sys::die_with_parent(&mut command);
         crate::sys::pass_fd(&mut command, listener.as_raw_fd(), LISTEN_FD);
-        let child = command.spawn().map_err(|source| Error::Spawn {
+        let child = crate::command::spawn_tied(command).await.map_err(|source| Error::Spawn {
             program: config.binary.display().to_string(),
             source,
         })?;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qsd_node::engine::{Engine, EngineConfig, EngineCore, EngineEvent, PoolConfig};
+use qsd_node::pool::id::ObjectId;
 use qsd_node::pool::{NodeName, PoolKind, PoolName};
 use qsd_node::qsd::{DaemonConfig, Origin};
 
@@ -56,6 +57,14 @@ impl Env {
 
     pub fn pool_dir(&self) -> PathBuf {
         self.dir.path().join("pool")
+    }
+
+    /// What health answers may say of the pool now besides a volume's own findings: full or
+    /// nearly full when the host's disk is (CI machines' often are), nothing otherwise.
+    pub fn pool_space_reasons(&self) -> Vec<String> {
+        let u = qsd_node::mount::usage(&self.pool_dir()).expect("statvfs");
+        let found = qsd_csi_model::health::pool_space("local", u.bytes_available, u.bytes_total);
+        found.into_iter().map(|f| f.reason).collect()
     }
 
     pub fn layer_files(&self) -> Vec<String> {
@@ -159,7 +168,7 @@ pub fn qemu_img(args: &[&str]) -> std::process::Output {
 }
 
 /// Reads a whole volume's visible content offline through qemu-img (follows the chain).
-pub fn read_volume_offline(env: &Env, volume_id: &str, out: &Path) {
+pub fn read_volume_offline(env: &Env, volume_id: &ObjectId, out: &Path) {
     let core = env.core();
     let (pool, chain) = core.volume_chain(volume_id).expect("volume");
     let src = pool.layer_path(chain[0]);
@@ -194,17 +203,27 @@ pub fn nbd_io(e: &qsd_node::graph::ExportEndpoint, cmd: &str) {
 }
 
 /// A request for a volume restored from a snapshot at the snapshot's size.
-pub fn restore_request(name: &str, snapshot_id: &str) -> qsd_node::engine::CreateVolume {
-    let mut r = qsd_node::engine::CreateVolume::new("local", name, 0);
+pub fn restore_request(name: &str, snapshot_id: &ObjectId) -> qsd_node::engine::CreateVolume {
+    let mut r = qsd_node::engine::CreateVolume::named("local", name, 0).expect("request");
     r.size = None;
-    r.source = Some(qsd_node::engine::VolumeSource::Snapshot(snapshot_id.to_owned()));
+    r.source = Some(qsd_node::engine::VolumeSource::Snapshot(snapshot_id.clone()));
     r
 }
 
 /// A request for a full clone of a volume at its size.
-pub fn clone_request(name: &str, volume_id: &str) -> qsd_node::engine::CreateVolume {
-    let mut r = qsd_node::engine::CreateVolume::new("local", name, 0);
+pub fn clone_request(name: &str, volume_id: &ObjectId) -> qsd_node::engine::CreateVolume {
+    let mut r = qsd_node::engine::CreateVolume::named("local", name, 0).expect("request");
     r.size = None;
-    r.source = Some(qsd_node::engine::VolumeSource::Volume(volume_id.to_owned()));
+    r.source = Some(qsd_node::engine::VolumeSource::Volume(volume_id.clone()));
     r
+}
+
+/// An ID as text, parsed (of the kind its prefix names).
+pub fn id(text: &str) -> ObjectId {
+    text.parse().expect("an ID")
+}
+
+/// A volume or snapshot name, parsed.
+pub fn name(text: &str) -> qsd_node::pool::ObjectName {
+    qsd_node::pool::ObjectName::parse(text).expect("a name")
 }

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::{decide, NodeService, StageStep, Staged, WRITE_THRESHOLD_PERCENT};
+use super::{decide, volume_id, NodeService, StageStep, Staged, WRITE_THRESHOLD_PERCENT};
 use crate::csi::csi;
 use crate::device::{self, Choice};
 use crate::error::Result;
@@ -28,7 +28,7 @@ impl NodeService {
         capability: &csi::VolumeCapability,
         context: &HashMap<String, String>,
     ) -> Result<()> {
-        let size = self.engine.get_volume(id)?.size;
+        let size = self.engine.get_volume(&volume_id(id)?)?.size;
         let fs_type = decide::fs_type(capability, context)?;
         if let Some(fs) = &fs_type {
             decide::fs_fits(fs, size)?;
@@ -73,7 +73,9 @@ impl NodeService {
         // A head that filled past its threshold while nobody watched is reported now that the
         // volume is staged (its filesystem's usage known, a growth able to reach it).
         if context.contains_key(WRITE_THRESHOLD_PERCENT) {
-            self.engine.report_past_threshold(id).await;
+            if let Ok(volume) = volume_id(id) {
+                self.engine.report_past_threshold(&volume).await;
+            }
         }
         Ok(())
     }
@@ -87,7 +89,8 @@ impl NodeService {
         let id = record.volume_id.clone();
         let backend = record.backend;
         let (kind, writethrough) = (Choice::export_kind(backend), Choice::writethrough(backend));
-        let endpoint = self.engine.attach_with(&id, kind, writethrough).await?.endpoint;
+        let endpoint =
+            self.engine.attach_with(&volume_id(&id)?, kind, writethrough).await?.endpoint;
         crate::fault_point!("stage:after-attach");
         if let Some(percent) = context.get(WRITE_THRESHOLD_PERCENT) {
             self.arm_write_threshold(&id, percent).await?;
@@ -138,7 +141,8 @@ impl NodeService {
         if recorded {
             devices.push(record.device.clone());
         }
-        if let Some(attachment) = self.engine.attachment(id).ok().flatten() {
+        let attachment = volume_id(id).ok().and_then(|v| self.engine.attachment(&v).ok().flatten());
+        if let Some(attachment) = attachment {
             for found in device::over_export(record.backend, &attachment.endpoint, id).await? {
                 if !devices.contains(&found) {
                     devices.push(found);
@@ -154,7 +158,7 @@ impl NodeService {
             device::detach(record.backend, dev).await?;
         }
         crate::fault_point!("undo-stage:after-devices");
-        match self.engine.detach(id).await {
+        match self.engine.detach(&volume_id(id)?).await {
             Ok(()) => {}
             Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
