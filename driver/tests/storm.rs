@@ -13,7 +13,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,6 +25,7 @@ use qsd_csi_proto::csi;
 use qsd_csi_proto::csi::controller_client::ControllerClient;
 use qsd_csi_proto::csi::node_client::NodeClient;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -36,6 +37,9 @@ const BACK_WITHIN: Duration = Duration::from_secs(10);
 const CALL_DEADLINE: Duration = Duration::from_secs(120);
 /// Between retries of a call that failed as a CO would retry it.
 const RETRY_BACKOFF: Duration = Duration::from_millis(50);
+/// How long one run may take, kill and restart included (about 10 s here): past it, the run
+/// fails naming the calls still waiting, with the end of the driver's log.
+const RUN_DEADLINE: Duration = Duration::from_secs(300);
 
 /// What the storm saw: answers by code, and answers it should never see.
 #[derive(Debug, Default)]
@@ -51,6 +55,8 @@ struct Storm {
     done: watch::Sender<usize>,
     stop: AtomicBool,
     dir: PathBuf,
+    /// The calls waiting for an answer now, by what they are: a stalled run names them.
+    in_flight: Mutex<BTreeSet<String>>,
 }
 
 /// A status the driver may answer mid-storm: a call that met the kill (UNAVAILABLE, or the
@@ -79,7 +85,13 @@ impl Storm {
     {
         let started = Instant::now();
         loop {
-            let outcome = call().await;
+            self.in_flight.lock().expect("in flight").insert(what.to_owned());
+            let left = CALL_DEADLINE.saturating_sub(started.elapsed());
+            let outcome = tokio::time::timeout(left, call()).await;
+            self.in_flight.lock().expect("in flight").remove(what);
+            let Ok(outcome) = outcome else {
+                panic!("{what}: no answer within {CALL_DEADLINE:?} of its first try");
+            };
             let key = match &outcome {
                 Ok(_) => "OK".to_owned(),
                 Err(s) if cut_by_the_kill(s) => "UNAVAILABLE (connection cut)".to_owned(),
@@ -296,35 +308,47 @@ async fn kill_and_time_the_restart(d: &mut Driver) -> Duration {
     d.ready_since(started).await
 }
 
-/// Waits until the storm has completed `n` calls.
-async fn completed(rx: &mut watch::Receiver<usize>, n: usize) {
-    rx.wait_for(|done| *done >= n).await.expect("the storm runs");
+/// Waits until the storm has completed `n` calls. A worker that ends first (it panicked: an
+/// answer a CO should never get, a restore that reads back other bytes, a call never answered)
+/// fails the run with its own panic, rather than leaving the count to wait for ever.
+async fn completed(rx: &mut watch::Receiver<usize>, workers: &mut JoinSet<()>, n: usize) {
+    tokio::select! {
+        reached = rx.wait_for(|done| *done >= n) => {
+            reached.expect("the storm runs");
+        }
+        ended = workers.join_next() => match ended {
+            Some(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            other => panic!("a worker ended before the storm was stopped: {other:?}"),
+        },
+    }
+}
+
+/// The last lines the driver logged, for a failure's message.
+fn driver_log_tail(d: &Driver, lines: usize) -> String {
+    let log = std::fs::read_to_string(d.path("driver.log")).unwrap_or_default();
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 async fn one_run(run: usize) -> (Duration, BTreeMap<String, usize>) {
     let mut d = Driver::start().await;
-    let (done, mut progress) = watch::channel(0);
+    let (done, _) = watch::channel(0);
     let storm = Arc::new(Storm {
         tally: Tally::default(),
         done,
         stop: AtomicBool::new(false),
         dir: d.dir.path().to_owned(),
+        in_flight: Mutex::default(),
     });
-    let clients = Clients { controller: d.controller.clone(), node: d.node.clone() };
-    let workers: Vec<_> =
-        (0..WORKERS).map(|w| tokio::spawn(worker(storm.clone(), clients.clone(), w))).collect();
-    // Kill after a count of completed calls that moves through the whole cycle (17 calls a
-    // worker: creates, stages, snapshot, restore, clone, expand, unstages, deletes) from run
-    // to run.
-    let kill_after = WORKERS + (run * 53) % (WORKERS * CALLS_PER_CYCLE);
-    completed(&mut progress, kill_after).await;
-    let back = kill_and_time_the_restart(&mut d).await;
-    // Let the storm carry on past the restart, then let each worker finish its cycle.
-    completed(&mut progress, kill_after + WORKERS * 3).await;
-    storm.stop.store(true, Ordering::SeqCst);
-    for w in workers {
-        w.await.expect("a worker panicked");
-    }
+    let Ok(back) = tokio::time::timeout(RUN_DEADLINE, storm_and_kill(&storm, &mut d, run)).await
+    else {
+        let in_flight = storm.in_flight.lock().expect("in flight").clone();
+        panic!(
+            "run {run} stalled for {RUN_DEADLINE:?}; calls still waiting: {in_flight:#?}\n\
+             the driver's log ends:\n{}",
+            driver_log_tail(&d, 60)
+        );
+    };
     let unexpected = storm.tally.unexpected.lock().expect("tally").clone();
     assert!(unexpected.is_empty(), "run {run}: answers a CO should never get: {unexpected:#?}");
     assert!(back < BACK_WITHIN, "run {run}: back after {back:?}");
@@ -333,6 +357,32 @@ async fn one_run(run: usize) -> (Duration, BTreeMap<String, usize>) {
     tidy::delete_everything(&mut d).await;
     let codes = storm.tally.by_code.lock().expect("tally").clone();
     (back, codes)
+}
+
+/// The storm's workers, the driver killed and started again partway through; how long it
+/// took to be back.
+async fn storm_and_kill(storm: &Arc<Storm>, d: &mut Driver, run: usize) -> Duration {
+    let mut progress = storm.done.subscribe();
+    let clients = Clients { controller: d.controller.clone(), node: d.node.clone() };
+    let mut workers = JoinSet::new();
+    for w in 0..WORKERS {
+        workers.spawn(worker(storm.clone(), clients.clone(), w));
+    }
+    // Kill after a count of completed calls that moves through the whole cycle (17 calls a
+    // worker: creates, stages, snapshot, restore, clone, expand, unstages, deletes) from run
+    // to run.
+    let kill_after = WORKERS + (run * 53) % (WORKERS * CALLS_PER_CYCLE);
+    completed(&mut progress, &mut workers, kill_after).await;
+    let back = kill_and_time_the_restart(d).await;
+    // Let the storm carry on past the restart, then let each worker finish its cycle.
+    completed(&mut progress, &mut workers, kill_after + WORKERS * 3).await;
+    storm.stop.store(true, Ordering::SeqCst);
+    while let Some(ended) = workers.join_next().await {
+        if let Err(e) = ended {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+    back
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
