@@ -113,6 +113,11 @@ def main():
     node = container(docs, "DaemonSet", "qsd-csi")
     ctl = container(docs, "Deployment", "qsd-csi")
     assert daemonset["spec"]["template"]["spec"]["hostNetwork"], "node agents need hostNetwork"
+    # The node plugin reads the daemon's pid from its pidfile and inspects it (src/qsd/fuse_reads.rs).
+    for name in ("-node", "-daemon"):
+        ds = next(d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"].endswith(name))
+        assert ds["spec"]["template"]["spec"].get("hostPID"), f"{name}: both in the host's PID namespace"
+    assert "--pidfile" in " ".join(qsd["args"]), "the daemon writes its pid where the plugin reads it"
     procs = []
     logs = open(os.path.join(work, "processes.log"), "w")
     env = dict(os.environ, KUBE_NODE_NAME="worker-1")

@@ -122,6 +122,9 @@ impl EngineCore {
             self.journal.remove(record.uid)?;
             return Err(e);
         }
+        if kind == ExportKind::Fuse {
+            self.daemon.guard_fuse_reads();
+        }
         tracing::info!(volume = %volume_id, ?kind, "attached");
         Ok(AttachmentInfo { volume_id: volume_id.clone(), endpoint })
     }

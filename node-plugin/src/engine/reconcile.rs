@@ -148,6 +148,9 @@ impl EngineCore {
         }
         let cache = record.format.l2_cache_size;
         graph::attach(&qmp, &pool, &names, &chain, record.qos, cache, &attachment.endpoint).await?;
+        if attachment.endpoint.kind == ExportKind::Fuse {
+            self.daemon.guard_fuse_reads();
+        }
         if let Some(armed) = attachment.threshold {
             graph::arm_write_threshold(&qmp, &names, record.head, armed.armed_at).await?;
         }

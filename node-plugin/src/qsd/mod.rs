@@ -15,6 +15,7 @@
 //! container) runs it and we only connect.
 
 pub mod copy_server;
+pub mod fuse_reads;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -90,12 +91,16 @@ pub struct Features {
     /// A loop device may use direct I/O over a FUSE export (the FUSE export corrupts parallel
     /// O_DIRECT writes before QEMU 10.1).
     pub loop_direct_io_over_fuse: bool,
+    /// The daemon serves FUSE exports with blocking reads from its main loop, which a request
+    /// dropped by the kernel stops for good (before QEMU 10.1; see `fuse_reads`).
+    pub fuse_reads_can_block: bool,
 }
 
 impl Features {
     /// Derives the feature set from the daemon's version.
     pub fn for_version(version: &VersionInfo) -> Self {
-        Features { loop_direct_io_over_fuse: version.at_least(10, 1) }
+        let fuse_rework = version.at_least(10, 1);
+        Features { loop_direct_io_over_fuse: fuse_rework, fuse_reads_can_block: !fuse_rework }
     }
 }
 
@@ -146,6 +151,7 @@ impl Daemon {
             latency,
             restarts: Default::default(),
         };
+        daemon.guard_fuse_reads(); // the exports of an adopted daemon
         Ok((daemon, origin))
     }
 
@@ -158,6 +164,7 @@ impl Daemon {
         *lock(&self.version) = version;
         *lock(&self.client) = client;
         self.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.guard_fuse_reads();
         Ok(origin)
     }
 
@@ -196,6 +203,29 @@ impl Daemon {
         &self.config
     }
 
+    /// Makes the daemon's FUSE reads non-blocking where they can stop it (`fuse_reads`): after
+    /// each FUSE export is added, and on connecting. Without the daemon's pid (an external
+    /// daemon that writes no pidfile, or one in another PID namespace) or the right to inspect
+    /// it, the exports work as before and a warning says what is at risk.
+    pub fn guard_fuse_reads(&self) {
+        if !self.features().fuse_reads_can_block {
+            return;
+        }
+        let outcome = match self.pid() {
+            Some(pid) => fuse_reads::guard(pid).map_err(|e| e.to_string()),
+            None => Err(format!("no live daemon in {}", self.config.pidfile().display())),
+        };
+        match outcome {
+            Ok(0) => {}
+            Ok(changed) => tracing::debug!(changed, "FUSE export reads made non-blocking"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot make the daemon's FUSE reads non-blocking: a process killed while \
+                 waiting on a FUSE export can stop the daemon until that export is used again"
+            ),
+        }
+    }
+
     /// The daemon's pid, from its pidfile, if it is alive.
     pub fn pid(&self) -> Option<u32> {
         running_pid(&self.config.pidfile())
@@ -231,6 +261,9 @@ async fn establish_or_wait(config: &DaemonConfig) -> Result<(QmpClient, Origin)>
 
 async fn establish(config: &DaemonConfig) -> Result<(QmpClient, Origin)> {
     let socket = config.qmp_socket();
+    if let Some(pid) = running_pid(&config.pidfile()) {
+        free_if_stuck(pid).await;
+    }
     if config.mode == Mode::External {
         return Ok((connect_qmp(&socket).await?, Origin::Adopted));
     }
@@ -250,6 +283,21 @@ async fn establish(config: &DaemonConfig) -> Result<(QmpClient, Origin)> {
     }
     start(config).await?;
     Ok((connect_qmp(&socket).await?, Origin::Started))
+}
+
+/// A daemon found stuck on an empty FUSE queue (`fuse_reads`) is freed before we connect: its
+/// monitor would never greet us otherwise.
+async fn free_if_stuck(pid: u32) {
+    match tokio::task::spawn_blocking(move || fuse_reads::free(pid)).await {
+        Ok(Ok(true)) => tracing::warn!(
+            pid,
+            "the daemon was stuck reading an empty FUSE queue (a process waiting on an export \
+             was killed); freed"
+        ),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::warn!(pid, error = %e, "cannot check the daemon's FUSE reads"),
+        Err(e) => tracing::warn!(pid, error = %e, "the FUSE read check did not finish"),
+    }
 }
 
 async fn connect_qmp(socket: &Path) -> Result<QmpClient> {
