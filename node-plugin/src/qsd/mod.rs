@@ -261,13 +261,14 @@ async fn establish_or_wait(config: &DaemonConfig) -> Result<(QmpClient, Origin)>
 
 async fn establish(config: &DaemonConfig) -> Result<(QmpClient, Origin)> {
     let socket = config.qmp_socket();
-    if let Some(pid) = running_pid(&config.pidfile()) {
+    let running = running_pid(&config.pidfile());
+    if let Some(pid) = running {
         free_if_stuck(pid).await;
     }
     if config.mode == Mode::External {
         return Ok((connect_qmp(&socket).await?, Origin::Adopted));
     }
-    if running_pid(&config.pidfile()).is_some() {
+    if running.is_some() {
         match connect_qmp(&socket).await {
             Ok(client) => return Ok((client, Origin::Adopted)),
             Err(e) => {
