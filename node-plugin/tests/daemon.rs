@@ -95,3 +95,45 @@ async fn the_daemon_runs_as_an_io_flusher_the_oom_killer_leaves_alone() {
     assert_ne!(flags & 0x80000, 0, "PR_SET_IO_FLUSHER set");
     kill(pid);
 }
+
+/// What a daemon killed a moment ago looks like: its pidfile names a live process called
+/// qemu-storage-daemon, whose monitor socket refuses connections. A real daemon is only in that
+/// state for the instant it takes to exit, which a test cannot catch reliably, so a stand-in
+/// (`sleep`, named qemu-storage-daemon) holds it for `seconds`.
+fn dying_daemon(config: &DaemonConfig, seconds: u32) -> std::process::Child {
+    use std::os::unix::{fs::DirBuilderExt, process::CommandExt};
+    std::fs::DirBuilder::new().mode(0o700).create(&config.run_dir).expect("run dir");
+    drop(std::os::unix::net::UnixListener::bind(config.qmp_socket()).expect("bind"));
+    let child = std::process::Command::new("sleep")
+        .arg0("qemu-storage-daemon")
+        .arg(seconds.to_string())
+        .spawn()
+        .expect("sleep");
+    std::fs::write(config.pidfile(), format!("{}\n", child.id())).expect("pidfile");
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_still_exiting_when_the_plugin_starts_is_replaced_once_it_has_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = DaemonConfig::managed(dir.path().join("run"));
+    let mut dying = dying_daemon(&config, 2);
+    let (daemon, origin) = Daemon::connect(config).await.expect("starts after the old one");
+    assert_eq!(origin, Origin::Started);
+    assert!(dying.try_wait().expect("wait").is_some(), "started only once the old one had gone");
+    assert_ne!(daemon.pid(), Some(dying.id()));
+    assert!(daemon.qmp().call(&QueryBlockExports {}).await.expect("answers").is_empty());
+    kill(daemon.pid().expect("pid"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_daemon_whose_monitor_is_closed_is_reported_not_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = DaemonConfig::managed(dir.path().join("run"));
+    let mut wedged = dying_daemon(&config, 3600);
+    let err = Daemon::connect(config.clone()).await.expect_err("two daemons on one pool");
+    assert!(err.to_string().contains("monitor does not answer"), "{err}");
+    assert!(wedged.try_wait().expect("wait").is_none(), "left alone");
+    let _ = wedged.kill();
+    let _ = wedged.wait();
+}

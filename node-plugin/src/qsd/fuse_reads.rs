@@ -70,7 +70,7 @@ pub fn free(pid: u32) -> io::Result<bool> {
     Ok(true)
 }
 
-fn open_pidfd(pid: u32) -> io::Result<OwnedFd> {
+pub(super) fn open_pidfd(pid: u32) -> io::Result<OwnedFd> {
     let pid = i32::try_from(pid)
         .ok()
         .and_then(Pid::from_raw)

@@ -119,6 +119,8 @@ pub struct Daemon {
 
 /// How long we wait for the greeting; a monitor busy with another client never sends one.
 const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a daemon whose monitor is closed may take to exit before we call it wedged.
+const DYING_DAEMON_WAIT: Duration = Duration::from_secs(10);
 
 impl Daemon {
     /// Adopts a running daemon or starts one (managed), or connects (external).
@@ -268,22 +270,43 @@ async fn establish(config: &DaemonConfig) -> Result<(QmpClient, Origin)> {
     if config.mode == Mode::External {
         return Ok((connect_qmp(&socket).await?, Origin::Adopted));
     }
-    if running.is_some() {
+    if let Some(pid) = running {
         match connect_qmp(&socket).await {
             Ok(client) => return Ok((client, Origin::Adopted)),
-            Err(e) => {
+            // A daemon killed a moment ago (with its node plugin, say) keeps its pid and its
+            // command line while it exits, but its monitor is already closed: once it has
+            // gone, a new one is started.
+            Err(e) if !ends_within(pid, DYING_DAEMON_WAIT).await => {
                 return Err(Error::DaemonStart {
                     reason: format!(
-                        "a daemon is running (pidfile {}) but its monitor does not answer: {e}",
-                        config.pidfile().display()
+                        "a daemon is running (pidfile {}) but its monitor does not answer: {e}{}",
+                        config.pidfile().display(),
+                        std::error::Error::source(&e).map(|c| format!(": {c}")).unwrap_or_default()
                     ),
                     source: None,
                 })
             }
+            Err(e) => tracing::info!(pid, error = %e, "the daemon found running was exiting"),
         }
     }
     start(config).await?;
     Ok((connect_qmp(&socket).await?, Origin::Started))
+}
+
+/// Whether process `pid` has ended, or ends within `limit` (its pidfd turns readable when it
+/// does).
+async fn ends_within(pid: u32, limit: Duration) -> bool {
+    let pidfd = match fuse_reads::open_pidfd(pid) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::SRCH.raw_os_error()) => return true,
+        Err(_) => return false,
+    };
+    let timeout = rustix::event::Timespec::try_from(limit).ok();
+    let waited = tokio::task::spawn_blocking(move || {
+        let mut fds = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
+        rustix::event::poll(&mut fds, timeout.as_ref())
+    });
+    matches!(waited.await, Ok(Ok(n)) if n > 0)
 }
 
 /// A daemon found stuck on an empty FUSE queue (`fuse_reads`) is freed before we connect: its
