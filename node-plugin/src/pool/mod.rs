@@ -136,13 +136,13 @@ impl Pool {
     fn load(root: &Path) -> Result<Index> {
         let mut index = Index::default();
         for layer in store::read_all::<LayerRecord>(&root.join("layers"), true)? {
-            index.layers.insert(layer.id, layer);
+            index.put_layer(layer.id, layer);
         }
         for volume in store::read_all::<VolumeRecord>(&root.join("volumes"), true)? {
-            index.volumes.insert(volume.name.clone(), volume);
+            index.put_volume(volume.name.clone(), volume);
         }
         for snapshot in store::read_all::<SnapshotRecord>(&root.join("snapshots"), true)? {
-            index.snapshots.insert(snapshot.name.clone(), snapshot);
+            index.put_snapshot(snapshot.name.clone(), snapshot);
         }
         Ok(index)
     }
@@ -182,12 +182,12 @@ impl Pool {
 
     /// A volume's record.
     pub fn volume(&self, name: &ObjectName) -> Option<VolumeRecord> {
-        self.index().volumes.get(name).cloned()
+        self.index().volumes().get(name).cloned()
     }
 
     /// A snapshot's record.
     pub fn snapshot(&self, name: &ObjectName) -> Option<SnapshotRecord> {
-        self.index().snapshots.get(name).cloned()
+        self.index().snapshots().get(name).cloned()
     }
 
     /// The snapshots of group `group`.
@@ -199,22 +199,22 @@ impl Pool {
 
     /// A layer's record.
     pub fn layer(&self, id: LayerId) -> Option<LayerRecord> {
-        self.index().layers.get(&id).cloned()
+        self.index().layers().get(&id).cloned()
     }
 
     /// All volumes, by name.
     pub fn volumes(&self) -> Vec<VolumeRecord> {
-        self.index().volumes.values().cloned().collect()
+        self.index().volumes().values().cloned().collect()
     }
 
     /// All snapshots, by name.
     pub fn snapshots(&self) -> Vec<SnapshotRecord> {
-        self.index().snapshots.values().cloned().collect()
+        self.index().snapshots().values().cloned().collect()
     }
 
     /// Every layer id with a record.
     pub fn layer_ids(&self) -> Vec<LayerId> {
-        self.index().layers.keys().copied().collect()
+        self.index().layers().keys().copied().collect()
     }
 
     /// The chain below and including `head`, top first.
@@ -229,7 +229,7 @@ impl Pool {
                 )));
             }
             let record = index
-                .layers
+                .layers()
                 .get(&id)
                 .ok_or_else(|| Error::Inconsistent(format!("layer {id} has no record")))?;
             chain.push(id);
@@ -248,7 +248,7 @@ impl Pool {
         let dir = self.layers_dir();
         self.write_record(|| {
             store::remove(&dir, &format!("{id}.json"))?;
-            self.index().layers.remove(&id);
+            self.index().remove_layer(&id);
             Ok(())
         })?;
         blocking(|| store::remove(&dir, &Self::layer_file_name(id)))
@@ -258,7 +258,7 @@ impl Pool {
     pub fn put_layer(&self, record: LayerRecord) -> Result<()> {
         self.write_record(|| {
             store::write_json(&self.layers_dir(), &format!("{}.json", record.id), &record)?;
-            self.index().layers.insert(record.id, record);
+            self.index().put_layer(record.id, record);
             Ok(())
         })
     }
@@ -268,7 +268,7 @@ impl Pool {
         self.write_record(|| {
             let name = format!("{}.json", record.name);
             store::write_json(&self.root.join("volumes"), &name, &record)?;
-            self.index().volumes.insert(record.name.clone(), record);
+            self.index().put_volume(record.name.clone(), record);
             Ok(())
         })
     }
@@ -278,7 +278,7 @@ impl Pool {
         self.write_record(|| {
             let name = format!("{}.json", record.name);
             store::write_json(&self.root.join("snapshots"), &name, &record)?;
-            self.index().snapshots.insert(record.name.clone(), record);
+            self.index().put_snapshot(record.name.clone(), record);
             Ok(())
         })
     }
@@ -287,7 +287,7 @@ impl Pool {
     pub fn remove_volume(&self, name: &ObjectName) -> Result<Vec<LayerId>> {
         let head = self.write_record(|| {
             store::remove(&self.root.join("volumes"), &format!("{name}.json"))?;
-            Ok(self.index().volumes.remove(name).map(|v| v.head))
+            Ok(self.index().remove_volume(name).map(|v| v.head))
         })?;
         head.map_or(Ok(Vec::new()), |h| self.release(h))
     }
@@ -296,7 +296,7 @@ impl Pool {
     pub fn remove_snapshot(&self, name: &ObjectName) -> Result<Vec<LayerId>> {
         let layer = self.write_record(|| {
             store::remove(&self.root.join("snapshots"), &format!("{name}.json"))?;
-            Ok(self.index().snapshots.remove(name).map(|s| s.layer))
+            Ok(self.index().remove_snapshot(name).map(|s| s.layer))
         })?;
         layer.map_or(Ok(Vec::new()), |l| self.release(l))
     }
@@ -312,7 +312,7 @@ impl Pool {
                 if index.refcount(id) > 0 {
                     break;
                 }
-                match index.layers.get(&id) {
+                match index.layers().get(&id) {
                     Some(record) => record.backing,
                     None => break,
                 }
@@ -339,7 +339,8 @@ impl Pool {
             let Some(stem) = name.strip_suffix(".qcow2") else {
                 continue;
             };
-            let known = LayerId::parse(stem).is_ok_and(|id| self.index().layers.contains_key(&id));
+            let known =
+                LayerId::parse(stem).is_ok_and(|id| self.index().layers().contains_key(&id));
             // In a shared pool another node may be creating this image right now; only images
             // that have sat without a record for an hour are leftovers.
             let settled = self.kind == PoolKind::Local
@@ -359,7 +360,7 @@ impl Pool {
         loop {
             let orphans: Vec<LayerId> = {
                 let index = self.index();
-                index.layers.keys().copied().filter(|id| index.refcount(*id) == 0).collect()
+                index.layers().keys().copied().filter(|id| index.refcount(*id) == 0).collect()
             };
             if orphans.is_empty() {
                 return Ok(());

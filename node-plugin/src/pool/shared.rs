@@ -3,8 +3,6 @@
 //! moved the generation, and applies only what changed; owner records name the node whose
 //! daemon holds a volume open.
 
-use std::collections::BTreeMap;
-
 use super::{
     store, LayerId, LayerRecord, NodeName, ObjectName, OwnerRecord, Pool, PoolKind, SnapshotRecord,
     VolumeRecord,
@@ -25,20 +23,21 @@ pub(super) struct Scans {
     layers: store::DirScan,
 }
 
-/// Applies a scan's changes to one map of the index, keyed as `key` reads a file stem.
-pub(super) fn apply<K: Ord, V>(
-    map: &mut BTreeMap<K, V>,
+/// Hands a scan's changes to one kind of record to `change`, keyed as `key` reads a file stem:
+/// the record read, or `None` for a file removed.
+pub(super) fn apply<K, V>(
     changes: store::Changes<V>,
     key: impl Fn(&str) -> Option<K>,
+    mut change: impl FnMut(K, Option<V>),
 ) {
     for stem in changes.removed {
         if let Some(k) = key(&stem) {
-            map.remove(&k);
+            change(k, None);
         }
     }
     for (stem, record) in changes.changed {
         if let Some(k) = key(&stem) {
-            map.insert(k, record);
+            change(k, Some(record));
         }
     }
 }
@@ -85,9 +84,23 @@ impl Pool {
         let layers = scans.layers.scan::<LayerRecord>(&self.layers_dir())?;
         // Records are stored under their key: a volume's or snapshot's name, a layer's id.
         let mut index = self.index();
-        apply(&mut index.volumes, volumes, |stem| ObjectName::parse(stem).ok());
-        apply(&mut index.snapshots, snapshots, |stem| ObjectName::parse(stem).ok());
-        apply(&mut index.layers, layers, |stem| LayerId::parse(stem).ok());
+        let name = |stem: &str| ObjectName::parse(stem).ok();
+        apply(volumes, name, |k, record| match record {
+            Some(v) => index.put_volume(k, v),
+            None => drop(index.remove_volume(&k)),
+        });
+        apply(snapshots, name, |k, record| match record {
+            Some(s) => index.put_snapshot(k, s),
+            None => drop(index.remove_snapshot(&k)),
+        });
+        apply(
+            layers,
+            |stem| LayerId::parse(stem).ok(),
+            |k, record| match record {
+                Some(l) => index.put_layer(k, l),
+                None => drop(index.remove_layer(&k)),
+            },
+        );
         *known = Some(current);
         Ok(())
     }
