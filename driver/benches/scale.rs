@@ -59,8 +59,13 @@ async fn create_snapshot(c: &mut Controller, volume: &str, name: String) -> Stri
 }
 
 /// CreateVolume, CreateSnapshot of it, DeleteVolume, `SAMPLES` times; the snapshots are
-/// deleted afterwards so the pool's population is what it was.
+/// deleted afterwards so the pool's population is what it was. What earlier phases wrote is
+/// flushed first: the calls measured would otherwise pay for the fill's writeback (every call
+/// fsyncs), which showed as a full pool up to 5x slower than an empty one in one run and
+/// 3x faster in the next.
 async fn measure(c: &mut Controller, pool: &str, label: &str) -> [Vec<Duration>; 3] {
+    let synced = std::process::Command::new("sync").status().expect("sync");
+    assert!(synced.success(), "sync: {synced}");
     let mut times: [Vec<Duration>; 3] = Default::default();
     let mut snapshots = Vec::new();
     for i in 0..SAMPLES {
