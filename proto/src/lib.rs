@@ -7,13 +7,13 @@
 //! `proto/agent.proto` is what the controller asks of a node plugin.
 
 /// The CSI v1 types and services.
-#[allow(missing_docs, clippy::all, missing_debug_implementations)]
+#[allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations)]
 pub mod csi {
     tonic::include_proto!("csi.v1");
 }
 
 /// The node agent: what the controller asks of a node's engine.
-#[allow(missing_docs, clippy::all, missing_debug_implementations)]
+#[allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations)]
 pub mod agent {
     tonic::include_proto!("qsd.agent.v1");
 
