@@ -109,6 +109,14 @@ fn dying_daemon(config: &DaemonConfig, seconds: u32) -> std::process::Child {
         .arg(seconds.to_string())
         .spawn()
         .expect("sleep");
+    // spawn() returns once the child has left our memory, a moment before the kernel sets up
+    // its new command line (empty until then, as a zombie's is): wait for it, no event says so.
+    let cmdline = format!("/proc/{}/cmdline", child.id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read(&cmdline).is_ok_and(|c| c.starts_with(b"qemu-storage-daemon\0")) {
+        assert!(std::time::Instant::now() < deadline, "the stand-in never showed its name");
+        std::thread::sleep(Duration::from_millis(1)); // polled: a condition without an event
+    }
     std::fs::write(config.pidfile(), format!("{}\n", child.id())).expect("pidfile");
     child
 }
