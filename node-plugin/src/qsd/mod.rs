@@ -279,9 +279,9 @@ async fn establish(config: &DaemonConfig) -> Result<(QmpClient, Origin)> {
             Err(e) if !ends_within(pid, DYING_DAEMON_WAIT).await => {
                 return Err(Error::DaemonStart {
                     reason: format!(
-                        "a daemon is running (pidfile {}) but its monitor does not answer: {e}{}",
+                        "a daemon is running (pidfile {}) but its monitor does not answer: {}",
                         config.pidfile().display(),
-                        std::error::Error::source(&e).map(|c| format!(": {c}")).unwrap_or_default()
+                        e.with_causes()
                     ),
                     source: None,
                 })
