@@ -98,25 +98,27 @@ async fn the_daemon_runs_as_an_io_flusher_the_oom_killer_leaves_alone() {
 
 /// What a daemon killed a moment ago looks like: its pidfile names a live process called
 /// qemu-storage-daemon, whose monitor socket refuses connections. A real daemon is only in that
-/// state for the instant it takes to exit, which a test cannot catch reliably, so a stand-in
-/// (`sleep`, named qemu-storage-daemon) holds it for `seconds`.
+/// state for the instant it takes to exit, which a test cannot catch reliably, so a stand-in (a
+/// shell named qemu-storage-daemon, waiting in its `read` builtin) holds it for `seconds`.
 fn dying_daemon(config: &DaemonConfig, seconds: u32) -> std::process::Child {
+    use std::io::BufRead;
     use std::os::unix::{fs::DirBuilderExt, process::CommandExt};
+    use std::process::Stdio;
     std::fs::DirBuilder::new().mode(0o700).create(&config.run_dir).expect("run dir");
     drop(std::os::unix::net::UnixListener::bind(config.qmp_socket()).expect("bind"));
-    let child = std::process::Command::new("sleep")
+    // spawn() returns a moment before the kernel sets the child's new command line (empty until
+    // then, as a zombie's is); the shell's first line says it runs, its name in place.
+    let mut child = std::process::Command::new("bash")
         .arg0("qemu-storage-daemon")
-        .arg(seconds.to_string())
+        .args(["-c", &format!("echo running; read -rt {seconds}; :")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
         .spawn()
-        .expect("sleep");
-    // spawn() returns once the child has left our memory, a moment before the kernel sets up
-    // its new command line (empty until then, as a zombie's is): wait for it, no event says so.
-    let cmdline = format!("/proc/{}/cmdline", child.id());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !std::fs::read(&cmdline).is_ok_and(|c| c.starts_with(b"qemu-storage-daemon\0")) {
-        assert!(std::time::Instant::now() < deadline, "the stand-in never showed its name");
-        std::thread::sleep(Duration::from_millis(1)); // polled: a condition without an event
-    }
+        .expect("bash");
+    let mut line = String::new();
+    let stdout = child.stdout.as_mut().expect("stdout");
+    std::io::BufReader::new(stdout).read_line(&mut line).expect("the stand-in's first line");
+    assert_eq!(line, "running\n");
     std::fs::write(config.pidfile(), format!("{}\n", child.id())).expect("pidfile");
     child
 }
