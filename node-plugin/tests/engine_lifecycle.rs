@@ -404,7 +404,8 @@ async fn a_group_snapshot_captures_every_volume_at_one_instant() {
     }
     let items: Vec<(ObjectId, ObjectName)> =
         ids.iter().zip(["sa", "sb", "sc"]).map(|(v, s)| (v.clone(), name(s))).collect();
-    let batch = SnapshotBatch { items: &items, group: None, freeze: true };
+    // No node service here to freeze (the next test): the one instant is the transaction's.
+    let batch = SnapshotBatch { items: &items, group: None, freeze: false };
     let snaps = core.create_snapshot_group(batch).await.expect("group snapshot");
     for p in &paths {
         write_at(p, 0, &pattern(2, MIB as usize));
@@ -415,6 +416,43 @@ async fn a_group_snapshot_captures_every_volume_at_one_instant() {
         let rp = core.attach(&r.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
         assert_eq!(read_at(&rp, 0, MIB as usize), pattern(1, MIB as usize));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_asked_to_freeze_an_attached_volume_with_nothing_to_freeze_it_is_refused() {
+    let env = Env::new().await;
+    let core = env.core();
+    let attached = core
+        .create_volume(&CreateVolume::named("local", "attached", 8 * MIB as i64).expect("request"))
+        .await
+        .expect("create");
+    let idle = core
+        .create_volume(&CreateVolume::named("local", "idle", 8 * MIB as i64).expect("request"))
+        .await
+        .expect("create");
+    let path = core.attach(&attached.id, ExportKind::Fuse).await.expect("attach").endpoint.path;
+    write_at(&path, 0, &pattern(1, MIB as usize));
+    let layers = env.layer_files();
+    let items = [(idle.id.clone(), name("s-idle")), (attached.id.clone(), name("s-attached"))];
+    let refused = core
+        .create_snapshot_group(SnapshotBatch { items: &items, group: None, freeze: true })
+        .await
+        .expect_err("no freezer is registered on this engine");
+    assert_eq!(refused.kind(), ErrorKind::FailedPrecondition, "{refused}");
+    assert!(refused.to_string().contains(&attached.id.to_string()), "{refused}");
+    assert!(core.list_snapshots().expect("list").is_empty(), "no member was taken");
+    assert_eq!(env.layer_files(), layers, "no overlay was left behind");
+    // A volume attached nowhere has nothing to freeze; unfrozen is taken as asked.
+    let one = [(idle.id.clone(), name("s-idle"))];
+    core.create_snapshot_group(SnapshotBatch { items: &one, group: None, freeze: true })
+        .await
+        .expect("nothing attached, nothing to freeze");
+    let one = [(attached.id.clone(), name("s-attached"))];
+    core.create_snapshot_group(SnapshotBatch { items: &one, group: None, freeze: false })
+        .await
+        .expect("taken without freezing when so asked");
+    write_at(&path, 0, &pattern(2, MIB as usize));
+    assert_eq!(read_at(&path, 0, MIB as usize), pattern(2, MIB as usize));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

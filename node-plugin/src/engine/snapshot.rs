@@ -125,7 +125,8 @@ impl EngineCore {
         Ok(all)
     }
 
-    /// Takes a snapshot of a volume, its mounted filesystem frozen around it. Idempotent by
+    /// Takes a snapshot of a volume without freezing a filesystem on it (the caller holds its
+    /// writes, or has none; [`Self::create_snapshot_group`] freezes when asked). Idempotent by
     /// name.
     pub async fn create_snapshot(
         &self,
@@ -133,7 +134,7 @@ impl EngineCore {
         name: &ObjectName,
     ) -> Result<SnapshotInfo> {
         let items = [(volume_id.clone(), name.clone())];
-        let batch = SnapshotBatch { items: &items, group: None, freeze: true };
+        let batch = SnapshotBatch { items: &items, group: None, freeze: false };
         let mut taken = self.create_snapshot_group(batch).await?;
         taken.pop().ok_or_else(|| Error::Inconsistent("snapshot group returned nothing".into()))
     }
@@ -271,9 +272,24 @@ impl EngineCore {
                 continue;
             }
             self.held_here(&pool, &record, &parsed)?;
+            self.freezable(&record, &parsed, batch.freeze)?;
             to_take.push((pool, parsed, record, name));
         }
         Ok((done, to_take))
+    }
+
+    /// A snapshot asked to freeze a volume attached here needs something that freezes: the
+    /// node service registers it. An engine without one (a tool, a test) refuses instead of
+    /// taking the snapshot unfrozen behind the caller's back.
+    fn freezable(&self, record: &VolumeRecord, id: &ObjectId, asked: bool) -> Result<()> {
+        if !asked || self.quiesce.get().is_some() || self.journal.get(record.uid).is_none() {
+            return Ok(());
+        }
+        Err(Error::FailedPrecondition(format!(
+            "volume {id} is attached here and the snapshot was asked to freeze its filesystem, \
+             but nothing on this node can freeze (no node service); take it without freezing \
+             (freezeFilesystem: \"false\") or through the node plugin"
+        )))
     }
 
     /// Makes room for one more layer in each member's chain (shortening it where it is at its
