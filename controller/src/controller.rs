@@ -17,7 +17,10 @@ use crate::events::{Events, Notice};
 use crate::params;
 use crate::shapes::{self, location, node_topology, ok_if_gone};
 
+mod health;
 mod placement;
+
+pub use health::NODE_UNREACHABLE;
 
 /// The Controller service.
 #[derive(Debug, Clone)]
@@ -25,13 +28,20 @@ pub struct ControllerService {
     agents: Agents,
     default_pool: String,
     events: Events,
+    /// The volumes each node listed last, for its health while it does not answer.
+    seen: health::Seen,
 }
 
 impl ControllerService {
     /// A controller over the node `agents`, placing volumes in `default_pool` unless a request
     /// names one.
     pub fn new(agents: Agents, default_pool: String) -> Self {
-        ControllerService { agents, default_pool, events: Events::log_only() }
+        ControllerService {
+            agents,
+            default_pool,
+            events: Events::log_only(),
+            seen: Default::default(),
+        }
     }
 
     /// Tells claims about their volumes through `events` (by default only the log hears).
@@ -61,7 +71,9 @@ impl ControllerService {
     async fn all_volumes(&self) -> Result<Vec<(agent::Volume, Option<String>)>, Status> {
         let mut all = Vec::new();
         for (node, a) in self.agents.nodes() {
-            for v in a.list_volumes(agent::Empty {}).await?.volumes {
+            let listed = a.list_volumes(agent::Empty {}).await?.volumes;
+            self.seen.remember(&node, listed.iter().map(|v| v.volume_id.as_str()));
+            for v in listed {
                 let exported = v.export != agent::ExportKind::ExportNone as i32;
                 let routed = self.agents.moved(&v.volume_id).is_none_or(|to| to == node);
                 all.push((v, exported.then(|| node.clone()), routed));
@@ -451,13 +463,7 @@ impl Controller for ControllerService {
         request: Request<csi::ControllerListVolumeHealthRequest>,
     ) -> Result<Response<csi::ControllerListVolumeHealthResponse>, Status> {
         let req = request.into_inner();
-        let mut all = Vec::new();
-        for (_, agent) in self.agents.nodes() {
-            all.extend(agent.list_volume_health(agent::Empty {}).await?.volumes);
-        }
-        all.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
-        // A shared pool's volume is reported by every node that sees it: once is enough.
-        all.dedup_by(|a, b| a.volume_id == b.volume_id);
+        let all = self.all_volume_health().await;
         let (page, next_token) = params::page(all, req.max_entries, &req.starting_token)?;
         let entries = page.iter().map(convert::csi_volume_health).collect();
         Ok(Response::new(csi::ControllerListVolumeHealthResponse { entries, next_token }))

@@ -169,7 +169,12 @@ impl Agent for FakeAgent {
         _: Request<agent::Empty>,
     ) -> Answer<agent::VolumeHealthList> {
         self.call("list_volume_health")?;
-        Ok(Response::new(agent::VolumeHealthList::default()))
+        let volumes = self.volumes.lock().expect("fake").clone();
+        let volumes = volumes
+            .into_iter()
+            .map(|v| agent::VolumeHealth { volume_id: v.volume_id, findings: Vec::new() })
+            .collect();
+        Ok(Response::new(agent::VolumeHealthList { volumes }))
     }
     async fn get_capacity(&self, _: Request<agent::PoolRef>) -> Answer<agent::Capacity> {
         self.call("get_capacity")?;
@@ -714,4 +719,58 @@ async fn group_snapshot_delete_and_get_answer_by_what_the_agents_say() {
         let g = groups.get_volume_group_snapshot(Request::new(get)).await;
         assert_eq!(code_of(g.err()), *got, "get: {row}");
     }
+}
+
+/// The list's entries: each volume's ID with the reasons of its findings (none: healthy).
+async fn health_list(c: &ControllerService) -> Vec<(String, Vec<String>)> {
+    let request = Request::new(csi::ControllerListVolumeHealthRequest::default());
+    let answer = c.controller_list_volume_health(request).await.expect("listed").into_inner();
+    let entries = answer.entries.into_iter();
+    entries
+        .map(|h| (h.volume_id, h.health_statuses.into_iter().map(|e| e.reason).collect()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_node_that_does_not_answer_for_health_leaves_the_others_answered_and_its_volumes_inaccessible(
+) {
+    use agent::ExportKind::ExportNone;
+    let a = FakeAgent::on("a").holding("vol:p@a:one", ExportNone);
+    let b =
+        FakeAgent::on("b").holding("vol:p@b:two", ExportNone).holding("vol:p@b:three", ExportNone);
+    let c = controller(&[&a, &b]);
+    let healthy = |id: &str| (id.to_owned(), Vec::<String>::new());
+    assert_eq!(
+        health_list(&c).await,
+        vec![healthy("vol:p@a:one"), healthy("vol:p@b:three"), healthy("vol:p@b:two")]
+    );
+    b.fail.lock().expect("fake").insert("list_volume_health", Code::Unavailable);
+    let unreachable = |id: &str| {
+        (id.to_owned(), vec![qsd_csi_controller::controller::NODE_UNREACHABLE.to_owned()])
+    };
+    assert_eq!(
+        health_list(&c).await,
+        vec![healthy("vol:p@a:one"), unreachable("vol:p@b:three"), unreachable("vol:p@b:two")],
+        "node a's volumes answered, node b's named inaccessible"
+    );
+    let request = Request::new(csi::ControllerListVolumeHealthRequest::default());
+    let answer = c.controller_list_volume_health(request).await.expect("listed").into_inner();
+    let message = &answer.entries[1].health_statuses[0].message;
+    assert!(message.contains("node b") && message.contains("forced to fail"), "{message}");
+
+    // A controller that never heard from b cannot name b's volumes, and still answers a's.
+    let fresh = controller(&[&a, &b]);
+    assert_eq!(health_list(&fresh).await, vec![healthy("vol:p@a:one")]);
+    // Once b lists them (ListVolumes does too), they are named while it is down.
+    b.fail.lock().expect("fake").clear();
+    let listed = fresh.list_volumes(Request::new(csi::ListVolumesRequest::default())).await;
+    assert_eq!(listed.expect("listed").into_inner().entries.len(), 3);
+    b.fail.lock().expect("fake").insert("list_volume_health", Code::Unavailable);
+    assert_eq!(health_list(&fresh).await.len(), 3);
+    // Back: its own answer again.
+    b.fail.lock().expect("fake").clear();
+    assert_eq!(
+        health_list(&c).await,
+        vec![healthy("vol:p@a:one"), healthy("vol:p@b:three"), healthy("vol:p@b:two")]
+    );
 }

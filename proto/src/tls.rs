@@ -4,12 +4,17 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::agent::agent_client::AgentClient;
+
+/// How long connecting to an agent may take: a node that is down (its address silent) fails
+/// the call in this time, not after the kernel's minutes of SYN retries.
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A certificate, key or CA file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +112,7 @@ impl TlsFiles {
     fn endpoint(&self, addr: SocketAddr, server_name: &str) -> Result<Endpoint, TlsError> {
         let config = self.client(server_name)?;
         Endpoint::from_shared(format!("https://{addr}"))
+            .map(|e| e.connect_timeout(AGENT_CONNECT_TIMEOUT))
             .and_then(|e| e.tls_config(config))
             .map_err(|source| TlsError::Transport { what: format!("agent at {addr}"), source })
     }
