@@ -26,12 +26,31 @@ use tokio_stream::StreamExt;
 #[derive(Debug, Clone)]
 pub struct AgentService {
     engine: Arc<EngineCore>,
+    /// Turns true once the server stops: the event watches end then (a graceful stop waits
+    /// for every open stream, and the engine's events outlive the server).
+    stopping: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl AgentService {
-    /// An agent over `engine`.
+    /// An agent over `engine`, whose event watches run until their clients leave.
     pub fn new(engine: Arc<EngineCore>) -> Self {
-        AgentService { engine }
+        AgentService { engine, stopping: None }
+    }
+
+    /// An agent whose event watches also end when `stopping` turns true (or its sender goes).
+    pub fn ending_with(
+        engine: Arc<EngineCore>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        AgentService { engine, stopping: Some(stopping) }
+    }
+}
+
+/// Resolves once `stopping` turns true or its sender is gone; never without one.
+async fn stopped(stopping: Option<&mut tokio::sync::watch::Receiver<bool>>) {
+    match stopping {
+        Some(s) => drop(s.wait_for(|s| *s).await),
+        None => std::future::pending().await,
     }
 }
 
@@ -201,12 +220,14 @@ impl Agent for AgentService {
     ) -> Result<Response<EventStream>, Status> {
         use tokio::sync::broadcast::error::RecvError;
         let mut events = self.engine.subscribe();
+        let mut stopping = self.stopping.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             loop {
                 let event = tokio::select! {
                     event = events.recv() => event,
                     () = tx.closed() => return,
+                    () = stopped(stopping.as_mut()) => return,
                 };
                 match event {
                     Ok(event) => {

@@ -293,3 +293,21 @@ async fn a_renewed_certificate_is_served_from_the_next_connection_on_without_a_r
     capacity(&mut fresh).await.expect("still served");
     served.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_ends_the_event_watches_still_open() {
+    use tokio_stream::StreamExt;
+    let env = Env::new().await;
+    let dir = env.dir.path();
+    let cluster = Ca::new(dir, "cluster-ca");
+    let node = cluster.leaf(dir, "node-1", &cluster);
+    let controller = cluster.leaf(dir, CONTROLLER, &cluster);
+    let served = serve(&env, &node).await;
+    let mut client = tls::connect_agent(served.addr, "node-1", &controller).await.expect("connect");
+    let mut watch = client.watch_events(agent::Empty {}).await.expect("watch").into_inner();
+    // The controller keeps its watch: the stop must not wait for it to leave.
+    let wait = std::time::Duration::from_secs(10);
+    tokio::time::timeout(wait, served.stop()).await.expect("stopped with a watch open");
+    let ended = tokio::time::timeout(wait, watch.next()).await.expect("the watch ended");
+    assert!(!matches!(ended, Some(Ok(_))), "no event, only the end: {ended:?}");
+}

@@ -120,6 +120,7 @@ where
     // changed or not. Not ready until the first check says so, and a watcher hears only changes.
     let mut reported = ServingStatus::NotServing;
     reporter.set_service_status("", reported).await;
+    let mut ending = reporter.clone();
     let watcher = tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         loop {
@@ -132,6 +133,15 @@ where
             }
         }
     });
+    let checks = watcher.abort_handle();
+    // A graceful stop waits for every open stream, and a Watch stays open for as long as its
+    // service's status exists: at the stop, watchers hear NOT_SERVING and their streams end.
+    let shutdown = async move {
+        shutdown.await;
+        checks.abort();
+        ending.set_service_status("", ServingStatus::NotServing).await;
+        ending.clear_service_status("").await;
+    };
     let served = tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(
@@ -211,10 +221,44 @@ mod tests {
             ServingStatus::NotServing as i32,
             "the next message is the change"
         );
-        // A graceful stop waits for open streams: the watcher leaves first.
         drop((watch, probe));
         stop.send(()).ok();
         server.await.expect("join").expect("served");
+    }
+
+    #[tokio::test]
+    async fn a_graceful_stop_ends_the_health_watches_still_open() {
+        use tokio_stream::StreamExt;
+        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+        use tonic_health::ServingStatus;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let period = std::time::Duration::from_millis(20);
+        let server = tokio::spawn(serve_health_every(period, listener, || async { true }, async {
+            stopped.await.ok();
+        }));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .expect("endpoint")
+            .connect_lazy();
+        let mut probe = HealthClient::new(channel);
+        let request = HealthCheckRequest { service: String::new() };
+        let mut watch = probe.watch(request).await.expect("watch").into_inner();
+        let wait = std::time::Duration::from_secs(10);
+        let mut heard = Vec::new();
+        while heard.last() != Some(&(ServingStatus::Serving as i32)) {
+            let item = tokio::time::timeout(wait, watch.next()).await.expect("a status in time");
+            heard.push(item.expect("open").expect("status").status);
+        }
+        // The watcher stays: the stop must not wait for it to leave.
+        stop.send(()).ok();
+        let stopped = tokio::time::timeout(wait, server).await;
+        stopped.expect("the server stopped with a watch open").expect("join").expect("served");
+        let mut after = Vec::new();
+        while let Some(Ok(item)) = tokio::time::timeout(wait, watch.next()).await.expect("ended") {
+            after.push(item.status);
+        }
+        assert_eq!(after, [ServingStatus::NotServing as i32], "told, then the stream ended");
     }
 
     #[tokio::test]

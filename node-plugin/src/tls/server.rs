@@ -225,8 +225,15 @@ pub async fn serve_agent(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config()?);
     let (ready, incoming) = tokio::sync::mpsc::channel(32);
     let _accepting = AbortOnDrop(tokio::spawn(accept(listener, acceptor, ready)));
+    // The stop ends the event watches too: a graceful stop waits for every open stream.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    };
+    let agent = AgentService::ending_with(engine, stopping);
     let service = tonic::service::interceptor::InterceptedService::new(
-        qsd_csi_proto::failures::logged(AgentServer::new(AgentService::new(engine))),
+        qsd_csi_proto::failures::logged(AgentServer::new(agent)),
         Authorize::new(&tls.controller_identity),
     );
     tonic::transport::Server::builder()
