@@ -28,7 +28,23 @@ struct Served {
 }
 
 async fn serve(env: &Env, node: &TlsFiles) -> Served {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    serve_on(env, node, "127.0.0.1:0".parse().expect("address")).await
+}
+
+/// As [`serve`], on `addr`. A stopped server's listener closes when its accepting task is
+/// dropped, a moment after the stop returns: the address is taken again once it is free.
+async fn serve_on(env: &Env, node: &TlsFiles, addr: SocketAddr) -> Served {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                assert!(std::time::Instant::now() < deadline, "{addr} still taken");
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("bind {addr}: {e}"),
+        }
+    };
     let addr = listener.local_addr().expect("addr");
     let tls = tls::agent_from_files(node, CONTROLLER).expect("agent TLS");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -310,4 +326,68 @@ async fn a_graceful_stop_ends_the_event_watches_still_open() {
     tokio::time::timeout(wait, served.stop()).await.expect("stopped with a watch open");
     let ended = tokio::time::timeout(wait, watch.next()).await.expect("the watch ended");
     assert!(!matches!(ended, Some(Ok(_))), "no event, only the end: {ended:?}");
+}
+
+/// Puts `from`'s certificate and key into `to`'s files the way a Secret volume renews them:
+/// new files, renamed into place.
+fn renew_files(from: &TlsFiles, to: &TlsFiles) {
+    for (source, target) in [(&from.cert, &to.cert), (&from.key, &to.key)] {
+        let next = target.with_extension("next");
+        std::fs::copy(source, &next).expect("write");
+        std::fs::rename(&next, target).expect("rename");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_presents_its_renewed_certificate_from_its_next_connection_on() {
+    let env = Env::new().await;
+    let dir = env.dir.path();
+    let cluster = Ca::new(dir, "cluster-ca");
+    let node = cluster.leaf_for(dir, "node-1", &cluster, &[ServerAuth]);
+    let files = dir.join("controller-secret");
+    std::fs::create_dir(&files).expect("dir");
+    let controller = TlsFiles {
+        cert: files.join("tls.crt"),
+        key: files.join("tls.key"),
+        ca: cluster.pem.clone(),
+    };
+    // At first the files hold a certificate the agent does not take for the controller's.
+    renew_files(&cluster.leaf_for(dir, "retired", &cluster, &[ClientAuth]), &controller);
+    let served = serve(&env, &node).await;
+    let addr = served.addr;
+    let channel = controller.lazy_channel(addr, "node-1").expect("channel");
+    let mut client = AgentClient::new(channel);
+    let code = capacity(&mut client).await.err().map(|s| s.code());
+    assert_eq!(code, Some(Code::PermissionDenied));
+
+    // Renewed in place: the open connection keeps the certificate it was made with...
+    renew_files(&cluster.leaf_for(dir, CONTROLLER, &cluster, &[ClientAuth]), &controller);
+    let code = capacity(&mut client).await.err().map(|s| s.code());
+    assert_eq!(code, Some(Code::PermissionDenied), "a connection keeps its certificate");
+    // ...and the next one, after the agent restarts, presents the renewed one: same channel,
+    // no restart of the caller. (A call may first find the old connection closed.)
+    served.stop().await;
+    let served = serve_on(&env, &node, addr).await;
+    let mut answer = capacity(&mut client).await;
+    for _ in 0..3 {
+        match &answer {
+            Err(s) if s.code() == Code::Unavailable => answer = capacity(&mut client).await,
+            _ => break,
+        }
+    }
+    answer.expect("served with the renewed certificate");
+
+    // Files that do not make a pair (a renewal half written) leave the last good one in use.
+    std::fs::write(&controller.key, b"not a key").expect("write");
+    served.stop().await;
+    let served = serve_on(&env, &node, addr).await;
+    let mut answer = capacity(&mut client).await;
+    for _ in 0..3 {
+        match &answer {
+            Err(s) if s.code() == Code::Unavailable => answer = capacity(&mut client).await,
+            _ => break,
+        }
+    }
+    answer.expect("the last good certificate is still presented");
+    served.stop().await;
 }
