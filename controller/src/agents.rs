@@ -19,6 +19,7 @@ use qsd_csi_proto::agent::{
     self, agent_client::AgentClient, agent_server::Agent, ChangesStream, CopyExportStream,
     EventStream, HeldStream,
 };
+use qsd_csi_proto::paging::all_pages;
 use qsd_csi_proto::tls::TlsFiles;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -95,20 +96,42 @@ forward! {
     get_volume(agent::VolumeRef) -> agent::Volume;
     locate_volume(agent::VolumeRef) -> agent::VolumeLocation;
     locate_snapshot(agent::SnapshotRef) -> agent::VolumeLocation;
-    list_volumes(agent::Empty) -> agent::VolumeList;
+    list_volumes(agent::ListRequest) -> agent::VolumeList;
     expand_volume(agent::ExpandVolumeRequest) -> agent::Volume;
     modify_volume(agent::ModifyVolumeRequest) -> agent::Empty;
     create_snapshots(agent::CreateSnapshotsRequest) -> agent::SnapshotList;
     delete_snapshot(agent::SnapshotRef) -> agent::Empty;
-    list_snapshots(agent::Empty) -> agent::SnapshotList;
+    list_snapshots(agent::ListRequest) -> agent::SnapshotList;
     get_capacity(agent::PoolRef) -> agent::Capacity;
     get_snapshot_group(agent::SnapshotGroupRef) -> agent::SnapshotList;
     delete_snapshot_group(agent::SnapshotGroupRef) -> agent::Empty;
     get_volume_health(agent::VolumeRef) -> agent::VolumeHealth;
-    list_volume_health(agent::Empty) -> agent::VolumeHealthList;
+    list_volume_health(agent::ListRequest) -> agent::VolumeHealthList;
 }
 
 impl NodeAgent {
+    /// Every volume of the node, page after page, in ID order.
+    pub async fn every_volume(&self) -> Result<Vec<agent::Volume>, Status> {
+        all_pages(|r| async move { self.list_volumes(r).await.map(|l| (l.volumes, l.next_token)) })
+            .await
+    }
+
+    /// Every snapshot of the node, page after page, in ID order.
+    pub async fn every_snapshot(&self) -> Result<Vec<agent::Snapshot>, Status> {
+        all_pages(
+            |r| async move { self.list_snapshots(r).await.map(|l| (l.snapshots, l.next_token)) },
+        )
+        .await
+    }
+
+    /// Every volume of the node with a health finding, page after page, in ID order.
+    pub async fn every_volume_health(&self) -> Result<Vec<agent::VolumeHealth>, Status> {
+        all_pages(
+            |r| async move { self.list_volume_health(r).await.map(|l| (l.volumes, l.next_token)) },
+        )
+        .await
+    }
+
     /// The agent's `WatchEvents`: the node's volume events from now on.
     pub async fn watch_events(&self) -> Result<EventStream, Status> {
         match self {

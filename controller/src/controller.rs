@@ -71,7 +71,7 @@ impl ControllerService {
     async fn all_volumes(&self) -> Result<Vec<(agent::Volume, Option<String>)>, Status> {
         let mut all = Vec::new();
         for (node, a) in self.agents.nodes() {
-            let listed = a.list_volumes(agent::Empty {}).await?.volumes;
+            let listed = a.every_volume().await?;
             self.seen.remember(&node, listed.iter().map(|v| v.volume_id.as_str()));
             for v in listed {
                 let exported = v.export != agent::ExportKind::ExportNone as i32;
@@ -102,7 +102,7 @@ impl ControllerService {
         };
         let mut all = Vec::new();
         for a in agents {
-            all.extend(a.list_snapshots(agent::Empty {}).await?.snapshots);
+            all.extend(a.every_snapshot().await?);
         }
         all.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
         all.dedup_by(|a, b| a.snapshot_id == b.snapshot_id);

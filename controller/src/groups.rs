@@ -190,6 +190,7 @@ impl GroupController for GroupService {
         drop(holds);
         let mut taken = agent::SnapshotList {
             snapshots: parts.into_iter().flat_map(|p| p.snapshots).collect(),
+            next_token: String::new(),
         };
         // The group's ID is its first node's part's.
         let id = taken.snapshots.first().map(|s| s.group_snapshot_id.clone()).unwrap_or_default();

@@ -16,7 +16,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use qsd_csi_model::id::{IdKind, ObjectId};
-use qsd_csi_proto::agent;
 
 use crate::agents::NodeAgent;
 
@@ -74,11 +73,11 @@ impl Moves {
         let mut at_home = BTreeSet::new();
         let mut silent = BTreeSet::new();
         for (node, agent) in nodes {
-            let Ok(list) = agent.list_volumes(agent::Empty {}).await else {
+            let Ok(volumes) = agent.every_volume().await else {
                 silent.insert(node.clone());
                 continue;
             };
-            for volume in list.volumes {
+            for volume in volumes {
                 match home(&volume.volume_id) {
                     Some(home) if home == *node => {
                         at_home.insert(volume.volume_id);

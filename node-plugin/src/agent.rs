@@ -20,6 +20,7 @@ use crate::engine::{
 };
 use crate::graph::ExportKind;
 use crate::pool::id::{IdKind, NodeName, ObjectId, ObjectName, PoolName};
+use qsd_csi_proto::paging::page;
 use tokio_stream::StreamExt;
 
 /// The agent service.
@@ -158,7 +159,10 @@ pub use qsd_csi_proto::agent::{ChangesStream, CopyExportStream, EventStream, Hel
 pub const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn snapshot_list(taken: Vec<SnapshotInfo>) -> agent::SnapshotList {
-    agent::SnapshotList { snapshots: taken.into_iter().map(snapshot).collect() }
+    agent::SnapshotList {
+        snapshots: taken.into_iter().map(snapshot).collect(),
+        next_token: String::new(),
+    }
 }
 
 #[tonic::async_trait]
@@ -295,11 +299,12 @@ impl Agent for AgentService {
 
     async fn list_volumes(
         &self,
-        _: Request<agent::Empty>,
+        request: Request<agent::ListRequest>,
     ) -> Result<Response<agent::VolumeList>, Status> {
-        let volumes =
+        let all =
             self.engine.list_volumes().map_err(status)?.into_iter().map(wire_volume).collect();
-        Ok(Response::new(agent::VolumeList { volumes }))
+        let (volumes, next_token) = page(all, |v| &v.volume_id, request.get_ref());
+        Ok(Response::new(agent::VolumeList { volumes, next_token }))
     }
 
     async fn expand_volume(
@@ -407,14 +412,15 @@ impl Agent for AgentService {
 
     async fn list_volume_health(
         &self,
-        _: Request<agent::Empty>,
+        request: Request<agent::ListRequest>,
     ) -> Result<Response<agent::VolumeHealthList>, Status> {
         let all = self.engine.list_volume_health().await.map_err(status)?;
-        let volumes = all
+        let all = all
             .into_iter()
             .map(|(v, found)| convert::agent_volume_health(v.to_string(), &found))
             .collect();
-        Ok(Response::new(agent::VolumeHealthList { volumes }))
+        let (volumes, next_token) = page(all, |v| &v.volume_id, request.get_ref());
+        Ok(Response::new(agent::VolumeHealthList { volumes, next_token }))
     }
 
     async fn delete_snapshot(
@@ -428,11 +434,11 @@ impl Agent for AgentService {
 
     async fn list_snapshots(
         &self,
-        _: Request<agent::Empty>,
+        request: Request<agent::ListRequest>,
     ) -> Result<Response<agent::SnapshotList>, Status> {
-        let snapshots =
-            self.engine.list_snapshots().map_err(status)?.into_iter().map(snapshot).collect();
-        Ok(Response::new(agent::SnapshotList { snapshots }))
+        let all = self.engine.list_snapshots().map_err(status)?.into_iter().map(snapshot).collect();
+        let (snapshots, next_token) = page(all, |s| &s.snapshot_id, request.get_ref());
+        Ok(Response::new(agent::SnapshotList { snapshots, next_token }))
     }
 
     async fn get_capacity(

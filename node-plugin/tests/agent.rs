@@ -101,7 +101,25 @@ async fn the_agent_serves_the_volume_lifecycle_with_the_csi_error_codes() {
         .expect("capacity")
         .into_inner();
     assert!(free.available_bytes > 0);
-    assert_eq!(c.list_volumes(agent::Empty {}).await.expect("list").into_inner().volumes.len(), 4);
+    assert_eq!(
+        c.list_volumes(agent::ListRequest::default())
+            .await
+            .expect("list")
+            .into_inner()
+            .volumes
+            .len(),
+        4
+    );
+    // Paged: three, then the one after the third's ID, then nothing more.
+    let page = |max_entries, starting_token: &str| agent::ListRequest {
+        max_entries,
+        starting_token: starting_token.to_owned(),
+    };
+    let first = c.list_volumes(page(3, "")).await.expect("list").into_inner();
+    assert_eq!((first.volumes.len(), &first.next_token), (3, &first.volumes[2].volume_id));
+    let rest = c.list_volumes(page(3, &first.next_token)).await.expect("list").into_inner();
+    assert_eq!((rest.volumes.len(), rest.next_token.as_str()), (1, ""));
+    assert!(rest.volumes[0].volume_id > first.next_token, "in ID order");
 
     let code = |r: Result<tonic::Response<agent::Volume>, tonic::Status>| r.err().map(|s| s.code());
     assert_eq!(
@@ -255,7 +273,12 @@ async fn a_group_snapshot_is_idempotent_whole_and_deleted_only_as_a_group() {
     b.sort();
     assert_eq!(a, b);
     assert_eq!(
-        c.list_snapshots(agent::Empty {}).await.expect("list").into_inner().snapshots.len(),
+        c.list_snapshots(agent::ListRequest::default())
+            .await
+            .expect("list")
+            .into_inner()
+            .snapshots
+            .len(),
         2
     );
     // The same name over other volumes clashes; so does a member's name in another group.
@@ -278,7 +301,7 @@ async fn a_group_snapshot_is_idempotent_whole_and_deleted_only_as_a_group() {
     );
     c.delete_snapshot_group(r()).await.expect("deleting a gone group is not an error");
     assert!(c
-        .list_snapshots(agent::Empty {})
+        .list_snapshots(agent::ListRequest::default())
         .await
         .expect("list")
         .into_inner()

@@ -142,7 +142,7 @@ async fn call_everything(c: &mut AgentClient<Channel>) -> Vec<(&'static str, Cod
         ("GetVolume", code(c.get_volume(volume()).await.map(drop))),
         ("LocateVolume", code(c.locate_volume(volume()).await.map(drop))),
         ("LocateSnapshot", code(c.locate_snapshot(snapshot()).await.map(drop))),
-        ("ListVolumes", code(c.list_volumes(Empty {}).await.map(drop))),
+        ("ListVolumes", code(c.list_volumes(agent::ListRequest::default()).await.map(drop))),
         (
             "ExpandVolume",
             code(
@@ -174,7 +174,7 @@ async fn call_everything(c: &mut AgentClient<Channel>) -> Vec<(&'static str, Cod
             ),
         ),
         ("DeleteSnapshot", code(c.delete_snapshot(snapshot()).await.map(drop))),
-        ("ListSnapshots", code(c.list_snapshots(Empty {}).await.map(drop))),
+        ("ListSnapshots", code(c.list_snapshots(agent::ListRequest::default()).await.map(drop))),
         ("GetCapacity", code(c.get_capacity(PoolRef { pool: "local".into() }).await.map(drop))),
         ("WatchEvents", code(c.watch_events(Empty {}).await.map(drop))),
         (
@@ -201,7 +201,10 @@ async fn call_everything(c: &mut AgentClient<Channel>) -> Vec<(&'static str, Cod
         ("GetSnapshotGroup", code(c.get_snapshot_group(group()).await.map(drop))),
         ("DeleteSnapshotGroup", code(c.delete_snapshot_group(group()).await.map(drop))),
         ("GetVolumeHealth", code(c.get_volume_health(volume()).await.map(drop))),
-        ("ListVolumeHealth", code(c.list_volume_health(Empty {}).await.map(drop))),
+        (
+            "ListVolumeHealth",
+            code(c.list_volume_health(agent::ListRequest::default()).await.map(drop)),
+        ),
         (
             "SnapshotChanges",
             code(

@@ -45,6 +45,7 @@ pub mod agent {
 pub mod convert;
 pub mod failures;
 pub mod metrics;
+pub mod paging;
 pub mod tls;
 pub mod transport;
 

@@ -1,8 +1,8 @@
 //! Volume health across nodes (CSI v1.13's ControllerListVolumeHealth): each node's agent
 //! asked at once, and a node that does not answer is not allowed to hide the others.
 //!
-//! The controller remembers which volumes each node listed last (its health listing or
-//! ListVolumes). When a node does not answer, those of its volumes no other node reports are
+//! The controller remembers which volumes each node listed last (asked with each health
+//! listing, and by ListVolumes). When a node does not answer, those of its volumes no other node reports are
 //! answered as inaccessible, naming the node and why; a controller that has not heard from
 //! that node since it started cannot name them, and says so in its log.
 
@@ -52,15 +52,19 @@ impl ControllerService {
         let mut asked = tokio::task::JoinSet::new();
         for (node, agent) in self.agents.nodes() {
             asked.spawn(async move {
+                // The node's volumes, then those with findings: the first are what is
+                // remembered for when it does not answer.
+                let listed = async {
+                    let volumes = agent.every_volume().await?;
+                    Ok((volumes, agent.every_volume_health().await?))
+                };
                 let answer =
-                    tokio::time::timeout(LIST_TIMEOUT, agent.list_volume_health(agent::Empty {}))
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(Status::deadline_exceeded(format!(
-                                "no answer within {} s",
-                                LIST_TIMEOUT.as_secs()
-                            )))
-                        });
+                    tokio::time::timeout(LIST_TIMEOUT, listed).await.unwrap_or_else(|_| {
+                        Err(Status::deadline_exceeded(format!(
+                            "no answer within {} s",
+                            LIST_TIMEOUT.as_secs()
+                        )))
+                    });
                 (node, answer)
             });
         }
@@ -69,9 +73,9 @@ impl ControllerService {
         while let Some(joined) = asked.join_next().await {
             let Ok((node, answer)) = joined else { continue };
             match answer {
-                Ok(list) => {
-                    self.seen.remember(&node, list.volumes.iter().map(|v| v.volume_id.as_str()));
-                    all.extend(list.volumes);
+                Ok((volumes, health)) => {
+                    self.seen.remember(&node, volumes.iter().map(|v| v.volume_id.as_str()));
+                    all.extend(health);
                 }
                 Err(status) => unreachable.push((node, status)),
             }
