@@ -40,6 +40,9 @@ pub enum Command {
     /// Certificates for node agents on hosts without Kubernetes.
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// Check pools on this host, reading their directories (no driver needed).
+    #[command(subcommand)]
+    Pool(PoolCmd),
     /// Copy a volume into a new one (point-in-time, while the source stays in use).
     Clone {
         /// The source volume's ID.
@@ -320,5 +323,29 @@ pub enum CertsCmd {
         /// Where to write the certificate and key.
         #[arg(long, value_name = "DIR")]
         out_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCmd {
+    /// Check each pool's records against its images and chains: unreadable records, dangling
+    /// references, loops, missing or damaged images, images and layers nothing uses, and
+    /// interrupted record writes. Exits 0 when nothing is wrong, 2 when something is.
+    Check {
+        /// The pools: the same --state-dir and --pool settings as the driver's.
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Remove what loses nothing: images no record names, layers nothing uses, and
+        /// interrupted record writes (a shared pool's only after an hour unchanged). Never a
+        /// volume's or snapshot's data, a record, a reference or a damaged image. Refused
+        /// while any process holds the pool's images open (stop the driver first).
+        #[arg(long)]
+        repair: bool,
+        /// Records and references only; do not open the images with qemu-img.
+        #[arg(long)]
+        records_only: bool,
+        /// Output format: table (default) or json.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+        output: Output,
     },
 }

@@ -69,9 +69,11 @@ pub async fn run(endpoint: &str, command: Command) -> Result<(), String> {
     })?;
     let mut s = Session { c: clients, endpoint };
     match command {
-        Command::Standalone(_) | Command::Node(_) | Command::Controller(_) | Command::Certs(_) => {
-            Err("not a client command".into())
-        }
+        Command::Standalone(_)
+        | Command::Node(_)
+        | Command::Controller(_)
+        | Command::Certs(_)
+        | Command::Pool(_) => Err("not a client command".into()),
         Command::Volume(cmd) => s.volume(cmd).await,
         Command::Snapshot(SnapshotCmd::Create { volume, name, output }) => {
             s.snapshot_create(volume, name, output).await

@@ -18,3 +18,4 @@ pub mod engine_args;
 pub mod grow;
 pub mod modes;
 pub mod output;
+pub mod pool_check;

@@ -13,8 +13,8 @@
 //! are `qsd_csi::modes`, the client commands `qsd_csi::client`.
 
 use clap::Parser;
-use qsd_csi::args::{CertsCmd, Cli, Command};
-use qsd_csi::{client, modes};
+use qsd_csi::args::{CertsCmd, Cli, Command, PoolCmd};
+use qsd_csi::{client, modes, pool_check};
 use qsd_csi_proto::transport::socket_path;
 
 /// Logs to standard error, filtered by `RUST_LOG` (default: info, libublk's chatter at warn).
@@ -61,6 +61,10 @@ async fn main() -> anyhow::Result<()> {
             modes::node(config, stop_signal()).await
         }
         Command::Controller(args) => modes::controller(socket()?, args, stop_signal()).await,
+        Command::Pool(PoolCmd::Check { engine, repair, records_only, output }) => {
+            let clean = pool_check::run(&engine, repair, records_only, output).await?;
+            std::process::exit(if clean { 0 } else { 2 });
+        }
         Command::Certs(CertsCmd::SignNode { node, ca_cert, ca_key, days, out_dir }) => {
             client::sign_node(&node, &ca_cert, &ca_key, days, &out_dir)
         }

@@ -615,3 +615,57 @@ async fn a_full_clone_that_fills_the_pool_is_resource_exhausted_and_leaves_nothi
     d.unpublish_and_unstage(&vol.volume_id).await;
     d.delete(&vol.volume_id).await;
 }
+
+/// `qsd-csi pool` with the pools of the driver in `d`, its exit status and stdout.
+fn pool_cli(d: &Driver, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_qsd-csi"))
+        .args(["pool", "check", "--state-dir"])
+        .arg(d.path("state"))
+        .args(args)
+        .output()
+        .expect("qsd-csi runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    (out.status.code(), format!("{stdout}{}", if stdout.is_empty() { &stderr } else { "" }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_check_from_the_shell_reports_repairs_and_the_start_reports_too() {
+    let mut d = Driver::start().await;
+    d.create("kept", 16 << 20, &mount_cap("ext4"), None).await.expect("create");
+    let layers = d.path("state/pools/default/layers");
+    // A snapshot record naming a layer that does not exist: the start-up report names it.
+    let lost = qsd_node::pool::LayerId::random();
+    let record = format!(
+        "{{\"name\":\"lost\",\"source_volume\":\"kept\",\"layer\":\"{lost}\",\"size\":16777216,\"created_unix\":0}}"
+    );
+    std::fs::write(d.path("state/pools/default/snapshots/lost.json"), record).expect("lost");
+    d.kill_and_restart().await;
+    let log = std::fs::read_to_string(d.path("driver.log")).expect("log");
+    assert!(log.contains("pool check at start-up") && log.contains(&lost.to_string()), "{log}");
+    std::fs::remove_file(d.path("state/pools/default/snapshots/lost.json")).expect("remove");
+    // A record that cannot be read (a pool with one does not open: the error names it).
+    std::fs::write(d.path("state/pools/default/snapshots/torn.json"), b"{\"name\":").expect("torn");
+
+    // An image nothing names, untouched for two hours. The driver holds nothing of the pool
+    // open (its one volume is offline), so the check and the repair may run beside it.
+    let orphan = layers.join(format!("{}.qcow2", qsd_node::pool::LayerId::random()));
+    std::fs::write(&orphan, b"QFI\xfb").expect("orphan");
+    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    let file = std::fs::File::options().write(true).open(&orphan).expect("open");
+    file.set_modified(then).expect("age");
+    drop(file); // (an open file of the pool's would hold a repair off)
+    let (status, out) = pool_cli(&d, &[]);
+    assert_eq!(status, Some(2), "{out}");
+    assert!(out.contains("torn.json") && out.contains("has no record"), "{out}");
+    assert!(out.contains("1 volumes") && out.contains("--repair removes it"), "{out}");
+    let (status, out) = pool_cli(&d, &["--repair", "-o", "json"]);
+    let checked: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(status, Some(2), "the torn record is never repaired: {out}");
+    assert_eq!(checked[0]["repaired"][0]["kind"], "orphanImage", "{out}");
+    assert_eq!(checked[0]["report"]["findings"][0]["kind"], "badRecord", "{out}");
+    assert!(!orphan.exists());
+    std::fs::remove_file(d.path("state/pools/default/snapshots/torn.json")).expect("remove");
+    let (status, out) = pool_cli(&d, &[]);
+    assert_eq!((status, out.contains("  ok")), (Some(0), true), "{out}");
+}

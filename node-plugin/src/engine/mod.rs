@@ -186,6 +186,7 @@ impl Engine {
         }
         let mut pools = BTreeMap::new();
         for p in &config.pools {
+            report_pool(p).await;
             pools.insert(p.name.clone(), Arc::new(Pool::open(&p.path, p.name.clone(), p.kind)?));
         }
         crate::fault::arm_from_env();
@@ -214,6 +215,23 @@ impl Engine {
         core.sweep_copies();
         let supervisor = tokio::spawn(supervise(Arc::downgrade(&core), events_rx));
         Ok(Engine { core, supervisor })
+    }
+}
+
+/// `pool check` in report mode (records and references; images are not opened) before the
+/// pool opens: what it finds is logged, and what opening collects (a local pool's images and
+/// layers nothing uses) is collected then.
+async fn report_pool(pool: &PoolConfig) {
+    use crate::pool::check::{check, Depth};
+    match check(&pool.path, pool.kind, Depth::Records).await {
+        Ok(report) => {
+            for finding in &report.findings {
+                tracing::warn!(pool = pool.name.as_str(), %finding, repairable = finding.repairable(), "pool check at start-up");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(pool = pool.name.as_str(), error = %e.with_causes(), "pool check at start-up could not run")
+        }
     }
 }
 

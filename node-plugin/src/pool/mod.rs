@@ -40,6 +40,7 @@
 //! derivation of reference counts, `shared.rs` the coordination of nodes writing one pool
 //! (generation, refresh, owner records), and this file the pool's operations over them.
 
+pub mod check;
 pub mod header;
 pub mod id;
 mod index;
