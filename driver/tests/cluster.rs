@@ -211,9 +211,12 @@ async fn snapshot(
     volume: &str,
     name: &str,
 ) -> Result<csi::Snapshot, tonic::Status> {
+    // These nodes are engines without a node service: nothing on them can freeze, and a
+    // snapshot asked to freeze an attached volume there is refused, so none is asked.
     let request = csi::CreateSnapshotRequest {
         source_volume_id: volume.into(),
         name: name.into(),
+        parameters: [(qsd_csi_model::params::FREEZE.to_owned(), "false".to_owned())].into(),
         ..Default::default()
     };
     let reply = c.create_snapshot(Request::new(request)).await?.into_inner();
