@@ -158,6 +158,19 @@ fn settled(path: &Path, kind: PoolKind) -> bool {
         .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= grace(kind)))
 }
 
+/// The names in `dir`, sorted; none when it does not exist (a pool not yet made).
+fn sorted_names(dir: &Path) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("list", dir, e)),
+    };
+    let mut names: Vec<String> =
+        entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    Ok(names)
+}
+
 /// The records of one directory that parse and match their file name; the others as findings.
 fn read_records<T: DeserializeOwned>(
     dir: &Path,
@@ -166,15 +179,7 @@ fn read_records<T: DeserializeOwned>(
     findings: &mut Vec<Finding>,
 ) -> Result<Vec<T>> {
     let mut records = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(records),
-        Err(e) => return Err(Error::io("list", dir, e)),
-    };
-    let mut names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
-    names.sort();
-    for name in names {
-        let name = name.to_string_lossy().into_owned();
+    for name in sorted_names(dir)? {
         let path = dir.join(&name);
         if name.starts_with('.') && name.ends_with(".tmp") {
             if settled(&path, kind) {
@@ -273,15 +278,7 @@ fn orphan_images(
     layers: &BTreeMap<LayerId, LayerRecord>,
 ) -> Result<Vec<Finding>> {
     let mut found = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
-        Err(e) => return Err(Error::io("list", dir, e)),
-    };
-    let mut names: Vec<String> =
-        entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-    names.sort();
-    for name in names {
+    for name in sorted_names(dir)? {
         let Some(stem) = name.strip_suffix(".qcow2") else { continue };
         let known = LayerId::parse(stem).is_ok_and(|id| layers.contains_key(&id));
         if !known && settled(&dir.join(&name), kind) {
