@@ -148,7 +148,7 @@ pub struct Report {
 fn grace(kind: PoolKind) -> Duration {
     match kind {
         PoolKind::Local => Duration::from_secs(60),
-        PoolKind::Shared => Duration::from_secs(3600),
+        PoolKind::Shared => super::SHARED_LEFTOVER_AGE,
     }
 }
 
@@ -380,10 +380,16 @@ pub async fn repair(root: &Path, kind: PoolKind, depth: Depth) -> Result<(Repair
     }
     let mut repaired = Repaired::default();
     loop {
-        let report = check(root, kind, depth).await?;
+        // What is repairable is read from the records and listings alone: the images are
+        // opened once, for the report after the last removal.
+        let report = check(root, kind, Depth::Records).await?;
         let fixable: Vec<Finding> =
             report.findings.iter().filter(|f| f.repairable()).cloned().collect();
         if fixable.is_empty() {
+            let report = match depth {
+                Depth::Records => report,
+                Depth::Images => check(root, kind, depth).await?,
+            };
             return Ok((repaired, report));
         }
         for finding in fixable {

@@ -60,6 +60,10 @@ pub use records::{LayerRecord, OwnerRecord, PoolInfo, PoolKind, SnapshotRecord, 
 use shared::{Scans, GENERATION};
 pub use source::RecordedSource;
 
+/// How long an image or record of a shared pool must have sat unchanged before it counts as
+/// left over: another node may be between writing an image and the record that names it.
+pub(crate) const SHARED_LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// An open pool.
 #[derive(Debug)]
 pub struct Pool {
@@ -345,9 +349,10 @@ impl Pool {
             // In a shared pool another node may be creating this image right now; only images
             // that have sat without a record for an hour are leftovers.
             let settled = self.kind == PoolKind::Local
-                || entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| {
-                    t.elapsed().is_ok_and(|age| age > std::time::Duration::from_secs(3600))
-                });
+                || entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > SHARED_LEFTOVER_AGE));
             if !known && settled {
                 tracing::warn!(pool = self.name.as_str(), file = %name, "removing an image with no record");
                 store::remove(&dir, &name)?;
