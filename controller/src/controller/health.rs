@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qsd_csi_model::health::{Finding, Severity};
-use qsd_csi_proto::agent;
+use qsd_csi_proto::{agent, convert};
 use tonic::Status;
 
 use super::ControllerService;
@@ -69,18 +69,19 @@ impl ControllerService {
             });
         }
         let mut all = Vec::new();
+        let mut listed = BTreeSet::new();
         let mut unreachable = Vec::new();
         while let Some(joined) = asked.join_next().await {
             let Ok((node, answer)) = joined else { continue };
             match answer {
                 Ok((volumes, health)) => {
                     self.seen.remember(&node, volumes.iter().map(|v| v.volume_id.as_str()));
+                    listed.extend(volumes.into_iter().map(|v| v.volume_id));
                     all.extend(health);
                 }
                 Err(status) => unreachable.push((node, status)),
             }
         }
-        let answered: BTreeSet<String> = all.iter().map(|v| v.volume_id.clone()).collect();
         for (node, status) in unreachable {
             let remembered = self.seen.of(&node);
             tracing::warn!(
@@ -89,7 +90,7 @@ impl ControllerService {
                 volumes = remembered.len(),
                 "a node did not answer for its volumes' health: its remembered volumes are reported inaccessible"
             );
-            let finding: agent::Finding = (&Finding::new(
+            let finding = Finding::new(
                 Severity::Inaccessible,
                 NODE_UNREACHABLE,
                 format!(
@@ -97,12 +98,13 @@ impl ControllerService {
                     status.code(),
                     status.message()
                 ),
-            ))
-                .into();
+            );
+            // A volume another node listed (a shared pool's) is reachable there.
             all.extend(
-                remembered.into_iter().filter(|id| !answered.contains(id)).map(|id| {
-                    agent::VolumeHealth { volume_id: id, findings: vec![finding.clone()] }
-                }),
+                remembered
+                    .into_iter()
+                    .filter(|id| !listed.contains(id))
+                    .map(|id| convert::agent_volume_health(id, std::slice::from_ref(&finding))),
             );
         }
         all.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
