@@ -115,7 +115,8 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     Some(name)
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The crypto provider of both sides of the agent's TLS (ring).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -157,10 +158,7 @@ impl FileCert {
             what: format!("{} and {} are not a usable pair", cert.display(), key.display()),
             source,
         };
-        let signing = provider().key_provider.load_private_key(read_key(key)?).map_err(config)?;
-        let certified = CertifiedKey::new(chain, signing);
-        certified.keys_match().map_err(config)?;
-        Ok(Arc::new(certified))
+        CertifiedKey::from_der(chain, read_key(key)?, &provider()).map(Arc::new).map_err(config)
     }
 
     /// The pair to present now: read again if a file changed. A pair that cannot be read

@@ -32,10 +32,6 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (e.g. out of file descriptors) before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// The certificate the agent presents; replaceable while the agent serves (renewal).
 #[derive(Debug, Clone)]
 pub struct ServingCert(Arc<RwLock<Arc<CertifiedKey>>>);
@@ -50,7 +46,7 @@ fn certified(
             source: None,
         });
     }
-    CertifiedKey::from_der(chain, key, &provider())
+    CertifiedKey::from_der(chain, key, &qsd_csi_proto::tls::provider())
         .map(Arc::new)
         .map_err(|e| Error::tls("the agent's certificate and key do not make a usable pair", e))
 }
@@ -107,14 +103,18 @@ impl AgentTls {
                 .add(ca.clone())
                 .map_err(|e| Error::tls("the cluster CA certificate is unusable", e))?;
         }
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()
-            .map_err(|e| Error::tls("the cluster CA cannot verify clients", e))?;
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::tls("TLS protocol versions", e))?
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(Arc::new(self.cert.clone()));
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            qsd_csi_proto::tls::provider(),
+        )
+        .build()
+        .map_err(|e| Error::tls("the cluster CA cannot verify clients", e))?;
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(qsd_csi_proto::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| Error::tls("TLS protocol versions", e))?
+                .with_client_cert_verifier(verifier)
+                .with_cert_resolver(Arc::new(self.cert.clone()));
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
     }
